@@ -1,0 +1,133 @@
+"""Micro-benchmark: native (server._native) vs reference BYTES codec, encode and decode.
+
+Run from anywhere, after building the extension (``python setup.py build_ext --inplace``):
+
+    python bench/micro/bytes_codec.py [--repeat 7] [--output PATH]
+
+Prints a table of the median time per call and writes the same numbers as JSON
+(default: bench/results/micro_bytes_codec.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import statistics
+import sys
+import timeit
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_OUTPUT = ROOT / "bench" / "results" / "micro_bytes_codec.json"
+COUNTS = (1, 64, 4096)
+SIZES = (16, 1024)
+
+
+def load_codecs() -> tuple[ModuleType, ModuleType]:
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from server import _native
+    from server.codec import bytes_reference
+
+    return _native, bytes_reference
+
+
+def median_seconds(fn: Callable[[], object], repeat: int, min_time: float) -> float:
+    """Median over ``repeat`` runs of the time per call; each run lasts >= ``min_time`` s."""
+    timer = timeit.Timer(fn)
+    number = 1
+    while timer.timeit(number) < min_time:
+        number *= 2
+    return statistics.median(t / number for t in timer.repeat(repeat=repeat, number=number))
+
+
+def run(repeat: int, min_time: float) -> list[dict[str, Any]]:
+    native, reference = load_codecs()
+    rows: list[dict[str, Any]] = []
+    for count in COUNTS:
+        for size in SIZES:
+            items = [bytes([i % 251]) * size for i in range(count)]
+            raw = native.encode_bytes(items)
+            assert raw == reference.encode_bytes(items)
+            assert native.decode_bytes(raw, count) == items == reference.decode_bytes(raw, count)
+            for op, native_fn, reference_fn in (
+                (
+                    "encode",
+                    lambda items=items: native.encode_bytes(items),
+                    lambda items=items: reference.encode_bytes(items),
+                ),
+                (
+                    "decode",
+                    lambda raw=raw, count=count: native.decode_bytes(raw, count),
+                    lambda raw=raw, count=count: reference.decode_bytes(raw, count),
+                ),
+            ):
+                native_s = median_seconds(native_fn, repeat, min_time)
+                reference_s = median_seconds(reference_fn, repeat, min_time)
+                rows.append(
+                    {
+                        "op": op,
+                        "count": count,
+                        "element_bytes": size,
+                        "encoded_bytes": len(raw),
+                        "native_us": native_s * 1e6,
+                        "reference_us": reference_s * 1e6,
+                        "speedup": reference_s / native_s,
+                        "native_mb_per_s": len(raw) / native_s / 1e6,
+                    }
+                )
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    header = (
+        f"{'op':<7}{'count':>7}{'elem B':>8}{'total B':>10}"
+        f"{'native us':>12}{'ref us':>12}{'speedup':>9}{'native MB/s':>13}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(
+            f"{r['op']:<7}{r['count']:>7}{r['element_bytes']:>8}{r['encoded_bytes']:>10}"
+            f"{r['native_us']:>12.2f}{r['reference_us']:>12.2f}{r['speedup']:>8.1f}x"
+            f"{r['native_mb_per_s']:>13.0f}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--repeat", type=int, default=7, help="timed runs per case (median)")
+    parser.add_argument("--min-time", type=float, default=0.05, help="seconds per timed run")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON output path")
+    args = parser.parse_args(argv)
+
+    rows = run(args.repeat, args.min_time)
+    print_table(rows)
+
+    import numpy as np
+
+    report = {
+        "benchmark": "micro_bytes_codec",
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "repeat": args.repeat,
+        "min_time_s": args.min_time,
+        "statistic": "median seconds per call, reported in microseconds",
+        "results": rows,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

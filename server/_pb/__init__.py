@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC code (built from proto/, never edited)."""

@@ -1,0 +1,133 @@
+"""Composition root: settings -> objects -> wiring -> start / stop.
+
+The only module that imports concrete backends and sidecars.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from server._pb import grpc_service_pb2 as pb
+from server._pb import grpc_service_pb2_grpc as pb_grpc
+from server.backends.onnxruntime import OnnxRuntimeFactory
+from server.config import ServerSettings
+from server.dataplane import DataPlane
+from server.frontend.inference import InferenceServicer, ServerState
+from server.interfaces import BackendFactory
+from server.metrics import MetricsRegistry
+from server.packing import default_packer
+from server.repository.manager import ModelRepository
+
+log = logging.getLogger(__name__)
+
+INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+def backend_factories() -> dict[str, BackendFactory]:
+    return {"onnxruntime": OnnxRuntimeFactory()}
+
+
+class PeregrineServer:
+    """One server: the repository, the dataplane, the gRPC server and the metrics endpoint."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.metrics = MetricsRegistry()
+        self.repository = ModelRepository(
+            settings.model_repository,
+            backend_factories(),
+            default_packer,
+            self.metrics,
+            load_threads=settings.model_load_thread_count,
+        )
+        self.state = ServerState()
+        self.health = HealthServicer()
+        self.grpc_port = 0
+        self.metrics_port = 0
+        self._grpc: grpc.aio.Server | None = None
+        self._metrics_http: Any = None
+
+    async def start(self) -> None:
+        settings = self.settings
+        await self.repository.load_all()
+        limit = settings.grpc_max_message_bytes
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        servicer = InferenceServicer(self.repository, DataPlane(self.repository), self.state)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if settings.reflection:
+            reflection.enable_server_reflection(
+                (INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                 reflection.SERVICE_NAME),
+                server,
+            )
+        address = _address(settings.host, settings.grpc_port)
+        try:
+            self.grpc_port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise OSError(f"cannot bind gRPC to {address}: {exc}") from exc
+        await server.start()
+        self._grpc = server
+        if settings.allow_metrics:
+            httpd, _thread = start_http_server(
+                settings.metrics_port, addr=settings.host, registry=self.metrics.registry
+            )
+            self._metrics_http = httpd
+            self.metrics_port = int(httpd.server_address[1])
+        self.state.accepting = True
+        status = health_pb2.HealthCheckResponse.SERVING
+        await self.health.set("", status)
+        await self.health.set(INFERENCE_SERVICE, status)
+        ready = [e for e in self.repository.index() if e.state == "READY"]
+        log.info("server started", extra={
+            "grpc": f"{settings.host}:{self.grpc_port}",
+            "metrics": f"{settings.host}:{self.metrics_port}" if settings.allow_metrics else "off",
+            "repository": str(settings.model_repository),
+            "ready_versions": len(ready),
+        })
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop taking requests, let accepted ones finish within ``grace``, unload everything."""
+        grace = self.settings.exit_timeout_secs if grace is None else grace
+        log.info("server stopping", extra={"grace_secs": grace})
+        self.state.accepting = False
+        await self.health.enter_graceful_shutdown()
+        await self.repository.close(grace)
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+        self.state.live = False
+        log.info("server stopped")
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def serve(settings: ServerSettings) -> None:
+    """Run until SIGINT or SIGTERM, then stop gracefully."""
+    server = PeregrineServer(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    await stop.wait()
+    await server.stop()

@@ -1,0 +1,1 @@
+"""Model runtimes. Backends know nothing of the scheduler or the frontend."""

@@ -1,0 +1,300 @@
+"""ONNX Runtime backend: one InferenceSession per instance, options from config parameters."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from server.errors import InvalidInput, ModelLoadError
+from server.spec import ModelSpec, TensorSpec
+from server.types import Array, DataType
+
+log = logging.getLogger(__name__)
+
+_ORT_TYPES: dict[str, DataType] = {
+    "tensor(bool)": DataType.BOOL,
+    "tensor(uint8)": DataType.UINT8,
+    "tensor(uint16)": DataType.UINT16,
+    "tensor(uint32)": DataType.UINT32,
+    "tensor(uint64)": DataType.UINT64,
+    "tensor(int8)": DataType.INT8,
+    "tensor(int16)": DataType.INT16,
+    "tensor(int32)": DataType.INT32,
+    "tensor(int64)": DataType.INT64,
+    "tensor(float16)": DataType.FP16,
+    "tensor(float)": DataType.FP32,
+    "tensor(double)": DataType.FP64,
+    "tensor(string)": DataType.BYTES,
+    "tensor(bfloat16)": DataType.BF16,
+}
+
+_OPTIMIZATION_LEVELS = {
+    "disable_all": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+#: config.pbtxt ``parameters`` keys this backend reads.
+PARAMETER_KEYS = frozenset({
+    "intra_op_thread_count",
+    "inter_op_thread_count",
+    "graph_optimization_level",
+    "execution_mode",
+    "allow_spinning",
+    "allow_cpu_fallback",
+})
+
+
+def _int_parameter(params: Mapping[str, str], key: str) -> int | None:
+    raw = params.get(key)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ModelLoadError(f"parameter '{key}' must be an integer, got '{raw}'") from None
+    if value < 0:
+        raise ModelLoadError(f"parameter '{key}' must not be negative, got {value}")
+    return value
+
+
+def _bool_parameter(params: Mapping[str, str], key: str, default: bool) -> bool:
+    raw = params.get(key)
+    if raw is None or raw == "":
+        return default
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ModelLoadError(f"parameter '{key}' must be true or false, got '{raw}'")
+
+
+def session_options(params: Mapping[str, str]) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    intra = _int_parameter(params, "intra_op_thread_count")
+    if intra is not None:
+        options.intra_op_num_threads = intra
+    inter = _int_parameter(params, "inter_op_thread_count")
+    if inter is not None:
+        options.inter_op_num_threads = inter
+    level = params.get("graph_optimization_level")
+    if level:
+        try:
+            options.graph_optimization_level = _OPTIMIZATION_LEVELS[level.lower()]
+        except KeyError:
+            raise ModelLoadError(
+                f"parameter 'graph_optimization_level' must be one of "
+                f"{sorted(_OPTIMIZATION_LEVELS)}, got '{level}'"
+            ) from None
+    mode = params.get("execution_mode")
+    if mode:
+        if mode.lower() not in ("sequential", "parallel"):
+            raise ModelLoadError(
+                f"parameter 'execution_mode' must be sequential or parallel, got '{mode}'"
+            )
+        options.execution_mode = (
+            ort.ExecutionMode.ORT_PARALLEL
+            if mode.lower() == "parallel"
+            else ort.ExecutionMode.ORT_SEQUENTIAL
+        )
+    spinning = _bool_parameter(params, "allow_spinning", default=True)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
+    return options
+
+
+def choose_providers(
+    spec: ModelSpec, instance_index: int
+) -> list[str | tuple[str, dict[str, Any]]]:
+    """Execution providers for one instance from its instance_group kind and what is installed."""
+    available = ort.get_available_providers()
+    group = spec.instances[0]
+    start = 0
+    for candidate in spec.instances:
+        if instance_index < start + candidate.count:
+            group = candidate
+            break
+        start += candidate.count
+    has_cuda = "CUDAExecutionProvider" in available
+    if group.kind == "CPU" or (group.kind == "AUTO" and not has_cuda):
+        return ["CPUExecutionProvider"]
+    if not has_cuda:
+        if _bool_parameter(spec.parameters, "allow_cpu_fallback", default=False):
+            log.warning(
+                "KIND_GPU requested without CUDA; falling back to CPU as the config allows",
+                extra={"model": spec.name},
+            )
+            return ["CPUExecutionProvider"]
+        raise ModelLoadError(
+            f"instance_group kind KIND_GPU needs onnxruntime's CUDAExecutionProvider, but this "
+            f"installation provides only {available}; install the 'gpu' extra on a CUDA machine "
+            f"or set parameters {{ key: \"allow_cpu_fallback\" value: {{ string_value: \"true\" }} }}"
+        )
+    device = group.gpus[(instance_index - start) % len(group.gpus)] if group.gpus else 0
+    return [("CUDAExecutionProvider", {"device_id": device}), "CPUExecutionProvider"]
+
+
+class OnnxRuntimeInstance:
+    """One InferenceSession. Blocking calls; the scheduler never runs one concurrently."""
+
+    def __init__(self, session: ort.InferenceSession, spec: ModelSpec) -> None:
+        self._session = session
+        self._output_names = [o.name for o in session.get_outputs()]
+        self._string_inputs = frozenset(
+            t.name for t in spec.inputs if t.datatype is DataType.BYTES
+        )
+        self._string_outputs = frozenset(
+            t.name for t in spec.outputs if t.datatype is DataType.BYTES
+        )
+        self._description = "onnxruntime " + ",".join(session.get_providers())
+
+    @property
+    def description(self) -> str:
+        return self._description
+
+    def warmup(self, inputs: Mapping[str, Array]) -> None:
+        self.execute(inputs)
+
+    def execute(self, inputs: Mapping[str, Array]) -> dict[str, Array]:
+        feed = {
+            name: _to_ort_strings(name, value) if name in self._string_inputs else value
+            for name, value in inputs.items()
+        }
+        results = self._session.run(self._output_names, feed)
+        outputs: dict[str, Array] = {}
+        for name, value in zip(self._output_names, results, strict=True):
+            array = np.asarray(value)
+            if name in self._string_outputs:
+                array = _from_ort_strings(array)
+            outputs[name] = array
+        return outputs
+
+    def close(self) -> None:
+        del self._session
+
+
+def _to_ort_strings(name: str, value: Array) -> Array:
+    """onnxruntime's Python API takes string tensors as str objects: decode the wire bytes."""
+    flat = value.reshape(-1)
+    out = np.empty(flat.shape, dtype=object)
+    for i, item in enumerate(flat):
+        try:
+            out[i] = item.decode("utf-8") if isinstance(item, bytes) else str(item)
+        except UnicodeDecodeError:
+            raise InvalidInput(
+                f"input '{name}' element {i} is not valid UTF-8; onnxruntime string tensors "
+                "hold text"
+            ) from None
+    return out.reshape(value.shape)
+
+
+def _from_ort_strings(value: Array) -> Array:
+    flat = value.reshape(-1)
+    out = np.empty(flat.shape, dtype=object)
+    for i, item in enumerate(flat):
+        out[i] = item.encode("utf-8") if isinstance(item, str) else bytes(item)
+    return out.reshape(value.shape)
+
+
+class OnnxRuntimeFactory:
+    """Loads ONNX Runtime instances and auto-completes specs from the model file."""
+
+    def model_path(self, spec: ModelSpec, version_dir: str) -> str:
+        path = os.path.join(version_dir, spec.default_model_filename or "model.onnx")
+        if not os.path.isfile(path):
+            raise ModelLoadError(f"model file '{path}' is missing")
+        return path
+
+    def _session(
+        self, spec: ModelSpec, version_dir: str, instance_index: int
+    ) -> ort.InferenceSession:
+        path = self.model_path(spec, version_dir)
+        try:
+            return ort.InferenceSession(
+                path,
+                sess_options=session_options(spec.parameters),
+                providers=choose_providers(spec, instance_index),
+            )
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # onnxruntime raises several unrelated types for bad files
+            raise ModelLoadError(f"onnxruntime could not load '{path}': {exc}") from exc
+
+    def complete_spec(self, spec: ModelSpec, version_dir: str) -> ModelSpec:
+        path = self.model_path(spec, version_dir)
+        try:
+            options = ort.SessionOptions()
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise ModelLoadError(f"onnxruntime could not load '{path}': {exc}") from exc
+        inputs = _complete(spec, "input", spec.inputs, session.get_inputs())
+        outputs = _complete(spec, "output", spec.outputs, session.get_outputs())
+        return dataclasses.replace(spec, inputs=inputs, outputs=outputs)
+
+    def load(self, spec: ModelSpec, version_dir: str, instance_index: int) -> OnnxRuntimeInstance:
+        return OnnxRuntimeInstance(self._session(spec, version_dir, instance_index), spec)
+
+
+def _complete(
+    spec: ModelSpec, kind: str, declared: tuple[TensorSpec, ...], actual: list[Any]
+) -> tuple[TensorSpec, ...]:
+    """Check declared tensors against the model and fill in those the config omits."""
+    by_name = {node.name: node for node in actual}
+    for tensor in declared:
+        node = by_name.get(tensor.name)
+        if node is None:
+            raise ModelLoadError(
+                f"config {kind} '{tensor.name}' is not in the model; the model's {kind}s are "
+                f"{sorted(by_name)}"
+            )
+        model_type = _ORT_TYPES.get(node.type)
+        if model_type is not tensor.datatype:
+            raise ModelLoadError(
+                f"config {kind} '{tensor.name}' is {tensor.datatype.config_name} but the "
+                f"model's is {node.type}"
+            )
+        _check_dims(spec, kind, tensor, node.shape)
+    if declared:
+        if kind == "input":
+            missing = set(by_name) - {t.name for t in declared}
+            if missing:
+                raise ModelLoadError(f"model inputs {sorted(missing)} are missing from the config")
+        return declared
+    completed = []
+    for node in actual:
+        datatype = _ORT_TYPES.get(node.type)
+        if datatype is None:
+            raise ModelLoadError(f"model {kind} '{node.name}' has unsupported type {node.type}")
+        dims = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in node.shape)
+        if spec.batches:
+            dims = dims[1:]
+        completed.append(TensorSpec(name=node.name, datatype=datatype, dims=dims))
+    return tuple(completed)
+
+
+def _check_dims(spec: ModelSpec, kind: str, tensor: TensorSpec, shape: list[Any]) -> None:
+    model_dims = [d if isinstance(d, int) and d >= 0 else -1 for d in shape]
+    expected = list(tensor.dims)
+    if spec.batches:
+        if not model_dims or model_dims[0] not in (-1,):
+            raise ModelLoadError(
+                f"model {kind} '{tensor.name}' has shape {model_dims}: with max_batch_size > 0 "
+                "its first dimension must be dynamic (the batch)"
+            )
+        model_dims = model_dims[1:]
+    if len(model_dims) != len(expected) or any(
+        m != -1 and e != -1 and m != e for m, e in zip(model_dims, expected, strict=True)
+    ):
+        raise ModelLoadError(
+            f"config {kind} '{tensor.name}' dims {expected} do not match the model's "
+            f"{model_dims}" + (" (batch dimension excluded)" if spec.batches else "")
+        )

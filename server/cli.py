@@ -1,0 +1,74 @@
+"""The ``peregrine`` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from server import __version__
+from server.config import OPTIONS, load_settings
+from server.logs import configure_logging
+
+
+def _serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="serve a model repository over gRPC (Open Inference Protocol)",
+        description="Serve a model repository over gRPC (Open Inference Protocol / KServe V2). "
+        "Every option can also be set by an environment variable PEREGRINE_<OPTION> or a key "
+        "in a TOML file; flags win over variables, variables over the file.",
+    )
+    serve.add_argument("--config-file", type=Path, default=None,
+                       help="TOML file of options (keys as the flags, with underscores; "
+                       "optionally under [server]). Env: PEREGRINE_CONFIG_FILE.")
+    for option in OPTIONS:
+        serve.add_argument(
+            option.flag, dest=option.name, default=None, metavar=option.name.upper(),
+            choices=option.choices or None, help=f"{option.help} Env: {option.env}.",
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peregrine", description="Peregrine inference server")
+    parser.add_argument("--version", action="version", version=f"peregrine {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(commands)
+    return parser
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    flags = {option.name: getattr(args, option.name) for option in OPTIONS}
+    try:
+        settings = load_settings(flags, config_file=args.config_file)
+    except ValueError as exc:
+        print(f"peregrine serve: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+    from server.app import serve
+
+    try:
+        if settings.uvloop:
+            import uvloop
+
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                runner.run(serve(settings))
+        else:
+            asyncio.run(serve(settings))
+    except OSError as exc:
+        print(f"peregrine serve: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return _run_serve(args)
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Tensor codecs for the Open Inference Protocol wire formats."""

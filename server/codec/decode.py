@@ -1,0 +1,197 @@
+"""ModelInferRequest protobuf -> InferRequest, checking the request against itself.
+
+Raw contents become numpy views over the bytes the protobuf runtime hands us: no copy.
+Checks against the model's config happen in codec.validate.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from server import _native
+from server._pb import grpc_service_pb2 as pb
+from server.errors import InvalidInput, Unsupported
+from server.types import Array, DataType, InferRequest, ParamValue
+
+#: The typed ``contents`` field that carries each datatype, and that field's numpy type.
+TYPED_FIELDS: dict[DataType, str] = {
+    DataType.BOOL: "bool_contents",
+    DataType.UINT8: "uint_contents",
+    DataType.UINT16: "uint_contents",
+    DataType.UINT32: "uint_contents",
+    DataType.UINT64: "uint64_contents",
+    DataType.INT8: "int_contents",
+    DataType.INT16: "int_contents",
+    DataType.INT32: "int_contents",
+    DataType.INT64: "int64_contents",
+    DataType.FP32: "fp32_contents",
+    DataType.FP64: "fp64_contents",
+    DataType.BYTES: "bytes_contents",
+}
+_ALL_TYPED = frozenset(TYPED_FIELDS.values())
+_SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")
+_SHARED_MEMORY = "shared_memory_region"
+
+
+def parameter_value(param: pb.InferParameter) -> ParamValue:
+    choice = param.WhichOneof("parameter_choice")
+    if choice is None:
+        raise InvalidInput("a parameter has no value set")
+    value: ParamValue = getattr(param, choice)
+    return value
+
+
+def decode_parameters(params: Any) -> dict[str, ParamValue]:
+    return {key: parameter_value(value) for key, value in params.items()}
+
+
+def _int_parameter(params: dict[str, ParamValue], key: str) -> int:
+    value = params.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(f"parameter '{key}' must be an integer, got {value!r}")
+    if value < 0:
+        raise InvalidInput(f"parameter '{key}' must not be negative, got {value}")
+    return value
+
+
+def _shape(name: str, dims: Any) -> tuple[int, ...]:
+    shape = tuple(int(d) for d in dims)
+    if any(d < 0 for d in shape):
+        raise InvalidInput(f"input '{name}' has a negative dimension in shape {list(shape)}")
+    if not shape or math.prod(shape) == 0:
+        raise InvalidInput(f"input '{name}' is empty: shape {list(shape)} holds no element")
+    return shape
+
+
+def _from_raw(name: str, datatype: DataType, shape: tuple[int, ...], raw: bytes) -> Array:
+    count = math.prod(shape)
+    if datatype is DataType.BYTES:
+        try:
+            items = _native.decode_bytes(raw, count)
+        except ValueError as exc:
+            raise InvalidInput(f"input '{name}' has malformed BYTES content: {exc}") from None
+        array = np.empty(count, dtype=object)
+        array[:] = items
+        return array.reshape(shape)
+    expected = count * datatype.itemsize
+    if len(raw) != expected:
+        raise InvalidInput(
+            f"input '{name}' raw content has {len(raw)} bytes; shape {list(shape)} of "
+            f"{datatype.wire} needs {expected}"
+        )
+    if datatype is DataType.BOOL:
+        as_bytes = np.frombuffer(raw, dtype=np.uint8)
+        if as_bytes.max(initial=0) > 1:
+            raise InvalidInput(f"input '{name}' is BOOL but holds bytes other than 0 and 1")
+        return as_bytes.view(np.bool_).reshape(shape)
+    return np.frombuffer(raw, dtype=datatype.numpy_dtype).reshape(shape)
+
+
+def _from_typed(
+    name: str, datatype: DataType, shape: tuple[int, ...], contents: pb.InferTensorContents
+) -> Array:
+    field = TYPED_FIELDS.get(datatype)
+    if field is None:
+        raise InvalidInput(
+            f"input '{name}' is {datatype.wire}, which has no typed contents field; "
+            "send it in raw_input_contents"
+        )
+    for other in _ALL_TYPED - {field}:
+        if len(getattr(contents, other)):
+            raise InvalidInput(
+                f"input '{name}' is {datatype.wire} and must use contents.{field}, "
+                f"not contents.{other}"
+            )
+    values = getattr(contents, field)
+    count = math.prod(shape)
+    if len(values) != count:
+        raise InvalidInput(
+            f"input '{name}' contents.{field} has {len(values)} elements; shape "
+            f"{list(shape)} needs {count}"
+        )
+    if datatype is DataType.BYTES:
+        array = np.empty(count, dtype=object)
+        array[:] = list(values)
+        return array.reshape(shape)
+    target = datatype.numpy_dtype
+    if target.kind in "iu" and target.itemsize < 4:
+        wide = np.asarray(values, dtype=np.int64)
+        info = np.iinfo(target)
+        if wide.size and (wide.min() < info.min or wide.max() > info.max):
+            raise InvalidInput(
+                f"input '{name}' holds values outside the {datatype.wire} range "
+                f"[{info.min}, {info.max}]"
+            )
+        return wide.astype(target).reshape(shape)
+    return np.asarray(values, dtype=target).reshape(shape)
+
+
+def decode_request(message: pb.ModelInferRequest, deadline_ns: int | None) -> InferRequest:
+    raw_contents = message.raw_input_contents
+    use_raw = len(raw_contents) > 0
+    if use_raw and len(raw_contents) != len(message.inputs):
+        raise InvalidInput(
+            f"raw_input_contents has {len(raw_contents)} entries for {len(message.inputs)} inputs"
+        )
+    inputs: dict[str, Array] = {}
+    types: dict[str, DataType] = {}
+    for index, tensor in enumerate(message.inputs):
+        name = tensor.name
+        if name in inputs:
+            raise InvalidInput(f"input '{name}' appears twice in the request")
+        if _SHARED_MEMORY in tensor.parameters:
+            raise Unsupported(f"input '{name}': shared-memory inputs are not supported yet")
+        try:
+            datatype = DataType.from_wire(tensor.datatype)
+        except ValueError:
+            raise InvalidInput(
+                f"input '{name}' has unknown datatype '{tensor.datatype}'"
+            ) from None
+        shape = _shape(name, tensor.shape)
+        if use_raw:
+            if tensor.HasField("contents"):
+                raise InvalidInput(
+                    f"input '{name}': contents must not be set when raw_input_contents is used"
+                )
+            inputs[name] = _from_raw(name, datatype, shape, raw_contents[index])
+        else:
+            if not tensor.HasField("contents"):
+                raise InvalidInput(f"input '{name}' carries no data")
+            inputs[name] = _from_typed(name, datatype, shape, tensor.contents)
+        types[name] = datatype
+
+    parameters = decode_parameters(message.parameters)
+    for key in _SEQUENCE_PARAMETERS:
+        if parameters.get(key):
+            raise Unsupported(f"parameter '{key}': sequence batching is not supported")
+    requested: tuple[str, ...] | None = None
+    if message.outputs:
+        names = []
+        for output in message.outputs:
+            if "classification" in output.parameters:
+                raise Unsupported(
+                    f"output '{output.name}': the classification extension is not supported"
+                )
+            if _SHARED_MEMORY in output.parameters:
+                raise Unsupported(
+                    f"output '{output.name}': shared-memory outputs are not supported yet"
+                )
+            names.append(output.name)
+        if len(set(names)) != len(names):
+            raise InvalidInput(f"requested outputs name a tensor twice: {names}")
+        requested = tuple(names)
+    return InferRequest(
+        model_name=message.model_name,
+        model_version=message.model_version,
+        id=message.id,
+        inputs=inputs,
+        input_types=types,
+        requested_outputs=requested,
+        parameters=parameters,
+        priority=_int_parameter(parameters, "priority"),
+        timeout_us=_int_parameter(parameters, "timeout"),
+        deadline_ns=deadline_ns,
+    )

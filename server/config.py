@@ -1,0 +1,156 @@
+"""Server settings: parsed and validated once at start, then frozen.
+
+Precedence, lowest first: defaults, a TOML file (``--config-file`` or PEREGRINE_CONFIG_FILE),
+environment variables (PEREGRINE_<OPTION>), command-line flags. Every option is declared once
+in OPTIONS; the flags, the variables and the TOML keys are derived from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "PEREGRINE_"
+MIB = 1024 * 1024
+
+
+def default_repository() -> Path:
+    """examples/models in the working directory, else the one beside the source checkout."""
+    local = Path("examples/models")
+    if local.is_dir():
+        return local
+    beside_source = Path(__file__).resolve().parent.parent / "examples" / "models"
+    return beside_source if beside_source.is_dir() else local
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got '{text}'")
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    name: str
+    kind: Callable[[str], Any]
+    help: str
+    choices: tuple[str, ...] = ()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    model_repository: Path = dataclasses.field(default_factory=default_repository)
+    host: str = "127.0.0.1"
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    allow_metrics: bool = True
+    log_level: str = "info"
+    log_format: str = "text"
+    grpc_max_message_bytes: int = 64 * MIB
+    model_load_thread_count: int = 4
+    exit_timeout_secs: float = 30.0
+    strict_readiness: bool = True
+    uvloop: bool = True
+    reflection: bool = True
+
+    def __post_init__(self) -> None:
+        for port_name in ("grpc_port", "metrics_port"):
+            port = getattr(self, port_name)
+            if not 0 <= port <= 65535:
+                raise ValueError(f"{port_name} must be within 0..65535, got {port}")
+        if self.grpc_max_message_bytes <= 0:
+            raise ValueError("grpc_max_message_bytes must be positive")
+        if self.model_load_thread_count <= 0:
+            raise ValueError("model_load_thread_count must be positive")
+        if self.exit_timeout_secs < 0:
+            raise ValueError("exit_timeout_secs must not be negative")
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("model_repository", Path,
+           "Model repository directory (Triton layout). Default: examples/models."),
+    Option("host", str, "Address to bind the gRPC and metrics servers to. Default: 127.0.0.1."),
+    Option("grpc_port", int, "gRPC port (0 picks a free one). Default: 8001."),
+    Option("metrics_port", int, "Prometheus /metrics HTTP port (0 picks a free one). "
+           "Default: 8002."),
+    Option("allow_metrics", parse_bool, "Serve Prometheus metrics (true/false). Default: true."),
+    Option("log_level", str, "Log level. Default: info.",
+           ("debug", "info", "warning", "error")),
+    Option("log_format", str, "Log line format: text (key=value) or json. Default: text.",
+           ("text", "json")),
+    Option("grpc_max_message_bytes", int,
+           "Largest gRPC message accepted or sent, in bytes; larger ones get "
+           "RESOURCE_EXHAUSTED. Default: 67108864 (64 MiB)."),
+    Option("model_load_thread_count", int, "Threads loading models at start. Default: 4."),
+    Option("exit_timeout_secs", float,
+           "On SIGTERM/Ctrl-C, seconds to let accepted requests finish. Default: 30."),
+    Option("strict_readiness", parse_bool,
+           "ServerReady only when every model is ready (true/false). Default: true."),
+    Option("uvloop", parse_bool, "Run the event loop on uvloop (true/false). Default: true."),
+    Option("reflection", parse_bool, "Enable gRPC server reflection (true/false). "
+           "Default: true."),
+)
+_BY_NAME = {option.name: option for option in OPTIONS}
+
+
+def _convert(option: Option, raw: Any, source: str) -> Any:
+    try:
+        value = raw if not isinstance(raw, str) else option.kind(raw)
+        if option.kind is Path:
+            value = Path(value)
+        elif option.kind is float and isinstance(value, int):
+            value = float(value)
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc}") from None
+    if option.choices and value not in option.choices:
+        raise ValueError(f"{source}: must be one of {', '.join(option.choices)}, got '{value}'")
+    return value
+
+
+def load_settings(
+    flags: Mapping[str, Any],
+    environ: Mapping[str, str] | None = None,
+    config_file: Path | None = None,
+) -> ServerSettings:
+    """Merge the sources; ``flags`` holds only the options given on the command line."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    file_path = config_file or (
+        Path(environ[ENV_PREFIX + "CONFIG_FILE"]) if environ.get(ENV_PREFIX + "CONFIG_FILE")
+        else None
+    )
+    if file_path is not None:
+        try:
+            table = tomllib.loads(file_path.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ValueError(f"config file {file_path}: {exc}") from None
+        table = table.get("server", table)
+        for key, raw in table.items():
+            option = _BY_NAME.get(key.replace("-", "_"))
+            if option is None:
+                raise ValueError(f"config file {file_path}: unknown option '{key}'")
+            values[option.name] = _convert(option, raw, f"config file {file_path} '{key}'")
+    for option in OPTIONS:
+        if option.env in environ:
+            values[option.name] = _convert(option, environ[option.env], option.env)
+    for name, raw in flags.items():
+        if raw is not None:
+            option = _BY_NAME[name]
+            values[name] = _convert(option, raw, option.flag)
+    return ServerSettings(**values)

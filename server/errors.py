@@ -1,0 +1,57 @@
+"""Typed errors. Each carries the gRPC status it maps to; the frontend maps them in one place."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class PeregrineError(Exception):
+    """Base of every error that is answered to a client rather than crashing."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    #: Triton's failure reason label for nv_inference_request_failure.
+    reason: str = "OTHER"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(PeregrineError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class ModelNotFound(PeregrineError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class ModelNotReady(PeregrineError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class Overloaded(PeregrineError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "REJECTED"
+
+
+class DeadlineExceeded(PeregrineError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = "REJECTED"
+
+
+class Cancelled(PeregrineError):
+    code = grpc.StatusCode.CANCELLED
+    reason = "CANCELED"
+
+
+class BackendError(PeregrineError):
+    code = grpc.StatusCode.INTERNAL
+    reason = "BACKEND"
+
+
+class Unsupported(PeregrineError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class ModelLoadError(Exception):
+    """A model or version could not be loaded; the reason is shown in RepositoryIndex."""

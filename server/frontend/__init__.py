@@ -1,0 +1,1 @@
+"""gRPC frontends: translate protobuf to internal types and back, nothing more."""

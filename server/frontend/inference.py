@@ -1,0 +1,215 @@
+"""The GRPCInferenceService servicer (Open Inference Protocol + Triton's extensions)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from server import __version__
+from server._pb import grpc_service_pb2 as pb
+from server._pb import grpc_service_pb2_grpc as pb_grpc
+from server.codec.decode import decode_request
+from server.codec.encode import encode_response
+from server.dataplane import DataPlane
+from server.errors import ModelNotFound, ModelNotReady
+from server.frontend.statistics import model_statistics
+from server.frontend.status import log_unexpected, mapped, status_of
+from server.repository.manager import ModelRepository
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "peregrine"
+#: Protocol extensions this server implements, as ServerMetadata reports them.
+EXTENSIONS = (
+    "model_configuration",
+    "model_repository",
+    "schedule_policy",
+    "statistics",
+    "parameters",
+)
+
+
+class ServerState:
+    """Liveness and readiness of the whole server, flipped by the app at start and stop."""
+
+    def __init__(self) -> None:
+        self.live = True
+        self.accepting = False
+
+
+def _deadline_ns(context: grpc.aio.ServicerContext) -> int | None:
+    remaining = context.time_remaining()
+    if remaining is None:
+        return None
+    return time.perf_counter_ns() + int(remaining * 1e9)
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(
+        self, repository: ModelRepository, dataplane: DataPlane, state: ServerState
+    ) -> None:
+        self._repository = repository
+        self._dataplane = dataplane
+        self._state = state
+
+    # -- health and metadata -----------------------------------------------------------------
+
+    @mapped
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=self._state.live)
+
+    @mapped
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(
+            ready=self._state.accepting and self._repository.all_ready()
+        )
+
+    @mapped
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
+        ready = self._state.accepting and self._repository.is_ready(request.name, request.version)
+        return pb.ModelReadyResponse(ready=ready)
+
+    @mapped
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(
+            name=SERVER_NAME, version=__version__, extensions=EXTENSIONS
+        )
+
+    @mapped
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        record = self._repository.record(request.name)
+        if request.version and request.version not in record.versions:
+            raise ModelNotFound(f"unknown version '{request.version}' of model '{request.name}'")
+        spec = record.spec
+        if spec is None:
+            raise ModelNotFound(f"model '{request.name}' failed to load: {record.reason}")
+        batch = [-1] if spec.batches else []
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=spec.name,
+            versions=sorted(record.versions, key=int),
+            platform=spec.platform,
+            inputs=[tensor(name=t.name, datatype=t.datatype.wire, shape=[*batch, *t.dims])
+                    for t in spec.inputs],
+            outputs=[tensor(name=t.name, datatype=t.datatype.wire, shape=[*batch, *t.dims])
+                     for t in spec.outputs],
+        )
+
+    @mapped
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
+        record = self._repository.record(request.name)
+        if request.version and request.version not in record.versions:
+            raise ModelNotFound(f"unknown version '{request.version}' of model '{request.name}'")
+        if record.config is None:
+            raise ModelNotFound(f"model '{request.name}' failed to load: {record.reason}")
+        return pb.ModelConfigResponse(config=record.config)
+
+    @mapped
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
+        return model_statistics(self._repository, request.name, request.version)
+
+    @mapped
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        index = pb.RepositoryIndexResponse.ModelIndex
+        return pb.RepositoryIndexResponse(
+            models=[
+                index(name=e.name, version=e.version, state=e.state, reason=e.reason)
+                for e in self._repository.index(ready_only=request.ready)
+            ]
+        )
+
+    # -- inference -----------------------------------------------------------------------------
+
+    async def _infer(
+        self, request: pb.ModelInferRequest, deadline_ns: int | None
+    ) -> pb.ModelInferResponse:
+        if not self._state.accepting:
+            raise ModelNotReady("the server is not accepting requests")
+        decoded = decode_request(request, deadline_ns)
+        return encode_response(await self._dataplane.infer(decoded))
+
+    @mapped
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
+        return await self._infer(request, _deadline_ns(context))
+
+    async def ModelStreamInfer(
+        self,
+        request_iterator: AsyncIterator[pb.ModelInferRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Many requests in flight on one stream; responses go out as they complete.
+
+        Each response carries its request's id, so clients match them. An error answers one
+        request (error_message) and the stream goes on.
+        """
+        results: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        deadline = _deadline_ns(context)
+        tasks: set[asyncio.Task[None]] = set()
+        reading = True
+
+        async def answer(message: pb.ModelInferRequest) -> None:
+            try:
+                response = await self._infer(message, deadline)
+                results.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
+            except Exception as exc:
+                log_unexpected(exc, "ModelStreamInfer", message.id)
+                code, text = status_of(exc)
+                results.put_nowait(
+                    pb.ModelStreamInferResponse(
+                        error_message=f"[{code.name}] {text}",
+                        infer_response=pb.ModelInferResponse(
+                            model_name=message.model_name,
+                            model_version=message.model_version,
+                            id=message.id,
+                        ),
+                    )
+                )
+
+        def finished(task: asyncio.Task[None]) -> None:
+            tasks.discard(task)
+            if not reading and not tasks:
+                results.put_nowait(None)
+
+        async def read() -> None:
+            nonlocal reading
+            try:
+                async for message in request_iterator:
+                    task = asyncio.get_running_loop().create_task(answer(message))
+                    tasks.add(task)
+                    task.add_done_callback(finished)
+            finally:
+                reading = False
+                if not tasks:
+                    results.put_nowait(None)
+
+        reader = asyncio.get_running_loop().create_task(read())
+        try:
+            while (item := await results.get()) is not None:
+                yield item
+            await reader
+        finally:
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()

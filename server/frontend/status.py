@@ -1,0 +1,49 @@
+"""Typed errors -> gRPC status: the one place where that mapping happens."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from server.errors import PeregrineError
+
+log = logging.getLogger(__name__)
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Handler = Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, PeregrineError):
+        return exc.code, exc.message
+    return grpc.StatusCode.INTERNAL, f"internal error: {exc!r}"
+
+
+def log_unexpected(exc: BaseException, rpc: str, request_id: str = "") -> None:
+    if not isinstance(exc, PeregrineError) or exc.code is grpc.StatusCode.INTERNAL:
+        log.error("request failed", extra={"rpc": rpc, "request_id": request_id,
+                                           "error": repr(exc)}, exc_info=exc)
+
+
+def mapped(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
+    """Answer typed errors with their status and unexpected ones with INTERNAL, logged."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+        try:
+            return await handler(self, request, context)
+        except PeregrineError as exc:
+            log_unexpected(exc, handler.__name__, getattr(request, "id", ""))
+            await context.abort(exc.code, exc.message)
+        except Exception as exc:
+            log_unexpected(exc, handler.__name__, getattr(request, "id", ""))
+            code, message = status_of(exc)
+            await context.abort(code, message)
+        raise AssertionError("unreachable: context.abort raises")
+
+    return wrapper

@@ -1,0 +1,101 @@
+"""The boundaries between rooms, as Protocols. No implementations live here."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+from server.metrics import VersionMetrics
+from server.spec import ModelSpec
+from server.types import Array, InferRequest, InferResponse
+
+
+class Backend(Protocol):
+    """One loaded model instance.
+
+    Owned by the scheduler of one model version. ``execute`` is synchronous and blocking; the
+    scheduler calls it from a worker thread, never concurrently for the same instance. It knows
+    nothing of gRPC, queues or routing.
+    """
+
+    @property
+    def description(self) -> str:
+        """Which runtime and device runs this instance, for logs and ModelConfig."""
+        ...
+
+    def warmup(self, inputs: Mapping[str, Array]) -> None:
+        """Run ``inputs`` once and discard the result. Blocking."""
+        ...
+
+    def execute(self, inputs: Mapping[str, Array]) -> dict[str, Array]:
+        """Run one batch; returns every output of the model by name. Blocking."""
+        ...
+
+    def close(self) -> None:
+        """Release the instance's memory. Called once, after the last execute."""
+        ...
+
+
+class BackendFactory(Protocol):
+    """Loads instances of one backend kind. Blocking; called from a loader thread."""
+
+    def load(self, spec: ModelSpec, version_dir: str, instance_index: int) -> Backend: ...
+
+    def complete_spec(self, spec: ModelSpec, version_dir: str) -> ModelSpec:
+        """Fill inputs/outputs the config left out from the model file (auto-complete)."""
+        ...
+
+
+class Scheduler(Protocol):
+    """Per model version: queues requests, forms batches, runs them on the backend instances.
+
+    Lives on the event loop; ``submit`` awaits the response. Knows nothing of protobuf.
+    """
+
+    async def submit(self, request: InferRequest) -> InferResponse: ...
+
+    def inflight(self) -> int:
+        """Requests queued or executing."""
+        ...
+
+    async def drain(self, timeout: float) -> bool:
+        """Stop taking requests and wait for the accepted ones; True if all finished."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class Packer(Protocol):
+    """Gathers per-request tensors into batch tensors and scatters outputs back by rows.
+
+    The compiled and the reference implementations are interchangeable behind it.
+    """
+
+    def pack(self, requests: Sequence[InferRequest], names: Sequence[str]) -> dict[str, Array]: ...
+
+    def unpack(self, outputs: Mapping[str, Array], rows: Sequence[int]) -> list[dict[str, Array]]: ...
+
+
+class ModelCatalog(Protocol):
+    """The read side of the repository that the dataplane uses; the manager is the write side."""
+
+    def get(self, name: str, version: str) -> LoadedModel:
+        """The ready version, the policy's latest for an empty ``version``.
+
+        Raises ModelNotFound for an unknown model or version, ModelNotReady for one not ready.
+        """
+        ...
+
+
+class LoadedModel(Protocol):
+    @property
+    def spec(self) -> ModelSpec: ...
+
+    @property
+    def version(self) -> str: ...
+
+    @property
+    def scheduler(self) -> Scheduler: ...
+
+    @property
+    def metrics(self) -> VersionMetrics: ...

@@ -1,0 +1,161 @@
+"""The Prometheus registry: our histograms plus Triton-named families for existing dashboards."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import (
+    CollectorRegistry,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from server.metrics.stats import VersionStats
+
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+LABELS = ("model", "version")
+
+
+@dataclass(slots=True)
+class VersionMetrics:
+    """The metric children of one model version, bound once at load for a cheap hot path."""
+
+    stats: VersionStats
+    request_seconds: Histogram
+    queue_seconds: Histogram
+    compute_seconds: Histogram
+    batch_size: Histogram
+
+
+class MetricsRegistry:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        self._versions: dict[tuple[str, str], VersionMetrics] = {}
+        self._request = Histogram(
+            "peregrine_request_duration_seconds",
+            "End-to-end latency of successful inference requests inside the server.",
+            LABELS, buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self._queue = Histogram(
+            "peregrine_queue_duration_seconds",
+            "Time requests waited in the batcher's queue.",
+            LABELS, buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self._compute = Histogram(
+            "peregrine_compute_duration_seconds",
+            "Time to pack, execute and unpack one batch.",
+            LABELS, buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self._batch = Histogram(
+            "peregrine_batch_size",
+            "Rows per executed batch.",
+            LABELS, buckets=BATCH_BUCKETS, registry=self.registry,
+        )
+        self._ready = Gauge(
+            "peregrine_model_ready", "1 when the model version is ready to serve.",
+            LABELS, registry=self.registry,
+        )
+        self.registry.register(_StatsCollector(self._snapshot))
+
+    def version(self, model: str, version: str) -> VersionMetrics:
+        key = (model, version)
+        found = self._versions.get(key)
+        if found is None:
+            found = VersionMetrics(
+                stats=VersionStats(),
+                request_seconds=self._request.labels(model, version),
+                queue_seconds=self._queue.labels(model, version),
+                compute_seconds=self._compute.labels(model, version),
+                batch_size=self._batch.labels(model, version),
+            )
+            self._versions[key] = found
+        return found
+
+    def set_ready(self, model: str, version: str, ready: bool) -> None:
+        self._ready.labels(model, version).set(1 if ready else 0)
+
+    def _snapshot(self) -> list[tuple[str, str, VersionStats]]:
+        return [(m, v, vm.stats) for (m, v), vm in list(self._versions.items())]
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def _family(name: str, doc: str, kind: str) -> Metric:
+    return Metric(name, doc, kind)
+
+
+class _StatsCollector(Collector):
+    """Triton's metric names and labels, read from the same stats that ModelStatistics serves.
+
+    Counters keep Triton's exact sample names (no ``_total`` suffix), so existing dashboards
+    and alerts match them unchanged.
+    """
+
+    _COUNTERS: tuple[tuple[str, str, Callable[[VersionStats], int]], ...] = (
+        ("nv_inference_request_success", "Successful inference requests",
+         lambda s: s.success.count),
+        ("nv_inference_count", "Inferences performed (a batch of n counts n)",
+         lambda s: s.inference_count),
+        ("nv_inference_exec_count", "Batch executions",
+         lambda s: s.execution_count),
+        ("nv_inference_request_duration_us", "Cumulative request duration in microseconds",
+         lambda s: (s.success.ns + s.fail.ns) // 1000),
+        ("nv_inference_queue_duration_us", "Cumulative queue duration in microseconds",
+         lambda s: s.queue.ns // 1000),
+        ("nv_inference_compute_input_duration_us",
+         "Cumulative compute input duration in microseconds",
+         lambda s: s.compute_input.ns // 1000),
+        ("nv_inference_compute_infer_duration_us",
+         "Cumulative compute inference duration in microseconds",
+         lambda s: s.compute_infer.ns // 1000),
+        ("nv_inference_compute_output_duration_us",
+         "Cumulative compute output duration in microseconds",
+         lambda s: s.compute_output.ns // 1000),
+    )
+
+    def __init__(self, snapshot: Callable[[], list[tuple[str, str, VersionStats]]]) -> None:
+        self._snapshot = snapshot
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        versions = self._snapshot()
+        for name, doc, read in self._COUNTERS:
+            family = _family(name, doc, "counter")
+            for model, version, stats in versions:
+                family.add_sample(name, {"model": model, "version": version}, read(stats))
+            yield family
+        failures = _family(
+            "nv_inference_request_failure", "Failed inference requests", "counter"
+        )
+        for model, version, stats in versions:
+            for reason in ("REJECTED", "CANCELED", "BACKEND", "OTHER"):
+                failures.add_sample(
+                    "nv_inference_request_failure",
+                    {"model": model, "version": version, "reason": reason},
+                    stats.failures_by_reason.get(reason, 0),
+                )
+        yield failures
+        pending = _family(
+            "nv_inference_pending_request_count", "Requests queued, not yet executing", "gauge"
+        )
+        for model, version, stats in versions:
+            pending.add_sample(
+                "nv_inference_pending_request_count",
+                {"model": model, "version": version}, stats.pending,
+            )
+        yield pending

@@ -1,0 +1,1 @@
+"""The model repository: sources, config parsing, version policy and the load manager."""

@@ -1,0 +1,250 @@
+"""config.pbtxt -> ModelConfig protobuf -> validated ModelSpec.
+
+The schema is our proto/model_config.proto, which keeps Triton's field names and numbers, so a
+Triton config parses as is. Fields we do not support are absent from the schema: the parser
+then rejects them with the file, line and field name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from types import MappingProxyType
+
+from google.protobuf import text_format
+
+from server._pb import model_config_pb2 as mc
+from server.errors import ModelLoadError
+from server.spec import (
+    BatchingSpec,
+    InstanceSpec,
+    ModelSpec,
+    QueuePolicy,
+    TensorSpec,
+    WarmupInput,
+    WarmupSpec,
+)
+from server.types import DataType
+
+CONFIG_FILE = "config.pbtxt"
+ONNX_PLATFORMS = frozenset({"onnxruntime_onnx"})
+ONNX_BACKENDS = frozenset({"onnxruntime"})
+_KINDS = {
+    mc.ModelInstanceGroup.KIND_AUTO: "AUTO",
+    mc.ModelInstanceGroup.KIND_CPU: "CPU",
+    mc.ModelInstanceGroup.KIND_GPU: "GPU",
+}
+
+
+def read_config(model_dir: Path) -> mc.ModelConfig:
+    """Parse ``model_dir/config.pbtxt``; a missing file gives an empty config to auto-complete."""
+    path = model_dir / CONFIG_FILE
+    config = mc.ModelConfig()
+    if not path.exists():
+        return config
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc}") from exc
+    try:
+        text_format.Parse(text, config)
+    except text_format.ParseError as exc:
+        raise ModelLoadError(f"{path}:{exc}") from None
+    return config
+
+
+def _datatype(value: int, where: str) -> DataType:
+    name = mc.DataType.Name(value)
+    if value == mc.TYPE_INVALID:
+        raise ModelLoadError(f"{where}: data_type is missing")
+    try:
+        return DataType.from_config(name)
+    except ValueError as exc:
+        raise ModelLoadError(f"{where}: {exc}") from None
+
+
+def _dims(values: Iterable[int], where: str) -> tuple[int, ...]:
+    dims = tuple(int(d) for d in values)
+    for d in dims:
+        if d < -1 or d == 0:
+            raise ModelLoadError(f"{where}: dims must be positive or -1, got {list(dims)}")
+    return dims
+
+
+def _queue_policy(policy: mc.ModelQueuePolicy, where: str) -> QueuePolicy:
+    if policy.timeout_action == mc.ModelQueuePolicy.DELAY:
+        raise ModelLoadError(f"{where}: timeout_action DELAY is not supported; use REJECT")
+    return QueuePolicy(
+        timeout_us=int(policy.default_timeout_microseconds),
+        allow_timeout_override=policy.allow_timeout_override,
+        max_queue_size=int(policy.max_queue_size),
+    )
+
+
+def _batching(config: mc.ModelConfig, name: str) -> BatchingSpec:
+    if not config.HasField("dynamic_batching"):
+        return BatchingSpec()
+    db = config.dynamic_batching
+    where = f"model '{name}' dynamic_batching"
+    if config.max_batch_size <= 0:
+        raise ModelLoadError(f"{where}: needs max_batch_size > 0")
+    preferred = tuple(int(s) for s in db.preferred_batch_size)
+    for size in preferred:
+        if size <= 0 or size > config.max_batch_size:
+            raise ModelLoadError(
+                f"{where}: preferred_batch_size {size} is outside 1..{config.max_batch_size}"
+            )
+    levels = int(db.priority_levels)
+    default_level = int(db.default_priority_level)
+    if levels and not 1 <= default_level <= levels:
+        raise ModelLoadError(
+            f"{where}: default_priority_level must be within 1..{levels}, got {default_level}"
+        )
+    if not levels and default_level:
+        raise ModelLoadError(f"{where}: default_priority_level needs priority_levels")
+    per_level = {}
+    for level, policy in db.priority_queue_policy.items():
+        if not 1 <= level <= max(levels, 0):
+            raise ModelLoadError(
+                f"{where}: priority_queue_policy level {level} is outside 1..{levels}"
+            )
+        per_level[int(level)] = _queue_policy(policy, f"{where} priority {level}")
+    return BatchingSpec(
+        enabled=True,
+        max_queue_delay_us=int(db.max_queue_delay_microseconds),
+        preferred_batch_sizes=preferred,
+        preserve_ordering=db.preserve_ordering,
+        priority_levels=levels,
+        default_priority_level=default_level,
+        default_queue_policy=_queue_policy(db.default_queue_policy, where),
+        priority_queue_policy=MappingProxyType(per_level),
+    )
+
+
+def _instances(config: mc.ModelConfig, name: str) -> tuple[InstanceSpec, ...]:
+    groups = []
+    for group in config.instance_group:
+        kind = _KINDS.get(group.kind)
+        if kind is None:
+            raise ModelLoadError(
+                f"model '{name}' instance_group kind "
+                f"{mc.ModelInstanceGroup.Kind.Name(group.kind)} is not supported"
+            )
+        count = int(group.count) if group.count else 1
+        if count < 0:
+            raise ModelLoadError(f"model '{name}' instance_group count must be positive")
+        groups.append(InstanceSpec(kind=kind, count=count, gpus=tuple(int(g) for g in group.gpus)))
+    return tuple(groups) or (InstanceSpec(kind="AUTO", count=1),)
+
+
+def _warmup(config: mc.ModelConfig, name: str) -> tuple[WarmupSpec, ...]:
+    specs = []
+    for warm in config.model_warmup:
+        where = f"model '{name}' model_warmup '{warm.name}'"
+        inputs = {}
+        for input_name, data in warm.inputs.items():
+            source = data.WhichOneof("input_data_type")
+            if source is None:
+                raise ModelLoadError(f"{where} input '{input_name}': no data source given")
+            inputs[input_name] = WarmupInput(
+                datatype=_datatype(data.data_type, f"{where} input '{input_name}'"),
+                dims=_dims(data.dims, f"{where} input '{input_name}'"),
+                source={"zero_data": "zero", "random_data": "random"}.get(source, "file"),
+                data_file=data.input_data_file,
+            )
+        batch = int(warm.batch_size) or 1
+        if config.max_batch_size and batch > config.max_batch_size:
+            raise ModelLoadError(f"{where}: batch_size {batch} exceeds max_batch_size")
+        specs.append(
+            WarmupSpec(
+                name=warm.name, batch_size=batch, count=int(warm.count) or 1,
+                inputs=MappingProxyType(inputs),
+            )
+        )
+    return tuple(specs)
+
+
+def to_spec(config: mc.ModelConfig, model_dir: Path) -> ModelSpec:
+    """Validate a parsed config against what this server supports."""
+    name = config.name or model_dir.name
+    if name != model_dir.name:
+        raise ModelLoadError(
+            f"{model_dir / CONFIG_FILE}: name '{config.name}' does not match the model's "
+            f"directory '{model_dir.name}'"
+        )
+    platform = config.platform
+    backend = config.backend
+    if platform and platform not in ONNX_PLATFORMS:
+        raise ModelLoadError(f"model '{name}': platform '{platform}' is not supported")
+    if backend and backend not in ONNX_BACKENDS:
+        raise ModelLoadError(f"model '{name}': backend '{backend}' is not supported")
+    if config.max_batch_size < 0:
+        raise ModelLoadError(f"model '{name}': max_batch_size must not be negative")
+    if config.batch_input or config.batch_output:
+        raise ModelLoadError(f"model '{name}': batch_input/batch_output are not supported")
+    if config.model_transaction_policy.decoupled:
+        raise ModelLoadError(f"model '{name}': decoupled models are not supported")
+    inputs = []
+    for tensor in config.input:
+        where = f"model '{name}' input '{tensor.name}'"
+        if tensor.HasField("reshape") or tensor.is_shape_tensor or tensor.allow_ragged_batch:
+            raise ModelLoadError(f"{where}: reshape, shape tensors and ragged batches are not "
+                                 "supported")
+        inputs.append(TensorSpec(tensor.name, _datatype(tensor.data_type, where),
+                                 _dims(tensor.dims, where), optional=tensor.optional))
+    outputs = []
+    for tensor in config.output:
+        where = f"model '{name}' output '{tensor.name}'"
+        if tensor.HasField("reshape") or tensor.is_shape_tensor:
+            raise ModelLoadError(f"{where}: reshape and shape tensors are not supported")
+        outputs.append(TensorSpec(tensor.name, _datatype(tensor.data_type, where),
+                                  _dims(tensor.dims, where)))
+    for kind, tensors in (("input", inputs), ("output", outputs)):
+        seen: set[str] = set()
+        for t in tensors:
+            if not t.name:
+                raise ModelLoadError(f"model '{name}': an {kind} has no name")
+            if t.name in seen:
+                raise ModelLoadError(f"model '{name}': {kind} '{t.name}' is declared twice")
+            seen.add(t.name)
+    return ModelSpec(
+        name=name,
+        platform=platform or "onnxruntime_onnx",
+        backend=backend or "onnxruntime",
+        max_batch_size=int(config.max_batch_size),
+        inputs=tuple(inputs),
+        outputs=tuple(outputs),
+        batching=_batching(config, name),
+        instances=_instances(config, name),
+        parameters=MappingProxyType(
+            {key: value.string_value for key, value in config.parameters.items()}
+        ),
+        warmup=_warmup(config, name),
+        default_model_filename=config.default_model_filename or "model.onnx",
+    )
+
+
+def completed_config(config: mc.ModelConfig, spec: ModelSpec) -> mc.ModelConfig:
+    """The config as served by the ModelConfig RPC: auto-completed fields filled in."""
+    served = mc.ModelConfig()
+    served.CopyFrom(config)
+    served.name = spec.name
+    served.platform = spec.platform
+    served.backend = spec.backend
+    served.default_model_filename = spec.default_model_filename
+    if not served.input:
+        for t in spec.inputs:
+            served.input.add(name=t.name, data_type=mc.DataType.Value(t.datatype.config_name),
+                             dims=list(t.dims))
+    if not served.output:
+        for t in spec.outputs:
+            served.output.add(name=t.name, data_type=mc.DataType.Value(t.datatype.config_name),
+                              dims=list(t.dims))
+    if not served.instance_group:
+        for group in spec.instances:
+            served.instance_group.add(
+                count=group.count,
+                kind=mc.ModelInstanceGroup.Kind.Value("KIND_" + group.kind),
+                gpus=list(group.gpus),
+            )
+    return served

@@ -1,0 +1,1 @@
+"""Dynamic micro-batching: pure policy, bounded queue, async driver."""

@@ -1,0 +1,74 @@
+"""Batch formation, as a pure function of the queue's front and the clock.
+
+Rules (Triton's dynamic batcher, with our eager default):
+- rows count, not requests: a request of batch 4 fills 4 of ``max_batch_size``;
+- a batch closes where the per-row shape changes (they cannot be concatenated);
+- a full batch, or one cut by a shape change, goes at once;
+- with no queue delay configured, whatever is queued goes as soon as an instance is free,
+  so an idle server adds no waiting and batches grow while another batch runs;
+- with a delay, a batch goes when it reaches the largest preferred size it can, or when its
+  oldest request has waited the delay; until then the caller re-evaluates at the returned time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    #: Requests to take from the front of the queue now; 0 means wait.
+    take: int
+    #: When waiting, the perf_counter_ns time at which to decide again.
+    wait_until_ns: int | None = None
+
+
+WAIT_FOR_ARRIVALS = Decision(take=0)
+
+
+def decide(
+    front: Iterable[tuple[int, Hashable]],
+    *,
+    oldest_enqueue_ns: int,
+    now_ns: int,
+    batching: bool,
+    max_batch_size: int,
+    preferred_sizes: frozenset[int],
+    max_delay_ns: int,
+) -> Decision:
+    """Decide how many requests to dispatch from ``front`` (rows, shape signature) pairs."""
+    if not batching:
+        for _ in front:
+            return Decision(take=1)
+        return WAIT_FOR_ARRIVALS
+
+    total = 0
+    taken = 0
+    preferred_taken = 0
+    closed = False
+    first_signature: Hashable = None
+    for rows, signature in front:
+        if taken == 0:
+            first_signature = signature
+        elif signature != first_signature or total + rows > max_batch_size:
+            closed = True
+            break
+        total += rows
+        taken += 1
+        if total in preferred_sizes:
+            preferred_taken = taken
+        if total >= max_batch_size:
+            closed = True
+            break
+
+    if taken == 0:
+        return WAIT_FOR_ARRIVALS
+    if closed or max_delay_ns <= 0:
+        return Decision(take=taken)
+    if preferred_taken:
+        return Decision(take=preferred_taken)
+    deadline = oldest_enqueue_ns + max_delay_ns
+    if now_ns >= deadline:
+        return Decision(take=taken)
+    return Decision(take=0, wait_until_ns=deadline)

@@ -1,0 +1,95 @@
+"""Internal request, response and tensor types: numpy arrays, never protobuf objects."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+ParamValue = bool | int | float | str
+
+
+class DataType(enum.Enum):
+    """Open Inference Protocol datatypes, with their config (TYPE_*) and numpy forms."""
+
+    BOOL = ("BOOL", "TYPE_BOOL", np.dtype(np.bool_))
+    UINT8 = ("UINT8", "TYPE_UINT8", np.dtype("<u1"))
+    UINT16 = ("UINT16", "TYPE_UINT16", np.dtype("<u2"))
+    UINT32 = ("UINT32", "TYPE_UINT32", np.dtype("<u4"))
+    UINT64 = ("UINT64", "TYPE_UINT64", np.dtype("<u8"))
+    INT8 = ("INT8", "TYPE_INT8", np.dtype("<i1"))
+    INT16 = ("INT16", "TYPE_INT16", np.dtype("<i2"))
+    INT32 = ("INT32", "TYPE_INT32", np.dtype("<i4"))
+    INT64 = ("INT64", "TYPE_INT64", np.dtype("<i8"))
+    FP16 = ("FP16", "TYPE_FP16", np.dtype("<f2"))
+    FP32 = ("FP32", "TYPE_FP32", np.dtype("<f4"))
+    FP64 = ("FP64", "TYPE_FP64", np.dtype("<f8"))
+    BYTES = ("BYTES", "TYPE_STRING", np.dtype(object))
+    #: numpy has no bfloat16: the raw 2-byte words are carried as uint16.
+    BF16 = ("BF16", "TYPE_BF16", np.dtype("<u2"))
+
+    def __init__(self, wire: str, config_name: str, numpy_dtype: np.dtype[Any]) -> None:
+        self.wire = wire
+        self.config_name = config_name
+        self.numpy_dtype = numpy_dtype
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes per element on the wire; 0 for the variable-length BYTES."""
+        return 0 if self is DataType.BYTES else self.numpy_dtype.itemsize
+
+    @classmethod
+    def from_wire(cls, name: str) -> DataType:
+        try:
+            return _BY_WIRE[name]
+        except KeyError:
+            raise ValueError(f"unknown datatype '{name}'") from None
+
+    @classmethod
+    def from_config(cls, name: str) -> DataType:
+        try:
+            return _BY_CONFIG[name]
+        except KeyError:
+            raise ValueError(f"unsupported data_type '{name}'") from None
+
+
+_BY_WIRE = {dt.wire: dt for dt in DataType}
+_BY_CONFIG = {dt.config_name: dt for dt in DataType}
+
+Array = npt.NDArray[Any]
+
+
+@dataclass(slots=True)
+class InferRequest:
+    """One decoded inference request. Inputs are numpy views over the wire bytes where possible."""
+
+    model_name: str
+    model_version: str
+    id: str
+    inputs: dict[str, Array]
+    input_types: dict[str, DataType]
+    requested_outputs: tuple[str, ...] | None = None
+    parameters: dict[str, ParamValue] = field(default_factory=dict)
+    priority: int = 0
+    timeout_us: int = 0
+    #: Absolute deadline on the perf_counter_ns clock, from the client's gRPC deadline.
+    deadline_ns: int | None = None
+
+
+@dataclass(slots=True)
+class OutputTensor:
+    name: str
+    datatype: DataType
+    data: Array
+
+
+@dataclass(slots=True)
+class InferResponse:
+    model_name: str
+    model_version: str
+    id: str
+    outputs: list[OutputTensor]
+    parameters: dict[str, ParamValue] = field(default_factory=dict)

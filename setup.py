@@ -1,0 +1,75 @@
+"""Build hooks: generate the gRPC code from proto/ and compile the native extension.
+
+The generated modules land in server/_pb/ (ignored by git): they are produced by every
+build, editable or not, and never edited by hand.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from pybind11.setup_helpers import Pybind11Extension
+from setuptools import Command, setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).resolve().parent
+PROTO_DIR = ROOT / "proto"
+OUT_DIR = ROOT / "server" / "_pb"
+
+
+def generate_protos() -> None:
+    from grpc_tools import protoc  # build-time dependency only
+
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    protos = sorted(str(p.relative_to(PROTO_DIR)) for p in PROTO_DIR.glob("*.proto"))
+    args = [
+        "grpc_tools.protoc",
+        f"-I{PROTO_DIR}",
+        f"--python_out={OUT_DIR}",
+        f"--pyi_out={OUT_DIR}",
+        f"--grpc_python_out={OUT_DIR}",
+        *protos,
+    ]
+    if protoc.main(args) != 0:
+        raise RuntimeError("protoc failed on " + ", ".join(protos))
+    # protoc writes absolute imports ("import model_config_pb2"); make them package-relative.
+    for path in OUT_DIR.glob("*_pb2*.py*"):
+        text = path.read_text()
+        fixed = re.sub(r"^import (\w+_pb2)", r"from . import \1", text, flags=re.M)
+        if fixed != text:
+            path.write_text(fixed)
+
+
+class GenerateProtos(Command):
+    description = "generate Python gRPC code from proto/"
+    user_options: list[tuple[str, str | None, str]] = []
+
+    def initialize_options(self) -> None:
+        pass
+
+    def finalize_options(self) -> None:
+        pass
+
+    def run(self) -> None:
+        generate_protos()
+
+
+class BuildPyWithProtos(build_py):
+    def run(self) -> None:
+        generate_protos()
+        super().run()
+
+
+native = Pybind11Extension(
+    "server._native",
+    sources=["csrc/bindings.cpp"],
+    include_dirs=["csrc"],
+    cxx_std=17,
+    extra_compile_args=["-O3"],
+)
+
+setup(
+    ext_modules=[native],
+    cmdclass={"build_py": BuildPyWithProtos, "generate_protos": GenerateProtos},
+)

@@ -1,0 +1,493 @@
+"""Builders of small ONNX models for tests.
+
+Every builder writes ``<repo>/<name>/config.pbtxt`` and
+``<repo>/<name>/<version>/model.onnx`` (Triton repository layout) and returns the
+model directory. All configs are rendered by :func:`render_config`; every builder
+accepts the :class:`ConfigOptions` keyword arguments (dynamic batching and
+queue-policy settings, instance count)::
+
+    identity_models(repo)                       # identity_fp32, identity_bytes, ...
+    add_sub_model(repo, max_queue_delay_microseconds=1000, preferred_batch_size=[4])
+    slow_model(repo, "slow", delay_ms=50, max_queue_size=2)
+    no_batch_model(repo, "no_batch")
+    broken_model(repo, "broken")
+
+Tensor names follow the Triton examples: ``INPUT0``/``INPUT1`` and
+``OUTPUT0``/``OUTPUT1``. With ``max_batch_size > 0`` the ONNX shapes get a leading
+dynamic batch dimension ``N`` that the config dims leave out; ``-1`` config dims
+become dynamic ONNX dimensions.
+
+BF16: onnxruntime's CPU Identity kernel does support bfloat16 (checked with
+onnxruntime 1.32, opset 17), so ``identity_bf16`` is built. numpy has no bfloat16
+type, though: ``InferenceSession.run`` rejects both ``ml_dtypes.bfloat16`` arrays
+and uint16 arrays for it. Feed it raw 16-bit patterns through an ``OrtValue`` /
+``IOBinding`` with ``element_type=16`` (``TensorProto.BFLOAT16``), e.g.::
+
+    binding = session.io_binding()
+    binding.bind_input("INPUT0", "cpu", 0, 16, raw.shape, raw.ctypes.data)  # raw: uint16
+    binding.bind_output("OUTPUT0", "cpu", 0, 16, out.shape, out.ctypes.data)  # out: uint16
+    session.run_with_iobinding(binding)
+
+Builders emit opset 17 / IR version 8 models, loadable by onnxruntime >= 1.14.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypedDict
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+if TYPE_CHECKING:
+    from typing import Unpack
+
+ONNX_OPSET = 17
+IR_VERSION = 8
+
+# Triton data type (as in config.pbtxt without "TYPE_", and in KServe V2) -> ONNX type.
+ONNX_TYPE: dict[str, int] = {
+    "BOOL": TensorProto.BOOL,
+    "UINT8": TensorProto.UINT8,
+    "UINT16": TensorProto.UINT16,
+    "UINT32": TensorProto.UINT32,
+    "UINT64": TensorProto.UINT64,
+    "INT8": TensorProto.INT8,
+    "INT16": TensorProto.INT16,
+    "INT32": TensorProto.INT32,
+    "INT64": TensorProto.INT64,
+    "FP16": TensorProto.FLOAT16,
+    "FP32": TensorProto.FLOAT,
+    "FP64": TensorProto.DOUBLE,
+    "BYTES": TensorProto.STRING,
+    "BF16": TensorProto.BFLOAT16,
+}
+
+# Triton data type -> numpy dtype used to feed onnxruntime (BF16 has none, see above).
+NUMPY_DTYPE: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+    "BYTES": np.dtype(np.object_),
+}
+
+# Every data type identity_models() builds a model for.
+IDENTITY_DTYPES: tuple[str, ...] = tuple(ONNX_TYPE)
+
+# Data types Add and Sub support in onnxruntime's CPU provider (add_sub_model).
+ADD_SUB_DTYPES: tuple[str, ...] = ("INT32", "INT64", "FP16", "FP32", "FP64")
+
+
+class ConfigOptions(TypedDict, total=False):
+    """Keyword arguments every builder accepts, rendered into config.pbtxt.
+
+    ``dynamic_batching`` defaults to ``max_batch_size > 0``; the other batching
+    settings are only written when dynamic batching is on and when they differ
+    from Triton's defaults. ``max_queue_size``, ``default_timeout_microseconds``,
+    ``timeout_action`` and ``allow_timeout_override`` go into
+    ``default_queue_policy``, as in Triton's ModelDynamicBatching message.
+    """
+
+    dynamic_batching: bool
+    max_queue_delay_microseconds: int
+    preferred_batch_size: Sequence[int]
+    preserve_ordering: bool
+    priority_levels: int
+    default_priority_level: int
+    max_queue_size: int
+    default_timeout_microseconds: int
+    timeout_action: str  # "REJECT" or "DELAY"
+    allow_timeout_override: bool
+    instance_count: int
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One model input or output: Triton data type and config dims (batch dim excluded)."""
+
+    name: str
+    dtype: str
+    dims: tuple[int, ...]
+
+
+# --------------------------------------------------------------------------------------
+# config.pbtxt
+# --------------------------------------------------------------------------------------
+
+
+def config_data_type(triton_dtype: str) -> str:
+    """The config.pbtxt spelling of a Triton data type: ``FP32`` -> ``TYPE_FP32``.
+
+    BYTES is the one exception: model configs call it ``TYPE_STRING``.
+    """
+    return "TYPE_STRING" if triton_dtype == "BYTES" else f"TYPE_{triton_dtype}"
+
+
+def _dims(dims: Sequence[int]) -> str:
+    return "[ " + ", ".join(str(d) for d in dims) + " ]"
+
+
+def _tensor_block(kind: str, tensors: Sequence[TensorSpec]) -> list[str]:
+    entries = [
+        "  {\n"
+        f'    name: "{t.name}"\n'
+        f"    data_type: {config_data_type(t.dtype)}\n"
+        f"    dims: {_dims(t.dims)}\n"
+        "  }"
+        for t in tensors
+    ]
+    return [f"{kind} [", ",\n".join(entries), "]"]
+
+
+def _batching_block(options: ConfigOptions) -> list[str]:
+    lines = ["dynamic_batching {"]
+    preferred = list(options.get("preferred_batch_size", ()))
+    if preferred:
+        lines.append(f"  preferred_batch_size: {_dims(preferred)}")
+    delay = options.get("max_queue_delay_microseconds", 0)
+    if delay:
+        lines.append(f"  max_queue_delay_microseconds: {delay}")
+    if options.get("preserve_ordering", False):
+        lines.append("  preserve_ordering: true")
+    levels = options.get("priority_levels", 0)
+    if levels:
+        lines.append(f"  priority_levels: {levels}")
+        lines.append(f"  default_priority_level: {options.get('default_priority_level', levels)}")
+    policy = []
+    if "timeout_action" in options:
+        policy.append(f"    timeout_action: {options['timeout_action']}")
+    timeout = options.get("default_timeout_microseconds", 0)
+    if timeout:
+        policy.append(f"    default_timeout_microseconds: {timeout}")
+    if options.get("allow_timeout_override", False):
+        policy.append("    allow_timeout_override: true")
+    queue_size = options.get("max_queue_size", 0)
+    if queue_size:
+        policy.append(f"    max_queue_size: {queue_size}")
+    if policy:
+        lines += ["  default_queue_policy {", *policy, "  }"]
+    lines.append("}")
+    return lines
+
+
+def render_config(
+    name: str,
+    *,
+    max_batch_size: int,
+    inputs: Sequence[TensorSpec],
+    outputs: Sequence[TensorSpec],
+    parameters: Mapping[str, str] | None = None,
+    platform: str = "onnxruntime_onnx",
+    **options: Unpack[ConfigOptions],
+) -> str:
+    """Render a Triton ``config.pbtxt`` (protobuf text format) for an ONNX model."""
+    lines = [
+        f'name: "{name}"',
+        f'platform: "{platform}"',
+        f"max_batch_size: {max_batch_size}",
+        *_tensor_block("input", inputs),
+        *_tensor_block("output", outputs),
+    ]
+    if options.get("dynamic_batching", max_batch_size > 0):
+        lines += _batching_block(options)
+    count = options.get("instance_count", 1)
+    lines += ["instance_group [", "  {", f"    count: {count}", "    kind: KIND_CPU", "  }", "]"]
+    for key, value in (parameters or {}).items():
+        lines.append(f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}')
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------
+
+
+def write_model(
+    repo: Path, name: str, model: onnx.ModelProto | bytes, config_text: str, version: int = 1
+) -> Path:
+    """Write ``repo/name/version/model.onnx`` and ``repo/name/config.pbtxt``.
+
+    The version directory is filled under a temporary (non-numeric) name and
+    renamed into place, and the config is replaced atomically, so a server polling
+    ``repo`` never sees a half-written model. Returns the model directory.
+    """
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    model_dir = Path(repo) / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    final = model_dir / str(version)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-v{version}-", dir=model_dir))
+    try:
+        (tmp / "model.onnx").write_bytes(data)
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".old-v{version}-", dir=model_dir))
+            final.rename(old / "v")
+            shutil.rmtree(old)
+        tmp.rename(final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    fd, cfg_tmp = tempfile.mkstemp(prefix=".config.", dir=model_dir)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(config_text)
+    os.replace(cfg_tmp, model_dir / "config.pbtxt")
+    return model_dir
+
+
+def _value_info(spec: TensorSpec, batched: bool) -> onnx.ValueInfoProto:
+    shape: list[int | str] = ["N"] if batched else []
+    shape += [d if d >= 0 else f"{spec.name}_d{i}" for i, d in enumerate(spec.dims)]
+    return helper.make_tensor_value_info(spec.name, ONNX_TYPE[spec.dtype], shape)
+
+
+def _build(
+    repo: Path,
+    name: str,
+    *,
+    nodes: Sequence[onnx.NodeProto],
+    inputs: Sequence[TensorSpec],
+    outputs: Sequence[TensorSpec],
+    max_batch_size: int,
+    version: int,
+    initializers: Sequence[onnx.TensorProto] = (),
+    parameters: Mapping[str, str] | None = None,
+    options: ConfigOptions,
+) -> Path:
+    """Make the ONNX graph and the config from one set of tensor specs and write both."""
+    batched = max_batch_size > 0
+    graph = helper.make_graph(
+        list(nodes),
+        name,
+        [_value_info(t, batched) for t in inputs],
+        [_value_info(t, batched) for t in outputs],
+        initializer=list(initializers),
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", ONNX_OPSET)],
+        ir_version=IR_VERSION,
+        producer_name="peregrine-tests",
+    )
+    onnx.checker.check_model(model, full_check=True)
+    config = render_config(
+        name,
+        max_batch_size=max_batch_size,
+        inputs=inputs,
+        outputs=outputs,
+        parameters=parameters,
+        **options,
+    )
+    return write_model(repo, name, model, config, version)
+
+
+# --------------------------------------------------------------------------------------
+# Builders
+# --------------------------------------------------------------------------------------
+
+
+def identity_model(
+    repo: Path,
+    name: str,
+    triton_dtype: str,
+    *,
+    max_batch_size: int = 8,
+    version: int = 1,
+    **options: Unpack[ConfigOptions],
+) -> Path:
+    """``INPUT0`` -> ``OUTPUT0`` unchanged; ``triton_dtype`` tensors, config dims [-1]."""
+    dtype = triton_dtype.upper()
+    if dtype not in ONNX_TYPE:
+        raise ValueError(f"unknown Triton data type {triton_dtype!r}")
+    return _build(
+        repo,
+        name,
+        nodes=[helper.make_node("Identity", ["INPUT0"], ["OUTPUT0"])],
+        inputs=[TensorSpec("INPUT0", dtype, (-1,))],
+        outputs=[TensorSpec("OUTPUT0", dtype, (-1,))],
+        max_batch_size=max_batch_size,
+        version=version,
+        options=options,
+    )
+
+
+def identity_models(
+    repo: Path, max_batch_size: int = 8, delay_us: int = 0, **options: Unpack[ConfigOptions]
+) -> dict[str, str]:
+    """One identity model per data type in :data:`IDENTITY_DTYPES`.
+
+    Models are named ``identity_<dtype lower>`` (``identity_fp32``,
+    ``identity_bytes``, ...). ``delay_us`` is the dynamic batcher's
+    ``max_queue_delay_microseconds``. Returns {Triton data type: model name}.
+    """
+    opts: ConfigOptions = {"max_queue_delay_microseconds": delay_us, **options}
+    names = {}
+    for dtype in IDENTITY_DTYPES:
+        name = f"identity_{dtype.lower()}"
+        identity_model(repo, name, dtype, max_batch_size=max_batch_size, **opts)
+        names[dtype] = name
+    return names
+
+
+def add_sub_model(
+    repo: Path,
+    name: str = "add_sub",
+    *,
+    max_batch_size: int = 8,
+    width: int = 16,
+    triton_dtype: str = "FP32",
+    version: int = 1,
+    **options: Unpack[ConfigOptions],
+) -> Path:
+    """Triton's classic "simple" model: two inputs, their sum and their difference.
+
+    ``OUTPUT0 = INPUT0 + INPUT1`` and ``OUTPUT1 = INPUT0 - INPUT1``; all four tensors
+    have config dims ``[width]`` (default 16).
+    """
+    dtype = triton_dtype.upper()
+    if dtype not in ADD_SUB_DTYPES:
+        raise ValueError(f"add_sub_model supports {ADD_SUB_DTYPES}, not {triton_dtype!r}")
+    specs = [TensorSpec(n, dtype, (width,)) for n in ("INPUT0", "INPUT1", "OUTPUT0", "OUTPUT1")]
+    return _build(
+        repo,
+        name,
+        nodes=[
+            helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),
+            helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"]),
+        ],
+        inputs=specs[:2],
+        outputs=specs[2:],
+        max_batch_size=max_batch_size,
+        version=version,
+        options=options,
+    )
+
+
+SLOW_WIDTH = 256
+# Median time of one [256, 256] x [256, 256] float32 MatMul step in onnxruntime 1.32 with
+# one intra-op thread, measured on the 2-core x86-64 development machine (0.30 ms). The
+# per-batch time is nearly independent of the batch size: 50 steps took 14.9 ms for
+# batches of 1, 8 and 32 rows alike.
+SLOW_MS_PER_STEP = 0.30
+
+
+def slow_model_steps(delay_ms: float) -> int:
+    """Number of MatMul steps :func:`slow_model` uses for ``delay_ms``."""
+    return max(1, round(delay_ms / SLOW_MS_PER_STEP))
+
+
+def _slow_permutation() -> npt.NDArray[np.float32]:
+    perm = np.random.default_rng(20240601).permutation(SLOW_WIDTH)
+    return np.eye(SLOW_WIDTH, dtype=np.float32)[perm]
+
+
+def slow_model_expected(x: npt.NDArray[np.float32], delay_ms: float) -> npt.NDArray[np.float32]:
+    """What :func:`slow_model` built with ``delay_ms`` returns for ``x`` ([N, 256] FP32).
+
+    The model multiplies by a permutation matrix, so the result is an exact
+    permutation of each row of ``x`` (compare with ``np.array_equal``).
+    """
+    p = np.linalg.matrix_power(_slow_permutation(), slow_model_steps(delay_ms))
+    return np.asarray(np.asarray(x, dtype=np.float32) @ p, dtype=np.float32)
+
+
+def slow_model(
+    repo: Path,
+    name: str = "slow",
+    delay_ms: float = 20.0,
+    *,
+    max_batch_size: int = 8,
+    version: int = 1,
+    **options: Unpack[ConfigOptions],
+) -> Path:
+    """An FP32 model that takes about ``delay_ms`` per batch on one CPU thread.
+
+    ``INPUT0`` [N, 256] -> ``OUTPUT0`` [N, 256] = ``INPUT0 @ P**K`` with ``P`` a fixed
+    permutation matrix and ``K = slow_model_steps(delay_ms)``; see
+    :func:`slow_model_expected`. The work is ``K`` chained [256, 256] x [256, 256]
+    MatMuls computing ``P**K``, so one batch costs about ``K * 0.3 ms`` (2-core
+    development machine; see :data:`SLOW_MS_PER_STEP`) whatever its size, which
+    makes batching visible. The chain starts from ``P + 0 * float(batch size)``
+    so that onnxruntime cannot constant-fold it (the batch size is only known at
+    run time). The config pins ``intra_op_thread_count`` to 1. Results are exact:
+    every output element is one input element times 1.0 plus zeros.
+    """
+    steps = slow_model_steps(delay_ms)
+    nodes = [
+        helper.make_node("Shape", ["INPUT0"], ["batch"], start=0, end=1),
+        helper.make_node("Cast", ["batch"], ["batch_f"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["batch_f", "zero"], ["nothing"]),
+        helper.make_node("Add", ["P", "nothing"], ["m1"]),
+    ]
+    nodes += [helper.make_node("MatMul", [f"m{i}", "P"], [f"m{i + 1}"]) for i in range(1, steps)]
+    nodes.append(helper.make_node("MatMul", ["INPUT0", f"m{steps}"], ["OUTPUT0"]))
+    return _build(
+        repo,
+        name,
+        nodes=nodes,
+        inputs=[TensorSpec("INPUT0", "FP32", (SLOW_WIDTH,))],
+        outputs=[TensorSpec("OUTPUT0", "FP32", (SLOW_WIDTH,))],
+        initializers=[
+            numpy_helper.from_array(_slow_permutation(), "P"),
+            numpy_helper.from_array(np.zeros(1, dtype=np.float32), "zero"),
+        ],
+        parameters={"intra_op_thread_count": "1"},
+        max_batch_size=max_batch_size,
+        version=version,
+        options=options,
+    )
+
+
+def no_batch_model(
+    repo: Path, name: str = "no_batch", *, version: int = 1, **options: Unpack[ConfigOptions]
+) -> Path:
+    """``max_batch_size: 0``; ``INPUT0`` FP32 [4] -> ``OUTPUT0`` = ``INPUT0 * 2`` FP32 [4].
+
+    No dynamic_batching block is written unless ``dynamic_batching=True`` is passed.
+    """
+    return _build(
+        repo,
+        name,
+        nodes=[helper.make_node("Mul", ["INPUT0", "two"], ["OUTPUT0"])],
+        inputs=[TensorSpec("INPUT0", "FP32", (4,))],
+        outputs=[TensorSpec("OUTPUT0", "FP32", (4,))],
+        initializers=[numpy_helper.from_array(np.array(2.0, dtype=np.float32), "two")],
+        max_batch_size=0,
+        version=version,
+        options=options,
+    )
+
+
+def broken_model(
+    repo: Path,
+    name: str = "broken",
+    *,
+    max_batch_size: int = 8,
+    version: int = 1,
+    **options: Unpack[ConfigOptions],
+) -> Path:
+    """A valid config.pbtxt (FP32 ``INPUT0`` -> ``OUTPUT0``, dims [-1]) next to a
+    model.onnx of garbage bytes, so loading the model fails."""
+    config = render_config(
+        name,
+        max_batch_size=max_batch_size,
+        inputs=[TensorSpec("INPUT0", "FP32", (-1,))],
+        outputs=[TensorSpec("OUTPUT0", "FP32", (-1,))],
+        **options,
+    )
+    garbage = b"this is not an ONNX model\x00\xff\xfe" + bytes(range(256))
+    return write_model(repo, name, garbage, config, version)
