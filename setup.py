@@ -33,10 +33,18 @@ def generate_protos() -> None:
     ]
     if protoc.main(args) != 0:
         raise RuntimeError("protoc failed on " + ", ".join(protos))
-    # protoc writes absolute imports ("import model_config_pb2"); make them package-relative.
     for path in OUT_DIR.glob("*_pb2*.py*"):
         text = path.read_text()
+        # protoc writes absolute imports ("import model_config_pb2"): make them package-relative.
         fixed = re.sub(r"^import (\w+_pb2)", r"from . import \1", text, flags=re.M)
+        # Register into our private pool (see server/_pb/_pool.py), not the default one.
+        if "_descriptor_pool.Default()" in fixed:
+            fixed = fixed.replace("_descriptor_pool.Default()", "_PEREGRINE_POOL")
+            fixed = fixed.replace(
+                "from google.protobuf import descriptor_pool as _descriptor_pool\n",
+                "from google.protobuf import descriptor_pool as _descriptor_pool\n"
+                "from ._pool import POOL as _PEREGRINE_POOL\n",
+            )
         if fixed != text:
             path.write_text(fixed)
 

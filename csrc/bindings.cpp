@@ -231,6 +231,11 @@ py::bytes encode_bytes(const py::object& items) {
 PYBIND11_MODULE(_native, m) {
     m.doc() = "Native (C++) codecs for the Peregrine inference server.";
 
+    // The docstrings below open with a hand-written, precise signature; pybind11's own
+    // would only say "object" for the buffer-protocol and sequence arguments.
+    py::options options;
+    options.disable_function_signatures();
+
     m.def("decode_bytes", &decode_bytes, py::arg("buffer"), py::arg("count"),
           R"doc(decode_bytes(buffer, count) -> list[bytes]
 
@@ -245,8 +250,9 @@ in order.
 Raises ValueError if ``count`` is negative or the buffer is malformed: it ends
 inside a length prefix, an element's length runs past its end, it holds fewer
 than ``count`` elements, or bytes are left over after the last one. Raises
-TypeError if ``buffer`` does not support the buffer protocol or ``count`` is
-not an integer.)doc");
+TypeError if ``buffer`` does not support the buffer protocol or exports Python
+objects (format 'O', e.g. a numpy object array), or if ``count`` is not an
+integer.)doc");
 
     m.def("encode_bytes", &encode_bytes, py::arg("items"),
           R"doc(encode_bytes(items) -> bytes

@@ -9,7 +9,8 @@ from typing_extensions import Buffer
 def decode_bytes(buffer: Buffer | NDArray[Any], count: SupportsIndex) -> list[bytes]:
     """Decode exactly ``count`` length-prefixed BYTES elements from ``buffer``.
 
-    Raises ValueError for a negative ``count`` or a malformed buffer.
+    Raises ValueError for a negative ``count`` or a malformed buffer, TypeError for an
+    object that is not a buffer or that exports Python objects (a numpy object array).
     """
 
 def encode_bytes(items: Iterable[bytes | bytearray | str]) -> bytes:

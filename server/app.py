@@ -11,6 +11,7 @@ import signal
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -18,6 +19,7 @@ from prometheus_client import start_http_server
 
 from server._pb import grpc_service_pb2 as pb
 from server._pb import grpc_service_pb2_grpc as pb_grpc
+from server._pb._pool import POOL
 from server.backends.onnxruntime import OnnxRuntimeFactory
 from server.config import ServerSettings
 from server.dataplane import DataPlane
@@ -75,6 +77,7 @@ class PeregrineServer:
                 (INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                  reflection.SERVICE_NAME),
                 server,
+                pool=_merged_pool(),
             )
         address = _address(settings.host, settings.grpc_port)
         try:
@@ -115,6 +118,18 @@ class PeregrineServer:
             self._metrics_http.server_close()
         self.state.live = False
         log.info("server stopped")
+
+
+def _merged_pool() -> descriptor_pool.DescriptorPool:
+    """Reflection answers from one pool: ours plus the health service's descriptors."""
+    merged = descriptor_pool.DescriptorPool()
+    for proto in (POOL.FindFileByName("model_config.proto"),
+                  POOL.FindFileByName("grpc_service.proto"),
+                  health_pb2.DESCRIPTOR):
+        file_proto = descriptor_pb2.FileDescriptorProto()
+        proto.CopyToProto(file_proto)
+        merged.Add(file_proto)
+    return merged
 
 
 def _address(host: str, port: int) -> str:

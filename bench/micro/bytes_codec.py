@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {
         "benchmark": "micro_bytes_codec",
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "numpy": np.__version__,
         "machine": platform.machine(),

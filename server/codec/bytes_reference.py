@@ -30,7 +30,8 @@ def decode_bytes(buffer: Buffer | NDArray[Any], count: SupportsIndex) -> list[by
     """Decode exactly ``count`` length-prefixed elements from ``buffer``.
 
     ``buffer`` is any buffer-protocol object, read as flat bytes in C order.
-    Raises ValueError for a negative ``count`` or a malformed buffer.
+    Raises ValueError for a negative ``count`` or a malformed buffer, TypeError for an
+    object that is not a buffer or that exports Python objects (a numpy object array).
     """
     expected = operator.index(count)
     if expected < 0:

@@ -1,0 +1,89 @@
+"""A real Peregrine server on a free loopback port, run in a background thread.
+
+The server gets its own event loop (uvloop) in its own thread, so tests can drive it with
+blocking clients (tritonclient.grpc) or with their own asyncio clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from server.app import PeregrineServer
+from server.config import ServerSettings
+
+
+class ServerThread:
+    def __init__(self, repository: Path, **overrides: Any) -> None:
+        settings = ServerSettings(
+            model_repository=repository, grpc_port=0, metrics_port=0, **overrides
+        )
+        self.settings = settings
+        self.server: PeregrineServer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="peregrine-test-server",
+                                        daemon=True)
+
+    def _run(self) -> None:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(self._main())
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        try:
+            self.server = PeregrineServer(self.settings)
+            await self.server.start()
+        except BaseException as exc:
+            self._error = exc
+            self._started.set()
+            raise
+        self._started.set()
+        await self._stop.wait()
+        await self.server.stop(grace=5.0)
+
+    def start(self) -> ServerThread:
+        self._thread.start()
+        if not self._started.wait(timeout=60):
+            raise TimeoutError("server did not start within 60 s")
+        if self._error is not None:
+            raise RuntimeError(f"server failed to start: {self._error!r}") from self._error
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=30)
+
+    def call(self, coro: Any, timeout: float = 30) -> Any:
+        """Run a coroutine on the server's loop (to poke at internals) and return its result."""
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"127.0.0.1:{self.server.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.metrics_port}/metrics"
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def with_settings(settings: ServerSettings, **changes: Any) -> ServerSettings:
+    return dataclasses.replace(settings, **changes)
