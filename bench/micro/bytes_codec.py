@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import statistics
 import sys
@@ -84,6 +85,16 @@ def run(repeat: int, min_time: float) -> list[dict[str, Any]]:
     return rows
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def print_table(rows: list[dict[str, Any]]) -> None:
     header = (
         f"{'op':<7}{'count':>7}{'elem B':>8}{'total B':>10}"
@@ -117,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "numpy": np.__version__,
         "machine": platform.machine(),
-        "processor": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
         "repeat": args.repeat,
         "min_time_s": args.min_time,
         "statistic": "median seconds per call, reported in microseconds",
