@@ -73,6 +73,7 @@ native = Pybind11Extension(
     "server._native",
     sources=["csrc/bindings.cpp"],
     include_dirs=["csrc"],
+    depends=["csrc/bytes_codec.hpp"],
     cxx_std=17,
     extra_compile_args=["-O3"],
 )

@@ -51,7 +51,7 @@ class PeregrineServer:
             self.metrics,
             load_threads=settings.model_load_thread_count,
         )
-        self.state = ServerState()
+        self.state = ServerState(strict_readiness=settings.strict_readiness)
         self.health = HealthServicer()
         self.grpc_port = 0
         self.metrics_port = 0

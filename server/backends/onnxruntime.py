@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -16,6 +18,9 @@ from server.spec import ModelSpec, TensorSpec
 from server.types import Array, DataType
 
 log = logging.getLogger(__name__)
+
+#: onnx.TensorProto.BFLOAT16, the element type onnxruntime takes for raw bfloat16 words.
+_ONNX_BFLOAT16 = 16
 
 _ORT_TYPES: dict[str, DataType] = {
     "tensor(bool)": DataType.BOOL,
@@ -33,6 +38,9 @@ _ORT_TYPES: dict[str, DataType] = {
     "tensor(string)": DataType.BYTES,
     "tensor(bfloat16)": DataType.BF16,
 }
+
+#: onnx.TensorProto.BFLOAT16: numpy has no bfloat16, so such tensors travel as raw uint16 words.
+_ONNX_BFLOAT16 = 16
 
 _OPTIMIZATION_LEVELS = {
     "disable_all": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -154,6 +162,18 @@ class OnnxRuntimeInstance:
         self._string_outputs = frozenset(
             t.name for t in spec.outputs if t.datatype is DataType.BYTES
         )
+        # numpy has no bfloat16: BF16 tensors travel as uint16 words through OrtValues.
+        self._bf16_inputs = frozenset(t.name for t in spec.inputs if t.datatype is DataType.BF16)
+        self._bf16_outputs = frozenset(
+            t.name for t in spec.outputs if t.datatype is DataType.BF16
+        )
+        if (self._bf16_inputs or self._bf16_outputs) and (
+            self._string_inputs or self._string_outputs
+        ):
+            raise ModelLoadError(
+                f"model '{spec.name}' mixes BF16 and BYTES tensors, which this backend "
+                "cannot feed to onnxruntime together"
+            )
         self._description = "onnxruntime " + ",".join(session.get_providers())
 
     @property
@@ -164,10 +184,14 @@ class OnnxRuntimeInstance:
         self.execute(inputs)
 
     def execute(self, inputs: Mapping[str, Array]) -> dict[str, Array]:
+        if self._bf16_inputs or self._bf16_outputs:
+            return self._execute_bound(inputs)
         feed = {
             name: _to_ort_strings(name, value) if name in self._string_inputs else value
             for name, value in inputs.items()
         }
+        if self._bf16_inputs or self._bf16_outputs:
+            return self._execute_ort_values(feed)
         results = self._session.run(self._output_names, feed)
         outputs: dict[str, Array] = {}
         for name, value in zip(self._output_names, results, strict=True):
@@ -177,8 +201,64 @@ class OnnxRuntimeInstance:
             outputs[name] = array
         return outputs
 
+    def _execute_ort_values(self, feed: Mapping[str, Array]) -> dict[str, Array]:
+        """The BF16 path: session.run cannot take or give bfloat16 numpy arrays."""
+        values = {
+            name: ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
+                np.ascontiguousarray(value, dtype=np.uint16), _ONNX_BFLOAT16
+            )
+            if name in self._bf16_inputs
+            else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
+            for name, value in feed.items()
+        }
+        results = self._session.run_with_ort_values(self._output_names, values)
+        return {
+            name: _bf16_words(value) if name in self._bf16_outputs else np.asarray(value.numpy())
+            for name, value in zip(self._output_names, results, strict=True)
+        }
+
+    def _execute_bound(self, inputs: Mapping[str, Array]) -> dict[str, Array]:
+        """The IO-binding path, for models with BF16 tensors that numpy cannot name."""
+        binding = self._session.io_binding()
+        for name, value in inputs.items():
+            if name in self._bf16_inputs:
+                words = np.ascontiguousarray(value, dtype=np.uint16)
+                binding.bind_ortvalue_input(
+                    name, ort.OrtValue.ortvalue_from_numpy_with_onnx_type(words, _ONNX_BFLOAT16)
+                )
+            elif name in self._string_inputs:
+                binding.bind_cpu_input(name, _to_ort_strings(name, value))
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name in self._output_names:
+            binding.bind_output(name, "cpu")
+        self._session.run_with_iobinding(binding)
+        outputs: dict[str, Array] = {}
+        for name, value in zip(self._output_names, binding.get_outputs(), strict=True):
+            if name in self._bf16_outputs:
+                shape = tuple(value.shape())
+                raw = ctypes.string_at(value.data_ptr(), math.prod(shape) * 2)
+                outputs[name] = np.frombuffer(raw, dtype="<u2").reshape(shape)
+            elif name in self._string_outputs:
+                outputs[name] = _from_ort_strings(np.asarray(value.numpy()))
+            else:
+                outputs[name] = np.asarray(value.numpy())
+        return outputs
+
     def close(self) -> None:
         del self._session
+
+
+def _bf16_words(value: ort.OrtValue) -> Array:
+    """Copy a CPU bfloat16 OrtValue out as its raw uint16 words."""
+    if value.device_name().lower() != "cpu":
+        raise RuntimeError(f"BF16 output on device '{value.device_name()}', expected the CPU")
+    shape = tuple(value.shape())
+    count = math.prod(shape)
+    if count == 0:
+        return np.empty(shape, dtype=np.uint16)
+    words = (ctypes.c_uint16 * count).from_address(value.data_ptr())
+    return np.frombuffer(words, dtype=np.uint16).copy().reshape(shape)
 
 
 def _to_ort_strings(name: str, value: Array) -> Array:

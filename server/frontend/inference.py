@@ -36,9 +36,11 @@ EXTENSIONS = (
 class ServerState:
     """Liveness and readiness of the whole server, flipped by the app at start and stop."""
 
-    def __init__(self) -> None:
+    def __init__(self, strict_readiness: bool = True) -> None:
         self.live = True
         self.accepting = False
+        #: ServerReady needs every model ready (True) or only a serving server (False).
+        self.strict_readiness = strict_readiness
 
 
 def _deadline_ns(context: grpc.aio.ServicerContext) -> int | None:
@@ -68,8 +70,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerReady(
         self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerReadyResponse:
+        state = self._state
         return pb.ServerReadyResponse(
-            ready=self._state.accepting and self._repository.all_ready()
+            ready=state.accepting and (not state.strict_readiness or self._repository.all_ready())
         )
 
     @mapped
