@@ -27,7 +27,7 @@ from server.frontend.inference import InferenceServicer, ServerState
 from server.interfaces import BackendFactory
 from server.metrics import MetricsRegistry
 from server.packing import default_packer
-from server.repository.manager import ModelRepository
+from server.repository.manager import ControlMode, ModelRepository
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,11 @@ class PeregrineServer:
             default_packer,
             self.metrics,
             load_threads=settings.model_load_thread_count,
+            state_file=settings.resolved_state_file,
+            drain_timeout=settings.exit_timeout_secs,
         )
+        self.mode = ControlMode(settings.model_control_mode)
+        self._poller: asyncio.Task[None] | None = None
         self.state = ServerState(strict_readiness=settings.strict_readiness)
         self.health = HealthServicer()
         self.grpc_port = 0
@@ -60,7 +64,7 @@ class PeregrineServer:
 
     async def start(self) -> None:
         settings = self.settings
-        await self.repository.load_all()
+        await self.repository.start(self.mode, settings.load_model)
         limit = settings.grpc_max_message_bytes
         server = grpc.aio.server(
             options=[
@@ -69,7 +73,9 @@ class PeregrineServer:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        servicer = InferenceServicer(self.repository, DataPlane(self.repository), self.state)
+        servicer = InferenceServicer(
+            self.repository, DataPlane(self.repository), self.state, self.mode
+        )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if settings.reflection:
@@ -93,6 +99,10 @@ class PeregrineServer:
             self._metrics_http = httpd
             self.metrics_port = int(httpd.server_address[1])
         self.state.accepting = True
+        if self.mode is ControlMode.POLL:
+            self._poller = asyncio.get_running_loop().create_task(
+                self.repository.poll_forever(settings.repository_poll_secs), name="repo-poll"
+            )
         status = health_pb2.HealthCheckResponse.SERVING
         await self.health.set("", status)
         await self.health.set(INFERENCE_SERVICE, status)
@@ -109,6 +119,9 @@ class PeregrineServer:
         grace = self.settings.exit_timeout_secs if grace is None else grace
         log.info("server stopping", extra={"grace_secs": grace})
         self.state.accepting = False
+        if self._poller is not None:
+            self._poller.cancel()
+            await asyncio.gather(self._poller, return_exceptions=True)
         await self.health.enter_graceful_shutdown()
         await self.repository.close(grace)
         if self._grpc is not None:

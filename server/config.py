@@ -37,6 +37,10 @@ def parse_bool(text: str) -> bool:
     raise ValueError(f"expected true or false, got '{text}'")
 
 
+def parse_names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
 @dataclass(frozen=True, slots=True)
 class Option:
     name: str
@@ -68,6 +72,10 @@ class ServerSettings:
     strict_readiness: bool = True
     uvloop: bool = True
     reflection: bool = True
+    model_control_mode: str = "none"
+    repository_poll_secs: float = 15.0
+    load_model: tuple[str, ...] = ()
+    state_file: Path | None = None
 
     def __post_init__(self) -> None:
         for port_name in ("grpc_port", "metrics_port"):
@@ -80,6 +88,15 @@ class ServerSettings:
             raise ValueError("model_load_thread_count must be positive")
         if self.exit_timeout_secs < 0:
             raise ValueError("exit_timeout_secs must not be negative")
+        if self.repository_poll_secs <= 0:
+            raise ValueError("repository_poll_secs must be positive")
+        if self.load_model and self.model_control_mode != "explicit":
+            raise ValueError("load_model needs model_control_mode explicit")
+
+    @property
+    def resolved_state_file(self) -> Path:
+        """Where the load set and last good versions persist: beside the models by default."""
+        return self.state_file or self.model_repository / ".peregrine-state.json"
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -105,13 +122,48 @@ OPTIONS: tuple[Option, ...] = (
     Option("uvloop", parse_bool, "Run the event loop on uvloop (true/false). Default: true."),
     Option("reflection", parse_bool, "Enable gRPC server reflection (true/false). "
            "Default: true."),
+    Option("model_control_mode", str,
+           "none: load every model at start, never change; poll: also apply repository "
+           "changes while serving; explicit: load and unload only on request "
+           "(RepositoryModelLoad/Unload, `peregrine repo load|unload`). Default: none.",
+           ("none", "poll", "explicit")),
+    Option("repository_poll_secs", float,
+           "In poll mode, seconds between repository scans. Default: 15."),
+    Option("load_model", parse_names,
+           "In explicit mode, models to load at start (comma-separated; * for all)."),
+    Option("state_file", Path,
+           "File recording explicitly loaded models and the last versions that served well, "
+           "so a restart comes back the same. Default: <model-repository>/"
+           ".peregrine-state.json."),
 )
 _BY_NAME = {option.name: option for option in OPTIONS}
 
 
+def _check_typed(option: Option, raw: Any) -> None:
+    """A typed TOML value must already have the option's type (strings are parsed instead)."""
+    kind = option.kind
+    if kind is parse_bool:
+        ok, wanted = isinstance(raw, bool), "true or false"
+    elif kind is int:
+        ok, wanted = isinstance(raw, int) and not isinstance(raw, bool), "an integer"
+    elif kind is float:
+        ok, wanted = isinstance(raw, int | float) and not isinstance(raw, bool), "a number"
+    elif kind is parse_names:
+        ok = isinstance(raw, list) and all(isinstance(v, str) for v in raw)
+        wanted = "a list of strings"
+    else:
+        ok, wanted = False, "a string"
+    if not ok:
+        raise ValueError(f"expected {wanted}, got {raw!r}")
+
+
 def _convert(option: Option, raw: Any, source: str) -> Any:
     try:
+        if not isinstance(raw, str):
+            _check_typed(option, raw)
         value = raw if not isinstance(raw, str) else option.kind(raw)
+        if option.kind is parse_names and isinstance(value, list):
+            value = tuple(str(v) for v in value)
         if option.kind is Path:
             value = Path(value)
         elif option.kind is float and isinstance(value, int):

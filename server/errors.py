@@ -53,5 +53,15 @@ class Unsupported(PeregrineError):
     code = grpc.StatusCode.UNIMPLEMENTED
 
 
+class NotAllowed(PeregrineError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class LoadFailed(PeregrineError):
+    """An explicit load request that left no version of the model ready (or kept old ones)."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
 class ModelLoadError(Exception):
     """A model or version could not be loaded; the reason is shown in RepositoryIndex."""

@@ -71,9 +71,13 @@ class Packer(Protocol):
     The compiled and the reference implementations are interchangeable behind it.
     """
 
-    def pack(self, requests: Sequence[InferRequest], names: Sequence[str]) -> dict[str, Array]: ...
+    def pack(
+        self, requests: Sequence[InferRequest], names: Sequence[str]
+    ) -> dict[str, Array]: ...
 
-    def unpack(self, outputs: Mapping[str, Array], rows: Sequence[int]) -> list[dict[str, Array]]: ...
+    def unpack(
+        self, outputs: Mapping[str, Array], rows: Sequence[int]
+    ) -> list[dict[str, Array]]: ...
 
 
 class ModelCatalog(Protocol):

@@ -9,10 +9,10 @@ from server.types import InferRequest
 
 def validate_request(request: InferRequest, spec: ModelSpec) -> None:
     model = f"model '{spec.name}'"
-    for tensor in spec.inputs:
-        if tensor.name not in request.inputs and not tensor.optional:
+    for declared in spec.inputs:
+        if declared.name not in request.inputs and not declared.optional:
             raise InvalidInput(
-                f"{model} expects input '{tensor.name}', which the request does not carry"
+                f"{model} expects input '{declared.name}', which the request does not carry"
             )
     batch: int | None = None
     for name, value in request.inputs.items():

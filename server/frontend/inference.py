@@ -15,10 +15,17 @@ from server._pb import grpc_service_pb2_grpc as pb_grpc
 from server.codec.decode import decode_request
 from server.codec.encode import encode_response
 from server.dataplane import DataPlane
-from server.errors import ModelNotFound, ModelNotReady
+from server.errors import (
+    InvalidInput,
+    LoadFailed,
+    ModelLoadError,
+    ModelNotFound,
+    ModelNotReady,
+    NotAllowed,
+)
 from server.frontend.statistics import model_statistics
 from server.frontend.status import log_unexpected, mapped, status_of
-from server.repository.manager import ModelRepository
+from server.repository.manager import ControlMode, ModelRecord, ModelRepository
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +34,7 @@ SERVER_NAME = "peregrine"
 EXTENSIONS = (
     "model_configuration",
     "model_repository",
+    "model_repository(unload_dependents)",
     "schedule_policy",
     "statistics",
     "parameters",
@@ -50,13 +58,18 @@ def _deadline_ns(context: grpc.aio.ServicerContext) -> int | None:
     return time.perf_counter_ns() + int(remaining * 1e9)
 
 
-class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
     def __init__(
-        self, repository: ModelRepository, dataplane: DataPlane, state: ServerState
+        self,
+        repository: ModelRepository,
+        dataplane: DataPlane,
+        state: ServerState,
+        mode: ControlMode = ControlMode.NONE,
     ) -> None:
         self._repository = repository
         self._dataplane = dataplane
         self._state = state
+        self._mode = mode
 
     # -- health and metadata -----------------------------------------------------------------
 
@@ -95,8 +108,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
         record = self._repository.record(request.name)
-        if request.version and request.version not in record.versions:
-            raise ModelNotFound(f"unknown version '{request.version}' of model '{request.name}'")
+        _check_version(record, request.version)
         spec = record.spec
         if spec is None:
             raise ModelNotFound(f"model '{request.name}' failed to load: {record.reason}")
@@ -110,6 +122,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     for t in spec.inputs],
             outputs=[tensor(name=t.name, datatype=t.datatype.wire, shape=[*batch, *t.dims])
                      for t in spec.outputs],
+            properties=_card(record, request.version),
         )
 
     @mapped
@@ -117,11 +130,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelConfigResponse:
         record = self._repository.record(request.name)
-        if request.version and request.version not in record.versions:
-            raise ModelNotFound(f"unknown version '{request.version}' of model '{request.name}'")
+        _check_version(record, request.version)
         if record.config is None:
             raise ModelNotFound(f"model '{request.name}' failed to load: {record.reason}")
-        return pb.ModelConfigResponse(config=record.config)
+        card = _card(record, request.version)
+        if not card:
+            return pb.ModelConfigResponse(config=record.config)
+        config = type(record.config)()
+        config.CopyFrom(record.config)
+        for key, value in card.items():
+            config.parameters[key].string_value = value
+        return pb.ModelConfigResponse(config=config)
 
     @mapped
     async def ModelStatistics(
@@ -140,6 +159,51 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 for e in self._repository.index(ready_only=request.ready)
             ]
         )
+
+    # -- model control (explicit mode) ---------------------------------------------------------
+
+    def _check_explicit(self, rpc: str) -> None:
+        if self._mode is not ControlMode.EXPLICIT:
+            raise NotAllowed(
+                f"{rpc} needs --model-control-mode explicit; this server runs in "
+                f"'{self._mode.value}' mode"
+            )
+
+    @mapped
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelLoadResponse:
+        self._check_explicit("RepositoryModelLoad")
+        override: str | None = None
+        for key, value in request.parameters.items():
+            if key == "config":
+                override = value.string_param
+            else:
+                raise InvalidInput(
+                    f"load parameter '{key}' is not supported (only 'config', a ModelConfig "
+                    "as JSON)"
+                )
+        try:
+            await self._repository.load_model(request.model_name, config_override=override)
+        except ModelLoadError as exc:
+            raise LoadFailed(str(exc)) from None
+        finally:
+            if request.model_name in self._repository.source.list():
+                self._repository.remember_explicit(
+                    request.model_name, self._repository.is_ready(request.model_name, "")
+                )
+        return pb.RepositoryModelLoadResponse()
+
+    @mapped
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelUnloadResponse:
+        """Unload every version; ``unload_dependents`` is accepted (we serve no ensembles, so a
+        model has no dependents)."""
+        self._check_explicit("RepositoryModelUnload")
+        await self._repository.unload_model(request.model_name)
+        self._repository.remember_explicit(request.model_name, False)
+        return pb.RepositoryModelUnloadResponse()
 
     # -- inference -----------------------------------------------------------------------------
 
@@ -216,3 +280,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             reader.cancel()
             for task in list(tasks):
                 task.cancel()
+
+
+def _check_version(record: ModelRecord, version: str) -> None:
+    if version and version not in record.versions:
+        raise ModelNotFound(f"unknown version '{version}' of model '{record.name}'")
+
+
+def _card(record: ModelRecord, version: str) -> dict[str, str]:
+    """The model card of the requested version, or of the version an empty request gets."""
+    chosen = version or (record.ready_order[0] if record.ready_order else "")
+    entry = record.versions.get(chosen)
+    if entry is None or entry.served is None:
+        return {}
+    return dict(entry.served.card)

@@ -48,7 +48,9 @@ def model_statistics(
         record = repository.record(name)
         if version and version not in record.versions:
             raise ModelNotFound(f"unknown version '{version}' of model '{name}'")
-        served = [s for s in served if s.spec.name == name and (not version or s.version == version)]
+        served = [
+            s for s in served if s.spec.name == name and (not version or s.version == version)
+        ]
     return pb.ModelStatisticsResponse(
         model_stats=[
             version_statistics(s.spec.name, s.version, s.metrics.stats)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from prometheus_client import (
     CollectorRegistry,
+    Counter,
     Gauge,
     Histogram,
     PlatformCollector,
@@ -67,6 +68,11 @@ class MetricsRegistry:
             "peregrine_model_ready", "1 when the model version is ready to serve.",
             LABELS, registry=self.registry,
         )
+        self._load_failures = Counter(
+            "peregrine_model_load_failures",
+            "Failed loads or warm-ups of a model version (version empty: the config failed).",
+            LABELS, registry=self.registry,
+        )
         self.registry.register(_StatsCollector(self._snapshot))
 
     def version(self, model: str, version: str) -> VersionMetrics:
@@ -85,6 +91,9 @@ class MetricsRegistry:
 
     def set_ready(self, model: str, version: str, ready: bool) -> None:
         self._ready.labels(model, version).set(1 if ready else 0)
+
+    def load_failed(self, model: str, version: str) -> None:
+        self._load_failures.labels(model, version).inc()
 
     def _snapshot(self) -> list[tuple[str, str, VersionStats]]:
         return [(m, v, vm.stats) for (m, v), vm in list(self._versions.items())]

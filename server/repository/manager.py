@@ -1,20 +1,31 @@
-"""Loads the repository's models and serves them to the dataplane (the ModelCatalog)."""
+"""Loads, swaps and unloads model versions, and serves them to the dataplane (ModelCatalog).
+
+Every change follows one path: plan (parse config, pick versions) -> load the new versions
+beside the serving ones -> warm up -> switch the pointers -> drain the replaced versions ->
+unload them. A failed load or warm-up leaves what was serving in place.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import hashlib
 import logging
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from google.protobuf import json_format
+
 from server._pb import model_config_pb2 as mc
 from server.errors import ModelLoadError, ModelNotFound, ModelNotReady
 from server.interfaces import Backend, BackendFactory, Packer
 from server.metrics import MetricsRegistry, VersionMetrics
 from server.repository import config as config_io
+from server.repository.cards import read_card
+from server.repository.source import FilesystemSource
+from server.repository.state import StateFile
 from server.repository.versions import select_versions
 from server.repository.warmup import warmup_inputs
 from server.scheduler.batcher import DynamicBatcher
@@ -30,6 +41,12 @@ class ModelState(enum.Enum):
     UNAVAILABLE = "UNAVAILABLE"
 
 
+class ControlMode(enum.Enum):
+    NONE = "none"
+    POLL = "poll"
+    EXPLICIT = "explicit"
+
+
 @dataclass(slots=True)
 class ServedVersion:
     """A ready model version: what ModelCatalog.get returns."""
@@ -39,6 +56,7 @@ class ServedVersion:
     scheduler: DynamicBatcher
     metrics: VersionMetrics
     description: str
+    card: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -59,6 +77,9 @@ class ModelRecord:
     versions: dict[str, VersionEntry] = field(default_factory=dict)
     #: Ready versions, highest first: what an empty version request gets.
     ready_order: list[str] = field(default_factory=list)
+    config_fingerprint: str = ""
+    version_fingerprints: dict[str, str] = field(default_factory=dict)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,10 +90,21 @@ class IndexEntry:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class LoadPlan:
+    config: mc.ModelConfig
+    spec: ModelSpec
+    versions: tuple[str, ...]
+    config_fingerprint: str
+    version_fingerprints: Mapping[str, str]
+    cards: Mapping[str, Mapping[str, str]]
+
+
 class ModelRepository:
     """The repository manager (write side) and the catalog (read side) in one object.
 
-    The read side (``get``) is called on the event loop for every request and only reads dicts.
+    The read side (``get``) runs on the event loop for every request and only reads dicts;
+    every write happens on the loop too, so a request sees either the old pointer or the new.
     """
 
     def __init__(
@@ -82,13 +114,21 @@ class ModelRepository:
         packer: Packer,
         metrics: MetricsRegistry,
         load_threads: int = 4,
+        state_file: Path | None = None,
+        drain_timeout: float = 30.0,
     ) -> None:
         self.root = root
+        self.source = FilesystemSource(root)
         self._backends = backends
         self._packer = packer
         self._metrics = metrics
         self._models: dict[str, ModelRecord] = {}
         self._loader = ThreadPoolExecutor(max_workers=load_threads, thread_name_prefix="load")
+        self._state_file = StateFile(state_file)
+        self._state = self._state_file.load()
+        self._drain_timeout = drain_timeout
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._source_fingerprints: dict[str, str] = {}
 
     # -- read side ---------------------------------------------------------------------------
 
@@ -121,7 +161,8 @@ class ModelRepository:
         return True
 
     def all_ready(self) -> bool:
-        return all(record.state is ModelState.READY for record in self._models.values())
+        return all(record.state is ModelState.READY for record in self._models.values()
+                   if record.reason != "unloaded")
 
     def record(self, name: str) -> ModelRecord:
         record = self._models.get(name)
@@ -150,63 +191,271 @@ class ModelRepository:
                 if ready_only and entry.state is not ModelState.READY:
                     continue
                 entries.append(IndexEntry(name, version, entry.state.value, entry.reason))
+        if not ready_only:
+            known = set(self._models)
+            entries.extend(
+                IndexEntry(name, "", ModelState.UNAVAILABLE.value, "not loaded")
+                for name in self.source.list() if name not in known
+            )
+            entries.sort(key=lambda e: (e.name, int(e.version) if e.version else -1))
         return entries
 
     # -- write side --------------------------------------------------------------------------
 
-    def discover(self) -> list[str]:
-        if not self.root.is_dir():
-            raise ModelLoadError(f"model repository '{self.root}' is not a directory")
-        return sorted(
-            p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")
-        )
-
-    async def load_all(self) -> None:
-        names = self.discover()
-        for name in names:
-            self._models[name] = ModelRecord(name=name, state=ModelState.LOADING)
-        await asyncio.gather(*(self._load_model(name) for name in names))
-
-    async def _load_model(self, name: str) -> None:
-        record = self._models[name]
-        model_dir = self.root / name
-        loop = asyncio.get_running_loop()
-        try:
-            config, spec, versions = await loop.run_in_executor(
-                self._loader, self._prepare, model_dir
-            )
-        except ModelLoadError as exc:
-            self._mark_failed(record, str(exc))
-            return
-        record.config = config_io.completed_config(config, spec)
-        record.spec = spec
-        for version in versions:
-            record.versions[str(version)] = VersionEntry(str(version), ModelState.LOADING)
-        await asyncio.gather(
-            *(self._load_version(record, spec, str(v)) for v in versions)
-        )
-        ready = [v for v, e in record.versions.items() if e.state is ModelState.READY]
-        record.ready_order = sorted(ready, key=int, reverse=True)
-        if ready:
-            record.state = ModelState.READY
-            record.reason = ""
+    async def start(self, mode: ControlMode, load_models: tuple[str, ...] = ()) -> None:
+        """Load what the control mode says to load at start (and what the state file says)."""
+        if mode is ControlMode.EXPLICIT:
+            wanted = set(load_models) | self._state.explicit_models
+            if "*" in wanted:
+                wanted = set(self.source.list())
         else:
-            record.state = ModelState.UNAVAILABLE
-            record.reason = "no version could be loaded"
+            if not self.root.is_dir():
+                raise ModelLoadError(f"model repository '{self.root}' is not a directory")
+            wanted = set(self.source.list())
+        await asyncio.gather(*(self._load_at_start(name) for name in sorted(wanted)))
+        if mode is ControlMode.EXPLICIT:
+            self._state.explicit_models = {n for n in wanted if n in self._models}
+            self._save_state()
 
-    def _prepare(self, model_dir: Path) -> tuple[mc.ModelConfig, ModelSpec, list[int]]:
+    async def _load_at_start(self, name: str) -> None:
+        self._source_fingerprints[name] = await asyncio.to_thread(self.source.fingerprint, name)
+        try:
+            await self.load_model(name)
+            return
+        except (ModelLoadError, ModelNotFound):
+            pass
+        fallback = tuple(str(v) for v in self._state.last_good.get(name, []))
+        if fallback:
+            log.warning("falling back to the last versions that served well",
+                        extra={"model": name, "versions": ",".join(fallback)})
+            try:
+                await self.load_model(name, versions=fallback)
+            except (ModelLoadError, ModelNotFound):
+                return
+
+    async def load_model(
+        self,
+        name: str,
+        config_override: str | None = None,
+        versions: tuple[str, ...] | None = None,
+    ) -> None:
+        """Load or reload one model without dropping requests. Raises ModelLoadError when no
+        version of the model is ready afterwards (an older one may still be serving)."""
+        model_dir = self.source.fetch(name)
+        record = self._models.get(name)
+        if record is None:
+            record = self._models[name] = ModelRecord(name=name, state=ModelState.LOADING)
+        async with record.lock:
+            retired = await self._reconcile(record, model_dir, config_override, versions)
+        for served in retired:
+            self._retire_later(served)
+        if record.state is not ModelState.READY:
+            raise ModelLoadError(f"failed to load '{name}': {record.reason}")
+        if record.reason:
+            raise ModelLoadError(f"model '{name}' kept its serving versions: {record.reason}")
+
+    async def unload_model(self, name: str, forget: bool = False) -> None:
+        """Stop routing to every version of ``name``, let them finish, then unload them."""
+        record = self.record(name)
+        async with record.lock:
+            retired = [e.served for e in record.versions.values() if e.served is not None]
+            for entry in record.versions.values():
+                entry.state = ModelState.UNLOADING
+            record.ready_order = []
+            record.state = ModelState.UNAVAILABLE
+            record.reason = "unloaded"
+            await asyncio.gather(*(self._retire(s) for s in retired))
+            record.versions.clear()
+            record.config_fingerprint = ""
+            record.version_fingerprints.clear()
+        if forget:
+            self._models.pop(name, None)
+            self._state.last_good.pop(name, None)
+        self._save_state()
+
+    def remember_explicit(self, name: str, loaded: bool) -> None:
+        if loaded:
+            self._state.explicit_models.add(name)
+        else:
+            self._state.explicit_models.discard(name)
+        self._save_state()
+
+    async def poll_once(self) -> None:
+        """Apply what changed on disk: new, changed and removed models and versions."""
+        on_disk = set(self.source.list())
+        for name in sorted(set(self._models) - on_disk):
+            log.info("model removed from the repository", extra={"model": name})
+            await self.unload_model(name, forget=True)
+            self._source_fingerprints.pop(name, None)
+        for name in sorted(on_disk):
+            fingerprint = await asyncio.to_thread(self.source.fingerprint, name)
+            if fingerprint == self._source_fingerprints.get(name):
+                continue
+            self._source_fingerprints[name] = fingerprint
+            try:
+                await self.load_model(name)
+            except (ModelLoadError, ModelNotFound) as exc:
+                log.warning("repository change not applied",
+                            extra={"model": name, "reason": str(exc)})
+
+    async def poll_forever(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.poll_once()
+            except Exception as exc:  # the poller must survive a bad scan
+                log.error("repository poll failed", extra={"error": repr(exc)}, exc_info=exc)
+
+    # -- planning and loading -----------------------------------------------------------------
+
+    def _plan(
+        self, model_dir: Path, config_override: str | None, versions: tuple[str, ...] | None
+    ) -> LoadPlan:
         """Blocking: parse and validate the config, pick versions, auto-complete the spec."""
-        config = config_io.read_config(model_dir)
+        if config_override is not None:
+            config = mc.ModelConfig()
+            try:
+                json_format.Parse(config_override, config)
+            except json_format.ParseError as exc:
+                raise ModelLoadError(f"config override is not a valid ModelConfig: {exc}") \
+                    from None
+            config_text = config_override
+        else:
+            config = config_io.read_config(model_dir)
+            config_text = str(config)
         spec = config_io.to_spec(config, model_dir)
         on_disk = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
         if not on_disk:
             raise ModelLoadError(f"model '{spec.name}' has no numeric version directory")
-        versions = select_versions(config.version_policy, on_disk)
+        if versions is not None:
+            chosen = sorted(int(v) for v in versions if int(v) in on_disk)
+            if not chosen:
+                raise ModelLoadError(f"versions {list(versions)} are no longer on disk")
+        else:
+            chosen = select_versions(config.version_policy, on_disk)
         factory = self._factory(spec)
-        spec = factory.complete_spec(spec, str(model_dir / str(versions[-1])))
+        spec = factory.complete_spec(spec, str(model_dir / str(chosen[-1])))
         if not spec.inputs or not spec.outputs:
             raise ModelLoadError(f"model '{spec.name}' declares no inputs or no outputs")
-        return config, spec, versions
+        fingerprints = {str(v): _version_fingerprint(model_dir / str(v)) for v in chosen}
+        cards: dict[str, Mapping[str, str]] = {}
+        for v in chosen:
+            try:
+                cards[str(v)] = read_card(model_dir / str(v))
+            except ModelLoadError as exc:
+                cards[str(v)] = {"__error__": str(exc)}
+        return LoadPlan(
+            config=config,
+            spec=spec,
+            versions=tuple(str(v) for v in chosen),
+            config_fingerprint=hashlib.sha256(config_text.encode()).hexdigest(),
+            version_fingerprints=fingerprints,
+            cards=cards,
+        )
+
+    async def _reconcile(
+        self,
+        record: ModelRecord,
+        model_dir: Path,
+        config_override: str | None,
+        versions: tuple[str, ...] | None,
+    ) -> list[ServedVersion]:
+        """Bring one model in line with its plan; returns the versions to retire."""
+        loop = asyncio.get_running_loop()
+        try:
+            plan = await loop.run_in_executor(
+                self._loader, self._plan, model_dir, config_override, versions
+            )
+        except ModelLoadError as exc:
+            self._load_failed(record, "", str(exc))
+            if not record.ready_order:
+                record.state = ModelState.UNAVAILABLE
+            record.reason = str(exc)
+            return []
+
+        config_changed = plan.config_fingerprint != record.config_fingerprint
+        to_load = [
+            v for v in plan.versions
+            if config_changed
+            or v not in record.versions
+            or record.versions[v].state is not ModelState.READY
+            or record.version_fingerprints.get(v) != plan.version_fingerprints[v]
+        ]
+        for version in to_load:
+            record.versions.setdefault(version, VersionEntry(version, ModelState.LOADING))
+        results = await asyncio.gather(
+            *(self._build_version(record.name, plan, v, model_dir / v) for v in to_load),
+            return_exceptions=True,
+        )
+        retired: list[ServedVersion] = []
+        failures: list[str] = []
+        for version, result in zip(to_load, results, strict=True):
+            entry = record.versions[version]
+            if isinstance(result, ServedVersion):
+                if entry.served is not None:
+                    retired.append(entry.served)
+                entry.served = result
+                entry.state = ModelState.READY
+                entry.reason = ""
+                record.version_fingerprints[version] = plan.version_fingerprints[version]
+                self._metrics.set_ready(record.name, version, True)
+                log.info("model version ready", extra={
+                    "model": record.name, "version": version,
+                    "instances": result.spec.instance_count, "runtime": result.description,
+                })
+            else:
+                reason = str(result)
+                failures.append(f"version {version}: {reason}")
+                self._load_failed(record, version, reason)
+                if entry.served is not None:
+                    entry.reason = f"reload failed, the previous load keeps serving: {reason}"
+                else:
+                    entry.state = ModelState.UNAVAILABLE
+                    entry.reason = reason
+
+        desired = set(plan.versions)
+        if any(record.versions[v].state is ModelState.READY for v in desired):
+            for version in [v for v in record.versions if v not in desired]:
+                entry = record.versions.pop(version)
+                record.version_fingerprints.pop(version, None)
+                if entry.served is not None:
+                    retired.append(entry.served)
+            record.config = config_io.completed_config(plan.config, plan.spec)
+            record.spec = plan.spec
+            record.config_fingerprint = plan.config_fingerprint
+            self._state.last_good[record.name] = sorted(
+                int(v) for v in desired if record.versions[v].state is ModelState.READY
+            )
+            self._save_state()
+        elif record.spec is None:
+            record.spec = plan.spec
+            record.config = config_io.completed_config(plan.config, plan.spec)
+        record.ready_order = sorted(
+            (v for v, e in record.versions.items() if e.state is ModelState.READY),
+            key=int, reverse=True,
+        )
+        record.state = ModelState.READY if record.ready_order else ModelState.UNAVAILABLE
+        record.reason = "; ".join(failures)
+        if not record.ready_order and not failures:
+            record.reason = "no version could be loaded"
+        return retired
+
+    async def _build_version(
+        self, name: str, plan: LoadPlan, version: str, version_dir: Path
+    ) -> ServedVersion:
+        card = plan.cards.get(version, {})
+        if "__error__" in card:
+            raise ModelLoadError(card["__error__"])
+        loop = asyncio.get_running_loop()
+        instances = await loop.run_in_executor(
+            self._loader, self._instantiate, plan.spec, version_dir
+        )
+        metrics = self._metrics.version(name, version)
+        scheduler = DynamicBatcher(plan.spec, version, instances, self._packer, metrics)
+        return ServedVersion(
+            spec=plan.spec, version=version, scheduler=scheduler, metrics=metrics,
+            description=instances[0].description, card=card,
+        )
 
     def _factory(self, spec: ModelSpec) -> BackendFactory:
         factory = self._backends.get(spec.backend)
@@ -216,35 +465,6 @@ class ModelRepository:
                 f"installed: {sorted(self._backends)}"
             )
         return factory
-
-    async def _load_version(self, record: ModelRecord, spec: ModelSpec, version: str) -> None:
-        entry = record.versions[version]
-        version_dir = self.root / record.name / version
-        loop = asyncio.get_running_loop()
-        try:
-            instances = await loop.run_in_executor(
-                self._loader, self._instantiate, spec, version_dir
-            )
-        except ModelLoadError as exc:
-            entry.state = ModelState.UNAVAILABLE
-            entry.reason = str(exc)
-            log.error("model version failed to load",
-                      extra={"model": record.name, "version": version, "reason": str(exc)})
-            self._metrics.set_ready(record.name, version, False)
-            return
-        metrics = self._metrics.version(record.name, version)
-        scheduler = DynamicBatcher(spec, version, instances, self._packer, metrics)
-        entry.served = ServedVersion(
-            spec=spec, version=version, scheduler=scheduler, metrics=metrics,
-            description=instances[0].description,
-        )
-        entry.state = ModelState.READY
-        entry.reason = ""
-        self._metrics.set_ready(record.name, version, True)
-        log.info("model version ready", extra={
-            "model": record.name, "version": version, "instances": len(instances),
-            "runtime": instances[0].description,
-        })
 
     def _instantiate(self, spec: ModelSpec, version_dir: Path) -> list[Backend]:
         """Blocking: load every instance of one version and run its warm-up."""
@@ -268,16 +488,35 @@ class ModelRepository:
             raise ModelLoadError(f"warm-up failed: {exc}") from exc
         return instances
 
-    def _mark_failed(self, record: ModelRecord, reason: str) -> None:
-        record.state = ModelState.UNAVAILABLE
-        record.reason = reason
-        log.error("model failed to load", extra={"model": record.name, "reason": reason})
+    def _load_failed(self, record: ModelRecord, version: str, reason: str) -> None:
+        self._metrics.load_failed(record.name, version)
+        log.error("model failed to load",
+                  extra={"model": record.name, "version": version, "reason": reason})
+
+    # -- retiring ------------------------------------------------------------------------------
+
+    def _retire_later(self, served: ServedVersion) -> None:
+        task = asyncio.get_running_loop().create_task(self._retire(served))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _retire(self, served: ServedVersion) -> None:
+        """Drain a replaced version (it takes no new requests) and unload it."""
+        name, version = served.spec.name, served.version
+        if not self.is_ready(name, version):
+            self._metrics.set_ready(name, version, False)
+        finished = await served.scheduler.drain(self._drain_timeout)
+        await served.scheduler.close()
+        log.info("model version unloaded", extra={
+            "model": name, "version": version, "drained": finished,
+        })
 
     async def close(self, grace: float) -> None:
         """Drain every version (up to ``grace`` seconds), then unload it."""
         served = self.served_versions()
         await asyncio.gather(*(s.scheduler.drain(grace) for s in served))
         await asyncio.gather(*(s.scheduler.close() for s in served))
+        await asyncio.gather(*self._retiring, return_exceptions=True)
         for record in self._models.values():
             for entry in record.versions.values():
                 entry.served = None
@@ -285,3 +524,18 @@ class ModelRepository:
                 entry.reason = "server shutting down"
             record.ready_order = []
         self._loader.shutdown(wait=False)
+
+    def _save_state(self) -> None:
+        self._state_file.save(self._state)
+
+
+def _version_fingerprint(version_dir: Path) -> str:
+    digest = hashlib.sha256()
+    try:
+        for path in sorted(version_dir.rglob("*")):
+            if path.is_file():
+                stat = path.stat()
+                digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    except OSError:
+        pass
+    return digest.hexdigest()

@@ -66,6 +66,7 @@ class DynamicBatcher:
         self._output_types = {t.name: t.datatype for t in spec.outputs}
         self._running = 0
         self._accepting = True
+        self._closed = False
         self._wake = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
         self._idle_event = asyncio.Event()
@@ -118,12 +119,19 @@ class DynamicBatcher:
         return True
 
     async def close(self) -> None:
+        if self._closed:
+            return  # idempotent: instances are closed exactly once (the Backend contract)
+        self._closed = True
         self._accepting = False
         for entry in self._queue.drain_all():
             _fail(entry, ModelNotReady(f"model '{self._spec.name}' was unloaded"))
         self._stats.pending = 0
         self._dispatcher.cancel()
         await asyncio.gather(self._dispatcher, return_exceptions=True)
+        # Joining the worker threads and freeing the sessions can block: keep it off the loop.
+        await asyncio.to_thread(self._release)
+
+    def _release(self) -> None:
         self._pool.shutdown(wait=True)
         for instance in self._instances:
             instance.close()
@@ -241,6 +249,16 @@ class DynamicBatcher:
                 per_request, timings = await loop.run_in_executor(
                     self._pool, self._execute, self._instances[instance], requests, rows
                 )
+            except InvalidInput as exc:
+                if len(entries) == 1:
+                    _fail_all(entries, exc)
+                    return
+                # The backend refused one request's data (BYTES that are not UTF-8, say): run
+                # the batch's requests one by one so that only the offending ones fail.
+                for entry in entries:
+                    if not entry.future.done():
+                        await self._run_alone(instance, entry)
+                return
             except PeregrineError as exc:
                 _fail_all(entries, exc)
                 return
@@ -267,6 +285,26 @@ class DynamicBatcher:
             self._idle.append(instance)
             self._wake.set()
             self._check_idle()
+
+    async def _run_alone(self, instance: int, entry: PendingRequest) -> None:
+        """Run one request as a batch of its own and resolve its waiter."""
+        loop = asyncio.get_running_loop()
+        try:
+            [outputs], (input_ns, infer_ns, output_ns) = await loop.run_in_executor(
+                self._pool, self._execute, self._instances[instance], [entry.request],
+                [entry.rows],
+            )
+        except PeregrineError as exc:
+            _fail(entry, exc)
+            return
+        except Exception as exc:
+            _fail(entry, BackendError(f"backend failed: {exc}"))
+            return
+        self._stats.record_batch(entry.rows, 1, input_ns, infer_ns, output_ns)
+        self._metrics.batch_size.observe(entry.rows)
+        self._metrics.compute_seconds.observe((input_ns + infer_ns + output_ns) / 1e9)
+        if not entry.future.done():
+            entry.future.set_result(self._response(entry.request, outputs))
 
     def _execute(
         self, backend: Backend, requests: list[InferRequest], rows: list[int]

@@ -1,0 +1,64 @@
+"""CPU time: our own (getrusage) and another process tree's (/proc), without psutil."""
+
+from __future__ import annotations
+
+import os
+import resource
+from pathlib import Path
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def self_cpu_s() -> float:
+    """User + system CPU seconds of this process, all its threads included."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _stat_cpu_s(pid: int) -> float:
+    text = Path(f"/proc/{pid}/stat").read_text()
+    # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
+    fields = text[text.rindex(")") + 2:].split()
+    utime, stime = int(fields[11]), int(fields[12])
+    return (utime + stime) / _TICKS
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            text = (task / "children").read_text().split()
+            found.extend(int(child) for child in text)
+    except OSError:
+        return found
+    return found
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (worker processes of a multi-process server)."""
+    tree, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        tree.append(current)
+        pending.extend(_children(current))
+    return tree
+
+
+def tree_cpu_s(pid: int) -> float | None:
+    """CPU seconds of ``pid`` and its live descendants; None when ``pid`` is gone."""
+    total = 0.0
+    for member in process_tree(pid):
+        try:
+            total += _stat_cpu_s(member)
+        except (OSError, ValueError, IndexError):
+            if member == pid:
+                return None
+    return total
+
+
+def affinity_of(pid: int) -> list[int] | None:
+    """The CPUs ``pid`` may run on (0 = this process), or None when it cannot be read."""
+    try:
+        return sorted(os.sched_getaffinity(pid))
+    except OSError:
+        return None

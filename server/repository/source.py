@@ -1,0 +1,67 @@
+"""Model sources: where model directories come from (the filesystem is the embedded default)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from server.errors import ModelNotFound
+from server.repository.cards import CARD_FILE
+from server.repository.config import CONFIG_FILE
+
+
+class FilesystemSource:
+    """A Triton-layout directory. Publishing a version atomically: write it under a name that
+    starts with '.' (ignored) and rename it into place.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def list(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            entry.name for entry in self.root.iterdir()
+            if entry.is_dir() and not entry.name.startswith(".")
+        )
+
+    def fetch(self, name: str) -> Path:
+        path = self.root / name
+        if not path.is_dir():
+            raise ModelNotFound(f"model '{name}' is not in repository '{self.root}'")
+        return path
+
+    def fingerprint(self, name: str) -> str:
+        """Changes whenever the config, a version directory, a model file or a card changes."""
+        digest = hashlib.sha256()
+        model_dir = self.root / name
+        for path in sorted(_watched_files(model_dir)):
+            try:
+                stat = path.stat()
+            except OSError:
+                continue
+            digest.update(f"{path.relative_to(model_dir)}:{stat.st_size}:{stat.st_mtime_ns};"
+                          .encode())
+        return digest.hexdigest()
+
+
+def _watched_files(model_dir: Path) -> list[Path]:
+    files = [model_dir / CONFIG_FILE]
+    try:
+        entries = list(os.scandir(model_dir))
+    except OSError:
+        return files
+    for entry in entries:
+        if entry.is_dir() and entry.name.isdigit():
+            version_dir = Path(entry.path)
+            files.append(version_dir)
+            try:
+                files.extend(
+                    version_dir / child.name for child in os.scandir(version_dir)
+                    if child.is_file() or child.name == CARD_FILE
+                )
+            except OSError:
+                continue
+    return files

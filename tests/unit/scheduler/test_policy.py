@@ -1,0 +1,290 @@
+"""server.scheduler.policy.decide: batch formation as a pure function of the queue front."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable, Iterator, Sequence
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from server.scheduler.policy import WAIT_FOR_ARRIVALS, Decision, decide
+
+A = ("INPUT0", (16,))
+B = ("INPUT0", (32,))
+MS = 1_000_000
+
+
+def run(
+    front: Sequence[tuple[int, Hashable]],
+    *,
+    batching: bool = True,
+    max_batch_size: int = 8,
+    preferred: Iterable[int] = (),
+    delay_ns: int = 0,
+    oldest_ns: int = 1_000 * MS,
+    now_ns: int = 1_000 * MS,
+) -> Decision:
+    return decide(
+        iter(front),
+        oldest_enqueue_ns=oldest_ns,
+        now_ns=now_ns,
+        batching=batching,
+        max_batch_size=max_batch_size,
+        preferred_sizes=frozenset(preferred),
+        max_delay_ns=delay_ns,
+    )
+
+
+# -- empty front -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batching", [True, False])
+@pytest.mark.parametrize("delay_ns", [0, 100 * MS])
+def test_empty_front_waits_for_arrivals_without_a_timer(batching: bool, delay_ns: int) -> None:
+    decision = run([], batching=batching, delay_ns=delay_ns, preferred=(4,))
+    assert decision == WAIT_FOR_ARRIVALS
+    assert decision.take == 0
+    assert decision.wait_until_ns is None
+
+
+# -- no batching -------------------------------------------------------------------------------
+
+
+def test_no_batching_takes_exactly_one_request() -> None:
+    assert run([(1, A), (1, A), (1, A)], batching=False) == Decision(take=1)
+
+
+def test_no_batching_ignores_delay_preferred_sizes_and_rows() -> None:
+    # A non-batching model (max_batch_size 0) dispatches one request at once, whatever the
+    # delay, the preferred sizes or the (meaningless) row count say.
+    decision = run(
+        [(5, A), (1, B)], batching=False, max_batch_size=0, preferred=(2,), delay_ns=10**9,
+        oldest_ns=0, now_ns=1,
+    )
+    assert decision == Decision(take=1)
+
+
+def test_no_batching_consumes_only_the_first_item_of_the_front() -> None:
+    consumed: list[int] = []
+
+    def front() -> Iterator[tuple[int, Hashable]]:
+        for i in range(5):
+            consumed.append(i)
+            yield (1, A)
+
+    decide(front(), oldest_enqueue_ns=0, now_ns=0, batching=False, max_batch_size=8,
+           preferred_sizes=frozenset(), max_delay_ns=0)
+    assert consumed == [0]
+
+
+# -- eager batching (no delay) -------------------------------------------------------------------
+
+
+def test_eager_takes_everything_queued_when_it_fits() -> None:
+    assert run([(1, A), (2, A), (1, A)]) == Decision(take=3)
+
+
+def test_single_request_goes_at_once_without_delay() -> None:
+    assert run([(1, A)]) == Decision(take=1)
+
+
+def test_fill_to_max_exactly_then_cut() -> None:
+    # 3 + 5 = 8 rows = max: the batch closes and the rest waits for the next one.
+    assert run([(3, A), (5, A), (1, A), (1, A)]) == Decision(take=2)
+
+
+def test_rows_count_not_requests() -> None:
+    # Four requests of 2 rows fill a max of 8; a fifth request does not join.
+    assert run([(2, A)] * 5) == Decision(take=4)
+    # Eight requests of 1 row fill the same batch.
+    assert run([(1, A)] * 9) == Decision(take=8)
+
+
+def test_next_request_that_does_not_fit_cuts_the_batch() -> None:
+    # 5 + 4 > 8: the second request waits even though a later small one would fit.
+    assert run([(5, A), (4, A), (1, A)]) == Decision(take=1)
+
+
+def test_shape_change_cuts_the_batch() -> None:
+    assert run([(1, A), (1, A), (1, B), (1, A)]) == Decision(take=2)
+
+
+def test_shape_change_at_the_second_request() -> None:
+    assert run([(1, A), (1, B)]) == Decision(take=1)
+
+
+def test_first_request_alone_when_it_fills_max() -> None:
+    assert run([(8, A), (1, A)]) == Decision(take=1)
+
+
+def test_eager_ignores_preferred_sizes_without_delay() -> None:
+    # Triton: with no queue delay, preferred sizes do not hold a batch back or cut it.
+    assert run([(1, A)] * 3, preferred=(2, 4)) == Decision(take=3)
+    assert run([(1, A)] * 5, preferred=(2, 4)) == Decision(take=5)
+
+
+def test_signatures_compare_by_value() -> None:
+    front = [(1, ("INPUT0", (16,))), (1, ("INPUT0", (16,))), (1, ("INPUT0", (17,)))]
+    assert run(front) == Decision(take=2)
+
+
+# -- with a queue delay --------------------------------------------------------------------------
+
+
+def test_delay_not_elapsed_waits_until_oldest_plus_delay() -> None:
+    decision = run([(1, A)], delay_ns=100 * MS, oldest_ns=5_000 * MS, now_ns=5_030 * MS)
+    assert decision.take == 0
+    assert decision.wait_until_ns == 5_100 * MS
+
+
+def test_delay_wait_until_is_from_the_oldest_not_from_now() -> None:
+    a = run([(1, A), (1, A)], delay_ns=100 * MS, oldest_ns=1_000 * MS, now_ns=1_001 * MS)
+    b = run([(1, A), (1, A)], delay_ns=100 * MS, oldest_ns=1_000 * MS, now_ns=1_099 * MS)
+    assert a == b == Decision(take=0, wait_until_ns=1_100 * MS)
+
+
+def test_delay_elapsed_dispatches_everything_that_fits() -> None:
+    decision = run([(1, A), (2, A)], delay_ns=100 * MS, oldest_ns=1_000 * MS,
+                   now_ns=1_100 * MS)
+    assert decision == Decision(take=2)
+    later = run([(1, A), (2, A)], delay_ns=100 * MS, oldest_ns=1_000 * MS, now_ns=9_000 * MS)
+    assert later == Decision(take=2)
+
+
+def test_delay_one_ns_before_the_deadline_still_waits() -> None:
+    decision = run([(1, A)], delay_ns=100 * MS, oldest_ns=0, now_ns=100 * MS - 1)
+    assert decision == Decision(take=0, wait_until_ns=100 * MS)
+
+
+def test_delay_full_batch_goes_at_once() -> None:
+    decision = run([(4, A), (4, A)], delay_ns=100 * MS, oldest_ns=0, now_ns=1)
+    assert decision == Decision(take=2)
+
+
+def test_delay_batch_cut_by_shape_change_goes_at_once() -> None:
+    decision = run([(1, A), (1, B)], delay_ns=100 * MS, oldest_ns=0, now_ns=1)
+    assert decision == Decision(take=1)
+
+
+def test_delay_batch_cut_by_next_not_fitting_goes_at_once() -> None:
+    decision = run([(6, A), (3, A)], delay_ns=100 * MS, oldest_ns=0, now_ns=1)
+    assert decision == Decision(take=1)
+
+
+def test_delay_preferred_size_reached_goes_at_once() -> None:
+    decision = run([(1, A)] * 4, preferred=(4,), delay_ns=100 * MS, oldest_ns=0, now_ns=1)
+    assert decision == Decision(take=4)
+
+
+def test_delay_preferred_size_not_reached_waits() -> None:
+    decision = run([(1, A)] * 3, preferred=(4,), delay_ns=100 * MS, oldest_ns=0, now_ns=1)
+    assert decision == Decision(take=0, wait_until_ns=100 * MS)
+
+
+def test_delay_takes_the_largest_preferred_size_reached() -> None:
+    # 5 rows queued, preferred {2, 4}: send 4 now, the fifth waits for its own batch.
+    decision = run([(1, A)] * 5, preferred=(2, 4), delay_ns=100 * MS, oldest_ns=0, now_ns=1)
+    assert decision == Decision(take=4)
+    # 3 rows queued: 2 is the largest preferred size that can be formed.
+    decision = run([(1, A)] * 3, preferred=(2, 4), delay_ns=100 * MS, oldest_ns=0, now_ns=1)
+    assert decision == Decision(take=2)
+
+
+def test_delay_preferred_counts_rows() -> None:
+    # Rows 1 + 3 = 4 is the preferred size even though it is only two requests.
+    decision = run([(1, A), (3, A), (1, A)], preferred=(4,), delay_ns=100 * MS, oldest_ns=0,
+                   now_ns=1)
+    assert decision == Decision(take=2)
+    # Rows 3 + 2 skip over 4: no preferred size can be formed, so wait.
+    decision = run([(3, A), (2, A)], preferred=(4,), delay_ns=100 * MS, oldest_ns=0, now_ns=1)
+    assert decision == Decision(take=0, wait_until_ns=100 * MS)
+
+
+def test_delay_preferred_size_only_counts_same_shape() -> None:
+    decision = run([(1, A), (1, A), (1, B), (1, B)], preferred=(4,), delay_ns=100 * MS,
+                   oldest_ns=0, now_ns=1)
+    # The shape change closes the 2-row batch: it goes at once, unpadded to 4.
+    assert decision == Decision(take=2)
+
+
+def test_delay_elapsed_sends_beyond_the_preferred_size() -> None:
+    # Once the delay is over, a batch that never formed a preferred size takes all that fits.
+    decision = run([(3, A), (2, A)], preferred=(4,), delay_ns=100 * MS, oldest_ns=0,
+                   now_ns=100 * MS)
+    assert decision == Decision(take=2)
+
+
+def test_delay_elapsed_with_a_preferred_size_formed_sends_the_preferred_size() -> None:
+    # Current rule: a preferred size that can be formed wins even after the delay ran out
+    # (Triton's code instead sends everything that fits once the delay is exceeded).
+    decision = run([(1, A)] * 3, preferred=(2,), delay_ns=100 * MS, oldest_ns=0,
+                   now_ns=500 * MS)
+    assert decision == Decision(take=2)
+
+
+def test_negative_delay_is_no_delay() -> None:
+    assert run([(1, A)], delay_ns=-5, oldest_ns=0, now_ns=0) == Decision(take=1)
+
+
+# -- properties ------------------------------------------------------------------------------------
+
+SIGNATURES = st.sampled_from([A, B, ("INPUT0", (1, 2)), ()])
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> tuple[list[tuple[int, Hashable]], int, frozenset[int], int,
+                                         int, int, bool]:
+    max_batch = draw(st.integers(1, 16))
+    front = draw(st.lists(st.tuples(st.integers(1, max_batch), SIGNATURES), max_size=12))
+    preferred = draw(st.frozensets(st.integers(1, max_batch), max_size=4))
+    delay = draw(st.sampled_from([0, 1, 1_000, 100 * MS]))
+    oldest = draw(st.integers(0, 10**12))
+    now = oldest + draw(st.integers(0, 200 * MS))
+    batching = draw(st.booleans())
+    return front, max_batch, preferred, delay, oldest, now, batching
+
+
+@settings(max_examples=400, deadline=None)
+@given(scenarios())
+def test_property_decisions_are_consistent(
+    scenario: tuple[list[tuple[int, Hashable]], int, frozenset[int], int, int, int, bool],
+) -> None:
+    front, max_batch, preferred, delay, oldest, now, batching = scenario
+    decision = decide(
+        iter(front), oldest_enqueue_ns=oldest, now_ns=now, batching=batching,
+        max_batch_size=max_batch, preferred_sizes=preferred, max_delay_ns=delay,
+    )
+    assert 0 <= decision.take <= len(front)
+    if not front:
+        assert decision == WAIT_FOR_ARRIVALS
+        return
+    if not batching:
+        assert decision == Decision(take=1)
+        return
+    taken = front[: decision.take]
+    assert sum(rows for rows, _ in taken) <= max_batch
+    assert all(sig == front[0][1] for _, sig in taken)
+    if decision.take == 0:
+        # Only a configured delay that has not yet run out may hold requests back.
+        assert delay > 0
+        assert decision.wait_until_ns == oldest + delay
+        assert now < oldest + delay
+    else:
+        assert decision.wait_until_ns is None
+    total = sum(r for r, _ in taken)
+    if delay > 0 and decision.take and total in preferred:
+        # A preferred size was formed: it goes, and is the largest one that could be formed.
+        running = 0
+        for rows, sig in front[decision.take:]:
+            if sig != front[0][1] or total + running + rows > max_batch:
+                break
+            running += rows
+            assert total + running not in preferred
+    elif delay == 0 or now >= oldest + delay:
+        # Nothing to wait for: the batch is maximal, i.e. the next request (if any) could not
+        # have joined it.
+        assert decision.take >= 1
+        if decision.take < len(front):
+            rows, sig = front[decision.take]
+            assert sig != front[0][1] or total + rows > max_batch
