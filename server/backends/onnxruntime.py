@@ -144,7 +144,7 @@ def choose_providers(
         raise ModelLoadError(
             f"instance_group kind KIND_GPU needs onnxruntime's CUDAExecutionProvider, but this "
             f"installation provides only {available}; install the 'gpu' extra on a CUDA machine "
-            f"or set parameters {{ key: \"allow_cpu_fallback\" value: {{ string_value: \"true\" }} }}"
+            "or set the config parameter allow_cpu_fallback to \"true\""
         )
     device = group.gpus[(instance_index - start) % len(group.gpus)] if group.gpus else 0
     return [("CUDAExecutionProvider", {"device_id": device}), "CPUExecutionProvider"]
