@@ -79,7 +79,9 @@ def serialize_bytes(array: npt.NDArray[Any]) -> bytes:
     return b"".join(parts)
 
 
-def tensor_from_array(name: str, array: npt.NDArray[Any], datatype: str | None = None) -> InputTensor:
+def tensor_from_array(
+    name: str, array: npt.NDArray[Any], datatype: str | None = None
+) -> InputTensor:
     """Convert ``array`` to ``datatype`` (default: its own) and keep its wire bytes."""
     datatype = datatype or datatype_of(array.dtype)
     shape = tuple(int(d) for d in array.shape)

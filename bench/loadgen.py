@@ -38,8 +38,6 @@ from bench.wire import (
 )
 
 UNFINISHED = "UNFINISHED"
-#: The open loop sleeps at most this long between sends, so it notices the window end.
-_MAX_SLEEP_S = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +105,7 @@ def arrivals(rate: float, arrival: str, first_ns: int, seed: int) -> Iterator[in
 class _Tally:
     """Counts and latencies of the window's requests; everything else is warm-up or tail."""
 
-    __slots__ = ("completed", "end_ns", "errors", "last_ns", "latencies", "ok", "progress",
+    __slots__ = ("completed", "end_ns", "ended", "errors", "last_ns", "latencies", "ok", "progress",
                  "progress_slot", "quota", "sent", "start_ns")
 
     def __init__(self, plan: StepPlan, progress: MutableSequence[int], slot: int) -> None:
@@ -115,6 +113,7 @@ class _Tally:
         self.end_ns = (self.start_ns + int(plan.duration_s * 1e9)
                        if plan.duration_s is not None else 2**62)
         self.quota = plan.requests
+        self.ended = asyncio.Event()  # set when request-count mode has issued its quota
         self.sent = self.ok = self.completed = 0
         self.last_ns = 0
         self.errors: dict[str, int] = {}
@@ -133,6 +132,7 @@ class _Tally:
             self.sent += 1
             if self.quota is not None and self.sent >= self.quota:
                 self.end_ns = at_ns + 1  # request-count mode: no more measured requests
+                self.ended.set()
             return True
         return False
 
@@ -181,7 +181,11 @@ class Generator:
             await self._sleep_until(plan.start_at_ns)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(load, timeout=self._deadline_s(plan))
-            cpu_s, window_s = await window
+            tally.ended.set()
+            cpu0, cpu1, end_ns = await window
+            if plan.requests is not None:  # request-count mode: up to the last measured answer
+                cpu1, end_ns = self_cpu_s(), max(end_ns, tally.last_ns)
+        window_s = max(end_ns - tally.start_ns, 1) / 1e9
         if tally.outstanding():
             tally.errors[UNFINISHED] = tally.errors.get(UNFINISHED, 0) + tally.outstanding()
         histogram = LatencyHistogram()
@@ -190,7 +194,7 @@ class Generator:
         lag_histogram.record_many(lag)
         return WorkerResult(
             sent=tally.sent, ok=tally.ok, errors=tally.errors,
-            completed_in_window=tally.completed, window_s=window_s, cpu_s=cpu_s,
+            completed_in_window=tally.completed, window_s=window_s, cpu_s=cpu1 - cpu0,
             histogram=histogram.encode(), send_lag=lag_histogram.encode(),
         )
 
@@ -208,20 +212,14 @@ class Generator:
         if delay > 0:
             await asyncio.sleep(delay)
 
-    async def _window_cpu(self, tally: _Tally) -> tuple[float, float]:
-        """CPU seconds this process spent inside the window, and the window's length."""
+    async def _window_cpu(self, tally: _Tally) -> tuple[float, float, int]:
+        """CPU seconds of this process at the window's start and end, and the end instant."""
         await self._sleep_until(tally.start_ns)
         cpu0 = self_cpu_s()
-        while time.monotonic_ns() < tally.end_ns:
-            await asyncio.sleep(min(0.05, max(0.0, (tally.end_ns - time.monotonic_ns()) / 1e9)))
-        cpu1 = self_cpu_s()
-        end = min(tally.end_ns, time.monotonic_ns())
-        if tally.quota is not None:  # request-count mode ends at the last measured answer
-            while tally.outstanding() > 0 and tally.sent:
-                await asyncio.sleep(0.005)
-            end = max(tally.last_ns, end)
-            cpu1 = self_cpu_s()
-        return cpu1 - cpu0, max(end - tally.start_ns, 1) / 1e9
+        remaining = (tally.end_ns - time.monotonic_ns()) / 1e9 if tally.quota is None else None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(tally.ended.wait(), timeout=remaining)
+        return cpu0, self_cpu_s(), min(tally.end_ns, time.monotonic_ns())
 
     @staticmethod
     def _schedule(plan: StepPlan, tally: _Tally) -> Iterator[int]:
@@ -276,14 +274,8 @@ class Generator:
         for scheduled in self._schedule(plan, tally):
             if not tally.may_issue(scheduled):
                 break
-            delay = (scheduled - now()) / 1e9
-            if delay > 0:
-                # Past the window end: stop without waiting for an arrival that won't count.
-                await asyncio.sleep(min(delay, _MAX_SLEEP_S))
-                if not tally.may_issue(now()) and now() >= tally.end_ns:
-                    break
-                while (scheduled - now()) > 0:
-                    await asyncio.sleep(min((scheduled - now()) / 1e9, _MAX_SLEEP_S))
+            if (delay := (scheduled - now()) / 1e9) > 0:
+                await asyncio.sleep(delay)
             while len(inflight) >= plan.concurrency:
                 room.clear()
                 await room.wait()
@@ -306,83 +298,96 @@ class Generator:
         schedule: Iterator[int] | None,
         lag: list[int],
     ) -> None:
-        """One ModelStreamInfer stream, reopened if the server ends it inside the step.
+        """ModelStreamInfer on one stream, reopened if the server ends it inside the step.
 
         Closed loop (``schedule`` None): ``concurrency`` requests in flight, each answer sends
-        the next. Open loop: a sender writes at the scheduled instants. Answers are matched by
-        request id, or in order when the server does not echo ids.
+        the next. Open loop: a sender task writes at the scheduled instants.
         """
         open_stream = stream_callable(channel)
-        payload = self._target.payload
-        now = time.monotonic_ns
         ids = itertools.count()
-        while tally.may_issue(now()):
-            call = open_stream(timeout=None)
-            pending: dict[str, tuple[int, bool]] = {}
-            room = asyncio.Event()
-
-            async def send(at_ns: int, call: Any = call, pending: Any = pending) -> None:
-                rid = str(next(ids))
-                pending[rid] = (at_ns, tally.issued(at_ns))
-                await call.write(payload + id_suffix(rid))
-
-            async def sender(call: Any = call, pending: Any = pending, room: Any = room) -> None:
-                assert schedule is not None
-                for scheduled in schedule:
-                    if not tally.may_issue(scheduled):
-                        break
-                    while (delay := (scheduled - now()) / 1e9) > 0:
-                        await asyncio.sleep(min(delay, _MAX_SLEEP_S))
-                    while len(pending) >= plan.concurrency:
-                        room.clear()
-                        await room.wait()
-                    await send(scheduled)
-                    if pending[str(next_id_peek(pending))][1]:
-                        lag.append(now() - scheduled)
-                await call.done_writing()
-
-            writer: asyncio.Task[None] | None = None
-            try:
-                if schedule is None:
-                    for _ in range(plan.concurrency):
-                        if tally.may_issue(now()):
-                            await send(now())
-                    if not pending:
-                        await call.done_writing()
-                else:
-                    writer = asyncio.get_running_loop().create_task(sender())
-                while True:
-                    data = await call.read()
-                    if data is grpc.aio.EOF:
-                        break
-                    rid, error = parse_stream_response(data)
-                    entry = pending.pop(rid, None)
-                    if entry is None and pending:  # no id echoed: answers come in order
-                        entry = pending.pop(next(iter(pending)))
-                    if entry is None:
-                        continue
-                    room.set()
-                    tally.done(entry[1], entry[0], now(),
-                               error_code_of_message(error) if error else None)
-                    if schedule is None:
-                        if tally.may_issue(now()):
-                            await send(now())
-                        elif not pending:
-                            await call.done_writing()
-                if writer is not None:
-                    await writer
+        while tally.may_issue(time.monotonic_ns()):
+            stream = _Stream(open_stream(), self._target.payload, tally, ids, lag)
+            if await stream.run(plan, schedule):
                 return
-            except grpc.aio.AioRpcError as exc:
-                code = exc.code().name
-                at = now()
-                for issued_ns, measured in pending.values():
-                    tally.done(measured, issued_ns, at, code)
-                pending.clear()
-                if writer is not None:
-                    writer.cancel()
-                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)
 
 
-def next_id_peek(pending: dict[str, tuple[int, bool]]) -> str:
-    """The id most recently added to ``pending`` (dicts keep insertion order)."""
-    return next(reversed(pending))
+class _Stream:
+    """One open ModelStreamInfer call and the requests in flight on it.
+
+    Answers are matched by request id, or in order when the server does not echo ids.
+    """
+
+    def __init__(
+        self, call: Any, payload: bytes, tally: _Tally, ids: Iterator[int], lag: list[int]
+    ) -> None:
+        self._call = call
+        self._payload = payload
+        self._tally = tally
+        self._ids = ids
+        self._lag = lag
+        self._pending: dict[str, tuple[int, bool]] = {}
+        self._room = asyncio.Event()
+
+    async def _send(self, at_ns: int, scheduled: bool) -> None:
+        rid = str(next(self._ids))
+        measured = self._tally.issued(at_ns)
+        self._pending[rid] = (at_ns, measured)
+        if scheduled and measured:
+            self._lag.append(time.monotonic_ns() - at_ns)
+        await self._call.write(self._payload + id_suffix(rid))
+
+    async def _sender(self, plan: StepPlan, schedule: Iterator[int]) -> None:
+        now = time.monotonic_ns
+        for scheduled in schedule:
+            if not self._tally.may_issue(scheduled):
+                break
+            if (delay := (scheduled - now()) / 1e9) > 0:
+                await asyncio.sleep(delay)
+            while len(self._pending) >= plan.concurrency:
+                self._room.clear()
+                await self._room.wait()
+            await self._send(scheduled, scheduled=True)
+        await self._call.done_writing()
+
+    async def run(self, plan: StepPlan, schedule: Iterator[int] | None) -> bool:
+        """True when the stream ended normally, False when the server broke it off."""
+        now = time.monotonic_ns
+        tally, pending = self._tally, self._pending
+        writer: asyncio.Task[None] | None = None
+        try:
+            if schedule is None:
+                for _ in range(plan.concurrency):
+                    if tally.may_issue(now()):
+                        await self._send(now(), scheduled=False)
+                if not pending:
+                    await self._call.done_writing()
+            else:
+                writer = asyncio.get_running_loop().create_task(self._sender(plan, schedule))
+            while (data := await self._call.read()) is not grpc.aio.EOF:
+                rid, error = parse_stream_response(data)
+                entry = pending.pop(rid, None)
+                if entry is None and pending:
+                    entry = pending.pop(next(iter(pending)))
+                if entry is None:
+                    continue
+                self._room.set()
+                tally.done(entry[1], entry[0], now(),
+                           error_code_of_message(error) if error else None)
+                if schedule is None:
+                    if tally.may_issue(now()):
+                        await self._send(now(), scheduled=False)
+                    elif not pending:
+                        await self._call.done_writing()
+            if writer is not None:
+                await writer
+            return True
+        except grpc.aio.AioRpcError as exc:
+            at = now()
+            for issued_ns, measured in pending.values():
+                tally.done(measured, issued_ns, at, exc.code().name)
+            pending.clear()
+            return False
+        finally:
+            if writer is not None and not writer.done():
+                writer.cancel()

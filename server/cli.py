@@ -11,6 +11,7 @@ from pathlib import Path
 from server import __version__
 from server.config import OPTIONS, load_settings
 from server.logs import configure_logging
+from server.repo_cli import add_repo_parser, run_repo
 
 
 def _serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"peregrine {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     _serve_parser(commands)
+    add_repo_parser(commands)
     return parser
 
 
@@ -67,6 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return _run_serve(args)
+    if args.command == "repo":
+        return run_repo(args)
     raise AssertionError(f"unhandled command {args.command}")
 
 

@@ -162,7 +162,7 @@ class OnnxRuntimeInstance:
         self._string_outputs = frozenset(
             t.name for t in spec.outputs if t.datatype is DataType.BYTES
         )
-        # numpy has no bfloat16: BF16 tensors travel as uint16 words through OrtValues.
+        # numpy has no bfloat16: BF16 tensors travel as uint16 words (IO binding).
         self._bf16_inputs = frozenset(t.name for t in spec.inputs if t.datatype is DataType.BF16)
         self._bf16_outputs = frozenset(
             t.name for t in spec.outputs if t.datatype is DataType.BF16
@@ -190,8 +190,6 @@ class OnnxRuntimeInstance:
             name: _to_ort_strings(name, value) if name in self._string_inputs else value
             for name, value in inputs.items()
         }
-        if self._bf16_inputs or self._bf16_outputs:
-            return self._execute_ort_values(feed)
         results = self._session.run(self._output_names, feed)
         outputs: dict[str, Array] = {}
         for name, value in zip(self._output_names, results, strict=True):
@@ -200,22 +198,6 @@ class OnnxRuntimeInstance:
                 array = _from_ort_strings(array)
             outputs[name] = array
         return outputs
-
-    def _execute_ort_values(self, feed: Mapping[str, Array]) -> dict[str, Array]:
-        """The BF16 path: session.run cannot take or give bfloat16 numpy arrays."""
-        values = {
-            name: ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
-                np.ascontiguousarray(value, dtype=np.uint16), _ONNX_BFLOAT16
-            )
-            if name in self._bf16_inputs
-            else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
-            for name, value in feed.items()
-        }
-        results = self._session.run_with_ort_values(self._output_names, values)
-        return {
-            name: _bf16_words(value) if name in self._bf16_outputs else np.asarray(value.numpy())
-            for name, value in zip(self._output_names, results, strict=True)
-        }
 
     def _execute_bound(self, inputs: Mapping[str, Array]) -> dict[str, Array]:
         """The IO-binding path, for models with BF16 tensors that numpy cannot name."""
@@ -247,18 +229,6 @@ class OnnxRuntimeInstance:
 
     def close(self) -> None:
         del self._session
-
-
-def _bf16_words(value: ort.OrtValue) -> Array:
-    """Copy a CPU bfloat16 OrtValue out as its raw uint16 words."""
-    if value.device_name().lower() != "cpu":
-        raise RuntimeError(f"BF16 output on device '{value.device_name()}', expected the CPU")
-    shape = tuple(value.shape())
-    count = math.prod(shape)
-    if count == 0:
-        return np.empty(shape, dtype=np.uint16)
-    words = (ctypes.c_uint16 * count).from_address(value.data_ptr())
-    return np.frombuffer(words, dtype=np.uint16).copy().reshape(shape)
 
 
 def _to_ort_strings(name: str, value: Array) -> Array:

@@ -223,7 +223,8 @@ class ModelRepository:
             await self.load_model(name)
             return
         except (ModelLoadError, ModelNotFound):
-            pass
+            if self.is_ready(name, ""):
+                return  # some versions serve; the index shows why the others do not
         fallback = tuple(str(v) for v in self._state.last_good.get(name, []))
         if fallback:
             log.warning("falling back to the last versions that served well",
@@ -334,7 +335,18 @@ class ModelRepository:
         else:
             chosen = select_versions(config.version_policy, on_disk)
         factory = self._factory(spec)
-        spec = factory.complete_spec(spec, str(model_dir / str(chosen[-1])))
+        # Complete the spec from the newest version whose model file is there: a half-copied
+        # version then fails on its own (and shows why) while the others load.
+        complete = [
+            v for v in sorted(set(chosen) | set(on_disk), key=lambda v: (v in chosen, v))
+            if (model_dir / str(v) / spec.default_model_filename).is_file()
+        ]
+        if not complete:
+            raise ModelLoadError(
+                f"model '{spec.name}' has no version directory holding "
+                f"'{spec.default_model_filename}'"
+            )
+        spec = factory.complete_spec(spec, str(model_dir / str(complete[-1])))
         if not spec.inputs or not spec.outputs:
             raise ModelLoadError(f"model '{spec.name}' declares no inputs or no outputs")
         fingerprints = {str(v): _version_fingerprint(model_dir / str(v)) for v in chosen}

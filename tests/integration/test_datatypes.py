@@ -113,7 +113,7 @@ def infer_identity(
     )
     out = result.as_numpy("OUTPUT0")
     assert out is not None
-    return out
+    return np.asarray(out)
 
 
 # -- raw encoding through tritonclient ---------------------------------------------------------
@@ -236,7 +236,7 @@ def test_bf16_round_trip_tritonclient(
 def test_bf16_round_trip_raw_bit_patterns(
     stub: service_pb2_grpc.GRPCInferenceServiceStub,
 ) -> None:
-    words = np.array(BF16_WORDS + [0x7F81, 0xFFFF, 0x7FFF], dtype="<u2")
+    words = np.array([*BF16_WORDS, 0x7F81, 0xFFFF, 0x7FFF], dtype="<u2")
     request = service_pb2.ModelInferRequest(model_name="identity_bf16")
     request.inputs.add(name="INPUT0", datatype="BF16", shape=[2, words.size // 2])
     request.raw_input_contents.append(words.tobytes())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeAlias
 
 import grpc
 import numpy as np
@@ -18,7 +19,7 @@ from tests import model_factory
 from tests.server_harness import ServerThread
 
 MIB = 1024 * 1024
-Stub = service_pb2_grpc.GRPCInferenceServiceStub
+Stub: TypeAlias = service_pb2_grpc.GRPCInferenceServiceStub
 
 
 @pytest.fixture
@@ -34,7 +35,7 @@ def stub(standard_server: ServerThread) -> Iterator[Stub]:
 
 
 def fp32_input(
-    name: str, data: npt.NDArray[np.float32], datatype: str = "FP32"
+    name: str, data: npt.NDArray[Any], datatype: str = "FP32"
 ) -> grpcclient.InferInput:
     inp = grpcclient.InferInput(name, list(data.shape), datatype)
     inp.set_data_from_numpy(data)

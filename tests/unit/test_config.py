@@ -153,7 +153,7 @@ def test_unrelated_environment_variables_are_ignored() -> None:
 
 @pytest.mark.parametrize("port", ["70000", "-1", "65536"])
 def test_port_out_of_range(port: str) -> None:
-    with pytest.raises(ValueError, match="grpc_port must be within 0..65535"):
+    with pytest.raises(ValueError, match=r"grpc_port must be within 0..65535"):
         load_settings({"grpc_port": port}, environ={})
 
 
@@ -167,7 +167,7 @@ def test_port_zero_is_allowed() -> None:
 
 
 def test_bad_bool_in_env_names_the_variable() -> None:
-    with pytest.raises(ValueError, match="PEREGRINE_ALLOW_METRICS.*expected true or false"):
+    with pytest.raises(ValueError, match=r"PEREGRINE_ALLOW_METRICS.*expected true or false"):
         load_settings({}, environ={"PEREGRINE_ALLOW_METRICS": "maybe"})
 
 
@@ -192,7 +192,7 @@ def test_unknown_key_in_server_table_is_an_error(tmp_path: Path) -> None:
 def test_bad_choice_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="must be one of debug, info, warning, error"):
         load_settings({"log_level": "verbose"}, environ={})
-    with pytest.raises(ValueError, match="PEREGRINE_LOG_FORMAT.*text, json"):
+    with pytest.raises(ValueError, match=r"PEREGRINE_LOG_FORMAT.*text, json"):
         load_settings({}, environ={"PEREGRINE_LOG_FORMAT": "xml"})
     path = write_toml(tmp_path, 'log_format = "yaml"\n')
     with pytest.raises(ValueError, match="log_format"):

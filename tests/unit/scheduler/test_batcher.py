@@ -112,7 +112,7 @@ async def start_busy(made: Built, rows: int = 1) -> asyncio.Task[InferResponse]:
     return task
 
 
-# -- rows in, rows out ------------------------------------------------------------------------------
+# -- rows in, rows out -----------------------------------------------------------------------------
 
 
 async def test_concurrent_mixed_batch_sizes_each_get_their_rows(make: Maker) -> None:
@@ -174,7 +174,7 @@ async def test_non_batching_model_runs_each_request_alone(make: Maker) -> None:
     assert made.metrics.stats.inference_count == 5
 
 
-# -- batches form while one runs ----------------------------------------------------------------------
+# -- batches form while one runs -------------------------------------------------------------------
 
 
 async def test_requests_queued_during_a_batch_run_together_next(make: Maker) -> None:
@@ -232,7 +232,7 @@ async def test_queue_delay_holds_until_the_preferred_size(make: Maker) -> None:
     assert sorted(made.metrics.stats.batches) == [1, 4]
 
 
-# -- admission and deadlines -------------------------------------------------------------------------
+# -- admission and deadlines -----------------------------------------------------------------------
 
 
 async def test_max_queue_size_rejects_with_overloaded(make: Maker) -> None:
@@ -355,7 +355,7 @@ async def test_priority_without_levels_is_ignored(make: Maker) -> None:
     np.testing.assert_array_equal(output(response), a + a)
 
 
-# -- drain and close ---------------------------------------------------------------------------------
+# -- drain and close -------------------------------------------------------------------------------
 
 
 async def test_drain_waits_for_accepted_work_then_refuses_new(make: Maker) -> None:
@@ -403,7 +403,7 @@ async def test_close_fails_queued_waiters_with_model_not_ready(make: Maker) -> N
         await made.batcher.submit(slow_request())
 
 
-# -- backend failures -----------------------------------------------------------------------------------
+# -- backend failures ------------------------------------------------------------------------------
 
 
 class FlakyBackend:

@@ -130,7 +130,7 @@ async def test_drain_all_empties_every_level() -> None:
     assert len(queue) == 0
 
 
-# -- admission bounds --------------------------------------------------------------------------------
+# -- admission bounds ------------------------------------------------------------------------------
 
 
 async def test_default_bound_applies_to_each_level() -> None:
@@ -194,7 +194,7 @@ async def test_rejected_push_leaves_the_queue_unchanged() -> None:
     assert ids(list(queue.front())) == ["a"]
 
 
-# -- remove ---------------------------------------------------------------------------------------------
+# -- remove ----------------------------------------------------------------------------------------
 
 
 async def test_remove_takes_out_one_entry() -> None:
@@ -230,7 +230,7 @@ async def test_removal_frees_room_under_the_bound() -> None:
     assert len(queue) == 1
 
 
-# -- remove_expired -----------------------------------------------------------------------------------
+# -- remove_expired --------------------------------------------------------------------------------
 
 
 async def test_remove_expired_drops_past_deadlines_only() -> None:
