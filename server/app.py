@@ -28,6 +28,7 @@ from server.interfaces import BackendFactory
 from server.metrics import MetricsRegistry
 from server.packing import default_packer
 from server.repository.manager import ControlMode, ModelRepository
+from server.repository.source import FilesystemSource
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class PeregrineServer:
         self.settings = settings
         self.metrics = MetricsRegistry()
         self.repository = ModelRepository(
-            settings.model_repository,
+            FilesystemSource(settings.model_repository),
             backend_factories(),
             default_packer,
             self.metrics,

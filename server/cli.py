@@ -10,6 +10,7 @@ from pathlib import Path
 
 from server import __version__
 from server.config import OPTIONS, load_settings
+from server.errors import ModelLoadError
 from server.logs import configure_logging
 from server.repo_cli import add_repo_parser, run_repo
 
@@ -59,7 +60,7 @@ def _run_serve(args: argparse.Namespace) -> int:
                 runner.run(serve(settings))
         else:
             asyncio.run(serve(settings))
-    except OSError as exc:
+    except (OSError, ModelLoadError) as exc:
         print(f"peregrine serve: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Protocol
 
 from server.metrics import VersionMetrics
@@ -88,6 +89,25 @@ class ModelCatalog(Protocol):
 
         Raises ModelNotFound for an unknown model or version, ModelNotReady for one not ready.
         """
+        ...
+
+
+class ModelSource(Protocol):
+    """Where model directories come from: the filesystem (default) or a registry.
+
+    ``fetch`` returns a local directory in Triton's layout (``config.pbtxt`` optional,
+    ``<version>/model.onnx``), materialising it first when the source is remote. Blocking; the
+    repository calls it from a worker thread.
+    """
+
+    def list(self) -> list[str]:
+        """Names of the models the source offers. Raises ModelLoadError when unreachable."""
+        ...
+
+    def fetch(self, name: str) -> Path: ...
+
+    def fingerprint(self, name: str) -> str:
+        """A value that changes whenever what ``fetch`` would return changes (for polling)."""
         ...
 
 

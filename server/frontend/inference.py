@@ -188,10 +188,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         except ModelLoadError as exc:
             raise LoadFailed(str(exc)) from None
         finally:
-            if request.model_name in self._repository.source.list():
-                self._repository.remember_explicit(
-                    request.model_name, self._repository.is_ready(request.model_name, "")
-                )
+            self._repository.remember_explicit(
+                request.model_name, self._repository.is_ready(request.model_name, "")
+            )
         return pb.RepositoryModelLoadResponse()
 
     @mapped

@@ -20,11 +20,10 @@ from google.protobuf import json_format
 
 from server._pb import model_config_pb2 as mc
 from server.errors import ModelLoadError, ModelNotFound, ModelNotReady
-from server.interfaces import Backend, BackendFactory, Packer
+from server.interfaces import Backend, BackendFactory, ModelSource, Packer
 from server.metrics import MetricsRegistry, VersionMetrics
 from server.repository import config as config_io
 from server.repository.cards import read_card
-from server.repository.source import FilesystemSource
 from server.repository.state import StateFile
 from server.repository.versions import select_versions
 from server.repository.warmup import warmup_inputs
@@ -109,7 +108,7 @@ class ModelRepository:
 
     def __init__(
         self,
-        root: Path,
+        source: ModelSource,
         backends: Mapping[str, BackendFactory],
         packer: Packer,
         metrics: MetricsRegistry,
@@ -117,8 +116,7 @@ class ModelRepository:
         state_file: Path | None = None,
         drain_timeout: float = 30.0,
     ) -> None:
-        self.root = root
-        self.source = FilesystemSource(root)
+        self.source = source
         self._backends = backends
         self._packer = packer
         self._metrics = metrics
@@ -193,9 +191,13 @@ class ModelRepository:
                 entries.append(IndexEntry(name, version, entry.state.value, entry.reason))
         if not ready_only:
             known = set(self._models)
+            try:
+                offered = self.source.list()
+            except ModelLoadError:
+                offered = []
             entries.extend(
                 IndexEntry(name, "", ModelState.UNAVAILABLE.value, "not loaded")
-                for name in self.source.list() if name not in known
+                for name in offered if name not in known
             )
             entries.sort(key=lambda e: (e.name, int(e.version) if e.version else -1))
         return entries
@@ -207,11 +209,9 @@ class ModelRepository:
         if mode is ControlMode.EXPLICIT:
             wanted = set(load_models) | self._state.explicit_models
             if "*" in wanted:
-                wanted = set(self.source.list())
+                wanted = set(await asyncio.to_thread(self.source.list))
         else:
-            if not self.root.is_dir():
-                raise ModelLoadError(f"model repository '{self.root}' is not a directory")
-            wanted = set(self.source.list())
+            wanted = set(await asyncio.to_thread(self.source.list))
         await asyncio.gather(*(self._load_at_start(name) for name in sorted(wanted)))
         if mode is ControlMode.EXPLICIT:
             self._state.explicit_models = {n for n in wanted if n in self._models}
@@ -242,7 +242,7 @@ class ModelRepository:
     ) -> None:
         """Load or reload one model without dropping requests. Raises ModelLoadError when no
         version of the model is ready afterwards (an older one may still be serving)."""
-        model_dir = self.source.fetch(name)
+        model_dir = await asyncio.to_thread(self.source.fetch, name)
         record = self._models.get(name)
         if record is None:
             record = self._models[name] = ModelRecord(name=name, state=ModelState.LOADING)
@@ -283,7 +283,7 @@ class ModelRepository:
 
     async def poll_once(self) -> None:
         """Apply what changed on disk: new, changed and removed models and versions."""
-        on_disk = set(self.source.list())
+        on_disk = set(await asyncio.to_thread(self.source.list))
         for name in sorted(set(self._models) - on_disk):
             log.info("model removed from the repository", extra={"model": name})
             await self.unload_model(name, forget=True)

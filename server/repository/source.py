@@ -6,7 +6,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from server.errors import ModelNotFound
+from server.errors import ModelLoadError, ModelNotFound
 from server.repository.cards import CARD_FILE
 from server.repository.config import CONFIG_FILE
 
@@ -21,7 +21,7 @@ class FilesystemSource:
 
     def list(self) -> list[str]:
         if not self.root.is_dir():
-            return []
+            raise ModelLoadError(f"model repository '{self.root}' is not a directory")
         return sorted(
             entry.name for entry in self.root.iterdir()
             if entry.is_dir() and not entry.name.startswith(".")
