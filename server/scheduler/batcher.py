@@ -236,19 +236,13 @@ class DynamicBatcher:
         )
 
     async def _run_batch(self, instance: int, entries: list[PendingRequest], start: int) -> None:
-        stats = self._stats
         try:
             for entry in entries:
                 waited = start - entry.enqueue_ns
-                stats.queue.add(waited)
+                self._stats.queue.add(waited)
                 self._metrics.queue_seconds.observe(waited / 1e9)
-            rows = [e.rows for e in entries]
-            requests = [e.request for e in entries]
-            loop = asyncio.get_running_loop()
             try:
-                per_request, timings = await loop.run_in_executor(
-                    self._pool, self._execute, self._instances[instance], requests, rows
-                )
+                await self._run_on(instance, entries)
             except InvalidInput as exc:
                 if len(entries) == 1:
                     _fail_all(entries, exc)
@@ -256,55 +250,47 @@ class DynamicBatcher:
                 # The backend refused one request's data (BYTES that are not UTF-8, say): run
                 # the batch's requests one by one so that only the offending ones fail.
                 for entry in entries:
-                    if not entry.future.done():
-                        await self._run_alone(instance, entry)
-                return
-            except PeregrineError as exc:
-                _fail_all(entries, exc)
-                return
-            except Exception as exc:  # the backend raised: fan the failure out to every waiter
-                ids = ", ".join(repr(e.request.id) for e in entries)
-                log.error(
-                    "backend failed",
-                    extra={"model": self._spec.name, "version": self._version,
-                           "request_ids": ids, "error": repr(exc)},
-                )
-                _fail_all(entries, BackendError(f"backend failed: {exc}"))
-                return
-            input_ns, infer_ns, output_ns = timings
-            total_rows = sum(rows)
-            stats.record_batch(total_rows, len(entries), input_ns, infer_ns, output_ns)
-            self._metrics.batch_size.observe(total_rows)
-            self._metrics.compute_seconds.observe((input_ns + infer_ns + output_ns) / 1e9)
-            for entry, outputs in zip(entries, per_request, strict=True):
-                if entry.future.done():
-                    continue
-                entry.future.set_result(self._response(entry.request, outputs))
+                    if entry.future.done():
+                        continue
+                    try:
+                        await self._run_on(instance, [entry])
+                    except Exception as alone:
+                        _fail_all([entry], self._as_error(alone, [entry]))
+            except Exception as exc:
+                _fail_all(entries, self._as_error(exc, entries))
         finally:
             self._running -= 1
             self._idle.append(instance)
             self._wake.set()
             self._check_idle()
 
-    async def _run_alone(self, instance: int, entry: PendingRequest) -> None:
-        """Run one request as a batch of its own and resolve its waiter."""
-        loop = asyncio.get_running_loop()
-        try:
-            [outputs], (input_ns, infer_ns, output_ns) = await loop.run_in_executor(
-                self._pool, self._execute, self._instances[instance], [entry.request],
-                [entry.rows],
-            )
-        except PeregrineError as exc:
-            _fail(entry, exc)
-            return
-        except Exception as exc:
-            _fail(entry, BackendError(f"backend failed: {exc}"))
-            return
-        self._stats.record_batch(entry.rows, 1, input_ns, infer_ns, output_ns)
-        self._metrics.batch_size.observe(entry.rows)
+    async def _run_on(self, instance: int, entries: list[PendingRequest]) -> None:
+        """Execute ``entries`` as one batch on ``instance`` and resolve their waiters."""
+        rows = [e.rows for e in entries]
+        per_request, (input_ns, infer_ns, output_ns) = await asyncio.get_running_loop(
+        ).run_in_executor(
+            self._pool, self._execute, self._instances[instance], [e.request for e in entries],
+            rows,
+        )
+        total_rows = sum(rows)
+        self._stats.record_batch(total_rows, len(entries), input_ns, infer_ns, output_ns)
+        self._metrics.batch_size.observe(total_rows)
         self._metrics.compute_seconds.observe((input_ns + infer_ns + output_ns) / 1e9)
-        if not entry.future.done():
-            entry.future.set_result(self._response(entry.request, outputs))
+        for entry, outputs in zip(entries, per_request, strict=True):
+            if not entry.future.done():
+                entry.future.set_result(self._response(entry.request, outputs))
+
+    def _as_error(self, exc: Exception, entries: list[PendingRequest]) -> PeregrineError:
+        """Typed errors pass through; anything else the backend raised becomes BackendError."""
+        if isinstance(exc, PeregrineError):
+            return exc
+        log.error(
+            "backend failed",
+            extra={"model": self._spec.name, "version": self._version,
+                   "request_ids": ", ".join(repr(e.request.id) for e in entries),
+                   "error": repr(exc)},
+        )
+        return BackendError(f"backend failed: {exc}")
 
     def _execute(
         self, backend: Backend, requests: list[InferRequest], rows: list[int]
