@@ -17,22 +17,30 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from server._pb import admin_pb2
+from server._pb import admin_pb2_grpc as admin_grpc
 from server._pb import grpc_service_pb2 as pb
 from server._pb import grpc_service_pb2_grpc as pb_grpc
 from server._pb._pool import POOL
 from server.backends.onnxruntime import OnnxRuntimeFactory
 from server.config import ServerSettings
 from server.dataplane import DataPlane
+from server.frontend.admin import AdminServicer
 from server.frontend.inference import InferenceServicer, ServerState
 from server.interfaces import BackendFactory
 from server.metrics import MetricsRegistry
+from server.metrics.routing import RoutingMetrics
 from server.packing import default_packer
 from server.repository.manager import ControlMode, ModelRepository
 from server.repository.source import FilesystemSource
+from server.routing.router import Router
+from server.routing.shadow import ShadowMirror
+from server.routing.store import RouteStore
 
 log = logging.getLogger(__name__)
 
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["PeregrineAdmin"].full_name
 
 
 def backend_factories() -> dict[str, BackendFactory]:
@@ -55,6 +63,13 @@ class PeregrineServer:
             drain_timeout=settings.exit_timeout_secs,
         )
         self.mode = ControlMode(settings.model_control_mode)
+        routing_metrics = RoutingMetrics(self.metrics.registry)
+        self.router = Router(
+            self.repository.spec_of,
+            routing_metrics,
+            ShadowMirror(self.repository, routing_metrics),
+            RouteStore(self.repository.source.fetch),
+        )
         self._poller: asyncio.Task[None] | None = None
         self.state = ServerState(strict_readiness=settings.strict_readiness)
         self.health = HealthServicer()
@@ -66,6 +81,7 @@ class PeregrineServer:
     async def start(self) -> None:
         settings = self.settings
         await self.repository.start(self.mode, settings.load_model)
+        self.router.load_persisted(self.repository.names())
         limit = settings.grpc_max_message_bytes
         server = grpc.aio.server(
             options=[
@@ -75,13 +91,16 @@ class PeregrineServer:
             ]
         )
         servicer = InferenceServicer(
-            self.repository, DataPlane(self.repository), self.state, self.mode
+            self.repository, DataPlane(self.repository, self.router), self.state, self.mode,
+            header_pattern=settings.grpc_header_forward_pattern,
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+        admin_grpc.add_PeregrineAdminServicer_to_server(AdminServicer(self.router), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if settings.reflection:
             reflection.enable_server_reflection(
-                (INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                (INFERENCE_SERVICE, ADMIN_SERVICE,
+                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                  reflection.SERVICE_NAME),
                 server,
                 pool=_merged_pool(),
@@ -102,7 +121,7 @@ class PeregrineServer:
         self.state.accepting = True
         if self.mode is ControlMode.POLL:
             self._poller = asyncio.get_running_loop().create_task(
-                self.repository.poll_forever(settings.repository_poll_secs), name="repo-poll"
+                self._poll_forever(settings.repository_poll_secs), name="repo-poll"
             )
         status = health_pb2.HealthCheckResponse.SERVING
         await self.health.set("", status)
@@ -115,6 +134,16 @@ class PeregrineServer:
             "ready_versions": len(ready),
         })
 
+    async def _poll_forever(self, interval: float) -> None:
+        """Poll mode: apply repository changes, then routing files that changed."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.repository.poll_once()
+                self.router.load_persisted(self.repository.names())
+            except Exception as exc:  # the poller must survive a bad scan
+                log.error("repository poll failed", extra={"error": repr(exc)}, exc_info=exc)
+
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking requests, let accepted ones finish within ``grace``, unload everything."""
         grace = self.settings.exit_timeout_secs if grace is None else grace
@@ -124,6 +153,7 @@ class PeregrineServer:
             self._poller.cancel()
             await asyncio.gather(self._poller, return_exceptions=True)
         await self.health.enter_graceful_shutdown()
+        await self.router.close()
         await self.repository.close(grace)
         if self._grpc is not None:
             await self._grpc.stop(grace)
@@ -139,6 +169,7 @@ def _merged_pool() -> descriptor_pool.DescriptorPool:
     merged = descriptor_pool.DescriptorPool()
     for proto in (POOL.FindFileByName("model_config.proto"),
                   POOL.FindFileByName("grpc_service.proto"),
+                  POOL.FindFileByName("admin.proto"),
                   health_pb2.DESCRIPTOR):
         file_proto = descriptor_pb2.FileDescriptorProto()
         proto.CopyToProto(file_proto)

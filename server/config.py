@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -76,6 +77,7 @@ class ServerSettings:
     repository_poll_secs: float = 15.0
     load_model: tuple[str, ...] = ()
     state_file: Path | None = None
+    grpc_header_forward_pattern: str = ""
 
     def __post_init__(self) -> None:
         for port_name in ("grpc_port", "metrics_port"):
@@ -90,6 +92,11 @@ class ServerSettings:
             raise ValueError("exit_timeout_secs must not be negative")
         if self.repository_poll_secs <= 0:
             raise ValueError("repository_poll_secs must be positive")
+        if self.grpc_header_forward_pattern:
+            try:
+                re.compile(self.grpc_header_forward_pattern)
+            except re.error as exc:
+                raise ValueError(f"grpc_header_forward_pattern: {exc}") from None
         if self.load_model and self.model_control_mode != "explicit":
             raise ValueError("load_model needs model_control_mode explicit")
 
@@ -131,6 +138,10 @@ OPTIONS: tuple[Option, ...] = (
            "In poll mode, seconds between repository scans. Default: 15."),
     Option("load_model", parse_names,
            "In explicit mode, models to load at start (comma-separated; * for all)."),
+    Option("grpc_header_forward_pattern", str,
+           "Regular expression: request headers (gRPC metadata) whose names match it are "
+           "passed to the model as string request parameters, e.g. '^x-routing-key$' for "
+           "sticky routing by header. Default: none."),
     Option("state_file", Path,
            "File recording explicitly loaded models and the last versions that served well, "
            "so a restart comes back the same. Default: <model-repository>/"

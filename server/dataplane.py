@@ -1,4 +1,4 @@
-"""The one orchestrator every frontend calls: catalog -> validate -> scheduler -> stats."""
+"""The one orchestrator every frontend calls: route -> catalog -> validate -> scheduler."""
 
 from __future__ import annotations
 
@@ -7,18 +7,34 @@ import time
 
 from server.codec.validate import validate_request
 from server.errors import PeregrineError
-from server.interfaces import ModelCatalog
+from server.interfaces import ModelCatalog, Router
 from server.types import InferRequest, InferResponse
 
 _now = time.perf_counter_ns
 
 
 class DataPlane:
-    def __init__(self, catalog: ModelCatalog) -> None:
+    def __init__(self, catalog: ModelCatalog, router: Router | None = None) -> None:
         self._catalog = catalog
+        self._router = router
 
     async def infer(self, request: InferRequest) -> InferResponse:
-        model = self._catalog.get(request.model_name, request.model_version)
+        decision = self._router.route(request) if self._router is not None else None
+        if decision is None:
+            return await self._serve(request, request.model_name, request.model_version)
+        assert self._router is not None
+        start = _now()
+        try:
+            response = await self._serve(request, decision.model, decision.version)
+        except BaseException:
+            self._router.finish(decision, request, None, (_now() - start) / 1e9)
+            raise
+        response.parameters["routing_variant"] = decision.variant
+        self._router.finish(decision, request, response, (_now() - start) / 1e9)
+        return response
+
+    async def _serve(self, request: InferRequest, name: str, version: str) -> InferResponse:
+        model = self._catalog.get(name, version)
         metrics = model.metrics
         stats = metrics.stats
         start = _now()

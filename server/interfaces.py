@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from server.metrics import VersionMetrics
 from server.spec import ModelSpec
-from server.types import Array, InferRequest, InferResponse
+from server.types import Array, InferRequest, InferResponse, RouteDecision
 
 
 class Backend(Protocol):
@@ -111,6 +111,25 @@ class ModelSource(Protocol):
         ...
 
 
+class Router(Protocol):
+    """Picks the variant of each request from the model's routing table. On the event loop;
+    never blocks. The table is swapped atomically by the router's own control methods."""
+
+    def route(self, request: InferRequest) -> RouteDecision | None:
+        """None when the model has no table or the request names a version."""
+        ...
+
+    def finish(
+        self,
+        decision: RouteDecision,
+        request: InferRequest,
+        response: InferResponse | None,
+        seconds: float,
+    ) -> None:
+        """Count the outcome for the variant; mirror a served request to the shadow."""
+        ...
+
+
 class LoadedModel(Protocol):
     @property
     def spec(self) -> ModelSpec: ...
@@ -123,3 +142,24 @@ class LoadedModel(Protocol):
 
     @property
     def metrics(self) -> VersionMetrics: ...
+
+
+class DriftSample(NamedTuple):
+    """One successful request as the dataplane hands it to drift monitoring."""
+
+    model: LoadedModel
+    request: InferRequest
+    response: InferResponse
+
+
+class DriftSink(Protocol):
+    """Takes samples of live traffic for drift analysis against each version's reference.
+
+    Called by the dataplane on the event loop thread after every successful response when drift
+    monitoring is wired (the dataplane holds None otherwise: one attribute check per request).
+    ``offer`` never blocks, never raises for a full buffer, and does no I/O: it decides whether
+    to sample, copies what it keeps and returns False when it drops or skips the sample. The
+    analysis runs elsewhere (a background thread owned by the sink's implementation).
+    """
+
+    def offer(self, sample: DriftSample) -> bool: ...

@@ -93,3 +93,14 @@ class InferResponse:
     id: str
     outputs: list[OutputTensor]
     parameters: dict[str, ParamValue] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteDecision:
+    """Where the router sent a request: the variant of the routed model and its target."""
+
+    route_model: str
+    variant: str
+    model: str
+    version: str
+    mirror: bool = False

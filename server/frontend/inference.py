@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 
@@ -65,11 +66,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         dataplane: DataPlane,
         state: ServerState,
         mode: ControlMode = ControlMode.NONE,
+        header_pattern: str = "",
     ) -> None:
         self._repository = repository
         self._dataplane = dataplane
         self._state = state
         self._mode = mode
+        self._header_pattern = re.compile(header_pattern) if header_pattern else None
+
+    def _forwarded(self, context: grpc.aio.ServicerContext) -> dict[str, str]:
+        """Request headers to pass on as string parameters (--grpc-header-forward-pattern)."""
+        if self._header_pattern is None:
+            return {}
+        return {
+            key: value for key, value in context.invocation_metadata() or ()
+            if isinstance(value, str) and self._header_pattern.search(key)
+        }
 
     # -- health and metadata -----------------------------------------------------------------
 
@@ -207,18 +219,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     # -- inference -----------------------------------------------------------------------------
 
     async def _infer(
-        self, request: pb.ModelInferRequest, deadline_ns: int | None
+        self, request: pb.ModelInferRequest, deadline_ns: int | None, headers: dict[str, str]
     ) -> pb.ModelInferResponse:
         if not self._state.accepting:
             raise ModelNotReady("the server is not accepting requests")
         decoded = decode_request(request, deadline_ns)
+        for key, value in headers.items():
+            decoded.parameters.setdefault(key, value)
         return encode_response(await self._dataplane.infer(decoded))
 
     @mapped
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        return await self._infer(request, _deadline_ns(context))
+        return await self._infer(request, _deadline_ns(context), self._forwarded(context))
 
     async def ModelStreamInfer(
         self,
@@ -232,12 +246,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         """
         results: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         deadline = _deadline_ns(context)
+        headers = self._forwarded(context)
         tasks: set[asyncio.Task[None]] = set()
         reading = True
 
         async def answer(message: pb.ModelInferRequest) -> None:
             try:
-                response = await self._infer(message, deadline)
+                response = await self._infer(message, deadline, headers)
                 results.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
             except Exception as exc:
                 log_unexpected(exc, "ModelStreamInfer", message.id)

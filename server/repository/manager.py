@@ -8,6 +8,7 @@ unload them. A failed load or warm-up leaves what was serving in place.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import hashlib
 import logging
@@ -168,6 +169,18 @@ class ModelRepository:
             raise ModelNotFound(f"unknown model '{name}'")
         return record
 
+    def spec_of(self, name: str, version: str) -> ModelSpec:
+        """The spec of a model (and check that the version is known); for routing tables."""
+        record = self.record(name)
+        if version and version not in record.versions:
+            raise ModelNotFound(f"unknown version '{version}' of model '{name}'")
+        if record.spec is None:
+            raise ModelNotFound(f"model '{name}' is not loaded: {record.reason}")
+        return record.spec
+
+    def names(self) -> list[str]:
+        return sorted(self._models)
+
     def served_versions(self) -> list[ServedVersion]:
         return [
             entry.served
@@ -229,10 +242,22 @@ class ModelRepository:
         if fallback:
             log.warning("falling back to the last versions that served well",
                         extra={"model": name, "versions": ",".join(fallback)})
-            try:
+            record = self._models.get(name)
+            failed = {} if record is None else {
+                v: e.reason for v, e in record.versions.items()
+                if e.state is ModelState.UNAVAILABLE and v not in fallback
+            }
+            with contextlib.suppress(ModelLoadError, ModelNotFound):
                 await self.load_model(name, versions=fallback)
-            except (ModelLoadError, ModelNotFound):
-                return
+            # The fallback's reconcile dropped the versions it did not want: keep showing why
+            # the policy's choice is not served.
+            record = self._models.get(name)
+            if record is not None:
+                for version, reason in failed.items():
+                    record.versions.setdefault(version, VersionEntry(
+                        version, ModelState.UNAVAILABLE,
+                        f"{reason} (serving the last good versions {list(fallback)} instead)",
+                    ))
 
     async def load_model(
         self,
@@ -299,14 +324,6 @@ class ModelRepository:
                 log.warning("repository change not applied",
                             extra={"model": name, "reason": str(exc)})
 
-    async def poll_forever(self, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.poll_once()
-            except Exception as exc:  # the poller must survive a bad scan
-                log.error("repository poll failed", extra={"error": repr(exc)}, exc_info=exc)
-
     # -- planning and loading -----------------------------------------------------------------
 
     def _plan(
@@ -346,7 +363,18 @@ class ModelRepository:
                 f"model '{spec.name}' has no version directory holding "
                 f"'{spec.default_model_filename}'"
             )
-        spec = factory.complete_spec(spec, str(model_dir / str(complete[-1])))
+        # A version whose model file is there but unreadable (garbage, truncated) must fail
+        # alone too: complete from the next one, and let the bad one fail in its own load.
+        first_error: ModelLoadError | None = None
+        for candidate in reversed(complete):
+            try:
+                spec = factory.complete_spec(spec, str(model_dir / str(candidate)))
+                break
+            except ModelLoadError as exc:
+                first_error = first_error or exc
+        else:
+            assert first_error is not None
+            raise first_error
         if not spec.inputs or not spec.outputs:
             raise ModelLoadError(f"model '{spec.name}' declares no inputs or no outputs")
         fingerprints = {str(v): _version_fingerprint(model_dir / str(v)) for v in chosen}

@@ -1,0 +1,1 @@
+"""Traffic routing per model: weighted and sticky splits, shadow mirroring, canary rollouts."""

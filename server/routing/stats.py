@@ -1,0 +1,58 @@
+"""Live per-variant figures the canary judges by: counts and a ring of recent latencies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from server.metrics.routing import VariantMetrics
+
+RING_SIZE = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    requests: int
+    errors: int
+    p99_ms: float
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.requests if self.requests else 0.0
+
+
+class VariantStats:
+    """Written on the event loop thread only; read there too (no locks)."""
+
+    def __init__(self, metrics: VariantMetrics) -> None:
+        self.metrics = metrics
+        self.requests = 0
+        self.errors = 0
+        self._latencies = np.zeros(RING_SIZE, dtype=np.float64)
+        self._written = 0
+
+    def record(self, seconds: float, ok: bool) -> None:
+        self.requests += 1
+        self.metrics.requests.inc()
+        if not ok:
+            self.errors += 1
+            self.metrics.errors.inc()
+            return
+        self.metrics.latency.observe(seconds)
+        self._latencies[self._written % RING_SIZE] = seconds
+        self._written += 1
+
+    def mark(self) -> tuple[int, int, int]:
+        """A point to measure a window from (see ``since``)."""
+        return self.requests, self.errors, self._written
+
+    def since(self, mark: tuple[int, int, int]) -> Window:
+        requests, errors, written = mark
+        fresh = min(self._written - written, RING_SIZE)
+        p99 = 0.0
+        if fresh > 0:
+            end = self._written % RING_SIZE
+            index = (np.arange(end - fresh, end)) % RING_SIZE
+            p99 = float(np.percentile(self._latencies[index], 99)) * 1000
+        return Window(self.requests - requests, self.errors - errors, p99)

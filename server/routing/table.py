@@ -1,0 +1,195 @@
+"""Routing tables: validated from the admin proto into frozen routes the router can use."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from server._pb import admin_pb2 as admin
+from server.errors import InvalidInput, ModelNotFound
+from server.spec import ModelSpec
+
+DEFAULT_STICKY_PARAMETER = "routing_key"
+DEFAULT_SHADOW_PENDING = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    name: str
+    model: str
+    version: str
+    weight: float
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowSpec:
+    target: Target
+    fraction: float
+    max_pending: int
+
+
+@dataclass(frozen=True, slots=True)
+class CanarySpec:
+    baseline: str
+    candidate: str
+    steps: tuple[float, ...]
+    step_interval_secs: float
+    max_error_rate_increase: float
+    max_p99_ratio: float
+    min_requests: int
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    model: str
+    variants: tuple[Target, ...]
+    cumulative: tuple[float, ...]
+    sticky_parameter: str
+    shadow: ShadowSpec | None
+    canary: CanarySpec | None
+    table: admin.RouteTable
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(v.name for v in self.variants)
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        return tuple(v.weight for v in self.variants)
+
+    def with_weights(self, weights: dict[str, float]) -> Route:
+        """The same route with some variants' weights changed (canary steps, rollback)."""
+        table = admin.RouteTable()
+        table.CopyFrom(self.table)
+        for variant in table.variants:
+            if variant.name in weights:
+                variant.weight = weights[variant.name]
+        variants = tuple(
+            Target(v.name, v.model, v.version, weights.get(v.name, v.weight))
+            for v in self.variants
+        )
+        return Route(
+            model=self.model, variants=variants, cumulative=_cumulative(variants),
+            sticky_parameter=self.sticky_parameter, shadow=self.shadow, canary=self.canary,
+            table=table,
+        )
+
+
+    def finished(self, weights: dict[str, float]) -> Route:
+        """Final weights of a canary that ended: the table persists without its plan, so a
+        restart does not start the rollout again."""
+        done = self.with_weights(weights)
+        table = admin.RouteTable()
+        table.CopyFrom(done.table)
+        table.ClearField("canary")
+        return dataclasses.replace(done, canary=None, table=table)
+
+
+def _cumulative(variants: tuple[Target, ...]) -> tuple[float, ...]:
+    total = 0.0
+    running = []
+    for variant in variants:
+        total += variant.weight
+        running.append(total)
+    return tuple(running)
+
+
+#: Looks up the spec of (model, version) as the repository has it; raises ModelNotFound.
+SpecLookup = Callable[[str, str], ModelSpec]
+
+
+def _signature(spec: ModelSpec) -> tuple[object, ...]:
+    return (
+        spec.max_batch_size > 0,
+        tuple((t.name, t.datatype, t.dims) for t in spec.inputs),
+        tuple((t.name, t.datatype, t.dims) for t in spec.outputs),
+    )
+
+
+def _target(table_model: str, variant: admin.Variant, where: str, lookup: SpecLookup,
+            signature: tuple[object, ...]) -> Target:
+    model = variant.model or table_model
+    try:
+        spec = lookup(model, variant.version)
+    except ModelNotFound as exc:
+        raise InvalidInput(f"{where}: {exc.message}") from None
+    if _signature(spec) != signature:
+        raise InvalidInput(
+            f"{where}: model '{model}' does not have the inputs and outputs of '{table_model}'"
+        )
+    if not math.isfinite(variant.weight) or variant.weight < 0:
+        raise InvalidInput(f"{where}: weight must be a finite number >= 0, got {variant.weight}")
+    return Target(variant.name, model, variant.version, float(variant.weight))
+
+
+def build_route(table: admin.RouteTable, lookup: SpecLookup) -> Route:
+    """Validate ``table`` against the repository; InvalidInput names what is wrong."""
+    if not table.model:
+        raise InvalidInput("routing table names no model")
+    try:
+        primary = lookup(table.model, "")
+    except ModelNotFound as exc:
+        raise InvalidInput(f"routing table: {exc.message}") from None
+    signature = _signature(primary)
+    if not table.variants:
+        raise InvalidInput(f"routing table of '{table.model}' has no variants")
+    variants: list[Target] = []
+    for index, variant in enumerate(table.variants):
+        if not variant.name:
+            raise InvalidInput(f"variant {index} of '{table.model}' has no name")
+        if any(v.name == variant.name for v in variants):
+            raise InvalidInput(f"variant name '{variant.name}' appears twice")
+        variants.append(_target(table.model, variant, f"variant '{variant.name}'", lookup,
+                                signature))
+    canary = _canary(table, variants)
+    if canary is None and sum(v.weight for v in variants) <= 0:
+        raise InvalidInput(f"routing table of '{table.model}': weights add up to 0")
+    shadow = None
+    if table.HasField("shadow"):
+        target = table.shadow.target
+        fraction = table.shadow.fraction or 1.0
+        if not 0 < fraction <= 1:
+            raise InvalidInput(f"shadow fraction must be within (0, 1], got {fraction}")
+        shadow = ShadowSpec(
+            target=_target(table.model, target, "shadow", lookup, signature),
+            fraction=fraction,
+            max_pending=table.shadow.max_pending or DEFAULT_SHADOW_PENDING,
+        )
+    frozen = tuple(variants)
+    route = Route(
+        model=table.model, variants=frozen, cumulative=_cumulative(frozen),
+        sticky_parameter=table.sticky_parameter or DEFAULT_STICKY_PARAMETER,
+        shadow=shadow, canary=canary, table=table,
+    )
+    return route
+
+
+def _canary(table: admin.RouteTable, variants: list[Target]) -> CanarySpec | None:
+    if not table.HasField("canary"):
+        return None
+    spec = table.canary
+    names = {v.name for v in variants}
+    for role, name in (("baseline", spec.baseline), ("candidate", spec.candidate)):
+        if name not in names:
+            raise InvalidInput(f"canary {role} '{name}' is not a variant of the table")
+    if spec.baseline == spec.candidate:
+        raise InvalidInput("canary baseline and candidate must differ")
+    steps = tuple(float(s) for s in spec.steps) or (1.0, 10.0, 50.0, 100.0)
+    if any(not 0 < s <= 100 for s in steps) or list(steps) != sorted(set(steps)):
+        raise InvalidInput(f"canary steps must rise within (0, 100], got {list(steps)}")
+    interval = spec.step_interval_secs or 60.0
+    if interval <= 0:
+        raise InvalidInput("canary step_interval_secs must be positive")
+    ratio = spec.max_p99_ratio or 1.5
+    if ratio < 1:
+        raise InvalidInput("canary max_p99_ratio must be at least 1")
+    increase = spec.max_error_rate_increase or 0.01
+    if not 0 <= increase <= 1:
+        raise InvalidInput("canary max_error_rate_increase must be within [0, 1]")
+    return CanarySpec(
+        baseline=spec.baseline, candidate=spec.candidate, steps=steps,
+        step_interval_secs=interval, max_error_rate_increase=increase, max_p99_ratio=ratio,
+        min_requests=spec.min_requests or 20,
+    )
