@@ -10,9 +10,12 @@ from pathlib import Path
 
 from server import __version__
 from server.config import OPTIONS, load_settings
+from server.drift.command import add_drift_parser
 from server.errors import ModelLoadError
+from server.health_cli import add_health_parser, run_health
 from server.logs import configure_logging
 from server.repo_cli import add_repo_parser, run_repo
+from server.route_cli import add_route_parser, run_route
 
 
 def _serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -39,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     _serve_parser(commands)
     add_repo_parser(commands)
+    add_route_parser(commands)
+    add_health_parser(commands)
+    add_drift_parser(commands)
     return parser
 
 
@@ -72,6 +78,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_serve(args)
     if args.command == "repo":
         return run_repo(args)
+    if args.command == "route":
+        return run_route(args)
+    if args.command == "health":
+        return run_health(args)
+    if args.command == "drift":
+        from server.app import open_model_offline
+        from server.drift.command import run_drift
+
+        return run_drift(args, open_model_offline)
     raise AssertionError(f"unhandled command {args.command}")
 
 
