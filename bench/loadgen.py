@@ -64,6 +64,7 @@ class Target:
     url: str
     payload: bytes  # the serialised ModelInferRequest
     rows: int  # batch rows per request (samples/s = rows * infer/s)
+    stream_format: str = "triton"  # what the server's stream answers are (bench/wire.py)
     max_message_bytes: int = 64 * 1024 * 1024
 
 
@@ -306,7 +307,7 @@ class Generator:
         open_stream = stream_callable(channel)
         ids = itertools.count()
         while tally.may_issue(time.monotonic_ns()):
-            stream = _Stream(open_stream(), self._target.payload, tally, ids, lag)
+            stream = _Stream(open_stream(), self._target, tally, ids, lag)
             if await stream.run(plan, schedule):
                 return
             await asyncio.sleep(0.01)
@@ -319,10 +320,11 @@ class _Stream:
     """
 
     def __init__(
-        self, call: Any, payload: bytes, tally: _Tally, ids: Iterator[int], lag: list[int]
+        self, call: Any, target: Target, tally: _Tally, ids: Iterator[int], lag: list[int]
     ) -> None:
         self._call = call
-        self._payload = payload
+        self._payload = target.payload
+        self._format = target.stream_format
         self._tally = tally
         self._ids = ids
         self._lag = lag
@@ -335,7 +337,10 @@ class _Stream:
         self._pending[rid] = (at_ns, measured)
         if scheduled and measured:
             self._lag.append(time.monotonic_ns() - at_ns)
-        await self._call.write(self._payload + id_suffix(rid))
+        try:
+            await self._call.write(self._payload + id_suffix(rid))
+        except asyncio.InvalidStateError:
+            pass  # the server ended the stream; reading it raises the status that says why
 
     async def _sender(self, plan: StepPlan, schedule: Iterator[int]) -> None:
         now = time.monotonic_ns
@@ -365,7 +370,7 @@ class _Stream:
             else:
                 writer = asyncio.get_running_loop().create_task(self._sender(plan, schedule))
             while (data := await self._call.read()) is not grpc.aio.EOF:
-                rid, error = parse_stream_response(data)
+                rid, error = parse_stream_response(data, self._format)
                 entry = pending.pop(rid, None)
                 if entry is None and pending:
                     entry = pending.pop(next(iter(pending)))
@@ -379,6 +384,8 @@ class _Stream:
                         await self._send(now(), scheduled=False)
                     elif not pending:
                         await self._call.done_writing()
+            if pending:  # the stream ended with requests unanswered
+                await self._call  # raises the status, if it was not OK
             if writer is not None:
                 await writer
             return True

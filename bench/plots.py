@@ -14,10 +14,10 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from bench.histogram import LatencyHistogram  # noqa: E402
-from bench.table import step_key  # noqa: E402
+from bench.histogram import LatencyHistogram
+from bench.table import step_key
 
 _PERCENTILE_STYLES = (("p50", "-"), ("p90", ":"), ("p99", "--"), ("p99.9", "-."))
 

@@ -23,7 +23,7 @@ from bench.inputs import InputTensor, TensorMeta, load_input_file, random_inputs
 from bench.loadgen import StepPlan, Target
 from bench.progress import ProgressLine
 from bench.server_info import ServerInfo, StatsSnapshot, split_between
-from bench.wire import infer_request_bytes
+from bench.wire import STREAM_FORMATS, infer_request_bytes
 from bench.workers import WorkerPool, split_plans
 
 #: A pinned server above this CPU share was the bottleneck; a client above it, the client.
@@ -56,6 +56,7 @@ class RunConfig:
     drain_s: float = 10.0
     server_pid: int | None = None
     label: str = ""
+    stream_format: str = "auto"  # auto | triton | plain (bench/wire.py)
 
     @property
     def mode(self) -> str:
@@ -72,6 +73,8 @@ class RunConfig:
             raise ValueError("request count must be positive")
         if self.warmup_s < 0 or self.repeats < 1 or self.processes < 1 or self.batch_size < 1:
             raise ValueError("warm-up >= 0, repeats >= 1, processes >= 1, batch size >= 1")
+        if self.stream_format not in ("auto", *STREAM_FORMATS):
+            raise ValueError(f"stream format must be auto or one of {STREAM_FORMATS}")
         if self.arrival not in ("poisson", "constant"):
             raise ValueError(f"arrival must be poisson or constant, got {self.arrival!r}")
 
@@ -243,7 +246,12 @@ def run(config: RunConfig, progress: ProgressLine | None = None,
         batched = info.batches(config.model, config.version)
         rows = tensors[0].rows if tensors and batched is not False else 1
         payload = infer_request_bytes(config.model, config.version, tensors)
-        target = Target(url=config.url, payload=payload, rows=rows)
+        metadata = info.server_metadata()
+        stream_format = config.stream_format
+        if stream_format == "auto":  # MLServer streams bare ModelInferResponse messages
+            stream_format = "plain" if (metadata or {}).get("name") == "mlserver" else "triton"
+        target = Target(url=config.url, payload=payload, rows=rows,
+                        stream_format=stream_format)
         points = ([(c, 0.0) for c in config.concurrency] if config.mode == "closed"
                   else [(config.max_inflight, r) for r in config.rates])
         steps = []
@@ -252,8 +260,8 @@ def run(config: RunConfig, progress: ProgressLine | None = None,
             for concurrency, rate in points:
                 repeats = [driver.run(concurrency, rate, i) for i in range(config.repeats)]
                 steps.append(median_repeat(repeats))
-        server = {"url": config.url, "pid": config.server_pid,
-                  "metadata": info.server_metadata()}
+        server = {"url": config.url, "pid": config.server_pid, "metadata": metadata,
+                  "stream_format": stream_format}
     finally:
         info.close()
     return {

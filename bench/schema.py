@@ -99,7 +99,7 @@ def _check(value: Any, spec: Any, path: str, problems: list[str]) -> None:
     else:
         types = spec if isinstance(spec, tuple) else (spec,)
         # bool is an int to Python, never to a reader of the document.
-        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+        if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
             names = " or ".join("null" if t is NONE else t.__name__ for t in types)
             problems.append(f"{path}: expected {names}, got {type(value).__name__}")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import grpc
+from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 
 from bench.inputs import InputTensor
@@ -52,9 +53,21 @@ def id_suffix(request_id: str) -> bytes:
     return _ID_TAG + _varint(len(data)) + data
 
 
-def parse_stream_response(data: bytes) -> tuple[str, str]:
-    """(request id, error message) of one ModelStreamInferResponse ('' when no error)."""
-    response = pb.ModelStreamInferResponse.FromString(data)
+STREAM_FORMATS = ("triton", "plain")
+
+
+def parse_stream_response(data: bytes, stream_format: str = "triton") -> tuple[str, str]:
+    """(request id, error message or '') of one stream answer.
+
+    ``triton``: a ModelStreamInferResponse (Triton's and Peregrine's stream). ``plain``: a
+    bare ModelInferResponse, which MLServer streams instead (its proto differs there).
+    """
+    try:
+        if stream_format == "plain":
+            return pb.ModelInferResponse.FromString(data).id, ""
+        response = pb.ModelStreamInferResponse.FromString(data)
+    except DecodeError:
+        return "", f"[BAD_RESPONSE] not a {stream_format} stream response"
     return response.infer_response.id, response.error_message
 
 

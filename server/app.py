@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
@@ -27,15 +29,21 @@ from server.config import ServerSettings
 from server.dataplane import DataPlane
 from server.frontend.admin import AdminServicer
 from server.frontend.inference import InferenceServicer, ServerState
-from server.interfaces import BackendFactory
+from server.interfaces import Backend, BackendFactory, DriftSink
 from server.metrics import MetricsRegistry
+from server.metrics.drift import DriftCounts, DriftMetrics
 from server.metrics.routing import RoutingMetrics
 from server.packing import default_packer
+from server.repository import config as config_io
 from server.repository.manager import ControlMode, ModelRepository
 from server.repository.source import FilesystemSource
 from server.routing.router import Router
 from server.routing.shadow import ShadowMirror
 from server.routing.store import RouteStore
+from server.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from server.drift.analyser import DriftAnalyser
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +85,13 @@ class PeregrineServer:
         self.metrics_port = 0
         self._grpc: grpc.aio.Server | None = None
         self._metrics_http: Any = None
+        self.drift: DriftAnalyser | None = None
 
     async def start(self) -> None:
         settings = self.settings
         await self.repository.start(self.mode, settings.load_model)
         self.router.load_persisted(self.repository.names())
+        drift = await self._start_drift()
         limit = settings.grpc_max_message_bytes
         server = grpc.aio.server(
             options=[
@@ -91,7 +101,7 @@ class PeregrineServer:
             ]
         )
         servicer = InferenceServicer(
-            self.repository, DataPlane(self.repository, self.router), self.state, self.mode,
+            self.repository, DataPlane(self.repository, self.router, drift), self.state, self.mode,
             header_pattern=settings.grpc_header_forward_pattern,
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
@@ -157,11 +167,73 @@ class PeregrineServer:
         await self.repository.close(grace)
         if self._grpc is not None:
             await self._grpc.stop(grace)
+        if self.drift is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.drift.stop)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
         self.state.live = False
         log.info("server stopped")
+
+
+    async def _start_drift(self) -> DriftSink | None:
+        """Drift monitoring runs when a model loaded at start asks for it (drift_sample_rate >
+        0 in its config); versions loaded later are picked up on their first request."""
+        served = self.repository.served_versions()
+        if not any(_wants_drift(s.spec) for s in served):
+            return None
+        try:
+            from server.drift.analyser import DriftAnalyser
+            from server.drift.sampler import DriftSampler
+        except ImportError as exc:
+            log.error("drift monitoring needs its extra: pip install 'peregrine[drift]'",
+                      extra={"error": repr(exc)})
+            return None
+        sampler = DriftSampler()
+        for version in served:
+            sampler.register(version.spec, version.version)
+        gauges = DriftMetrics(self.metrics.registry)
+        gauges.count_from(lambda: [
+            DriftCounts(s.model, s.version, s.ring.pushed, s.ring.dropped, s.unprofiled)
+            for s in sampler.samplers()
+        ])
+        analyser = DriftAnalyser(sampler, self.settings.model_repository, gauges)
+        # Load the reference profiles before traffic arrives, off the loop.
+        await asyncio.get_running_loop().run_in_executor(None, analyser.run_once)
+        analyser.start()
+        self.drift = analyser
+        return sampler
+
+
+def _wants_drift(spec: ModelSpec) -> bool:
+    from server.drift import config as drift_config
+
+    try:
+        return drift_config.parse(spec.parameters).enabled
+    except ValueError as exc:
+        log.error("drift monitoring is off for a model with bad drift parameters",
+                  extra={"model": spec.name, "error": str(exc)})
+        return False
+
+
+def open_model_offline(repository: Path, model: str) -> tuple[ModelSpec, Callable[[str], Backend]]:
+    """For offline tools (``peregrine drift profile``): a model's completed spec and a loader
+    of one instance of one of its versions, without a server."""
+    model_dir = repository / model
+    spec = config_io.to_spec(config_io.read_config(model_dir), model_dir)
+    factory = backend_factories().get(spec.backend)
+    if factory is None:
+        raise ValueError(f"model '{model}': backend '{spec.backend}' is not available")
+    versions = sorted((p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()),
+                      key=lambda p: int(p.name))
+    if not versions:
+        raise ValueError(f"model '{model}' has no numeric version directory")
+    spec = factory.complete_spec(spec, str(versions[-1]))
+
+    def load(version: str) -> Backend:
+        return factory.load(spec, str(model_dir / version), 0)
+
+    return spec, load
 
 
 def _merged_pool() -> descriptor_pool.DescriptorPool:

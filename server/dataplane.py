@@ -7,16 +7,20 @@ import time
 
 from server.codec.validate import validate_request
 from server.errors import PeregrineError
-from server.interfaces import ModelCatalog, Router
+from server.interfaces import DriftSample, DriftSink, ModelCatalog, Router
 from server.types import InferRequest, InferResponse
 
 _now = time.perf_counter_ns
 
 
 class DataPlane:
-    def __init__(self, catalog: ModelCatalog, router: Router | None = None) -> None:
+    def __init__(
+        self, catalog: ModelCatalog, router: Router | None = None, drift: DriftSink | None = None
+    ) -> None:
         self._catalog = catalog
         self._router = router
+        #: None unless some model monitors drift: then the request path pays one attribute check.
+        self._drift = drift
 
     async def infer(self, request: InferRequest) -> InferResponse:
         decision = self._router.route(request) if self._router is not None else None
@@ -53,4 +57,7 @@ class DataPlane:
         elapsed = _now() - start
         stats.success.add(elapsed)
         metrics.request_seconds.observe(elapsed / 1e9)
+        drift = self._drift
+        if drift is not None:
+            drift.offer(DriftSample(model, request, response))
         return response

@@ -11,6 +11,7 @@ queue-policy settings, instance count)::
     slow_model(repo, "slow", delay_ms=50, max_queue_size=2)
     no_batch_model(repo, "no_batch")
     broken_model(repo, "broken")
+    scaled_model_version(repo, "m", 2, factor=2.0)    # only m/2/ (OUTPUT0 = INPUT0 * 2)
 
 Tensor names follow the Triton examples: ``INPUT0``/``INPUT1`` and
 ``OUTPUT0``/``OUTPUT1``. With ``max_batch_size > 0`` the ONNX shapes get a leading
@@ -115,6 +116,8 @@ class ConfigOptions(TypedDict, total=False):
     timeout_action: str  # "REJECT" or "DELAY"
     allow_timeout_override: bool
     instance_count: int
+    #: the body of a ModelVersionPolicy: "all { }", "latest { num_versions: 2 }", ...
+    version_policy: str
 
 
 @dataclass(frozen=True)
@@ -208,6 +211,8 @@ def render_config(
         lines += _batching_block(options)
     count = options.get("instance_count", 1)
     lines += ["instance_group [", "  {", f"    count: {count}", "    kind: KIND_CPU", "  }", "]"]
+    if "version_policy" in options:
+        lines.append(f"version_policy: {{ {options['version_policy']} }}")
     for key, value in (parameters or {}).items():
         lines.append(f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}')
     return "\n".join(lines) + "\n"
@@ -216,6 +221,45 @@ def render_config(
 # --------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------
+
+
+def write_version(
+    repo: Path, name: str, model: onnx.ModelProto | bytes, version: int = 1,
+    extra_files: Mapping[str, bytes] | None = None,
+) -> Path:
+    """Publish ``repo/name/version/`` atomically: fill it under a dot-prefixed temporary
+    name inside the model directory (a polling server ignores it), then rename it into
+    place. ``extra_files`` go beside ``model.onnx`` (e.g. a ``model_card.json``).
+    Returns the version directory.
+    """
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    model_dir = Path(repo) / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    final = model_dir / str(version)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-v{version}-", dir=model_dir))
+    try:
+        (tmp / "model.onnx").write_bytes(data)
+        for file_name, content in (extra_files or {}).items():
+            (tmp / file_name).write_bytes(content)
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".old-v{version}-", dir=model_dir))
+            final.rename(old / "v")
+            shutil.rmtree(old)
+        tmp.rename(final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return final
+
+
+def write_config(model_dir: Path, config_text: str) -> Path:
+    """Replace ``model_dir/config.pbtxt`` atomically (temporary file + rename)."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    fd, cfg_tmp = tempfile.mkstemp(prefix=".config.", dir=model_dir)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(config_text)
+    os.replace(cfg_tmp, model_dir / "config.pbtxt")
+    return model_dir / "config.pbtxt"
 
 
 def write_model(
@@ -227,25 +271,9 @@ def write_model(
     renamed into place, and the config is replaced atomically, so a server polling
     ``repo`` never sees a half-written model. Returns the model directory.
     """
-    data = model if isinstance(model, bytes) else model.SerializeToString()
+    write_version(repo, name, model, version)
     model_dir = Path(repo) / name
-    model_dir.mkdir(parents=True, exist_ok=True)
-    final = model_dir / str(version)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-v{version}-", dir=model_dir))
-    try:
-        (tmp / "model.onnx").write_bytes(data)
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".old-v{version}-", dir=model_dir))
-            final.rename(old / "v")
-            shutil.rmtree(old)
-        tmp.rename(final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    fd, cfg_tmp = tempfile.mkstemp(prefix=".config.", dir=model_dir)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(config_text)
-    os.replace(cfg_tmp, model_dir / "config.pbtxt")
+    write_config(model_dir, config_text)
     return model_dir
 
 
@@ -491,3 +519,82 @@ def broken_model(
     )
     garbage = b"this is not an ONNX model\x00\xff\xfe" + bytes(range(256))
     return write_model(repo, name, garbage, config, version)
+
+
+SCALED_WIDTH = 16
+
+
+def scaled_model_config(
+    name: str, *, max_batch_size: int = 8, **options: Unpack[ConfigOptions]
+) -> str:
+    """The config.pbtxt of :func:`scaled_model_version` (FP32 [-1, 16] in and out)."""
+    return render_config(
+        name,
+        max_batch_size=max_batch_size,
+        inputs=[TensorSpec("INPUT0", "FP32", (SCALED_WIDTH,))],
+        outputs=[TensorSpec("OUTPUT0", "FP32", (SCALED_WIDTH,))],
+        **options,
+    )
+
+
+def scaled_model_version(
+    repo: Path,
+    name: str,
+    version: int,
+    factor: float,
+    *,
+    with_config: bool = False,
+    max_batch_size: int = 8,
+    weights_mb: float = 0.0,
+    extra_files: Mapping[str, bytes] | None = None,
+    **options: Unpack[ConfigOptions],
+) -> Path:
+    """One version whose output says which version answered: ``OUTPUT0 = INPUT0 * factor``.
+
+    ``INPUT0``/``OUTPUT0`` FP32 [N, 16] (config dims [16], ``max_batch_size`` 8, dynamic
+    batching). Writes only ``<name>/<version>/`` (published atomically, see
+    :func:`write_version`), plus ``config.pbtxt`` when ``with_config`` (rendered from
+    ``options``). ``weights_mb`` > 0 adds a weight tensor of about that size that every
+    request reads one zero row of (through a Gather onnxruntime cannot fold away), so a
+    loaded version holds that much memory without changing its output.
+    ``extra_files`` are written into the version directory (e.g. ``model_card.json``).
+    Returns the version directory.
+    """
+    batched = max_batch_size > 0
+    spec = TensorSpec("INPUT0", "FP32", (SCALED_WIDTH,))
+    out = TensorSpec("OUTPUT0", "FP32", (SCALED_WIDTH,))
+    initializers = [numpy_helper.from_array(np.array(factor, dtype=np.float32), "factor")]
+    if weights_mb > 0:
+        rows = max(2, int(weights_mb * 1024 * 1024) // (4 * SCALED_WIDTH))
+        weights = np.random.default_rng(version).random((rows, SCALED_WIDTH), dtype=np.float32)
+        weights[0] = 0.0
+        initializers += [
+            numpy_helper.from_array(weights, "W"),
+            numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero"),
+        ]
+        nodes = [
+            helper.make_node("Mul", ["INPUT0", "zero"], ["zeros"]),
+            helper.make_node("ReduceMin", ["zeros"], ["zero_at_run_time"], keepdims=0),
+            helper.make_node("Cast", ["zero_at_run_time"], ["row"], to=TensorProto.INT64),
+            helper.make_node("Gather", ["W", "row"], ["zero_row"], axis=0),
+            helper.make_node("Mul", ["INPUT0", "factor"], ["scaled"]),
+            helper.make_node("Add", ["scaled", "zero_row"], ["OUTPUT0"]),
+        ]
+    else:
+        nodes = [helper.make_node("Mul", ["INPUT0", "factor"], ["OUTPUT0"])]
+    graph = helper.make_graph(
+        nodes, name, [_value_info(spec, batched)], [_value_info(out, batched)],
+        initializer=initializers,
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", ONNX_OPSET)],
+        ir_version=IR_VERSION,
+        producer_name="peregrine-tests",
+    )
+    onnx.checker.check_model(model, full_check=True)
+    version_dir = write_version(repo, name, model, version, extra_files)
+    if with_config:
+        write_config(Path(repo) / name,
+                     scaled_model_config(name, max_batch_size=max_batch_size, **options))
+    return version_dir

@@ -4,6 +4,7 @@ last served well, written atomically so a restart (or a crash mid-swap) comes ba
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -48,6 +49,7 @@ class StateFile:
             "explicit_models": sorted(state.explicit_models),
             "last_good": {k: sorted(v) for k, v in sorted(state.last_good.items())},
         }
+        tmp: str | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=".state-", dir=self.path.parent)
@@ -56,6 +58,11 @@ class StateFile:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, self.path)
+            tmp = None
         except OSError as exc:
             log.warning("cannot write state file", extra={"path": str(self.path),
                                                           "error": repr(exc)})
+        finally:
+            if tmp is not None:  # failed before the rename: leave no partial file behind
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)

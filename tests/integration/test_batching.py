@@ -10,7 +10,6 @@ import asyncio
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,7 +24,7 @@ from tests.server_harness import ServerThread
 
 SLOW_MS = 100.0
 TIMED_MS = 200.0
-DELAY_US = 200_000
+DELAY_US = 600_000
 
 
 @pytest.fixture(scope="module")
@@ -167,9 +166,13 @@ async def test_max_queue_delay_batches_to_the_preferred_size(
     aio: aioclient.InferenceServerClient, client: grpcclient.InferenceServerClient
 ) -> None:
     one = np.ones((1, 16), dtype=np.float32)
+    start = time.perf_counter()
     results = await asyncio.gather(
         *(aio.infer("delayed", add_sub_inputs(one * i, one)) for i in range(4))
     )
+    # The preferred size completes the batch: it goes without waiting out the 0.6 s delay.
+    elapsed = time.perf_counter() - start
+    assert elapsed < 0.5 * DELAY_US / 1e6, f"a preferred-size batch took {elapsed:.3f}s"
     for i, result in enumerate(results):
         np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), one * i + one)
     stats = model_stats(client, "delayed")
@@ -186,7 +189,7 @@ async def test_max_queue_delay_batches_to_the_preferred_size(
     assert sorted(b.batch_size for b in stats.batch_stats) == [1, 4]
 
 
-# -- admission ---------------------------------------------------------------------------------------
+# -- admission -------------------------------------------------------------------------------------
 
 
 async def test_full_queue_answers_resource_exhausted(
@@ -277,7 +280,7 @@ def test_priority_out_of_range_is_invalid_argument(
     assert status(caught.value) == "StatusCode.INVALID_ARGUMENT"
 
 
-# -- metrics ---------------------------------------------------------------------------------------------
+# -- metrics ---------------------------------------------------------------------------------------
 
 
 def scrape(server: ServerThread) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

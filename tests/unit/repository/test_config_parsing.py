@@ -454,7 +454,8 @@ def test_missing_model_file_is_a_load_error(tmp_path: Path) -> None:
 def policy(text: str) -> mc.ModelVersionPolicy:
     from google.protobuf import text_format
 
-    return text_format.Parse(text, mc.ModelVersionPolicy())
+    parsed: mc.ModelVersionPolicy = text_format.Parse(text, mc.ModelVersionPolicy())
+    return parsed
 
 
 def test_default_policy_serves_the_latest_version() -> None:

@@ -211,7 +211,7 @@ async def test_eager_dispatch_when_idle(make: Maker) -> None:
 
 
 async def test_queue_delay_holds_until_the_preferred_size(make: Maker) -> None:
-    made = await make(model_factory.add_sub_model, "delayed", max_queue_delay_microseconds=200_000,
+    made = await make(model_factory.add_sub_model, "delayed", max_queue_delay_microseconds=400_000,
                       preferred_batch_size=[4])
     a = np.ones((1, 16), dtype=np.float32)
     submit = made.batcher.submit
@@ -219,6 +219,9 @@ async def test_queue_delay_holds_until_the_preferred_size(make: Maker) -> None:
     responses = await asyncio.gather(
         *(submit(request("delayed", {"INPUT0": a * i, "INPUT1": a})) for i in range(4))
     )
+    # Reaching the preferred size sends the batch without waiting out the delay.
+    elapsed = time.perf_counter() - start
+    assert elapsed < 0.2, f"a preferred-size batch took {elapsed:.3f}s of a 0.4 s delay"
     for i, response in enumerate(responses):
         np.testing.assert_array_equal(output(response), a * i + a)
     assert made.metrics.stats.execution_count == 1
@@ -227,7 +230,7 @@ async def test_queue_delay_holds_until_the_preferred_size(make: Maker) -> None:
     start = time.perf_counter()
     await submit(request("delayed", {"INPUT0": a, "INPUT1": a}))
     waited = time.perf_counter() - start
-    assert waited >= 0.15, f"a lone request went after {waited:.3f}s, before the 0.2 s delay"
+    assert waited >= 0.3, f"a lone request went after {waited:.3f}s, before the 0.4 s delay"
     assert made.metrics.stats.execution_count == 2
     assert sorted(made.metrics.stats.batches) == [1, 4]
 
@@ -409,7 +412,7 @@ async def test_close_fails_queued_waiters_with_model_not_ready(make: Maker) -> N
 class FlakyBackend:
     """An identity backend whose chosen calls raise (or return a wrong number of rows)."""
 
-    def __init__(self, fail_calls: set[int], wrong_rows_calls: set[int] = frozenset(),
+    def __init__(self, fail_calls: set[int], wrong_rows_calls: frozenset[int] = frozenset(),
                  delay_s: float = 0.0) -> None:
         self.calls = 0
         self.fail_calls = fail_calls
@@ -490,7 +493,8 @@ async def test_backend_exception_fans_out_to_every_waiter() -> None:
 
 
 async def test_wrong_output_rows_fan_out_backend_error() -> None:
-    await _run_failure_case(FlakyBackend(fail_calls=set(), wrong_rows_calls={2}, delay_s=0.1),
+    await _run_failure_case(FlakyBackend(fail_calls=set(), wrong_rows_calls=frozenset({2}),
+                                         delay_s=0.1),
                             "expected 6 rows")
 
 

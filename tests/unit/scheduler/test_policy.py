@@ -236,7 +236,9 @@ SIGNATURES = st.sampled_from([A, B, ("INPUT0", (1, 2)), ()])
 def scenarios(draw: st.DrawFn) -> tuple[list[tuple[int, Hashable]], int, frozenset[int], int,
                                          int, int, bool]:
     max_batch = draw(st.integers(1, 16))
-    front = draw(st.lists(st.tuples(st.integers(1, max_batch), SIGNATURES), max_size=12))
+    front: list[tuple[int, Hashable]] = draw(
+        st.lists(st.tuples(st.integers(1, max_batch), SIGNATURES), max_size=12)
+    )
     preferred = draw(st.frozensets(st.integers(1, max_batch), max_size=4))
     delay = draw(st.sampled_from([0, 1, 1_000, 100 * MS]))
     oldest = draw(st.integers(0, 10**12))
