@@ -12,6 +12,7 @@ queue-policy settings, instance count)::
     no_batch_model(repo, "no_batch")
     broken_model(repo, "broken")
     scaled_model_version(repo, "m", 2, factor=2.0)    # only m/2/ (OUTPUT0 = INPUT0 * 2)
+    failing_model(repo, "failing")    # loads, but every inference fails (INTERNAL)
 
 Tensor names follow the Triton examples: ``INPUT0``/``INPUT1`` and
 ``OUTPUT0``/``OUTPUT1``. With ``max_batch_size > 0`` the ONNX shapes get a leading
@@ -519,6 +520,41 @@ def broken_model(
     )
     garbage = b"this is not an ONNX model\x00\xff\xfe" + bytes(range(256))
     return write_model(repo, name, garbage, config, version)
+
+
+def failing_model(
+    repo: Path,
+    name: str = "failing",
+    *,
+    max_batch_size: int = 8,
+    version: int = 1,
+    **options: Unpack[ConfigOptions],
+) -> Path:
+    """Loads and warms up like any model, but every inference fails inside onnxruntime.
+
+    The signature of :func:`scaled_model_version` (FP32 ``INPUT0`` -> ``OUTPUT0``, config
+    dims [16]), so it can stand in for a version of such a model (e.g. a failing canary).
+    The graph reshapes the ``N * 16`` input values to rows of 15 first, which fails at run
+    time unless ``N`` is a multiple of 15 (never within ``max_batch_size`` 8).
+    """
+    spec = TensorSpec("INPUT0", "FP32", (16,))
+    return _build(
+        repo,
+        name,
+        nodes=[
+            helper.make_node("Reshape", ["INPUT0", "rows15"], ["odd"]),
+            helper.make_node("Reshape", ["odd", "rows16"], ["OUTPUT0"]),
+        ],
+        inputs=[spec],
+        outputs=[TensorSpec("OUTPUT0", "FP32", (16,))],
+        initializers=[
+            numpy_helper.from_array(np.array([-1, 15], dtype=np.int64), "rows15"),
+            numpy_helper.from_array(np.array([-1, 16], dtype=np.int64), "rows16"),
+        ],
+        max_batch_size=max_batch_size,
+        version=version,
+        options=options,
+    )
 
 
 SCALED_WIDTH = 16

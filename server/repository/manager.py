@@ -25,7 +25,7 @@ from server.interfaces import Backend, BackendFactory, ModelSource, Packer
 from server.metrics import MetricsRegistry, VersionMetrics
 from server.repository import config as config_io
 from server.repository.cards import read_card
-from server.repository.state import StateFile
+from server.repository.state import RepositoryState, StateFile
 from server.repository.versions import select_versions
 from server.repository.warmup import warmup_inputs
 from server.scheduler.batcher import DynamicBatcher
@@ -125,6 +125,7 @@ class ModelRepository:
         self._loader = ThreadPoolExecutor(max_workers=load_threads, thread_name_prefix="load")
         self._state_file = StateFile(state_file)
         self._state = self._state_file.load()
+        self._state_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state")
         self._drain_timeout = drain_timeout
         self._retiring: set[asyncio.Task[None]] = set()
         self._source_fingerprints: dict[str, str] = {}
@@ -267,7 +268,19 @@ class ModelRepository:
     ) -> None:
         """Load or reload one model without dropping requests. Raises ModelLoadError when no
         version of the model is ready afterwards (an older one may still be serving)."""
-        model_dir = await asyncio.to_thread(self.source.fetch, name)
+        try:
+            model_dir = await asyncio.to_thread(self.source.fetch, name)
+        except ModelLoadError as exc:
+            # A remote source (MLflow) fails here: unreachable, unknown alias, no model file.
+            # Record why, so RepositoryIndex shows it; a serving version keeps serving.
+            failed = self._models.setdefault(
+                name, ModelRecord(name=name, state=ModelState.UNAVAILABLE)
+            )
+            if not failed.ready_order:
+                failed.state = ModelState.UNAVAILABLE
+                failed.reason = str(exc)
+            self._load_failed(failed, "", str(exc))
+            raise
         record = self._models.get(name)
         if record is None:
             record = self._models[name] = ModelRecord(name=name, state=ModelState.LOADING)
@@ -564,9 +577,16 @@ class ModelRepository:
                 entry.reason = "server shutting down"
             record.ready_order = []
         self._loader.shutdown(wait=False)
+        await asyncio.to_thread(self._state_writer.shutdown, True)
 
     def _save_state(self) -> None:
-        self._state_file.save(self._state)
+        """Persist a snapshot from the writer thread: fsync stays off the event loop, and one
+        thread keeps the writes in order."""
+        snapshot = RepositoryState(
+            explicit_models=set(self._state.explicit_models),
+            last_good={name: list(versions) for name, versions in self._state.last_good.items()},
+        )
+        self._state_writer.submit(self._state_file.save, snapshot)
 
 
 def _version_fingerprint(version_dir: Path) -> str:
