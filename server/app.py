@@ -6,6 +6,7 @@ The only module that imports concrete backends and sidecars.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Callable
@@ -29,7 +30,13 @@ from server.config import ServerSettings
 from server.dataplane import DataPlane
 from server.frontend.admin import AdminServicer
 from server.frontend.inference import InferenceServicer, ServerState
-from server.interfaces import Backend, BackendFactory, DriftSink
+from server.interfaces import (
+    Backend,
+    BackendFactory,
+    DriftSink,
+    ModelSource,
+    WatchableSource,
+)
 from server.metrics import MetricsRegistry
 from server.metrics.drift import DriftCounts, DriftMetrics
 from server.metrics.routing import RoutingMetrics
@@ -40,6 +47,7 @@ from server.repository.source import FilesystemSource
 from server.routing.router import Router
 from server.routing.shadow import ShadowMirror
 from server.routing.store import RouteStore
+from server.shm import SharedMemoryRegistry
 from server.spec import ModelSpec
 
 if TYPE_CHECKING:
@@ -55,6 +63,17 @@ def backend_factories() -> dict[str, BackendFactory]:
     return {"onnxruntime": OnnxRuntimeFactory()}
 
 
+def model_source(settings: ServerSettings) -> ModelSource:
+    """The filesystem (--model-repository) by default; the MLflow Model Registry for an
+    mlflow:// --model-source (imported only then: mlflow is an optional extra)."""
+    if settings.mlflow_tracking_uri is not None:
+        from server.repository.mlflow_source import MlflowSource
+
+        return MlflowSource(settings.mlflow_tracking_uri, settings.mlflow_models,
+                            settings.model_cache_dir)
+    return FilesystemSource(settings.model_repository)
+
+
 class PeregrineServer:
     """One server: the repository, the dataplane, the gRPC server and the metrics endpoint."""
 
@@ -62,7 +81,7 @@ class PeregrineServer:
         self.settings = settings
         self.metrics = MetricsRegistry()
         self.repository = ModelRepository(
-            FilesystemSource(settings.model_repository),
+            model_source(settings),
             backend_factories(),
             default_packer,
             self.metrics,
@@ -76,7 +95,9 @@ class PeregrineServer:
             self.repository.spec_of,
             routing_metrics,
             ShadowMirror(self.repository, routing_metrics),
-            RouteStore(self.repository.source.fetch),
+            # Beside the model's local files; not source.fetch, which for MLflow means a
+            # registry round trip (and raises for a model that failed to fetch).
+            RouteStore(lambda model: settings.models_root / model),
         )
         self._poller: asyncio.Task[None] | None = None
         self.state = ServerState(strict_readiness=settings.strict_readiness)
@@ -86,6 +107,8 @@ class PeregrineServer:
         self._grpc: grpc.aio.Server | None = None
         self._metrics_http: Any = None
         self.drift: DriftAnalyser | None = None
+        #: Client-registered system shared-memory regions; unmapped at stop.
+        self.shared_memory = SharedMemoryRegistry()
 
     async def start(self) -> None:
         settings = self.settings
@@ -103,6 +126,7 @@ class PeregrineServer:
         servicer = InferenceServicer(
             self.repository, DataPlane(self.repository, self.router, drift), self.state, self.mode,
             header_pattern=settings.grpc_header_forward_pattern,
+            shared_memory=self.shared_memory,
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
         admin_grpc.add_PeregrineAdminServicer_to_server(AdminServicer(self.router), server)
@@ -140,19 +164,39 @@ class PeregrineServer:
         log.info("server started", extra={
             "grpc": f"{settings.host}:{self.grpc_port}",
             "metrics": f"{settings.host}:{self.metrics_port}" if settings.allow_metrics else "off",
-            "repository": str(settings.model_repository),
+            "repository": settings.model_source or str(settings.model_repository),
             "ready_versions": len(ready),
         })
 
     async def _poll_forever(self, interval: float) -> None:
-        """Poll mode: apply repository changes, then routing files that changed."""
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.repository.poll_once()
-                self.router.load_persisted(self.repository.names())
-            except Exception as exc:  # the poller must survive a bad scan
-                log.error("repository poll failed", extra={"error": repr(exc)}, exc_info=exc)
+        """Poll mode: apply repository changes, then routing files that changed.
+
+        A source with change events (the filesystem, through inotify and friends) wakes the
+        scan at once; the periodic rescan stays as the fallback for missed events.
+        """
+        changed = asyncio.Event()
+        watcher = None
+        if isinstance(self.repository.source, WatchableSource):
+            watcher = asyncio.get_running_loop().create_task(
+                _forward_changes(self.repository.source, changed), name="repo-watch"
+            )
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), interval)
+                changed.clear()
+                await self._poll_once()
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
+
+    async def _poll_once(self) -> None:
+        try:
+            await self.repository.poll_once()
+            self.router.load_persisted(self.repository.names())
+        except Exception as exc:  # the poller must survive a bad scan
+            log.error("repository poll failed", extra={"error": repr(exc)}, exc_info=exc)
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking requests, let accepted ones finish within ``grace``, unload everything."""
@@ -172,6 +216,7 @@ class PeregrineServer:
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
+        self.shared_memory.unregister()
         self.state.live = False
         log.info("server stopped")
 
@@ -197,7 +242,7 @@ class PeregrineServer:
             DriftCounts(s.model, s.version, s.ring.pushed, s.ring.dropped, s.unprofiled)
             for s in sampler.samplers()
         ])
-        analyser = DriftAnalyser(sampler, self.settings.model_repository, gauges)
+        analyser = DriftAnalyser(sampler, self.settings.models_root, gauges)
         # Load the reference profiles before traffic arrives, off the loop.
         await asyncio.get_running_loop().run_in_executor(None, analyser.run_once)
         analyser.start()
@@ -247,6 +292,15 @@ def _merged_pool() -> descriptor_pool.DescriptorPool:
         proto.CopyToProto(file_proto)
         merged.Add(file_proto)
     return merged
+
+
+async def _forward_changes(source: WatchableSource, changed: asyncio.Event) -> None:
+    try:
+        async for _ in source.watch():
+            changed.set()
+    except Exception as exc:  # events are an optimisation: polling carries on without them
+        log.warning("repository change events unavailable; polling only",
+                    extra={"error": repr(exc)})
 
 
 def _address(host: str, port: int) -> str:

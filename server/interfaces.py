@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from server.metrics import VersionMetrics
 from server.spec import ModelSpec
@@ -108,6 +108,15 @@ class ModelSource(Protocol):
 
     def fingerprint(self, name: str) -> str:
         """A value that changes whenever what ``fetch`` would return changes (for polling)."""
+        ...
+
+
+@runtime_checkable
+class WatchableSource(Protocol):
+    """A ModelSource that can also announce changes, so polling reacts at once."""
+
+    def watch(self) -> AsyncIterator[None]:
+        """Yields whenever something under the source may have changed. Runs on the loop."""
         ...
 
 

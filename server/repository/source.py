@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from server.errors import ModelLoadError, ModelNotFound
@@ -32,6 +33,13 @@ class FilesystemSource:
         if not path.is_dir():
             raise ModelNotFound(f"model '{name}' is not in repository '{self.root}'")
         return path
+
+    async def watch(self) -> AsyncIterator[None]:
+        """File-system events (inotify, FSEvents, ...) under the root, debounced."""
+        from watchfiles import awatch
+
+        async for _changes in awatch(self.root, debounce=200, step=50, recursive=True):
+            yield None
 
     def fingerprint(self, name: str) -> str:
         """Changes whenever the config, a version directory, a model file or a card changes."""
