@@ -7,6 +7,7 @@ then rejects them with the file, line and field name.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from pathlib import Path
 from types import MappingProxyType
@@ -224,10 +225,32 @@ def to_spec(config: mc.ModelConfig, model_dir: Path) -> ModelSpec:
     )
 
 
+#: Triton's --backend-config default-max-batch-size, used when a model comes without a config.
+AUTO_MAX_BATCH_SIZE = 4
+
+
+def with_default_batching(spec: ModelSpec) -> ModelSpec:
+    """A model without config.pbtxt batches when every tensor's first dimension is dynamic,
+    as Triton's auto-complete does: max_batch_size 4 with dynamic batching on."""
+    tensors = (*spec.inputs, *spec.outputs)
+    if spec.max_batch_size or any(not t.dims or t.dims[0] != -1 for t in tensors):
+        return spec
+    return dataclasses.replace(
+        spec,
+        max_batch_size=AUTO_MAX_BATCH_SIZE,
+        inputs=tuple(dataclasses.replace(t, dims=t.dims[1:]) for t in spec.inputs),
+        outputs=tuple(dataclasses.replace(t, dims=t.dims[1:]) for t in spec.outputs),
+        batching=BatchingSpec(enabled=True),
+    )
+
+
 def completed_config(config: mc.ModelConfig, spec: ModelSpec) -> mc.ModelConfig:
     """The config as served by the ModelConfig RPC: auto-completed fields filled in."""
     served = mc.ModelConfig()
     served.CopyFrom(config)
+    served.max_batch_size = spec.max_batch_size
+    if spec.batching.enabled and not served.HasField("dynamic_batching"):
+        served.dynamic_batching.SetInParent()
     served.name = spec.name
     served.platform = spec.platform
     served.backend = spec.backend

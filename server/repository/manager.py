@@ -390,6 +390,8 @@ class ModelRepository:
             raise first_error
         if not spec.inputs or not spec.outputs:
             raise ModelLoadError(f"model '{spec.name}' declares no inputs or no outputs")
+        if config_override is None and not (model_dir / config_io.CONFIG_FILE).exists():
+            spec = config_io.with_default_batching(spec)
         fingerprints = {str(v): _version_fingerprint(model_dir / str(v)) for v in chosen}
         cards: dict[str, Mapping[str, str]] = {}
         for v in chosen:
