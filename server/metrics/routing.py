@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -101,3 +103,13 @@ class RoutingMetrics:
 
     def set_canary(self, model: str, percent: float) -> None:
         self._canary_step.labels(model).set(percent)
+
+    def forget_weights(self, model: str, variants: Iterable[str]) -> None:
+        """Drop the weight gauges of variants no longer in the model's table."""
+        for variant in variants:
+            with contextlib.suppress(KeyError):
+                self._weight.remove(model, variant)
+
+    def forget_canary(self, model: str) -> None:
+        with contextlib.suppress(KeyError):
+            self._canary_step.remove(model)

@@ -191,14 +191,17 @@ class Router:
         return run
 
     def _apply(self, route: Route, who: str, persist: bool) -> None:
-        old_run = self._canaries.pop(route.model, None)
-        if old_run is not None and old_run.task is not None:
-            old_run.task.cancel()
         if route.canary is not None:
             first = route.canary.steps[0]
             route = route.with_weights({route.canary.candidate: first,
                                         route.canary.baseline: 100.0 - first})
+        # Installed first: when persisting fails, the old table and its canary go on as before.
         self._install(route, who, "set", persist)
+        old_run = self._canaries.pop(route.model, None)
+        if old_run is not None and old_run.task is not None:
+            old_run.task.cancel()
+        if route.canary is None and old_run is not None and old_run.state == "running":
+            self._metrics.forget_canary(route.model)  # replaced by a table without a canary
         if route.canary is not None:
             run = CanaryRun()
             self._mark(route, run)
@@ -211,8 +214,11 @@ class Router:
     def _install(self, route: Route, who: str, action: str, persist: bool) -> None:
         if persist:
             self._store.write(route.table)
+        old = self._routes.get(route.model)
         self._routes[route.model] = route
         self._mirror.configure(route.model, route.shadow)
+        if old is not None:
+            self._metrics.forget_weights(route.model, set(old.names) - set(route.names))
         for target in route.variants:
             self._metrics.set_weight(route.model, target.name, target.weight)
         log.info("routing changed", extra={
@@ -221,13 +227,16 @@ class Router:
         })
 
     def _apply_clear(self, model: str, who: str, persist: bool) -> None:
+        if persist:
+            self._store.remove(model)
         run = self._canaries.pop(model, None)
         if run is not None and run.task is not None:
             run.task.cancel()
-        self._routes.pop(model, None)
+        old = self._routes.pop(model, None)
         self._mirror.configure(model, None)
-        if persist:
-            self._store.remove(model)
+        if old is not None:
+            self._metrics.forget_weights(model, old.names)
+        self._metrics.forget_canary(model)
         log.info("routing changed", extra={"who": who, "action": "clear", "model": model})
 
     # -- canary ------------------------------------------------------------------------------------

@@ -180,11 +180,11 @@ def _canary(table: admin.RouteTable, variants: list[Target]) -> CanarySpec | Non
     if any(not 0 < s <= 100 for s in steps) or list(steps) != sorted(set(steps)):
         raise InvalidInput(f"canary steps must rise within (0, 100], got {list(steps)}")
     interval = spec.step_interval_secs or 60.0
-    if interval <= 0:
-        raise InvalidInput("canary step_interval_secs must be positive")
+    if not (math.isfinite(interval) and interval > 0):
+        raise InvalidInput(f"canary step_interval_secs must be positive, got {interval}")
     ratio = spec.max_p99_ratio or 1.5
-    if ratio < 1:
-        raise InvalidInput("canary max_p99_ratio must be at least 1")
+    if not (math.isfinite(ratio) and ratio >= 1):
+        raise InvalidInput(f"canary max_p99_ratio must be at least 1, got {ratio}")
     increase = spec.max_error_rate_increase or 0.01
     if not 0 <= increase <= 1:
         raise InvalidInput("canary max_error_rate_increase must be within [0, 1]")
