@@ -30,7 +30,9 @@ class DataPlane:
         start = _now()
         try:
             response = await self._serve(request, decision.model, decision.version)
-        except BaseException:
+        except asyncio.CancelledError:
+            raise  # the caller went away: no verdict on the variant
+        except Exception:
             self._router.finish(decision, request, None, (_now() - start) / 1e9)
             raise
         response.parameters["routing_variant"] = decision.variant

@@ -171,10 +171,14 @@ class ModelRepository:
         return record
 
     def spec_of(self, name: str, version: str) -> ModelSpec:
-        """The spec of a model (and check that the version is known); for routing tables."""
+        """The spec of a model whose version (or latest) is ready; for routing tables."""
         record = self.record(name)
         if version and version not in record.versions:
             raise ModelNotFound(f"unknown version '{version}' of model '{name}'")
+        if not self.is_ready(name, version):
+            raise ModelNotFound(
+                f"model '{name}' version {version or '(latest)'} is not ready to serve"
+            )
         if record.spec is None:
             raise ModelNotFound(f"model '{name}' is not loaded: {record.reason}")
         return record.spec

@@ -27,7 +27,7 @@ CANARY_TICK_SECS = 0.5
 
 @dataclass(slots=True)
 class CanaryRun:
-    state: str = "running"  # running, promoted, rolled_back
+    state: str = "running"  # running, promoted, rolled_back, failed
     step: int = 0
     reason: str = ""
     started: float = field(default_factory=time.monotonic)
@@ -120,6 +120,9 @@ class Router:
     def set_table(self, table: admin.RouteTable, who: str) -> admin.RouteStatus:
         route = build_route(table, self._lookup)
         self._apply(route, who, persist=True)
+        # A new table starts its variants' live figures afresh (Prometheus keeps the totals).
+        for name in route.names:
+            self._stats.pop((route.model, name), None)
         return self.status(route.model)
 
     def clear(self, model: str, who: str) -> admin.RouteStatus:
@@ -208,6 +211,7 @@ class Router:
             run.task = asyncio.get_running_loop().create_task(
                 self._drive_canary(route.model, run), name=f"canary-{route.model}"
             )
+            run.task.add_done_callback(self._canary_ended)
             self._canaries[route.model] = run
             self._metrics.set_canary(route.model, route.canary.steps[0])
 
@@ -246,6 +250,16 @@ class Router:
         run.started = time.monotonic()
         run.baseline_mark = self._variant_stats(route.model, route.canary.baseline).mark()
         run.candidate_mark = self._variant_stats(route.model, route.canary.candidate).mark()
+
+    def _canary_ended(self, task: asyncio.Task[None]) -> None:
+        """A canary driver that dies leaves the table as it is, and says so."""
+        if task.cancelled() or task.exception() is None:
+            return
+        for model, run in self._canaries.items():
+            if run.task is task:
+                run.state = "failed"
+                run.reason = f"canary driver failed: {task.exception()!r}"
+                log.error("canary driver failed", extra={"model": model, "reason": run.reason})
 
     async def _drive_canary(self, model: str, run: CanaryRun) -> None:
         while run.state == "running":
