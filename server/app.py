@@ -40,7 +40,7 @@ from server.interfaces import (
 from server.metrics import MetricsRegistry
 from server.metrics.drift import DriftCounts, DriftMetrics
 from server.metrics.routing import RoutingMetrics
-from server.packing import default_packer
+from server.packing import select_packer
 from server.repository import config as config_io
 from server.repository.manager import ControlMode, ModelRepository
 from server.repository.source import FilesystemSource
@@ -80,10 +80,12 @@ class PeregrineServer:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.metrics = MetricsRegistry()
+        #: Compiled packing unless PEREGRINE_NATIVE=0 (read now, at start: not at import).
+        self.packer = select_packer()
         self.repository = ModelRepository(
             model_source(settings),
             backend_factories(),
-            default_packer,
+            self.packer,
             self.metrics,
             load_threads=settings.model_load_thread_count,
             state_file=settings.resolved_state_file,
@@ -238,11 +240,11 @@ class PeregrineServer:
         for version in served:
             sampler.register(version.spec, version.version)
         gauges = DriftMetrics(self.metrics.registry)
+        analyser = DriftAnalyser(sampler, self.settings.models_root, gauges)
         gauges.count_from(lambda: [
             DriftCounts(s.model, s.version, s.ring.pushed, s.ring.dropped, s.unprofiled)
             for s in sampler.samplers()
-        ])
-        analyser = DriftAnalyser(sampler, self.settings.models_root, gauges)
+        ], lambda: analyser.cpu_seconds)
         # Load the reference profiles before traffic arrives, off the loop.
         await asyncio.get_running_loop().run_in_executor(None, analyser.run_once)
         analyser.start()

@@ -38,6 +38,17 @@ def parse_bool(text: str) -> bool:
     raise ValueError(f"expected true or false, got '{text}'")
 
 
+def default_model_cache() -> Path:
+    """Where a remote model source (MLflow) materialises models: the user's cache directory."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "peregrine" / "models"
+
+
+#: ``--model-source`` prefixes of an MLflow tracking server -> the scheme of its HTTP API.
+MLFLOW_SCHEMES = {"mlflow://": "http://", "mlflow+http://": "http://",
+                  "mlflow+https://": "https://"}
+
+
 def parse_names(text: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in text.split(",") if name.strip())
 
@@ -78,6 +89,9 @@ class ServerSettings:
     load_model: tuple[str, ...] = ()
     state_file: Path | None = None
     grpc_header_forward_pattern: str = ""
+    model_source: str = ""
+    mlflow_models: tuple[str, ...] = ()
+    model_cache_dir: Path = dataclasses.field(default_factory=default_model_cache)
 
     def __post_init__(self) -> None:
         for port_name in ("grpc_port", "metrics_port"):
@@ -99,11 +113,33 @@ class ServerSettings:
                 raise ValueError(f"grpc_header_forward_pattern: {exc}") from None
         if self.load_model and self.model_control_mode != "explicit":
             raise ValueError("load_model needs model_control_mode explicit")
+        if self.model_source and self.mlflow_tracking_uri is None:
+            raise ValueError(f"model_source must be empty (the filesystem) or start with one of "
+                             f"{', '.join(MLFLOW_SCHEMES)}, got '{self.model_source}'")
+        if self.mlflow_tracking_uri is not None and not self.mlflow_models:
+            raise ValueError("an MLflow model_source needs mlflow_models (e.g. digits@champion)")
+        if self.mlflow_models and self.mlflow_tracking_uri is None:
+            raise ValueError("mlflow_models needs an MLflow model_source (mlflow://HOST:PORT)")
+
+    @property
+    def mlflow_tracking_uri(self) -> str | None:
+        """The tracking server's HTTP URI when the models come from MLflow, else None."""
+        for prefix, scheme in MLFLOW_SCHEMES.items():
+            if self.model_source.startswith(prefix):
+                address = self.model_source.removeprefix(prefix).rstrip("/")
+                return scheme + address if address else None
+        return None
+
+    @property
+    def models_root(self) -> Path:
+        """The local directory the served models live under: the repository, or the cache
+        a remote source materialises them into."""
+        return self.model_cache_dir if self.model_source else self.model_repository
 
     @property
     def resolved_state_file(self) -> Path:
         """Where the load set and last good versions persist: beside the models by default."""
-        return self.state_file or self.model_repository / ".peregrine-state.json"
+        return self.state_file or self.models_root / ".peregrine-state.json"
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -145,7 +181,22 @@ OPTIONS: tuple[Option, ...] = (
     Option("state_file", Path,
            "File recording explicitly loaded models and the last versions that served well, "
            "so a restart comes back the same. Default: <model-repository>/"
-           ".peregrine-state.json."),
+           ".peregrine-state.json (<model-cache-dir>/... with a remote model source)."),
+    Option("model_source", str,
+           "Where models come from: empty for --model-repository (the filesystem), or an "
+           "MLflow Model Registry: mlflow://HOST:PORT[/PATH] (HTTP; mlflow+https:// for "
+           "HTTPS), e.g. mlflow://127.0.0.1:5000. Needs the mlflow extra "
+           "(pip install 'peregrine[mlflow]'). Default: empty."),
+    Option("mlflow_models", parse_names,
+           "With an MLflow model source, the registered model versions to serve, "
+           "comma-separated: NAME@ALIAS (follows the alias; in poll mode a moved alias is "
+           "hot-swapped) or NAME/VERSION; SERVED=REF serves under another name. Several refs "
+           "of one served name serve side by side. E.g. digits@champion,text/3,"
+           "digits_next=digits@challenger."),
+    Option("model_cache_dir", Path,
+           "Where a remote model source downloads versions (<dir>/<model>/<version>/"
+           "model.onnx); cached versions are reused. One server per directory. Default: "
+           "$XDG_CACHE_HOME/peregrine/models (~/.cache/peregrine/models)."),
 )
 _BY_NAME = {option.name: option for option in OPTIONS}
 
