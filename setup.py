@@ -73,9 +73,17 @@ native = Pybind11Extension(
     "server._native",
     sources=["csrc/bindings.cpp"],
     include_dirs=["csrc"],
-    depends=["csrc/bytes_codec.hpp"],
+    depends=[
+        "csrc/bytes_codec.hpp",
+        "csrc/packing.hpp",
+        "csrc/preprocess.hpp",
+        "csrc/task_pool.hpp",
+    ],
     cxx_std=17,
-    extra_compile_args=["-O3"],
+    # -ffp-contract=off: no fused multiply-adds, so the preprocessing kernels round exactly
+    # as their numpy oracle does (server/preprocess/reference.py). -pthread: the worker pool.
+    extra_compile_args=["-O3", "-ffp-contract=off", "-pthread"],
+    extra_link_args=["-pthread"],
 )
 
 setup(

@@ -50,6 +50,8 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "system": platform.system(),
         "arch": platform.machine(),
+        # Other work on the machine skews every figure: say how busy it was.
+        "load_average_1m": round(os.getloadavg()[0], 2),
     }
 
 

@@ -114,7 +114,8 @@ def resolve_shape(
     (all dims for a model that does not batch); remaining -1 dims take ``dynamic_dim``.
     """
     dims = list(meta.shape)
-    batched = bool(dims) and dims[0] == -1 if batched is None else batched
+    if batched is None:
+        batched = bool(dims) and dims[0] == -1
     head = [batch_size] if batched else []
     rest = dims[1:] if batched else dims
     if override is not None:
@@ -181,7 +182,7 @@ def _json_inputs(document: Any) -> list[tuple[str, npt.NDArray[Any], str | None]
     """A V2 (KServe) JSON inference request body: {"inputs": [{name, datatype, shape, data}]}."""
     if not isinstance(document, dict) or not isinstance(document.get("inputs"), list):
         raise InputError('a JSON input file is a V2 request body: {"inputs": [...]}')
-    found = []
+    found: list[tuple[str, npt.NDArray[Any], str | None]] = []
     for entry in document["inputs"]:
         try:
             name, datatype = str(entry["name"]), str(entry["datatype"]).upper()

@@ -337,10 +337,9 @@ class _Stream:
         self._pending[rid] = (at_ns, measured)
         if scheduled and measured:
             self._lag.append(time.monotonic_ns() - at_ns)
-        try:
+        # InvalidStateError: the server ended the stream; reading it raises the status.
+        with contextlib.suppress(asyncio.InvalidStateError):
             await self._call.write(self._payload + id_suffix(rid))
-        except asyncio.InvalidStateError:
-            pass  # the server ended the stream; reading it raises the status that says why
 
     async def _sender(self, plan: StepPlan, schedule: Iterator[int]) -> None:
         now = time.monotonic_ns

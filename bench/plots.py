@@ -7,19 +7,23 @@ heaviest step of each run when several are drawn together).
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.lines import Line2D
 
 from bench.histogram import LatencyHistogram
 from bench.table import step_key
 
-_PERCENTILE_STYLES = (("p50", "-"), ("p90", ":"), ("p99", "--"), ("p99.9", "-."))
+LineStyle = Literal["-", ":", "--", "-."]
+_PERCENTILE_STYLES: tuple[tuple[str, LineStyle], ...] = (
+    ("p50", "-"), ("p90", ":"), ("p99", "--"), ("p99.9", "-."))
 
 
 def _x(step: dict[str, Any]) -> float:
@@ -34,8 +38,12 @@ def _x_label(documents: Sequence[dict[str, Any]]) -> str:
 
 
 def _set_x_scale(axis: Any, xs: Sequence[float]) -> None:
+    """Log scale for wide sweeps (1..64), ticks at the swept values, written plainly."""
     if xs and min(xs) > 0 and max(xs) / min(xs) >= 8:
         axis.set_xscale("log", base=2)
+        ticks = sorted(set(xs))
+        axis.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        axis.minorticks_off()
 
 
 def plot_runs(documents: Sequence[dict[str, Any]], labels: Sequence[str], path: Path,
@@ -49,9 +57,12 @@ def plot_runs(documents: Sequence[dict[str, Any]], labels: Sequence[str], path: 
         xs = [_x(s) for s in steps]
         all_x += xs
         through.plot(xs, [s["throughput_rps"] for s in steps], "o-", color=color, label=label)
-        for key, style in _PERCENTILE_STYLES:
+        # Several runs: p50 and p99 only, or the panel turns into a thicket.
+        styles = _PERCENTILE_STYLES if len(documents) == 1 else (_PERCENTILE_STYLES[0],
+                                                                 _PERCENTILE_STYLES[2])
+        for key, style in styles:
             latency.plot(xs, [s["latency_ms"][key] for s in steps], style, marker=".",
-                         color=color, label=f"{label} {key}" if len(documents) > 1 else key)
+                         color=color, label=key if len(documents) == 1 else None)
         shown = steps if len(documents) == 1 else steps[-1:]
         for number, step in enumerate(shown):
             points = LatencyHistogram.decode(step["histogram"]).cdf_ms()
@@ -70,11 +81,25 @@ def plot_runs(documents: Sequence[dict[str, Any]], labels: Sequence[str], path: 
         _set_x_scale(axis, all_x)
     for axis in (through, latency, cdf):
         axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize=7)
+    through.legend(fontsize=7)
+    if len(documents) == 1:
+        latency.legend(fontsize=7)
+    else:  # colours are the runs (see the throughput panel); line styles the percentiles
+        latency.legend(handles=[Line2D([], [], color="grey", linestyle=style, label=key)
+                                for key, style in (_PERCENTILE_STYLES[0], _PERCENTILE_STYLES[2])],
+                       fontsize=7)
+    cdf.legend(fontsize=7)
     if title:
         figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=72)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, dpi=72, format="png")
     plt.close(figure)
+    # A 64-colour palette keeps a chart around a fifth of its RGBA size, legible still.
+    from PIL import Image
+
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        image.convert("RGB").quantize(colors=64).save(path, optimize=True)
     return path

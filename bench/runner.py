@@ -11,12 +11,12 @@ import datetime as dt
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from bench import SCHEMA
-from bench.cpu import tree_cpu_s
+from bench.cpu import listening_pid, tree_cpu_s
 from bench.environment import environment
 from bench.histogram import LatencyHistogram
 from bench.inputs import InputTensor, TensorMeta, load_input_file, random_inputs
@@ -153,8 +153,8 @@ class StepDriver:
             phase = ("measuring" if config.duration_s is None or now < window_end
                      else "draining")
             self._progress.update(label, phase, *self._pool.counts())
-            time.sleep(0.05 if config.duration_s is None else
-                       min(0.5, max(0.01, window_end - now)) if now < window_end else 0.05)
+            timed = config.duration_s is not None and now < window_end
+            time.sleep(min(0.5, max(0.01, window_end - now)) if timed else 0.05)
         results = self._pool.results()
         if after is None:
             after = self._snapshot()
@@ -234,11 +234,29 @@ def median_repeat(repeats: list[dict[str, Any]]) -> dict[str, Any]:
     return chosen
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "[::1]", "::1")
+
+
+def find_server_pid(url: str) -> int | None:
+    """The pid listening on a loopback ``url``'s port; never this process (an in-process
+    server's CPU would include the orchestrator's)."""
+    host, _, port = url.rpartition(":")
+    if host not in LOOPBACK or not port.isdigit():
+        return None
+    pid = listening_pid(int(port))
+    return pid if pid != os.getpid() else None
+
+
 def run(config: RunConfig, progress: ProgressLine | None = None,
         command: list[str] | None = None) -> dict[str, Any]:
     """Drive every step of ``config`` and return the run document (see bench/schema.py)."""
     config.validate()
     progress = progress or ProgressLine()
+    pid_source = "flag" if config.server_pid else None
+    if config.server_pid is None:
+        found = find_server_pid(config.url)
+        if found is not None:
+            config, pid_source = replace(config, server_pid=found), "found"
     info = ServerInfo(config.url)
     try:
         info.wait_ready(config.model)
@@ -260,8 +278,8 @@ def run(config: RunConfig, progress: ProgressLine | None = None,
             for concurrency, rate in points:
                 repeats = [driver.run(concurrency, rate, i) for i in range(config.repeats)]
                 steps.append(median_repeat(repeats))
-        server = {"url": config.url, "pid": config.server_pid, "metadata": metadata,
-                  "stream_format": stream_format}
+        server = {"url": config.url, "pid": config.server_pid, "pid_source": pid_source,
+                  "metadata": metadata, "stream_format": stream_format}
     finally:
         info.close()
     return {

@@ -36,7 +36,10 @@ def _worker_main(
     with _event_loop_runner() as runner:
         conn.send(("ready", None))
         while True:
-            plan = conn.recv()
+            try:
+                plan = conn.recv()
+            except EOFError:  # the parent is gone
+                return
             if plan is None:
                 return
             try:
@@ -77,7 +80,7 @@ class WorkerPool:
 
     def counts(self) -> tuple[int, int]:
         """(ok, errors) measured so far in the current step, over all processes."""
-        values = list(self.progress)
+        values = self.progress[:]
         return sum(values[0::2]), sum(values[1::2])
 
     def start(self, plans: Sequence[StepPlan]) -> None:

@@ -1,7 +1,13 @@
-// pybind11 module `server._native`: Python bindings for the native codecs.
+// pybind11 module `server._native`: Python bindings for the native codecs, batch packing
+// and image preprocessing. Kernels live in the headers (no Python there); this file only
+// converts arguments, holds references while the GIL is released, and raises.
 
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+#include <pthread.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -12,6 +18,9 @@
 #include <vector>
 
 #include "bytes_codec.hpp"
+#include "packing.hpp"
+#include "preprocess.hpp"
+#include "task_pool.hpp"
 
 namespace py = pybind11;
 
@@ -226,6 +235,545 @@ py::bytes encode_bytes(const py::object& items) {
     return out;
 }
 
+// ---------------------------------------------------------------------------
+// numpy helpers (through pybind11's runtime-loaded numpy API: no numpy headers needed)
+// ---------------------------------------------------------------------------
+
+using py::detail::npy_api;
+
+bool is_ndarray(PyObject* obj) { return npy_api::get().PyArray_Check_(obj); }
+
+py::detail::PyArray_Proxy* proxy(PyObject* obj) { return py::detail::array_proxy(obj); }
+
+bool same_dtype(PyObject* a_descr, PyObject* b_descr) {
+    return a_descr == b_descr || npy_api::get().PyArray_EquivTypes_(a_descr, b_descr);
+}
+
+bool is_c_contiguous(PyObject* arr) {
+    return (proxy(arr)->flags & npy_api::NPY_ARRAY_C_CONTIGUOUS_) != 0;
+}
+
+std::size_t dtype_itemsize(PyObject* descr) {
+    return static_cast<std::size_t>(py::reinterpret_borrow<py::dtype>(descr).itemsize());
+}
+
+std::string shape_text(PyObject* arr) {
+    const auto* p = proxy(arr);
+    std::string text = "[";
+    for (int k = 0; k < p->nd; ++k) {
+        text += (k ? ", " : "") + std::to_string(p->dimensions[k]);
+    }
+    return text + "]";
+}
+
+// `obj` as a C-contiguous, aligned array of dtype `descr`: the object itself when it already
+// is one, else a converted copy (numpy's safe casting: TypeError for a lossy conversion).
+py::object as_c_array(PyObject* obj, PyObject* descr) {
+    if (is_ndarray(obj) && same_dtype(proxy(obj)->descr, descr) && is_c_contiguous(obj) &&
+        (proxy(obj)->flags & npy_api::NPY_ARRAY_ALIGNED_) != 0) {
+        return py::reinterpret_borrow<py::object>(obj);
+    }
+    Py_INCREF(descr);  // PyArray_FromAny steals the descriptor reference
+    PyObject* converted = npy_api::get().PyArray_FromAny_(
+        obj, descr, 0, 0,
+        npy_api::NPY_ARRAY_C_CONTIGUOUS_ | npy_api::NPY_ARRAY_ALIGNED_ |
+            npy_api::NPY_ARRAY_ENSUREARRAY_,
+        nullptr);
+    if (converted == nullptr) {
+        throw py::error_already_set();
+    }
+    return py::reinterpret_steal<py::object>(converted);
+}
+
+// The destination of a packing call: a writeable, aligned, C-contiguous numpy array.
+struct OutArray {
+    PyObject* obj = nullptr;
+    std::uint8_t* data = nullptr;
+    std::size_t nbytes = 0;
+    std::size_t itemsize = 0;
+    int ndim = 0;
+    const Py_ssize_t* shape = nullptr;
+};
+
+OutArray check_out(const py::object& out, const char* what) {
+    PyObject* obj = out.ptr();
+    if (!is_ndarray(obj)) {
+        throw py::type_error(std::string(what) + " must be a numpy array, not " + type_name(obj));
+    }
+    const auto* p = proxy(obj);
+    const int need = npy_api::NPY_ARRAY_C_CONTIGUOUS_ | npy_api::NPY_ARRAY_ALIGNED_ |
+                     npy_api::NPY_ARRAY_WRITEABLE_;
+    if ((p->flags & need) != need) {
+        throw py::value_error(std::string(what) +
+                              " must be a writeable, aligned, C-contiguous array");
+    }
+    if (py::reinterpret_borrow<py::dtype>(p->descr).kind() == 'O') {
+        throw py::type_error(std::string(what) + " holds Python objects; pack BYTES in Python");
+    }
+    OutArray o;
+    o.obj = obj;
+    o.data = reinterpret_cast<std::uint8_t*>(p->data);
+    o.itemsize = dtype_itemsize(p->descr);
+    o.ndim = p->nd;
+    o.shape = p->dimensions;
+    std::size_t n = o.itemsize;
+    for (int k = 0; k < p->nd; ++k) {
+        n *= static_cast<std::size_t>(p->dimensions[k]);  // numpy guarantees it fits
+    }
+    o.nbytes = n;
+    return o;
+}
+
+// A sequence argument snapshotted into a tuple (or the caller's tuple): while the GIL is
+// released no other thread can drop an element we copy from.
+py::object snapshot(const py::object& seq, const char* what) {
+    PyObject* obj = seq.ptr();
+    if (PyUnicode_Check(obj) || PyBytes_Check(obj) || PyByteArray_Check(obj) || is_ndarray(obj)) {
+        throw py::type_error(std::string(what) + " must be a list or tuple, not " +
+                             type_name(obj));
+    }
+    py::object fast = py::reinterpret_steal<py::object>(
+        PySequence_Fast(obj, (std::string(what) + " must be a sequence").c_str()));
+    if (!fast) {
+        throw py::error_already_set();
+    }
+    if (PyList_Check(fast.ptr())) {
+        fast = py::reinterpret_steal<py::object>(PyList_AsTuple(fast.ptr()));
+        if (!fast) {
+            throw py::error_already_set();
+        }
+    }
+    return fast;
+}
+
+// ---------------------------------------------------------------------------
+// Packing
+// ---------------------------------------------------------------------------
+
+void gather(const py::object& sources, const py::object& out) {
+    const OutArray dst = check_out(out, "out");
+    if (dst.ndim < 1) {
+        throw py::value_error("out must have a batch dimension (ndim >= 1)");
+    }
+    std::size_t row_bytes = dst.itemsize;
+    for (int k = 1; k < dst.ndim; ++k) {
+        row_bytes *= static_cast<std::size_t>(dst.shape[k]);
+    }
+    PyObject* descr = proxy(dst.obj)->descr;
+
+    py::object seq = snapshot(sources, "sources");
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq.ptr());
+    PyObject** items = PySequence_Fast_ITEMS(seq.ptr());
+    std::vector<peregrine::ConstSpan> spans(static_cast<std::size_t>(n));
+    std::vector<py::object> converted;  // copies of sources that were not usable as they are
+    HeldExports exports;
+    std::size_t total = 0;
+    for (Py_ssize_t i = 0; i < n; ++i) {
+        PyObject* src = items[i];
+        peregrine::ConstSpan& span = spans[static_cast<std::size_t>(i)];
+        if (is_ndarray(src)) {
+            PyObject* arr = src;
+            const auto* p = proxy(src);
+            if (!(p->descr == descr && (p->flags & npy_api::NPY_ARRAY_C_CONTIGUOUS_) != 0)) {
+                converted.push_back(as_c_array(src, descr));
+                arr = converted.back().ptr();
+                p = proxy(arr);
+            }
+            bool rows_match = p->nd == dst.ndim;
+            for (int k = 1; rows_match && k < dst.ndim; ++k) {
+                rows_match = p->dimensions[k] == dst.shape[k];
+            }
+            if (!rows_match) {
+                throw py::value_error("source " + std::to_string(i) + " has shape " +
+                                      shape_text(arr) + "; out rows are " +
+                                      shape_text(dst.obj) + " without the first dimension");
+            }
+            span.data = reinterpret_cast<const std::uint8_t*>(p->data);
+            span.size = static_cast<std::size_t>(p->dimensions[0]) * row_bytes;
+        } else {
+            // Raw bytes (the protobuf's raw_input_contents), read as whole rows of out's dtype.
+            Py_buffer& held = exports.views.emplace_back();
+            if (PyObject_GetBuffer(src, &held, PyBUF_SIMPLE) != 0) {
+                exports.views.pop_back();
+                throw py::error_already_set();
+            }
+            span.data = static_cast<const std::uint8_t*>(held.buf);
+            span.size = static_cast<std::size_t>(held.len);
+            if (row_bytes == 0 ? span.size != 0 : span.size % row_bytes != 0) {
+                throw py::value_error("source " + std::to_string(i) + " holds " +
+                                      std::to_string(span.size) +
+                                      " bytes, not a whole number of " +
+                                      std::to_string(row_bytes) + "-byte rows");
+            }
+        }
+        if (!peregrine::checked_add(total, span.size, total)) {
+            throw py::value_error("sources are too large");
+        }
+    }
+    if (total != dst.nbytes) {
+        throw py::value_error("sources hold " + std::to_string(total) + " bytes; out has " +
+                              std::to_string(dst.nbytes) + " (" + shape_text(dst.obj) + ")");
+    }
+    std::size_t written = 0;
+    if (total >= kReleaseGilBytes) {
+        // Safe without the GIL: every source is kept alive by `seq` (a tuple nobody else
+        // holds), `converted` or an export, and nothing else writes into `out` (the packer
+        // owns the buffer until the batch is released).
+        py::gil_scoped_release release;
+        written = peregrine::gather(spans.data(), spans.size(), dst.data, dst.nbytes);
+    } else {
+        written = peregrine::gather(spans.data(), spans.size(), dst.data, dst.nbytes);
+    }
+    if (written != total) {
+        throw std::runtime_error("internal error in gather: wrote " + std::to_string(written) +
+                                 " of " + std::to_string(total) + " bytes");
+    }
+}
+
+void gather_padded(const py::object& sources, const py::object& out, const py::bytes& pad) {
+    const OutArray dst = check_out(out, "out");
+    if (dst.ndim < 1) {
+        throw py::value_error("out must have a batch dimension (ndim >= 1)");
+    }
+    const std::string pad_bytes = pad;
+    if (pad_bytes.size() != dst.itemsize) {
+        throw py::value_error("pad must be one element: " + std::to_string(dst.itemsize) +
+                              " bytes, got " + std::to_string(pad_bytes.size()));
+    }
+    PyObject* descr = proxy(dst.obj)->descr;
+    const auto ndim = static_cast<std::size_t>(dst.ndim);
+
+    py::object seq = snapshot(sources, "sources");
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq.ptr());
+    PyObject** items = PySequence_Fast_ITEMS(seq.ptr());
+    std::vector<py::object> arrays;
+    arrays.reserve(static_cast<std::size_t>(n));
+    std::vector<std::size_t> shapes(static_cast<std::size_t>(n) * ndim);
+    std::vector<peregrine::RaggedSource> src(static_cast<std::size_t>(n));
+    for (Py_ssize_t i = 0; i < n; ++i) {
+        arrays.push_back(as_c_array(items[i], descr));
+        const auto* p = proxy(arrays.back().ptr());
+        if (p->nd != dst.ndim) {
+            peregrine::PadResult r;
+            r.error = peregrine::PadError::kRankMismatch;
+            r.request = static_cast<std::size_t>(i);
+            r.got = static_cast<std::size_t>(p->nd);
+            r.limit = ndim;
+            throw py::value_error(r.message());
+        }
+        std::size_t* shape = shapes.data() + static_cast<std::size_t>(i) * ndim;
+        for (std::size_t k = 0; k < ndim; ++k) {
+            shape[k] = static_cast<std::size_t>(p->dimensions[k]);
+        }
+        src[static_cast<std::size_t>(i)] = {reinterpret_cast<const std::uint8_t*>(p->data), shape};
+    }
+    std::vector<std::size_t> batch_shape(ndim);
+    for (std::size_t k = 0; k < ndim; ++k) {
+        batch_shape[k] = static_cast<std::size_t>(dst.shape[k]);
+    }
+    std::size_t batch_bytes = 0;
+    const peregrine::PadResult plan = peregrine::plan_padded(
+        src.data(), src.size(), batch_shape.data(), ndim, dst.itemsize, batch_bytes);
+    if (!plan.ok()) {
+        throw py::value_error(plan.message());
+    }
+    if (batch_bytes != dst.nbytes) {
+        throw std::runtime_error("internal error in gather_padded: size mismatch");
+    }
+    const auto* pad_data = reinterpret_cast<const std::uint8_t*>(pad_bytes.data());
+    if (batch_bytes >= kReleaseGilBytes) {
+        py::gil_scoped_release release;  // sources held by `arrays`, pad by `pad_bytes`
+        peregrine::gather_padded(src.data(), src.size(), batch_shape.data(), ndim, dst.itemsize,
+                                 pad_data, dst.data);
+    } else {
+        peregrine::gather_padded(src.data(), src.size(), batch_shape.data(), ndim, dst.itemsize,
+                                 pad_data, dst.data);
+    }
+}
+
+py::list scatter(const py::object& array, const py::object& rows) {
+    PyObject* obj = array.ptr();
+    if (!is_ndarray(obj)) {
+        throw py::type_error("array must be a numpy array, not " + type_name(obj));
+    }
+    PyObject* descr = proxy(obj)->descr;
+    if (py::reinterpret_borrow<py::dtype>(descr).kind() == 'O') {
+        throw py::type_error("array holds Python objects; encode BYTES outputs in Python");
+    }
+    py::object arr = as_c_array(obj, descr);
+    const auto* p = proxy(arr.ptr());
+    if (p->nd < 1) {
+        throw py::value_error("array must have a batch dimension (ndim >= 1)");
+    }
+    std::size_t row_bytes = dtype_itemsize(descr);
+    for (int k = 1; k < p->nd; ++k) {
+        row_bytes *= static_cast<std::size_t>(p->dimensions[k]);
+    }
+    const auto batch_rows = static_cast<std::size_t>(p->dimensions[0]);
+
+    py::object seq = snapshot(rows, "rows");
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq.ptr());
+    PyObject** items = PySequence_Fast_ITEMS(seq.ptr());
+    std::vector<std::size_t> counts(static_cast<std::size_t>(n));
+    std::size_t total = 0;
+    for (Py_ssize_t i = 0; i < n; ++i) {
+        const auto r = static_cast<std::size_t>(parse_count(items[i]));
+        if (!peregrine::checked_add(total, r, total) || total > batch_rows) {
+            throw py::value_error("rows add up to more than the array's " +
+                                  std::to_string(batch_rows));
+        }
+        counts[static_cast<std::size_t>(i)] = r;
+    }
+    if (total != batch_rows) {
+        throw py::value_error("rows add up to " + std::to_string(total) + "; the array has " +
+                              std::to_string(batch_rows));
+    }
+
+    PyObject* raw_list = PyList_New(n);
+    if (raw_list == nullptr) {
+        throw py::error_already_set();
+    }
+    py::list result = py::reinterpret_steal<py::list>(raw_list);
+    std::vector<peregrine::MutSpan> spans(static_cast<std::size_t>(n));
+    for (Py_ssize_t i = 0; i < n; ++i) {
+        const std::size_t len = counts[static_cast<std::size_t>(i)] * row_bytes;  // <= nbytes
+        PyObject* item = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(len));
+        if (item == nullptr) {
+            throw py::error_already_set();
+        }
+        PyList_SET_ITEM(raw_list, i, item);  // steals the reference
+        spans[static_cast<std::size_t>(i)] = {
+            reinterpret_cast<std::uint8_t*>(PyBytes_AS_STRING(item)), len};
+    }
+    const auto* src = reinterpret_cast<const std::uint8_t*>(p->data);
+    const std::size_t nbytes = batch_rows * row_bytes;
+    bool ok = false;
+    if (nbytes >= kReleaseGilBytes) {
+        // The new bytes objects are not visible to any other thread yet; `arr` pins the source.
+        py::gil_scoped_release release;
+        ok = peregrine::scatter(src, nbytes, spans.data(), spans.size());
+    } else {
+        ok = peregrine::scatter(src, nbytes, spans.data(), spans.size());
+    }
+    if (!ok) {
+        throw std::runtime_error("internal error in scatter: spans exceed the array");
+    }
+    return result;
+}
+
+// ---------------------------------------------------------------------------
+// Preprocessing
+// ---------------------------------------------------------------------------
+
+// The process-wide worker pool, created on first use. After fork() the child has none of
+// the parent's threads: the atfork handler drops (and deliberately leaks) the old pool so
+// the child builds its own.
+peregrine::TaskPool* g_pool = nullptr;
+std::mutex g_pool_mutex;
+
+void forget_pool_in_child() { g_pool = nullptr; }
+
+std::size_t hardware_threads() {
+    const unsigned n = std::thread::hardware_concurrency();
+    return n == 0 ? 1 : static_cast<std::size_t>(n);
+}
+
+peregrine::TaskPool& task_pool() {
+    std::lock_guard<std::mutex> lock(g_pool_mutex);
+    if (g_pool == nullptr) {
+        static const bool registered = [] {
+            pthread_atfork(nullptr, nullptr, forget_pool_in_child);
+            return true;
+        }();
+        (void)registered;
+        // Never destroyed: worker threads must not be joined during interpreter shutdown.
+        g_pool = new peregrine::TaskPool(std::min<std::size_t>(hardware_threads(), 64) - 1);
+    }
+    return *g_pool;
+}
+
+// Output rows per task: small enough to balance a few large images over the workers,
+// large enough that claiming a task costs nothing next to computing it.
+constexpr std::size_t kRowsPerTask = 16;
+
+class ImagePreprocessor {
+public:
+    ImagePreprocessor(std::size_t channels, std::size_t out_h, std::size_t out_w,
+                      const std::string& resize, std::size_t resize_h, std::size_t resize_w,
+                      std::size_t shorter, bool crop, const std::string& layout,
+                      const std::string& output, const std::vector<float>& a,
+                      const std::vector<float>& b, std::size_t threads)
+        : threads_(threads == 0 ? 1 : threads) {
+        if (channels == 0 || channels > peregrine::kMaxChannels) {
+            throw py::value_error("channels must be 1.." + std::to_string(peregrine::kMaxChannels));
+        }
+        if (out_h == 0 || out_w == 0) {
+            throw py::value_error("the output size must be positive");
+        }
+        if (a.size() != channels || b.size() != channels) {
+            throw py::value_error("a and b need one coefficient per channel");
+        }
+        spec_.channels = channels;
+        spec_.out_h = out_h;
+        spec_.out_w = out_w;
+        if (resize == "none") {
+            spec_.resize = peregrine::ResizeMode::kNone;
+        } else if (resize == "exact") {
+            if (resize_h == 0 || resize_w == 0) {
+                throw py::value_error("an exact resize needs a positive size");
+            }
+            spec_.resize = peregrine::ResizeMode::kExact;
+            spec_.resize_h = resize_h;
+            spec_.resize_w = resize_w;
+        } else if (resize == "shorter") {
+            if (shorter == 0) {
+                throw py::value_error("a shorter-side resize needs a positive size");
+            }
+            spec_.resize = peregrine::ResizeMode::kShorterSide;
+            spec_.shorter = shorter;
+        } else {
+            throw py::value_error("resize must be 'none', 'exact' or 'shorter', got '" + resize +
+                                  "'");
+        }
+        spec_.crop = crop;
+        if (layout == "NCHW") {
+            spec_.layout = peregrine::Layout::kNCHW;
+        } else if (layout == "NHWC") {
+            spec_.layout = peregrine::Layout::kNHWC;
+        } else {
+            throw py::value_error("layout must be 'NCHW' or 'NHWC', got '" + layout + "'");
+        }
+        if (output == "FP32") {
+            spec_.out = peregrine::OutType::kFloat32;
+        } else if (output == "FP16") {
+            spec_.out = peregrine::OutType::kFloat16;
+        } else if (output == "BF16") {
+            spec_.out = peregrine::OutType::kBFloat16;
+        } else if (output == "FP64") {
+            spec_.out = peregrine::OutType::kFloat64;
+        } else {
+            throw py::value_error("output must be FP32, FP16, BF16 or FP64, got '" + output + "'");
+        }
+        for (std::size_t c = 0; c < channels; ++c) {
+            spec_.a[c] = a[c];
+            spec_.b[c] = b[c];
+        }
+    }
+
+    // Preprocesses every image of `images` into consecutive slots of `out`. With `batched`
+    // each element is [n, H, W, C] (n images of one size) and out is [N, ...]; without, each
+    // is one [H, W, C] image and out is the single image's [C, OH, OW] (or [OH, OW, C]).
+    void run(const py::object& images, const py::object& out, bool batched) const {
+        const OutArray dst = check_out(out, "out");
+        const std::size_t item = peregrine::out_itemsize(spec_.out);
+        if (dst.itemsize != item) {
+            throw py::type_error("out has " + std::to_string(dst.itemsize) +
+                                 "-byte elements; this preprocessor writes " +
+                                 std::to_string(item) + "-byte ones");
+        }
+        const int lead = batched ? 1 : 0;
+        const std::size_t c = spec_.channels;
+        const bool nchw = spec_.layout == peregrine::Layout::kNCHW;
+        const std::size_t want[3] = {nchw ? c : spec_.out_h, nchw ? spec_.out_h : spec_.out_w,
+                                     nchw ? spec_.out_w : c};
+        bool shape_ok = dst.ndim == lead + 3;
+        for (int k = 0; shape_ok && k < 3; ++k) {
+            shape_ok = static_cast<std::size_t>(dst.shape[lead + k]) == want[k];
+        }
+        if (!shape_ok) {
+            throw py::value_error("out has shape " + shape_text(dst.obj) + "; expected " +
+                                  std::string(batched ? "[N, " : "[") + std::to_string(want[0]) +
+                                  ", " + std::to_string(want[1]) + ", " +
+                                  std::to_string(want[2]) + "]");
+        }
+        const std::size_t slot = peregrine::image_out_bytes(spec_);
+
+        py::object seq = snapshot(images, "images");
+        const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq.ptr());
+        PyObject** items = PySequence_Fast_ITEMS(seq.ptr());
+        if (!batched && n != 1) {
+            throw py::value_error("an unbatched run takes exactly one image");
+        }
+        py::dtype uint8 = py::dtype::of<std::uint8_t>();
+        std::vector<py::object> arrays;
+        arrays.reserve(static_cast<std::size_t>(n));
+        // One plan per request: its images share a size, so the tap tables too.
+        std::vector<peregrine::ImagePlan> plans(static_cast<std::size_t>(n));
+        struct Slot {
+            const peregrine::ImagePlan* plan;
+            const std::uint8_t* src;
+            std::uint8_t* dst;
+        };
+        std::vector<Slot> slots;
+        const std::size_t capacity = batched ? static_cast<std::size_t>(dst.shape[0]) : 1;
+        slots.reserve(capacity);
+        for (Py_ssize_t i = 0; i < n; ++i) {
+            arrays.push_back(as_c_array(items[i], uint8.ptr()));
+            const auto* p = proxy(arrays.back().ptr());
+            if (p->nd != lead + 3 || static_cast<std::size_t>(p->dimensions[lead + 2]) != c) {
+                throw py::value_error("image " + std::to_string(i) + " has shape " +
+                                      shape_text(arrays.back().ptr()) + "; expected " +
+                                      (batched ? "[n, H, W, " : "[H, W, ") + std::to_string(c) +
+                                      "]");
+            }
+            const auto h = static_cast<std::size_t>(p->dimensions[lead]);
+            const auto w = static_cast<std::size_t>(p->dimensions[lead + 1]);
+            const peregrine::ImageCheck check = peregrine::plan_image(spec_, h, w);
+            if (!check.ok()) {
+                throw py::value_error("image " + std::to_string(i) + ": " + check.message(spec_));
+            }
+            peregrine::ImagePlan& plan = plans[static_cast<std::size_t>(i)];
+            plan.geometry = check.geometry;
+            peregrine::prepare_taps(spec_, plan);
+            const std::size_t count = batched ? static_cast<std::size_t>(p->dimensions[0]) : 1;
+            const std::size_t image_bytes = h * w * c;  // representable: checked by plan_image
+            const auto* base = reinterpret_cast<const std::uint8_t*>(p->data);
+            for (std::size_t k = 0; k < count; ++k) {
+                if (slots.size() == capacity) {
+                    throw py::value_error("images hold more than out's " +
+                                          std::to_string(capacity) + " rows");
+                }
+                slots.push_back({&plan, base + k * image_bytes, dst.data + slots.size() * slot});
+            }
+        }
+        if (slots.size() != capacity) {
+            throw py::value_error("images hold " + std::to_string(slots.size()) +
+                                  " rows; out has " + std::to_string(capacity));
+        }
+        const std::size_t bands = (spec_.out_h + kRowsPerTask - 1) / kRowsPerTask;
+        const std::size_t tasks = slots.size() * bands;
+        const peregrine::ImageSpec& spec = spec_;
+        auto task = [&spec, &slots, bands](std::size_t t) {
+            const Slot& s = slots[t / bands];
+            const std::size_t y0 = (t % bands) * kRowsPerTask;
+            const std::size_t y1 = std::min(spec.out_h, y0 + kRowsPerTask);
+            peregrine::run_rows(spec, *s.plan, s.src, s.dst, y0, y1);
+        };
+        if (slots.size() * slot >= kReleaseGilBytes) {
+            // Safe without the GIL: the images are held by `arrays`, and `out` belongs to the
+            // packer until the batch is released.
+            py::gil_scoped_release release;
+            if (threads_ > 1) {
+                task_pool().run(tasks, threads_, task);
+            } else {
+                for (std::size_t t = 0; t < tasks; ++t) {
+                    task(t);
+                }
+            }
+        } else {
+            for (std::size_t t = 0; t < tasks; ++t) {
+                task(t);
+            }
+        }
+    }
+
+    std::size_t threads() const noexcept { return threads_; }
+
+private:
+    peregrine::ImageSpec spec_;
+    std::size_t threads_;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
@@ -267,4 +815,71 @@ elements are bytes, bytearray or str; a str is encoded as UTF-8.
 Raises TypeError naming the index and type of the first element of any other
 type (or if ``items`` is itself a str, bytes, bytearray or memoryview), and
 ValueError if an element is longer than 4294967295 bytes.)doc");
+
+    m.def("gather", &gather, py::arg("sources"), py::arg("out"),
+          R"doc(gather(sources, out) -> None
+
+Concatenate ``sources`` along their first dimension into ``out``, one memcpy each.
+
+``out`` is a writeable, aligned, C-contiguous numpy array of a fixed-size dtype with a
+batch dimension. Each source is a numpy array whose shape after the first dimension
+equals ``out``'s (converted to ``out``'s dtype and C order only when it is not already:
+numpy's safe casting, so a lossy conversion is a TypeError), or any buffer (bytes,
+memoryview, ...) read as raw rows of ``out``'s dtype, e.g. a protobuf raw_input_contents
+entry. The sources must fill ``out`` exactly. The copies run with the GIL released when
+they move 64 KiB or more.
+
+Raises ValueError when a source's shape or size does not fit ``out`` or the sources do
+not add up to it, TypeError for an unusable ``out`` or source.)doc");
+
+    m.def("gather_padded", &gather_padded, py::arg("sources"), py::arg("out"), py::arg("pad"),
+          R"doc(gather_padded(sources, out, pad) -> None
+
+Ragged gather: concatenate the numpy arrays ``sources`` along their first dimension into
+``out``, each anchored at index 0 of every other dimension, where it may be shorter than
+``out``; every element no source covers is set to ``pad`` (one element's bytes).
+
+Raises ValueError when a source has another rank or exceeds ``out`` in some dimension,
+or the sources' rows do not add up to ``out``'s first dimension.)doc");
+
+    m.def("scatter", &scatter, py::arg("array"), py::arg("rows"),
+          R"doc(scatter(array, rows) -> list[bytes]
+
+Split ``array`` (numpy, fixed-size dtype, ndim >= 1) along its first dimension into
+consecutive pieces of ``rows[i]`` rows and return each piece's C-order bytes: exactly
+what ``array[a:b].tobytes()`` gives, with no intermediate array. The copies run with
+the GIL released when the array holds 64 KiB or more.
+
+Raises ValueError when ``rows`` do not add up to the array's first dimension.)doc");
+
+    m.def("hardware_threads", &hardware_threads,
+          "hardware_threads() -> int\n\nThe number of hardware threads (at least 1).");
+
+    py::class_<ImagePreprocessor>(m, "ImagePreprocessor", R"doc(ImagePreprocessor(...)
+
+A fixed image preprocessing pipeline (see csrc/preprocess.hpp): uint8 HWC images ->
+optional bilinear resize (``resize``: 'none', 'exact' to ``resize_h`` x ``resize_w``,
+or 'shorter' side to ``shorter``) -> optional centre crop to ``out_h`` x ``out_w``
+-> ``x * a[c] + b[c]`` in float32 -> ``output`` (FP32, FP16, BF16 or FP64) in
+``layout`` NCHW or NHWC. ``threads`` > 1 spreads large batches over native workers.)doc")
+        .def(py::init<std::size_t, std::size_t, std::size_t, const std::string&, std::size_t,
+                      std::size_t, std::size_t, bool, const std::string&, const std::string&,
+                      const std::vector<float>&, const std::vector<float>&, std::size_t>(),
+             py::arg("channels"), py::arg("out_h"), py::arg("out_w"), py::kw_only(),
+             py::arg("resize") = "none", py::arg("resize_h") = 0, py::arg("resize_w") = 0,
+             py::arg("shorter") = 0, py::arg("crop") = false, py::arg("layout") = "NCHW",
+             py::arg("output") = "FP32", py::arg("a"), py::arg("b"), py::arg("threads") = 1)
+        .def("run", &ImagePreprocessor::run, py::arg("images"), py::arg("out"),
+             py::arg("batched") = true,
+             R"doc(run(images, out, batched=True) -> None
+
+Preprocess ``images`` into ``out``. With ``batched``, each image is a uint8 array
+[n, H, W, C] (n images of one size; sizes may differ between elements) and ``out`` is
+[N, ...] with N the total n; otherwise ``images`` holds one [H, W, C] image and ``out``
+has no batch dimension. Non-uint8 or non-contiguous images are converted first.
+Runs without the GIL, on up to ``threads`` threads, for outputs of 64 KiB or more.
+
+Raises ValueError naming the image whose size cannot give the output size (too small
+for the crop, or not the model's size when nothing resizes), or a shape mismatch.)doc")
+        .def_property_readonly("threads", &ImagePreprocessor::threads);
 }

@@ -10,6 +10,7 @@ Triton-layout repository::
     DIR/
       mlp_classifier/{config.pbtxt, 1/model.onnx, 2/model.onnx}
       cnn/{config.pbtxt, 1/model.onnx}
+      image_classifier/{config.pbtxt, 1/model.onnx}
       text_encoder/{config.pbtxt, 1/model.onnx}
 
 Models:
@@ -22,6 +23,11 @@ Models:
 * ``cnn`` -- a small image CNN written with ``onnx.helper``, random (seeded)
   weights. Input ``image`` FP32 [N, 3, 32, 32]; output ``scores`` FP32 [N, 10]
   (softmax).
+* ``image_classifier`` -- the same network (same seed) behind server-side image
+  preprocessing declared in its config (``preprocess.*`` parameters): clients send
+  raw ``image`` UINT8 [N, H, W, 3] of any size; the server resizes the shorter side
+  to 36 (bilinear), crops the centre 32x32, scales to [0, 1] and normalises with the
+  ImageNet mean/std into the model's FP32 [N, 3, 32, 32].
 * ``text_encoder`` -- string model: input ``text`` BYTES [N, 1]; outputs
   ``token_id`` INT64 [N, 1] (vocabulary lookup, -1 when unknown) and ``text_out``
   BYTES [N, 1] (echo).
@@ -367,8 +373,69 @@ model_warmup [
 """
 
 
+IMAGE_CLASSIFIER_CONFIG = """\
+name: "image_classifier"
+platform: "onnxruntime_onnx"
+max_batch_size: 32
+version_policy: { latest { num_versions: 1 } }
+input [
+  {
+    name: "image"
+    data_type: TYPE_FP32
+    dims: [ 3, 32, 32 ]
+  }
+]
+output [
+  {
+    name: "scores"
+    data_type: TYPE_FP32
+    dims: [ 10 ]
+  }
+]
+dynamic_batching {
+  preferred_batch_size: [ 8, 16 ]
+  max_queue_delay_microseconds: 200
+}
+instance_group [
+  {
+    count: 1
+    kind: KIND_CPU
+  }
+]
+parameters: { key: "preprocess.input" value: { string_value: "image" } }
+parameters: { key: "preprocess.resize" value: { string_value: "36" } }
+parameters: { key: "preprocess.crop" value: { string_value: "32,32" } }
+parameters: { key: "preprocess.scale" value: { string_value: "0.00392156862745098" } }
+parameters: { key: "preprocess.mean" value: { string_value: "0.485,0.456,0.406" } }
+parameters: { key: "preprocess.std" value: { string_value: "0.229,0.224,0.225" } }
+model_warmup [
+  {
+    name: "zero_batch_1"
+    batch_size: 1
+    inputs {
+      key: "image"
+      value {
+        data_type: TYPE_FP32
+        dims: [ 3, 32, 32 ]
+        zero_data: true
+      }
+    }
+  }
+]
+"""
+
+
 def build_cnn(out_dir: Path, version: int = 1, seed: int = 0) -> None:
     """Write ``cnn``: Conv-Relu-MaxPool, Conv-Relu, GAP, Gemm, Softmax (random weights)."""
+    write_model(out_dir, "cnn", version, _cnn_model(seed), CNN_CONFIG)
+
+
+def build_image_classifier(out_dir: Path, version: int = 1, seed: int = 0) -> None:
+    """Write ``image_classifier``: ``cnn``'s network behind server-side preprocessing."""
+    write_model(out_dir, "image_classifier", version, _cnn_model(seed), IMAGE_CLASSIFIER_CONFIG)
+
+
+def _cnn_model(seed: int) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
 
     def he(shape: tuple[int, ...], fan_in: int) -> npt.NDArray[np.float32]:
@@ -418,7 +485,7 @@ def build_cnn(out_dir: Path, version: int = 1, seed: int = 0) -> None:
     )
     model = _make_model(graph)
     model.doc_string = f"small random-weight CNN, seed={seed}"
-    write_model(out_dir, "cnn", version, model, CNN_CONFIG)
+    return model
 
 
 TEXT_CONFIG = """\
@@ -508,6 +575,10 @@ EXPECTED: dict[str, tuple[Signature, Signature]] = {
         (("image", "tensor(float)", (3, 32, 32)),),
         (("scores", "tensor(float)", (10,)),),
     ),
+    "image_classifier": (
+        (("image", "tensor(float)", (3, 32, 32)),),
+        (("scores", "tensor(float)", (10,)),),
+    ),
     "text_encoder": (
         (("text", "tensor(string)", (1,)),),
         (("token_id", "tensor(int64)", (1,)), ("text_out", "tensor(string)", (1,))),
@@ -552,7 +623,8 @@ def verify_model(repo: Path, name: str) -> None:
         print(f"  verified {name}/{version}: {fed} -> {shown}")
         if name == "text_encoder":
             print(f"    text {feed['text'][:, 0].tolist()} -> token_id {results[0][:, 0].tolist()}")
-        if name == "cnn" and not np.allclose(results[0].sum(axis=1), 1.0, atol=1e-5):
+        scores_sum_to_one = np.allclose(results[0].sum(axis=1), 1.0, atol=1e-5)
+        if name in ("cnn", "image_classifier") and not scores_sum_to_one:
             raise RuntimeError("cnn: scores do not sum to 1")
 
 
@@ -572,6 +644,7 @@ def build_all(out: Path) -> None:
             acc = build_mlp(staging, version, seed, hidden, digits)
             print(f"mlp_classifier v{version}: hidden={hidden} seed={seed} test accuracy {acc:.4f}")
         build_cnn(staging, version=1, seed=0)
+        build_image_classifier(staging, version=1, seed=0)
         build_text_encoder(staging, version=1)
 
         for name in EXPECTED:

@@ -1,6 +1,6 @@
 """Type stub for the compiled extension ``server._native`` (built from csrc/bindings.cpp)."""
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, SupportsIndex
 
 from numpy.typing import NDArray
@@ -19,3 +19,49 @@ def encode_bytes(items: Iterable[bytes | bytearray | str]) -> bytes:
     Raises TypeError naming the index and type of an element of another type and
     ValueError for an element longer than 4294967295 bytes.
     """
+
+def gather(sources: Sequence[NDArray[Any] | Buffer], out: NDArray[Any]) -> None:
+    """Concatenate ``sources`` along axis 0 into ``out``, one memcpy each (GIL released for
+    64 KiB or more). A source is an array with ``out``'s row shape (converted to its dtype by
+    numpy's safe casting only when needed) or a buffer of raw rows. ``out`` must be
+    writeable, aligned and C-contiguous, and the sources must fill it exactly (ValueError)."""
+
+def gather_padded(sources: Sequence[NDArray[Any]], out: NDArray[Any], pad: bytes) -> None:
+    """Ragged gather: each source anchored at index 0 of every axis after the first, the rest
+    of ``out`` filled with the element ``pad`` (``out.itemsize`` bytes)."""
+
+def scatter(array: NDArray[Any], rows: Sequence[SupportsIndex]) -> list[bytes]:
+    """``array`` split along axis 0 into pieces of ``rows[i]`` rows, each as its C-order
+    bytes (``array[a:b].tobytes()``), with no intermediate array."""
+
+def hardware_threads() -> int:
+    """The number of hardware threads (at least 1)."""
+
+class ImagePreprocessor:
+    """uint8 HWC images -> resize (bilinear) -> centre crop -> ``x * a + b`` -> FP32/FP16/
+    BF16/FP64 in NCHW or NHWC, straight into a batch buffer (csrc/preprocess.hpp)."""
+
+    def __init__(
+        self,
+        channels: int,
+        out_h: int,
+        out_w: int,
+        *,
+        resize: str = "none",
+        resize_h: int = 0,
+        resize_w: int = 0,
+        shorter: int = 0,
+        crop: bool = False,
+        layout: str = "NCHW",
+        output: str = "FP32",
+        a: Sequence[float],
+        b: Sequence[float],
+        threads: int = 1,
+    ) -> None: ...
+    def run(
+        self, images: Sequence[NDArray[Any]], out: NDArray[Any], batched: bool = True
+    ) -> None:
+        """Preprocess ``images`` ([n, H, W, C] each when ``batched``, else one [H, W, C])
+        into ``out``; ValueError names an image of unusable size."""
+    @property
+    def threads(self) -> int: ...

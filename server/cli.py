@@ -36,6 +36,24 @@ def _serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
         )
 
 
+def _bench_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Listed for --help only: main() hands everything after ``bench`` to bench.cli."""
+    commands.add_parser(
+        "bench", add_help=False,
+        help="load-test a V2 gRPC server: run, compare, all (see 'peregrine bench --help')",
+    )
+
+
+def _run_bench(argv: Sequence[str]) -> int:
+    try:
+        from bench.cli import main as bench_main
+    except ImportError as exc:
+        print(f"peregrine bench: {exc}; install the 'bench' extra (pip install "
+              "'peregrine[bench]') and run from a checkout that has bench/", file=sys.stderr)
+        return 2
+    return bench_main(argv, prog="peregrine bench")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peregrine", description="Peregrine inference server")
     parser.add_argument("--version", action="version", version=f"peregrine {__version__}")
@@ -45,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_route_parser(commands)
     add_health_parser(commands)
     add_drift_parser(commands)
+    _bench_parser(commands)
     return parser
 
 
@@ -73,7 +92,10 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["bench"]:  # its own parser, imported only when asked for
+        return _run_bench(arguments[1:])
+    args = build_parser().parse_args(arguments)
     if args.command == "serve":
         return _run_serve(args)
     if args.command == "repo":

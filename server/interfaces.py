@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import NamedTuple, Protocol, runtime_checkable
 
 from server.metrics import VersionMetrics
 from server.spec import ModelSpec
-from server.types import Array, InferRequest, InferResponse, RouteDecision
+from server.types import Array, InferRequest, InferResponse, OutputTensor, RouteDecision
 
 
 class Backend(Protocol):
@@ -66,19 +67,40 @@ class Scheduler(Protocol):
     async def close(self) -> None: ...
 
 
-class Packer(Protocol):
-    """Gathers per-request tensors into batch tensors and scatters outputs back by rows.
+class ModelPacker(Protocol):
+    """One model version's packing: gathers per-request tensors into batch tensors and scatters
+    batch outputs back by rows.
 
-    The compiled and the reference implementations are interchangeable behind it.
+    Called from the version's executor threads (several at once when it has several backend
+    instances), never from the event loop; blocking. The compiled and the reference
+    implementations are interchangeable behind it and produce identical bytes.
     """
 
     def pack(
-        self, requests: Sequence[InferRequest], names: Sequence[str]
-    ) -> dict[str, Array]: ...
+        self, requests: Sequence[InferRequest], rows: Sequence[int]
+    ) -> AbstractContextManager[Mapping[str, Array]]:
+        """The batch inputs (per-request rows ``rows``), valid until the context exits.
+
+        Buffers may come from a pool and be reused once the context exits: read the outputs
+        (``unpack``) inside it. Preprocessing declared by the model runs here.
+        """
+        ...
 
     def unpack(
         self, outputs: Mapping[str, Array], rows: Sequence[int]
-    ) -> list[dict[str, Array]]: ...
+    ) -> list[dict[str, OutputTensor]]:
+        """Per request, its rows of every declared output (outputs the spec does not declare
+        are dropped). The tensors own their data (copies or ``raw`` bytes) or view the
+        backend's output arrays, never a pooled input buffer."""
+        ...
+
+
+class Packer(Protocol):
+    """Makes the packing of each model version; shared by the repository. Thread-safe."""
+
+    def for_model(self, spec: ModelSpec, version: str) -> ModelPacker:
+        """Called once per loaded version, by its scheduler's constructor."""
+        ...
 
 
 class ModelCatalog(Protocol):

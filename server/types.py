@@ -79,11 +79,68 @@ class InferRequest:
     deadline_ns: int | None = None
 
 
-@dataclass(slots=True)
 class OutputTensor:
-    name: str
-    datatype: DataType
-    data: Array
+    """One output of a response: an array, or the exact bytes it encodes to.
+
+    The native unpacker slices batch outputs straight into per-request ``bytes`` (the
+    future ``raw_output_contents`` entry) and sets ``raw`` and ``shape``; the encoder then
+    sends ``raw`` as is. ``data`` is always available: for a raw tensor it is a read-only
+    numpy view over ``raw``, made on first use (drift sampling, shadow comparison, shared-
+    memory outputs), so the hot path creates no array per request.
+    """
+
+    __slots__ = ("_data", "datatype", "name", "raw", "shape")
+
+    def __init__(
+        self,
+        name: str,
+        datatype: DataType,
+        data: Array | None = None,
+        *,
+        raw: bytes | None = None,
+        shape: tuple[int, ...] | None = None,
+    ) -> None:
+        self.name = name
+        self.datatype = datatype
+        if data is not None:
+            if raw is not None:
+                raise ValueError("an OutputTensor holds an array or raw bytes, not both")
+            self.shape: tuple[int, ...] = tuple(data.shape)
+        elif raw is None or shape is None:
+            raise ValueError("an OutputTensor needs an array, or raw bytes and a shape")
+        else:
+            self.shape = shape
+        self._data = data
+        #: The tensor's raw_output_contents when the packer produced them, else None.
+        self.raw = raw
+
+    @property
+    def data(self) -> Array:
+        data = self._data
+        if data is None:
+            assert self.raw is not None
+            data = _array_from_raw(self.raw, self.datatype, self.shape)
+            self._data = data
+        return data
+
+    def __repr__(self) -> str:
+        form = "raw" if self.raw is not None else "array"
+        return f"OutputTensor({self.name!r}, {self.datatype.wire}, {list(self.shape)}, {form})"
+
+
+def _array_from_raw(raw: bytes, datatype: DataType, shape: tuple[int, ...]) -> Array:
+    if datatype is DataType.BYTES:
+        from server import _native  # the compiled codec; imported only for BYTES
+
+        count = 1
+        for d in shape:
+            count *= d
+        items = np.empty(count, dtype=object)
+        items[:] = _native.decode_bytes(raw, count)
+        return items.reshape(shape)
+    if datatype is DataType.BOOL:
+        return np.frombuffer(raw, dtype=np.uint8).view(np.bool_).reshape(shape)
+    return np.frombuffer(raw, dtype=datatype.numpy_dtype).reshape(shape)
 
 
 @dataclass(slots=True)

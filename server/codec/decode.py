@@ -13,6 +13,8 @@ import numpy as np
 
 from server import _native
 from server._pb import grpc_service_pb2 as pb
+from server.codec import shared_memory
+from server.codec.shared_memory import SharedMemoryScope
 from server.errors import InvalidInput, Unsupported
 from server.types import Array, DataType, InferRequest, ParamValue
 
@@ -33,7 +35,6 @@ TYPED_FIELDS: dict[DataType, str] = {
 }
 _ALL_TYPED = frozenset(TYPED_FIELDS.values())
 _SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")
-_SHARED_MEMORY = "shared_memory_region"
 
 
 def parameter_value(param: pb.InferParameter) -> ParamValue:
@@ -66,7 +67,9 @@ def _shape(name: str, dims: Any) -> tuple[int, ...]:
     return shape
 
 
-def _from_raw(name: str, datatype: DataType, shape: tuple[int, ...], raw: bytes) -> Array:
+def _from_raw(
+    name: str, datatype: DataType, shape: tuple[int, ...], raw: bytes | memoryview
+) -> Array:
     count = math.prod(shape)
     if datatype is DataType.BYTES:
         try:
@@ -129,21 +132,27 @@ def _from_typed(
     return np.asarray(values, dtype=target).reshape(shape)
 
 
-def decode_request(message: pb.ModelInferRequest, deadline_ns: int | None) -> InferRequest:
+def decode_request(
+    message: pb.ModelInferRequest,
+    deadline_ns: int | None,
+    shm: SharedMemoryScope | None = None,
+) -> InferRequest:
+    """``shm`` leases the shared-memory regions the request names (None: none registered).
+
+    As in Triton, ``raw_input_contents`` holds one entry per input *not* in shared memory.
+    """
     raw_contents = message.raw_input_contents
     use_raw = len(raw_contents) > 0
-    if use_raw and len(raw_contents) != len(message.inputs):
-        raise InvalidInput(
-            f"raw_input_contents has {len(raw_contents)} entries for {len(message.inputs)} inputs"
-        )
+    raw_index = 0
     inputs: dict[str, Array] = {}
     types: dict[str, DataType] = {}
-    for index, tensor in enumerate(message.inputs):
+    for tensor in message.inputs:
         name = tensor.name
         if name in inputs:
             raise InvalidInput(f"input '{name}' appears twice in the request")
-        if _SHARED_MEMORY in tensor.parameters:
-            raise Unsupported(f"input '{name}': shared-memory inputs are not supported yet")
+        shm_ref = (
+            shared_memory.tensor_reference(name, tensor.parameters) if tensor.parameters else None
+        )
         try:
             datatype = DataType.from_wire(tensor.datatype)
         except ValueError:
@@ -151,17 +160,29 @@ def decode_request(message: pb.ModelInferRequest, deadline_ns: int | None) -> In
                 f"input '{name}' has unknown datatype '{tensor.datatype}'"
             ) from None
         shape = _shape(name, tensor.shape)
-        if use_raw:
+        if shm_ref is not None:
+            if tensor.HasField("contents"):
+                raise InvalidInput(
+                    f"input '{name}': contents must not be set for an input in shared memory"
+                )
+            buffer = shared_memory.input_buffer(shm, name, datatype, shape, shm_ref)
+            inputs[name] = _from_raw(name, datatype, shape, buffer)
+        elif use_raw:
             if tensor.HasField("contents"):
                 raise InvalidInput(
                     f"input '{name}': contents must not be set when raw_input_contents is used"
                 )
-            inputs[name] = _from_raw(name, datatype, shape, raw_contents[index])
+            if raw_index >= len(raw_contents):
+                raise _raw_count_error(message, raw_contents)
+            inputs[name] = _from_raw(name, datatype, shape, raw_contents[raw_index])
+            raw_index += 1
         else:
             if not tensor.HasField("contents"):
                 raise InvalidInput(f"input '{name}' carries no data")
             inputs[name] = _from_typed(name, datatype, shape, tensor.contents)
         types[name] = datatype
+    if raw_index != len(raw_contents):
+        raise _raw_count_error(message, raw_contents)
 
     parameters = decode_parameters(message.parameters)
     for key in _SEQUENCE_PARAMETERS:
@@ -175,10 +196,10 @@ def decode_request(message: pb.ModelInferRequest, deadline_ns: int | None) -> In
                 raise Unsupported(
                     f"output '{output.name}': the classification extension is not supported"
                 )
-            if _SHARED_MEMORY in output.parameters:
-                raise Unsupported(
-                    f"output '{output.name}': shared-memory outputs are not supported yet"
-                )
+            if output.parameters:
+                out_ref = shared_memory.tensor_reference(output.name, output.parameters)
+                if out_ref is not None:
+                    shared_memory.bind_output(shm, output.name, out_ref)
             names.append(output.name)
         if len(set(names)) != len(names):
             raise InvalidInput(f"requested outputs name a tensor twice: {names}")
@@ -194,4 +215,13 @@ def decode_request(message: pb.ModelInferRequest, deadline_ns: int | None) -> In
         priority=_int_parameter(parameters, "priority"),
         timeout_us=_int_parameter(parameters, "timeout"),
         deadline_ns=deadline_ns,
+    )
+
+
+def _raw_count_error(message: pb.ModelInferRequest, raw_contents: Any) -> InvalidInput:
+    in_memory = sum(1 for t in message.inputs if shared_memory.REGION in t.parameters)
+    expected = len(message.inputs) - in_memory
+    where = f" ({in_memory} are in shared memory)" if in_memory else ""
+    return InvalidInput(
+        f"raw_input_contents has {len(raw_contents)} entries for {expected} inputs{where}"
     )

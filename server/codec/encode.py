@@ -6,10 +6,14 @@ import numpy as np
 
 from server import _native
 from server._pb import grpc_service_pb2 as pb
+from server.codec import shared_memory
+from server.codec.shared_memory import SharedMemoryScope
 from server.types import DataType, InferResponse, OutputTensor, ParamValue
 
 
 def raw_bytes(tensor: OutputTensor) -> bytes:
+    if tensor.raw is not None:
+        return tensor.raw  # already sliced into bytes by the native unpacker
     data = tensor.data
     if tensor.datatype is DataType.BYTES:
         return _native.encode_bytes(data.reshape(-1))
@@ -30,7 +34,15 @@ def encode_parameter(value: ParamValue) -> pb.InferParameter:
     return pb.InferParameter(string_param=value)
 
 
-def encode_response(response: InferResponse) -> pb.ModelInferResponse:
+def encode_response(
+    response: InferResponse, shm: SharedMemoryScope | None = None
+) -> pb.ModelInferResponse:
+    """``shm``: the request's shared-memory scope; its outputs are written to their regions
+    and get an empty ``raw_output_contents`` entry (one entry per output, as Triton sends)."""
+    if shm is None or not shm.outputs:
+        raw = [raw_bytes(t) for t in response.outputs]
+    else:
+        raw = shared_memory.raw_output_contents(shm, response.outputs, raw_bytes)
     return pb.ModelInferResponse(
         model_name=response.model_name,
         model_version=response.model_version,
@@ -38,9 +50,9 @@ def encode_response(response: InferResponse) -> pb.ModelInferResponse:
         parameters={k: encode_parameter(v) for k, v in response.parameters.items()},
         outputs=[
             pb.ModelInferResponse.InferOutputTensor(
-                name=t.name, datatype=t.datatype.wire, shape=t.data.shape
+                name=t.name, datatype=t.datatype.wire, shape=t.shape
             )
             for t in response.outputs
         ],
-        raw_output_contents=[raw_bytes(t) for t in response.outputs],
+        raw_output_contents=raw,
     )

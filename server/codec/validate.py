@@ -8,17 +8,19 @@ from server.types import InferRequest
 
 
 def validate_request(request: InferRequest, spec: ModelSpec) -> None:
+    """Checks against the inputs as clients send them (``spec.client_inputs``: a preprocessed
+    input is a uint8 image there), then each image's size against the preprocessing."""
     model = f"model '{spec.name}'"
-    for declared in spec.inputs:
+    for declared in spec.client_inputs:
         if declared.name not in request.inputs and not declared.optional:
             raise InvalidInput(
                 f"{model} expects input '{declared.name}', which the request does not carry"
             )
     batch: int | None = None
     for name, value in request.inputs.items():
-        tensor = spec.input(name)
+        tensor = spec.client_input(name)
         if tensor is None:
-            expected = [t.name for t in spec.inputs]
+            expected = [t.name for t in spec.client_inputs]
             raise InvalidInput(f"unexpected input '{name}' for {model}; its inputs are {expected}")
         datatype = request.input_types[name]
         if datatype is not tensor.datatype:
@@ -57,6 +59,13 @@ def validate_request(request: InferRequest, spec: ModelSpec) -> None:
                     f"input '{name}' has shape {list(value.shape)}; {model} expects dims "
                     f"{list(dims)}" + (" after the batch dimension" if spec.batches else "")
                 )
+        pre = spec.preprocess
+        if pre is not None and name == pre.input:
+            model_input = spec.input(name)
+            assert model_input is not None
+            problem = pre.image_problem(int(shape[0]), int(shape[1]), model_input)
+            if problem is not None:
+                raise InvalidInput(f"input '{name}': {problem} for {model}")
     if request.requested_outputs:
         for name in request.requested_outputs:
             if spec.output(name) is None:

@@ -15,6 +15,7 @@ from server._pb import grpc_service_pb2 as pb
 from server._pb import grpc_service_pb2_grpc as pb_grpc
 from server.codec.decode import decode_request
 from server.codec.encode import encode_response
+from server.codec.shared_memory import SharedMemoryScope
 from server.dataplane import DataPlane
 from server.errors import (
     InvalidInput,
@@ -24,9 +25,11 @@ from server.errors import (
     ModelNotReady,
     NotAllowed,
 )
+from server.frontend.shared_memory import SystemSharedMemoryRpcs
 from server.frontend.statistics import model_statistics
 from server.frontend.status import log_unexpected, mapped, status_of
 from server.repository.manager import ControlMode, ModelRecord, ModelRepository
+from server.shm import SharedMemoryRegistry
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,7 @@ EXTENSIONS = (
     "schedule_policy",
     "statistics",
     "parameters",
+    "system_shared_memory",
 )
 
 
@@ -59,7 +63,9 @@ def _deadline_ns(context: grpc.aio.ServicerContext) -> int | None:
     return time.perf_counter_ns() + int(remaining * 1e9)
 
 
-class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+class InferenceServicer(
+    SystemSharedMemoryRpcs, pb_grpc.GRPCInferenceServiceServicer  # type: ignore[misc]
+):
     def __init__(
         self,
         repository: ModelRepository,
@@ -67,7 +73,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         state: ServerState,
         mode: ControlMode = ControlMode.NONE,
         header_pattern: str = "",
+        shared_memory: SharedMemoryRegistry | None = None,
     ) -> None:
+        #: System shared-memory regions (SystemSharedMemoryRpcs); CUDA ones are UNIMPLEMENTED.
+        self._shm = SharedMemoryRegistry() if shared_memory is None else shared_memory
         self._repository = repository
         self._dataplane = dataplane
         self._state = state
@@ -131,7 +140,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             versions=sorted(record.versions, key=int),
             platform=spec.platform,
             inputs=[tensor(name=t.name, datatype=t.datatype.wire, shape=[*batch, *t.dims])
-                    for t in spec.inputs],
+                    for t in spec.client_inputs],
             outputs=[tensor(name=t.name, datatype=t.datatype.wire, shape=[*batch, *t.dims])
                      for t in spec.outputs],
             properties=_card(record, request.version),
@@ -223,10 +232,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     ) -> pb.ModelInferResponse:
         if not self._state.accepting:
             raise ModelNotReady("the server is not accepting requests")
-        decoded = decode_request(request, deadline_ns)
-        for key, value in headers.items():
-            decoded.parameters.setdefault(key, value)
-        return encode_response(await self._dataplane.infer(decoded))
+        # Leases on the shared-memory regions the request uses, held until it is encoded.
+        shm = SharedMemoryScope(self._shm) if len(self._shm) else None
+        try:
+            decoded = decode_request(request, deadline_ns, shm)
+            for key, value in headers.items():
+                decoded.parameters.setdefault(key, value)
+            return encode_response(await self._dataplane.infer(decoded), shm)
+        finally:
+            if shm is not None:
+                shm.release()
 
     @mapped
     async def ModelInfer(

@@ -1,32 +1,86 @@
-"""The plain numpy packer: the oracle for any compiled replacement."""
+"""The plain numpy packer: the oracle for the compiled one (server/packing/native.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 
 import numpy as np
 
-from server.types import Array, InferRequest
+from server.interfaces import ModelPacker
+from server.preprocess.reference import preprocess_batch, preprocess_image
+from server.spec import ModelSpec
+from server.types import Array, InferRequest, OutputTensor
 
 
-class ReferencePacker:
-    def pack(self, requests: Sequence[InferRequest], names: Sequence[str]) -> dict[str, Array]:
-        if len(requests) == 1:
-            only = requests[0].inputs
-            return {name: only[name] for name in names if name in only}
-        return {
-            name: np.concatenate([r.inputs[name] for r in requests], axis=0)
-            for name in names
-            if name in requests[0].inputs
-        }
+def concat_padded(arrays: Sequence[Array], pad: object, shape: tuple[int, ...] | None = None,
+                  dtype: np.dtype[np.generic] | None = None) -> Array:
+    """Ragged batching oracle: ``arrays`` stacked along axis 0, each anchored at index 0 of
+    every other axis and padded with ``pad`` up to the largest extent (or ``shape[1:]``)."""
+    if not arrays and (shape is None or dtype is None):
+        raise ValueError("no arrays: give shape and dtype")
+    dtype = dtype if dtype is not None else arrays[0].dtype
+    if shape is None:
+        inner = tuple(max(a.shape[k] for a in arrays) for k in range(1, arrays[0].ndim))
+        shape = (sum(a.shape[0] for a in arrays), *inner)
+    out = np.full(shape, pad, dtype=dtype)
+    row = 0
+    for a in arrays:
+        index = (slice(row, row + a.shape[0]), *(slice(0, d) for d in a.shape[1:]))
+        out[index] = a
+        row += a.shape[0]
+    return out
+
+
+class ReferenceModelPacker:
+    """np.concatenate / np.split, and the numpy preprocessing oracle."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self._names = [t.name for t in spec.inputs]
+        self._batches = spec.batches
+        self._outputs = {t.name: t.datatype for t in spec.outputs}
+        pre = spec.preprocess
+        self._pre = pre
+        self._pre_input = spec.input(pre.input) if pre is not None else None
+
+    def pack(
+        self, requests: Sequence[InferRequest], rows: Sequence[int]
+    ) -> nullcontext[dict[str, Array]]:
+        first = requests[0].inputs
+        batch: dict[str, Array] = {}
+        for name in self._names:
+            if name not in first:
+                continue
+            if self._pre is not None and self._pre_input is not None and name == self._pre.input:
+                images = [r.inputs[name] for r in requests]
+                if self._batches:
+                    batch[name] = preprocess_batch(images, self._pre, self._pre_input)
+                else:
+                    batch[name] = preprocess_image(images[0], self._pre, self._pre_input)
+            elif len(requests) == 1:
+                batch[name] = first[name]
+            else:
+                batch[name] = np.concatenate([r.inputs[name] for r in requests], axis=0)
+        return nullcontext(batch)
 
     def unpack(
         self, outputs: Mapping[str, Array], rows: Sequence[int]
-    ) -> list[dict[str, Array]]:
+    ) -> list[dict[str, OutputTensor]]:
+        declared = [(n, v, self._outputs[n]) for n, v in outputs.items() if n in self._outputs]
         if len(rows) == 1:
-            return [dict(outputs)]
+            return [{n: OutputTensor(n, dt, v) for n, v, dt in declared}]
         split_at = np.cumsum(rows)[:-1]
-        per_output = {name: np.split(value, split_at, axis=0) for name, value in outputs.items()}
-        return [
-            {name: parts[i] for name, parts in per_output.items()} for i in range(len(rows))
-        ]
+        parts = [(n, dt, np.split(v, split_at, axis=0)) for n, v, dt in declared]
+        return [{n: OutputTensor(n, dt, p[i]) for n, dt, p in parts} for i in range(len(rows))]
+
+
+class ReferencePacker:
+    """The Packer whose model packers are the numpy oracle (PEREGRINE_NATIVE=0)."""
+
+    native = False
+
+    def for_model(self, spec: ModelSpec, version: str) -> ModelPacker:
+        return ReferenceModelPacker(spec)
+
+
+__all__ = ["ReferenceModelPacker", "ReferencePacker", "concat_padded"]

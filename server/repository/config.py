@@ -16,6 +16,7 @@ from google.protobuf import text_format
 
 from server._pb import model_config_pb2 as mc
 from server.errors import ModelLoadError
+from server.preprocess.config import parse_preprocess
 from server.spec import (
     BatchingSpec,
     InstanceSpec,
@@ -208,6 +209,7 @@ def to_spec(config: mc.ModelConfig, model_dir: Path) -> ModelSpec:
             if t.name in seen:
                 raise ModelLoadError(f"model '{name}': {kind} '{t.name}' is declared twice")
             seen.add(t.name)
+    parameters = {key: value.string_value for key, value in config.parameters.items()}
     return ModelSpec(
         name=name,
         platform=platform or "onnxruntime_onnx",
@@ -217,11 +219,10 @@ def to_spec(config: mc.ModelConfig, model_dir: Path) -> ModelSpec:
         outputs=tuple(outputs),
         batching=_batching(config, name),
         instances=_instances(config, name),
-        parameters=MappingProxyType(
-            {key: value.string_value for key, value in config.parameters.items()}
-        ),
+        parameters=MappingProxyType(parameters),
         warmup=_warmup(config, name),
         default_model_filename=config.default_model_filename or "model.onnx",
+        preprocess=parse_preprocess(parameters, name),
     )
 
 

@@ -21,7 +21,7 @@ from server.metrics import VersionMetrics
 from server.scheduler import policy
 from server.scheduler.queue import PendingRequest, RequestQueue
 from server.spec import ModelSpec
-from server.types import Array, InferRequest, InferResponse, OutputTensor
+from server.types import InferRequest, InferResponse, OutputTensor
 
 log = logging.getLogger(__name__)
 _now = time.perf_counter_ns
@@ -49,7 +49,7 @@ class DynamicBatcher:
         self._version = version
         self._instances = list(instances)
         self._idle = list(range(len(instances)))
-        self._packer = packer
+        self._packer = packer.for_model(spec, version)
         self._metrics = metrics
         self._stats = metrics.stats
         self._pool = ThreadPoolExecutor(
@@ -61,9 +61,9 @@ class DynamicBatcher:
         self._max_batch = spec.max_batch_size
         self._preferred = frozenset(batching.preferred_batch_sizes)
         self._max_delay_ns = batching.max_queue_delay_us * 1000
-        self._input_names = [t.name for t in spec.inputs]
         self._all_outputs = tuple(t.name for t in spec.outputs)
-        self._output_types = {t.name: t.datatype for t in spec.outputs}
+        #: An input fed by image preprocessing: any image size batches with any other.
+        self._size_free = spec.preprocess.input if spec.preprocess is not None else None
         self._running = 0
         self._accepting = True
         self._closed = False
@@ -161,7 +161,9 @@ class DynamicBatcher:
         """Per-row shapes: requests batch together only when these match."""
         if not self._batching:
             return ()
-        return tuple((name, value.shape[1:]) for name, value in request.inputs.items())
+        free = self._size_free
+        return tuple((name, value.shape[1:] if name != free else ())
+                     for name, value in request.inputs.items())
 
     def _deadline(self, request: InferRequest, level: int, now: int) -> int | None:
         timeout_us = self._spec.batching.queue_policy(level).timeout_us
@@ -294,32 +296,33 @@ class DynamicBatcher:
 
     def _execute(
         self, backend: Backend, requests: list[InferRequest], rows: list[int]
-    ) -> tuple[list[dict[str, Array]], tuple[int, int, int]]:
+    ) -> tuple[list[dict[str, OutputTensor]], tuple[int, int, int]]:
         """Runs in a worker thread: pack, execute, unpack."""
         t0 = _now()
-        batch = self._packer.pack(requests, self._input_names)
-        t1 = _now()
-        outputs = backend.execute(batch)
-        t2 = _now()
-        if self._spec.batches:
-            produced = sum(rows)
-            for name, value in outputs.items():
-                if value.ndim == 0 or value.shape[0] != produced:
-                    raise BackendError(
-                        f"output '{name}' has shape {list(value.shape)}; expected "
-                        f"{produced} rows for the batch"
-                    )
-        per_request = self._packer.unpack(outputs, rows)
+        # The batch's buffers may be pooled: unpack (which copies) before the context exits.
+        with self._packer.pack(requests, rows) as batch:
+            t1 = _now()
+            outputs = backend.execute(batch)
+            t2 = _now()
+            if self._spec.batches:
+                produced = sum(rows)
+                for name, value in outputs.items():
+                    if value.ndim == 0 or value.shape[0] != produced:
+                        raise BackendError(
+                            f"output '{name}' has shape {list(value.shape)}; expected "
+                            f"{produced} rows for the batch"
+                        )
+            per_request = self._packer.unpack(outputs, rows)
         t3 = _now()
         return per_request, (t1 - t0, t2 - t1, t3 - t2)
 
-    def _response(self, request: InferRequest, outputs: dict[str, Array]) -> InferResponse:
+    def _response(self, request: InferRequest, outputs: dict[str, OutputTensor]) -> InferResponse:
         names = request.requested_outputs or self._all_outputs
         return InferResponse(
             model_name=self._spec.name,
             model_version=self._version,
             id=request.id,
-            outputs=[OutputTensor(n, self._output_types[n], outputs[n]) for n in names],
+            outputs=[outputs[n] for n in names],
         )
 
     def _on_dispatcher_exit(self, task: asyncio.Task[None]) -> None:

@@ -22,6 +22,9 @@ from tritonclient.utils import InferenceServerException
 from tests import model_factory
 from tests.server_harness import ServerThread
 
+# A lost waiter shows up as a hang: fail it quickly instead of at the global timeout.
+pytestmark = pytest.mark.timeout(30)
+
 SLOW_MS = 100.0
 TIMED_MS = 200.0
 DELAY_US = 600_000

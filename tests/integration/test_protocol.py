@@ -386,10 +386,9 @@ def test_reflection_unknown_symbol(channel: grpc.Channel) -> None:
 @pytest.mark.parametrize(
     "call",
     [
-        pytest.param(lambda c: c.register_system_shared_memory("region", "/key", 64),
-                     id="system_shared_memory_register"),
-        pytest.param(lambda c: c.get_system_shared_memory_status(),
-                     id="system_shared_memory_status"),
+        # system shared memory is implemented: tests/integration/test_shared_memory.py
+        pytest.param(lambda c: c.register_cuda_shared_memory("region", b"AAAA", 0, 64),
+                     id="cuda_shared_memory_register"),
         pytest.param(lambda c: c.get_cuda_shared_memory_status(), id="cuda_shared_memory_status"),
         pytest.param(lambda c: c.update_log_settings({"log_info": True}), id="log_settings"),
         pytest.param(lambda c: c.get_trace_settings(), id="trace_setting"),

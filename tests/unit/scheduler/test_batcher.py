@@ -25,6 +25,9 @@ from server.spec import BatchingSpec, InstanceSpec, ModelSpec, QueuePolicy, Tens
 from server.types import Array, DataType, InferRequest, InferResponse
 from tests import model_factory
 
+# A lost waiter shows up as a hang: fail it quickly instead of at the global timeout.
+pytestmark = pytest.mark.timeout(30)
+
 SLOW_MS = 100.0
 _ids = itertools.count()
 

@@ -1,0 +1,196 @@
+"""Tensors that live in registered system shared memory, for decode and encode.
+
+An input or a requested output names a region with three tensor parameters, parsed as Triton
+does (``ParseSharedMemoryParams`` in its gRPC frontend): ``shared_memory_region`` (string),
+``shared_memory_byte_size`` (int64, required with a region) and ``shared_memory_offset``
+(int64, default 0). An input in shared memory takes no ``raw_input_contents`` entry:
+raw entries belong, in order, to the inputs that are not in shared memory (Triton's
+``InferGRPCToInput`` consumes them the same way, which is what tritonclient sends).
+
+A shared-memory output is written into its region after inference; the response still lists
+it (name, datatype, shape) with an *empty* ``raw_output_contents`` entry, because Triton keeps
+one raw entry per output so that clients can pair outputs and raw entries by index.
+
+Every region a request touches is leased in one :class:`SharedMemoryScope` for the life of the
+request, so an unregister meanwhile cannot unmap memory the request still reads or writes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from server import _native
+from server.errors import InvalidInput
+from server.shm.registry import Region, SharedMemoryRegistry
+from server.types import DataType, OutputTensor
+
+REGION = "shared_memory_region"
+OFFSET = "shared_memory_offset"
+BYTE_SIZE = "shared_memory_byte_size"
+
+
+@dataclass(frozen=True, slots=True)
+class ShmRef:
+    """Where one tensor lives: ``byte_size`` bytes at ``offset`` into region ``region``."""
+
+    region: str
+    offset: int
+    byte_size: int
+
+
+def _int_param(tensor: str, key: str, param: Any) -> int:
+    if param.WhichOneof("parameter_choice") != "int64_param":
+        raise InvalidInput(
+            f"invalid value type for '{key}' parameter for tensor '{tensor}', expected "
+            "int64_param."
+        )
+    value = int(param.int64_param)
+    if value < 0:
+        raise InvalidInput(f"'{key}' for tensor '{tensor}' must not be negative, got {value}")
+    return value
+
+
+def tensor_reference(tensor: str, params: Mapping[str, Any]) -> ShmRef | None:
+    """The shared-memory reference in a tensor's parameters, or None when it has none."""
+    has_region = REGION in params
+    if not has_region:
+        for key in (OFFSET, BYTE_SIZE):
+            if key in params:
+                raise InvalidInput(
+                    f"'{key}' can not be specified without 'shared_memory_region' parameter "
+                    f"for tensor '{tensor}'"
+                )
+        return None
+    region = params[REGION]
+    if region.WhichOneof("parameter_choice") != "string_param":
+        raise InvalidInput(
+            f"invalid value type for 'shared_memory_region' parameter for tensor '{tensor}', "
+            "expected string_param."
+        )
+    if BYTE_SIZE not in params:
+        raise InvalidInput(
+            f"'shared_memory_byte_size' must be specified along with 'shared_memory_region' "
+            f"parameter for tensor '{tensor}'"
+        )
+    offset = _int_param(tensor, OFFSET, params[OFFSET]) if OFFSET in params else 0
+    return ShmRef(region.string_param, offset, _int_param(tensor, BYTE_SIZE, params[BYTE_SIZE]))
+
+
+class SharedMemoryScope:
+    """The regions one request uses, leased until :meth:`release`, and its output targets.
+
+    Created per request only while some region is registered, so requests on a server that
+    nobody uses shared memory with pay nothing.
+    """
+
+    __slots__ = ("_leases", "_registry", "outputs")
+
+    def __init__(self, registry: SharedMemoryRegistry) -> None:
+        self._registry = registry
+        self._leases: dict[str, Region] = {}
+        #: Requested outputs that go to shared memory, by output name.
+        self.outputs: dict[str, tuple[Region, ShmRef]] = {}
+
+    def lease(self, name: str) -> Region:
+        region = self._leases.get(name)
+        if region is None:
+            region = self._leases[name] = self._registry.acquire(name)
+        return region
+
+    def release(self) -> None:
+        leases, self._leases = self._leases, {}
+        for region in leases.values():
+            self._registry.release(region)
+
+
+def _window(scope: SharedMemoryScope | None, what: str, ref: ShmRef) -> Region:
+    """Lease the region of ``ref`` and check that ``ref`` lies inside it."""
+    if scope is None:
+        raise InvalidInput(f"{what}: shared memory region '{ref.region}' is not registered")
+    try:
+        region = scope.lease(ref.region)
+    except InvalidInput as exc:
+        raise InvalidInput(f"{what}: {exc.message}") from None
+    if ref.offset + ref.byte_size > region.byte_size:
+        raise InvalidInput(
+            f"{what}: offset {ref.offset} + byte size {ref.byte_size} is outside shared memory "
+            f"region '{ref.region}' of {region.byte_size} bytes"
+        )
+    region.check_backing()
+    return region
+
+
+def input_buffer(
+    scope: SharedMemoryScope | None,
+    name: str,
+    datatype: DataType,
+    shape: tuple[int, ...],
+    ref: ShmRef,
+) -> memoryview:
+    """The read-only bytes of input ``name``, straight from its region (no copy).
+
+    Decode turns them into a numpy view exactly as it does raw contents; the view keeps the
+    mapping alive for as long as the backend holds it.
+    """
+    region = _window(scope, f"input '{name}'", ref)
+    if datatype is not DataType.BYTES:
+        expected = math.prod(shape) * datatype.itemsize
+        if ref.byte_size != expected:
+            raise InvalidInput(
+                f"input '{name}' shared_memory_byte_size is {ref.byte_size}; shape "
+                f"{list(shape)} of {datatype.wire} needs {expected}"
+            )
+    return region.view[ref.offset:ref.offset + ref.byte_size].toreadonly()
+
+
+def bind_output(scope: SharedMemoryScope | None, name: str, ref: ShmRef) -> None:
+    """Record that output ``name`` is to be written to shared memory (checked now, before
+    inference, as Triton does; the size of the result is checked when it is written)."""
+    region = _window(scope, f"output '{name}'", ref)
+    assert scope is not None
+    scope.outputs[name] = (region, ref)
+
+
+def _write(tensor: OutputTensor, region: Region, ref: ShmRef) -> None:
+    data = tensor.data
+    if tensor.datatype is DataType.BYTES:
+        encoded = _native.encode_bytes(data.reshape(-1))
+        needed = len(encoded)
+    else:
+        dtype = tensor.datatype.numpy_dtype
+        needed = data.size * dtype.itemsize
+    if needed > ref.byte_size:
+        raise InvalidInput(
+            f"shared memory size specified with the request for output '{tensor.name}' "
+            f"({ref.byte_size} bytes) should be at least {needed} bytes to hold the results"
+        )
+    region.check_backing()
+    window = region.view[ref.offset:ref.offset + needed]
+    if tensor.datatype is DataType.BYTES:
+        window[:] = encoded
+    else:
+        np.copyto(np.frombuffer(window, dtype=dtype).reshape(data.shape), data, casting="unsafe")
+
+
+def raw_output_contents(
+    scope: SharedMemoryScope,
+    outputs: Sequence[OutputTensor],
+    raw_bytes: Callable[[OutputTensor], bytes],
+) -> list[bytes]:
+    """``raw_output_contents`` for ``outputs``: shared-memory outputs are written to their
+    regions and answered with an empty entry; the others are encoded by ``raw_bytes``."""
+    targets = scope.outputs
+    contents = []
+    for tensor in outputs:
+        target = targets.get(tensor.name)
+        if target is None:
+            contents.append(raw_bytes(tensor))
+        else:
+            _write(tensor, *target)
+            contents.append(b"")
+    return contents

@@ -1,0 +1,44 @@
+"""The system shared-memory RPCs of GRPCInferenceService (Triton's ``system_shared_memory``).
+
+A mixin of the inference servicer, kept apart so the registry's RPCs stay out of the request
+path's module. CUDA shared memory is not offered: its RPCs fall through to the generated base
+class and answer UNIMPLEMENTED.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from server._pb import grpc_service_pb2 as pb
+from server.frontend.status import mapped
+from server.shm import SharedMemoryRegistry
+
+
+class SystemSharedMemoryRpcs:
+    """Register, Status and Unregister over one :class:`SharedMemoryRegistry`."""
+
+    _shm: SharedMemoryRegistry
+
+    @mapped
+    async def SystemSharedMemoryRegister(
+        self, request: pb.SystemSharedMemoryRegisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SystemSharedMemoryRegisterResponse:
+        self._shm.register(request.name, request.key, request.offset, request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    @mapped
+    async def SystemSharedMemoryStatus(
+        self, request: pb.SystemSharedMemoryStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SystemSharedMemoryStatusResponse:
+        region = pb.SystemSharedMemoryStatusResponse.RegionStatus
+        return pb.SystemSharedMemoryStatusResponse(regions={
+            s.name: region(name=s.name, key=s.key, offset=s.offset, byte_size=s.byte_size)
+            for s in self._shm.status(request.name)
+        })
+
+    @mapped
+    async def SystemSharedMemoryUnregister(
+        self, request: pb.SystemSharedMemoryUnregisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
+        self._shm.unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
