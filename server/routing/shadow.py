@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import mmap
 from collections import deque
 from dataclasses import dataclass
 
@@ -79,6 +80,27 @@ class _Lane:
     workers: list[asyncio.Task[None]]
 
 
+def _maps_shared_memory(array: np.ndarray) -> bool:
+    base: object = array
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if isinstance(base, memoryview):
+        base = base.obj
+    return isinstance(base, mmap.mmap)
+
+
+def _detached(request: InferRequest) -> InferRequest:
+    """A copy whose inputs no longer read a client's shared-memory region: the client may
+    rewrite the region once it has its response, before the shadow runs."""
+    if not any(_maps_shared_memory(value) for value in request.inputs.values()):
+        return request
+    return dataclasses.replace(
+        request,
+        inputs={name: np.array(value, copy=True) if _maps_shared_memory(value) else value
+                for name, value in request.inputs.items()},
+    )
+
+
 class ShadowMirror:
     def __init__(self, catalog: ModelCatalog, metrics: RoutingMetrics) -> None:
         self._catalog = catalog
@@ -120,7 +142,7 @@ class ShadowMirror:
             lane.figures.dropped += 1
             lane.metrics.dropped.inc()
             return False
-        lane.pending.append((request, primary))
+        lane.pending.append((_detached(request), primary))
         lane.wake.set()
         return True
 
