@@ -91,7 +91,7 @@ def configure(model_dir: Path, rate: float) -> None:
 
 
 async def closed_loop(url: str, concurrency: int, warmup: float, seconds: float,
-                      server_pid: int) -> dict[str, Any]:
+                      server_pid: int, metrics_url: str) -> dict[str, Any]:
     rng = np.random.default_rng(2)
     payloads = [
         infer_request_bytes(MODEL, "", [InputTensor("input", "FP32", (1, 64), row.tobytes())],
@@ -99,7 +99,7 @@ async def closed_loop(url: str, concurrency: int, warmup: float, seconds: float,
         for i, row in enumerate(digits(rng, PAYLOADS))
     ]
     latencies: list[int] = []
-    completed = 0  # warm-up included: the analyser's CPU covers the whole run
+    completed = 0
     failed = 0
     measuring = False
     stop = False
@@ -124,6 +124,7 @@ async def closed_loop(url: str, concurrency: int, warmup: float, seconds: float,
 
     tasks = [asyncio.create_task(slot(i)) for i in range(concurrency)]
     await asyncio.sleep(warmup)
+    drift0 = await asyncio.to_thread(drift_counters, metrics_url)
     server0, client0 = tree_cpu_s(server_pid) or 0.0, self_cpu_s()
     started = time.perf_counter()
     measuring = True
@@ -131,6 +132,8 @@ async def closed_loop(url: str, concurrency: int, warmup: float, seconds: float,
     measuring = False
     elapsed = time.perf_counter() - started
     server1, client1 = tree_cpu_s(server_pid) or 0.0, self_cpu_s()
+    drift1 = await asyncio.to_thread(drift_counters, metrics_url)
+    analyser_s = drift1.get("analyser_cpu_s", 0.0) - drift0.get("analyser_cpu_s", 0.0)
     stop = True
     await asyncio.gather(*tasks)
     await channel.close()
@@ -146,6 +149,8 @@ async def closed_loop(url: str, concurrency: int, warmup: float, seconds: float,
         "server_cpu_percent": round(100 * (server1 - server0) / elapsed, 1),
         "server_cpu_us_per_request": round(1e6 * (server1 - server0) / max(1, len(latencies)),
                                            1),
+        "analyser_cpu_us_per_request": round(1e6 * analyser_s / max(1, len(latencies)), 2),
+        "drift": drift1,
         "client_cpu_percent": round(100 * (client1 - client0) / elapsed, 1),
     }
 
@@ -178,13 +183,11 @@ def run_one(model_dir: Path, rate: float, args: argparse.Namespace,
 
             runner_factory = uvloop.new_event_loop
         with asyncio.Runner(loop_factory=runner_factory) as runner:
-            result = runner.run(closed_loop(server.url, args.concurrency, args.warmup,
-                                            args.seconds, server.pid))
-        result["drift"] = drift_counters(f"http://127.0.0.1:{metrics_port}/metrics")
+            result = runner.run(closed_loop(
+                server.url, args.concurrency, args.warmup, args.seconds, server.pid,
+                f"http://127.0.0.1:{metrics_port}/metrics",
+            ))
     result["rate"] = rate
-    result["analyser_cpu_us_per_request"] = round(
-        1e6 * result["drift"].get("analyser_cpu_s", 0.0)
-        / max(1, result["completed_with_warmup"]), 2)
     return result
 
 
@@ -339,8 +342,9 @@ def markdown(document: dict[str, Any]) -> str:
         "",
         "Drift CPU per request: the hot path's offer() timed in-process on an "
         "mlp_classifier-shaped request and response (best of 5), plus the analyser thread's "
-        "CPU time (`peregrine_drift_analyser_cpu_seconds_total`, its own clock) divided by the "
-        "requests served. Its share of the server's CPU per request at 0 % is the throughput a "
+        "CPU time over the measured seconds (`peregrine_drift_analyser_cpu_seconds_total`, read "
+        "before and after; its thread's own clock) divided by the requests served then. Its "
+        "share of the server's CPU per request at 0 % is the throughput a "
         "CPU-bound server would lose; it does not move with the machine's other load the way "
         "end-to-end throughput does.",
     ]

@@ -26,6 +26,7 @@ from server._pb import grpc_service_pb2 as pb
 from server._pb import grpc_service_pb2_grpc as pb_grpc
 from server._pb._pool import POOL
 from server.backends.onnxruntime import OnnxRuntimeFactory
+from server.backends.tensorrt import TensorRtFactory
 from server.config import ServerSettings
 from server.dataplane import DataPlane
 from server.frontend.admin import AdminServicer
@@ -60,7 +61,9 @@ ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["PeregrineAdmin"].full_nam
 
 
 def backend_factories() -> dict[str, BackendFactory]:
-    return {"onnxruntime": OnnxRuntimeFactory()}
+    """Every backend by its config name. TensorRT registers even on CPU machines: it imports
+    tensorrt and cuda-python only when one of its models loads, and fails that load clearly."""
+    return {"onnxruntime": OnnxRuntimeFactory(), "tensorrt": TensorRtFactory()}
 
 
 def model_source(settings: ServerSettings) -> ModelSource:
@@ -131,7 +134,10 @@ class PeregrineServer:
             shared_memory=self.shared_memory,
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
-        admin_grpc.add_PeregrineAdminServicer_to_server(AdminServicer(self.router), server)
+        admin_grpc.add_PeregrineAdminServicer_to_server(
+            AdminServicer(self.router, self.drift.reports if self.drift is not None else None),
+            server,
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if settings.reflection:
             reflection.enable_server_reflection(

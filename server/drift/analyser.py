@@ -10,6 +10,7 @@ An error in one version is logged once and does not stop the others or the threa
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -153,8 +154,15 @@ class DriftAnalyser:
         if samples:
             assembly = assemble(samples, state.layouts, state.widths)
             state.mismatched += assembly.mismatched
-            for block in state.windows.add(assembly.block):
-                produced.append(self._fixed(state, block, partial=False))
+            closed = [self._fixed(state, block, partial=False)
+                      for block in state.windows.add(assembly.block)]
+            produced += closed
+            if closed:
+                # The newest fixed window holds (nearly) the last window's rows: it stands in
+                # for the sliding window, so busy traffic does not pay for both.
+                self._publish(state, dataclasses.replace(closed[-1], window=SLIDING))
+                state.sliding_rows_seen = state.windows.total_rows
+                state.sliding_at = now
         windows = state.windows
         config = sampler.config
         if (

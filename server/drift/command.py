@@ -58,6 +58,9 @@ def add_drift_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
     report.add_argument("--top", type=int, default=4, help="features to draw (default 4)")
     report.add_argument("--store", type=Path, default=None,
                         help="the version's window directory, if not where the config says")
+    from server.drift.status_cli import add_status_parser
+
+    add_status_parser(sub)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -74,6 +77,10 @@ def run_drift(args: argparse.Namespace, open_model: ModelOpener) -> int:
     from server.config import default_repository
     from server.errors import PeregrineError
 
+    if args.drift_command == "status":
+        from server.drift.status_cli import run_status
+
+        return run_status(args)
     repository = args.repository or default_repository()
     try:
         if args.drift_command == "profile":

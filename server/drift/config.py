@@ -15,8 +15,10 @@ optional; the defaults are below. Keys, as ``parameters { key: "..." value: { st
 ``drift_tensors``           comma-separated inputs/outputs to monitor (default: all of them)
 ``drift_categorical``       comma-separated numeric tensors to treat as categories (BYTES and
                             BOOL always are; integer outputs are class labels and are too)
-``drift_window``            rows per window (default 1000): the sliding window holds the last
-                            this many rows, and a fixed (tumbling) window closes every this many
+``drift_window``            rows per window (default 2000): the sliding window holds the last
+                            this many rows, and a fixed (tumbling) window closes every this many.
+                            Larger windows detect smaller shifts and cost less per row (the
+                            reference side of the tests is paid once per window)
 ``drift_min_rows``          rows the sliding window needs before it is evaluated (default half a
                             window)
 ``drift_psi_warning``       PSI at which a feature warns (default 0.1)
@@ -77,8 +79,8 @@ class DriftConfig:
     feature_axes: Mapping[str, int] = field(default_factory=dict)
     tensors: tuple[str, ...] = ()
     categorical: frozenset[str] = frozenset()
-    window: int = 1000
-    min_rows: int = 500
+    window: int = 2000
+    min_rows: int = 1000
     thresholds: Thresholds = Thresholds()
     ring_size: int = 4096
     store_dir: str = DEFAULT_STORE_DIR
@@ -156,7 +158,7 @@ def parse(params: Mapping[str, str]) -> DriftConfig:
     for key in params:
         if key.startswith(axis_prefix):
             axes[key[len(axis_prefix):]] = _axis(params[key], key)
-    window = _integer(params, "window", 1000, 2)
+    window = _integer(params, "window", 2000, 2)
     store_format = params.get(PREFIX + "store_format", "auto").strip() or "auto"
     if store_format not in ("auto", "parquet", "npz"):
         raise ValueError(f"{PREFIX}store_format must be auto, parquet or npz, "

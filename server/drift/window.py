@@ -76,8 +76,14 @@ def assemble(
     """Samples -> one block. ``widths`` is the profile's feature count per tensor."""
     if not samples or not layouts:
         return Assembly(Block.empty(), 0)
-    first_input = next((t for t in layouts if t.role is Role.INPUT), layouts[0])
-    counts = [_rows(s, first_input) for s in samples]
+    sources = {
+        layout.name: [(s.inputs if layout.role is Role.INPUT else s.outputs).get(layout.name)
+                      for s in samples]
+        for layout in layouts
+    }
+    first = next((t for t in layouts if t.role is Role.INPUT), layouts[0])
+    counts = [1 if v is None or not first.batched or not v.ndim else int(v.shape[0])
+              for v in sources[first.name]]
     total = sum(counts)
     ids = np.repeat(np.asarray([s.request_id for s in samples], dtype=object), counts)
     values: dict[str, Array] = {}
@@ -85,7 +91,7 @@ def assemble(
     mismatched = 0
     for layout in layouts:
         width = widths[layout.name]
-        source = [_tensor(s, layout) for s in samples]
+        source = sources[layout.name]
         if all(v is not None for v in source):
             matrix = stack(layout, [v for v in source if v is not None])
             if matrix is not None and matrix.shape == (total, width):
@@ -106,18 +112,6 @@ def assemble(
     return Assembly(Block(total, ids, values, present), mismatched)
 
 
-def _rows(sample: CapturedSample, layout: TensorLayout) -> int:
-    value = _tensor(sample, layout)
-    if value is None or not layout.batched:
-        return 1
-    return int(value.shape[0]) if value.ndim else 1
-
-
-def _tensor(sample: CapturedSample, layout: TensorLayout) -> Array | None:
-    source = sample.inputs if layout.role is Role.INPUT else sample.outputs
-    return source.get(layout.name)
-
-
 class Windows:
     """The sliding window (the last ``size`` rows) and the fixed windows (every ``size`` rows)
     of one model version. Fed and read by the analyser thread only."""
@@ -132,11 +126,6 @@ class Windows:
     @property
     def sliding(self) -> Block:
         return self._sliding
-
-    @property
-    def pending(self) -> Block:
-        """Rows of the fixed window still filling."""
-        return concat(self._pending)
 
     def add(self, block: Block) -> list[Block]:
         """Append rows; returns the fixed windows that this completes, oldest first."""

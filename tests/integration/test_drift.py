@@ -114,6 +114,13 @@ def test_a_drifting_stream_shows_on_metrics_and_in_the_report(
                       window="fixed") == 0
         assert metric(text, "peregrine_drift_score", window="sliding") > 0.25
 
+        # The same reports through the admin service and `peregrine drift status`.
+        assert main(["drift", "status", "--url", server.url, "--model", "classifier"]) == 0
+        status = capsys.readouterr().out.splitlines()
+        fixed = next(i for i, line in enumerate(status) if "fixed window" in line)
+        assert "level alert" in status[fixed]
+        assert status[fixed + 2].split()[0] == drifted
+
     png = tmp_path / "drift.png"
     assert main(["drift", "report", "--model", "classifier", "--repository", str(drift_repo),
                  "--png", str(png)]) == 0

@@ -145,13 +145,19 @@ def test_the_analyser_from_samples_to_gauges_logs_and_store(
     analyser.run_once(now=11.0)
     assert version.active
 
-    send(200, 0.0)
+    send(120, 0.0)  # over drift_min_rows (half a window): the sliding window is evaluated
     reports = analyser.run_once(now=12.0)
-    assert [r.window for r in reports] == ["fixed", "sliding"]
+    assert [(r.window, r.rows) for r in reports] == [("sliding", 120)]
+    send(80, 0.0)  # the first fixed window closes; it stands in for the sliding one
+    reports = analyser.run_once(now=12.5)
+    assert [(r.window, r.rows) for r in reports] == [("fixed", 200)]
     assert reports[0].level.label == "ok"
+    assert gauges.models["sliding"]["rows"] == 200
     send(200, 1.5)
     reports = analyser.run_once(now=13.0)
+    assert [r.window for r in reports] == ["fixed"]
     assert reports[0].level.label == "alert"
+    assert gauges.models["sliding"]["level"] == 2
     assert reports[0].worst(1)[0].feature == "x[3]"
     assert gauges.models["fixed"]["level"] == 2
     assert gauges.features[("fixed", "x[3]")]["psi"] > 0.25
