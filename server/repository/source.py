@@ -38,7 +38,16 @@ class FilesystemSource:
         """File-system events (inotify, FSEvents, ...) under the root, debounced."""
         from watchfiles import awatch
 
-        async for _changes in awatch(self.root, debounce=200, step=50, recursive=True):
+        root = str(self.root)
+
+        def published(_change: object, path: str) -> bool:
+            # Dot-prefixed paths are staging areas and server-owned stores (.drift, state
+            # files); what matters appears when they are renamed into place.
+            relative = os.path.relpath(path, root)
+            return not any(part.startswith(".") for part in relative.split(os.sep))
+
+        async for _changes in awatch(self.root, watch_filter=published, debounce=200, step=50,
+                                     recursive=True):
             yield None
 
     def fingerprint(self, name: str) -> str:
