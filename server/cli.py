@@ -16,6 +16,7 @@ from server.health_cli import add_health_parser, run_health
 from server.logs import configure_logging
 from server.repo_cli import add_repo_parser, run_repo
 from server.route_cli import add_route_parser, run_route
+from server.trt_cli import add_trt_parser, run_trt
 
 
 def _serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_route_parser(commands)
     add_health_parser(commands)
     add_drift_parser(commands)
+    add_trt_parser(commands)
     _bench_parser(commands)
     return parser
 
@@ -109,6 +111,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from server.drift.command import run_drift
 
         return run_drift(args, open_model_offline)
+    if args.command == "trt":
+        configure_logging("WARNING", "text")  # stderr is the progress bar's
+        from server.app import backend_factories
+
+        return run_trt(args, backend_factories)
     raise AssertionError(f"unhandled command {args.command}")
 
 

@@ -14,6 +14,12 @@ import numpy as np
 import onnxruntime as ort
 
 from server.errors import InvalidInput, ModelLoadError
+from server.gpu.options import (
+    instance_device,
+    instance_group,
+    ort_gpu_providers,
+    parse_ort_gpu_options,
+)
 from server.spec import ModelSpec, TensorSpec
 from server.types import Array, DataType
 
@@ -122,15 +128,15 @@ def session_options(params: Mapping[str, str]) -> ort.SessionOptions:
 def choose_providers(
     spec: ModelSpec, instance_index: int
 ) -> list[str | tuple[str, dict[str, Any]]]:
-    """Execution providers for one instance from its instance_group kind and what is installed."""
+    """Execution providers for one instance from its instance_group kind and what is installed.
+
+    KIND_GPU (or KIND_AUTO where CUDA is present) runs on the CUDA provider of the group's
+    next GPU, or on the TensorRT provider with parameter ``execution_accelerator: tensorrt``;
+    provider options come from the config parameters (server/gpu/options.py). KIND_GPU without
+    CUDA is a load error unless ``allow_cpu_fallback`` is true.
+    """
     available = ort.get_available_providers()
-    group = spec.instances[0]
-    start = 0
-    for candidate in spec.instances:
-        if instance_index < start + candidate.count:
-            group = candidate
-            break
-        start += candidate.count
+    group, _ = instance_group(spec, instance_index)
     has_cuda = "CUDAExecutionProvider" in available
     if group.kind == "CPU" or (group.kind == "AUTO" and not has_cuda):
         return ["CPUExecutionProvider"]
@@ -146,15 +152,31 @@ def choose_providers(
             f"installation provides only {available}; install the 'gpu' extra on a CUDA machine "
             "or set the config parameter allow_cpu_fallback to \"true\""
         )
-    device = group.gpus[(instance_index - start) % len(group.gpus)] if group.gpus else 0
-    return [("CUDAExecutionProvider", {"device_id": device}), "CPUExecutionProvider"]
+    options = parse_ort_gpu_options(spec.parameters, spec.name)
+    return ort_gpu_providers(spec, options, instance_device(spec, instance_index), available)
+
+
+def _provider_name(provider: str | tuple[str, dict[str, Any]]) -> str:
+    return provider if isinstance(provider, str) else provider[0]
+
+
+def _device_of(providers: list[str | tuple[str, dict[str, Any]]]) -> int | None:
+    """The CUDA device the providers run on, or None on the CPU."""
+    for provider in providers:
+        if not isinstance(provider, str) and "device_id" in provider[1]:
+            return int(provider[1]["device_id"])
+    return None
 
 
 class OnnxRuntimeInstance:
     """One InferenceSession. Blocking calls; the scheduler never runs one concurrently."""
 
-    def __init__(self, session: ort.InferenceSession, spec: ModelSpec) -> None:
+    def __init__(
+        self, session: ort.InferenceSession, spec: ModelSpec, device: int | None = None
+    ) -> None:
         self._session = session
+        #: The CUDA device the session runs on (IO binding then), None on the CPU.
+        self._device = device
         self._output_names = [o.name for o in session.get_outputs()]
         self._string_inputs = frozenset(
             t.name for t in spec.inputs if t.datatype is DataType.BYTES
@@ -175,6 +197,14 @@ class OnnxRuntimeInstance:
                 "cannot feed to onnxruntime together"
             )
         self._description = "onnxruntime " + ",".join(session.get_providers())
+        if device is not None:
+            self._description += f" on cuda:{device}"
+        # On a GPU, IO binding: inputs bound from host memory (copied to the device once),
+        # outputs left on the device and copied back once. String tensors stay on session.run
+        # (they never live on a GPU); BF16 models keep their own bound path.
+        self._bind_gpu = (device is not None and not self._bf16_inputs
+                          and not self._bf16_outputs and not self._string_inputs
+                          and not self._string_outputs)
 
     @property
     def description(self) -> str:
@@ -184,6 +214,8 @@ class OnnxRuntimeInstance:
         self.execute(inputs)
 
     def execute(self, inputs: Mapping[str, Array]) -> dict[str, Array]:
+        if self._bind_gpu:
+            return self._execute_gpu(inputs)
         if self._bf16_inputs or self._bf16_outputs:
             return self._execute_bound(inputs)
         feed = {
@@ -198,6 +230,19 @@ class OnnxRuntimeInstance:
                 array = _from_ort_strings(array)
             outputs[name] = array
         return outputs
+
+    def _execute_gpu(self, inputs: Mapping[str, Array]) -> dict[str, Array]:
+        """IO binding on a GPU: one host-to-device copy per input, outputs allocated on the
+        device and copied to host memory once."""
+        binding = self._session.io_binding()
+        for name, value in inputs.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name in self._output_names:
+            binding.bind_output(name, "cuda", self._device)
+        self._session.run_with_iobinding(binding)
+        results = binding.copy_outputs_to_cpu()
+        return {name: np.asarray(value)
+                for name, value in zip(self._output_names, results, strict=True)}
 
     def _execute_bound(self, inputs: Mapping[str, Array]) -> dict[str, Array]:
         """The IO-binding path, for models with BF16 tensors that numpy cannot name."""
@@ -265,18 +310,38 @@ class OnnxRuntimeFactory:
 
     def _session(
         self, spec: ModelSpec, version_dir: str, instance_index: int
-    ) -> ort.InferenceSession:
+    ) -> tuple[ort.InferenceSession, int | None]:
         path = self.model_path(spec, version_dir)
+        providers = choose_providers(spec, instance_index)
         try:
-            return ort.InferenceSession(
+            session = ort.InferenceSession(
                 path,
                 sess_options=session_options(spec.parameters),
-                providers=choose_providers(spec, instance_index),
+                providers=providers,
             )
         except ModelLoadError:
             raise
         except Exception as exc:  # onnxruntime raises several unrelated types for bad files
             raise ModelLoadError(f"onnxruntime could not load '{path}': {exc}") from exc
+        # onnxruntime drops a provider it cannot initialise (no device, missing CUDA or
+        # TensorRT libraries) with a warning only: a KIND_GPU instance that ends up elsewhere
+        # is a load error here, never a silent fallback (KIND_AUTO, or allow_cpu_fallback,
+        # accept it with a warning).
+        wanted = _provider_name(providers[0])
+        running = session.get_providers()
+        if wanted != "CPUExecutionProvider" and wanted not in running:
+            group, _ = instance_group(spec, instance_index)
+            if group.kind != "AUTO" and not _bool_parameter(
+                spec.parameters, "allow_cpu_fallback", default=False
+            ):
+                raise ModelLoadError(
+                    f"model '{spec.name}': onnxruntime could not start {wanted} (no CUDA "
+                    f"device, or its libraries are missing?); the session would run on {running}"
+                )
+            log.warning("onnxruntime could not start the GPU provider; running on what started",
+                        extra={"model": spec.name, "wanted": wanted, "running": running})
+        on_gpu = bool({"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(running))
+        return session, _device_of(providers) if on_gpu else None
 
     def complete_spec(self, spec: ModelSpec, version_dir: str) -> ModelSpec:
         path = self.model_path(spec, version_dir)
@@ -291,7 +356,8 @@ class OnnxRuntimeFactory:
         return dataclasses.replace(spec, inputs=inputs, outputs=outputs)
 
     def load(self, spec: ModelSpec, version_dir: str, instance_index: int) -> OnnxRuntimeInstance:
-        return OnnxRuntimeInstance(self._session(spec, version_dir, instance_index), spec)
+        session, device = self._session(spec, version_dir, instance_index)
+        return OnnxRuntimeInstance(session, spec, device)
 
 
 def _complete(

@@ -155,6 +155,10 @@ class InferenceServicer(
         if record.config is None:
             raise ModelNotFound(f"model '{request.name}' failed to load: {record.reason}")
         card = _card(record, request.version)
+        # Which backend, provider and device serve this version (Backend.description).
+        runtime = _runtime(record, request.version)
+        if runtime:
+            card[RUNTIME_PARAMETER] = runtime
         if not card:
             return pb.ModelConfigResponse(config=record.config)
         config = type(record.config)()
@@ -314,6 +318,17 @@ class InferenceServicer(
 def _check_version(record: ModelRecord, version: str) -> None:
     if version and version not in record.versions:
         raise ModelNotFound(f"unknown version '{version}' of model '{record.name}'")
+
+
+#: The ModelConfig parameter that says which runtime (backend, provider, device) serves it.
+RUNTIME_PARAMETER = "runtime"
+
+
+def _runtime(record: ModelRecord, version: str) -> str:
+    """The runtime description of the requested version, or of the one an empty request gets."""
+    chosen = version or (record.ready_order[0] if record.ready_order else "")
+    entry = record.versions.get(chosen)
+    return "" if entry is None or entry.served is None else entry.served.description
 
 
 def _card(record: ModelRecord, version: str) -> dict[str, str]:

@@ -16,6 +16,8 @@ from google.protobuf import text_format
 
 from server._pb import model_config_pb2 as mc
 from server.errors import ModelLoadError
+from server.gpu.options import parse_bool
+from server.gpu.options import validate_parameters as validate_gpu_parameters
 from server.preprocess.config import parse_preprocess
 from server.spec import (
     BatchingSpec,
@@ -31,6 +33,9 @@ from server.types import DataType
 CONFIG_FILE = "config.pbtxt"
 ONNX_PLATFORMS = frozenset({"onnxruntime_onnx"})
 ONNX_BACKENDS = frozenset({"onnxruntime"})
+#: platform -> the backend that runs it (Triton's pairs).
+PLATFORM_BACKENDS = {"onnxruntime_onnx": "onnxruntime", "tensorrt_plan": "tensorrt"}
+BACKEND_PLATFORMS = {backend: platform for platform, backend in PLATFORM_BACKENDS.items()}
 _KINDS = {
     mc.ModelInstanceGroup.KIND_AUTO: "AUTO",
     mc.ModelInstanceGroup.KIND_CPU: "CPU",
@@ -176,10 +181,17 @@ def to_spec(config: mc.ModelConfig, model_dir: Path) -> ModelSpec:
         )
     platform = config.platform
     backend = config.backend
-    if platform and platform not in ONNX_PLATFORMS:
-        raise ModelLoadError(f"model '{name}': platform '{platform}' is not supported")
-    if backend and backend not in ONNX_BACKENDS:
-        raise ModelLoadError(f"model '{name}': backend '{backend}' is not supported")
+    if platform and platform not in PLATFORM_BACKENDS:
+        raise ModelLoadError(f"model '{name}': platform '{platform}' is not supported; "
+                             f"supported: {sorted(PLATFORM_BACKENDS)}")
+    if backend and backend not in BACKEND_PLATFORMS:
+        raise ModelLoadError(f"model '{name}': backend '{backend}' is not supported; "
+                             f"supported: {sorted(BACKEND_PLATFORMS)}")
+    if platform and backend and PLATFORM_BACKENDS[platform] != backend:
+        raise ModelLoadError(f"model '{name}': platform '{platform}' is run by backend "
+                             f"'{PLATFORM_BACKENDS[platform]}', not '{backend}'")
+    backend = backend or PLATFORM_BACKENDS.get(platform, "onnxruntime")
+    platform = platform or BACKEND_PLATFORMS[backend]
     if config.max_batch_size < 0:
         raise ModelLoadError(f"model '{name}': max_batch_size must not be negative")
     if config.batch_input or config.batch_output:
@@ -210,20 +222,30 @@ def to_spec(config: mc.ModelConfig, model_dir: Path) -> ModelSpec:
                 raise ModelLoadError(f"model '{name}': {kind} '{t.name}' is declared twice")
             seen.add(t.name)
     parameters = {key: value.string_value for key, value in config.parameters.items()}
+    instances = _instances(config, name)
+    validate_gpu_parameters(backend, parameters, name, instances)
     return ModelSpec(
         name=name,
-        platform=platform or "onnxruntime_onnx",
-        backend=backend or "onnxruntime",
+        platform=platform,
+        backend=backend,
         max_batch_size=int(config.max_batch_size),
         inputs=tuple(inputs),
         outputs=tuple(outputs),
         batching=_batching(config, name),
-        instances=_instances(config, name),
+        instances=instances,
         parameters=MappingProxyType(parameters),
         warmup=_warmup(config, name),
-        default_model_filename=config.default_model_filename or "model.onnx",
+        default_model_filename=(config.default_model_filename
+                                or _default_model_filename(backend, parameters)),
         preprocess=parse_preprocess(parameters, name),
     )
+
+
+def _default_model_filename(backend: str, parameters: dict[str, str]) -> str:
+    """model.onnx, or for TensorRT model.plan unless the engine is built from model.onnx."""
+    if backend == "tensorrt" and not parse_bool(parameters, "trt_build_from_onnx", False, ""):
+        return "model.plan"
+    return "model.onnx"
 
 
 #: Triton's --backend-config default-max-batch-size, used when a model comes without a config.

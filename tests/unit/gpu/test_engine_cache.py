@@ -1,0 +1,122 @@
+"""The TensorRT engine cache without TensorRT: the key, the paths, atomic writes, the lock."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from pathlib import Path
+from types import MappingProxyType
+
+import pytest
+
+from server.gpu.engine_cache import (
+    BuildSettings,
+    GpuIdentity,
+    build_lock,
+    cache_entry,
+    default_cache_dir,
+    engine_cache_key,
+    file_sha256,
+    key_material,
+    resolve_cache_dir,
+    timing_cache_path,
+    write_atomic,
+)
+from server.gpu.options import ShapeRange
+
+H100 = GpuIdentity("NVIDIA H100 80GB HBM3", (9, 0))
+PROFILE = {"image": ShapeRange((1, 3, 32, 32), (16, 3, 32, 32), (32, 3, 32, 32))}
+SETTINGS = BuildSettings(("fp16",), PROFILE, workspace_mb=1024)
+SHA = "ab" * 32
+
+
+def key(**changes: object) -> str:
+    args: dict[str, object] = {"model_sha256": SHA, "trt_version": "10.13.0.35", "gpu": H100,
+                               "settings": SETTINGS}
+    args.update(changes)
+    return engine_cache_key(**args)  # type: ignore[arg-type]
+
+
+def test_the_key_is_a_stable_sha256() -> None:
+    assert key() == key()
+    assert len(key()) == 64 and int(key(), 16) >= 0
+    reordered = BuildSettings(("fp16",), MappingProxyType(dict(reversed(list(PROFILE.items())))),
+                              workspace_mb=1024)
+    assert key(settings=reordered) == key()
+    both = BuildSettings(("int8", "fp16"), PROFILE)
+    assert key(settings=both) == key(settings=BuildSettings(("fp16", "int8"), PROFILE))
+
+
+@pytest.mark.parametrize("change", [
+    {"model_sha256": "cd" * 32},
+    {"trt_version": "10.14.1"},
+    {"gpu": GpuIdentity("NVIDIA H200", (9, 0))},
+    {"gpu": GpuIdentity("NVIDIA H100 80GB HBM3", (8, 9))},
+    {"settings": BuildSettings((), PROFILE, workspace_mb=1024)},
+    {"settings": BuildSettings(("bf16",), PROFILE, workspace_mb=1024)},
+    {"settings": BuildSettings(("fp16",), PROFILE)},
+    {"settings": BuildSettings(("fp16",), PROFILE, 1024, builder_optimization_level=5)},
+    {"settings": BuildSettings(("fp16",), {"image": ShapeRange(
+        (1, 3, 32, 32), (8, 3, 32, 32), (32, 3, 32, 32))}, 1024)},
+])
+def test_every_component_changes_the_key(change: dict[str, object]) -> None:
+    assert key(**change) != key()
+
+
+def test_key_material_says_what_the_key_was_made_of() -> None:
+    material = key_material(SHA, "10.13.0.35", H100, SETTINGS)
+    assert material["model_sha256"] == SHA and material["tensorrt"] == "10.13.0.35"
+    assert material["gpu"] == "NVIDIA H100 80GB HBM3"
+    assert material["compute_capability"] == "9.0"
+    assert material["build"]["precision_flags"] == ["fp16"]
+    assert material["build"]["profile"]["image"]["max"] == [32, 3, 32, 32]
+
+
+def test_paths(tmp_path: Path) -> None:
+    entry = cache_entry(tmp_path, "my model/v", key())
+    assert entry.directory == tmp_path / "my_model_v"
+    assert entry.plan.name == f"{key()}.plan" and entry.metadata.suffix == ".json"
+    assert H100.slug == "nvidia-h100-80gb-hbm3-sm90"
+    assert timing_cache_path(tmp_path, H100, "10.13.0.35") == \
+        tmp_path / "timing" / "nvidia-h100-80gb-hbm3-sm90-trt10.13.0.35.cache"
+
+
+def test_cache_directories(tmp_path: Path) -> None:
+    assert default_cache_dir({"PEREGRINE_TRT_CACHE_DIR": str(tmp_path)}) == tmp_path
+    assert default_cache_dir({"XDG_CACHE_HOME": "/xdg"}) == Path("/xdg/peregrine/tensorrt")
+    assert default_cache_dir({}).parts[-3:] == (".cache", "peregrine", "tensorrt")
+    model_dir = tmp_path / "m"
+    assert resolve_cache_dir("engines", model_dir, {}) == model_dir / "engines"
+    assert resolve_cache_dir("/abs", model_dir, {}) == Path("/abs")
+    assert resolve_cache_dir(None, model_dir, {"PEREGRINE_TRT_CACHE_DIR": "/e"}) == Path("/e")
+
+
+def test_atomic_write_and_hash(tmp_path: Path) -> None:
+    target = tmp_path / "deep" / "x.plan"
+    write_atomic(target, b"engine")
+    write_atomic(target, memoryview(b"engine2"))
+    assert target.read_bytes() == b"engine2"
+    assert [p.name for p in target.parent.iterdir()] == ["x.plan"]  # no temporary left
+    assert file_sha256(target) == hashlib.sha256(b"engine2").hexdigest()
+
+
+def test_build_lock_serialises_builders(tmp_path: Path) -> None:
+    entry = cache_entry(tmp_path, "m", key())
+    inside: list[int] = []
+    overlaps: list[bool] = []
+
+    def builder(n: int) -> None:
+        with build_lock(entry):
+            overlaps.append(bool(inside))
+            inside.append(n)
+            time.sleep(0.05)
+            inside.remove(n)
+
+    threads = [threading.Thread(target=builder, args=(n,)) for n in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert overlaps == [False, False, False]
+    assert entry.lock.exists()
