@@ -777,7 +777,7 @@ private:
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
-    m.doc() = "Native (C++) codecs for the Peregrine inference server.";
+    m.doc() = "Native (C++) kernels of the Peregrine inference server: BYTES codec, batch packing, image preprocessing.";
 
     // The docstrings below open with a hand-written, precise signature; pybind11's own
     // would only say "object" for the buffer-protocol and sequence arguments.

@@ -33,6 +33,31 @@ def timings(fn: Callable[[], object], repeat: int, min_time: float) -> dict[str,
             "calls_per_run": number, "runs": len(runs)}
 
 
+def paired(fns: dict[str, Callable[[], object]], repeat: int,
+           min_time: float) -> dict[str, dict[str, float]]:
+    """Like ``timings`` for several implementations, their runs interleaved (A B A B ...) so
+    that load from other processes drifting over time hits them alike."""
+    timers = {name: timeit.Timer(fn) for name, fn in fns.items()}
+    numbers = {}
+    for name, fn in fns.items():
+        fn()
+        number = 1
+        while timers[name].timeit(number) < min_time:
+            number *= 2
+        numbers[name] = number
+    runs: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, timer in timers.items():
+            runs[name].append(timer.timeit(numbers[name]) / numbers[name])
+    out = {}
+    for name, values in runs.items():
+        values.sort()
+        q1, _, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3
+        out[name] = {"median_s": statistics.median(values), "q1_s": q1, "q3_s": q3,
+                     "min_s": values[0], "calls_per_run": numbers[name], "runs": len(values)}
+    return out
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
