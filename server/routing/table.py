@@ -103,7 +103,7 @@ SpecLookup = Callable[[str, str], ModelSpec]
 def _signature(spec: ModelSpec) -> tuple[object, ...]:
     return (
         spec.max_batch_size > 0,
-        tuple((t.name, t.datatype, t.dims) for t in spec.inputs),
+        tuple((t.name, t.datatype, t.dims) for t in spec.client_inputs),
         tuple((t.name, t.datatype, t.dims) for t in spec.outputs),
     )
 
