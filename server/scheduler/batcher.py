@@ -61,6 +61,7 @@ class DynamicBatcher:
         self._max_batch = spec.max_batch_size
         self._preferred = frozenset(batching.preferred_batch_sizes)
         self._max_delay_ns = batching.max_queue_delay_us * 1000
+        self._arrivals = policy.ArrivalGap()
         self._all_outputs = tuple(t.name for t in spec.outputs)
         #: An input fed by image preprocessing: any image size batches with any other.
         self._size_free = spec.preprocess.input if spec.preprocess is not None else None
@@ -96,6 +97,7 @@ class DynamicBatcher:
             future=asyncio.get_running_loop().create_future(),
         )
         self._queue.push(entry)
+        self._arrivals.arrived(now)
         self._stats.pending = len(self._queue)
         self._idle_event.clear()
         entry.future.add_done_callback(lambda _f: self._forget(entry))
@@ -213,6 +215,7 @@ class DynamicBatcher:
                 max_batch_size=self._max_batch,
                 preferred_sizes=self._preferred,
                 max_delay_ns=self._max_delay_ns,
+                expected_gap_ns=self._arrivals.expected_ns,
             )
             if not decision.take:
                 if decision.wait_until_ns is not None:

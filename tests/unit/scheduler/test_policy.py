@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.scheduler.policy import WAIT_FOR_ARRIVALS, Decision, decide
+from server.scheduler.policy import WAIT_FOR_ARRIVALS, ArrivalGap, Decision, decide
 
 A = ("INPUT0", (16,))
 B = ("INPUT0", (32,))
@@ -290,3 +290,33 @@ def test_property_decisions_are_consistent(
         if decision.take < len(front):
             rows, sig = front[decision.take]
             assert sig != front[0][1] or total + rows > max_batch
+
+
+def test_delay_is_skipped_when_the_next_arrival_is_not_due_in_time() -> None:
+    """One request at a time: waiting the delay would only add latency."""
+    waiting = decide(
+        [(1, ())], oldest_enqueue_ns=0, now_ns=100, batching=True, max_batch_size=8,
+        preferred_sizes=frozenset(), max_delay_ns=1_000, expected_gap_ns=0,
+    )
+    assert waiting == Decision(take=0, wait_until_ns=1_000)
+    eager = decide(
+        [(1, ())], oldest_enqueue_ns=0, now_ns=100, batching=True, max_batch_size=8,
+        preferred_sizes=frozenset(), max_delay_ns=1_000, expected_gap_ns=901,
+    )
+    assert eager == Decision(take=1)
+    due_in_time = decide(
+        [(1, ())], oldest_enqueue_ns=0, now_ns=100, batching=True, max_batch_size=8,
+        preferred_sizes=frozenset(), max_delay_ns=1_000, expected_gap_ns=900,
+    )
+    assert due_in_time.take == 0
+
+
+def test_arrival_gap_tracks_the_spacing_of_arrivals() -> None:
+    gap = ArrivalGap()
+    assert gap.expected_ns == 0
+    for t in range(0, 100 * 1_000_000, 1_000_000):  # one arrival per millisecond
+        gap.arrived(t)
+    assert 990_000 <= gap.expected_ns <= 1_000_000
+    for t in range(100 * 1_000_000, 100 * 1_000_000 + 100 * 1_000, 1_000):  # a burst
+        gap.arrived(t)
+    assert gap.expected_ns < 10_000
