@@ -24,6 +24,10 @@ from server.spec import ModelSpec
 from server.types import InferRequest, InferResponse, OutputTensor
 
 log = logging.getLogger(__name__)
+#: config.pbtxt parameter: batches predicted to take less than this many microseconds run on
+#: the event loop thread (single-instance models only); 0 turns it off.
+INLINE_PARAMETER = "inline_execution_max_us"
+INLINE_DEFAULT_US = 100
 _now = time.perf_counter_ns
 
 
@@ -62,6 +66,9 @@ class DynamicBatcher:
         self._preferred = frozenset(batching.preferred_batch_sizes)
         self._max_delay_ns = batching.max_queue_delay_us * 1000
         self._arrivals = policy.ArrivalGap()
+        self._cost = policy.InlineCost(
+            inline_max_ns=_inline_max_us(spec) * 1000 if len(instances) == 1 else 0
+        )
         self._all_outputs = tuple(t.name for t in spec.outputs)
         #: An input fed by image preprocessing: any image size batches with any other.
         self._size_free = spec.preprocess.input if spec.preprocess is not None else None
@@ -272,12 +279,16 @@ class DynamicBatcher:
     async def _run_on(self, instance: int, entries: list[PendingRequest]) -> None:
         """Execute ``entries`` as one batch on ``instance`` and resolve their waiters."""
         rows = [e.rows for e in entries]
-        per_request, (input_ns, infer_ns, output_ns) = await asyncio.get_running_loop(
-        ).run_in_executor(
-            self._pool, self._execute, self._instances[instance], [e.request for e in entries],
-            rows,
-        )
+        requests = [e.request for e in entries]
         total_rows = sum(rows)
+        if self._cost.runs_inline(total_rows):
+            per_request, timings = self._execute(self._instances[instance], requests, rows)
+        else:
+            per_request, timings = await asyncio.get_running_loop().run_in_executor(
+                self._pool, self._execute, self._instances[instance], requests, rows
+            )
+        input_ns, infer_ns, output_ns = timings
+        self._cost.observe(total_rows, input_ns + infer_ns + output_ns)
         self._stats.record_batch(total_rows, len(entries), input_ns, infer_ns, output_ns)
         self._metrics.batch_size.observe(total_rows)
         self._metrics.compute_seconds.observe((input_ns + infer_ns + output_ns) / 1e9)
@@ -300,7 +311,7 @@ class DynamicBatcher:
     def _execute(
         self, backend: Backend, requests: list[InferRequest], rows: list[int]
     ) -> tuple[list[dict[str, OutputTensor]], tuple[int, int, int]]:
-        """Runs in a worker thread: pack, execute, unpack."""
+        """Pack, execute, unpack: in a worker thread, or inline when the batch is cheap."""
         t0 = _now()
         # The batch's buffers may be pooled: unpack (which copies) before the context exits.
         with self._packer.pack(requests, rows) as batch:
@@ -340,6 +351,16 @@ class DynamicBatcher:
         error = ModelNotReady(f"model '{self._spec.name}' batcher failed: {exc!r}")
         for entry in self._queue.drain_all():
             _fail(entry, error)
+
+
+def _inline_max_us(spec: ModelSpec) -> int:
+    raw = spec.parameters.get(INLINE_PARAMETER, "")
+    try:
+        return int(raw) if raw else INLINE_DEFAULT_US
+    except ValueError:
+        log.warning("ignoring a non-integer parameter", extra={
+            "model": spec.name, "parameter": INLINE_PARAMETER, "value": raw})
+        return INLINE_DEFAULT_US
 
 
 def _fail_all(entries: list[PendingRequest], exc: PeregrineError) -> None:

@@ -96,3 +96,30 @@ class ArrivalGap:
             gap = now_ns - self._last_ns
             self.expected_ns += int(self.SMOOTHING * (gap - self.expected_ns))
         self._last_ns = now_ns
+
+
+class InlineCost:
+    """Whether a batch is cheap enough to run on the event loop thread.
+
+    Handing a batch to a worker thread and back costs tens of microseconds; a model that
+    answers in less than that is faster run where the request already is. The prediction is a
+    moving average of what batches of the same row count took; an unseen size, or one that
+    became slow, goes to the worker thread.
+    """
+
+    SMOOTHING = 0.2
+
+    def __init__(self, inline_max_ns: int) -> None:
+        self.inline_max_ns = inline_max_ns
+        self._expected_ns: dict[int, float] = {}
+
+    def runs_inline(self, rows: int) -> bool:
+        expected = self._expected_ns.get(rows)
+        return expected is not None and expected < self.inline_max_ns
+
+    def observe(self, rows: int, elapsed_ns: int) -> None:
+        previous = self._expected_ns.get(rows)
+        self._expected_ns[rows] = (
+            float(elapsed_ns) if previous is None
+            else previous + self.SMOOTHING * (elapsed_ns - previous)
+        )

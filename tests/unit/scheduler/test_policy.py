@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.scheduler.policy import WAIT_FOR_ARRIVALS, ArrivalGap, Decision, decide
+from server.scheduler.policy import WAIT_FOR_ARRIVALS, ArrivalGap, Decision, InlineCost, decide
 
 A = ("INPUT0", (16,))
 B = ("INPUT0", (32,))
@@ -320,3 +320,17 @@ def test_arrival_gap_tracks_the_spacing_of_arrivals() -> None:
     for t in range(100 * 1_000_000, 100 * 1_000_000 + 100 * 1_000, 1_000):  # a burst
         gap.arrived(t)
     assert gap.expected_ns < 10_000
+
+
+def test_inline_cost_learns_per_row_count() -> None:
+    cost = InlineCost(inline_max_ns=100_000)
+    assert not cost.runs_inline(1)  # nothing measured yet: hand the batch to a thread
+    cost.observe(1, 30_000)
+    assert cost.runs_inline(1)
+    assert not cost.runs_inline(8)
+    cost.observe(8, 900_000)
+    assert not cost.runs_inline(8)
+    for _ in range(30):  # batches of one became slow: stop running them inline
+        cost.observe(1, 500_000)
+    assert not cost.runs_inline(1)
+    assert not InlineCost(inline_max_ns=0).runs_inline(1)
