@@ -17,6 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from bench.histogram import LatencyHistogram
 from bench.table import step_key
@@ -77,6 +78,8 @@ def plot_runs(documents: Sequence[dict[str, Any]], labels: Sequence[str], path: 
     latency.set_yscale("log")
     cdf.set(title="latency CDF", xlabel="ms", ylabel="fraction of requests")
     cdf.set_xscale("log")
+    cdf.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    cdf.xaxis.set_minor_formatter(NullFormatter())
     for axis in (through, latency):
         _set_x_scale(axis, all_x)
     for axis in (through, latency, cdf):

@@ -175,13 +175,18 @@ def render(runs: dict[tuple[str, str, str], dict[str, Any]], comparisons: dict[s
         f"- machine: {machine.get('cpu_model', '?')}, nproc {machine.get('nproc', '?')}, "
         f"kernel {machine.get('kernel', '?')}, Python {machine.get('python', '?')}",
         (f"- 1-minute load average when the runs started: {loads[0]:.1f} .. {loads[-1]:.1f} "
-         "(2 cores; above ~2 other work shared the machine and the figures are lower)"
+         "(2 cores; the server and the generator themselves account for up to ~2, more "
+         "means other work shared the machine and the figures are low)"
          if loads else "- load average: unknown"),
         "- every server pinned to CPU 0 and the load generator to CPU 1 (`taskset -c`), "
         "one ONNX Runtime intra-op thread with spinning off everywhere",
         "- cells: throughput in infer/s (p50 / p99 latency in ms), closed loop with c "
         "requests in flight, batch of 1 row per request; median of the repeats by "
         "throughput; 'vs floor' = throughput / the no-op servicer's at the same load",
+        "- 'bound' (per step, in the tables below): `server` = the server used >= 90% of its "
+        "core, `client` = the generator did. The no-op servicer's streaming rows are "
+        "client-bound (one generator core drives about 7-8k streamed requests/s): the "
+        "streaming floor is at least that, and 'vs floor' for streams is against it",
         "- the repeats differ by ±3-10% and sometimes 25-40% low (bench/README.md, noise): "
         "treat differences under ~10% as noise",
         "",

@@ -49,9 +49,10 @@ class VersionStats:
         self.execution_count += 1
         self.inference_count += batch_rows
         self.last_inference_ms = time.time_ns() // 1_000_000
-        self.compute_input.add(input_ns, requests)
-        self.compute_infer.add(infer_ns, requests)
-        self.compute_output.add(output_ns, requests)
+        # As Triton counts them: every request of the batch spent the batch's compute time.
+        self.compute_input.add(input_ns * requests, requests)
+        self.compute_infer.add(infer_ns * requests, requests)
+        self.compute_output.add(output_ns * requests, requests)
         per_size = self.batches.get(batch_rows)
         if per_size is None:
             per_size = self.batches[batch_rows] = BatchStats()
