@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,19 @@ def standard_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model_factory.no_batch_model(repo, "no_batch")
     model_factory.broken_model(repo, "broken")
     return repo
+
+
+@pytest.fixture(scope="session")
+def examples_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The example repository, built once per run by examples/build_models.py (a fresh clone
+    has no examples/models: it is built by the install command, never committed)."""
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path_factory.mktemp("examples") / "models"
+    subprocess.run(
+        [sys.executable, str(root / "examples" / "build_models.py"), "--out", str(out)],
+        check=True, capture_output=True, timeout=180, cwd=root,
+    )
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 CNN_ONNX = ROOT / "examples" / "models" / "cnn" / "1" / "model.onnx"
+
+
+def cnn_onnx() -> Path:
+    """The example CNN, built by examples/build_models.py when a fresh clone lacks it."""
+    if not CNN_ONNX.exists():
+        subprocess.run([sys.executable, str(ROOT / "examples" / "build_models.py")],
+                       check=True, capture_output=True, timeout=300, cwd=ROOT)
+    return CNN_ONNX
 
 
 def gpu_problem() -> str | None:
@@ -91,18 +100,18 @@ def gpu_config(name: str, *, platform: str, parameters: dict[str, str], max_batc
     return "\n".join(lines) + "\n"
 
 
-def write_cnn(repo: Path, name: str, config: str, model: Path = CNN_ONNX,
+def write_cnn(repo: Path, name: str, config: str, model: Path | None = None,
               filename: str = "model.onnx") -> Path:
     model_dir = repo / name
     (model_dir / "1").mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(model, model_dir / "1" / filename)
+    shutil.copyfile(model or cnn_onnx(), model_dir / "1" / filename)
     (model_dir / "config.pbtxt").write_text(config)
     return model_dir
 
 
-def cpu_reference(model: Path = CNN_ONNX):  # type: ignore[no-untyped-def]
+def cpu_reference(model: Path | None = None):  # type: ignore[no-untyped-def]
     """onnxruntime on the CPU: the oracle the GPU outputs are compared with."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(model or cnn_onnx()), providers=["CPUExecutionProvider"])
     return lambda x: session.run(None, {"image": x})[0]

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -345,16 +343,6 @@ def test_add_sub_matches_onnxruntime(
     result = client.infer("add_sub", add_sub_inputs(a, b))
     assert np.array_equal(result.as_numpy("OUTPUT0"), want0)
     assert np.array_equal(result.as_numpy("OUTPUT1"), want1)
-
-
-@pytest.fixture(scope="module")
-def examples_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("examples") / "models"
-    subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "build_models.py"), "--out", str(out)],
-        check=True, capture_output=True, timeout=120, cwd=ROOT,
-    )
-    return out
 
 
 @pytest.fixture(scope="module")

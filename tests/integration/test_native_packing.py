@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -52,7 +50,7 @@ def image_identity_model(repo: Path, name: str, dtype: str, dims: tuple[int, ...
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def repo(tmp_path_factory: pytest.TempPathFactory, examples_repo: Path) -> Path:
     repo = tmp_path_factory.mktemp("native_repo")
     model_factory.identity_models(repo, max_batch_size=8, delay_us=3000)
     model_factory.add_sub_model(repo, "add_sub", max_queue_delay_microseconds=3000)
@@ -64,10 +62,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "preprocess.mean": "127.5", "preprocess.std": "127.5"})
     image_identity_model(repo, "image_crop", "FP32", (1, 8, 8), {
         "preprocess.input": "image", "preprocess.crop": "8,8"})
-    examples = tmp_path_factory.mktemp("examples") / "models"
-    subprocess.run([sys.executable, str(ROOT / "examples" / "build_models.py"), "--out",
-                    str(examples)], check=True, capture_output=True, timeout=180, cwd=ROOT)
-    shutil.copytree(examples / "image_classifier", repo / "image_classifier")
+    shutil.copytree(examples_repo / "image_classifier", repo / "image_classifier")
     return repo
 
 

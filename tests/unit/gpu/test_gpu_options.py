@@ -269,11 +269,12 @@ def test_config_validation_errors(tmp_path: Path, text: str, message: str) -> No
         parse(tmp_path, text)
 
 
-def test_existing_example_configs_still_parse(tmp_path: Path) -> None:
+def test_existing_example_configs_still_parse(tmp_path: Path, examples_repo: Path) -> None:
     from server.repository.config import read_config
 
-    examples = Path(__file__).resolve().parents[3] / "examples" / "models"
-    for model_dir in sorted(p for p in examples.iterdir() if p.is_dir()):
+    model_dirs = sorted(p for p in examples_repo.iterdir() if p.is_dir())
+    assert model_dirs
+    for model_dir in model_dirs:
         parsed = to_spec(read_config(model_dir), model_dir)
         assert parsed.backend == "onnxruntime"
     model_factory.add_sub_model(tmp_path, "add_sub")
