@@ -42,12 +42,12 @@ from bench.cpu import self_cpu_s, tree_cpu_s
 from bench.environment import environment, machine
 from bench.inputs import InputTensor
 from bench.model_repo import ensure_examples, set_parameters
+from bench.results_section import RESULTS_MD, replace_section
 from bench.servers import PeregrineProcess, free_port
 from bench.wire import channel_options, infer_request_bytes, unary_callable
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
-RESULTS_MD = REPO_ROOT / "bench" / "RESULTS.md"
 SECTION = "## Drift sampling overhead"
 MODEL = "mlp_classifier"
 RATES = (0.0, 0.1, 1.0)
@@ -363,20 +363,6 @@ def markdown(document: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def update_results_md(section: str, path: Path = RESULTS_MD) -> None:
-    """Replace this benchmark's section (up to the next ``## `` heading) or append it."""
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
-    lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == SECTION), None)
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
-                   len(lines))
-        new = "\n".join([*lines[:start], *section.rstrip("\n").splitlines(), "", *lines[end:]])
-    path.write_text(new.rstrip("\n") + "\n", encoding="utf-8")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight")
@@ -444,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     plot(rows, png, f"{MODEL}: drift sampling overhead, closed loop of {args.concurrency} "
                     f"(medians of {args.repeats}; git {env['git_revision'][:12]})")
     if not args.no_results_md:
-        update_results_md(markdown(document))
+        replace_section(markdown(document))
     for r in rows:
         print(f"rate {r['rate']:>4.0%}: {r['throughput_rps']:7.0f} infer/s "
               f"({r['throughput_change_percent']}% vs 0 %), p50 {r['p50_ms']} ms, "

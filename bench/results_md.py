@@ -14,6 +14,7 @@ from typing import Any
 
 from bench.comparison import COMPARISONS_FILE, MODELS, RESULTS_DIR, RPCS, RUNS_DIR
 from bench.plots import plot_runs
+from bench.results_section import keep_other_sections
 from bench.schema import problems_of
 from bench.table import markdown_table, step_rows
 
@@ -222,7 +223,8 @@ def write_results() -> Path:
     comparisons = _load_json(COMPARISONS_FILE) or {}
     ceiling = _load_json(CEILING_FILE)
     chart_paths = charts(runs)
-    RESULTS_MD.write_text(render(runs, comparisons, ceiling, chart_paths), encoding="utf-8")
+    generated = render(runs, comparisons, ceiling, chart_paths)
+    RESULTS_MD.write_text(keep_other_sections(generated, RESULTS_MD), encoding="utf-8")
     return RESULTS_MD
 
 

@@ -43,11 +43,11 @@ import onnx
 import tritonclient.grpc as grpcclient
 from onnx import TensorProto, helper
 
+from bench.results_section import RESULTS_MD, replace_section
 from bench.servers import PeregrineProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = ROOT / "bench" / "results" / "shm_vs_raw.json"
-RESULTS_MD = ROOT / "bench" / "RESULTS.md"
 SECTION = "## System shared memory vs raw contents"
 MODEL = "identity_fp32"
 MODES = ("raw", "shm_in", "shm_io")
@@ -244,21 +244,6 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_results_md(section: str, path: Path = RESULTS_MD) -> None:
-    """Replace this benchmark's section (up to the next ``## `` heading) or append it;
-    the file is read just before it is written, so other sections stay as they are."""
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
-    lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == SECTION), None)
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
-                   len(lines))
-        new = "\n".join([*lines[:start], *section.rstrip("\n").splitlines(), "", *lines[end:]])
-    path.write_text(new.rstrip("\n") + "\n", encoding="utf-8")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--mib", type=int, default=4, help="tensor size in MiB")
@@ -282,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     args.output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.output}")
     if not args.no_results_md:
-        update_results_md(markdown(report))
+        replace_section(markdown(report))
         print(f"updated {RESULTS_MD}")
     return 0
 

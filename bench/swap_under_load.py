@@ -45,12 +45,12 @@ from bench.cpu import self_cpu_s, tree_cpu_s
 from bench.environment import environment, machine
 from bench.inputs import InputTensor
 from bench.model_repo import ensure_examples
+from bench.results_section import RESULTS_MD, replace_section
 from bench.servers import PeregrineProcess
 from bench.wire import channel_options, infer_request_bytes, unary_callable
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
-RESULTS_MD = REPO_ROOT / "bench" / "RESULTS.md"
 SECTION = "## Hot swap under load"
 MODEL = "mlp_classifier"
 PHASES = ("before", "during", "after")
@@ -406,20 +406,6 @@ def markdown(document: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def update_results_md(section: str, path: Path = RESULTS_MD) -> None:
-    """Replace this benchmark's section (up to the next ``## `` heading) or append it."""
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
-    lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == SECTION), None)
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
-                   len(lines))
-        new = "\n".join([*lines[:start], *section.rstrip("\n").splitlines(), "", *lines[end:]])
-    path.write_text(new.rstrip("\n") + "\n", encoding="utf-8")
-
-
 # -- main ------------------------------------------------------------------------------------
 
 
@@ -499,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
          f"{MODEL}: {args.swaps} hot swaps under a closed loop of {args.concurrency} "
          f"({env['machine']['nproc']} CPUs, git {env['git_revision'][:12]})")
     if not args.no_results_md:
-        update_results_md(markdown(document))
+        replace_section(markdown(document))
     for name in PHASES:
         phase = document["phases"][name]
         lat = phase["latency_ms"]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.results_section import replace_section
+from bench.results_section import keep_other_sections, replace_section
 
 BEFORE = ("# Benchmark results\n\n## Summary\n\nsummary\n\n## Mine\n\nold\nlines\n\n"
           "## Last\n\nlast\n")
@@ -38,3 +38,13 @@ def test_missing_file_and_bad_section(tmp_path: Path) -> None:
     assert path.read_text() == "# Benchmark results\n\n## Only\n\nbody\n"
     with pytest.raises(ValueError):
         replace_section("no heading\n", path)
+
+
+def test_regenerating_the_comparison_keeps_the_other_sections(tmp_path: Path) -> None:
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Benchmark results\n\n## Summary\n\nold\n\n## Drift sampling overhead\n\n"
+                    "drift table\n")
+    merged = keep_other_sections("# Benchmark results\n\n## Summary\n\nnew\n", path)
+    assert "new" in merged and "old" not in merged
+    assert merged.count("## Summary") == 1
+    assert "## Drift sampling overhead\n\ndrift table" in merged
