@@ -322,7 +322,10 @@ def markdown(document: dict[str, Any]) -> str:
         f"{settings['concurrency']} unary requests in flight over {PAYLOADS} different inputs, "
         f"{settings['warmup_s']} s warm-up then {settings['seconds']} s measured per run; "
         f"each rate run {settings['repeats']} times in rotating order, medians below. At 0 % "
-        "drift monitoring is not wired (the request path pays one attribute check).",
+        "drift monitoring is not wired (the request path pays one attribute check). The "
+        "analyser thread runs at niceness 19: with the server's core saturated, as here, "
+        "analysis yields to serving and the ring drops (and counts, 'dropped') the samples "
+        "it cannot hold, instead of slowing requests.",
         "",
         "| drift sample rate | infer/s (median) | change vs 0 % | p50 ms | p99 ms | "
         "server CPU µs/request | drift CPU µs/request (hot path + analyser) | "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -106,6 +107,7 @@ class DriftAnalyser:
             self._thread = None
 
     def _run(self) -> None:
+        _lower_own_priority()
         while not self._stop.wait(self._interval):
             self._guarded(self.run_once)
         self._guarded(self.run_once)
@@ -301,6 +303,20 @@ class DriftAnalyser:
         """The latest report of each version and window kind (ModelStatistics-style output
         for an admin service)."""
         return [r for s in list(self._states.values()) for r in list(s.latest.values())]
+
+
+#: Niceness of the analyser thread: serving always comes first. Under a saturated CPU the
+#: analysis waits (the ring then drops, and counts, what it cannot hold) instead of taking
+#: cycles from requests; it catches up as soon as the server has idle time.
+ANALYSER_NICENESS = 19
+
+
+def _lower_own_priority() -> None:
+    """Lower this thread's scheduling priority (Linux: niceness is per thread)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), ANALYSER_NICENESS)
+    except (AttributeError, OSError) as exc:  # not Linux, or not permitted
+        log.debug("drift analyser runs at normal priority", extra={"error": repr(exc)})
 
 
 def _profiled_as(profile: ReferenceProfile, layout: TensorLayout) -> bool:
