@@ -95,3 +95,13 @@ def listening_pid(port: int) -> int | None:
         except OSError:
             continue
     return None
+
+
+def pin_self(cpus: str) -> list[int]:
+    """Pin this process to ``cpus`` (a comma list) when they exist and there is a choice;
+    returns the CPUs it may run on afterwards."""
+    wanted = {int(c) for c in cpus.split(",") if c.strip()}
+    available = os.sched_getaffinity(0)
+    if wanted and wanted <= available and len(available) > 1:
+        os.sched_setaffinity(0, wanted)
+    return sorted(os.sched_getaffinity(0))

@@ -38,7 +38,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from bench.cpu import self_cpu_s, tree_cpu_s
+from bench.cpu import pin_self, self_cpu_s, tree_cpu_s
 from bench.environment import environment, machine
 from bench.inputs import InputTensor
 from bench.model_repo import ensure_examples, set_parameters
@@ -378,14 +378,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-results-md", action="store_true",
                         help="do not update bench/RESULTS.md")
     return parser.parse_args(argv)
-
-
-def pin_self(cpus: str) -> list[int]:
-    wanted = {int(c) for c in cpus.split(",") if c.strip()}
-    available = os.sched_getaffinity(0)
-    if wanted and wanted <= available and len(available) > 1:
-        os.sched_setaffinity(0, wanted)
-    return sorted(os.sched_getaffinity(0))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,6 +47,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from bench.cpu import pin_self
 from bench.environment import environment, machine
 from bench.loadgen import Target
 from bench.model_repo import ORT_PARAMETERS, ensure_examples, set_parameters
@@ -440,14 +441,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.repeats < 1 or args.seconds <= 0 or args.warmup < 0:
         parser.error("--repeats >= 1, --seconds > 0, --warmup >= 0")
     return args
-
-
-def pin_self(cpus: str) -> list[int]:
-    wanted = {int(c) for c in cpus.split(",") if c.strip()}
-    available = os.sched_getaffinity(0)
-    if wanted and wanted <= available and len(available) > 1:
-        os.sched_setaffinity(0, wanted)
-    return sorted(os.sched_getaffinity(0))
 
 
 def main(argv: list[str] | None = None) -> int:
