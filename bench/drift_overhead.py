@@ -42,7 +42,7 @@ from bench.cpu import pin_self, self_cpu_s, tree_cpu_s
 from bench.environment import environment, machine
 from bench.inputs import InputTensor
 from bench.model_repo import ensure_examples, set_parameters
-from bench.results_section import RESULTS_MD, replace_section
+from bench.results_section import RESULTS_MD, replace_section, section_header
 from bench.servers import PeregrineProcess, free_port
 from bench.wire import channel_options, infer_request_bytes, unary_callable
 
@@ -309,13 +309,7 @@ def markdown(document: dict[str, Any]) -> str:
     env, settings = document["environment"], document["settings"]
     info = env["machine"]
     lines = [
-        SECTION,
-        "",
-        f"{document['date']} · {info['nproc']} CPUs ({info['cpu_model']}) · "
-        f"git `{env['git_revision']}`",
-        "",
-        f"Command: `{document['command']}`",
-        "",
+        *section_header(SECTION, document),
         f"`peregrine serve` on CPU {settings['server_cpus']}, this client on CPU "
         f"{settings['client_cpus']}; example `{MODEL}` (latest version, batch-1 requests, "
         f"dynamic batching as in its config) with a reference profile; closed loop, "

@@ -8,8 +8,21 @@ and rewrite only that one; every other section stays as it is.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def section_header(heading: str, document: dict[str, Any]) -> list[str]:
+    """The opening lines every one-off benchmark's section shares: heading, date, machine,
+    git revision and the command that reproduces it."""
+    machine = document["environment"]["machine"]
+    return [
+        heading, "",
+        f"{document['date']} · {machine['nproc']} CPUs ({machine['cpu_model']}) · "
+        f"git `{document['environment']['git_revision']}`",
+        "", f"Command: `{document['command']}`", "",
+    ]
 
 
 def replace_section(section: str, path: Path = RESULTS_MD) -> None:

@@ -52,7 +52,7 @@ from bench.environment import environment, machine
 from bench.loadgen import Target
 from bench.model_repo import ORT_PARAMETERS, ensure_examples, set_parameters
 from bench.progress import ProgressLine
-from bench.results_section import RESULTS_MD, replace_section
+from bench.results_section import RESULTS_MD, replace_section, section_header
 from bench.runner import RunConfig, StepDriver, request_tensors
 from bench.server_info import ServerInfo
 from bench.servers import PeregrineProcess
@@ -340,13 +340,7 @@ def markdown(document: dict[str, Any]) -> str:
     env, settings = document["environment"], document["settings"]
     info = env["machine"]
     lines = [
-        SECTION,
-        "",
-        f"{document['date']} · {info['nproc']} CPUs ({info['cpu_model']}) · "
-        f"git `{env['git_revision']}`",
-        "",
-        f"Command: `{document['command']}`",
-        "",
+        *section_header(SECTION, document),
         f"`peregrine serve` on CPU {settings['server_cpus']}, the load generator "
         f"(`bench/runner.py`, one process) on CPU {settings['client_cpus']}; example "
         f"`{MODEL}` with versions 1 and 2 (version policy `all`), one ONNX Runtime intra-op "

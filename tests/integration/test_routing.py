@@ -273,7 +273,7 @@ def test_a_request_naming_a_version_gets_exactly_it(
     assert chosen is None and factor(x, y) == 2.0
 
 
-def sticky_check(client: grpcclient.InferenceServerClient, names: tuple[str, ...],
+def check_sticky(client: grpcclient.InferenceServerClient, names: tuple[str, ...],
                  weights_: tuple[float, ...], send: Callable[[str], str | None]) -> None:
     chosen: dict[str, set[str | None]] = {}
     for i in range(24):
@@ -290,7 +290,7 @@ def test_sticky_key_by_request_parameter(
     server: ServerThread, client: grpcclient.InferenceServerClient,
 ) -> None:
     set_route(server, route_table("m", variant("a", "1", 50), variant("b", "2", 50)))
-    sticky_check(client, ("a", "b"), (50, 50),
+    check_sticky(client, ("a", "b"), (50, 50),
                  lambda key: infer(client, "m", parameters={"routing_key": key})[0])
 
 
@@ -299,7 +299,7 @@ def test_sticky_key_by_header(
 ) -> None:
     set_route(server, route_table("m", variant("a", "1", 50), variant("b", "2", 25),
                                   variant("t", weight=25, model="twin"), sticky_parameter=HEADER))
-    sticky_check(client, ("a", "b", "t"), (50, 25, 25),
+    check_sticky(client, ("a", "b", "t"), (50, 25, 25),
                  lambda key: infer(client, "m", headers={HEADER: key})[0])
     # The other model of the same signature answers for its variant.
     x = row()

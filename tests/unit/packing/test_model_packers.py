@@ -62,7 +62,7 @@ def packers(spec: ModelSpec) -> tuple[ModelPacker, ModelPacker]:
     return NativePacker().for_model(spec, "1"), ReferencePacker().for_model(spec, "1")
 
 
-def same_batch(native: ModelPacker, reference: ModelPacker, requests: list[InferRequest],
+def assert_same_batch(native: ModelPacker, reference: ModelPacker, requests: list[InferRequest],
                rows: list[int]) -> None:
     with native.pack(requests, rows) as got, reference.pack(requests, rows) as want:
         assert sorted(got) == sorted(want)
@@ -101,7 +101,7 @@ def test_native_and_reference_agree(
                       for t in inputs})
         for r in rows
     ]
-    same_batch(native, reference, requests, rows)
+    assert_same_batch(native, reference, requests, rows)
     batch_outputs = {t.name: random_tensor(rng, t.datatype, (sum(rows), *row_shape))
                      for t in outputs}
     batch_outputs["UNDECLARED"] = np.zeros((sum(rows), 1), np.float32)
@@ -160,8 +160,8 @@ def test_preprocessing_is_fused_into_packing() -> None:
         "meta": wire_view(rng.integers(0, 9, (n, 2), dtype=np.int64)),
     }) for n, h, w in sizes]
     rows = [n for n, _, _ in sizes]
-    same_batch(native, reference, requests, rows)
-    same_batch(native, reference, requests[:1], rows[:1])  # one request still preprocesses
+    assert_same_batch(native, reference, requests, rows)
+    assert_same_batch(native, reference, requests[:1], rows[:1])  # one request still preprocesses
 
 
 def test_unbatched_model_with_preprocessing() -> None:
@@ -170,7 +170,7 @@ def test_unbatched_model_with_preprocessing() -> None:
     spec = make_spec([image], [TensorSpec("Y", DataType.FP32, (1,))], max_batch_size=0, pre=pre)
     native, reference = packers(spec)
     request = make_request({"image": np.arange(20, dtype=np.uint8).reshape(4, 5, 1)})
-    same_batch(native, reference, [request], [1])
+    assert_same_batch(native, reference, [request], [1])
     scalar = {"Y": np.float32(3.5) * np.ones((), np.float32)}
     assert encoded(native.unpack(scalar, [1])) == encoded(reference.unpack(scalar, [1]))
 

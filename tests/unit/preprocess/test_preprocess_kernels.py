@@ -52,7 +52,7 @@ def run_native(pre: ImagePreprocess, tensor: TensorSpec, images: list[Array],
     return out
 
 
-def same_bits(got: Array, want: Array) -> None:
+def assert_same_bits(got: Array, want: Array) -> None:
     assert got.dtype == want.dtype and got.shape == want.shape
     if got.tobytes() != want.tobytes():
         diff = np.argwhere(got.view(np.uint8) != want.view(np.uint8))
@@ -134,7 +134,7 @@ def test_native_matches_oracle(
             handed.append(image)
     got = run_native(pre, tensor, handed)
     want = preprocess_batch(images, pre, tensor)
-    same_bits(got, want)
+    assert_same_bits(got, want)
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
@@ -148,7 +148,7 @@ def test_imagenet_style_batch_large_enough_for_threads(layout: str, datatype: Da
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (5, 80, 100, 3), dtype=np.uint8),
               rng.integers(0, 256, (3, 120, 64, 3), dtype=np.uint8)]
-    same_bits(run_native(pre, tensor, images), preprocess_batch(images, pre, tensor))
+    assert_same_bits(run_native(pre, tensor, images), preprocess_batch(images, pre, tensor))
 
 
 def test_unbatched_single_image() -> None:
@@ -156,7 +156,7 @@ def test_unbatched_single_image() -> None:
     tensor = model_input(pre, 1, 9, 7)
     image = np.random.default_rng(2).integers(0, 256, (4, 5, 1), dtype=np.uint8)
     got = run_native(pre, tensor, [image], batched=False)
-    same_bits(got, preprocess_image(image, pre, tensor))
+    assert_same_bits(got, preprocess_image(image, pre, tensor))
     with pytest.raises(ValueError, match="exactly one image"):
         native_preprocessor(pre, tensor).run([image, image], np.empty((1, 9, 7), np.float32),
                                              False)
@@ -233,7 +233,7 @@ def test_conversions_match_numpy_rounding(a: float, b: float, datatype: DataType
         native.run([image], out)
         v = image[0, :, :, 0].astype(np.float32) * np.float32(a) + np.float32(b)
         want = cast_output(v, datatype)
-    same_bits(out[0, 0], want)
+    assert_same_bits(out[0, 0], want)
 
 
 def test_half_and_bfloat16_edge_values() -> None:
@@ -251,7 +251,7 @@ def test_half_and_bfloat16_edge_values() -> None:
         with np.errstate(over="ignore"):
             # 0 * 1 + b: the kernel's arithmetic (turns -0.0 into +0.0).
             want = cast_output(np.float32(0.0) * np.float32(1.0) + values, datatype)
-        same_bits(out[0, 0, 0], want)
+        assert_same_bits(out[0, 0, 0], want)
     assert to_bfloat16_bits(np.array([np.nan], np.float32))[0] & 0x7FC0 == 0x7FC0
 
 

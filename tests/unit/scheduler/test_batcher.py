@@ -463,7 +463,7 @@ async def flaky_batcher(backend: FlakyBackend) -> tuple[DynamicBatcher, VersionM
     return DynamicBatcher(flaky_spec(), "1", [backend], default_packer, metrics), metrics
 
 
-async def _run_failure_case(backend: FlakyBackend, error_text: str) -> None:
+async def _check_failure_case(backend: FlakyBackend, error_text: str) -> None:
     batcher, metrics = await flaky_batcher(backend)
     try:
         first = asyncio.create_task(batcher.submit(request("flaky", {"INPUT0": np.ones((1, 3))
@@ -492,11 +492,11 @@ async def _run_failure_case(backend: FlakyBackend, error_text: str) -> None:
 
 
 async def test_backend_exception_fans_out_to_every_waiter() -> None:
-    await _run_failure_case(FlakyBackend(fail_calls={2}, delay_s=0.1), "boom on call 2")
+    await _check_failure_case(FlakyBackend(fail_calls={2}, delay_s=0.1), "boom on call 2")
 
 
 async def test_wrong_output_rows_fan_out_backend_error() -> None:
-    await _run_failure_case(FlakyBackend(fail_calls=set(), wrong_rows_calls=frozenset({2}),
+    await _check_failure_case(FlakyBackend(fail_calls=set(), wrong_rows_calls=frozenset({2}),
                                          delay_s=0.1),
                             "expected 6 rows")
 
