@@ -117,6 +117,7 @@ class ConfigOptions(TypedDict, total=False):
     timeout_action: str  # "REJECT" or "DELAY"
     allow_timeout_override: bool
     instance_count: int
+    queue_delay: str  # the "queue_delay" parameter: "adaptive" (default) or "fixed"
     #: the body of a ModelVersionPolicy: "all { }", "latest { num_versions: 2 }", ...
     version_policy: str
 
@@ -214,7 +215,10 @@ def render_config(
     lines += ["instance_group [", "  {", f"    count: {count}", "    kind: KIND_CPU", "  }", "]"]
     if "version_policy" in options:
         lines.append(f"version_policy: {{ {options['version_policy']} }}")
-    for key, value in (parameters or {}).items():
+    parameters = dict(parameters or {})
+    if "queue_delay" in options:
+        parameters["queue_delay"] = options["queue_delay"]
+    for key, value in parameters.items():
         lines.append(f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}')
     return "\n".join(lines) + "\n"
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import math
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 from server.errors import (
@@ -31,12 +34,24 @@ INLINE_DEFAULT_US = 100
 _now = time.perf_counter_ns
 
 
+@dataclass(slots=True)
+class BatchRun:
+    """What running one batch produced: an outcome per request (outputs or the error that
+    request alone raised), or one error for the whole batch, and the backend calls made."""
+
+    outcomes: list[dict[str, OutputTensor] | Exception] = field(default_factory=list)
+    error: Exception | None = None
+    #: (rows, requests, (input_ns, infer_ns, output_ns)) of every backend call that succeeded.
+    executions: list[tuple[int, int, tuple[int, int, int]]] = field(default_factory=list)
+
+
 class DynamicBatcher:
     """Queues requests for one model version and runs batches on its backend instances.
 
-    Everything but the backend call runs on the event loop thread. One dispatcher task forms
-    batches whenever an instance is free; each batch runs in the worker pool, one thread per
-    instance, so the loop never blocks on a model.
+    Everything but a slow backend call runs on the event loop thread, driven by callbacks, not
+    tasks: a request costs one future, a batch one loop callback. A batch predicted to be cheap
+    runs right in that callback (no thread hand-off); any other runs in the worker pool, one
+    thread per instance, so the loop never blocks on a model.
     """
 
     def __init__(
@@ -49,6 +64,7 @@ class DynamicBatcher:
     ) -> None:
         if not instances:
             raise ValueError("a batcher needs at least one backend instance")
+        self._loop = asyncio.get_running_loop()
         self._spec = spec
         self._version = version
         self._instances = list(instances)
@@ -65,7 +81,7 @@ class DynamicBatcher:
         self._max_batch = spec.max_batch_size
         self._preferred = frozenset(batching.preferred_batch_sizes)
         self._max_delay_ns = batching.max_queue_delay_us * 1000
-        self._arrivals = policy.ArrivalGap()
+        self._adaptive_delay = _queue_delay_mode(spec) == ADAPTIVE
         self._cost = policy.InlineCost(
             inline_max_ns=_inline_max_us(spec) * 1000 if len(instances) == 1 else 0
         )
@@ -75,15 +91,16 @@ class DynamicBatcher:
         self._running = 0
         self._accepting = True
         self._closed = False
-        self._wake = asyncio.Event()
+        self._failed: BaseException | None = None
+        #: Requests submitted so far, and how many of them the last look at the queue had seen:
+        #: a difference means requests are still arriving (the adaptive queue delay).
+        self._arrivals = 0
+        self._arrivals_seen = 0
+        #: A dispatch callback is queued on the loop (call_soon).
+        self._scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         self._idle_event = asyncio.Event()
         self._idle_event.set()
-        self._dispatcher = asyncio.get_running_loop().create_task(
-            self._dispatch_forever(), name=f"batcher-{spec.name}-{version}"
-        )
-        self._dispatcher.add_done_callback(self._on_dispatcher_exit)
-        self._failed: BaseException | None = None
 
     # -- the Scheduler interface -------------------------------------------------------------
 
@@ -94,6 +111,7 @@ class DynamicBatcher:
             )
         level = self._level(request.priority)
         now = _now()
+        future: asyncio.Future[InferResponse] = self._loop.create_future()
         entry = PendingRequest(
             request=request,
             rows=self._rows(request),
@@ -101,20 +119,23 @@ class DynamicBatcher:
             level=level,
             enqueue_ns=now,
             deadline_ns=self._deadline(request, level, now),
-            future=asyncio.get_running_loop().create_future(),
+            future=future,
         )
         self._queue.push(entry)
-        self._arrivals.arrived(now)
+        self._arrivals += 1
         self._stats.pending = len(self._queue)
         self._idle_event.clear()
-        entry.future.add_done_callback(lambda _f: self._forget(entry))
-        self._wake.set()
-        return await entry.future
+        self._schedule()
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self._forget(entry)  # a cancelled call leaves the queue at once
+            raise
 
     @property
     def healthy(self) -> bool:
-        """False once the dispatcher died; the model then reports not ready."""
-        return self._failed is None and not self._dispatcher.done()
+        """False once the batcher failed or closed; the model then reports not ready."""
+        return self._failed is None and not self._closed
 
     def inflight(self) -> int:
         return len(self._queue) + self._running
@@ -132,11 +153,10 @@ class DynamicBatcher:
             return  # idempotent: instances are closed exactly once (the Backend contract)
         self._closed = True
         self._accepting = False
+        self._cancel_timer()
         for entry in self._queue.drain_all():
             _fail(entry, ModelNotReady(f"model '{self._spec.name}' was unloaded"))
         self._stats.pending = 0
-        self._dispatcher.cancel()
-        await asyncio.gather(self._dispatcher, return_exceptions=True)
         # Joining the worker threads and freeing the sessions can block: keep it off the loop.
         await asyncio.to_thread(self._release)
 
@@ -185,7 +205,6 @@ class DynamicBatcher:
         return deadline
 
     def _forget(self, entry: PendingRequest) -> None:
-        """A waiter finished or was cancelled: a cancelled call leaves the queue at once."""
         if entry.queued:
             self._queue.remove(entry)
             self._stats.pending = len(self._queue)
@@ -195,16 +214,33 @@ class DynamicBatcher:
         if not self._running and not len(self._queue):
             self._idle_event.set()
 
-    # -- the dispatcher --------------------------------------------------------------------------
+    # -- dispatch --------------------------------------------------------------------------------
 
-    async def _dispatch_forever(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
+    def _schedule(self) -> None:
+        """Look at the queue on the loop's next round, once, if an instance could take work.
+
+        Requests submitted before that round (a burst the loop delivered together) are all
+        in the queue by then.
+        """
+        if self._scheduled or not self._idle or self._closed:
+            return
+        self._scheduled = True
+        self._loop.call_soon(self._dispatch)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _dispatch(self) -> None:
+        self._scheduled = False
+        self._cancel_timer()
+        if self._closed:
+            return
+        try:
             self._dispatch_ready()
+        except Exception as exc:  # a bug here must not strand the waiters
+            self._fail_batcher(exc)
 
     def _dispatch_ready(self) -> None:
         while self._idle and len(self._queue):
@@ -214,6 +250,8 @@ class DynamicBatcher:
             oldest = self._queue.oldest()
             if oldest is None:
                 break
+            arriving = self._arrivals != self._arrivals_seen
+            self._arrivals_seen = self._arrivals
             decision = policy.decide(
                 ((e.rows, e.signature) for e in self._queue.front()),
                 oldest_enqueue_ns=oldest.enqueue_ns,
@@ -222,19 +260,28 @@ class DynamicBatcher:
                 max_batch_size=self._max_batch,
                 preferred_sizes=self._preferred,
                 max_delay_ns=self._max_delay_ns,
-                expected_gap_ns=self._arrivals.expected_ns,
+                arriving=arriving or not self._adaptive_delay,
             )
             if not decision.take:
                 if decision.wait_until_ns is not None:
-                    delay = max(0.0, (decision.wait_until_ns - now) / 1e9)
-                    self._timer = asyncio.get_running_loop().call_later(delay, self._wake.set)
+                    self._wait(decision.wait_until_ns - now)
                 break
             entries = self._queue.pop(decision.take)
             self._stats.pending = len(self._queue)
-            instance = self._idle.pop()
-            self._running += 1
-            asyncio.get_running_loop().create_task(self._run_batch(instance, entries, now))
+            self._start(entries, now)
         self._check_idle()
+
+    def _wait(self, remaining_ns: int) -> None:
+        """Hold the batch. Adaptive: look again after the loop's next I/O poll, since requests
+        are still arriving. Fixed: until the delay ends; timers are whole milliseconds
+        (uvloop's resolution), rounded up so they fire once, late by under 1 ms, where a
+        shorter one would fire early and spin."""
+        if self._adaptive_delay:
+            self._scheduled = True
+            self._loop.call_soon(self._dispatch)
+        else:
+            delay_s = math.ceil(remaining_ns / 1_000_000) / 1000
+            self._timer = self._loop.call_later(delay_s, self._dispatch)
 
     def _expire(self, entry: PendingRequest, now: int) -> None:
         self._stats.pending = len(self._queue)
@@ -247,54 +294,71 @@ class DynamicBatcher:
             )
         )
 
-    async def _run_batch(self, instance: int, entries: list[PendingRequest], start: int) -> None:
-        try:
-            for entry in entries:
-                waited = start - entry.enqueue_ns
-                self._stats.queue.add(waited)
-                self._metrics.queue_seconds.observe(waited / 1e9)
-            try:
-                await self._run_on(instance, entries)
-            except InvalidInput as exc:
-                if len(entries) == 1:
-                    _fail_all(entries, exc)
-                    return
-                # The backend refused one request's data (BYTES that are not UTF-8, say): run
-                # the batch's requests one by one so that only the offending ones fail.
-                for entry in entries:
-                    if entry.future.done():
-                        continue
-                    try:
-                        await self._run_on(instance, [entry])
-                    except Exception as alone:
-                        _fail_all([entry], self._as_error(alone, [entry]))
-            except Exception as exc:
-                _fail_all(entries, self._as_error(exc, entries))
-        finally:
-            self._running -= 1
-            self._idle.append(instance)
-            self._wake.set()
-            self._check_idle()
-
-    async def _run_on(self, instance: int, entries: list[PendingRequest]) -> None:
-        """Execute ``entries`` as one batch on ``instance`` and resolve their waiters."""
+    def _start(self, entries: list[PendingRequest], start: int) -> None:
+        instance = self._idle.pop()
+        self._running += 1
+        queue_stats = self._stats.queue
+        queue_seconds = self._metrics.queue_seconds
+        for entry in entries:
+            waited = start - entry.enqueue_ns
+            queue_stats.add(waited)
+            queue_seconds.observe(waited / 1e9)
         rows = [e.rows for e in entries]
         requests = [e.request for e in entries]
-        total_rows = sum(rows)
-        if self._cost.runs_inline(total_rows):
-            per_request, timings = self._execute(self._instances[instance], requests, rows)
+        backend = self._instances[instance]
+        if self._cost.runs_inline(sum(rows)):
+            self._finish(instance, entries, self._run(backend, requests, rows))
+            return
+        future = self._loop.run_in_executor(self._pool, self._run, backend, requests, rows)
+        future.add_done_callback(functools.partial(self._finished_in_thread, instance, entries))
+
+    def _finished_in_thread(
+        self, instance: int, entries: list[PendingRequest], future: asyncio.Future[BatchRun]
+    ) -> None:
+        error = future.exception()
+        run = future.result() if error is None else BatchRun(
+            error=error if isinstance(error, Exception) else BackendError(repr(error)))
+        self._finish(instance, entries, run)
+        self._schedule()
+
+    def _finish(self, instance: int, entries: list[PendingRequest], run: BatchRun) -> None:
+        self._running -= 1
+        self._idle.append(instance)
+        for total_rows, count, (input_ns, infer_ns, output_ns) in run.executions:
+            self._cost.observe(total_rows, input_ns + infer_ns + output_ns)
+            self._stats.record_batch(total_rows, count, input_ns, infer_ns, output_ns)
+            self._metrics.batch_size.observe(total_rows)
+            self._metrics.compute_seconds.observe((input_ns + infer_ns + output_ns) / 1e9)
+        if run.error is not None:
+            _fail_all(entries, self._as_error(run.error, entries))
         else:
-            per_request, timings = await asyncio.get_running_loop().run_in_executor(
-                self._pool, self._execute, self._instances[instance], requests, rows
-            )
-        input_ns, infer_ns, output_ns = timings
-        self._cost.observe(total_rows, input_ns + infer_ns + output_ns)
-        self._stats.record_batch(total_rows, len(entries), input_ns, infer_ns, output_ns)
-        self._metrics.batch_size.observe(total_rows)
-        self._metrics.compute_seconds.observe((input_ns + infer_ns + output_ns) / 1e9)
-        for entry, outputs in zip(entries, per_request, strict=True):
-            if not entry.future.done():
-                entry.future.set_result(self._response(entry.request, outputs))
+            for entry, outcome in zip(entries, run.outcomes, strict=True):
+                if entry.future.done():
+                    continue
+                if isinstance(outcome, Exception):
+                    entry.future.set_exception(self._as_error(outcome, [entry]))
+                else:
+                    entry.future.set_result(self._response(entry.request, outcome))
+        self._check_idle()
+
+    def _run(self, backend: Backend, requests: list[InferRequest], rows: list[int]) -> BatchRun:
+        """Run a batch; when the backend refuses one request's data (BYTES that are not UTF-8,
+        say), run the batch's requests one by one so that only the offending ones fail."""
+        run = BatchRun()
+        try:
+            run.outcomes.extend(self._execute(backend, requests, rows, run))
+        except InvalidInput as exc:
+            if len(requests) == 1:
+                run.error = exc
+                return run
+            for request, count in zip(requests, rows, strict=True):
+                try:
+                    run.outcomes.extend(self._execute(backend, [request], [count], run))
+                except Exception as alone:
+                    run.outcomes.append(alone)
+        except Exception as exc:
+            run.error = exc
+        return run
 
     def _as_error(self, exc: Exception, entries: list[PendingRequest]) -> PeregrineError:
         """Typed errors pass through; anything else the backend raised becomes BackendError."""
@@ -309,9 +373,10 @@ class DynamicBatcher:
         return BackendError(f"backend failed: {exc}")
 
     def _execute(
-        self, backend: Backend, requests: list[InferRequest], rows: list[int]
-    ) -> tuple[list[dict[str, OutputTensor]], tuple[int, int, int]]:
-        """Pack, execute, unpack: in a worker thread, or inline when the batch is cheap."""
+        self, backend: Backend, requests: list[InferRequest], rows: list[int], run: BatchRun
+    ) -> list[dict[str, OutputTensor]]:
+        """Pack, execute, unpack (in a worker thread, or inline when the batch is cheap);
+        the call's timings go to ``run``."""
         t0 = _now()
         # The batch's buffers may be pooled: unpack (which copies) before the context exits.
         with self._packer.pack(requests, rows) as batch:
@@ -328,7 +393,8 @@ class DynamicBatcher:
                         )
             per_request = self._packer.unpack(outputs, rows)
         t3 = _now()
-        return per_request, (t1 - t0, t2 - t1, t3 - t2)
+        run.executions.append((sum(rows), len(requests), (t1 - t0, t2 - t1, t3 - t2)))
+        return per_request
 
     def _response(self, request: InferRequest, outputs: dict[str, OutputTensor]) -> InferResponse:
         names = request.requested_outputs or self._all_outputs
@@ -339,10 +405,7 @@ class DynamicBatcher:
             outputs=[outputs[n] for n in names],
         )
 
-    def _on_dispatcher_exit(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled():
-            return
-        exc = task.exception()
+    def _fail_batcher(self, exc: BaseException) -> None:
         self._failed = exc
         log.critical(
             "batcher stopped",
@@ -351,6 +414,26 @@ class DynamicBatcher:
         error = ModelNotReady(f"model '{self._spec.name}' batcher failed: {exc!r}")
         for entry in self._queue.drain_all():
             _fail(entry, error)
+        self._stats.pending = 0
+        self._check_idle()
+
+
+#: config.pbtxt parameter choosing how ``max_queue_delay_microseconds`` is spent.
+QUEUE_DELAY_PARAMETER = "queue_delay"
+#: Hold a batch only while requests keep arriving (up to the delay): one request at a time
+#: never waits. The default.
+ADAPTIVE = "adaptive"
+#: Hold every batch below its preferred size for the whole delay, as Triton does.
+FIXED = "fixed"
+
+
+def _queue_delay_mode(spec: ModelSpec) -> str:
+    mode = spec.parameters.get(QUEUE_DELAY_PARAMETER, ADAPTIVE) or ADAPTIVE
+    if mode not in (ADAPTIVE, FIXED):
+        log.warning("ignoring an unknown queue delay mode", extra={
+            "model": spec.name, "parameter": QUEUE_DELAY_PARAMETER, "value": mode})
+        return ADAPTIVE
+    return mode
 
 
 def _inline_max_us(spec: ModelSpec) -> int:

@@ -8,9 +8,10 @@ Rules (Triton's dynamic batcher, with our eager default):
   so an idle server adds no waiting and batches grow while another batch runs;
 - with a delay, a batch goes when it reaches the largest preferred size it can, or when its
   oldest request has waited the delay; until then the caller re-evaluates at the returned time;
-- the delay is an upper bound, not a toll: when the recent arrival rate says the next request
-  is not due before the window closes, waiting would only add latency (one request at a time,
-  say), so the batch goes at once.
+- the delay is an upper bound, not a toll: once requests stop arriving (``arriving`` false:
+  the caller's last look found no newcomer), waiting would only add latency (one request at a
+  time, say), so the batch goes at once. Triton's fixed delay is the caller passing
+  ``arriving=True`` always.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def decide(
     max_batch_size: int,
     preferred_sizes: frozenset[int],
     max_delay_ns: int,
-    expected_gap_ns: int = 0,
+    arriving: bool = True,
 ) -> Decision:
     """Decide how many requests to dispatch from ``front`` (rows, shape signature) pairs."""
     if not batching:
@@ -73,29 +74,9 @@ def decide(
     if preferred_taken:
         return Decision(take=preferred_taken)
     deadline = oldest_enqueue_ns + max_delay_ns
-    if now_ns >= deadline or expected_gap_ns > deadline - now_ns:
+    if now_ns >= deadline or not arriving:
         return Decision(take=taken)
     return Decision(take=0, wait_until_ns=deadline)
-
-
-class ArrivalGap:
-    """Moving average of the time between arrivals (ns), for ``decide``'s expected_gap_ns.
-
-    It starts at 0 ("more is coming"), so a model with no history waits its delay as Triton
-    would; a few slow arrivals are enough to stop waiting.
-    """
-
-    SMOOTHING = 0.25
-
-    def __init__(self) -> None:
-        self.expected_ns = 0
-        self._last_ns: int | None = None
-
-    def arrived(self, now_ns: int) -> None:
-        if self._last_ns is not None:
-            gap = now_ns - self._last_ns
-            self.expected_ns += int(self.SMOOTHING * (gap - self.expected_ns))
-        self._last_ns = now_ns
 
 
 class InlineCost:

@@ -36,6 +36,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     model_factory.add_sub_model(repo, "mixed", max_batch_size=8)
     model_factory.slow_model(repo, "slow", delay_ms=SLOW_MS, max_batch_size=8)
     model_factory.add_sub_model(repo, "delayed", max_batch_size=8,
+                                max_queue_delay_microseconds=DELAY_US, preferred_batch_size=[4],
+                                queue_delay="fixed")
+    model_factory.add_sub_model(repo, "adaptive", max_batch_size=8,
                                 max_queue_delay_microseconds=DELAY_US, preferred_batch_size=[4])
     model_factory.slow_model(repo, "bounded", delay_ms=SLOW_MS, max_queue_size=2)
     model_factory.slow_model(repo, "timed", delay_ms=TIMED_MS)
@@ -165,7 +168,7 @@ async def test_batches_form_under_concurrency(
     assert sum(b.compute_infer.count for b in stats.batch_stats) == stats.execution_count
 
 
-async def test_max_queue_delay_batches_to_the_preferred_size(
+async def test_fixed_max_queue_delay_batches_to_the_preferred_size(
     aio: aioclient.InferenceServerClient, client: grpcclient.InferenceServerClient
 ) -> None:
     one = np.ones((1, 16), dtype=np.float32)
@@ -190,6 +193,22 @@ async def test_max_queue_delay_batches_to_the_preferred_size(
     stats = model_stats(client, "delayed")
     assert stats.execution_count == 2
     assert sorted(b.batch_size for b in stats.batch_stats) == [1, 4]
+
+
+async def test_adaptive_max_queue_delay_never_holds_a_lone_request(
+    aio: aioclient.InferenceServerClient, client: grpcclient.InferenceServerClient
+) -> None:
+    one = np.ones((1, 16), dtype=np.float32)
+    for _ in range(3):
+        start = time.perf_counter()
+        result = await aio.infer("adaptive", add_sub_inputs(one, one))
+        waited = time.perf_counter() - start
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), one + one)
+        # One request at a time: nobody else is coming, so the 0.6 s delay is not spent.
+        assert waited < 0.25 * DELAY_US / 1e6, f"lone request answered after {waited:.3f}s"
+    stats = model_stats(client, "adaptive")
+    assert stats.execution_count == 3
+    assert [b.batch_size for b in stats.batch_stats] == [1]
 
 
 # -- admission -------------------------------------------------------------------------------------

@@ -229,13 +229,33 @@ async def test_queue_delay_holds_until_the_preferred_size(make: Maker) -> None:
         np.testing.assert_array_equal(output(response), a * i + a)
     assert made.metrics.stats.execution_count == 1
     assert sorted(made.metrics.stats.batches) == [4]
-    # A lone request waits for company for the configured delay, then goes alone.
+    # Requests arriving together are held until a loop round brings no newcomer, then go as
+    # one batch, long before the delay: nobody else is coming.
+    start = time.perf_counter()
+    await asyncio.gather(
+        *(submit(request("delayed", {"INPUT0": a, "INPUT1": a})) for _ in range(3))
+    )
+    assert time.perf_counter() - start < 0.2
+    assert sorted(made.metrics.stats.batches) == [3, 4]
+    # A lone request does not wait for company that is not coming.
     start = time.perf_counter()
     await submit(request("delayed", {"INPUT0": a, "INPUT1": a}))
+    assert time.perf_counter() - start < 0.2
+    assert sorted(made.metrics.stats.batches) == [1, 3, 4]
+
+
+async def test_fixed_queue_delay_holds_a_lone_request_for_the_delay(make: Maker) -> None:
+    made = await make(model_factory.add_sub_model, "fixed", max_queue_delay_microseconds=400_000,
+                      preferred_batch_size=[4], queue_delay="fixed")
+    a = np.ones((1, 16), dtype=np.float32)
+    # Triton's behaviour: a lone request waits for company for the configured delay, then
+    # goes alone.
+    start = time.perf_counter()
+    await made.batcher.submit(request("fixed", {"INPUT0": a, "INPUT1": a}))
     waited = time.perf_counter() - start
     assert waited >= 0.3, f"a lone request went after {waited:.3f}s, before the 0.4 s delay"
-    assert made.metrics.stats.execution_count == 2
-    assert sorted(made.metrics.stats.batches) == [1, 4]
+    assert made.metrics.stats.execution_count == 1
+    assert sorted(made.metrics.stats.batches) == [1]
 
 
 # -- admission and deadlines -----------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.scheduler.policy import WAIT_FOR_ARRIVALS, ArrivalGap, Decision, InlineCost, decide
+from server.scheduler.policy import WAIT_FOR_ARRIVALS, Decision, InlineCost, decide
 
 A = ("INPUT0", (16,))
 B = ("INPUT0", (32,))
@@ -292,34 +292,24 @@ def test_property_decisions_are_consistent(
             assert sig != front[0][1] or total + rows > max_batch
 
 
-def test_delay_is_skipped_when_the_next_arrival_is_not_due_in_time() -> None:
+def test_delay_is_skipped_once_requests_stop_arriving() -> None:
     """One request at a time: waiting the delay would only add latency."""
-    waiting = decide(
+    arriving = decide(
         [(1, ())], oldest_enqueue_ns=0, now_ns=100, batching=True, max_batch_size=8,
-        preferred_sizes=frozenset(), max_delay_ns=1_000, expected_gap_ns=0,
+        preferred_sizes=frozenset(), max_delay_ns=1_000, arriving=True,
     )
-    assert waiting == Decision(take=0, wait_until_ns=1_000)
-    eager = decide(
-        [(1, ())], oldest_enqueue_ns=0, now_ns=100, batching=True, max_batch_size=8,
-        preferred_sizes=frozenset(), max_delay_ns=1_000, expected_gap_ns=901,
+    assert arriving == Decision(take=0, wait_until_ns=1_000)
+    quiet = decide(
+        [(1, ()), (2, ())], oldest_enqueue_ns=0, now_ns=100, batching=True, max_batch_size=8,
+        preferred_sizes=frozenset(), max_delay_ns=1_000, arriving=False,
     )
-    assert eager == Decision(take=1)
-    due_in_time = decide(
-        [(1, ())], oldest_enqueue_ns=0, now_ns=100, batching=True, max_batch_size=8,
-        preferred_sizes=frozenset(), max_delay_ns=1_000, expected_gap_ns=900,
+    assert quiet == Decision(take=2)
+    # Past the delay the batch goes even while requests keep arriving.
+    late = decide(
+        [(1, ())], oldest_enqueue_ns=0, now_ns=1_000, batching=True, max_batch_size=8,
+        preferred_sizes=frozenset(), max_delay_ns=1_000, arriving=True,
     )
-    assert due_in_time.take == 0
-
-
-def test_arrival_gap_tracks_the_spacing_of_arrivals() -> None:
-    gap = ArrivalGap()
-    assert gap.expected_ns == 0
-    for t in range(0, 100 * 1_000_000, 1_000_000):  # one arrival per millisecond
-        gap.arrived(t)
-    assert 990_000 <= gap.expected_ns <= 1_000_000
-    for t in range(100 * 1_000_000, 100 * 1_000_000 + 100 * 1_000, 1_000):  # a burst
-        gap.arrived(t)
-    assert gap.expected_ns < 10_000
+    assert late == Decision(take=1)
 
 
 def test_inline_cost_learns_per_row_count() -> None:
