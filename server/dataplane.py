@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 
 from server.codec.validate import validate_request
 from server.errors import PeregrineError
-from server.interfaces import DriftSample, DriftSink, ModelCatalog, Router
-from server.types import InferRequest, InferResponse
+from server.interfaces import DriftSample, DriftSink, LoadedModel, ModelCatalog, Router
+from server.types import InferRequest, InferResponse, RouteDecision
 
 _now = time.perf_counter_ns
 
@@ -23,43 +24,71 @@ class DataPlane:
         self._drift = drift
 
     async def infer(self, request: InferRequest) -> InferResponse:
-        decision = self._router.route(request) if self._router is not None else None
+        return await self.submit(request)
+
+    def submit(self, request: InferRequest) -> asyncio.Future[InferResponse]:
+        """Route, validate and queue ``request``; errors found before queueing raise here.
+
+        The future resolves with the response once statistics, routing and drift have seen it;
+        cancelling it withdraws the request. No task per request: a stream waits with a
+        callback.
+        """
+        router = self._router
+        decision = router.route(request) if router is not None else None
         if decision is None:
-            return await self._serve(request, request.model_name, request.model_version)
-        assert self._router is not None
+            name, version = request.model_name, request.model_version
+        else:
+            name, version = decision.model, decision.version
         start = _now()
         try:
-            response = await self._serve(request, decision.model, decision.version)
-        except asyncio.CancelledError:
-            raise  # the caller went away: no verdict on the variant
+            model = self._catalog.get(name, version)
         except Exception:
-            self._router.finish(decision, request, None, (_now() - start) / 1e9)
+            self._finish_route(decision, request, None, start)
             raise
-        response.parameters["routing_variant"] = decision.variant
-        self._router.finish(decision, request, response, (_now() - start) / 1e9)
-        return response
-
-    async def _serve(self, request: InferRequest, name: str, version: str) -> InferResponse:
-        model = self._catalog.get(name, version)
-        metrics = model.metrics
-        stats = metrics.stats
-        start = _now()
         try:
             validate_request(request, model.spec)
-            response = await model.scheduler.submit(request)
-        except PeregrineError as exc:
-            stats.record_failure(exc.reason, _now() - start)
+            future = model.scheduler.submit(request)
+        except Exception as exc:
+            model.metrics.stats.record_failure(
+                exc.reason if isinstance(exc, PeregrineError) else "OTHER", _now() - start)
+            self._finish_route(decision, request, None, start)
             raise
-        except asyncio.CancelledError:
-            stats.record_failure("CANCELED", _now() - start)
-            raise
-        except Exception:
-            stats.record_failure("OTHER", _now() - start)
-            raise
+        future.add_done_callback(functools.partial(self._finished, model, request, decision, start))
+        return future
+
+    def _finished(
+        self,
+        model: LoadedModel,
+        request: InferRequest,
+        decision: RouteDecision | None,
+        start: int,
+        future: asyncio.Future[InferResponse],
+    ) -> None:
+        """Runs before the waiter resumes (callbacks run in the order they were added)."""
         elapsed = _now() - start
-        stats.success.add(elapsed)
+        metrics = model.metrics
+        if future.cancelled():
+            metrics.stats.record_failure("CANCELED", elapsed)
+            return  # the caller went away: no verdict on the variant
+        exc = future.exception()
+        if exc is not None:
+            metrics.stats.record_failure(
+                exc.reason if isinstance(exc, PeregrineError) else "OTHER", elapsed)
+            self._finish_route(decision, request, None, start)
+            return
+        response = future.result()
+        metrics.stats.success.add(elapsed)
         metrics.request_seconds.observe(elapsed / 1e9)
+        if decision is not None:
+            response.parameters["routing_variant"] = decision.variant
+            self._finish_route(decision, request, response, start)
         drift = self._drift
         if drift is not None:
             drift.offer(DriftSample(model, request, response))
-        return response
+
+    def _finish_route(
+        self, decision: RouteDecision | None, request: InferRequest,
+        response: InferResponse | None, start: int,
+    ) -> None:
+        if decision is not None and self._router is not None:
+            self._router.finish(decision, request, response, (_now() - start) / 1e9)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -51,10 +52,13 @@ class BackendFactory(Protocol):
 class Scheduler(Protocol):
     """Per model version: queues requests, forms batches, runs them on the backend instances.
 
-    Lives on the event loop; ``submit`` awaits the response. Knows nothing of protobuf.
+    Lives on the event loop. ``submit`` queues the request, or raises at once (not ready, queue
+    full, bad priority); the future resolves with the response, and cancelling it withdraws the
+    request. A future, not a coroutine: a caller can wait without a task of its own per
+    request (a stream hangs a callback on it). Knows nothing of protobuf.
     """
 
-    async def submit(self, request: InferRequest) -> InferResponse: ...
+    def submit(self, request: InferRequest) -> asyncio.Future[InferResponse]: ...
 
     def inflight(self) -> int:
         """Requests queued or executing."""

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 
 import grpc
@@ -30,6 +32,7 @@ from server.frontend.statistics import model_statistics
 from server.frontend.status import log_unexpected, mapped, status_of
 from server.repository.manager import ControlMode, ModelRecord, ModelRepository
 from server.shm import SharedMemoryRegistry
+from server.types import InferResponse
 
 log = logging.getLogger(__name__)
 
@@ -231,27 +234,34 @@ class InferenceServicer(
 
     # -- inference -----------------------------------------------------------------------------
 
-    async def _infer(
+    def _start(
         self, request: pb.ModelInferRequest, deadline_ns: int | None, headers: dict[str, str]
-    ) -> pb.ModelInferResponse:
+    ) -> tuple[asyncio.Future[InferResponse], SharedMemoryScope | None]:
+        """Decode and queue one request. The caller encodes the answer with the returned
+        shared-memory scope (leases on the regions the request uses) and then releases it."""
         if not self._state.accepting:
             raise ModelNotReady("the server is not accepting requests")
-        # Leases on the shared-memory regions the request uses, held until it is encoded.
         shm = SharedMemoryScope(self._shm) if len(self._shm) else None
         try:
             decoded = decode_request(request, deadline_ns, shm)
             for key, value in headers.items():
                 decoded.parameters.setdefault(key, value)
-            return encode_response(await self._dataplane.infer(decoded), shm)
-        finally:
+            return self._dataplane.submit(decoded), shm
+        except BaseException:
             if shm is not None:
                 shm.release()
+            raise
 
     @mapped
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        return await self._infer(request, _deadline_ns(context), self._forwarded(context))
+        answer, shm = self._start(request, _deadline_ns(context), self._forwarded(context))
+        try:
+            return encode_response(await answer, shm)
+        finally:
+            if shm is not None:
+                shm.release()
 
     async def ModelStreamInfer(
         self,
@@ -261,58 +271,79 @@ class InferenceServicer(
         """Many requests in flight on one stream; responses go out as they complete.
 
         Each response carries its request's id, so clients match them. An error answers one
-        request (error_message) and the stream goes on.
+        request (error_message) and the stream goes on. No task per request: a reader task
+        queues each request and hangs a callback on its answer, which encodes it for this
+        generator to send.
         """
-        results: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
         deadline = _deadline_ns(context)
         headers = self._forwarded(context)
-        tasks: set[asyncio.Task[None]] = set()
-        reading = True
+        ready: deque[pb.ModelStreamInferResponse] = deque()
+        inflight: set[asyncio.Future[InferResponse]] = set()
+        waiter: asyncio.Future[None] | None = None
 
-        async def answer(message: pb.ModelInferRequest) -> None:
+        def wake() -> None:
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+        def push(item: pb.ModelStreamInferResponse) -> None:
+            ready.append(item)
+            wake()
+
+        def answered(
+            message: pb.ModelInferRequest, shm: SharedMemoryScope | None,
+            answer: asyncio.Future[InferResponse],
+        ) -> None:
+            inflight.discard(answer)
             try:
-                response = await self._infer(message, deadline, headers)
-                results.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
+                if answer.cancelled():
+                    return  # the stream is closing
+                push(pb.ModelStreamInferResponse(
+                    infer_response=encode_response(answer.result(), shm)))
             except Exception as exc:
-                log_unexpected(exc, "ModelStreamInfer", message.id)
-                code, text = status_of(exc)
-                results.put_nowait(
-                    pb.ModelStreamInferResponse(
-                        error_message=f"[{code.name}] {text}",
-                        infer_response=pb.ModelInferResponse(
-                            model_name=message.model_name,
-                            model_version=message.model_version,
-                            id=message.id,
-                        ),
-                    )
-                )
-
-        def finished(task: asyncio.Task[None]) -> None:
-            tasks.discard(task)
-            if not reading and not tasks:
-                results.put_nowait(None)
+                push(_stream_error(message, exc))
+            finally:
+                if shm is not None:
+                    shm.release()
 
         async def read() -> None:
-            nonlocal reading
-            try:
-                async for message in request_iterator:
-                    task = asyncio.get_running_loop().create_task(answer(message))
-                    tasks.add(task)
-                    task.add_done_callback(finished)
-            finally:
-                reading = False
-                if not tasks:
-                    results.put_nowait(None)
+            async for message in request_iterator:
+                try:
+                    answer, shm = self._start(message, deadline, headers)
+                except Exception as exc:
+                    push(_stream_error(message, exc))
+                    continue
+                inflight.add(answer)
+                answer.add_done_callback(functools.partial(answered, message, shm))
 
-        reader = asyncio.get_running_loop().create_task(read())
+        reader = loop.create_task(read())
+        reader.add_done_callback(lambda _task: wake())
         try:
-            while (item := await results.get()) is not None:
-                yield item
-            await reader
+            while True:
+                while ready:
+                    yield ready.popleft()
+                if reader.done() and not inflight:
+                    break
+                waiter = loop.create_future()
+                await waiter
+                waiter = None
+            reader.result()  # a failed read ends the call with its error
         finally:
             reader.cancel()
-            for task in list(tasks):
-                task.cancel()
+            for answer in list(inflight):
+                answer.cancel()
+
+
+def _stream_error(message: pb.ModelInferRequest, exc: Exception) -> pb.ModelStreamInferResponse:
+    """One request's failure, answered on the stream."""
+    log_unexpected(exc, "ModelStreamInfer", message.id)
+    code, text = status_of(exc)
+    return pb.ModelStreamInferResponse(
+        error_message=f"[{code.name}] {text}",
+        infer_response=pb.ModelInferResponse(
+            model_name=message.model_name, model_version=message.model_version, id=message.id,
+        ),
+    )
 
 
 def _check_version(record: ModelRecord, version: str) -> None:

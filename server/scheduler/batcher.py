@@ -104,7 +104,7 @@ class DynamicBatcher:
 
     # -- the Scheduler interface -------------------------------------------------------------
 
-    async def submit(self, request: InferRequest) -> InferResponse:
+    def submit(self, request: InferRequest) -> asyncio.Future[InferResponse]:
         if not self._accepting or self._failed is not None:
             raise ModelNotReady(
                 f"model '{self._spec.name}' version {self._version} is not accepting requests"
@@ -125,12 +125,9 @@ class DynamicBatcher:
         self._arrivals += 1
         self._stats.pending = len(self._queue)
         self._idle_event.clear()
+        future.add_done_callback(functools.partial(self._withdraw_if_cancelled, entry))
         self._schedule()
-        try:
-            return await future
-        except asyncio.CancelledError:
-            self._forget(entry)  # a cancelled call leaves the queue at once
-            raise
+        return future
 
     @property
     def healthy(self) -> bool:
@@ -204,8 +201,11 @@ class DynamicBatcher:
             deadline = request.deadline_ns
         return deadline
 
-    def _forget(self, entry: PendingRequest) -> None:
-        if entry.queued:
+    def _withdraw_if_cancelled(
+        self, entry: PendingRequest, future: asyncio.Future[InferResponse]
+    ) -> None:
+        """A cancelled call leaves the queue at once."""
+        if future.cancelled() and entry.queued:
             self._queue.remove(entry)
             self._stats.pending = len(self._queue)
             self._check_idle()

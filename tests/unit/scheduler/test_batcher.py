@@ -110,7 +110,7 @@ async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
 
 async def start_busy(made: Built, rows: int = 1) -> asyncio.Task[InferResponse]:
     """Submit one request and return once it is executing (queue empty, one batch running)."""
-    task = asyncio.create_task(made.batcher.submit(slow_request(rows, seed=-1.0)))
+    task = asyncio.ensure_future(made.batcher.submit(slow_request(rows, seed=-1.0)))
     await until(lambda: made.batcher.inflight() == 1 and made.metrics.stats.pending == 0)
     return task
 
@@ -185,7 +185,7 @@ async def test_requests_queued_during_a_batch_run_together_next(make: Maker) -> 
     first = await start_busy(made)
     rows = [1, 2, 1, 3]
     inputs = [slow_request(r, seed=float(10 * i)) for i, r in enumerate(rows)]
-    tasks = [asyncio.create_task(made.batcher.submit(r)) for r in inputs]
+    tasks = [asyncio.ensure_future(made.batcher.submit(r)) for r in inputs]
     await until(lambda: made.metrics.stats.pending == len(rows))
     # Still one batch in flight: nothing else could start on the only instance.
     assert made.metrics.stats.execution_count == 0
@@ -264,7 +264,7 @@ async def test_fixed_queue_delay_holds_a_lone_request_for_the_delay(make: Maker)
 async def test_max_queue_size_rejects_with_overloaded(make: Maker) -> None:
     made = await make(model_factory.slow_model, "slow", delay_ms=SLOW_MS, max_queue_size=2)
     first = await start_busy(made)
-    queued = [asyncio.create_task(made.batcher.submit(slow_request())) for _ in range(2)]
+    queued = [asyncio.ensure_future(made.batcher.submit(slow_request())) for _ in range(2)]
     await until(lambda: made.metrics.stats.pending == 2)
     with pytest.raises(Overloaded):
         await made.batcher.submit(slow_request())
@@ -326,8 +326,8 @@ async def test_grpc_deadline_expires_queued_request(make: Maker) -> None:
 async def test_cancelled_submit_leaves_the_queue(make: Maker) -> None:
     made = await make(model_factory.slow_model, "slow", delay_ms=SLOW_MS)
     first = await start_busy(made)
-    doomed = asyncio.create_task(made.batcher.submit(slow_request(rows=4)))
-    kept = asyncio.create_task(made.batcher.submit(slow_request(rows=1)))
+    doomed = asyncio.ensure_future(made.batcher.submit(slow_request(rows=4)))
+    kept = asyncio.ensure_future(made.batcher.submit(slow_request(rows=1)))
     await until(lambda: made.batcher.inflight() == 3)
     doomed.cancel()
     await until(lambda: made.batcher.inflight() == 2)
@@ -387,7 +387,7 @@ async def test_priority_without_levels_is_ignored(make: Maker) -> None:
 async def test_drain_waits_for_accepted_work_then_refuses_new(make: Maker) -> None:
     made = await make(model_factory.slow_model, "slow", delay_ms=SLOW_MS)
     first = await start_busy(made)
-    queued = asyncio.create_task(made.batcher.submit(slow_request(rows=2)))
+    queued = asyncio.ensure_future(made.batcher.submit(slow_request(rows=2)))
     await until(lambda: made.batcher.inflight() == 2)
     assert await made.batcher.drain(10.0) is True
     # Everything accepted before the drain finished, and finished successfully.
@@ -415,7 +415,7 @@ async def test_drain_of_an_idle_batcher_returns_at_once(make: Maker) -> None:
 async def test_close_fails_queued_waiters_with_model_not_ready(make: Maker) -> None:
     made = await make(model_factory.slow_model, "slow", delay_ms=SLOW_MS)
     first = await start_busy(made)
-    queued = [asyncio.create_task(made.batcher.submit(slow_request())) for _ in range(3)]
+    queued = [asyncio.ensure_future(made.batcher.submit(slow_request())) for _ in range(3)]
     await until(lambda: made.metrics.stats.pending == 3)
     await made.batcher.close()
     results = await asyncio.gather(*queued, return_exceptions=True)
@@ -486,11 +486,11 @@ async def flaky_batcher(backend: FlakyBackend) -> tuple[DynamicBatcher, VersionM
 async def _check_failure_case(backend: FlakyBackend, error_text: str) -> None:
     batcher, metrics = await flaky_batcher(backend)
     try:
-        first = asyncio.create_task(batcher.submit(request("flaky", {"INPUT0": np.ones((1, 3))
+        first = asyncio.ensure_future(batcher.submit(request("flaky", {"INPUT0": np.ones((1, 3))
                                                             .astype(np.float32)})))
         await until(lambda: batcher.inflight() == 1 and metrics.stats.pending == 0)
         xs = [np.full((i + 1, 3), float(i), dtype=np.float32) for i in range(3)]
-        doomed = [asyncio.create_task(batcher.submit(request("flaky", {"INPUT0": x})))
+        doomed = [asyncio.ensure_future(batcher.submit(request("flaky", {"INPUT0": x})))
                   for x in xs]
         await until(lambda: metrics.stats.pending == 3)
         await first
