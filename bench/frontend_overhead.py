@@ -12,7 +12,10 @@ in-process on CPU 0 at batch sizes 1..64. Then, per step:
 - bound = 1 / (in-process time per sample + 1/floor);
 - at 1 in flight, the p50 target: 1.25 x (floor p50 + in-process batch-1 time);
 - where each server's CPU went, by thread: the event loop (main) thread, gRPC's completion
-  queue poller, gRPC's event-engine threads, the rest.
+  queue poller, gRPC's event-engine threads, the rest;
+- where a unary request's time goes inside Peregrine at 64 in flight: the same load against
+  the server cut short after each stage of the request path (bench/ablation_server.py:
+  respond, codec, execute, full).
 
     python -m bench.frontend_overhead [--duration 3 --warmup 1 --repeats 3]
 
@@ -32,6 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.ablation_server import STAGES
 from bench.cli import exit_on_sigterm
 from bench.compare_ceiling import ort_ceiling
 from bench.comparison import Scenario, drive, temp_folder, write_input_files
@@ -200,6 +204,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
                         if document is not None:
                             runs[f"{key}/{model}/{rpc}"] = document
                             threads[f"{key}/{model}/{rpc}"] = split
+        ablation = run_ablation(repository, models, inputs, scenario)
     cases: dict[str, dict[str, Any]] = {}
     for model in models:
         for rpc in RPCS:
@@ -221,7 +226,43 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "cases": cases,
         "threads": threads,
         "verdicts": verdicts(cases),
+        "ablation": ablation,
     }
+
+
+#: What each ablation stage adds to the one before it.
+STAGE_ADDS = {
+    "respond": "gRPC + Peregrine's servicer, a cached response (no per-request work)",
+    "codec": "decode the request, encode the response",
+    "execute": "validate, pack, ONNX Runtime, unpack, build the response (no queue)",
+    "full": "routing, queue and batcher, futures, statistics (Peregrine as shipped)",
+}
+
+
+def run_ablation(repository: Path, models: Sequence[str], inputs: dict[str, Path],
+                 scenario: Scenario) -> dict[str, dict[str, Any]]:
+    """Unary at 64 in flight against the server cut after each stage: per model, per
+    stage, infer/s and microseconds per request (wall and server CPU)."""
+    at64 = Scenario(models=scenario.models, rpcs=("unary",), concurrency=(64,),
+                    duration_s=scenario.duration_s, warmup_s=scenario.warmup_s,
+                    repeats=scenario.repeats, server_cpus=scenario.server_cpus,
+                    generator_cpus=scenario.generator_cpus)
+    results: dict[str, dict[str, Any]] = {model: {} for model in models}
+    for stage in STAGES:
+        launcher = ("-m", "bench.ablation_server", "--stage", stage)
+        with PeregrineProcess(repository, cpus=scenario.server_cpus,
+                              name=f"ablation-{stage}", launcher=launcher) as server:
+            for model in models:
+                document = drive(server, f"ablation-{stage}", model, "unary", inputs[model],
+                                 at64, f"ablation: {stage}")
+                step = step_at(document, 64)
+                if step is None:
+                    continue
+                cpu = (step.get("server_cpu") or {}).get("us_per_request")
+                results[model][stage] = {"rps": step["throughput_rps"],
+                                         "us_per_request": 1e6 / step["throughput_rps"],
+                                         "cpu_us_per_request": cpu}
+    return results
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -264,6 +305,18 @@ def markdown(report: dict[str, Any]) -> str:
                           for name, used in sorted(split.items(), key=lambda kv: -kv[1]))
         server, model, rpc = key.split("/")
         lines.append(f"| {server} | {model} | {rpc} | {parts} |")
+    lines += ["", "Where a unary request's time goes at 64 in flight: the same load against "
+              "Peregrine cut short after each stage (`bench/ablation_server.py`); each stage "
+              "adds its row's work to the one above:", "",
+              "| model | stage | adds | infer/s | us per request | + us vs the stage above |",
+              "|---|---|---|---:|---:|---:|"]
+    for model, stages in report.get("ablation", {}).items():
+        previous: float | None = None
+        for stage, result in stages.items():
+            added = "" if previous is None else f"{result['us_per_request'] - previous:+.0f}"
+            lines.append(f"| {model} | {stage} | {STAGE_ADDS[stage]} | {result['rps']:,.0f} | "
+                         f"{result['us_per_request']:.0f} | {added} |")
+            previous = result["us_per_request"]
     lines += ["", f"Chart: [frontend_overhead.png](results/{RESULTS_PNG.name})"]
     return "\n".join(lines) + "\n"
 

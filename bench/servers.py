@@ -118,10 +118,14 @@ class NoopServer(ServerProcess):
 
 
 class PeregrineProcess(ServerProcess):
+    """``peregrine serve`` on ``repository``; ``launcher`` replaces the ``-m server.cli``
+    entry point (bench.ablation_server wraps it)."""
+
     def __init__(self, repository: Path, cpus: str | None = None, name: str = "peregrine",
-                 extra_args: Sequence[str] = ()) -> None:
+                 extra_args: Sequence[str] = (),
+                 launcher: Sequence[str] = ("-m", "server.cli")) -> None:
         port = free_port()
-        argv = [sys.executable, "-m", "server.cli", "serve", "--model-repository",
+        argv = [sys.executable, *launcher, "serve", "--model-repository",
                 str(repository), "--grpc-port", str(port), "--metrics-port", "0",
                 "--log-level", "warning", *extra_args]
         super().__init__(name, argv, port, cpus, cwd=REPO_ROOT)
