@@ -19,7 +19,7 @@ stage runs the server's own code.
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -27,18 +27,21 @@ import grpc
 STAGES = ("respond", "codec", "execute", "full")
 
 
-def install(stage: str) -> None:
-    """Replace InferenceServicer.ModelInfer with the path cut after ``stage``."""
-    if stage == "full":
-        return
+Handler = Callable[[Any, Any, Any], Awaitable[Any]]
+
+
+def stage_handler(stage: str) -> Handler:
+    """ModelInfer cut after ``stage``, as an unwrapped handler (servicer, request, context)."""
     from server.codec.decode import decode_request
     from server.codec.encode import encode_response
     from server.codec.validate import validate_request
     from server.frontend import inference
-    from server.frontend.status import mapped
     from server.types import InferResponse
 
-    first: dict[str, Any] = {}
+    if stage == "full":
+        full: Handler = inference.InferenceServicer.ModelInfer.__wrapped__
+        return full
+    first: dict[Any, Any] = {}
 
     async def cached(servicer: Any, request: Any) -> InferResponse:
         """The full path's answer to the first request of each model, kept."""
@@ -68,7 +71,17 @@ def install(stage: str) -> None:
             raise run.error
         return encode_response(batcher._response(decoded, run.outcomes[0]))
 
-    inference.InferenceServicer.ModelInfer = mapped(model_infer)
+    return model_infer
+
+
+def install(stage: str) -> None:
+    """Replace InferenceServicer.ModelInfer with the path cut after ``stage``."""
+    if stage == "full":
+        return
+    from server.frontend import inference
+    from server.frontend.status import mapped
+
+    inference.InferenceServicer.ModelInfer = mapped(stage_handler(stage))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -40,6 +40,7 @@ from bench.cli import exit_on_sigterm
 from bench.compare_ceiling import ort_ceiling
 from bench.comparison import Scenario, drive, temp_folder, write_input_files
 from bench.environment import environment
+from bench.inprocess_path import measure as measure_in_process
 from bench.model_repo import comparison_repository, ensure_examples
 from bench.results_section import RESULTS_MD, replace_section, section_header
 from bench.servers import NoopServer, PeregrineProcess, ServerProcess
@@ -205,6 +206,13 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
                             runs[f"{key}/{model}/{rpc}"] = document
                             threads[f"{key}/{model}/{rpc}"] = split
         ablation = run_ablation(repository, models, inputs, scenario)
+        print("in-process request path ...", file=sys.stderr, flush=True)
+        in_process = measure_in_process(
+            repository, inputs, [int(c) for c in scenario.server_cpus.split(",")])
+        for model, stages in in_process.items():
+            for stage, cpu_us in stages.items():
+                if stage in ablation.get(model, {}):
+                    ablation[model][stage]["in_process_cpu_us"] = cpu_us
     cases: dict[str, dict[str, Any]] = {}
     for model in models:
         for rpc in RPCS:
@@ -307,16 +315,26 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {server} | {model} | {rpc} | {parts} |")
     lines += ["", "Where a unary request's time goes at 64 in flight: the same load against "
               "Peregrine cut short after each stage (`bench/ablation_server.py`); each stage "
-              "adds its row's work to the one above:", "",
-              "| model | stage | adds | infer/s | us per request | + us vs the stage above |",
-              "|---|---|---|---:|---:|---:|"]
+              "adds its row's work to the one above. 'In-process' runs the same stage's "
+              "handler back to back in one process without gRPC (64 coroutines, "
+              "`bench/inprocess_path.py`, CPU time per request on the server's core; 'full' "
+              "forms full batches there):", "",
+              "| model | stage | adds | infer/s | us per request | + us vs the stage above | "
+              "in-process us | + in-process us |",
+              "|---|---|---|---:|---:|---:|---:|---:|"]
     for model, stages in report.get("ablation", {}).items():
-        previous: float | None = None
+        previous: dict[str, Any] | None = None
         for stage, result in stages.items():
-            added = "" if previous is None else f"{result['us_per_request'] - previous:+.0f}"
+            inner = result.get("in_process_cpu_us")
+            added = added_inner = ""
+            if previous is not None:
+                added = f"{result['us_per_request'] - previous['us_per_request']:+.0f}"
+                if inner is not None and previous.get("in_process_cpu_us") is not None:
+                    added_inner = f"{inner - previous['in_process_cpu_us']:+.1f}"
             lines.append(f"| {model} | {stage} | {STAGE_ADDS[stage]} | {result['rps']:,.0f} | "
-                         f"{result['us_per_request']:.0f} | {added} |")
-            previous = result["us_per_request"]
+                         f"{result['us_per_request']:.0f} | {added} | "
+                         f"{'' if inner is None else f'{inner:.1f}'} | {added_inner} |")
+            previous = result
     lines += ["", f"Chart: [frontend_overhead.png](results/{RESULTS_PNG.name})"]
     return "\n".join(lines) + "\n"
 

@@ -3,6 +3,7 @@ frontend-overhead ablation measures real request paths, not broken ones."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from bench.ablation_server import STAGES, main
+from bench.inprocess_path import measure as measure_in_process
 from bench.servers import PeregrineProcess
 from tests import model_factory
 
@@ -44,3 +46,17 @@ def test_each_stage_answers_like_the_full_server(repository: Path, stage: str) -
 
 def test_an_unknown_stage_is_a_usage_error() -> None:
     assert main(["--stage", "nothing", "serve"]) == 2
+
+
+def test_in_process_stages_are_all_measured(repository: Path, tmp_path: Path) -> None:
+    inputs = tmp_path / "add_sub.npz"
+    np.savez(inputs, INPUT0=np.ones((1, 16), dtype=np.float32),
+             INPUT1=np.ones((1, 16), dtype=np.float32))
+    cpus = sorted(os.sched_getaffinity(0))[:1]
+    result = measure_in_process(repository, {"add_sub": inputs}, cpus, concurrency=4,
+                                requests=40)
+    assert set(result) == {"add_sub"}
+    assert set(result["add_sub"]) == set(STAGES)
+    assert all(cpu_us >= 0 for cpu_us in result["add_sub"].values())
+    # The process is back on the CPUs it had.
+    assert len(os.sched_getaffinity(0)) >= len(cpus)
