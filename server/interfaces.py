@@ -91,10 +91,11 @@ class ModelPacker(Protocol):
         ...
 
     def unpack(
-        self, outputs: Mapping[str, Array], rows: Sequence[int]
+        self, outputs: Mapping[str, Array], requests: Sequence[InferRequest], rows: Sequence[int]
     ) -> list[dict[str, OutputTensor]]:
         """Per request, its rows of every declared output (outputs the spec does not declare
-        are dropped). The tensors own their data (copies or ``raw`` bytes) or view the
+        are dropped), an output scattered like a ragged input cut back to that request's
+        extents of it. The tensors own their data (copies or ``raw`` bytes) or view the
         backend's output arrays, never a pooled input buffer."""
         ...
 

@@ -23,6 +23,13 @@ class TensorSpec:
     #: Dims without the batch dimension when the model batches; -1 is a variable dim.
     dims: tuple[int, ...]
     optional: bool = False
+    #: Inputs (config ``allow_ragged_batch``): requests whose variable dims differ batch
+    #: together, padded with ``pad_value`` up to the batch's largest extent in each dim.
+    ragged: bool = False
+    pad_value: float = 0.0
+    #: Outputs (config ``batch_output`` BATCH_SCATTER_WITH_INPUT_SHAPE): each request gets its
+    #: rows cut back to its own extents of this (ragged) input, trailing dims kept whole.
+    scatter_like: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ import numpy as np
 from server import _native
 from server.interfaces import ModelPacker
 from server.packing.pool import Allocator, BufferPool, host_allocator
+from server.packing.reference import ragged_pad_element
 from server.preprocess import native_preprocessor
 from server.spec import ModelSpec
 from server.types import Array, DataType, InferRequest, OutputTensor
@@ -52,7 +53,10 @@ class NativeModelPacker:
         #: (name, numpy dtype, is BYTES) of every input, in config order.
         self._inputs = [(t.name, t.datatype.numpy_dtype, t.datatype is DataType.BYTES)
                         for t in spec.inputs]
-        self._outputs = [(t.name, t.datatype, t.datatype.numpy_dtype) for t in spec.outputs]
+        self._outputs = [(t.name, t.datatype, t.datatype.numpy_dtype, t.scatter_like)
+                         for t in spec.outputs]
+        #: Ragged input -> its pad value as one element's bytes.
+        self._pads = {t.name: ragged_pad_element(t).tobytes() for t in spec.inputs if t.ragged}
         pre = spec.preprocess
         self._pre_name: str | None = None
         self._pre_shape: tuple[int, ...] = ()
@@ -92,6 +96,12 @@ class NativeModelPacker:
                                            self._batches)
                 elif len(requests) == 1:
                     out = value
+                elif name in self._pads and (inner := padded_inner(
+                        [r.inputs[name] for r in requests])) is not None:
+                    buffer, out = pool.take(name, dtype, (total, *inner))
+                    taken.append((name, buffer))
+                    _native.gather_padded([r.inputs[name] for r in requests], out,
+                                          self._pads[name])
                 elif is_bytes:
                     out = np.concatenate([r.inputs[name] for r in requests], axis=0)
                 else:
@@ -106,13 +116,20 @@ class NativeModelPacker:
         return PackedBatch(batch, pool, taken)
 
     def unpack(
-        self, outputs: Mapping[str, Array], rows: Sequence[int]
+        self, outputs: Mapping[str, Array], requests: Sequence[InferRequest], rows: Sequence[int]
     ) -> list[dict[str, OutputTensor]]:
         n = len(rows)
         result: list[dict[str, OutputTensor]] = [{} for _ in range(n)]
-        for name, datatype, dtype in self._outputs:
+        for name, datatype, dtype, scatter_like in self._outputs:
             value = outputs.get(name)
             if value is None:
+                continue
+            if scatter_like and n > 1:
+                parts = unpadded(value, [r.inputs[scatter_like].shape for r in requests], rows)
+                for per, part in zip(result, parts, strict=True):
+                    part = np.ascontiguousarray(part, dtype=dtype)
+                    per[name] = OutputTensor(name, datatype, raw=part.tobytes(),
+                                             shape=tuple(part.shape))
                 continue
             if datatype is DataType.BYTES:
                 for per, part in zip(result, _split_objects(value, rows), strict=True):
@@ -128,6 +145,25 @@ class NativeModelPacker:
             for per, raw, count in zip(result, _native.scatter(value, rows), rows, strict=True):
                 per[name] = OutputTensor(name, datatype, raw=raw, shape=(count, *row_shape))
         return result
+
+
+def padded_inner(arrays: Sequence[Array]) -> tuple[int, ...] | None:
+    """The largest extent in each dim after the first, or None when all extents agree (then
+    the arrays concatenate as they are)."""
+    first = arrays[0].shape[1:]
+    if all(a.shape[1:] == first for a in arrays):
+        return None
+    return tuple(max(a.shape[k] for a in arrays) for k in range(1, arrays[0].ndim))
+
+
+def unpadded(value: Array, shapes: Sequence[tuple[int, ...]],
+             rows: Sequence[int]) -> Iterator[Array]:
+    """Each request's rows of a batch output, cut back to the request's own extents of the
+    ragged input it is scattered like (its leading dims); trailing dims stay whole."""
+    start = 0
+    for shape, count in zip(shapes, rows, strict=True):
+        yield value[(slice(start, start + count), *(slice(0, d) for d in shape[1:]))]
+        start += count
 
 
 def _split_objects(value: Array, rows: Sequence[int]) -> Iterator[Array]:

@@ -8,9 +8,16 @@ from contextlib import nullcontext
 import numpy as np
 
 from server.interfaces import ModelPacker
-from server.preprocess.reference import preprocess_batch, preprocess_image
-from server.spec import ModelSpec
-from server.types import Array, InferRequest, OutputTensor
+from server.preprocess.reference import preprocess_batch, preprocess_image, to_bfloat16_bits
+from server.spec import ModelSpec, TensorSpec
+from server.types import Array, DataType, InferRequest, OutputTensor
+
+
+def ragged_pad_element(tensor: TensorSpec) -> Array:
+    """A ragged input's pad value as one 0-d element of its numpy dtype (BF16 as its word)."""
+    if tensor.datatype is DataType.BF16:
+        return to_bfloat16_bits(np.array(tensor.pad_value, dtype=np.float32)).reshape(())
+    return np.array(tensor.pad_value).astype(tensor.datatype.numpy_dtype)
 
 
 def concat_padded(arrays: Sequence[Array], pad: object, shape: tuple[int, ...] | None = None,
@@ -37,6 +44,8 @@ class ReferenceModelPacker:
 
     def __init__(self, spec: ModelSpec) -> None:
         self._names = [t.name for t in spec.inputs]
+        self._pads = {t.name: ragged_pad_element(t) for t in spec.inputs if t.ragged}
+        self._scatter = {t.name: t.scatter_like for t in spec.outputs if t.scatter_like}
         self._batches = spec.batches
         self._outputs = {t.name: t.datatype for t in spec.outputs}
         pre = spec.preprocess
@@ -59,19 +68,31 @@ class ReferenceModelPacker:
                     batch[name] = preprocess_image(images[0], self._pre, self._pre_input)
             elif len(requests) == 1:
                 batch[name] = first[name]
+            elif name in self._pads:
+                arrays = [r.inputs[name] for r in requests]
+                batch[name] = concat_padded(arrays, self._pads[name])
             else:
                 batch[name] = np.concatenate([r.inputs[name] for r in requests], axis=0)
         return nullcontext(batch)
 
     def unpack(
-        self, outputs: Mapping[str, Array], rows: Sequence[int]
+        self, outputs: Mapping[str, Array], requests: Sequence[InferRequest], rows: Sequence[int]
     ) -> list[dict[str, OutputTensor]]:
         declared = [(n, v, self._outputs[n]) for n, v in outputs.items() if n in self._outputs]
         if len(rows) == 1:
             return [{n: OutputTensor(n, dt, v) for n, v, dt in declared}]
         split_at = np.cumsum(rows)[:-1]
         parts = [(n, dt, np.split(v, split_at, axis=0)) for n, v, dt in declared]
-        return [{n: OutputTensor(n, dt, p[i]) for n, dt, p in parts} for i in range(len(rows))]
+        result = [{n: OutputTensor(n, dt, p[i]) for n, dt, p in parts}
+                  for i in range(len(rows))]
+        for name, source in self._scatter.items():
+            if name not in outputs:
+                continue
+            for per, request in zip(result, requests, strict=True):
+                extents = request.inputs[source].shape[1:]
+                part = per[name].data[(slice(None), *(slice(0, d) for d in extents))]
+                per[name] = OutputTensor(name, self._outputs[name], np.ascontiguousarray(part))
+        return result
 
 
 class ReferencePacker:
@@ -83,4 +104,4 @@ class ReferencePacker:
         return ReferenceModelPacker(spec)
 
 
-__all__ = ["ReferenceModelPacker", "ReferencePacker", "concat_padded"]
+__all__ = ["ReferenceModelPacker", "ReferencePacker", "concat_padded", "ragged_pad_element"]

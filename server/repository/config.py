@@ -8,10 +8,11 @@ then rejects them with the file, line and field name.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 
+import numpy as np
 from google.protobuf import text_format
 
 from server._pb import model_config_pb2 as mc
@@ -194,25 +195,36 @@ def to_spec(config: mc.ModelConfig, model_dir: Path) -> ModelSpec:
     platform = platform or BACKEND_PLATFORMS[backend]
     if config.max_batch_size < 0:
         raise ModelLoadError(f"model '{name}': max_batch_size must not be negative")
-    if config.batch_input or config.batch_output:
-        raise ModelLoadError(f"model '{name}': batch_input/batch_output are not supported")
+    if config.batch_input:
+        raise ModelLoadError(f"model '{name}': batch_input is not supported (ragged inputs are "
+                             "padded into a dense batch instead)")
     if config.model_transaction_policy.decoupled:
         raise ModelLoadError(f"model '{name}': decoupled models are not supported")
+    parameters = {key: value.string_value for key, value in config.parameters.items()}
     inputs = []
     for tensor in config.input:
         where = f"model '{name}' input '{tensor.name}'"
-        if tensor.HasField("reshape") or tensor.is_shape_tensor or tensor.allow_ragged_batch:
-            raise ModelLoadError(f"{where}: reshape, shape tensors and ragged batches are not "
-                                 "supported")
-        inputs.append(TensorSpec(tensor.name, _datatype(tensor.data_type, where),
-                                 _dims(tensor.dims, where), optional=tensor.optional))
+        if tensor.HasField("reshape") or tensor.is_shape_tensor:
+            raise ModelLoadError(f"{where}: reshape and shape tensors are not supported")
+        datatype = _datatype(tensor.data_type, where)
+        dims = _dims(tensor.dims, where)
+        pad = 0.0
+        if tensor.allow_ragged_batch:
+            pad = _ragged_input(config, datatype, dims, parameters, tensor.name, where)
+        inputs.append(TensorSpec(tensor.name, datatype, dims, optional=tensor.optional,
+                                 ragged=tensor.allow_ragged_batch, pad_value=pad))
+    scatter = _scatter_outputs(config, inputs, name)
     outputs = []
     for tensor in config.output:
         where = f"model '{name}' output '{tensor.name}'"
         if tensor.HasField("reshape") or tensor.is_shape_tensor:
             raise ModelLoadError(f"{where}: reshape and shape tensors are not supported")
         outputs.append(TensorSpec(tensor.name, _datatype(tensor.data_type, where),
-                                  _dims(tensor.dims, where)))
+                                  _dims(tensor.dims, where),
+                                  scatter_like=scatter.pop(tensor.name, "")))
+    if scatter:
+        raise ModelLoadError(f"model '{name}': batch_output names outputs the model does not "
+                             f"declare: {sorted(scatter)}")
     for kind, tensors in (("input", inputs), ("output", outputs)):
         seen: set[str] = set()
         for t in tensors:
@@ -221,7 +233,6 @@ def to_spec(config: mc.ModelConfig, model_dir: Path) -> ModelSpec:
             if t.name in seen:
                 raise ModelLoadError(f"model '{name}': {kind} '{t.name}' is declared twice")
             seen.add(t.name)
-    parameters = {key: value.string_value for key, value in config.parameters.items()}
     instances = _instances(config, name)
     validate_gpu_parameters(backend, parameters, name, instances)
     return ModelSpec(
@@ -239,6 +250,53 @@ def to_spec(config: mc.ModelConfig, model_dir: Path) -> ModelSpec:
                                 or _default_model_filename(backend, parameters)),
         preprocess=parse_preprocess(parameters, name),
     )
+
+
+#: config.pbtxt parameter prefix: ``ragged_pad.<input>`` is the value a ragged input is padded
+#: with (default 0).
+RAGGED_PAD_PREFIX = "ragged_pad."
+
+
+def _ragged_input(config: mc.ModelConfig, datatype: DataType, dims: tuple[int, ...],
+                  parameters: Mapping[str, str], input_name: str, where: str) -> float:
+    """Check that an ``allow_ragged_batch`` input can be padded; its pad value."""
+    if config.max_batch_size <= 0:
+        raise ModelLoadError(f"{where}: allow_ragged_batch needs a model that batches "
+                             "(max_batch_size > 0)")
+    if datatype is DataType.BYTES:
+        raise ModelLoadError(f"{where}: ragged batching of BYTES inputs is not supported")
+    if -1 not in dims:
+        raise ModelLoadError(f"{where}: allow_ragged_batch needs a variable (-1) dim to pad")
+    raw = parameters.get(RAGGED_PAD_PREFIX + input_name, "0")
+    try:
+        pad = float(raw)
+    except ValueError:
+        raise ModelLoadError(f"{where}: {RAGGED_PAD_PREFIX}{input_name} must be a number, "
+                             f"got {raw!r}") from None
+    dtype = datatype.numpy_dtype
+    fits = (pad in (0.0, 1.0) if dtype.kind == "b"
+            else pad.is_integer() and np.can_cast(np.min_scalar_type(int(pad)), dtype)
+            if dtype.kind in "iu" else True)
+    if not fits:
+        raise ModelLoadError(f"{where}: pad value {raw} does not fit {datatype.wire}")
+    return pad
+
+
+def _scatter_outputs(config: mc.ModelConfig, inputs: list[TensorSpec],
+                     name: str) -> dict[str, str]:
+    """batch_output entries: output name -> the ragged input whose shape it takes."""
+    ragged = {t.name for t in inputs if t.ragged}
+    scatter: dict[str, str] = {}
+    for entry in config.batch_output:
+        where = f"model '{name}' batch_output"
+        if entry.kind != mc.BatchOutput.BATCH_SCATTER_WITH_INPUT_SHAPE:
+            raise ModelLoadError(f"{where}: only BATCH_SCATTER_WITH_INPUT_SHAPE is supported")
+        if len(entry.source_input) != 1 or entry.source_input[0] not in ragged:
+            raise ModelLoadError(f"{where}: source_input must name one input with "
+                                 f"allow_ragged_batch, got {list(entry.source_input)}")
+        for target in entry.target_name:
+            scatter[target] = entry.source_input[0]
+    return scatter
 
 
 def _default_model_filename(backend: str, parameters: dict[str, str]) -> str:

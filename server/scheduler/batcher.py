@@ -88,6 +88,8 @@ class DynamicBatcher:
         self._all_outputs = tuple(t.name for t in spec.outputs)
         #: An input fed by image preprocessing: any image size batches with any other.
         self._size_free = spec.preprocess.input if spec.preprocess is not None else None
+        #: Ragged inputs: any extents of their variable dims batch together (padded).
+        self._ragged = frozenset(t.name for t in spec.inputs if t.ragged)
         self._running = 0
         self._accepting = True
         self._closed = False
@@ -184,11 +186,14 @@ class DynamicBatcher:
         return 1
 
     def _signature(self, request: InferRequest) -> tuple[Any, ...]:
-        """Per-row shapes: requests batch together only when these match."""
+        """Per-row shapes (the rank alone for ragged and preprocessed inputs): requests batch
+        together only when these match."""
         if not self._batching:
             return ()
         free = self._size_free
-        return tuple((name, value.shape[1:] if name != free else ())
+        ragged = self._ragged
+        return tuple((name, value.shape[1:] if name != free and name not in ragged
+                      else value.ndim)
                      for name, value in request.inputs.items())
 
     def _deadline(self, request: InferRequest, level: int, now: int) -> int | None:
@@ -391,7 +396,7 @@ class DynamicBatcher:
                             f"output '{name}' has shape {list(value.shape)}; expected "
                             f"{produced} rows for the batch"
                         )
-            per_request = self._packer.unpack(outputs, rows)
+            per_request = self._packer.unpack(outputs, requests, rows)
         t3 = _now()
         run.executions.append((sum(rows), len(requests), (t1 - t0, t2 - t1, t3 - t2)))
         return per_request

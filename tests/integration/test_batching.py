@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -48,15 +48,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     model_factory.slow_model(repo, "metered", delay_ms=SLOW_MS, max_queue_size=1)
     with ServerThread(repo) as running:
         yield running
-
-
-@pytest.fixture
-async def aio(server: ServerThread) -> AsyncIterator[aioclient.InferenceServerClient]:
-    client = aioclient.InferenceServerClient(server.url)
-    try:
-        yield client
-    finally:
-        await client.close()
 
 
 @pytest.fixture

@@ -54,6 +54,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory, examples_repo: Path) -> Path:
     repo = tmp_path_factory.mktemp("native_repo")
     model_factory.identity_models(repo, max_batch_size=8, delay_us=3000)
     model_factory.add_sub_model(repo, "add_sub", max_queue_delay_microseconds=3000)
+    model_factory.ragged_model(repo, "ragged", max_queue_delay_microseconds=3000)
     image_identity_model(repo, "image_nchw", "FP32", (3, 16, 16), {
         "preprocess.input": "image", "preprocess.resize": "20", "preprocess.crop": "16,16",
         "preprocess.threads": "2", **IMAGENET})
@@ -134,6 +135,12 @@ def workload(seed: int = 0) -> list[service_pb2.ModelInferRequest]:
             value = random_value(rng, dtype, (int(rng.integers(1, 3)), width))
             requests.append(infer_request(f"identity_{dtype.lower()}",
                                           {"INPUT0": (dtype, value)}, f"{dtype}-{i}"))
+    for i in range(12):  # ragged: every request its own length, padded in the batch
+        x = rng.uniform(-10, 10, (int(rng.integers(1, 3)), int(rng.integers(1, 9))))
+        request = infer_request("ragged", {"X": ("FP32", x.astype(np.float32))}, f"ragged-{i}")
+        # TOTAL sums over the padded length: its last bit depends on the batch it ran in.
+        request.outputs.add(name="DOUBLED")
+        requests.append(request)
     for i in range(12):
         a = rng.uniform(-10, 10, (int(rng.integers(1, 4)), 16)).astype(np.float32)
         b = rng.uniform(-10, 10, a.shape).astype(np.float32)
@@ -171,8 +178,9 @@ def test_native_and_reference_servers_answer_bit_identically(
         assert g.id == w.id == request.id
         assert answer(g) == answer(w), request.id
     # Batches did form (the point of comparing under concurrency).
-    stats = asyncio.run(_statistics(native.url, "identity_fp32"))
-    assert stats.execution_count < stats.inference_count
+    for model in ("identity_fp32", "ragged"):
+        stats = asyncio.run(_statistics(native.url, model))
+        assert stats.execution_count < stats.inference_count, model
 
 
 async def _statistics(url: str, model: str) -> Any:

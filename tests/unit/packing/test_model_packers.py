@@ -20,6 +20,7 @@ from server.packing import (
     select_packer,
 )
 from server.packing.native import NativeModelPacker
+from server.packing.reference import ragged_pad_element
 from server.spec import ImagePreprocess, ModelSpec, TensorSpec
 from server.types import Array, DataType, InferRequest, OutputTensor
 
@@ -105,8 +106,8 @@ def test_native_and_reference_agree(
     batch_outputs = {t.name: random_tensor(rng, t.datatype, (sum(rows), *row_shape))
                      for t in outputs}
     batch_outputs["UNDECLARED"] = np.zeros((sum(rows), 1), np.float32)
-    got = native.unpack(batch_outputs, rows)
-    want = reference.unpack(batch_outputs, rows)
+    got = native.unpack(batch_outputs, requests, rows)
+    want = reference.unpack(batch_outputs, requests, rows)
     assert encoded(got) == encoded(want)
     for outs in got:
         assert "UNDECLARED" not in outs
@@ -172,7 +173,66 @@ def test_unbatched_model_with_preprocessing() -> None:
     request = make_request({"image": np.arange(20, dtype=np.uint8).reshape(4, 5, 1)})
     assert_same_batch(native, reference, [request], [1])
     scalar = {"Y": np.float32(3.5) * np.ones((), np.float32)}
-    assert encoded(native.unpack(scalar, [1])) == encoded(reference.unpack(scalar, [1]))
+    assert (encoded(native.unpack(scalar, [request], [1]))
+            == encoded(reference.unpack(scalar, [request], [1])))
+
+
+RAGGED_TYPES = [t for t in DataType if t is not DataType.BYTES]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    datatype=st.sampled_from(RAGGED_TYPES),
+    extents=st.lists(st.tuples(st.integers(1, 3), st.integers(1, 5), st.integers(1, 3)),
+                     min_size=1, max_size=6),
+    trailing=st.integers(1, 3),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_ragged_inputs_pad_and_scattered_outputs_unpad_like_the_oracle(
+    datatype: DataType, extents: list[tuple[int, int, int]], trailing: int, seed: int,
+) -> None:
+    """Requests of [rows, length, width] with different lengths and widths share a batch
+    padded with the configured value; an output scattered like that input comes back cut to
+    each request's own extents, a trailing dim kept whole; other outputs split by rows."""
+    rng = np.random.default_rng(seed)
+    pad = 1.0 if datatype is DataType.BOOL else 7.0
+    ragged = TensorSpec("X", datatype, (-1, -1), ragged=True, pad_value=pad)
+    fixed = TensorSpec("F", DataType.FP32, (2,))
+    outputs = [TensorSpec("Y", DataType.FP32, (-1, -1, trailing), scatter_like="X"),
+               TensorSpec("P", DataType.INT64, (1,))]
+    spec = make_spec([ragged, fixed], outputs)
+    native, reference = packers(spec)
+    requests = [make_request({
+        "X": wire_view(random_tensor(rng, datatype, (n, length, width))),
+        "F": wire_view(random_tensor(rng, DataType.FP32, (n, 2))),
+    }) for n, length, width in extents]
+    rows = [n for n, _, _ in extents]
+    assert_same_batch(native, reference, requests, rows)
+    with native.pack(requests, rows) as batch:
+        x = batch["X"]
+        assert x.shape == (sum(rows), max(e[1] for e in extents), max(e[2] for e in extents))
+        start = 0
+        for request, (n, length, width) in zip(requests, extents, strict=True):
+            mine = x[start:start + n]
+            np.testing.assert_array_equal(mine[:, :length, :width], request.inputs["X"])
+            padding = np.ones(mine.shape, dtype=bool)
+            padding[:, :length, :width] = False
+            assert (mine[padding] == ragged_pad_element(ragged)).all()
+            start += n
+        batch_outputs = {
+            "Y": random_tensor(rng, DataType.FP32, (*x.shape, trailing)),
+            "P": random_tensor(rng, DataType.INT64, (sum(rows), 1)),
+        }
+    got = native.unpack(batch_outputs, requests, rows)
+    assert encoded(got) == encoded(reference.unpack(batch_outputs, requests, rows))
+    start = 0
+    for outs, request, n in zip(got, requests, rows, strict=True):
+        _, length, width = request.inputs["X"].shape
+        want = batch_outputs["Y"][start:start + n, :length, :width]
+        assert outs["Y"].shape == want.shape
+        np.testing.assert_array_equal(outs["Y"].data, want)
+        np.testing.assert_array_equal(outs["P"].data, batch_outputs["P"][start:start + n])
+        start += n
 
 
 def test_packer_selection_reads_the_environment_when_asked() -> None:

@@ -488,3 +488,56 @@ def test_missing_specific_version_is_an_error() -> None:
 def test_version_policy_from_a_config_file(tmp_path: Path) -> None:
     directory = model_dir(tmp_path, "vp", minimal("vp", "version_policy: { all { } }\n"))
     assert select_versions(read_config(directory).version_policy, [2, 7]) == [2, 7]
+
+
+# -- ragged batching ---------------------------------------------------------------------------
+
+RAGGED = """\
+name: "{name}"
+max_batch_size: {max_batch}
+input [ {{ name: "TOKENS" data_type: {dtype} dims: [ -1 ] allow_ragged_batch: true }},
+        {{ name: "FIXED" data_type: TYPE_FP32 dims: [ 2 ] }} ]
+output [ {{ name: "PER_TOKEN" data_type: TYPE_FP32 dims: [ -1, 8 ] }},
+         {{ name: "POOLED" data_type: TYPE_FP32 dims: [ 8 ] }} ]
+batch_output [ {{ target_name: "PER_TOKEN" kind: BATCH_SCATTER_WITH_INPUT_SHAPE
+                 source_input: "{source}" }} ]
+{extra}"""
+
+
+def ragged(name: str, *, dtype: str = "TYPE_INT64", max_batch: int = 8, source: str = "TOKENS",
+           extra: str = "") -> str:
+    return RAGGED.format(name=name, dtype=dtype, max_batch=max_batch, source=source, extra=extra)
+
+
+def test_ragged_input_and_scattered_output_parse(tmp_path: Path) -> None:
+    spec = parse(tmp_path, "rag", ragged(
+        "rag", extra='parameters { key: "ragged_pad.TOKENS" value: { string_value: "-1" } }\n'))
+    tokens, fixed = spec.inputs
+    assert tokens.ragged and tokens.pad_value == -1.0
+    assert not fixed.ragged
+    per_token, pooled = spec.outputs
+    assert per_token.scatter_like == "TOKENS" and pooled.scatter_like == ""
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (ragged("bad", max_batch=0), "needs a model that batches"),
+        (ragged("bad", dtype="TYPE_STRING"), "BYTES inputs is not supported"),
+        (ragged("bad", source="FIXED"), "source_input must name one input with"),
+        (ragged("bad").replace("dims: [ -1 ] allow", "dims: [ 4 ] allow"), "variable \\(-1\\) dim"),
+        (ragged("bad", extra='parameters { key: "ragged_pad.TOKENS" value: '
+                             '{ string_value: "x" } }\n'), "must be a number"),
+        (ragged("bad", dtype="TYPE_UINT8", extra='parameters { key: "ragged_pad.TOKENS" '
+                                                 'value: { string_value: "-1" } }\n'),
+         "does not fit UINT8"),
+        (ragged("bad").replace('target_name: "PER_TOKEN"', 'target_name: "NOPE"'),
+         "outputs the model does not declare"),
+        (ragged("bad", extra='batch_input [ { kind: BATCH_ELEMENT_COUNT target_name: "N" '
+                             'data_type: TYPE_INT32 source_input: "TOKENS" } ]\n'),
+         "batch_input is not supported"),
+    ],
+)
+def test_unsupported_ragged_configs_are_rejected(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ModelLoadError, match=message):
+        parse(tmp_path, "bad", text)
