@@ -9,7 +9,6 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     PlatformCollector,
     ProcessCollector,
     generate_latest,
@@ -17,6 +16,7 @@ from prometheus_client import (
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from server.metrics.histogram import LoopHistogram, LoopHistogramCollector
 from server.metrics.stats import VersionStats
 
 LATENCY_BUCKETS = (
@@ -25,6 +25,17 @@ LATENCY_BUCKETS = (
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 LABELS = ("model", "version")
+#: (name, help, VersionMetrics field, buckets) of the per-version histograms.
+HISTOGRAMS = (
+    ("peregrine_request_duration_seconds",
+     "End-to-end latency of successful inference requests inside the server.",
+     "request_seconds", LATENCY_BUCKETS),
+    ("peregrine_queue_duration_seconds", "Time requests waited in the batcher's queue.",
+     "queue_seconds", LATENCY_BUCKETS),
+    ("peregrine_compute_duration_seconds", "Time to pack, execute and unpack one batch.",
+     "compute_seconds", LATENCY_BUCKETS),
+    ("peregrine_batch_size", "Rows per executed batch.", "batch_size", BATCH_BUCKETS),
+)
 
 
 @dataclass(slots=True)
@@ -32,10 +43,11 @@ class VersionMetrics:
     """The metric children of one model version, bound once at load for a cheap hot path."""
 
     stats: VersionStats
-    request_seconds: Histogram
-    queue_seconds: Histogram
-    compute_seconds: Histogram
-    batch_size: Histogram
+    #: Fed on the event loop thread only (LoopHistogram takes no lock).
+    request_seconds: LoopHistogram
+    queue_seconds: LoopHistogram
+    compute_seconds: LoopHistogram
+    batch_size: LoopHistogram
 
 
 class MetricsRegistry:
@@ -44,26 +56,9 @@ class MetricsRegistry:
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         self._versions: dict[tuple[str, str], VersionMetrics] = {}
-        self._request = Histogram(
-            "peregrine_request_duration_seconds",
-            "End-to-end latency of successful inference requests inside the server.",
-            LABELS, buckets=LATENCY_BUCKETS, registry=self.registry,
-        )
-        self._queue = Histogram(
-            "peregrine_queue_duration_seconds",
-            "Time requests waited in the batcher's queue.",
-            LABELS, buckets=LATENCY_BUCKETS, registry=self.registry,
-        )
-        self._compute = Histogram(
-            "peregrine_compute_duration_seconds",
-            "Time to pack, execute and unpack one batch.",
-            LABELS, buckets=LATENCY_BUCKETS, registry=self.registry,
-        )
-        self._batch = Histogram(
-            "peregrine_batch_size",
-            "Rows per executed batch.",
-            LABELS, buckets=BATCH_BUCKETS, registry=self.registry,
-        )
+        for name, documentation, field_name, _ in HISTOGRAMS:
+            self.registry.register(LoopHistogramCollector(
+                name, documentation, LABELS, self._children(field_name)))
         self._ready = Gauge(
             "peregrine_model_ready", "1 when the model version is ready to serve.",
             LABELS, registry=self.registry,
@@ -81,10 +76,8 @@ class MetricsRegistry:
         if found is None:
             found = VersionMetrics(
                 stats=VersionStats(),
-                request_seconds=self._request.labels(model, version),
-                queue_seconds=self._queue.labels(model, version),
-                compute_seconds=self._compute.labels(model, version),
-                batch_size=self._batch.labels(model, version),
+                **{field_name: LoopHistogram(buckets)
+                   for _, _, field_name, buckets in HISTOGRAMS},
             )
             self._versions[key] = found
         return found
@@ -94,6 +87,14 @@ class MetricsRegistry:
 
     def load_failed(self, model: str, version: str) -> None:
         self._load_failures.labels(model, version).inc()
+
+    def _children(self, field_name: str) -> Callable[[], list[tuple[tuple[str, str],
+                                                                      LoopHistogram]]]:
+        def children() -> list[tuple[tuple[str, str], LoopHistogram]]:
+            return [(key, getattr(metrics, field_name))
+                    for key, metrics in list(self._versions.items())]
+
+        return children
 
     def _snapshot(self) -> list[tuple[str, str, VersionStats]]:
         return [(m, v, vm.stats) for (m, v), vm in list(self._versions.items())]
