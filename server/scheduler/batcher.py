@@ -340,10 +340,14 @@ class DynamicBatcher:
             for entry, outcome in zip(entries, run.outcomes, strict=True):
                 if entry.future.done():
                     continue
-                if isinstance(outcome, Exception):
-                    entry.future.set_exception(self._as_error(outcome, [entry]))
+                try:
+                    if isinstance(outcome, Exception):
+                        raise outcome
+                    response = self._response(entry.request, outcome)
+                except Exception as exc:  # this request's failure, never the batcher's
+                    entry.future.set_exception(self._as_error(exc, [entry]))
                 else:
-                    entry.future.set_result(self._response(entry.request, outcome))
+                    entry.future.set_result(response)
         self._check_idle()
 
     def _run(self, backend: Backend, requests: list[InferRequest], rows: list[int]) -> BatchRun:
@@ -403,11 +407,15 @@ class DynamicBatcher:
 
     def _response(self, request: InferRequest, outputs: dict[str, OutputTensor]) -> InferResponse:
         names = request.requested_outputs or self._all_outputs
+        try:
+            tensors = [outputs[n] for n in names]
+        except KeyError as missing:
+            raise BackendError(f"the backend returned no output {missing}") from None
         return InferResponse(
             model_name=self._spec.name,
             model_version=self._version,
             id=request.id,
-            outputs=[outputs[n] for n in names],
+            outputs=tensors,
         )
 
     def _fail_batcher(self, exc: BaseException) -> None:

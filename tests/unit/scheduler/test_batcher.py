@@ -436,10 +436,11 @@ class FlakyBackend:
     """An identity backend whose chosen calls raise (or return a wrong number of rows)."""
 
     def __init__(self, fail_calls: set[int], wrong_rows_calls: frozenset[int] = frozenset(),
-                 delay_s: float = 0.0) -> None:
+                 delay_s: float = 0.0, no_output_calls: frozenset[int] = frozenset()) -> None:
         self.calls = 0
         self.fail_calls = fail_calls
         self.wrong_rows_calls = wrong_rows_calls
+        self.no_output_calls = no_output_calls
         self.delay_s = delay_s
         self.batches: list[int] = []
         self.closed = 0
@@ -462,6 +463,8 @@ class FlakyBackend:
             raise RuntimeError(f"boom on call {call}")
         if call in self.wrong_rows_calls:
             return {"OUTPUT0": x[:-1]}
+        if call in self.no_output_calls:
+            return {}
         return {"OUTPUT0": x.copy()}
 
     def close(self) -> None:
@@ -519,6 +522,20 @@ async def test_wrong_output_rows_fan_out_backend_error() -> None:
     await _check_failure_case(FlakyBackend(fail_calls=set(), wrong_rows_calls=frozenset({2}),
                                          delay_s=0.1),
                             "expected 6 rows")
+
+
+async def test_a_missing_output_fails_its_requests_and_the_batcher_serves_on() -> None:
+    backend = FlakyBackend(fail_calls=set(), no_output_calls=frozenset({1}))
+    batcher, _metrics = await flaky_batcher(backend)
+    try:
+        x = np.ones((1, 3), dtype=np.float32)
+        with pytest.raises(BackendError, match="no output 'OUTPUT0'"):
+            await batcher.submit(request("flaky", {"INPUT0": x}))
+        assert batcher.healthy
+        response = await batcher.submit(request("flaky", {"INPUT0": x}))
+        np.testing.assert_array_equal(output(response), x)
+    finally:
+        await batcher.close()
 
 
 async def test_close_twice_closes_each_instance_once() -> None:
