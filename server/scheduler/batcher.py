@@ -320,9 +320,13 @@ class DynamicBatcher:
     def _finished_in_thread(
         self, instance: int, entries: list[PendingRequest], future: asyncio.Future[BatchRun]
     ) -> None:
-        error = future.exception()
-        run = future.result() if error is None else BatchRun(
-            error=error if isinstance(error, Exception) else BackendError(repr(error)))
+        if future.cancelled():  # the loop is shutting down under the batch
+            run = BatchRun(error=ModelNotReady(f"model '{self._spec.name}' is shutting down"))
+        elif (error := future.exception()) is not None:
+            run = BatchRun(error=error if isinstance(error, Exception)
+                           else BackendError(repr(error)))
+        else:
+            run = future.result()
         self._finish(instance, entries, run)
         self._schedule()
 
