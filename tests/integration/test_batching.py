@@ -26,6 +26,9 @@ from tests.server_harness import ServerThread
 pytestmark = pytest.mark.timeout(30)
 
 SLOW_MS = 100.0
+#: Models whose tests queue requests behind one running batch: the batch must outlast the
+#: clients' sends by a wide margin on a loaded 2-core machine.
+BUSY_MS = 400.0
 TIMED_MS = 200.0
 DELAY_US = 600_000
 
@@ -40,12 +43,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
                                 queue_delay="fixed")
     model_factory.add_sub_model(repo, "adaptive", max_batch_size=8,
                                 max_queue_delay_microseconds=DELAY_US, preferred_batch_size=[4])
-    model_factory.slow_model(repo, "bounded", delay_ms=SLOW_MS, max_queue_size=2)
+    model_factory.slow_model(repo, "bounded", delay_ms=BUSY_MS, max_queue_size=2)
     model_factory.slow_model(repo, "timed", delay_ms=TIMED_MS)
     model_factory.slow_model(repo, "deadline", delay_ms=TIMED_MS)
-    model_factory.slow_model(repo, "prio", delay_ms=SLOW_MS, max_batch_size=4,
+    model_factory.slow_model(repo, "prio", delay_ms=BUSY_MS, max_batch_size=4,
                              priority_levels=2, default_priority_level=2)
-    model_factory.slow_model(repo, "metered", delay_ms=SLOW_MS, max_queue_size=1)
+    model_factory.slow_model(repo, "metered", delay_ms=BUSY_MS, max_queue_size=1)
     with ServerThread(repo) as running:
         yield running
 
