@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench import perf_analyzer
 from bench.ablation_server import STAGES
 from bench.cli import exit_on_sigterm
 from bench.compare_ceiling import ort_ceiling
@@ -95,12 +96,54 @@ def thread_split(pid: int, before: dict[int, tuple[str, int]],
     return {k: v for k, v in groups.items() if v > 0}
 
 
-def drive_with_threads(server: ServerProcess, key: str, model: str, rpc: str,
-                       input_file: Path, scenario: Scenario,
-                       label: str) -> tuple[dict[str, Any] | None, dict[str, float]]:
-    before = thread_ticks(server.pid)
-    document = drive(server, key, model, rpc, input_file, scenario, label)
-    return document, thread_split(server.pid, before, thread_ticks(server.pid))
+class Generator:
+    """The load: ``peregrine bench run`` (the default) or perf_analyzer when given its binary."""
+
+    def __init__(self, perf_analyzer: Path | None, folder: Path) -> None:
+        self.perf_analyzer = perf_analyzer
+        self._folder = folder
+        self._data: dict[Path, Path] = {}
+
+    @property
+    def name(self) -> str:
+        return "perf_analyzer" if self.perf_analyzer is not None else "peregrine bench run"
+
+    def drive(self, server: ServerProcess, key: str, model: str, rpc: str, input_file: Path,
+              scenario: Scenario, label: str) -> dict[str, Any] | None:
+        if self.perf_analyzer is None:
+            return drive(server, key, model, rpc, input_file, scenario, label)
+        if input_file not in self._data:
+            self._data[input_file] = perf_analyzer.input_json(
+                input_file, self._folder / f"{input_file.stem}.json")
+        print(f"  {label}: {model} {rpc} (perf_analyzer) ...", file=sys.stderr, flush=True)
+        steps = []
+        for concurrency in scenario.concurrency:
+            try:
+                steps.append(perf_analyzer.step(
+                    self.perf_analyzer, server.url, model, rpc, concurrency,
+                    self._data[input_file], server.pid, scenario.generator_cpus,
+                    measurement_ms=int(scenario.duration_s * 1000)))
+            except RuntimeError as exc:
+                print(f"    failed: {exc}", file=sys.stderr)
+                return None
+        return {"steps": steps, "server": {"pid": server.pid}}
+
+    def drive_with_threads(self, server: ServerProcess, key: str, model: str, rpc: str,
+                           input_file: Path, scenario: Scenario,
+                           label: str) -> tuple[dict[str, Any] | None, dict[str, float]]:
+        before = thread_ticks(server.pid)
+        document = self.drive(server, key, model, rpc, input_file, scenario, label)
+        return document, thread_split(server.pid, before, thread_ticks(server.pid))
+
+
+def perf_analyzer_binary(choice: str) -> Path | None:
+    """The perf_analyzer to drive the load with, or None for ``peregrine bench run``."""
+    if choice == "peregrine":
+        return None
+    found = perf_analyzer.find()
+    if found is None and choice == "perf_analyzer":
+        raise SystemExit("perf_analyzer is not installed: python -m bench.perf_analyzer install")
+    return found
 
 
 def per_sample_us(ceiling: dict[str, Any], batch: float) -> float:
@@ -188,10 +231,12 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     runs: dict[str, dict[str, Any]] = {}
     threads: dict[str, dict[str, dict[str, float]]] = {}
     with temp_folder("bench-overhead-") as folder:
+        generator = Generator(perf_analyzer_binary(args.generator), Path(folder))
         inputs = write_input_files(examples, models, Path(folder))
         repository = comparison_repository(examples, Path(folder) / "repo", models, True)
         servers: list[tuple[str, str, ServerProcess]] = [
-            ("floor", "no-op grpc.aio servicer", NoopServer(cpus=scenario.server_cpus)),
+            ("floor", "no-op grpc.aio servicer",
+             NoopServer(cpus=scenario.server_cpus, repository=repository)),
             ("peregrine", "peregrine", PeregrineProcess(repository, cpus=scenario.server_cpus,
                                                         name="overhead-peregrine")),
         ]
@@ -199,13 +244,13 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
             with process as server:
                 for model in models:
                     for rpc in RPCS:
-                        document, split = drive_with_threads(
+                        document, split = generator.drive_with_threads(
                             server, f"overhead-{key}", model, rpc, inputs[model], scenario,
                             label)
                         if document is not None:
                             runs[f"{key}/{model}/{rpc}"] = document
                             threads[f"{key}/{model}/{rpc}"] = split
-        ablation = run_ablation(repository, models, inputs, scenario)
+        ablation = run_ablation(generator, repository, models, inputs, scenario)
         print("in-process request path ...", file=sys.stderr, flush=True)
         in_process = measure_in_process(
             repository, inputs, [int(c) for c in scenario.server_cpus.split(",")])
@@ -230,6 +275,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "environment": environment(server_pid),
         "load_average_1m": load_average,
         "scenario": scenario.as_dict(),
+        "generator": generator.name,
         "in_process": ceiling,
         "cases": cases,
         "threads": threads,
@@ -247,8 +293,8 @@ STAGE_ADDS = {
 }
 
 
-def run_ablation(repository: Path, models: Sequence[str], inputs: dict[str, Path],
-                 scenario: Scenario) -> dict[str, dict[str, Any]]:
+def run_ablation(generator: Generator, repository: Path, models: Sequence[str],
+                 inputs: dict[str, Path], scenario: Scenario) -> dict[str, dict[str, Any]]:
     """Unary at 64 in flight against the server cut after each stage: per model, per
     stage, infer/s and microseconds per request (wall and server CPU)."""
     at64 = Scenario(models=scenario.models, rpcs=("unary",), concurrency=(64,),
@@ -261,8 +307,8 @@ def run_ablation(repository: Path, models: Sequence[str], inputs: dict[str, Path
         with PeregrineProcess(repository, cpus=scenario.server_cpus,
                               name=f"ablation-{stage}", launcher=launcher) as server:
             for model in models:
-                document = drive(server, f"ablation-{stage}", model, "unary", inputs[model],
-                                 at64, f"ablation: {stage}")
+                document = generator.drive(server, f"ablation-{stage}", model, "unary",
+                                           inputs[model], at64, f"ablation: {stage}")
                 step = step_at(document, 64)
                 if step is None:
                     continue
@@ -273,13 +319,24 @@ def run_ablation(repository: Path, models: Sequence[str], inputs: dict[str, Path
     return results
 
 
+def load_description(report: dict[str, Any]) -> str:
+    scenario = report["scenario"]
+    if report.get("generator") == "perf_analyzer":
+        return (f"perf_analyzer (C++, tritonclient 2.40.0), {scenario['duration_s']} s "
+                "measurement windows until three agree within 10%; streams: one stream per "
+                "request in flight; server CPU per request from its process CPU over the "
+                "whole step at the reported rate")
+    return (f"`peregrine bench run` (one process), {scenario['duration_s']} s per step after "
+            f"{scenario['warmup_s']} s warm-up, median of {scenario['repeats']} repeats; "
+            "streams: all requests in flight on one stream")
+
+
 def markdown(report: dict[str, Any]) -> str:
     scenario = report["scenario"]
     lines = [
         *section_header(SECTION, report),
-        f"Closed loop, {scenario['duration_s']} s per step after {scenario['warmup_s']} s "
-        f"warm-up, median of {scenario['repeats']} repeats; servers on CPU "
-        f"{scenario['server_cpus']}, generator (`peregrine bench run`, one process) on CPU "
+        f"Closed loop; {load_description(report)}; servers on CPU "
+        f"{scenario['server_cpus']}, generator on CPU "
         f"{scenario['generator_cpus']}; 1-minute load average at start "
         f"{report['load_average_1m']:.2f}. Overhead = 1/ours - 1/floor - in-process time per "
         "sample at Peregrine's mean batch; 'CPU overhead' is the same from server CPU per "
@@ -371,6 +428,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=3.0)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--generator", choices=["auto", "perf_analyzer", "peregrine"],
+                        default="auto",
+                        help="load generator: perf_analyzer (python -m bench.perf_analyzer "
+                             "install), peregrine bench run, or auto: perf_analyzer when "
+                             "installed (default)")
     parser.add_argument("--no-results-md", action="store_true",
                         help="do not update bench/RESULTS.md")
     args = parser.parse_args(argv)

@@ -111,10 +111,14 @@ class ServerProcess:
 
 
 class NoopServer(ServerProcess):
-    def __init__(self, cpus: str | None = None, port: int | None = None) -> None:
+    """bench/noop_server.py; with ``repository`` it describes those models (perf_analyzer)."""
+
+    def __init__(self, cpus: str | None = None, port: int | None = None,
+                 repository: Path | None = None) -> None:
         port = port or free_port()
-        super().__init__("noop", [sys.executable, "-m", "bench.noop_server", "--port", str(port)],
-                         port, cpus, cwd=REPO_ROOT)
+        describe = [] if repository is None else ["--model-repository", str(repository)]
+        super().__init__("noop", [sys.executable, "-m", "bench.noop_server", "--port", str(port),
+                                  *describe], port, cpus, cwd=REPO_ROOT)
 
 
 class PeregrineProcess(ServerProcess):
