@@ -250,7 +250,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
                         if document is not None:
                             runs[f"{key}/{model}/{rpc}"] = document
                             threads[f"{key}/{model}/{rpc}"] = split
-        ablation = run_ablation(generator, repository, models, inputs, scenario)
+        ablation = run_ablation(repository, models, inputs, scenario)
         print("in-process request path ...", file=sys.stderr, flush=True)
         in_process = measure_in_process(
             repository, inputs, [int(c) for c in scenario.server_cpus.split(",")])
@@ -293,8 +293,8 @@ STAGE_ADDS = {
 }
 
 
-def run_ablation(generator: Generator, repository: Path, models: Sequence[str],
-                 inputs: dict[str, Path], scenario: Scenario) -> dict[str, dict[str, Any]]:
+def run_ablation(repository: Path, models: Sequence[str], inputs: dict[str, Path],
+                 scenario: Scenario) -> dict[str, dict[str, Any]]:
     """Unary at 64 in flight against the server cut after each stage: per model, per
     stage, infer/s and microseconds per request (wall and server CPU)."""
     at64 = Scenario(models=scenario.models, rpcs=("unary",), concurrency=(64,),
@@ -307,8 +307,10 @@ def run_ablation(generator: Generator, repository: Path, models: Sequence[str],
         with PeregrineProcess(repository, cpus=scenario.server_cpus,
                               name=f"ablation-{stage}", launcher=launcher) as server:
             for model in models:
-                document = generator.drive(server, f"ablation-{stage}", model, "unary",
-                                           inputs[model], at64, f"ablation: {stage}")
+                # Our own generator here: perf_analyzer insists on ModelStatistics for the
+                # model, which the cut-short stages (no batcher) do not keep.
+                document = drive(server, f"ablation-{stage}", model, "unary", inputs[model],
+                                 at64, f"ablation: {stage}")
                 step = step_at(document, 64)
                 if step is None:
                     continue
@@ -370,7 +372,8 @@ def markdown(report: dict[str, Any]) -> str:
                           for name, used in sorted(split.items(), key=lambda kv: -kv[1]))
         server, model, rpc = key.split("/")
         lines.append(f"| {server} | {model} | {rpc} | {parts} |")
-    lines += ["", "Where a unary request's time goes at 64 in flight: the same load against "
+    lines += ["", "Where a unary request's time goes at 64 in flight: the same load "
+              "(`peregrine bench run`, median of the repeats) against "
               "Peregrine cut short after each stage (`bench/ablation_server.py`); each stage "
               "adds its row's work to the one above. 'In-process' runs the same stage's "
               "handler back to back in one process without gRPC (64 coroutines, "
