@@ -7,11 +7,12 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import timeit
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from bench.environment import cpu_model, git_revision
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "results"
@@ -58,33 +59,12 @@ def paired(fns: dict[str, Callable[[], object]], repeat: int,
     return out
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_revision() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                             capture_output=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=ROOT, text=True, capture_output=True, check=True).stdout
-        return rev + ("+dirty" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def machine() -> dict[str, Any]:
     import numpy as np
 
     return {
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "git_revision": git_revision(),
+        "git_revision": git_revision(short=True),
         "python": platform.python_version(),
         "numpy": np.__version__,
         "machine": platform.machine(),

@@ -11,40 +11,27 @@ Prints a table of the median time per call and writes the same numbers as JSON
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import os
-import platform
-import statistics
 import sys
-import timeit
-from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.micro._report import machine, timings, write_json  # noqa: E402
+
 DEFAULT_OUTPUT = ROOT / "bench" / "results" / "micro_bytes_codec.json"
 COUNTS = (1, 64, 4096)
 SIZES = (16, 1024)
 
 
 def load_codecs() -> tuple[ModuleType, ModuleType]:
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
     from server import _native
     from server.codec import bytes_reference
 
     return _native, bytes_reference
-
-
-def median_seconds(fn: Callable[[], object], repeat: int, min_time: float) -> float:
-    """Median over ``repeat`` runs of the time per call; each run lasts >= ``min_time`` s."""
-    timer = timeit.Timer(fn)
-    number = 1
-    while timer.timeit(number) < min_time:
-        number *= 2
-    return statistics.median(t / number for t in timer.repeat(repeat=repeat, number=number))
 
 
 def run(repeat: int, min_time: float) -> list[dict[str, Any]]:
@@ -68,8 +55,8 @@ def run(repeat: int, min_time: float) -> list[dict[str, Any]]:
                     lambda raw=raw, count=count: reference.decode_bytes(raw, count),
                 ),
             ):
-                native_s = median_seconds(native_fn, repeat, min_time)
-                reference_s = median_seconds(reference_fn, repeat, min_time)
+                native_s = timings(native_fn, repeat, min_time)["median_s"]
+                reference_s = timings(reference_fn, repeat, min_time)["median_s"]
                 rows.append(
                     {
                         "op": op,
@@ -83,16 +70,6 @@ def run(repeat: int, min_time: float) -> list[dict[str, Any]]:
                     }
                 )
     return rows
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
@@ -120,23 +97,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(args.repeat, args.min_time)
     print_table(rows)
 
-    import numpy as np
-
     report = {
         "benchmark": "micro_bytes_codec",
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "machine": platform.machine(),
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
+        **machine(),
         "repeat": args.repeat,
         "min_time_s": args.min_time,
         "statistic": "median seconds per call, reported in microseconds",
         "results": rows,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.output, report)
     print(f"\nwrote {args.output}")
     return 0
 
