@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +28,7 @@ from server._pb._pool import POOL
 from server.backends.onnxruntime import OnnxRuntimeFactory
 from server.backends.tensorrt import TensorRtFactory
 from server.config import ServerSettings
+from server.control import ControlPlane
 from server.dataplane import DataPlane
 from server.frontend.admin import AdminServicer
 from server.frontend.inference import InferenceServicer, ServerState
@@ -35,7 +36,11 @@ from server.interfaces import (
     Backend,
     BackendFactory,
     DriftSink,
+    ModelMetrics,
     ModelSource,
+    Packer,
+    Scheduler,
+    SchedulerFactory,
     WatchableSource,
 )
 from server.metrics import MetricsRegistry
@@ -43,11 +48,12 @@ from server.metrics.drift import DriftCounts, DriftMetrics
 from server.metrics.routing import RoutingMetrics
 from server.packing import select_packer
 from server.repository import config as config_io
-from server.repository.manager import ControlMode, ModelRepository
+from server.repository.manager import ControlMode, ModelManager
 from server.repository.source import FilesystemSource
 from server.routing.router import Router
 from server.routing.shadow import ShadowMirror
 from server.routing.store import RouteStore
+from server.scheduler.batcher import DynamicBatcher
 from server.shm import SharedMemoryRegistry
 from server.spec import ModelSpec
 
@@ -64,6 +70,16 @@ def backend_factories() -> dict[str, BackendFactory]:
     """Every backend by its config name. TensorRT registers even on CPU machines: it imports
     tensorrt and cuda-python only when one of its models loads, and fails that load clearly."""
     return {"onnxruntime": OnnxRuntimeFactory(), "tensorrt": TensorRtFactory()}
+
+
+def batcher_factory(packer: Packer) -> SchedulerFactory:
+    """Every loaded version gets a dynamic batcher over the chosen packing."""
+
+    def make(spec: ModelSpec, version: str, instances: Sequence[Backend],
+             metrics: ModelMetrics) -> Scheduler:
+        return DynamicBatcher(spec, version, instances, packer, metrics)
+
+    return make
 
 
 def model_source(settings: ServerSettings) -> ModelSource:
@@ -85,10 +101,10 @@ class PeregrineServer:
         self.metrics = MetricsRegistry()
         #: Compiled packing unless PEREGRINE_NATIVE=0 (read now, at start: not at import).
         self.packer = select_packer()
-        self.repository = ModelRepository(
+        self.repository = ModelManager(
             model_source(settings),
             backend_factories(),
-            self.packer,
+            batcher_factory(self.packer),
             self.metrics,
             load_threads=settings.model_load_thread_count,
             state_file=settings.resolved_state_file,
@@ -96,10 +112,11 @@ class PeregrineServer:
         )
         self.mode = ControlMode(settings.model_control_mode)
         routing_metrics = RoutingMetrics(self.metrics.registry)
+        self.mirror = ShadowMirror(routing_metrics)
         self.router = Router(
-            self.repository.spec_of,
+            lambda name, version: self.repository.catalog.spec_of(name, version),
             routing_metrics,
-            ShadowMirror(self.repository, routing_metrics),
+            self.mirror,
             # Beside the model's local files; not source.fetch, which for MLflow means a
             # registry round trip (and raises for a model that failed to fetch).
             RouteStore(lambda model: settings.models_root / model),
@@ -118,8 +135,14 @@ class PeregrineServer:
     async def start(self) -> None:
         settings = self.settings
         await self.repository.start(self.mode, settings.load_model)
-        self.router.load_persisted(self.repository.names())
+        self.router.load_persisted(self.repository.catalog.names())
         drift = await self._start_drift()
+        self.dataplane = dataplane = DataPlane(self.repository.catalog, self.router, drift)
+        self.repository.subscribe(dataplane.use_catalog)
+        self.mirror.connect(dataplane.submit)
+        self.control = control = ControlPlane(
+            self.repository, self.router, self.mode,
+            self.drift.reports if self.drift is not None else None)
         limit = settings.grpc_max_message_bytes
         server = grpc.aio.server(
             options=[
@@ -129,15 +152,12 @@ class PeregrineServer:
             ]
         )
         servicer = InferenceServicer(
-            self.repository, DataPlane(self.repository, self.router, drift), self.state, self.mode,
+            control, dataplane, self.state,
             header_pattern=settings.grpc_header_forward_pattern,
             shared_memory=self.shared_memory,
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
-        admin_grpc.add_PeregrineAdminServicer_to_server(
-            AdminServicer(self.router, self.drift.reports if self.drift is not None else None),
-            server,
-        )
+        admin_grpc.add_PeregrineAdminServicer_to_server(AdminServicer(control), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if settings.reflection:
             reflection.enable_server_reflection(
@@ -168,7 +188,7 @@ class PeregrineServer:
         status = health_pb2.HealthCheckResponse.SERVING
         await self.health.set("", status)
         await self.health.set(INFERENCE_SERVICE, status)
-        ready = [e for e in self.repository.index() if e.state == "READY"]
+        ready = self.repository.catalog.index(ready_only=True)
         log.info("server started", extra={
             "grpc": f"{settings.host}:{self.grpc_port}",
             "metrics": f"{settings.host}:{self.metrics_port}" if settings.allow_metrics else "off",
@@ -202,7 +222,7 @@ class PeregrineServer:
     async def _poll_once(self) -> None:
         try:
             await self.repository.poll_once()
-            self.router.load_persisted(self.repository.names())
+            self.router.load_persisted(self.repository.catalog.names())
         except Exception as exc:  # the poller must survive a bad scan
             log.error("repository poll failed", extra={"error": repr(exc)}, exc_info=exc)
 
@@ -232,7 +252,7 @@ class PeregrineServer:
     async def _start_drift(self) -> DriftSink | None:
         """Drift monitoring runs when a model loaded at start asks for it (drift_sample_rate >
         0 in its config); versions loaded later are picked up on their first request."""
-        served = self.repository.served_versions()
+        served = self.repository.catalog.served_versions()
         if not any(_wants_drift(s.spec) for s in served):
             return None
         try:

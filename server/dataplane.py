@@ -14,7 +14,14 @@ from server.types import InferRequest, InferResponse, RouteDecision
 _now = time.perf_counter_ns
 
 
+def _reason(exc: BaseException) -> str:
+    return exc.reason if isinstance(exc, PeregrineError) else "OTHER"
+
+
 class DataPlane:
+    """Per request, on the event loop thread. Reads the catalog snapshot the repository
+    manager last published (``use_catalog``) and never writes repository state."""
+
     def __init__(
         self, catalog: ModelCatalog, router: Router | None = None, drift: DriftSink | None = None
     ) -> None:
@@ -23,8 +30,9 @@ class DataPlane:
         #: None unless some model monitors drift: then the request path pays one attribute check.
         self._drift = drift
 
-    async def infer(self, request: InferRequest) -> InferResponse:
-        return await self.submit(request)
+    def use_catalog(self, catalog: ModelCatalog) -> None:
+        """Serve from ``catalog`` from now on (the manager publishes one on every change)."""
+        self._catalog = catalog
 
     def submit(self, request: InferRequest) -> asyncio.Future[InferResponse]:
         """Route, validate and queue ``request``; errors found before queueing raise here.
@@ -49,8 +57,7 @@ class DataPlane:
             validate_request(request, model.spec)
             future = model.scheduler.submit(request)
         except Exception as exc:
-            model.metrics.stats.record_failure(
-                exc.reason if isinstance(exc, PeregrineError) else "OTHER", _now() - start)
+            model.metrics.request_failed(_reason(exc), _now() - start)
             self._finish_route(decision, request, None, start)
             raise
         future.add_done_callback(functools.partial(self._finished, model, request, decision, start))
@@ -68,17 +75,15 @@ class DataPlane:
         elapsed = _now() - start
         metrics = model.metrics
         if future.cancelled():
-            metrics.stats.record_failure("CANCELED", elapsed)
+            metrics.request_failed("CANCELED", elapsed)
             return  # the caller went away: no verdict on the variant
         exc = future.exception()
         if exc is not None:
-            metrics.stats.record_failure(
-                exc.reason if isinstance(exc, PeregrineError) else "OTHER", elapsed)
+            metrics.request_failed(_reason(exc), elapsed)
             self._finish_route(decision, request, None, start)
             return
         response = future.result()
-        metrics.stats.success.add(elapsed)
-        metrics.request_seconds.observe(elapsed / 1e9)
+        metrics.request_succeeded(elapsed)
         if decision is not None:
             response.parameters["routing_variant"] = decision.variant
             self._finish_route(decision, request, response, start)

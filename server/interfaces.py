@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import NamedTuple, Protocol, runtime_checkable
 
-from server.metrics import VersionMetrics
 from server.spec import ModelSpec
-from server.types import Array, InferRequest, InferResponse, OutputTensor, RouteDecision
+from server.types import (
+    Array,
+    Execution,
+    InferRequest,
+    InferResponse,
+    OutputTensor,
+    RouteDecision,
+)
 
 
 class Backend(Protocol):
@@ -60,6 +66,11 @@ class Scheduler(Protocol):
 
     def submit(self, request: InferRequest) -> asyncio.Future[InferResponse]: ...
 
+    @property
+    def healthy(self) -> bool:
+        """False once the scheduler failed or closed: its model then reports not ready."""
+        ...
+
     def inflight(self) -> int:
         """Requests queued or executing."""
         ...
@@ -69,6 +80,33 @@ class Scheduler(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+class ModelMetrics(Protocol):
+    """The figures one model version keeps (statistics, histograms).
+
+    Called on the event loop thread only; never blocks. The data plane reports each request's
+    outcome, the scheduler each batch once.
+    """
+
+    def request_succeeded(self, ns: int) -> None: ...
+
+    def request_failed(self, reason: str, ns: int) -> None:
+        """``reason`` as Triton's failure metric labels it (PeregrineError.reason)."""
+        ...
+
+    def count_pending(self, count: Callable[[], int]) -> None:
+        """Where to read the number of queued requests when the figures are read."""
+        ...
+
+    def batch_done(self, queue_ns: Sequence[int], executions: Sequence[Execution]) -> None:
+        """One batch finished: how long each of its requests queued, and its backend calls."""
+        ...
+
+
+#: Makes the scheduler of one loaded model version (injected by the composition root, so the
+#: repository never builds batchers itself). Called on the event loop thread.
+SchedulerFactory = Callable[[ModelSpec, str, Sequence["Backend"], ModelMetrics], Scheduler]
 
 
 class ModelPacker(Protocol):
@@ -109,7 +147,8 @@ class Packer(Protocol):
 
 
 class ModelCatalog(Protocol):
-    """The read side of the repository that the dataplane uses; the manager is the write side."""
+    """An immutable snapshot of the loaded models, as the dataplane reads it. The repository
+    manager (the write side) publishes a new one on every change."""
 
     def get(self, name: str, version: str) -> LoadedModel:
         """The ready version, the policy's latest for an empty ``version``.
@@ -177,7 +216,7 @@ class LoadedModel(Protocol):
     def scheduler(self) -> Scheduler: ...
 
     @property
-    def metrics(self) -> VersionMetrics: ...
+    def metrics(self) -> ModelMetrics: ...
 
 
 class DriftSample(NamedTuple):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -161,3 +161,14 @@ class RouteDecision:
     model: str
     version: str
     mirror: bool = False
+
+
+class Execution(NamedTuple):
+    """One backend call of a batch: its rows and requests, and the nanoseconds spent packing
+    the inputs, running the model and unpacking the outputs."""
+
+    rows: int
+    requests: int
+    input_ns: int
+    infer_ns: int
+    output_ns: int

@@ -154,3 +154,36 @@ def test_only_the_app_imports_concrete_backends() -> None:
         if within(target, "server.backends")
     ]
     assert not found, "\n".join(found)
+
+
+def test_the_frontend_reaches_models_only_through_the_planes() -> None:
+    """Servicers translate; the control plane and the data plane own everything else."""
+    found = violations("server.frontend", ("server.repository", "server.scheduler",
+                                           "server.backends", "server.drift.analyser"))
+    assert not found, "\n".join(found)
+
+
+def test_routing_speaks_no_wire_format() -> None:
+    found = violations("server.routing", ("server._pb", "server.frontend", "server.codec"))
+    assert not found, "\n".join(found)
+
+
+def test_the_repository_does_not_build_schedulers() -> None:
+    """The composition root injects the scheduler factory."""
+    found = violations("server.repository", ("server.scheduler", "server.frontend",
+                                             "server.dataplane", "server.routing"))
+    assert not found, "\n".join(found)
+
+
+def test_interfaces_and_the_data_plane_depend_on_no_implementation() -> None:
+    allowed = ("server.interfaces", "server.spec", "server.types", "server.errors",
+               "server.codec.validate")
+    modules = server_modules()
+    found = [
+        f"{module} imports {target}"
+        for module in ("server.interfaces", "server.dataplane")
+        for target in sorted(modules[module])
+        if within(target, "server") and target != "server"
+        and not any(within(target, a) for a in allowed)
+    ]
+    assert not found, "\n".join(found)

@@ -30,6 +30,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from server.atomic_file import write_atomically
 from server.backends.onnxruntime import OnnxRuntimeFactory
 from server.errors import BackendError, InvalidInput, ModelLoadError
 from server.gpu import cuda
@@ -44,7 +45,6 @@ from server.gpu.engine_cache import (
     key_material,
     resolve_cache_dir,
     timing_cache_path,
-    write_atomic,
 )
 from server.gpu.options import (
     TrtOptions,
@@ -307,9 +307,9 @@ def engine_from_onnx(
 
 
 def _store(entry: CacheEntry, data: bytes, material: dict[str, Any], seconds: float) -> None:
-    write_atomic(entry.plan, data)
+    write_atomically(entry.plan, data)
     meta = dict(material, key=entry.key, build_seconds=round(seconds, 3), bytes=len(data))
-    write_atomic(entry.metadata, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+    write_atomically(entry.metadata, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
 
 
 def build_engine(trt: Any, onnx_path: Path, settings: BuildSettings, timing_path: Path,
@@ -372,7 +372,7 @@ def build_engine(trt: Any, onnx_path: Path, settings: BuildSettings, timing_path
         )
     if timing is not None:
         try:
-            write_atomic(timing_path, memoryview(config.get_timing_cache().serialize()))
+            write_atomically(timing_path, memoryview(config.get_timing_cache().serialize()))
         except OSError as exc:
             log.warning("tensorrt timing cache not saved",
                         extra={"path": str(timing_path), "error": str(exc)})

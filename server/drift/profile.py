@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from server.atomic_file import write_atomically
 from server.drift.features import Kind, Role, TensorLayout
 from server.types import Array
 
@@ -259,16 +258,8 @@ def _floats(values: Sequence[float]) -> Array:
 
 
 def save(profile: ReferenceProfile, path: Path) -> None:
-    """Write atomically (temporary file, then rename), so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".profile.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            json.dump(to_json(profile), out)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Atomically, so a reader never sees half a file."""
+    write_atomically(path, json.dumps(to_json(profile)), durable=False)
 
 
 def load(path: Path) -> ReferenceProfile:

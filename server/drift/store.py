@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from server.atomic_file import replace_atomically
 from server.drift.features import Kind
 from server.drift.profile import ReferenceProfile
 from server.drift.window import Block
@@ -82,17 +81,8 @@ class SampleStore:
         document = {**meta, "sequence": sequence, "rows": block.rows}
         columns = to_columns(block, profile)
         path = self.directory / f"window-{sequence:08d}.{self.format}"
-        fd, tmp = tempfile.mkstemp(prefix=".window.", dir=self.directory)
-        os.close(fd)
-        try:
-            if self.format == "parquet":
-                _write_parquet(Path(tmp), columns, document)
-            else:
-                _write_npz(Path(tmp), columns, document)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write = _write_parquet if self.format == "parquet" else _write_npz
+        replace_atomically(path, lambda tmp: write(tmp, columns, document), durable=False)
         self._rotate()
         return path if path.exists() else None
 

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import grpc
 
 from server._pb import admin_pb2 as admin
 from server._pb import admin_pb2_grpc as admin_grpc
-from server.errors import NotAllowed
+from server.control import ControlPlane
 from server.frontend.status import mapped
-from server.routing.router import Router
+from server.routing.router import RouteStatus
+from server.routing.table import Canary, RouteTable, Shadow, Variant
 
 if TYPE_CHECKING:
-    from server.drift.detect import FeatureResult, WindowReport
+    from server.drift.detect import FeatureResult
 
 #: Metadata key naming the operator in audit lines (else the peer address is used).
 USER_HEADER = "x-peregrine-user"
@@ -36,26 +36,86 @@ def _feature(result: FeatureResult) -> admin.FeatureDrift:
     )
 
 
+def _variant_of(message: admin.Variant) -> Variant:
+    return Variant(name=message.name, model=message.model, version=message.version,
+                   weight=message.weight)
+
+
+def table_of(message: admin.RouteTable) -> RouteTable:
+    """The admin API's RouteTable as the router takes it."""
+    shadow = canary = None
+    if message.HasField("shadow"):
+        shadow = Shadow(target=_variant_of(message.shadow.target),
+                        fraction=message.shadow.fraction, max_pending=message.shadow.max_pending)
+    if message.HasField("canary"):
+        plan = message.canary
+        canary = Canary(
+            baseline=plan.baseline, candidate=plan.candidate, steps=tuple(plan.steps),
+            step_interval_secs=plan.step_interval_secs,
+            max_error_rate_increase=plan.max_error_rate_increase,
+            max_p99_ratio=plan.max_p99_ratio, min_requests=plan.min_requests,
+        )
+    return RouteTable(model=message.model,
+                      variants=tuple(_variant_of(v) for v in message.variants),
+                      shadow=shadow, canary=canary, sticky_parameter=message.sticky_parameter)
+
+
+def _variant_message(variant: Variant) -> admin.Variant:
+    return admin.Variant(name=variant.name, model=variant.model, version=variant.version,
+                         weight=variant.weight)
+
+
+def table_message(table: RouteTable) -> admin.RouteTable:
+    message = admin.RouteTable(
+        model=table.model, variants=[_variant_message(v) for v in table.variants],
+        sticky_parameter=table.sticky_parameter,
+    )
+    if table.shadow is not None:
+        message.shadow.CopyFrom(admin.Shadow(
+            target=_variant_message(table.shadow.target), fraction=table.shadow.fraction,
+            max_pending=table.shadow.max_pending))
+    if table.canary is not None:
+        plan = table.canary
+        message.canary.CopyFrom(admin.Canary(
+            baseline=plan.baseline, candidate=plan.candidate, steps=plan.steps,
+            step_interval_secs=plan.step_interval_secs,
+            max_error_rate_increase=plan.max_error_rate_increase,
+            max_p99_ratio=plan.max_p99_ratio, min_requests=plan.min_requests))
+    return message
+
+
+def status_message(status: RouteStatus) -> admin.RouteStatus:
+    message = admin.RouteStatus(
+        table=table_message(status.table),
+        variants=[admin.VariantStatus(
+            name=v.name, model=v.model, version=v.version, weight=v.weight,
+            requests=v.requests, errors=v.errors, p99_ms=v.p99_ms,
+        ) for v in status.variants],
+        canary_state=status.canary_state, canary_step=status.canary_step,
+        canary_reason=status.canary_reason,
+    )
+    figures = status.shadow
+    if figures is not None:
+        message.shadow.CopyFrom(admin.ShadowStatus(
+            mirrored=figures.mirrored, dropped=figures.dropped, failed=figures.failed,
+            compared=figures.compared, agreement=figures.agreement,
+            max_abs_diff=figures.max_abs_diff, mean_abs_diff=figures.mean_abs_diff,
+            max_rel_diff=figures.max_rel_diff,
+        ))
+    return message
+
+
 class AdminServicer(admin_grpc.PeregrineAdminServicer):  # type: ignore[misc]
-    def __init__(
-        self, router: Router, drift_reports: Callable[[], list[WindowReport]] | None = None
-    ) -> None:
-        self._router = router
-        self._drift_reports = drift_reports
+    """Translates the admin API to and from the control plane's plain types."""
+
+    def __init__(self, control: ControlPlane) -> None:
+        self._control = control
 
     @mapped
     async def GetDrift(
         self, request: admin.DriftRequest, context: grpc.aio.ServicerContext
     ) -> admin.DriftResponse:
-        if self._drift_reports is None:
-            raise NotAllowed("drift monitoring is not running: no model loaded at start sets "
-                             "drift_sample_rate")
-        reports = [
-            r for r in self._drift_reports()
-            if (not request.model or r.model == request.model)
-            and (not request.version or r.version == request.version)
-        ]
-        reports.sort(key=lambda r: (r.model, int(r.version), r.window))
+        reports = self._control.drift_reports(request.model, request.version)
         return admin.DriftResponse(reports=[
             admin.DriftReport(
                 model=r.model, version=r.version, window=r.window, sequence=r.sequence,
@@ -69,36 +129,36 @@ class AdminServicer(admin_grpc.PeregrineAdminServicer):  # type: ignore[misc]
     async def SetRoute(
         self, request: admin.SetRouteRequest, context: grpc.aio.ServicerContext
     ) -> admin.RouteStatus:
-        return self._router.set_table(request.table, _who(context))
+        return status_message(self._control.set_route(table_of(request.table), _who(context)))
 
     @mapped
     async def ClearRoute(
         self, request: admin.RouteRequest, context: grpc.aio.ServicerContext
     ) -> admin.RouteStatus:
-        return self._router.clear(request.model, _who(context))
+        return status_message(self._control.clear_route(request.model, _who(context)))
 
     @mapped
     async def GetRoute(
         self, request: admin.RouteRequest, context: grpc.aio.ServicerContext
     ) -> admin.RouteStatus:
-        return self._router.status(request.model)
+        return status_message(self._control.route(request.model))
 
     @mapped
     async def ListRoutes(
         self, request: admin.ListRoutesRequest, context: grpc.aio.ServicerContext
     ) -> admin.ListRoutesResponse:
         return admin.ListRoutesResponse(
-            routes=[self._router.status(model) for model in self._router.routes()]
+            routes=[status_message(status) for status in self._control.routes()]
         )
 
     @mapped
     async def Promote(
         self, request: admin.RouteRequest, context: grpc.aio.ServicerContext
     ) -> admin.RouteStatus:
-        return self._router.promote(request.model, _who(context))
+        return status_message(self._control.promote(request.model, _who(context)))
 
     @mapped
     async def Rollback(
         self, request: admin.RouteRequest, context: grpc.aio.ServicerContext
     ) -> admin.RouteStatus:
-        return self._router.rollback(request.model, _who(context))
+        return status_message(self._control.rollback(request.model, _who(context)))

@@ -18,19 +18,12 @@ from server._pb import grpc_service_pb2_grpc as pb_grpc
 from server.codec.decode import decode_request
 from server.codec.encode import encode_response
 from server.codec.shared_memory import SharedMemoryScope
+from server.control import ControlPlane, TensorInfo
 from server.dataplane import DataPlane
-from server.errors import (
-    InvalidInput,
-    LoadFailed,
-    ModelLoadError,
-    ModelNotFound,
-    ModelNotReady,
-    NotAllowed,
-)
+from server.errors import ModelNotReady
 from server.frontend.shared_memory import SystemSharedMemoryRpcs
-from server.frontend.statistics import model_statistics
+from server.frontend.statistics import statistics_response
 from server.frontend.status import log_unexpected, mapped, status_of
-from server.repository.manager import ControlMode, ModelRecord, ModelRepository
 from server.shm import SharedMemoryRegistry
 from server.types import InferResponse
 
@@ -69,21 +62,22 @@ def _deadline_ns(context: grpc.aio.ServicerContext) -> int | None:
 class InferenceServicer(
     SystemSharedMemoryRpcs, pb_grpc.GRPCInferenceServiceServicer  # type: ignore[misc]
 ):
+    """Translates the protocol to and from the data plane (inference) and the control plane
+    (everything else)."""
+
     def __init__(
         self,
-        repository: ModelRepository,
+        control: ControlPlane,
         dataplane: DataPlane,
         state: ServerState,
-        mode: ControlMode = ControlMode.NONE,
         header_pattern: str = "",
         shared_memory: SharedMemoryRegistry | None = None,
     ) -> None:
         #: System shared-memory regions (SystemSharedMemoryRpcs); CUDA ones are UNIMPLEMENTED.
         self._shm = SharedMemoryRegistry() if shared_memory is None else shared_memory
-        self._repository = repository
+        self._control = control
         self._dataplane = dataplane
         self._state = state
-        self._mode = mode
         self._header_pattern = re.compile(header_pattern) if header_pattern else None
 
     def _forwarded(self, context: grpc.aio.ServicerContext) -> dict[str, str]:
@@ -109,14 +103,15 @@ class InferenceServicer(
     ) -> pb.ServerReadyResponse:
         state = self._state
         return pb.ServerReadyResponse(
-            ready=state.accepting and (not state.strict_readiness or self._repository.all_ready())
+            ready=state.accepting
+            and (not state.strict_readiness or self._control.all_models_ready())
         )
 
     @mapped
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelReadyResponse:
-        ready = self._state.accepting and self._repository.is_ready(request.name, request.version)
+        ready = self._state.accepting and self._control.model_ready(request.name, request.version)
         return pb.ModelReadyResponse(ready=ready)
 
     @mapped
@@ -131,50 +126,27 @@ class InferenceServicer(
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
-        record = self._repository.record(request.name)
-        _check_version(record, request.version)
-        spec = record.spec
-        if spec is None:
-            raise ModelNotFound(f"model '{request.name}' failed to load: {record.reason}")
-        batch = [-1] if spec.batches else []
-        tensor = pb.ModelMetadataResponse.TensorMetadata
+        metadata = self._control.metadata(request.name, request.version)
         return pb.ModelMetadataResponse(
-            name=spec.name,
-            versions=sorted(record.versions, key=int),
-            platform=spec.platform,
-            inputs=[tensor(name=t.name, datatype=t.datatype.wire, shape=[*batch, *t.dims])
-                    for t in spec.client_inputs],
-            outputs=[tensor(name=t.name, datatype=t.datatype.wire, shape=[*batch, *t.dims])
-                     for t in spec.outputs],
-            properties=_card(record, request.version),
+            name=metadata.name,
+            versions=metadata.versions,
+            platform=metadata.platform,
+            inputs=[_tensor_metadata(t) for t in metadata.inputs],
+            outputs=[_tensor_metadata(t) for t in metadata.outputs],
+            properties=metadata.properties,
         )
 
     @mapped
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelConfigResponse:
-        record = self._repository.record(request.name)
-        _check_version(record, request.version)
-        if record.config is None:
-            raise ModelNotFound(f"model '{request.name}' failed to load: {record.reason}")
-        card = _card(record, request.version)
-        # Which backend, provider and device serve this version (Backend.description).
-        runtime = _runtime(record, request.version)
-        if runtime:
-            card[RUNTIME_PARAMETER] = runtime
-        if not card:
-            return pb.ModelConfigResponse(config=record.config)
-        config = type(record.config)()
-        config.CopyFrom(record.config)
-        for key, value in card.items():
-            config.parameters[key].string_value = value
-        return pb.ModelConfigResponse(config=config)
+        return pb.ModelConfigResponse(config=self._control.config(request.name, request.version))
 
     @mapped
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelStatisticsResponse:
-        return model_statistics(self._repository, request.name, request.version)
+        return statistics_response(self._control.statistics(request.name, request.version))
 
     @mapped
     async def RepositoryIndex(
@@ -184,41 +156,20 @@ class InferenceServicer(
         return pb.RepositoryIndexResponse(
             models=[
                 index(name=e.name, version=e.version, state=e.state, reason=e.reason)
-                for e in self._repository.index(ready_only=request.ready)
+                for e in await self._control.index(ready_only=request.ready)
             ]
         )
 
     # -- model control (explicit mode) ---------------------------------------------------------
 
-    def _check_explicit(self, rpc: str) -> None:
-        if self._mode is not ControlMode.EXPLICIT:
-            raise NotAllowed(
-                f"{rpc} needs --model-control-mode explicit; this server runs in "
-                f"'{self._mode.value}' mode"
-            )
-
     @mapped
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelLoadResponse:
-        self._check_explicit("RepositoryModelLoad")
-        override: str | None = None
-        for key, value in request.parameters.items():
-            if key == "config":
-                override = value.string_param
-            else:
-                raise InvalidInput(
-                    f"load parameter '{key}' is not supported (only 'config', a ModelConfig "
-                    "as JSON)"
-                )
-        try:
-            await self._repository.load_model(request.model_name, config_override=override)
-        except ModelLoadError as exc:
-            raise LoadFailed(str(exc)) from None
-        finally:
-            self._repository.remember_explicit(
-                request.model_name, self._repository.is_ready(request.model_name, "")
-            )
+        await self._control.load(
+            request.model_name,
+            {key: value.string_param for key, value in request.parameters.items()},
+        )
         return pb.RepositoryModelLoadResponse()
 
     @mapped
@@ -227,9 +178,7 @@ class InferenceServicer(
     ) -> pb.RepositoryModelUnloadResponse:
         """Unload every version; ``unload_dependents`` is accepted (we serve no ensembles, so a
         model has no dependents)."""
-        self._check_explicit("RepositoryModelUnload")
-        await self._repository.unload_model(request.model_name)
-        self._repository.remember_explicit(request.model_name, False)
+        await self._control.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
     # -- inference -----------------------------------------------------------------------------
@@ -346,26 +295,6 @@ def _stream_error(message: pb.ModelInferRequest, exc: Exception) -> pb.ModelStre
     )
 
 
-def _check_version(record: ModelRecord, version: str) -> None:
-    if version and version not in record.versions:
-        raise ModelNotFound(f"unknown version '{version}' of model '{record.name}'")
-
-
-#: The ModelConfig parameter that says which runtime (backend, provider, device) serves it.
-RUNTIME_PARAMETER = "runtime"
-
-
-def _runtime(record: ModelRecord, version: str) -> str:
-    """The runtime description of the requested version, or of the one an empty request gets."""
-    chosen = version or (record.ready_order[0] if record.ready_order else "")
-    entry = record.versions.get(chosen)
-    return "" if entry is None or entry.served is None else entry.served.description
-
-
-def _card(record: ModelRecord, version: str) -> dict[str, str]:
-    """The model card of the requested version, or of the version an empty request gets."""
-    chosen = version or (record.ready_order[0] if record.ready_order else "")
-    entry = record.versions.get(chosen)
-    if entry is None or entry.served is None:
-        return {}
-    return dict(entry.served.card)
+def _tensor_metadata(tensor: TensorInfo) -> pb.ModelMetadataResponse.TensorMetadata:
+    return pb.ModelMetadataResponse.TensorMetadata(
+        name=tensor.name, datatype=tensor.datatype.wire, shape=tensor.shape)

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from server._pb import grpc_service_pb2 as pb
-from server.errors import ModelNotFound
+from server.control import VersionStatistics
 from server.metrics.stats import Duration, VersionStats
-from server.repository.manager import ModelRepository, ServedVersion
 
 
 def _duration(value: Duration) -> pb.StatisticDuration:
@@ -39,21 +38,7 @@ def version_statistics(name: str, version: str, stats: VersionStats) -> pb.Model
     )
 
 
-def model_statistics(
-    repository: ModelRepository, name: str, version: str
-) -> pb.ModelStatisticsResponse:
-    """Statistics of every served version, of one model's, or of one version."""
-    served: list[ServedVersion] = repository.served_versions()
-    if name:
-        record = repository.record(name)
-        if version and version not in record.versions:
-            raise ModelNotFound(f"unknown version '{version}' of model '{name}'")
-        served = [
-            s for s in served if s.spec.name == name and (not version or s.version == version)
-        ]
+def statistics_response(versions: list[VersionStatistics]) -> pb.ModelStatisticsResponse:
     return pb.ModelStatisticsResponse(
-        model_stats=[
-            version_statistics(s.spec.name, s.version, s.metrics.stats)
-            for s in sorted(served, key=lambda s: (s.spec.name, int(s.version)))
-        ]
+        model_stats=[version_statistics(v.name, v.version, v.stats) for v in versions]
     )

@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,22 +148,6 @@ def cache_entry(cache_dir: Path, model: str, key: str) -> CacheEntry:
 
 def timing_cache_path(cache_dir: Path, gpu: GpuIdentity, trt_version: str) -> Path:
     return cache_dir / "timing" / f"{gpu.slug}-trt{_safe(trt_version)}.cache"
-
-
-def write_atomic(path: Path, data: bytes | memoryview) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 @contextlib.contextmanager

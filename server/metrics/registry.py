@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import (
@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 
 from server.metrics.histogram import LoopHistogram, LoopHistogramCollector
 from server.metrics.stats import VersionStats
+from server.types import Execution
 
 LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -40,14 +41,40 @@ HISTOGRAMS = (
 
 @dataclass(slots=True)
 class VersionMetrics:
-    """The metric children of one model version, bound once at load for a cheap hot path."""
+    """The figures of one model version: Triton's statistics (ModelStatistics and the nv_*
+    families read the same ``stats``) and our histograms, bound once at load.
+
+    Implements the ModelMetrics interface; fed on the event loop thread only (LoopHistogram
+    takes no lock).
+    """
 
     stats: VersionStats
-    #: Fed on the event loop thread only (LoopHistogram takes no lock).
     request_seconds: LoopHistogram
     queue_seconds: LoopHistogram
     compute_seconds: LoopHistogram
     batch_size: LoopHistogram
+
+    def request_succeeded(self, ns: int) -> None:
+        self.stats.success.add(ns)
+        self.request_seconds.observe(ns / 1e9)
+
+    def request_failed(self, reason: str, ns: int) -> None:
+        self.stats.record_failure(reason, ns)
+
+    def count_pending(self, count: Callable[[], int]) -> None:
+        self.stats.pending_count = count
+
+    def batch_done(self, queue_ns: Sequence[int], executions: Sequence[Execution]) -> None:
+        queue = self.stats.queue
+        queue_seconds = self.queue_seconds
+        for waited in queue_ns:
+            queue.add(waited)
+            queue_seconds.observe(waited / 1e9)
+        for run in executions:
+            self.stats.record_batch(run.rows, run.requests, run.input_ns, run.infer_ns,
+                                    run.output_ns)
+            self.batch_size.observe(run.rows)
+            self.compute_seconds.observe((run.input_ns + run.infer_ns + run.output_ns) / 1e9)
 
 
 class MetricsRegistry:

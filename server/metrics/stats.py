@@ -7,7 +7,12 @@ nv_* Prometheus families read it. One source for both, so they always agree.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+
+def _nothing_pending() -> int:
+    return 0
 
 
 @dataclass(slots=True)
@@ -39,9 +44,15 @@ class VersionStats:
     execution_count: int = 0
     #: Wall-clock milliseconds since the epoch of the last inference (a timestamp, not a timer).
     last_inference_ms: int = 0
-    pending: int = 0
+    #: Reads the scheduler's queue length when asked (a scrape), so nothing is written per
+    #: request to keep a gauge current.
+    pending_count: Callable[[], int] = _nothing_pending
     failures_by_reason: dict[str, int] = field(default_factory=dict)
     batches: dict[int, BatchStats] = field(default_factory=dict)
+
+    @property
+    def pending(self) -> int:
+        return self.pending_count()
 
     def record_batch(
         self, batch_rows: int, requests: int, input_ns: int, infer_ns: int, output_ns: int

@@ -1,4 +1,5 @@
-"""Loads, swaps and unloads model versions, and serves them to the dataplane (ModelCatalog).
+"""The repository manager: loads, swaps and unloads model versions, persists what it chose,
+and publishes a catalog snapshot after every change (the write side; readers hold snapshots).
 
 Every change follows one path: plan (parse config, pick versions) -> load the new versions
 beside the serving ones -> warm up -> switch the pointers -> drain the replaced versions ->
@@ -12,7 +13,7 @@ import contextlib
 import enum
 import hashlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,43 +21,31 @@ from pathlib import Path
 from google.protobuf import json_format
 
 from server._pb import model_config_pb2 as mc
-from server.errors import ModelLoadError, ModelNotFound, ModelNotReady
-from server.interfaces import Backend, BackendFactory, ModelSource, Packer
-from server.metrics import MetricsRegistry, VersionMetrics
+from server.errors import ModelLoadError, ModelNotFound
+from server.interfaces import Backend, BackendFactory, ModelSource, SchedulerFactory
+from server.metrics import MetricsRegistry
 from server.repository import config as config_io
 from server.repository.cards import read_card
-from server.repository.state import RepositoryState, StateFile
+from server.repository.catalog import (
+    EMPTY,
+    Catalog,
+    ModelState,
+    ModelView,
+    ServedVersion,
+    VersionView,
+)
+from server.repository.state_file import RepositoryState, StateFile
 from server.repository.versions import select_versions
 from server.repository.warmup import warmup_inputs
-from server.scheduler.batcher import DynamicBatcher
 from server.spec import ModelSpec
 
 log = logging.getLogger(__name__)
-
-
-class ModelState(enum.Enum):
-    LOADING = "LOADING"
-    READY = "READY"
-    UNLOADING = "UNLOADING"
-    UNAVAILABLE = "UNAVAILABLE"
 
 
 class ControlMode(enum.Enum):
     NONE = "none"
     POLL = "poll"
     EXPLICIT = "explicit"
-
-
-@dataclass(slots=True)
-class ServedVersion:
-    """A ready model version: what ModelCatalog.get returns."""
-
-    spec: ModelSpec
-    version: str
-    scheduler: DynamicBatcher
-    metrics: VersionMetrics
-    description: str
-    card: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -69,6 +58,8 @@ class VersionEntry:
 
 @dataclass(slots=True)
 class ModelRecord:
+    """The manager's own, mutable view of one model; readers get ModelView snapshots."""
+
     name: str
     state: ModelState
     reason: str = ""
@@ -81,13 +72,14 @@ class ModelRecord:
     version_fingerprints: dict[str, str] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
-
-@dataclass(frozen=True, slots=True)
-class IndexEntry:
-    name: str
-    version: str
-    state: str
-    reason: str
+    def view(self) -> ModelView:
+        return ModelView(
+            name=self.name, state=self.state, reason=self.reason, config=self.config,
+            spec=self.spec,
+            versions={v: VersionView(v, e.state, e.reason, e.served)
+                      for v, e in self.versions.items()},
+            ready_order=tuple(self.ready_order),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,18 +92,19 @@ class LoadPlan:
     cards: Mapping[str, Mapping[str, str]]
 
 
-class ModelRepository:
-    """The repository manager (write side) and the catalog (read side) in one object.
+#: Told of every new catalog snapshot (on the event loop thread).
+CatalogSubscriber = Callable[[Catalog], None]
 
-    The read side (``get``) runs on the event loop for every request and only reads dicts;
-    every write happens on the loop too, so a request sees either the old pointer or the new.
-    """
+
+class ModelManager:
+    """Owns the models' lifecycle. Every method runs on the event loop (blocking work goes to
+    its loader threads), so a published snapshot is always a consistent state."""
 
     def __init__(
         self,
         source: ModelSource,
         backends: Mapping[str, BackendFactory],
-        packer: Packer,
+        scheduler_factory: SchedulerFactory,
         metrics: MetricsRegistry,
         load_threads: int = 4,
         state_file: Path | None = None,
@@ -119,7 +112,7 @@ class ModelRepository:
     ) -> None:
         self.source = source
         self._backends = backends
-        self._packer = packer
+        self._scheduler_factory = scheduler_factory
         self._metrics = metrics
         self._models: dict[str, ModelRecord] = {}
         self._loader = ThreadPoolExecutor(max_workers=load_threads, thread_name_prefix="load")
@@ -129,96 +122,35 @@ class ModelRepository:
         self._drain_timeout = drain_timeout
         self._retiring: set[asyncio.Task[None]] = set()
         self._source_fingerprints: dict[str, str] = {}
+        self._catalog = EMPTY
+        self._subscribers: list[CatalogSubscriber] = []
 
-    # -- read side ---------------------------------------------------------------------------
+    # -- publishing ----------------------------------------------------------------------------
 
-    def get(self, name: str, version: str) -> ServedVersion:
-        record = self._models.get(name)
-        if record is None:
-            raise ModelNotFound(f"unknown model '{name}'")
-        if not version:
-            if not record.ready_order:
-                reason = f": {record.reason}" if record.reason else ""
-                raise ModelNotReady(f"model '{name}' has no ready version{reason}")
-            version = record.ready_order[0]
-        entry = record.versions.get(version)
-        if entry is None:
-            raise ModelNotFound(f"unknown version '{version}' of model '{name}'")
-        if entry.state is not ModelState.READY or entry.served is None:
-            reason = f": {entry.reason}" if entry.reason else ""
-            raise ModelNotReady(
-                f"model '{name}' version {version} is {entry.state.value}{reason}"
-            )
-        if not entry.served.scheduler.healthy:
-            raise ModelNotReady(f"model '{name}' version {version} lost its batcher")
-        return entry.served
+    @property
+    def catalog(self) -> Catalog:
+        """The latest snapshot."""
+        return self._catalog
 
-    def is_ready(self, name: str, version: str) -> bool:
+    def subscribe(self, subscriber: CatalogSubscriber) -> None:
+        """Call ``subscriber`` with the current snapshot now and with every new one."""
+        self._subscribers.append(subscriber)
+        subscriber(self._catalog)
+
+    def _publish(self) -> None:
+        self._catalog = Catalog({name: r.view() for name, r in self._models.items()})
+        for subscriber in self._subscribers:
+            subscriber(self._catalog)
+
+    def unloaded_names(self) -> list[str]:
+        """Models the source offers that the manager has never loaded. Blocking (the source
+        may be remote): call it from a worker thread."""
         try:
-            self.get(name, version)
-        except (ModelNotFound, ModelNotReady):
-            return False
-        return True
-
-    def all_ready(self) -> bool:
-        return all(record.state is ModelState.READY for record in self._models.values()
-                   if record.reason != "unloaded")
-
-    def record(self, name: str) -> ModelRecord:
-        record = self._models.get(name)
-        if record is None:
-            raise ModelNotFound(f"unknown model '{name}'")
-        return record
-
-    def spec_of(self, name: str, version: str) -> ModelSpec:
-        """The spec of a model whose version (or latest) is ready; for routing tables."""
-        record = self.record(name)
-        if version and version not in record.versions:
-            raise ModelNotFound(f"unknown version '{version}' of model '{name}'")
-        if not self.is_ready(name, version):
-            raise ModelNotFound(
-                f"model '{name}' version {version or '(latest)'} is not ready to serve"
-            )
-        if record.spec is None:
-            raise ModelNotFound(f"model '{name}' is not loaded: {record.reason}")
-        return record.spec
-
-    def names(self) -> list[str]:
-        return sorted(self._models)
-
-    def served_versions(self) -> list[ServedVersion]:
-        return [
-            entry.served
-            for record in self._models.values()
-            for entry in record.versions.values()
-            if entry.served is not None
-        ]
-
-    def index(self, ready_only: bool = False) -> list[IndexEntry]:
-        entries: list[IndexEntry] = []
-        for name in sorted(self._models):
-            record = self._models[name]
-            if not record.versions:
-                if not ready_only:
-                    entries.append(IndexEntry(name, "", record.state.value, record.reason))
-                continue
-            for version in sorted(record.versions, key=int):
-                entry = record.versions[version]
-                if ready_only and entry.state is not ModelState.READY:
-                    continue
-                entries.append(IndexEntry(name, version, entry.state.value, entry.reason))
-        if not ready_only:
-            known = set(self._models)
-            try:
-                offered = self.source.list()
-            except ModelLoadError:
-                offered = []
-            entries.extend(
-                IndexEntry(name, "", ModelState.UNAVAILABLE.value, "not loaded")
-                for name in offered if name not in known
-            )
-            entries.sort(key=lambda e: (e.name, int(e.version) if e.version else -1))
-        return entries
+            offered = self.source.list()
+        except ModelLoadError:
+            return []
+        known = set(self._catalog.models)
+        return sorted(name for name in offered if name not in known)
 
     # -- write side --------------------------------------------------------------------------
 
@@ -234,6 +166,7 @@ class ModelRepository:
         if mode is ControlMode.EXPLICIT:
             self._state.explicit_models = {n for n in wanted if n in self._models}
             self._save_state()
+        self._publish()
 
     async def _load_at_start(self, name: str) -> None:
         self._source_fingerprints[name] = await asyncio.to_thread(self.source.fingerprint, name)
@@ -241,7 +174,7 @@ class ModelRepository:
             await self.load_model(name)
             return
         except (ModelLoadError, ModelNotFound):
-            if self.is_ready(name, ""):
+            if self._catalog.is_ready(name, ""):
                 return  # some versions serve; the index shows why the others do not
         fallback = tuple(str(v) for v in self._state.last_good.get(name, []))
         if fallback:
@@ -263,15 +196,30 @@ class ModelRepository:
                         version, ModelState.UNAVAILABLE,
                         f"{reason} (serving the last good versions {list(fallback)} instead)",
                     ))
+                self._publish()
 
     async def load_model(
         self,
         name: str,
         config_override: str | None = None,
         versions: tuple[str, ...] | None = None,
+        explicit: bool = False,
     ) -> None:
         """Load or reload one model without dropping requests. Raises ModelLoadError when no
-        version of the model is ready afterwards (an older one may still be serving)."""
+        version of the model is ready afterwards (an older one may still be serving).
+
+        ``explicit``: an operator's load (explicit control mode); the state file then
+        remembers whether the model serves, so a restart loads it again.
+        """
+        try:
+            await self._load(name, config_override, versions)
+        finally:
+            if explicit:
+                self._remember_explicit(name, self._catalog.is_ready(name, ""))
+
+    async def _load(
+        self, name: str, config_override: str | None, versions: tuple[str, ...] | None
+    ) -> None:
         try:
             model_dir = await asyncio.to_thread(self.source.fetch, name)
         except ModelLoadError as exc:
@@ -284,6 +232,7 @@ class ModelRepository:
                 failed.state = ModelState.UNAVAILABLE
                 failed.reason = str(exc)
             self._load_failed(failed, "", str(exc))
+            self._publish()
             raise
         record = self._models.get(name)
         if record is None:
@@ -297,9 +246,15 @@ class ModelRepository:
         if record.reason:
             raise ModelLoadError(f"model '{name}' kept its serving versions: {record.reason}")
 
-    async def unload_model(self, name: str, forget: bool = False) -> None:
-        """Stop routing to every version of ``name``, let them finish, then unload them."""
-        record = self.record(name)
+    async def unload_model(self, name: str, forget: bool = False, explicit: bool = False) -> None:
+        """Stop routing to every version of ``name``, let them finish, then unload them.
+
+        ``forget``: the model left the repository. ``explicit``: an operator's unload, which
+        the state file remembers.
+        """
+        record = self._models.get(name)
+        if record is None:
+            raise ModelNotFound(f"unknown model '{name}'")
         async with record.lock:
             retired = [e.served for e in record.versions.values() if e.served is not None]
             for entry in record.versions.values():
@@ -307,6 +262,7 @@ class ModelRepository:
             record.ready_order = []
             record.state = ModelState.UNAVAILABLE
             record.reason = "unloaded"
+            self._publish()
             await asyncio.gather(*(self._retire(s) for s in retired))
             record.versions.clear()
             record.config_fingerprint = ""
@@ -314,9 +270,12 @@ class ModelRepository:
         if forget:
             self._models.pop(name, None)
             self._state.last_good.pop(name, None)
+        self._publish()
+        if explicit:
+            self._state.explicit_models.discard(name)
         self._save_state()
 
-    def remember_explicit(self, name: str, loaded: bool) -> None:
+    def _remember_explicit(self, name: str, loaded: bool) -> None:
         if loaded:
             self._state.explicit_models.add(name)
         else:
@@ -430,6 +389,7 @@ class ModelRepository:
             if not record.ready_order:
                 record.state = ModelState.UNAVAILABLE
             record.reason = str(exc)
+            self._publish()
             return []
 
         config_changed = plan.config_fingerprint != record.config_fingerprint
@@ -442,6 +402,7 @@ class ModelRepository:
         ]
         for version in to_load:
             record.versions.setdefault(version, VersionEntry(version, ModelState.LOADING))
+        self._publish()
         results = await asyncio.gather(
             *(self._build_version(record.name, plan, v, model_dir / v) for v in to_load),
             return_exceptions=True,
@@ -497,6 +458,7 @@ class ModelRepository:
         record.reason = "; ".join(failures)
         if not record.ready_order and not failures:
             record.reason = "no version could be loaded"
+        self._publish()
         return retired
 
     async def _build_version(
@@ -510,7 +472,7 @@ class ModelRepository:
             self._loader, self._instantiate, plan.spec, version_dir
         )
         metrics = self._metrics.version(name, version)
-        scheduler = DynamicBatcher(plan.spec, version, instances, self._packer, metrics)
+        scheduler = self._scheduler_factory(plan.spec, version, instances, metrics)
         return ServedVersion(
             spec=plan.spec, version=version, scheduler=scheduler, metrics=metrics,
             description=instances[0].description, card=card,
@@ -562,7 +524,7 @@ class ModelRepository:
     async def _retire(self, served: ServedVersion) -> None:
         """Drain a replaced version (it takes no new requests) and unload it."""
         name, version = served.spec.name, served.version
-        if not self.is_ready(name, version):
+        if not self._catalog.is_ready(name, version):
             self._metrics.set_ready(name, version, False)
         finished = await served.scheduler.drain(self._drain_timeout)
         await served.scheduler.close()
@@ -572,7 +534,7 @@ class ModelRepository:
 
     async def close(self, grace: float) -> None:
         """Drain every version (up to ``grace`` seconds), then unload it."""
-        served = self.served_versions()
+        served = self._catalog.served_versions()
         await asyncio.gather(*(s.scheduler.drain(grace) for s in served))
         await asyncio.gather(*(s.scheduler.close() for s in served))
         await asyncio.gather(*self._retiring, return_exceptions=True)
@@ -582,6 +544,7 @@ class ModelRepository:
                 entry.state = ModelState.UNAVAILABLE
                 entry.reason = "server shutting down"
             record.ready_order = []
+        self._publish()
         self._loader.shutdown(wait=False)
         await asyncio.to_thread(self._state_writer.shutdown, True)
 

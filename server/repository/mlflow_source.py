@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 from google.protobuf import text_format
 
 from server._pb import model_config_pb2 as mc
+from server.atomic_file import write_atomically
 from server.errors import ModelLoadError, ModelNotFound
 from server.repository import config as config_io
 from server.repository.cards import CARD_FILE
@@ -404,10 +405,7 @@ def _write_if_changed(path: Path, text: str) -> None:
             return
     except (OSError, UnicodeDecodeError):
         pass
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    write_atomically(path, text, durable=False)
 
 
 def _write_card(version_dir: Path, card: dict[str, Any]) -> None:

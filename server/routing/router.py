@@ -3,26 +3,51 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
 import random
 import time
 from dataclasses import dataclass, field
 
-from google.protobuf import json_format
-
-from server._pb import admin_pb2 as admin
 from server.errors import InvalidInput, NotAllowed
 from server.metrics.routing import RoutingMetrics
 from server.routing.canary import judge
-from server.routing.shadow import ShadowMirror
+from server.routing.shadow import Agreement, ShadowMirror
 from server.routing.splitter import pick_sticky, pick_weighted
 from server.routing.stats import VariantStats
-from server.routing.store import RouteStore
-from server.routing.table import Route, SpecLookup, build_route
+from server.routing.store import RouteStore, table_to_json
+from server.routing.table import Route, RouteTable, SpecLookup, build_route
 from server.types import InferRequest, InferResponse, RouteDecision
 
 log = logging.getLogger(__name__)
 CANARY_TICK_SECS = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class VariantStatus:
+    name: str
+    model: str
+    version: str
+    weight: float
+    requests: int
+    errors: int
+    #: Over the variant's latest (up to 4,096) requests.
+    p99_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class RouteStatus:
+    """A model's table in force and its live figures."""
+
+    table: RouteTable
+    variants: tuple[VariantStatus, ...] = ()
+    #: A copy of the shadow's figures; None without a shadow.
+    shadow: Agreement | None = None
+    #: "none", "running", "promoted", "rolled_back" or "failed".
+    canary_state: str = "none"
+    canary_step: int = 0
+    canary_reason: str = ""
 
 
 @dataclass(slots=True)
@@ -117,7 +142,7 @@ class Router:
             except InvalidInput as exc:
                 log.error("routing file rejected", extra={"model": model, "reason": exc.message})
 
-    def set_table(self, table: admin.RouteTable, who: str) -> admin.RouteStatus:
+    def set_table(self, table: RouteTable, who: str) -> RouteStatus:
         route = build_route(table, self._lookup)
         self._apply(route, who, persist=True)
         # A new table starts its variants' live figures afresh (Prometheus keeps the totals).
@@ -125,47 +150,42 @@ class Router:
             self._stats.pop((route.model, name), None)
         return self.status(route.model)
 
-    def clear(self, model: str, who: str) -> admin.RouteStatus:
+    def clear(self, model: str, who: str) -> RouteStatus:
         self._require(model)
         self._apply_clear(model, who, persist=True)
-        return admin.RouteStatus(table=admin.RouteTable(model=model), canary_state="none")
+        return RouteStatus(table=RouteTable(model=model))
 
-    def promote(self, model: str, who: str) -> admin.RouteStatus:
+    def promote(self, model: str, who: str) -> RouteStatus:
         run = self._running_canary(model)
         self._advance(model, run, f"promoted by {who}")
         return self.status(model)
 
-    def rollback(self, model: str, who: str) -> admin.RouteStatus:
+    def rollback(self, model: str, who: str) -> RouteStatus:
         run = self._running_canary(model)
         self._roll_back(model, run, f"rolled back by {who}")
         return self.status(model)
 
-    def status(self, model: str) -> admin.RouteStatus:
+    def status(self, model: str) -> RouteStatus:
         route = self._require(model)
         variants = []
         for target in route.variants:
             stats = self._variant_stats(model, target.name)
             window = stats.since((0, 0, max(0, stats.mark()[2] - 4096)))
-            variants.append(admin.VariantStatus(
+            variants.append(VariantStatus(
                 name=target.name, model=target.model, version=target.version,
                 weight=target.weight, requests=stats.requests, errors=stats.errors,
                 p99_ms=window.p99_ms,
             ))
-        status = admin.RouteStatus(table=route.table, variants=variants, canary_state="none")
         figures = self._mirror.figures(model)
-        if figures is not None:
-            status.shadow.CopyFrom(admin.ShadowStatus(
-                mirrored=figures.mirrored, dropped=figures.dropped, failed=figures.failed,
-                compared=figures.compared, agreement=figures.agreement,
-                max_abs_diff=figures.max_abs_diff, mean_abs_diff=figures.mean_abs_diff,
-                max_rel_diff=figures.max_rel_diff,
-            ))
+        status = RouteStatus(
+            table=route.table, variants=tuple(variants),
+            shadow=dataclasses.replace(figures) if figures is not None else None,
+        )
         run = self._canaries.get(model)
-        if run is not None:
-            status.canary_state = run.state
-            status.canary_step = run.step
-            status.canary_reason = run.reason
-        return status
+        if run is None:
+            return status
+        return dataclasses.replace(status, canary_state=run.state, canary_step=run.step,
+                                   canary_reason=run.reason)
 
     def routes(self) -> list[str]:
         return sorted(self._routes)
@@ -227,7 +247,7 @@ class Router:
             self._metrics.set_weight(route.model, target.name, target.weight)
         log.info("routing changed", extra={
             "who": who, "action": action, "model": route.model,
-            "table": json_format.MessageToJson(route.table, indent=None),
+            "table": json.dumps(table_to_json(route.table)),
         })
 
     def _apply_clear(self, model: str, who: str, persist: bool) -> None:

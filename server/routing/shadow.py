@@ -12,12 +12,11 @@ import dataclasses
 import logging
 import mmap
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from server.codec.validate import validate_request
-from server.interfaces import ModelCatalog
 from server.metrics.routing import RoutingMetrics, ShadowMetrics
 from server.routing.table import ShadowSpec
 from server.types import InferRequest, InferResponse
@@ -101,11 +100,20 @@ def _detached(request: InferRequest) -> InferRequest:
     )
 
 
+#: Sends one request through the data plane (validation, scheduler, statistics), as every
+#: request goes; the shadow's copies name their version, so they are not routed again.
+Send = Callable[[InferRequest], Awaitable[InferResponse]]
+
+
 class ShadowMirror:
-    def __init__(self, catalog: ModelCatalog, metrics: RoutingMetrics) -> None:
-        self._catalog = catalog
+    def __init__(self, metrics: RoutingMetrics) -> None:
         self._metrics = metrics
+        self._send: Send | None = None
         self._lanes: dict[str, _Lane] = {}
+
+    def connect(self, send: Send) -> None:
+        """Wire the data plane in (it owns the router that owns this mirror)."""
+        self._send = send
 
     def configure(self, model: str, spec: ShadowSpec | None) -> None:
         """Start, change or stop mirroring for ``model`` (on the event loop)."""
@@ -161,9 +169,9 @@ class ShadowMirror:
             lane.figures.mirrored += 1
             lane.metrics.mirrored.inc()
             try:
-                served = self._catalog.get(copy.model_name, copy.model_version)
-                validate_request(copy, served.spec)
-                response = await served.scheduler.submit(copy)
+                if self._send is None:
+                    raise RuntimeError("the shadow mirror is not connected to a data plane")
+                response = await self._send(copy)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

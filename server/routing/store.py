@@ -1,16 +1,21 @@
-"""Routing tables on disk: ``routing.json`` beside a model's config.pbtxt, written atomically."""
+"""Routing tables on disk: ``routing.json`` beside a model's config.pbtxt, written atomically.
+
+The file keeps the admin API's JSON form of a RouteTable (field names as in admin.proto, the
+protobuf JSON mapping's camelCase spellings accepted too), so files written by earlier
+releases and by hand both read.
+"""
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
-from google.protobuf import json_format
-
-from server._pb import admin_pb2 as admin
+from server.atomic_file import write_atomically
 from server.errors import InvalidInput
+from server.routing.table import Canary, RouteTable, Shadow, Variant
 
 ROUTING_FILE = "routing.json"
 
@@ -24,7 +29,7 @@ class RouteStore:
     def path(self, model: str) -> Path:
         return self._locate(model) / ROUTING_FILE
 
-    def read(self, model: str) -> admin.RouteTable | None:
+    def read(self, model: str) -> RouteTable | None:
         path = self.path(model)
         try:
             stat = path.stat()
@@ -33,15 +38,14 @@ class RouteStore:
             self._seen.pop(model, None)
             return None
         self._seen[model] = stat.st_mtime_ns
-        table = admin.RouteTable()
         try:
-            json_format.Parse(text, table)
-        except json_format.ParseError as exc:
+            table = table_from_json(json.loads(text))
+        except (ValueError, InvalidInput) as exc:
             raise InvalidInput(f"{path}: {exc}") from None
         if table.model and table.model != model:
             raise InvalidInput(f"{path}: names model '{table.model}', not '{model}'")
-        table.model = model
-        return table
+        return RouteTable(model, table.variants, table.shadow, table.canary,
+                          table.sticky_parameter)
 
     def changed(self, model: str) -> bool:
         """True when the file appeared, vanished or was rewritten since the last read/write."""
@@ -51,17 +55,123 @@ class RouteStore:
             return model in self._seen
         return self._seen.get(model) != mtime
 
-    def write(self, table: admin.RouteTable) -> None:
+    def write(self, table: RouteTable) -> None:
         path = self.path(table.model)
-        text = json_format.MessageToJson(table, indent=2, preserving_proto_field_name=True)
-        fd, tmp = tempfile.mkstemp(prefix=".routing-", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        write_atomically(path, json.dumps(table_to_json(table), indent=2) + "\n")
         self._seen[table.model] = path.stat().st_mtime_ns
 
     def remove(self, model: str) -> None:
         self.path(model).unlink(missing_ok=True)
         self._seen.pop(model, None)
+
+
+def table_to_json(table: RouteTable) -> dict[str, Any]:
+    """The JSON document of ``table``; empty and zero fields left out, as protobuf does."""
+    return _object(table)
+
+
+def _object(value: Any) -> dict[str, Any]:
+    document: dict[str, Any] = {}
+    for field in fields(value):
+        item = getattr(value, field.name)
+        if item is None or item == "" or item == 0 or item == ():
+            continue
+        if isinstance(item, tuple):
+            document[field.name] = [_object(v) if hasattr(v, "__dataclass_fields__") else v
+                                    for v in item]
+        elif hasattr(item, "__dataclass_fields__"):
+            document[field.name] = _object(item)
+        else:
+            document[field.name] = item
+    return document
+
+
+def table_from_json(document: object) -> RouteTable:
+    """Parse a routing table document; InvalidInput names the field that is wrong."""
+    fields_ = _fields(document, "table", ("model", "variants", "shadow", "canary",
+                                          "sticky_parameter"))
+    variants = fields_.get("variants", [])
+    if not isinstance(variants, list):
+        raise InvalidInput("'variants' must be a list")
+    shadow = None
+    if "shadow" in fields_:
+        raw = _fields(fields_["shadow"], "shadow", ("target", "fraction", "max_pending"))
+        shadow = Shadow(
+            target=_variant(raw.get("target", {}), "shadow target"),
+            fraction=_number(raw, "fraction", "shadow"),
+            max_pending=_count(raw, "max_pending", "shadow"),
+        )
+    canary = None
+    if "canary" in fields_:
+        raw = _fields(fields_["canary"], "canary", (
+            "baseline", "candidate", "steps", "step_interval_secs",
+            "max_error_rate_increase", "max_p99_ratio", "min_requests"))
+        steps = raw.get("steps", [])
+        if not isinstance(steps, list):
+            raise InvalidInput("canary 'steps' must be a list of numbers")
+        canary = Canary(
+            baseline=_text(raw, "baseline", "canary"),
+            candidate=_text(raw, "candidate", "canary"),
+            steps=tuple(_number({"step": s}, "step", "canary steps") for s in steps),
+            step_interval_secs=_number(raw, "step_interval_secs", "canary"),
+            max_error_rate_increase=_number(raw, "max_error_rate_increase", "canary"),
+            max_p99_ratio=_number(raw, "max_p99_ratio", "canary"),
+            min_requests=_count(raw, "min_requests", "canary"),
+        )
+    return RouteTable(
+        model=_text(fields_, "model", "table"),
+        variants=tuple(_variant(v, f"variant {i}") for i, v in enumerate(variants)),
+        shadow=shadow,
+        canary=canary,
+        sticky_parameter=_text(fields_, "sticky_parameter", "table"),
+    )
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.capitalize() for part in rest)
+
+
+def _fields(document: object, where: str, names: tuple[str, ...]) -> Mapping[str, object]:
+    """The object's fields by their snake_case names; unknown fields are an error."""
+    if not isinstance(document, dict):
+        raise InvalidInput(f"{where} must be a JSON object")
+    spellings = {spelling: name for name in names for spelling in (name, _camel(name))}
+    found: dict[str, object] = {}
+    for key, value in document.items():
+        name = spellings.get(key)
+        if name is None:
+            raise InvalidInput(f"{where} has an unknown field '{key}'; known: {list(names)}")
+        found[name] = value
+    return found
+
+
+def _variant(document: object, where: str) -> Variant:
+    raw = _fields(document, where, ("name", "model", "version", "weight"))
+    return Variant(name=_text(raw, "name", where), model=_text(raw, "model", where),
+                   version=_text(raw, "version", where), weight=_number(raw, "weight", where))
+
+
+def _text(raw: Mapping[str, object], name: str, where: str) -> str:
+    value = raw.get(name, "")
+    if not isinstance(value, str):
+        raise InvalidInput(f"{where} '{name}' must be a string")
+    return value
+
+
+def _number(raw: Mapping[str, object], name: str, where: str) -> float:
+    value = raw.get(name, 0.0)
+    if isinstance(value, str) and value in ("NaN", "Infinity", "-Infinity"):
+        return float(value)  # how protobuf's JSON spells the non-finite doubles
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidInput(f"{where} '{name}' must be a number")
+    return float(value)
+
+
+def _count(raw: Mapping[str, object], name: str, where: str) -> int:
+    value = raw.get(name, 0)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidInput(f"{where} '{name}' must be a whole number >= 0")
+    return value

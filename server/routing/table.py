@@ -1,4 +1,5 @@
-"""Routing tables: validated from the admin proto into frozen routes the router can use."""
+"""Routing tables: what an operator asks for (plain data, as the admin API and the routing file
+carry it), validated into frozen routes the router can use."""
 
 from __future__ import annotations
 
@@ -7,12 +8,56 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from server._pb import admin_pb2 as admin
 from server.errors import InvalidInput, ModelNotFound
 from server.spec import ModelSpec
 
 DEFAULT_STICKY_PARAMETER = "routing_key"
 DEFAULT_SHADOW_PENDING = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    """One destination: a version of the model (empty: its latest ready one), or another
+    model (empty: the routed model itself) with the same inputs and outputs."""
+
+    name: str
+    model: str = ""
+    version: str = ""
+    weight: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Shadow:
+    target: Variant
+    #: Share of primary traffic mirrored, 0..1 (0 means 1: everything).
+    fraction: float = 0.0
+    #: Copies waiting at most (0 means DEFAULT_SHADOW_PENDING).
+    max_pending: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Canary:
+    """A rollout plan; zeros mean the defaults that ``build_route`` fills in."""
+
+    baseline: str
+    candidate: str
+    steps: tuple[float, ...] = ()
+    step_interval_secs: float = 0.0
+    max_error_rate_increase: float = 0.0
+    max_p99_ratio: float = 0.0
+    min_requests: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RouteTable:
+    """A model's routing table as an operator sets it."""
+
+    model: str
+    variants: tuple[Variant, ...] = ()
+    shadow: Shadow | None = None
+    canary: Canary | None = None
+    #: Request parameter holding the sticky key (empty: DEFAULT_STICKY_PARAMETER).
+    sticky_parameter: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +94,7 @@ class Route:
     sticky_parameter: str
     shadow: ShadowSpec | None
     canary: CanarySpec | None
-    table: admin.RouteTable
+    table: RouteTable
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -61,11 +106,10 @@ class Route:
 
     def with_weights(self, weights: dict[str, float]) -> Route:
         """The same route with some variants' weights changed (canary steps, rollback)."""
-        table = admin.RouteTable()
-        table.CopyFrom(self.table)
-        for variant in table.variants:
-            if variant.name in weights:
-                variant.weight = weights[variant.name]
+        table = dataclasses.replace(self.table, variants=tuple(
+            dataclasses.replace(v, weight=weights.get(v.name, v.weight))
+            for v in self.table.variants
+        ))
         variants = tuple(
             Target(v.name, v.model, v.version, weights.get(v.name, v.weight))
             for v in self.variants
@@ -81,10 +125,8 @@ class Route:
         """Final weights of a canary that ended: the table persists without its plan, so a
         restart does not start the rollout again."""
         done = self.with_weights(weights)
-        table = admin.RouteTable()
-        table.CopyFrom(done.table)
-        table.ClearField("canary")
-        return dataclasses.replace(done, canary=None, table=table)
+        return dataclasses.replace(done, canary=None,
+                                   table=dataclasses.replace(done.table, canary=None))
 
 
 def _cumulative(variants: tuple[Target, ...]) -> tuple[float, ...]:
@@ -108,7 +150,7 @@ def _signature(spec: ModelSpec) -> tuple[object, ...]:
     )
 
 
-def _target(table_model: str, variant: admin.Variant, where: str, lookup: SpecLookup,
+def _target(table_model: str, variant: Variant, where: str, lookup: SpecLookup,
             signature: tuple[object, ...]) -> Target:
     model = variant.model or table_model
     try:
@@ -124,7 +166,7 @@ def _target(table_model: str, variant: admin.Variant, where: str, lookup: SpecLo
     return Target(variant.name, model, variant.version, float(variant.weight))
 
 
-def build_route(table: admin.RouteTable, lookup: SpecLookup) -> Route:
+def build_route(table: RouteTable, lookup: SpecLookup) -> Route:
     """Validate ``table`` against the repository; InvalidInput names what is wrong."""
     if not table.model:
         raise InvalidInput("routing table names no model")
@@ -147,13 +189,14 @@ def build_route(table: admin.RouteTable, lookup: SpecLookup) -> Route:
     if canary is None and sum(v.weight for v in variants) <= 0:
         raise InvalidInput(f"routing table of '{table.model}': weights add up to 0")
     shadow = None
-    if table.HasField("shadow"):
-        target = table.shadow.target
+    if table.shadow is not None:
         fraction = table.shadow.fraction or 1.0
         if not 0 < fraction <= 1:
             raise InvalidInput(f"shadow fraction must be within (0, 1], got {fraction}")
+        if table.shadow.max_pending < 0:
+            raise InvalidInput(f"shadow max_pending must be >= 0, got {table.shadow.max_pending}")
         shadow = ShadowSpec(
-            target=_target(table.model, target, "shadow", lookup, signature),
+            target=_target(table.model, table.shadow.target, "shadow", lookup, signature),
             fraction=fraction,
             max_pending=table.shadow.max_pending or DEFAULT_SHADOW_PENDING,
         )
@@ -166,10 +209,10 @@ def build_route(table: admin.RouteTable, lookup: SpecLookup) -> Route:
     return route
 
 
-def _canary(table: admin.RouteTable, variants: list[Target]) -> CanarySpec | None:
-    if not table.HasField("canary"):
-        return None
+def _canary(table: RouteTable, variants: list[Target]) -> CanarySpec | None:
     spec = table.canary
+    if spec is None:
+        return None
     names = {v.name for v in variants}
     for role, name in (("baseline", spec.baseline), ("candidate", spec.candidate)):
         if name not in names:
@@ -191,5 +234,5 @@ def _canary(table: admin.RouteTable, variants: list[Target]) -> CanarySpec | Non
     return CanarySpec(
         baseline=spec.baseline, candidate=spec.candidate, steps=steps,
         step_interval_secs=interval, max_error_rate_increase=increase, max_p99_ratio=ratio,
-        min_requests=spec.min_requests or 20,
+        min_requests=max(0, spec.min_requests) or 20,
     )

@@ -9,7 +9,6 @@ import math
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 from server.errors import (
@@ -19,12 +18,12 @@ from server.errors import (
     ModelNotReady,
     PeregrineError,
 )
-from server.interfaces import Backend, Packer
-from server.metrics import VersionMetrics
+from server.interfaces import Backend, ModelMetrics, Packer
 from server.scheduler import policy
+from server.scheduler.executor import BatchExecutor, BatchRun
 from server.scheduler.queue import PendingRequest, RequestQueue
 from server.spec import ModelSpec
-from server.types import InferRequest, InferResponse, OutputTensor
+from server.types import InferRequest, InferResponse
 
 log = logging.getLogger(__name__)
 #: config.pbtxt parameter: batches predicted to take less than this many microseconds run on
@@ -34,19 +33,9 @@ INLINE_DEFAULT_US = 100
 _now = time.perf_counter_ns
 
 
-@dataclass(slots=True)
-class BatchRun:
-    """What running one batch produced: an outcome per request (outputs or the error that
-    request alone raised), or one error for the whole batch, and the backend calls made."""
-
-    outcomes: list[dict[str, OutputTensor] | Exception] = field(default_factory=list)
-    error: Exception | None = None
-    #: (rows, requests, (input_ns, infer_ns, output_ns)) of every backend call that succeeded.
-    executions: list[tuple[int, int, tuple[int, int, int]]] = field(default_factory=list)
-
-
 class DynamicBatcher:
-    """Queues requests for one model version and runs batches on its backend instances.
+    """Queues requests for one model version, forms batches and hands each to an idle backend
+    instance through the version's BatchExecutor.
 
     Everything but a slow backend call runs on the event loop thread, driven by callbacks, not
     tasks: a request costs one future, a batch one loop callback. A batch predicted to be cheap
@@ -60,7 +49,7 @@ class DynamicBatcher:
         version: str,
         instances: Sequence[Backend],
         packer: Packer,
-        metrics: VersionMetrics,
+        metrics: ModelMetrics,
     ) -> None:
         if not instances:
             raise ValueError("a batcher needs at least one backend instance")
@@ -69,9 +58,8 @@ class DynamicBatcher:
         self._version = version
         self._instances = list(instances)
         self._idle = list(range(len(instances)))
-        self._packer = packer.for_model(spec, version)
+        self._executor = BatchExecutor(spec, version, packer.for_model(spec, version))
         self._metrics = metrics
-        self._stats = metrics.stats
         self._pool = ThreadPoolExecutor(
             max_workers=len(instances), thread_name_prefix=f"exec-{spec.name}-{version}"
         )
@@ -85,7 +73,6 @@ class DynamicBatcher:
         self._cost = policy.InlineCost(
             inline_max_ns=_inline_max_us(spec) * 1000 if len(instances) == 1 else 0
         )
-        self._all_outputs = tuple(t.name for t in spec.outputs)
         #: An input fed by image preprocessing: any image size batches with any other.
         self._size_free = spec.preprocess.input if spec.preprocess is not None else None
         #: Ragged inputs: any extents of their variable dims batch together (padded).
@@ -103,6 +90,7 @@ class DynamicBatcher:
         self._timer: asyncio.TimerHandle | None = None
         self._idle_event = asyncio.Event()
         self._idle_event.set()
+        metrics.count_pending(self._queue.__len__)
 
     # -- the Scheduler interface -------------------------------------------------------------
 
@@ -125,11 +113,19 @@ class DynamicBatcher:
         )
         self._queue.push(entry)
         self._arrivals += 1
-        self._stats.pending = len(self._queue)
         self._idle_event.clear()
         future.add_done_callback(functools.partial(self._withdraw_if_cancelled, entry))
         self._schedule()
         return future
+
+    @property
+    def executor(self) -> BatchExecutor:
+        """The version's execution seam (tools time it without the queue)."""
+        return self._executor
+
+    @property
+    def instances(self) -> Sequence[Backend]:
+        return tuple(self._instances)
 
     @property
     def healthy(self) -> bool:
@@ -155,7 +151,6 @@ class DynamicBatcher:
         self._cancel_timer()
         for entry in self._queue.drain_all():
             _fail(entry, ModelNotReady(f"model '{self._spec.name}' was unloaded"))
-        self._stats.pending = 0
         # Joining the worker threads and freeing the sessions can block: keep it off the loop.
         await asyncio.to_thread(self._release)
 
@@ -212,7 +207,6 @@ class DynamicBatcher:
         """A cancelled call leaves the queue at once."""
         if future.cancelled() and entry.queued:
             self._queue.remove(entry)
-            self._stats.pending = len(self._queue)
             self._check_idle()
 
     def _check_idle(self) -> None:
@@ -271,9 +265,7 @@ class DynamicBatcher:
                 if decision.wait_until_ns is not None:
                     self._wait(decision.wait_until_ns - now)
                 break
-            entries = self._queue.pop(decision.take)
-            self._stats.pending = len(self._queue)
-            self._start(entries, now)
+            self._start(self._queue.pop(decision.take), now)
         self._check_idle()
 
     def _wait(self, remaining_ns: int) -> None:
@@ -289,7 +281,6 @@ class DynamicBatcher:
             self._timer = self._loop.call_later(delay_s, self._dispatch)
 
     def _expire(self, entry: PendingRequest, now: int) -> None:
-        self._stats.pending = len(self._queue)
         if entry.future.done():
             return
         entry.future.set_exception(
@@ -302,23 +293,20 @@ class DynamicBatcher:
     def _start(self, entries: list[PendingRequest], start: int) -> None:
         instance = self._idle.pop()
         self._running += 1
-        queue_stats = self._stats.queue
-        queue_seconds = self._metrics.queue_seconds
-        for entry in entries:
-            waited = start - entry.enqueue_ns
-            queue_stats.add(waited)
-            queue_seconds.observe(waited / 1e9)
         rows = [e.rows for e in entries]
         requests = [e.request for e in entries]
         backend = self._instances[instance]
         if self._cost.runs_inline(sum(rows)):
-            self._finish(instance, entries, self._run(backend, requests, rows))
+            self._finish(instance, entries, start, self._executor.run(backend, requests, rows))
             return
-        future = self._loop.run_in_executor(self._pool, self._run, backend, requests, rows)
-        future.add_done_callback(functools.partial(self._finished_in_thread, instance, entries))
+        future = self._loop.run_in_executor(self._pool, self._executor.run, backend, requests,
+                                            rows)
+        future.add_done_callback(
+            functools.partial(self._finished_in_thread, instance, entries, start))
 
     def _finished_in_thread(
-        self, instance: int, entries: list[PendingRequest], future: asyncio.Future[BatchRun]
+        self, instance: int, entries: list[PendingRequest], start: int,
+        future: asyncio.Future[BatchRun],
     ) -> None:
         if future.cancelled():  # the loop is shutting down under the batch
             run = BatchRun(error=ModelNotReady(f"model '{self._spec.name}' is shutting down"))
@@ -327,100 +315,30 @@ class DynamicBatcher:
                            else BackendError(repr(error)))
         else:
             run = future.result()
-        self._finish(instance, entries, run)
+        self._finish(instance, entries, start, run)
         self._schedule()
 
-    def _finish(self, instance: int, entries: list[PendingRequest], run: BatchRun) -> None:
+    def _finish(
+        self, instance: int, entries: list[PendingRequest], start: int, run: BatchRun
+    ) -> None:
         self._running -= 1
         self._idle.append(instance)
-        for total_rows, count, (input_ns, infer_ns, output_ns) in run.executions:
-            self._cost.observe(total_rows, input_ns + infer_ns + output_ns)
-            self._stats.record_batch(total_rows, count, input_ns, infer_ns, output_ns)
-            self._metrics.batch_size.observe(total_rows)
-            self._metrics.compute_seconds.observe((input_ns + infer_ns + output_ns) / 1e9)
+        for execution in run.executions:
+            self._cost.observe(execution.rows, execution.input_ns + execution.infer_ns
+                               + execution.output_ns)
+        self._metrics.batch_done([start - e.enqueue_ns for e in entries], run.executions)
+        executor = self._executor
         if run.error is not None:
-            _fail_all(entries, self._as_error(run.error, entries))
+            _fail_all(entries, executor.typed_error(run.error, [e.request for e in entries]))
         else:
             for entry, outcome in zip(entries, run.outcomes, strict=True):
                 if entry.future.done():
                     continue
-                try:
-                    if isinstance(outcome, Exception):
-                        raise outcome
-                    response = self._response(entry.request, outcome)
-                except Exception as exc:  # this request's failure, never the batcher's
-                    entry.future.set_exception(self._as_error(exc, [entry]))
+                if isinstance(outcome, Exception):
+                    entry.future.set_exception(executor.typed_error(outcome, [entry.request]))
                 else:
-                    entry.future.set_result(response)
+                    entry.future.set_result(outcome)
         self._check_idle()
-
-    def _run(self, backend: Backend, requests: list[InferRequest], rows: list[int]) -> BatchRun:
-        """Run a batch; when the backend refuses one request's data (BYTES that are not UTF-8,
-        say), run the batch's requests one by one so that only the offending ones fail."""
-        run = BatchRun()
-        try:
-            run.outcomes.extend(self._execute(backend, requests, rows, run))
-        except InvalidInput as exc:
-            if len(requests) == 1:
-                run.error = exc
-                return run
-            for request, count in zip(requests, rows, strict=True):
-                try:
-                    run.outcomes.extend(self._execute(backend, [request], [count], run))
-                except Exception as alone:
-                    run.outcomes.append(alone)
-        except Exception as exc:
-            run.error = exc
-        return run
-
-    def _as_error(self, exc: Exception, entries: list[PendingRequest]) -> PeregrineError:
-        """Typed errors pass through; anything else the backend raised becomes BackendError."""
-        if isinstance(exc, PeregrineError):
-            return exc
-        log.error(
-            "backend failed",
-            extra={"model": self._spec.name, "version": self._version,
-                   "request_ids": ", ".join(repr(e.request.id) for e in entries),
-                   "error": repr(exc)},
-        )
-        return BackendError(f"backend failed: {exc}")
-
-    def _execute(
-        self, backend: Backend, requests: list[InferRequest], rows: list[int], run: BatchRun
-    ) -> list[dict[str, OutputTensor]]:
-        """Pack, execute, unpack (in a worker thread, or inline when the batch is cheap);
-        the call's timings go to ``run``."""
-        t0 = _now()
-        # The batch's buffers may be pooled: unpack (which copies) before the context exits.
-        with self._packer.pack(requests, rows) as batch:
-            t1 = _now()
-            outputs = backend.execute(batch)
-            t2 = _now()
-            if self._spec.batches:
-                produced = sum(rows)
-                for name, value in outputs.items():
-                    if value.ndim == 0 or value.shape[0] != produced:
-                        raise BackendError(
-                            f"output '{name}' has shape {list(value.shape)}; expected "
-                            f"{produced} rows for the batch"
-                        )
-            per_request = self._packer.unpack(outputs, requests, rows)
-        t3 = _now()
-        run.executions.append((sum(rows), len(requests), (t1 - t0, t2 - t1, t3 - t2)))
-        return per_request
-
-    def _response(self, request: InferRequest, outputs: dict[str, OutputTensor]) -> InferResponse:
-        names = request.requested_outputs or self._all_outputs
-        try:
-            tensors = [outputs[n] for n in names]
-        except KeyError as missing:
-            raise BackendError(f"the backend returned no output {missing}") from None
-        return InferResponse(
-            model_name=self._spec.name,
-            model_version=self._version,
-            id=request.id,
-            outputs=tensors,
-        )
 
     def _fail_batcher(self, exc: BaseException) -> None:
         self._failed = exc
@@ -431,7 +349,6 @@ class DynamicBatcher:
         error = ModelNotReady(f"model '{self._spec.name}' batcher failed: {exc!r}")
         for entry in self._queue.drain_all():
             _fail(entry, error)
-        self._stats.pending = 0
         self._check_idle()
 
 

@@ -85,7 +85,7 @@ def status(exc: InferenceServerException) -> str:
 def state(server: ServerThread, model: str) -> tuple[int, int, int]:
     """(requests in flight, queued, batches executed), read atomically on the server's loop."""
     assert server.server is not None
-    served = server.server.repository.get(model, "1")
+    served = server.server.repository.catalog.get(model, "1")
 
     async def read() -> tuple[int, int, int]:
         return (served.scheduler.inflight(), served.metrics.stats.pending,

@@ -487,8 +487,13 @@ def test_a_slow_shadow_never_touches_callers_and_drops_under_a_burst(
                "every copy mirrored or dropped, and compared")
     shadow = figures()
     assert shadow.dropped > 0 and shadow.compared > 0 and shadow.failed == 0
-    # The copies ran on the shadow model (they count as its inferences, not as its requests).
+    # The copies went through the data plane like any request: the shadow model's statistics
+    # count them (ModelStatistics and the nv_* families alike).
     assert metric(server, "nv_inference_count", model="sluggish") == shadow.compared
+    assert served("sluggish") - sluggish_before == shadow.compared
+    with grpcclient.InferenceServerClient(server.url) as own:
+        stats = own.get_inference_statistics("sluggish", as_json=True)["model_stats"][0]
+    assert int(stats["inference_stats"]["success"]["count"]) == shadow.compared
     # The shadow's outputs differ (another power of the permutation): measured, not returned.
     assert shadow.max_abs_diff > 0
     def shadow_metric(name: str) -> float:

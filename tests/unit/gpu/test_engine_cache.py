@@ -10,6 +10,7 @@ from types import MappingProxyType
 
 import pytest
 
+from server.atomic_file import write_atomically
 from server.gpu.engine_cache import (
     BuildSettings,
     GpuIdentity,
@@ -21,7 +22,6 @@ from server.gpu.engine_cache import (
     key_material,
     resolve_cache_dir,
     timing_cache_path,
-    write_atomic,
 )
 from server.gpu.options import ShapeRange
 
@@ -94,8 +94,8 @@ def test_cache_directories(tmp_path: Path) -> None:
 
 def test_atomic_write_and_hash(tmp_path: Path) -> None:
     target = tmp_path / "deep" / "x.plan"
-    write_atomic(target, b"engine")
-    write_atomic(target, memoryview(b"engine2"))
+    write_atomically(target, b"engine")
+    write_atomically(target, memoryview(b"engine2"))
     assert target.read_bytes() == b"engine2"
     assert [p.name for p in target.parent.iterdir()] == ["x.plan"]  # no temporary left
     assert file_sha256(target) == hashlib.sha256(b"engine2").hexdigest()

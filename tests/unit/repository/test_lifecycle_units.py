@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from server import atomic_file
 from server.errors import ModelLoadError, ModelNotFound
-from server.repository import state as state_module
 from server.repository.cards import CARD_FILE, read_card
 from server.repository.source import FilesystemSource
-from server.repository.state import RepositoryState, StateFile
+from server.repository.state_file import RepositoryState, StateFile
 from tests import model_factory
 
 # -- state file ------------------------------------------------------------------------------
@@ -60,7 +60,7 @@ def test_failed_save_keeps_the_old_file_whole_and_leaves_no_partial_file(
     before = path.read_bytes()
 
     class FailingOs:
-        """``os`` as state.py sees it, with one call failing (the real module is untouched)."""
+        """``os`` as the atomic writer sees it, one call failing (the real module untouched)."""
 
         def __getattr__(self, name: str) -> object:
             if name == failing:
@@ -71,8 +71,8 @@ def test_failed_save_keeps_the_old_file_whole_and_leaves_no_partial_file(
         def fail(*args: object) -> None:
             raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(state_module, "os", FailingOs())
-    with caplog.at_level(logging.WARNING, logger="server.repository.state"):
+    monkeypatch.setattr(atomic_file, "os", FailingOs())
+    with caplog.at_level(logging.WARNING, logger="server.repository.state_file"):
         file.save(RepositoryState(explicit_models={"new"}, last_good={"new": [9] * 1000}))
     monkeypatch.undo()
     assert path.read_bytes() == before
@@ -95,7 +95,7 @@ def test_unreadable_state_is_ignored_with_a_warning(
 ) -> None:
     path = tmp_path / "state.json"
     path.write_bytes(content)
-    with caplog.at_level(logging.WARNING, logger="server.repository.state"):
+    with caplog.at_level(logging.WARNING, logger="server.repository.state_file"):
         assert StateFile(path).load() == RepositoryState()
     assert any("ignoring unreadable state file" in r.getMessage() for r in caplog.records)
 

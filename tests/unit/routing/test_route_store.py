@@ -7,10 +7,12 @@ import os
 from pathlib import Path
 
 import pytest
+from google.protobuf import json_format
 
 from server._pb import admin_pb2 as admin
 from server.errors import InvalidInput
 from server.routing.store import ROUTING_FILE, RouteStore
+from server.routing.table import Canary, RouteTable, Shadow, Variant
 
 
 @pytest.fixture
@@ -19,15 +21,28 @@ def store(tmp_path: Path) -> RouteStore:
     return RouteStore(lambda model: tmp_path / model)
 
 
-def sample() -> admin.RouteTable:
+def sample() -> RouteTable:
+    return RouteTable(
+        model="m", sticky_parameter="user",
+        variants=(Variant(name="a", version="1", weight=90),
+                  Variant(name="b", model="twin", version="", weight=10)),
+        shadow=Shadow(target=Variant(name="s", version="2"), fraction=0.25, max_pending=7),
+        canary=Canary(baseline="a", candidate="b", steps=(5.0, 50.0, 100.0), min_requests=3),
+    )
+
+
+def sample_message() -> admin.RouteTable:
+    """The same table as the admin API's message."""
     table = admin.RouteTable(model="m", sticky_parameter="user")
     table.variants.add(name="a", version="1", weight=90)
     table.variants.add(name="b", model="twin", version="", weight=10)
     table.shadow.target.CopyFrom(admin.Variant(name="s", version="2"))
     table.shadow.fraction = 0.25
+    table.shadow.max_pending = 7
     table.canary.baseline = "a"
     table.canary.candidate = "b"
     table.canary.steps.extend([5, 50, 100])
+    table.canary.min_requests = 3
     return table
 
 
@@ -45,6 +60,34 @@ def test_round_trip(store: RouteStore, tmp_path: Path) -> None:
     assert store.read("m") == sample()
     # No temporary file is left beside it.
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [ROUTING_FILE]
+
+
+@pytest.mark.parametrize("field_names", ["proto", "json"])
+def test_files_in_protobufs_json_form_read_the_same(
+    store: RouteStore, field_names: str
+) -> None:
+    """Files written by protobuf's JSON mapping (earlier releases, or by hand in either
+    spelling) and ours are the same table, and ours parses back into the admin message."""
+    text = json_format.MessageToJson(sample_message(),
+                                     preserving_proto_field_name=field_names == "proto")
+    store.path("m").write_text(text)
+    assert store.read("m") == sample()
+    store.write(sample())
+    assert json_format.Parse(store.path("m").read_text(), admin.RouteTable()) == sample_message()
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ('{"variants": {"name": "a"}}', "'variants' must be a list"),
+    ('{"variants": [{"name": 3}]}', "variant 0 'name' must be a string"),
+    ('{"variants": [{"name": "a", "weight": "x"}]}', "variant 0 'weight' must be a number"),
+    ('{"shadow": {"target": {"name": "s"}, "max_pending": -1}}', "whole number"),
+    ('{"canary": {"baseline": "a", "steps": 5}}', "'steps' must be a list"),
+    ('[]', "table must be a JSON object"),
+])
+def test_malformed_fields_are_named(store: RouteStore, text: str, expected: str) -> None:
+    store.path("m").write_text(text)
+    with pytest.raises(InvalidInput, match=expected):
+        store.read("m")
 
 
 def test_no_file_reads_as_none(store: RouteStore) -> None:
@@ -66,8 +109,7 @@ def test_changed_detects_appearing_rewritten_and_vanishing_files(store: RouteSto
     assert not store.changed("m")
     path.write_text('{"variants": [{"name": "a", "weight": 1}]}')
     assert store.changed("m")
-    assert store.read("m") == admin.RouteTable(
-        model="m", variants=[admin.Variant(name="a", weight=1)])
+    assert store.read("m") == RouteTable(model="m", variants=(Variant(name="a", weight=1),))
 
 
 def test_remove(store: RouteStore) -> None:

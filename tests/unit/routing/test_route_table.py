@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 
-from server._pb import admin_pb2 as admin
 from server.errors import InvalidInput, ModelNotFound
-from server.routing.table import DEFAULT_SHADOW_PENDING, Route, build_route
+from server.routing.table import (
+    DEFAULT_SHADOW_PENDING,
+    Canary,
+    Route,
+    RouteTable,
+    Shadow,
+    Variant,
+    build_route,
+)
 from server.spec import ModelSpec, TensorSpec
 from server.types import DataType
 
@@ -41,18 +49,19 @@ def lookup(model: str, version: str) -> ModelSpec:
     return found
 
 
-def table(*variants: tuple[str, str, float] | admin.Variant, model: str = "m",
-          **fields: object) -> admin.RouteTable:
-    built = admin.RouteTable(model=model, **fields)  # type: ignore[arg-type]
-    for variant in variants:
-        if isinstance(variant, tuple):
-            name, version, weight = variant
-            variant = admin.Variant(name=name, version=version, weight=weight)
-        built.variants.append(variant)
-    return built
+def table(*variants: tuple[str, str, float] | Variant, model: str = "m",
+          **fields: object) -> RouteTable:
+    return RouteTable(model=model, variants=tuple(  # type: ignore[arg-type]
+        Variant(name=v[0], version=v[1], weight=v[2]) if isinstance(v, tuple) else v
+        for v in variants
+    ), **fields)
 
 
-def rejected(bad: admin.RouteTable) -> str:
+def shadowed(base: RouteTable, target: Variant, fraction: float = 0.0) -> RouteTable:
+    return dataclasses.replace(base, shadow=Shadow(target=target, fraction=fraction))
+
+
+def rejected(bad: RouteTable) -> str:
     with pytest.raises(InvalidInput) as info:
         build_route(bad, lookup)
     return info.value.message
@@ -76,7 +85,7 @@ def test_a_valid_table_becomes_a_frozen_route_with_defaults() -> None:
 
 
 def test_another_model_with_the_same_signature_and_latest_versions_are_accepted() -> None:
-    route = build_route(table(("a", "", 1.0), admin.Variant(name="t", model="twin", weight=1.0),
+    route = build_route(table(("a", "", 1.0), Variant(name="t", model="twin", weight=1.0),
                               sticky_parameter="x-routing-key"), lookup)
     assert [(t.model, t.version) for t in route.variants] == [("m", ""), ("twin", "")]
     assert route.sticky_parameter == "x-routing-key"
@@ -88,8 +97,7 @@ def test_zero_weights_are_allowed_while_some_weight_is_positive() -> None:
 
 
 def test_shadow_defaults_fraction_1_and_256_pending() -> None:
-    bare = table(*AB)
-    bare.shadow.target.CopyFrom(admin.Variant(name="s", version="3"))
+    bare = shadowed(table(*AB), Variant(name="s", version="3"))
     shadow = build_route(bare, lookup).shadow
     assert shadow is not None
     assert shadow.fraction == 1.0 and shadow.max_pending == DEFAULT_SHADOW_PENDING
@@ -97,7 +105,7 @@ def test_shadow_defaults_fraction_1_and_256_pending() -> None:
 
 
 def test_canary_defaults() -> None:
-    planned = table(*AB, canary=admin.Canary(baseline="a", candidate="b"))
+    planned = table(*AB, canary=Canary(baseline="a", candidate="b"))
     canary = build_route(planned, lookup).canary
     assert canary is not None
     assert canary.steps == (1.0, 10.0, 50.0, 100.0)
@@ -107,12 +115,12 @@ def test_canary_defaults() -> None:
 
 def test_a_canary_table_may_leave_every_weight_at_zero() -> None:
     planned = table(("a", "1", 0.0), ("b", "2", 0.0),
-                    canary=admin.Canary(baseline="a", candidate="b", steps=[5, 100]))
+                    canary=Canary(baseline="a", candidate="b", steps=(5, 100)))
     assert build_route(planned, lookup).canary is not None
 
 
 def test_with_weights_and_finished() -> None:
-    planned = table(*AB, canary=admin.Canary(baseline="a", candidate="b"))
+    planned = table(*AB, canary=Canary(baseline="a", candidate="b"))
     route = build_route(planned, lookup)
     stepped = route.with_weights({"b": 50.0, "a": 50.0})
     assert stepped.weights == (50.0, 50.0) and stepped.cumulative == (50.0, 100.0)
@@ -120,7 +128,7 @@ def test_with_weights_and_finished() -> None:
     assert stepped.canary is route.canary
     assert [v.weight for v in route.table.variants] == [90.0, 10.0]  # the original is intact
     done = route.finished({"b": 100.0, "a": 0.0})
-    assert done.canary is None and not done.table.HasField("canary")
+    assert done.canary is None and done.table.canary is None
     assert done.weights == (0.0, 100.0)
 
 
@@ -138,7 +146,7 @@ def test_unknown_version() -> None:
 
 
 def test_unknown_model_of_a_variant() -> None:
-    message = rejected(table(("a", "1", 1.0), admin.Variant(name="o", model="other", weight=1)))
+    message = rejected(table(("a", "1", 1.0), Variant(name="o", model="other", weight=1)))
     assert "variant 'o'" in message and "unknown model 'other'" in message
 
 
@@ -163,51 +171,48 @@ def test_weights_adding_up_to_zero() -> None:
 
 @pytest.mark.parametrize("other", ["wide", "ints", "unbatched"])
 def test_signature_mismatch_with_another_model(other: str) -> None:
-    message = rejected(table(("a", "1", 1.0), admin.Variant(name="x", model=other, weight=1)))
+    message = rejected(table(("a", "1", 1.0), Variant(name="x", model=other, weight=1)))
     assert f"model '{other}' does not have the inputs and outputs of 'm'" in message
 
 
 def test_shadow_signature_and_version_are_checked() -> None:
-    bad = table(*AB)
-    bad.shadow.target.CopyFrom(admin.Variant(name="s", model="wide"))
+    bad = shadowed(table(*AB), Variant(name="s", model="wide"))
     assert "shadow: model 'wide' does not have the inputs and outputs" in rejected(bad)
-    bad.shadow.target.CopyFrom(admin.Variant(name="s", version="9"))
+    bad = shadowed(table(*AB), Variant(name="s", version="9"))
     assert "shadow: unknown version '9'" in rejected(bad)
 
 
 @pytest.mark.parametrize("fraction", [-0.5, 1.5, math.nan])
 def test_shadow_fraction_out_of_range(fraction: float) -> None:
-    bad = table(*AB)
-    bad.shadow.target.CopyFrom(admin.Variant(name="s", version="3"))
-    bad.shadow.fraction = fraction
+    bad = shadowed(table(*AB), Variant(name="s", version="3"), fraction)
     assert "shadow fraction must be within (0, 1]" in rejected(bad)
 
 
 @pytest.mark.parametrize(("canary", "expected"), [
-    (admin.Canary(baseline="x", candidate="b"), "canary baseline 'x' is not a variant"),
-    (admin.Canary(baseline="a", candidate="y"), "canary candidate 'y' is not a variant"),
-    (admin.Canary(baseline="", candidate="b"), "canary baseline '' is not a variant"),
-    (admin.Canary(baseline="a", candidate="a"), "baseline and candidate must differ"),
-    (admin.Canary(baseline="a", candidate="b", steps=[10, 5]), "steps must rise"),
-    (admin.Canary(baseline="a", candidate="b", steps=[10, 10]), "steps must rise"),
-    (admin.Canary(baseline="a", candidate="b", steps=[0, 50]), "steps must rise"),
-    (admin.Canary(baseline="a", candidate="b", steps=[50, 150]), "steps must rise"),
-    (admin.Canary(baseline="a", candidate="b", steps=[-5]), "steps must rise"),
-    (admin.Canary(baseline="a", candidate="b", step_interval_secs=-1),
+    (Canary(baseline="x", candidate="b"), "canary baseline 'x' is not a variant"),
+    (Canary(baseline="a", candidate="y"), "canary candidate 'y' is not a variant"),
+    (Canary(baseline="", candidate="b"), "canary baseline '' is not a variant"),
+    (Canary(baseline="a", candidate="a"), "baseline and candidate must differ"),
+    (Canary(baseline="a", candidate="b", steps=(10, 5)), "steps must rise"),
+    (Canary(baseline="a", candidate="b", steps=(10, 10)), "steps must rise"),
+    (Canary(baseline="a", candidate="b", steps=(0, 50)), "steps must rise"),
+    (Canary(baseline="a", candidate="b", steps=(50, 150)), "steps must rise"),
+    (Canary(baseline="a", candidate="b", steps=(-5,)), "steps must rise"),
+    (Canary(baseline="a", candidate="b", step_interval_secs=-1),
      "step_interval_secs must be positive"),
-    (admin.Canary(baseline="a", candidate="b", max_p99_ratio=0.5),
+    (Canary(baseline="a", candidate="b", max_p99_ratio=0.5),
      "max_p99_ratio must be at least 1"),
-    (admin.Canary(baseline="a", candidate="b", step_interval_secs=math.nan),
+    (Canary(baseline="a", candidate="b", step_interval_secs=math.nan),
      "step_interval_secs must be positive"),
-    (admin.Canary(baseline="a", candidate="b", step_interval_secs=math.inf),
+    (Canary(baseline="a", candidate="b", step_interval_secs=math.inf),
      "step_interval_secs must be positive"),
-    (admin.Canary(baseline="a", candidate="b", max_p99_ratio=math.nan),
+    (Canary(baseline="a", candidate="b", max_p99_ratio=math.nan),
      "max_p99_ratio must be at least 1"),
-    (admin.Canary(baseline="a", candidate="b", max_error_rate_increase=math.nan),
+    (Canary(baseline="a", candidate="b", max_error_rate_increase=math.nan),
      "max_error_rate_increase must be within [0, 1]"),
-    (admin.Canary(baseline="a", candidate="b", steps=[math.nan]), "steps must rise"),
-    (admin.Canary(baseline="a", candidate="b", max_error_rate_increase=2),
+    (Canary(baseline="a", candidate="b", steps=(math.nan,)), "steps must rise"),
+    (Canary(baseline="a", candidate="b", max_error_rate_increase=2),
      "max_error_rate_increase must be within [0, 1]"),
 ])
-def test_canary_errors(canary: admin.Canary, expected: str) -> None:
+def test_canary_errors(canary: Canary, expected: str) -> None:
     assert expected in rejected(table(*AB, canary=canary))

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from server._pb import admin_pb2 as admin
 from server.metrics.routing import RoutingMetrics
 from server.routing.router import Router
 from server.routing.shadow import ShadowMirror
 from server.routing.splitter import pick_sticky
 from server.routing.store import RouteStore
+from server.routing.table import Canary, RouteTable, Variant
 from server.types import DataType, InferRequest
 from tests.unit.routing.test_route_table import lookup
 
@@ -23,7 +23,7 @@ from tests.unit.routing.test_route_table import lookup
 class FailingStore(RouteStore):
     fail = False
 
-    def write(self, table: admin.RouteTable) -> None:
+    def write(self, table: RouteTable) -> None:
         if self.fail:
             raise OSError("disk full")
         super().write(table)
@@ -39,7 +39,7 @@ async def router(tmp_path: Path, registry: CollectorRegistry) -> Any:
     for model in ("m", "twin"):
         (tmp_path / model).mkdir()
     metrics = RoutingMetrics(registry)
-    made = Router(lookup, metrics, ShadowMirror(catalog=None, metrics=metrics),  # type: ignore[arg-type]
+    made = Router(lookup, metrics, ShadowMirror(metrics),
                   FailingStore(lambda model: tmp_path / model), rng=random.Random(5))
     yield made
     await made.close()
@@ -51,11 +51,11 @@ def request(version: str = "", **parameters: Any) -> InferRequest:
                         input_types={"INPUT0": DataType.FP32}, parameters=parameters)
 
 
-def table(*weights: float, **fields: Any) -> admin.RouteTable:
+def table(*weights: float, **fields: Any) -> RouteTable:
     names = "abc"
-    return admin.RouteTable(model="m", variants=[
-        admin.Variant(name=names[i], version=str(i + 1), weight=w) for i, w in enumerate(weights)
-    ], **fields)
+    return RouteTable(model="m", variants=tuple(
+        Variant(name=names[i], version=str(i + 1), weight=w) for i, w in enumerate(weights)
+    ), **fields)
 
 
 def gauge(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
@@ -84,7 +84,7 @@ async def test_sticky_parameter_and_weighted_random(router: Router) -> None:
 
 
 async def test_a_failed_persist_keeps_the_old_table_and_its_canary(router: Router) -> None:
-    canary = table(100, 0, canary=admin.Canary(baseline="a", candidate="b", steps=[10, 100],
+    canary = table(100, 0, canary=Canary(baseline="a", candidate="b", steps=(10, 100),
                                                step_interval_secs=3600))
     router.set_table(canary, "t")
     store = router._store
@@ -108,8 +108,8 @@ async def test_weight_and_canary_gauges_follow_the_table(
     router.set_table(table(60, 40), "t")
     assert gauge(registry, "peregrine_route_weight", model="m", variant="a") == 60
     assert gauge(registry, "peregrine_route_weight", model="m", variant="c") is None
-    router.set_table(table(100, 0, canary=admin.Canary(baseline="a", candidate="b",
-                                                       steps=[25, 100])), "t")
+    router.set_table(table(100, 0, canary=Canary(baseline="a", candidate="b",
+                                                       steps=(25, 100))), "t")
     assert gauge(registry, "peregrine_canary_weight_percent", model="m") == 25
     router.set_table(table(60, 40), "t")  # replaces the running canary
     assert gauge(registry, "peregrine_canary_weight_percent", model="m") is None

@@ -4,13 +4,12 @@ last served well, written atomically so a restart (or a crash mid-swap) comes ba
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from server.atomic_file import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -42,27 +41,15 @@ class StateFile:
             return RepositoryState()
 
     def save(self, state: RepositoryState) -> None:
-        """Write to a temporary file beside the target, fsync, then rename over it."""
+        """Atomically; a failure is logged, never raised (serving goes on without it)."""
         if self.path is None:
             return
         document = {
             "explicit_models": sorted(state.explicit_models),
             "last_good": {k: sorted(v) for k, v in sorted(state.last_good.items())},
         }
-        tmp: str | None = None
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".state-", dir=self.path.parent)
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(document, handle, indent=2)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
-            tmp = None
+            write_atomically(self.path, json.dumps(document, indent=2))
         except OSError as exc:
             log.warning("cannot write state file", extra={"path": str(self.path),
                                                           "error": repr(exc)})
-        finally:
-            if tmp is not None:  # failed before the rename: leave no partial file behind
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)

@@ -1,0 +1,115 @@
+"""Runs one formed batch on one backend instance: pack -> execute -> check -> unpack.
+
+The seam between batch formation (the batcher) and execution: called from an instance's
+worker thread, or on the event loop for a batch the batcher predicts to be cheap. Knows
+nothing of queues, futures or metrics; what a batch produced comes back as a BatchRun.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from server.errors import BackendError, InvalidInput, PeregrineError
+from server.interfaces import Backend, ModelPacker
+from server.spec import ModelSpec
+from server.types import Execution, InferRequest, InferResponse, OutputTensor
+
+log = logging.getLogger(__name__)
+_now = time.perf_counter_ns
+
+
+@dataclass(slots=True)
+class BatchRun:
+    """What running one batch produced: a response or the error that request alone raised,
+    per request in order, or one error for the whole batch; and the backend calls made."""
+
+    outcomes: list[InferResponse | Exception] = field(default_factory=list)
+    error: Exception | None = None
+    #: Every backend call that succeeded (several when a batch was retried request by request).
+    executions: list[Execution] = field(default_factory=list)
+
+
+class BatchExecutor:
+    """The execution of one model version's batches. Thread-safe: holds no per-batch state."""
+
+    def __init__(self, spec: ModelSpec, version: str, packer: ModelPacker) -> None:
+        self._spec = spec
+        self._version = version
+        self._packer = packer
+        self._all_outputs = tuple(t.name for t in spec.outputs)
+
+    def run(self, backend: Backend, requests: Sequence[InferRequest],
+            rows: Sequence[int]) -> BatchRun:
+        """Run a batch; when the backend refuses one request's data (BYTES that are not UTF-8,
+        say), run the batch's requests one by one so that only the offending ones fail."""
+        run = BatchRun()
+        try:
+            self._execute(backend, requests, rows, run)
+        except InvalidInput as exc:
+            if len(requests) == 1:
+                run.error = exc
+                return run
+            for request, count in zip(requests, rows, strict=True):
+                try:
+                    self._execute(backend, [request], [count], run)
+                except Exception as alone:
+                    run.outcomes.append(alone)
+        except Exception as exc:
+            run.error = exc
+        return run
+
+    def typed_error(self, exc: BaseException, requests: Sequence[InferRequest]) -> PeregrineError:
+        """Typed errors pass through; anything else the backend raised becomes BackendError
+        (and is logged with the requests it failed)."""
+        if isinstance(exc, PeregrineError):
+            return exc
+        log.error(
+            "backend failed",
+            extra={"model": self._spec.name, "version": self._version,
+                   "request_ids": ", ".join(repr(r.id) for r in requests),
+                   "error": repr(exc)},
+        )
+        return BackendError(f"backend failed: {exc}")
+
+    def _execute(self, backend: Backend, requests: Sequence[InferRequest],
+                 rows: Sequence[int], run: BatchRun) -> None:
+        """Pack, execute, check, unpack; appends the call's timings and a response or error
+        per request to ``run``."""
+        t0 = _now()
+        # The batch's buffers may be pooled: unpack (which copies) before the context exits.
+        with self._packer.pack(requests, rows) as batch:
+            t1 = _now()
+            outputs = backend.execute(batch)
+            t2 = _now()
+            if self._spec.batches:
+                produced = sum(rows)
+                for name, value in outputs.items():
+                    if value.ndim == 0 or value.shape[0] != produced:
+                        raise BackendError(
+                            f"output '{name}' has shape {list(value.shape)}; expected "
+                            f"{produced} rows for the batch"
+                        )
+            per_request = self._packer.unpack(outputs, requests, rows)
+        t3 = _now()
+        run.executions.append(Execution(sum(rows), len(requests), t1 - t0, t2 - t1, t3 - t2))
+        for request, tensors in zip(requests, per_request, strict=True):
+            try:
+                run.outcomes.append(self._response(request, tensors))
+            except BackendError as exc:  # this request's failure, never the batch's
+                run.outcomes.append(exc)
+
+    def _response(self, request: InferRequest, outputs: dict[str, OutputTensor]) -> InferResponse:
+        names = request.requested_outputs or self._all_outputs
+        try:
+            tensors = [outputs[n] for n in names]
+        except KeyError as missing:
+            raise BackendError(f"the backend returned no output {missing}") from None
+        return InferResponse(
+            model_name=self._spec.name,
+            model_version=self._version,
+            id=request.id,
+            outputs=tensors,
+        )
