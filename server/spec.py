@@ -94,8 +94,8 @@ class ImagePreprocess:
 
     Clients send uint8 images [H, W, C] (per batch row); the server resizes (bilinear), crops
     the centre, normalises ``(x * scale - mean) / std`` per channel and lays the result out as
-    the model input (NCHW or NHWC, FP32/FP16/BF16/FP64). See README "Image preprocessing" and
-    csrc/preprocess.hpp for the exact arithmetic.
+    the model input (NCHW or NHWC, FP32/FP16/BF16/FP64). See docs/configuration.md, "Image
+    preprocessing", and csrc/preprocess.hpp for the exact arithmetic.
     """
 
     #: The model input the images feed.

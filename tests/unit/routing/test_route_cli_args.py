@@ -1,4 +1,4 @@
-"""server.route_cli: the flags of `peregrine route set` into a RouteTable, and status text."""
+"""server.cli.route: the flags of `peregrine route set` into a RouteTable, and status text."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from google.protobuf import json_format
 
 from server._pb import admin_pb2 as admin
 from server.cli import build_parser
-from server.route_cli import UsageError, build_table, format_status, parse_shadow, parse_variant
+from server.cli.route import UsageError, build_table, format_status, parse_shadow, parse_variant
 
 
 def parse(*argv: str) -> argparse.Namespace:

@@ -9,14 +9,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from server import __version__
+from server.cli.drift import add_drift_parser
+from server.cli.health import add_health_parser, run_health
+from server.cli.repo import add_repo_parser, run_repo
+from server.cli.route import add_route_parser, run_route
+from server.cli.trt import add_trt_parser, run_trt
 from server.config import OPTIONS, load_settings
-from server.drift.command import add_drift_parser
 from server.errors import ModelLoadError
-from server.health_cli import add_health_parser, run_health
 from server.logs import configure_logging
-from server.repo_cli import add_repo_parser, run_repo
-from server.route_cli import add_route_parser, run_route
-from server.trt_cli import add_trt_parser, run_trt
 
 
 def _serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_health(args)
     if args.command == "drift":
         from server.app import open_model_offline
-        from server.drift.command import run_drift
+        from server.cli.drift import run_drift
 
         return run_drift(args, open_model_offline)
     if args.command == "trt":
@@ -117,7 +117,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_trt(args, backend_factories)
     raise AssertionError(f"unhandled command {args.command}")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -26,7 +26,7 @@ def add_drift_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
     drift = commands.add_parser(
         "drift", help="drift monitoring: reference profiles and reports",
         description="Reference profiles for drift monitoring, and reports of the windows the "
-        "server sampled. See the 'Drift monitoring' section of README.md.",
+        "server sampled. See docs/operations.md, 'Drift monitoring'.",
     )
     sub = drift.add_subparsers(dest="drift_command", required=True)
     profile = sub.add_parser(
@@ -58,7 +58,7 @@ def add_drift_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
     report.add_argument("--top", type=int, default=4, help="features to draw (default 4)")
     report.add_argument("--store", type=Path, default=None,
                         help="the version's window directory, if not where the config says")
-    from server.drift.status_cli import add_status_parser
+    from server.cli.drift_status import add_status_parser
 
     add_status_parser(sub)
 
@@ -78,7 +78,7 @@ def run_drift(args: argparse.Namespace, open_model: ModelOpener) -> int:
     from server.errors import PeregrineError
 
     if args.drift_command == "status":
-        from server.drift.status_cli import run_status
+        from server.cli.drift_status import run_status
 
         return run_status(args)
     repository = args.repository or default_repository()
