@@ -33,13 +33,13 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 
 from bench.micro._report import (  # noqa: E402
-    RESULTS,
     bar_chart,
     machine,
     paired,
     timings,
     write_json,
 )
+from bench.results_md import RESULTS_DIR  # noqa: E402
 
 SHAPES = {
     "mlp 64 fp32 (256 B)": (64,),
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=15, help="timed runs per case (median)")
     parser.add_argument("--min-time", type=float, default=0.05, help="seconds per timed run")
     parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--output", type=Path, default=RESULTS / "micro_packing.json")
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "micro_packing.json")
     parser.add_argument("--fault-probe", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.fault_probe:

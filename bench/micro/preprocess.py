@@ -38,13 +38,13 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 
 from bench.micro._report import (  # noqa: E402
-    RESULTS,
     bar_chart,
     machine,
     paired,
     timings,
     write_json,
 )
+from bench.results_md import RESULTS_DIR  # noqa: E402
 
 BATCH, H, W, C = 32, 224, 224, 3
 MEAN = (0.485, 0.456, 0.406)
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--repeat", type=int, default=15, help="timed runs per case (median)")
     parser.add_argument("--min-time", type=float, default=0.2, help="seconds per timed run")
-    parser.add_argument("--output", type=Path, default=RESULTS / "micro_preprocess.json")
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "micro_preprocess.json")
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
     a, b = coefficients()
