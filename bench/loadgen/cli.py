@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from bench.loadgen.sweep import SweepError, parse_concurrency, parse_rate
 
@@ -153,14 +154,24 @@ def _run(args: argparse.Namespace) -> int:
         print(run_summary(document))
         print(f"\nrun: {json_path}")
     if not args.no_plot:
-        from bench.loadgen.plots import plot_runs
-
-        plot_path = args.plot or json_path.with_suffix(".png")
-        plot_runs([document], [args.label or args.model], plot_path,
-                  title=f"{args.model} {args.rpc} {config.mode} loop")
-        if not args.quiet:
-            print(f"chart: {plot_path}")
+        _chart(args, document, json_path, config.mode)
     return 0
+
+
+def _chart(args: argparse.Namespace, document: dict[str, Any], json_path: Path,
+           mode: str) -> None:
+    """The run's PNG beside its JSON; without matplotlib, one line saying which extra has it."""
+    try:
+        from bench.loadgen.plots import plot_runs
+    except ImportError:
+        print("peregrine bench run: no chart (matplotlib is not installed; it comes with the "
+              "'bench' extra: pip install -e '.[bench]', or pass --no-plot)", file=sys.stderr)
+        return
+    plot_path = args.plot or json_path.with_suffix(".png")
+    plot_runs([document], [args.label or args.model], plot_path,
+              title=f"{args.model} {args.rpc} {mode} loop")
+    if not args.quiet:
+        print(f"chart: {plot_path}")
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -187,11 +198,16 @@ def exit_on_sigterm() -> None:
 def main(argv: Sequence[str] | None = None, prog: str = "peregrine bench") -> int:
     exit_on_sigterm()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["all"]:
-        from bench.compare.run_all import main as compare_all
+    try:
+        if argv[:1] == ["all"]:
+            from bench.compare.run_all import main as compare_all
 
-        return compare_all(argv[1:])
-    args = build_parser(prog).parse_args(argv)
-    if args.command == "run":
-        return _run(args)
-    return _compare(args)
+            return compare_all(argv[1:])
+        args = build_parser(prog).parse_args(argv)
+        if args.command == "run":
+            return _run(args)
+        return _compare(args)
+    except ModuleNotFoundError as exc:  # `compare` and `all` draw charts: matplotlib
+        print(f"{prog}: {exc.name or exc} is not installed; it comes with the 'bench' extra: "
+              "pip install -e '.[bench]'", file=sys.stderr)
+        return 2
