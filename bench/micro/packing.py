@@ -6,7 +6,7 @@ Run from anywhere, after building the extension (``python setup.py build_ext --i
 
 Cases (per request one row of the shape below, ``--requests`` requests per batch):
 
-* pack from raw bytes — the issue's figure: numpy makes a ``frombuffer`` view of each
+* pack from raw bytes — the headline figure: numpy makes a ``frombuffer`` view of each
   request's raw_input_contents and concatenates them; native copies straight from the
   bytes into a pooled batch buffer (``gather``, one memcpy per request);
 * pack from views — both start from the decoded numpy views (what the server holds);

@@ -5,7 +5,7 @@ Run from anywhere, after building the extension (``python setup.py build_ext --i
 
     python bench/micro/preprocess.py [--repeat 15] [--min-time 0.2]
 
-Headline case (issue 4, item 6): a batch of 32 uint8 224x224x3 images -> float32 NCHW with
+Headline case: a batch of 32 uint8 224x224x3 images -> float32 NCHW with
 per-channel mean/std (no resize): the batch buffer is written once. The native kernel gets the
 images as 32 separate request arrays (as the server has them); numpy gets them pre-stacked
 in one array (its most favourable form). Several numpy formulations are timed and the fastest

@@ -1,4 +1,4 @@
-"""Peregrine's own cost per request, next to the bare grpc.aio servicer: the issue-4 figures.
+"""Peregrine's own cost per request, next to the bare grpc.aio servicer, against its targets.
 
 For each model (mlp_classifier, cnn) and RPC (unary, stream), at 1 and 64 requests in flight,
 one run drives the no-op grpc.aio servicer (bench/compare/noop_server.py, the floor) and Peregrine
@@ -46,14 +46,15 @@ from bench.studies import perf_analyzer
 from bench.studies.ablation_server import STAGES
 from bench.studies.inprocess_path import measure as measure_in_process
 
-SECTION = "## Frontend overhead per request (issue 4 figures)"
+SECTION = ("## Frontend overhead per request: Peregrine against the no-op floor and the model "
+           "in-process")
 RESULTS_JSON = RESULTS_DIR / "frontend_overhead.json"
 RESULTS_PNG = RESULTS_DIR / "frontend_overhead.png"
 MODELS = ("mlp_classifier", "cnn")
 RPCS = ("unary", "stream")
 CONCURRENCY = (1, 64)
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
-#: The issue's yardsticks: (model, rpc, what, threshold).
+#: The targets for the frontend's own cost.
 MLP_OVERHEAD_US = 30.0
 MLP_STREAM_SHARE = 0.75
 CNN_BOUND_SHARE = 0.90
@@ -194,7 +195,7 @@ def figures(ours: dict[str, Any], floor: dict[str, Any], ceiling: dict[str, Any]
 
 
 def verdicts(cases: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each issue-4 target with the measured figure and whether it was reached."""
+    """Each target with the measured figure and whether it was reached."""
     rows: list[dict[str, Any]] = []
 
     def add(key: str, target: str, value: float, limit: float, higher_is_better: bool,

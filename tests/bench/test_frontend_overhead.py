@@ -43,7 +43,7 @@ def test_per_sample_time_is_interpolated_between_measured_batches() -> None:
     assert per_sample_us(CEILING, 128) == 1.0  # above the largest: the largest
 
 
-def test_figures_follow_the_issue_yardsticks() -> None:
+def test_figures_follow_the_yardsticks() -> None:
     # Floor: 4,000/s = 250 us per request; ours 2,000/s = 500 us; batch 1 costs 10 us.
     f = figures(step(2000, 0.6, batch=1.0, cpu_us=480), step(4000, 0.4, cpu_us=240), CEILING)
     assert f["overhead_us"] == pytest.approx(500 - 250 - 10)
