@@ -42,6 +42,7 @@ from bench.compare.model_repo import ensure_examples, set_parameters
 from bench.compare.servers import PeregrineProcess, free_port
 from bench.loadgen.cpu import pin_self, self_cpu_s, tree_cpu_s
 from bench.loadgen.environment import environment, machine
+from bench.loadgen.histogram import LatencyHistogram
 from bench.loadgen.inputs import InputTensor
 from bench.loadgen.wire import channel_options, infer_request_bytes, unary_callable
 from bench.results_md import RESULTS_DIR, RESULTS_MD, replace_section, section_header
@@ -135,15 +136,16 @@ async def closed_loop(url: str, concurrency: int, warmup: float, seconds: float,
     stop = True
     await asyncio.gather(*tasks)
     await channel.close()
-    values = np.asarray(latencies, dtype=np.float64) / 1e6
+    histogram = LatencyHistogram()
+    histogram.record_many(latencies)
     return {
         "requests": len(latencies),
         "completed_with_warmup": completed,
         "failed": failed,
         "seconds": round(elapsed, 3),
         "throughput_rps": round(len(latencies) / elapsed, 1),
-        "p50_ms": round(float(np.percentile(values, 50)), 3),
-        "p99_ms": round(float(np.percentile(values, 99)), 3),
+        "p50_ms": round(histogram.percentile_ns(50) / 1e6, 3),
+        "p99_ms": round(histogram.percentile_ns(99) / 1e6, 3),
         "server_cpu_percent": round(100 * (server1 - server0) / elapsed, 1),
         "server_cpu_us_per_request": round(1e6 * (server1 - server0) / max(1, len(latencies)),
                                            1),

@@ -44,6 +44,7 @@ import tritonclient.grpc as grpcclient
 from onnx import TensorProto, helper
 
 from bench.compare.servers import PeregrineProcess
+from bench.loadgen.histogram import LatencyHistogram
 from bench.results_md import RESULTS_DIR, RESULTS_MD, replace_section
 
 DEFAULT_OUTPUT = RESULTS_DIR / "shm_vs_raw.json"
@@ -150,8 +151,11 @@ def timed(call: Callable[[], object], requests: int) -> tuple[float, list[float]
     return time.perf_counter() - start, latencies
 
 
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q))
+def latency_ms(seconds: list[float]) -> dict[str, float]:
+    """The load tester's latency summary (HDR histogram) of per-call times in seconds."""
+    histogram = LatencyHistogram()
+    histogram.record_many(round(s * 1e9) for s in seconds)
+    return histogram.summary_ms()
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -186,12 +190,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results: list[dict[str, Any]] = []
     for mode in MODES:
         rps = statistics.median(rates[mode])
+        latency = latency_ms(latencies[mode])
         results.append({
             "mode": mode,
             "throughput_rps": rps,
             "throughput_gib_s": rps * x.nbytes / 2**30,
-            "p50_ms": percentile(latencies[mode], 50) * 1e3,
-            "p99_ms": percentile(latencies[mode], 99) * 1e3,
+            "p50_ms": latency["p50"],
+            "p99_ms": latency["p99"],
             "per_repeat_rps": rates[mode],
         })
     raw_rps = results[0]["throughput_rps"]

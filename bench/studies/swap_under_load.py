@@ -45,6 +45,7 @@ from bench.compare.model_repo import ensure_examples
 from bench.compare.servers import PeregrineProcess
 from bench.loadgen.cpu import pin_self, self_cpu_s, tree_cpu_s
 from bench.loadgen.environment import environment, machine
+from bench.loadgen.histogram import LatencyHistogram
 from bench.loadgen.inputs import InputTensor
 from bench.loadgen.wire import channel_options, infer_request_bytes, unary_callable
 from bench.results_md import RESULTS_DIR, RESULTS_MD, replace_section
@@ -220,12 +221,14 @@ async def drive(args: argparse.Namespace, url: str, server_pid: int, model_dir: 
 
 
 def percentiles_ms(latencies_ns: np.ndarray) -> dict[str, float | None]:
+    """p50/p90/p99/p99.9 and max from the load tester's HDR histogram (None when empty)."""
+    keys = ("p50", "p90", "p99", "p99.9", "max")
     if latencies_ns.size == 0:
-        return {k: None for k in ("p50", "p90", "p99", "p99.9", "max")}
-    values = np.percentile(latencies_ns, [50, 90, 99, 99.9]) / 1e6
-    return {"p50": round(float(values[0]), 3), "p90": round(float(values[1]), 3),
-            "p99": round(float(values[2]), 3), "p99.9": round(float(values[3]), 3),
-            "max": round(float(latencies_ns.max()) / 1e6, 3)}
+        return dict.fromkeys(keys)
+    histogram = LatencyHistogram()
+    histogram.record_many(int(v) for v in latencies_ns)
+    summary = histogram.summary_ms()
+    return {key: round(summary[key], 3) for key in keys}
 
 
 def summarise(record: Record, windows: list[Window], swaps: list[Swap],
