@@ -165,7 +165,7 @@ def render(runs: dict[tuple[str, str, str], dict[str, Any]], comparisons: dict[s
     lines = [
         "# Benchmark results",
         "",
-        "Regenerate everything with `python -m bench.compare.run_all` (about 15 minutes; see "
+        "Regenerate everything with `python -m bench.compare` (about 15 minutes; see "
         "bench/README.md). Each comparison can also run alone: `python -m "
         "bench.compare.ceiling`, `python -m bench.compare.ours`, `python -m "
         "bench.compare.peers`.",

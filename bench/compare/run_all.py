@@ -1,6 +1,6 @@
 """The whole comparison in one command: ceiling and floor, ours, peers; then RESULTS.md.
 
-    python -m bench.compare.run_all [--skip-peers] [scenario options]   # or: peregrine bench all
+    python -m bench.compare [--skip-peers] [scenario options]   # or: peregrine bench all
 
 MLP and CNN, unary and streaming, closed loop at each concurrency of the scenario, every
 server pinned to the server CPU and the generator to the other; about 15 minutes with the
@@ -22,7 +22,7 @@ from bench.loadgen.sweep import parse_concurrency
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.compare.run_all", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_scenario_arguments(parser)
     parser.add_argument("--batch-sizes", default="1,8,32", help="for the in-process ceiling")
@@ -31,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     exit_on_sigterm()
     scenario = scenario_from(args)
-    command = " ".join(["python -m bench.compare.run_all",
+    command = " ".join(["python -m bench.compare",
                         *(argv if argv is not None else sys.argv[1:])])
     started = time.monotonic()
     ceiling.run(scenario, parse_concurrency(args.batch_sizes), command)

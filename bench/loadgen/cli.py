@@ -116,7 +116,7 @@ def build_parser(prog: str = "peregrine bench") -> argparse.ArgumentParser:
     compare.add_argument("--plot", type=Path, default=None,
                          help="PNG path (default: compare.png beside the first run)")
     compare.add_argument("--labels", default=None, help="comma-separated names of the runs")
-    commands.add_parser("all", help="the full comparison (python -m bench.compare.run_all)",
+    commands.add_parser("all", help="the full comparison (python -m bench.compare)",
                         add_help=False)
     return parser
 
