@@ -25,7 +25,6 @@ import numpy as np
 
 from bench.compare.model_repo import ORT_PARAMETERS, ensure_examples, model_file
 from bench.compare.scenario import (
-    RESULTS_DIR,
     Scenario,
     add_scenario_arguments,
     drive_all,
@@ -38,6 +37,7 @@ from bench.compare.servers import NoopServer
 from bench.loadgen.cli import exit_on_sigterm
 from bench.loadgen.environment import git_revision, machine, package_versions
 from bench.loadgen.sweep import parse_concurrency
+from bench.results_md import RESULTS_DIR
 
 CEILING_FILE = RESULTS_DIR / "ceiling.json"
 NOOP_KEY = "noop"

@@ -12,11 +12,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench.compare.scenario import COMPARISONS_FILE, MODELS, RESULTS_DIR, RPCS, RUNS_DIR
+from bench.compare.scenario import COMPARISONS_FILE, MODELS, RPCS, RUNS_DIR
 from bench.loadgen.plots import plot_runs
 from bench.loadgen.schema import problems_of
 from bench.loadgen.table import step_rows
-from bench.results_md import RESULTS_MD, keep_other_sections, markdown_table
+from bench.results_md import RESULTS_DIR, RESULTS_MD, keep_other_sections, markdown_table
 
 CEILING_FILE = RESULTS_DIR / "ceiling.json"
 
