@@ -1,9 +1,10 @@
-"""Peregrine's load tester and comparisons for Open Inference Protocol (KServe V2) gRPC servers.
+"""Peregrine's benchmarks, run from a source checkout (the wheel does not install them).
 
-``peregrine bench run`` drives one server (closed or open loop, unary or streaming) and
-writes a JSON document per run plus PNG plots; ``peregrine bench compare`` sets runs side by
-side; ``python -m bench.compare_all`` runs the whole comparison of bench/README.md.
+- ``bench.loadgen``: the load tester, ``peregrine bench run | compare | all``;
+- ``bench.compare``: Peregrine next to the model's in-process ceiling, a do-nothing servicer
+  (the floor) and peer servers, ``python -m bench.compare``;
+- ``bench.studies``: measurements of one part of Peregrine, each driving load through
+  ``bench.loadgen`` and writing its own section of RESULTS.md;
+- ``bench.micro``: micro-benchmarks of the compiled kernels against their numpy oracles;
+- ``bench.results_md``: the one writer of RESULTS.md's sections.
 """
-
-#: Version tag of the run document's layout (bench/schema.py checks it).
-SCHEMA = "peregrine-bench/1"

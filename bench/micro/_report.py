@@ -12,10 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.environment import cpu_model, git_revision
-
-ROOT = Path(__file__).resolve().parents[2]
-RESULTS = ROOT / "bench" / "results"
+from bench.loadgen.environment import cpu_model, git_revision
 
 
 def timings(fn: Callable[[], object], repeat: int, min_time: float) -> dict[str, float]:

@@ -21,8 +21,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.micro._report import machine, timings, write_json  # noqa: E402
+from bench.results_md import RESULTS_DIR  # noqa: E402
 
-DEFAULT_OUTPUT = ROOT / "bench" / "results" / "micro_bytes_codec.json"
+DEFAULT_OUTPUT = RESULTS_DIR / "micro_bytes_codec.json"
 COUNTS = (1, 64, 4096)
 SIZES = (16, 1024)
 

@@ -6,7 +6,7 @@ Run from anywhere, after building the extension (``python setup.py build_ext --i
 
 Cases (per request one row of the shape below, ``--requests`` requests per batch):
 
-* pack from raw bytes — the issue's figure: numpy makes a ``frombuffer`` view of each
+* pack from raw bytes — the headline figure: numpy makes a ``frombuffer`` view of each
   request's raw_input_contents and concatenates them; native copies straight from the
   bytes into a pooled batch buffer (``gather``, one memcpy per request);
 * pack from views — both start from the decoded numpy views (what the server holds);
@@ -33,13 +33,13 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 
 from bench.micro._report import (  # noqa: E402
-    RESULTS,
     bar_chart,
     machine,
     paired,
     timings,
     write_json,
 )
+from bench.results_md import RESULTS_DIR  # noqa: E402
 
 SHAPES = {
     "mlp 64 fp32 (256 B)": (64,),
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=15, help="timed runs per case (median)")
     parser.add_argument("--min-time", type=float, default=0.05, help="seconds per timed run")
     parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--output", type=Path, default=RESULTS / "micro_packing.json")
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "micro_packing.json")
     parser.add_argument("--fault-probe", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.fault_probe:

@@ -5,7 +5,7 @@ Run from anywhere, after building the extension (``python setup.py build_ext --i
 
     python bench/micro/preprocess.py [--repeat 15] [--min-time 0.2]
 
-Headline case (issue 4, item 6): a batch of 32 uint8 224x224x3 images -> float32 NCHW with
+Headline case: a batch of 32 uint8 224x224x3 images -> float32 NCHW with
 per-channel mean/std (no resize): the batch buffer is written once. The native kernel gets the
 images as 32 separate request arrays (as the server has them); numpy gets them pre-stacked
 in one array (its most favourable form). Several numpy formulations are timed and the fastest
@@ -38,13 +38,13 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 
 from bench.micro._report import (  # noqa: E402
-    RESULTS,
     bar_chart,
     machine,
     paired,
     timings,
     write_json,
 )
+from bench.results_md import RESULTS_DIR  # noqa: E402
 
 BATCH, H, W, C = 32, 224, 224, 3
 MEAN = (0.485, 0.456, 0.406)
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--repeat", type=int, default=15, help="timed runs per case (median)")
     parser.add_argument("--min-time", type=float, default=0.2, help="seconds per timed run")
-    parser.add_argument("--output", type=Path, default=RESULTS / "micro_preprocess.json")
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "micro_preprocess.json")
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
     a, b = coefficients()

@@ -8,17 +8,15 @@ JSON files the micro-benchmarks write (run those first)::
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
-from bench.results_section import replace_section
+from bench.results_md import RESULTS_DIR, replace_section
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
 HEADING = "## Compiled hot path — micro-benchmarks"
 
 
 def _load(name: str) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((RESULTS / f"{name}.json").read_text())
+    data: dict[str, Any] = json.loads((RESULTS_DIR / f"{name}.json").read_text())
     return data
 
 

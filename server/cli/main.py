@@ -46,11 +46,22 @@ def _bench_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
 
 
 def _run_bench(argv: Sequence[str]) -> int:
+    """The load tester lives in bench/loadgen/ of a source checkout, beside server/; the wheel
+    does not install it."""
+    import server
+
+    checkout = Path(server.__file__).resolve().parent.parent
+    if not (checkout / "bench" / "loadgen").is_dir():
+        print("peregrine bench: the load tester runs from a source checkout (git clone, then "
+              "pip install -e .); this installation has no bench/loadgen/", file=sys.stderr)
+        return 2
+    if str(checkout) not in sys.path:
+        sys.path.insert(0, str(checkout))
     try:
-        from bench.cli import main as bench_main
+        from bench.loadgen.cli import main as bench_main
     except ImportError as exc:
-        print(f"peregrine bench: {exc}; install the 'bench' extra (pip install "
-              "'peregrine[bench]') and run from a checkout that has bench/", file=sys.stderr)
+        print(f"peregrine bench: {exc}; install the 'bench' extra: pip install -e '.[bench]'",
+              file=sys.stderr)
         return 2
     return bench_main(argv, prog="peregrine bench")
 

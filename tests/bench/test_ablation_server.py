@@ -1,4 +1,4 @@
-"""bench/ablation_server.py: every stage is a working server that answers correctly, so the
+"""bench/studies/ablation_server.py: every stage is a working server that answers correctly, so the
 frontend-overhead ablation measures real request paths, not broken ones."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from bench.ablation_server import STAGES, main
-from bench.inprocess_path import measure as measure_in_process
-from bench.servers import PeregrineProcess
+from bench.compare.servers import PeregrineProcess
+from bench.studies.ablation_server import STAGES, main
+from bench.studies.inprocess_path import measure as measure_in_process
 from tests import model_factory
 
 
@@ -27,7 +27,7 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_each_stage_answers_like_the_full_server(repository: Path, stage: str) -> None:
     a = np.arange(16, dtype=np.float32).reshape(1, 16)
     b = np.ones((1, 16), dtype=np.float32)
-    launcher = ("-m", "bench.ablation_server", "--stage", stage)
+    launcher = ("-m", "bench.studies.ablation_server", "--stage", stage)
     with PeregrineProcess(repository, name=f"test-ablation-{stage}",
                           launcher=launcher) as server:
         client = grpcclient.InferenceServerClient(server.url)

@@ -5,9 +5,14 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from bench.loadgen import StepPlan
-from bench.model_repo import batching_of, comparison_repository, remove_block, set_parameters
-from bench.workers import split_plans
+from bench.compare.model_repo import (
+    batching_of,
+    comparison_repository,
+    remove_block,
+    set_parameters,
+)
+from bench.loadgen.loops import StepPlan
+from bench.loadgen.workers import split_plans
 
 CONFIG = """name: "m"
 platform: "onnxruntime_onnx"

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bench.cli import main as bench_main
-from bench.runner import RunConfig, run
-from bench.schema import validate_run
+from bench.loadgen.cli import main as bench_main
+from bench.loadgen.runner import RunConfig, run
+from bench.loadgen.schema import validate_run
 from tests import model_factory
 from tests.server_harness import ServerThread
 

@@ -1,4 +1,5 @@
-"""The arithmetic of bench/frontend_overhead.py: interpolation, yardsticks, verdicts, and the
+"""The arithmetic of bench/studies/frontend_overhead.py: interpolation, yardsticks, verdicts,
+and the
 per-thread CPU split read from /proc."""
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from bench.frontend_overhead import (
+from bench.studies.frontend_overhead import (
     figures,
     markdown,
     per_sample_us,
@@ -42,7 +43,7 @@ def test_per_sample_time_is_interpolated_between_measured_batches() -> None:
     assert per_sample_us(CEILING, 128) == 1.0  # above the largest: the largest
 
 
-def test_figures_follow_the_issue_yardsticks() -> None:
+def test_figures_follow_the_yardsticks() -> None:
     # Floor: 4,000/s = 250 us per request; ours 2,000/s = 500 us; batch 1 costs 10 us.
     f = figures(step(2000, 0.6, batch=1.0, cpu_us=480), step(4000, 0.4, cpu_us=240), CEILING)
     assert f["overhead_us"] == pytest.approx(500 - 250 - 10)
@@ -73,7 +74,7 @@ def test_verdicts_apply_each_target_to_its_case() -> None:
     assert not rows["mlp_classifier/stream/64"]["reached"]  # 0.5 of the floor < 0.75
     assert rows["cnn/unary/64"]["reached"]  # 3700 * 260 us = 0.962 of the bound
     text = markdown({
-        "date": "2026-11-25T00:00:00+00:00", "command": "python -m bench.frontend_overhead",
+        "date": "2026-11-25T00:00:00+00:00", "command": "python -m bench.studies.frontend_overhead",
         "environment": {"machine": {"nproc": 2, "cpu_model": "test"}, "git_revision": "abc"},
         "load_average_1m": 0.5,
         "scenario": {"duration_s": 3, "warmup_s": 1, "repeats": 3, "server_cpus": "0",

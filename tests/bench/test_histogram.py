@@ -8,7 +8,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from bench.histogram import HIGHEST_NS, PERCENTILES, LatencyHistogram
+from bench.loadgen.histogram import HIGHEST_NS, PERCENTILES, LatencyHistogram
 
 # HdrHistogram with 3 significant digits: every value is reported within 0.1% (bucket width).
 RELATIVE = 1e-3

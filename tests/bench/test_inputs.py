@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2 as pb
 
-from bench.inputs import (
+from bench.loadgen.inputs import (
     DATATYPES,
     InputError,
     TensorMeta,
@@ -18,7 +18,7 @@ from bench.inputs import (
     resolve_shape,
     serialize_bytes,
 )
-from bench.wire import error_code_of_message, id_suffix, infer_request_bytes
+from bench.loadgen.wire import error_code_of_message, id_suffix, infer_request_bytes
 
 
 @pytest.mark.parametrize("datatype", DATATYPES)

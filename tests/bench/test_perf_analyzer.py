@@ -1,4 +1,4 @@
-"""bench/perf_analyzer.py and the no-op server's model descriptions, without the binary:
+"""bench/studies/perf_analyzer.py and the no-op server's model descriptions, without the binary:
 the input file it is given, the CSV it writes, and the metadata it needs from the floor."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.noop_server import describe, read_configs
-from bench.perf_analyzer import find, input_json, parse_csv
+from bench.compare.noop_server import describe, read_configs
+from bench.studies.perf_analyzer import find, input_json, parse_csv
 from tests import model_factory
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.results_section import keep_other_sections, replace_section
+from bench.results_md import keep_other_sections, replace_section
 
 BEFORE = ("# Benchmark results\n\n## Summary\n\nsummary\n\n## Mine\n\nold\nlines\n\n"
           "## Last\n\nlast\n")

@@ -9,10 +9,9 @@ from typing import Any
 
 import pytest
 
-from bench import SCHEMA
-from bench.compare import compare
-from bench.histogram import LatencyHistogram
-from bench.schema import SchemaError, problems_of, validate_run
+from bench.loadgen.compare_runs import compare
+from bench.loadgen.histogram import LatencyHistogram
+from bench.loadgen.schema import SCHEMA, SchemaError, problems_of, validate_run
 
 
 def sample_step(concurrency: int, throughput: float) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.sweep import MAX_POINTS, SweepError, parse_concurrency, parse_rate
+from bench.loadgen.sweep import MAX_POINTS, SweepError, parse_concurrency, parse_rate
 
 
 @pytest.mark.parametrize(("spec", "expected"), [
@@ -60,7 +60,7 @@ def test_bad_rate() -> None:
 
 
 def test_cli_reports_a_bad_sweep(capsys: pytest.CaptureFixture[str]) -> None:
-    from bench.cli import main
+    from bench.loadgen.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["run", "--model", "m", "--concurrency", "8:1"])

@@ -1,0 +1,101 @@
+"""Peregrine with its ModelInfer path cut short after one stage: where a unary request's time
+goes inside the server.
+
+    python -m bench.studies.ablation_server --stage codec serve --model-repository examples/models
+
+Stages, each doing what the one before does and more:
+
+- ``respond``: answer every request with the response the full path gave the first one
+  (gRPC and Peregrine's servicer, no per-request work: the no-op floor, through our server);
+- ``codec``: + decode the request and encode that cached response;
+- ``execute``: + validate, then run the request alone on the model right in the handler
+  (pack, ONNX Runtime, unpack, response), with no queue and no future;
+- ``full``: Peregrine unchanged (+ routing, the queue and batcher, futures, statistics).
+
+Bench tooling only: it reaches into the servicer and the batcher on purpose, so that each
+stage runs the server's own code.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+
+STAGES = ("respond", "codec", "execute", "full")
+
+
+Handler = Callable[[Any, Any, Any], Awaitable[Any]]
+
+
+def stage_handler(stage: str) -> Handler:
+    """ModelInfer cut after ``stage``, as an unwrapped handler (servicer, request, context)."""
+    from server.codec.decode import decode_request
+    from server.codec.encode import encode_response
+    from server.codec.validate import validate_request
+    from server.frontend import inference
+    from server.types import InferResponse
+
+    if stage == "full":
+        full: Handler = inference.InferenceServicer.ModelInfer.__wrapped__
+        return full
+    first: dict[Any, Any] = {}
+
+    async def cached(servicer: Any, request: Any) -> InferResponse:
+        """The full path's answer to the first request of each model, kept."""
+        key = request.model_name
+        if key not in first:
+            answer, _shm = servicer._start(request, None, {})
+            first[key] = await answer
+        response: InferResponse = first[key]
+        return response
+
+    async def model_infer(servicer: Any, request: Any,
+                          context: grpc.aio.ServicerContext) -> Any:
+        if stage == "respond":
+            key = ("encoded", request.model_name)
+            if key not in first:
+                first[key] = encode_response(await cached(servicer, request))
+            return first[key]
+        decoded = decode_request(request, inference._deadline_ns(context), None)
+        if stage == "codec":
+            return encode_response(await cached(servicer, request))
+        served = servicer._dataplane._catalog.get(decoded.model_name, decoded.model_version)
+        validate_request(decoded, served.spec)
+        batcher = served.scheduler
+        rows = [batcher._rows(decoded)]
+        run = batcher._run(batcher._instances[0], [decoded], rows)
+        if run.error is not None:
+            raise run.error
+        return encode_response(batcher._response(decoded, run.outcomes[0]))
+
+    return model_infer
+
+
+def install(stage: str) -> None:
+    """Replace InferenceServicer.ModelInfer with the path cut after ``stage``."""
+    if stage == "full":
+        return
+    from server.frontend import inference
+    from server.frontend.status import mapped
+
+    inference.InferenceServicer.ModelInfer = mapped(stage_handler(stage))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if len(arguments) < 2 or arguments[0] != "--stage" or arguments[1] not in STAGES:
+        print("usage: python -m bench.studies.ablation_server "
+              f"--stage {{{','.join(STAGES)}}} serve ...",
+              file=sys.stderr)
+        return 2
+    install(arguments[1])
+    from server.cli import main as serve_main
+
+    return serve_main(arguments[2:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
