@@ -64,12 +64,17 @@ def stage_handler(stage: str) -> Handler:
             return encode_response(await cached(servicer, request))
         served = servicer._dataplane._catalog.get(decoded.model_name, decoded.model_version)
         validate_request(decoded, served.spec)
+        # The version's execution seam (pack -> execute -> check -> unpack), without the queue.
         batcher = served.scheduler
-        rows = [batcher._rows(decoded)]
-        run = batcher._run(batcher._instances[0], [decoded], rows)
+        first_input = next(iter(decoded.inputs.values()))
+        rows = [int(first_input.shape[0]) if served.spec.batches else 1]
+        run = batcher.executor.run(batcher.instances[0], [decoded], rows)
         if run.error is not None:
             raise run.error
-        return encode_response(batcher._response(decoded, run.outcomes[0]))
+        outcome = run.outcomes[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return encode_response(outcome)
 
     return model_infer
 

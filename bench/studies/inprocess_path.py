@@ -56,16 +56,13 @@ async def _measure(repository: Path, inputs: dict[str, Path], concurrency: int,
                    requests: int) -> dict[str, dict[str, float]]:
     from server.app import PeregrineServer
     from server.config import ServerSettings
-    from server.dataplane import DataPlane
     from server.frontend.inference import InferenceServicer
 
     server = PeregrineServer(ServerSettings(model_repository=repository, grpc_port=0,
                                             metrics_port=0, allow_metrics=False))
     await server.start()
     try:
-        servicer = InferenceServicer(server.repository,
-                                     DataPlane(server.repository, server.router, None),
-                                     server.state)
+        servicer = InferenceServicer(server.control, server.dataplane, server.state)
         context = _Context()
         results: dict[str, dict[str, float]] = {}
         for model, input_file in inputs.items():

@@ -38,7 +38,7 @@ def _serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
 
 
 def _bench_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Listed for --help only: main() hands everything after ``bench`` to bench.cli."""
+    """Listed for --help only: main() hands everything after ``bench`` to bench.loadgen.cli."""
     commands.add_parser(
         "bench", add_help=False,
         help="load-test a V2 gRPC server: run, compare, all (see 'peregrine bench --help')",
