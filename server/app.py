@@ -27,7 +27,6 @@ from server._pb import grpc_service_pb2_grpc as pb_grpc
 from server._pb._pool import POOL
 from server.backends.onnxruntime import OnnxRuntimeFactory
 from server.backends.tensorrt import TensorRtFactory
-from server.config import ServerSettings
 from server.control import ControlPlane
 from server.dataplane import DataPlane
 from server.frontend.admin import AdminServicer
@@ -54,6 +53,7 @@ from server.routing.router import Router
 from server.routing.shadow import ShadowMirror
 from server.routing.store import RouteStore
 from server.scheduler.batcher import DynamicBatcher
+from server.settings import ServerSettings
 from server.shm import SharedMemoryRegistry
 from server.spec import ModelSpec
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from server._pb import model_config_pb2 as mc
 from server.errors import InvalidInput, LoadFailed, ModelLoadError, ModelNotFound, NotAllowed
-from server.metrics.stats import VersionStats
+from server.metrics.statistics import VersionStats
 from server.repository.catalog import IndexEntry, ModelState, ModelView
 from server.repository.manager import ControlMode, ModelManager
 from server.routing.router import Router, RouteStatus

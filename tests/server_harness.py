@@ -15,7 +15,7 @@ from typing import Any
 import uvloop
 
 from server.app import PeregrineServer
-from server.config import ServerSettings
+from server.settings import ServerSettings
 
 
 class ServerThread:

@@ -55,8 +55,8 @@ def _request(model: str, input_file: Path) -> Any:
 async def _measure(repository: Path, inputs: dict[str, Path], concurrency: int,
                    requests: int) -> dict[str, dict[str, float]]:
     from server.app import PeregrineServer
-    from server.config import ServerSettings
     from server.frontend.inference import InferenceServicer
+    from server.settings import ServerSettings
 
     server = PeregrineServer(ServerSettings(model_repository=repository, grpc_port=0,
                                             metrics_port=0, allow_metrics=False))

@@ -64,7 +64,7 @@ def add_drift_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    from server.config import default_repository
+    from server.settings import default_repository
 
     parser.add_argument("--model", required=True)
     parser.add_argument("--version", default="",
@@ -74,8 +74,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def run_drift(args: argparse.Namespace, open_model: ModelOpener) -> int:
-    from server.config import default_repository
     from server.errors import PeregrineError
+    from server.settings import default_repository
 
     if args.drift_command == "status":
         from server.cli.drift_status import run_status

@@ -14,9 +14,9 @@ from server.cli.health import add_health_parser, run_health
 from server.cli.repo import add_repo_parser, run_repo
 from server.cli.route import add_route_parser, run_route
 from server.cli.trt import add_trt_parser, run_trt
-from server.config import OPTIONS, load_settings
 from server.errors import ModelLoadError
 from server.logs import configure_logging
+from server.settings import OPTIONS, load_settings
 
 
 def _serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

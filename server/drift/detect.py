@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from server.drift import stats
+from server.drift import measures
 from server.drift.config import Thresholds
 from server.drift.features import Kind, Role
 from server.drift.profile import CategoricalProfile, NumericProfile, ReferenceProfile
@@ -199,10 +199,10 @@ def _measure(tensor: str, role: Role, refs: list[NumericProfile], values: Array,
     for j, ref in enumerate(refs):
         edges[j, :ref.edges.size] = ref.edges
         expected[j, :ref.proportions.size] = ref.proportions
-    live = stats.histogram_columns(values, edges) / rows
-    psi = stats.psi_rows(expected, live)
-    js = stats.js_rows(expected, live) if role is Role.OUTPUT else np.full(len(refs), math.nan)
-    d, p = stats.ks_rows(np.ascontiguousarray(values.T), np.stack([r.sample for r in refs]))
+    live = measures.histogram_columns(values, edges) / rows
+    psi = measures.psi_rows(expected, live)
+    js = measures.js_rows(expected, live) if role is Role.OUTPUT else np.full(len(refs), math.nan)
+    d, p = measures.ks_rows(np.ascontiguousarray(values.T), np.stack([r.sample for r in refs]))
     low = np.asarray([r.min for r in refs])
     high = np.asarray([r.max for r in refs])
     outside = ((values < low) | (values > high)).mean(axis=0)
@@ -236,10 +236,10 @@ def _categorical(tensor: str, role: Role, ref: CategoricalProfile, column: Array
     counts = category_counts(ref, values)
     expected = np.asarray([*ref.categories.values(), ref.other, 0.0])
     live = counts / values.size
-    statistic, pvalue = stats.chi_square(counts, expected)
+    statistic, pvalue = measures.chi_square(counts, expected)
     unseen_share = float(live[-1])
-    js = stats.js_distance(expected, live) if role is Role.OUTPUT else math.nan
-    return _Raw(tensor, role, ref, int(values.size), stats.psi(expected, live), pvalue,
+    js = measures.js_distance(expected, live) if role is Role.OUTPUT else math.nan
+    return _Raw(tensor, role, ref, int(values.size), measures.psi(expected, live), pvalue,
                 statistic, js, missing, unseen_share, unseen_share > 0.0)
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from server.drift import stats
+from server.drift import measures
 from server.drift.config import Thresholds
 from server.drift.detect import (
     FeatureResult,
@@ -143,7 +143,7 @@ def _histogram_panel(axis: Axes, result: FeatureResult, profile: ReferenceProfil
         values = values[~np.isnan(values)]
         edges = feature.edges
         reference = feature.proportions
-        current = stats.histogram(values, edges) / max(1, values.size)
+        current = measures.histogram(values, edges) / max(1, values.size)
         labels = [f"≤{e:.3g}" for e in edges] + [f">{edges[-1]:.3g}" if edges.size else "all"]
     else:
         kept = [v for v in column.tolist() if v is not None]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from server._pb import grpc_service_pb2 as pb
 from server.control import VersionStatistics
-from server.metrics.stats import Duration, VersionStats
+from server.metrics.statistics import Duration, VersionStats
 
 
 def _duration(value: Duration) -> pb.StatisticDuration:

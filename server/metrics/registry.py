@@ -17,7 +17,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from server.metrics.histogram import LoopHistogram, LoopHistogramCollector
-from server.metrics.stats import VersionStats
+from server.metrics.statistics import VersionStats
 from server.types import Execution
 
 LATENCY_BUCKETS = (

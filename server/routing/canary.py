@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server.routing.stats import Window
+from server.routing.figures import Window
 from server.routing.table import CanarySpec
 
 

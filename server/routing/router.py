@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from server.errors import InvalidInput, NotAllowed
 from server.metrics.routing import RoutingMetrics
 from server.routing.canary import judge
+from server.routing.figures import VariantStats
 from server.routing.shadow import Agreement, ShadowMirror
 from server.routing.splitter import pick_sticky, pick_weighted
-from server.routing.stats import VariantStats
 from server.routing.store import RouteStore, table_to_json
 from server.routing.table import Route, RouteTable, SpecLookup, build_route
 from server.types import InferRequest, InferResponse, RouteDecision

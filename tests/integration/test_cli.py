@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import tritonclient.grpc as grpcclient
 
-from server.config import OPTIONS
+from server.settings import OPTIONS
 from tests import model_factory
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from server.cli import build_parser
-from server.config import OPTIONS
+from server.settings import OPTIONS
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVER_FLAGS = {option.flag for option in OPTIONS}

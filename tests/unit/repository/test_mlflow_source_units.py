@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from server.config import ServerSettings, load_settings
 from server.errors import ModelLoadError
 from server.repository import config as config_io
 from server.repository.mlflow_source import (
@@ -21,6 +20,7 @@ from server.repository.mlflow_source import (
     _write_config,
     parse_refs,
 )
+from server.settings import ServerSettings, load_settings
 
 # -- references --------------------------------------------------------------------------------
 

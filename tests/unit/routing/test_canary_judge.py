@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from server.routing.canary import judge
-from server.routing.stats import Window
+from server.routing.figures import Window
 from server.routing.table import CanarySpec
 
 SPEC = CanarySpec(baseline="a", candidate="b", steps=(1.0, 10.0, 50.0, 100.0),

@@ -1,4 +1,4 @@
-"""server.config.load_settings: precedence defaults < TOML < env < flags, and validation."""
+"""server.settings.load_settings: precedence defaults < TOML < env < flags, and validation."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from server.config import OPTIONS, ServerSettings, load_settings, parse_bool
+from server.settings import OPTIONS, ServerSettings, load_settings, parse_bool
 
 
 def write_toml(tmp_path: Path, text: str) -> Path:

@@ -1,4 +1,4 @@
-"""server.routing.stats.VariantStats: counts and recent-latency windows per variant."""
+"""server.routing.figures.VariantStats: counts and recent-latency windows per variant."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from server.metrics.routing import RoutingMetrics
-from server.routing.stats import RING_SIZE, VariantStats
+from server.routing.figures import RING_SIZE, VariantStats
 
 
 @pytest.fixture
