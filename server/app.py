@@ -261,12 +261,7 @@ class PeregrineServer:
 def _wants_drift(spec: ModelSpec) -> bool:
     from server.drift import config as drift_config
 
-    try:
-        return drift_config.parse(spec.parameters).enabled
-    except ValueError as exc:
-        log.error("drift monitoring is off for a model with bad drift parameters",
-                  extra={"model": spec.name, "error": str(exc)})
-        return False
+    return drift_config.parse(spec.parameters, spec.name).enabled
 
 
 def open_model_offline(repository: Path, model: str) -> tuple[ModelSpec, Callable[[str], Backend]]:
@@ -277,6 +272,7 @@ def open_model_offline(repository: Path, model: str) -> tuple[ModelSpec, Callabl
     factory = backend_factories().get(spec.backend)
     if factory is None:
         raise ValueError(f"model '{model}': backend '{spec.backend}' is not available")
+    config_io.check_parameters(spec, factory.parameter_keys)
     versions = sorted((p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()),
                       key=lambda p: int(p.name))
     if not versions:

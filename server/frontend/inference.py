@@ -30,6 +30,7 @@ from server.errors import (
 from server.frontend.shared_memory import SystemSharedMemoryRpcs
 from server.frontend.statistics import model_statistics
 from server.frontend.status import log_unexpected, mapped, status_of
+from server.repository.cards import RUNTIME
 from server.repository.manager import ControlMode, ModelRecord, ModelRepository
 from server.shm import SharedMemoryRegistry
 from server.types import InferResponse
@@ -161,7 +162,7 @@ class InferenceServicer(
         # Which backend, provider and device serve this version (Backend.description).
         runtime = _runtime(record, request.version)
         if runtime:
-            card[RUNTIME_PARAMETER] = runtime
+            card[RUNTIME.name] = runtime
         if not card:
             return pb.ModelConfigResponse(config=record.config)
         config = type(record.config)()
@@ -349,10 +350,6 @@ def _stream_error(message: pb.ModelInferRequest, exc: Exception) -> pb.ModelStre
 def _check_version(record: ModelRecord, version: str) -> None:
     if version and version not in record.versions:
         raise ModelNotFound(f"unknown version '{version}' of model '{record.name}'")
-
-
-#: The ModelConfig parameter that says which runtime (backend, provider, device) serves it.
-RUNTIME_PARAMETER = "runtime"
 
 
 def _runtime(record: ModelRecord, version: str) -> str:

@@ -369,6 +369,7 @@ class ModelRepository:
         else:
             chosen = select_versions(config.version_policy, on_disk)
         factory = self._factory(spec)
+        config_io.check_parameters(spec, factory.parameter_keys)
         # Complete the spec from the newest version whose model file is there: a half-copied
         # version then fails on its own (and shows why) while the others load.
         complete = [
