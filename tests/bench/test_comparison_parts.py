@@ -5,9 +5,22 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+from google.protobuf import text_format
+
+from bench.gpu_backends import config_for
 from bench.loadgen import StepPlan
-from bench.model_repo import batching_of, comparison_repository, remove_block, set_parameters
+from bench.model_repo import (
+    ORT_PARAMETERS,
+    batching_of,
+    comparison_repository,
+    remove_block,
+    set_parameters,
+)
 from bench.workers import split_plans
+from server._pb import model_config_pb2 as mc
+from server.app import backend_factories
+from server.repository.config import check_parameters, to_spec
 
 CONFIG = """name: "m"
 platform: "onnxruntime_onnx"
@@ -57,6 +70,22 @@ def test_comparison_repository(tmp_path: Path) -> None:
     text = (dest / "m" / "config.pbtxt").read_text()
     assert "version_policy" not in text and "dynamic_batching" not in text
     assert 'allow_spinning" value: { string_value: "0"' in text
+
+
+@pytest.mark.parametrize(("runtime", "extra"), [
+    ("ort", ORT_PARAMETERS),
+    ("ort", {"drift_sample_rate": "0.1"}),  # bench/drift_overhead.py
+    ("ort_trt", {}),
+    ("trt", {}),
+])
+def test_the_benchmarks_set_only_parameters_the_server_knows(
+    tmp_path: Path, runtime: str, extra: dict[str, str],
+) -> None:
+    example = CONFIG.replace(CONFIG[CONFIG.index("parameters"):], "")  # as examples/ writes
+    text = set_parameters(config_for(example, runtime, "fp16", tmp_path), extra)
+    config = text_format.Parse(text, mc.ModelConfig())
+    spec = to_spec(config, tmp_path / "m")
+    check_parameters(spec, backend_factories()[spec.backend].parameter_keys)
 
 
 def test_split_plans_shares_everything_out() -> None:
