@@ -29,6 +29,7 @@ from server.backends.onnxruntime import OnnxRuntimeFactory
 from server.backends.tensorrt import TensorRtFactory
 from server.control import ControlPlane
 from server.dataplane import DataPlane
+from server.drift import config as drift_config
 from server.frontend.admin import AdminServicer
 from server.frontend.inference import InferenceServicer, ServerState
 from server.interfaces import (
@@ -52,7 +53,7 @@ from server.repository.source import FilesystemSource
 from server.routing.router import Router
 from server.routing.shadow import ShadowMirror
 from server.routing.store import RouteStore
-from server.scheduler.batcher import DynamicBatcher
+from server.scheduler import batcher
 from server.settings import ServerSettings
 from server.shm import SharedMemoryRegistry
 from server.spec import ModelSpec
@@ -72,12 +73,24 @@ def backend_factories() -> dict[str, BackendFactory]:
     return {"onnxruntime": OnnxRuntimeFactory(), "tensorrt": TensorRtFactory()}
 
 
+#: The model parameters the components composed here own (beside the repository's own and
+#: each backend's), and drift's rule over several of them.
+PARAMETER_KEYS = (*batcher.PARAMETER_KEYS, *drift_config.PARAMETER_KEYS)
+PARAMETER_CHECKS = (drift_config.parse,)
+
+
+def check_model_parameters(spec: ModelSpec, factory: BackendFactory) -> None:
+    """What the repository checks at load, for tools that open a model without a server."""
+    config_io.check_parameters(spec, (*PARAMETER_KEYS, *factory.parameter_keys),
+                               PARAMETER_CHECKS)
+
+
 def batcher_factory(packer: Packer) -> SchedulerFactory:
     """Every loaded version gets a dynamic batcher over the chosen packing."""
 
     def make(spec: ModelSpec, version: str, instances: Sequence[Backend],
              metrics: ModelMetrics) -> Scheduler:
-        return DynamicBatcher(spec, version, instances, packer, metrics)
+        return batcher.DynamicBatcher(spec, version, instances, packer, metrics)
 
     return make
 
@@ -109,6 +122,8 @@ class PeregrineServer:
             load_threads=settings.model_load_thread_count,
             state_file=settings.resolved_state_file,
             drain_timeout=settings.exit_timeout_secs,
+            parameter_keys=PARAMETER_KEYS,
+            parameter_checks=PARAMETER_CHECKS,
         )
         self.mode = ControlMode(settings.model_control_mode)
         routing_metrics = RoutingMetrics(self.metrics.registry)
@@ -279,14 +294,7 @@ class PeregrineServer:
 
 
 def _wants_drift(spec: ModelSpec) -> bool:
-    from server.drift import config as drift_config
-
-    try:
-        return drift_config.parse(spec.parameters).enabled
-    except ValueError as exc:
-        log.error("drift monitoring is off for a model with bad drift parameters",
-                  extra={"model": spec.name, "error": str(exc)})
-        return False
+    return drift_config.parse(spec.parameters, spec.name).enabled
 
 
 def open_model_offline(repository: Path, model: str) -> tuple[ModelSpec, Callable[[str], Backend]]:
@@ -297,6 +305,7 @@ def open_model_offline(repository: Path, model: str) -> tuple[ModelSpec, Callabl
     factory = backend_factories().get(spec.backend)
     if factory is None:
         raise ValueError(f"model '{model}': backend '{spec.backend}' is not available")
+    check_model_parameters(spec, factory)
     versions = sorted((p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()),
                       key=lambda p: int(p.name))
     if not versions:

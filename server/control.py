@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from server._pb import model_config_pb2 as mc
 from server.errors import InvalidInput, LoadFailed, ModelLoadError, ModelNotFound, NotAllowed
 from server.metrics.statistics import VersionStats
+from server.repository.cards import RUNTIME
 from server.repository.catalog import IndexEntry, ModelState, ModelView
 from server.repository.manager import ControlMode, ModelManager
 from server.routing.router import Router, RouteStatus
@@ -25,8 +26,6 @@ from server.types import DataType
 if TYPE_CHECKING:
     from server.drift.detect import WindowReport
 
-#: The ModelConfig parameter that says which runtime (backend, provider, device) serves it.
-RUNTIME_PARAMETER = "runtime"
 #: The only RepositoryModelLoad parameter: a whole ModelConfig as JSON.
 CONFIG_OVERRIDE_PARAMETER = "config"
 
@@ -122,7 +121,7 @@ class ControlPlane:
         extra = _card(model, version)
         chosen = model.chosen(version)
         if chosen is not None and chosen.served is not None and chosen.served.description:
-            extra[RUNTIME_PARAMETER] = chosen.served.description
+            extra[RUNTIME.name] = chosen.served.description
         if not extra:
             return model.config
         config = mc.ModelConfig()

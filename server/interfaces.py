@@ -8,6 +8,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import NamedTuple, Protocol, runtime_checkable
 
+from server.parameters import Key
 from server.spec import ModelSpec
 from server.types import (
     Array,
@@ -47,6 +48,12 @@ class Backend(Protocol):
 
 class BackendFactory(Protocol):
     """Loads instances of one backend kind. Blocking; called from a loader thread."""
+
+    @property
+    def parameter_keys(self) -> Sequence[Key[object]]:
+        """The config.pbtxt ``parameters`` keys this backend owns; the repository checks a
+        model's keys against them (and the other components') when it loads."""
+        ...
 
     def load(self, spec: ModelSpec, version_dir: str, instance_index: int) -> Backend: ...
 

@@ -15,11 +15,13 @@ import onnxruntime as ort
 
 from server.errors import InvalidInput, ModelLoadError
 from server.gpu.options import (
+    ORT_GPU_KEYS,
     instance_device,
     instance_group,
     ort_gpu_providers,
     parse_ort_gpu_options,
 )
+from server.parameters import Key, boolean, choice, integer, optional
 from server.spec import ModelSpec, TensorSpec
 from server.types import Array, DataType
 
@@ -55,73 +57,42 @@ _OPTIMIZATION_LEVELS = {
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
 
-#: config.pbtxt ``parameters`` keys this backend reads.
-PARAMETER_KEYS = frozenset({
-    "intra_op_thread_count",
-    "inter_op_thread_count",
-    "graph_optimization_level",
-    "execution_mode",
-    "allow_spinning",
-    "allow_cpu_fallback",
-})
+INTRA_OP_THREADS = Key("intra_op_thread_count", optional(integer(0)),
+                       "threads one operator may use (onnxruntime's default when unset)")
+INTER_OP_THREADS = Key("inter_op_thread_count", optional(integer(0)),
+                       "threads that run operators in parallel (execution_mode parallel)")
+GRAPH_OPTIMIZATION_LEVEL = Key("graph_optimization_level", choice(*_OPTIMIZATION_LEVELS),
+                               "graph optimisations: disable_all, basic, extended or all", "all")
+EXECUTION_MODE = Key("execution_mode", choice("sequential", "parallel"),
+                     "run operators one at a time or in parallel", "sequential")
+ALLOW_SPINNING = Key("allow_spinning", boolean,
+                     "idle session threads spin (lower latency, busy CPU) before sleeping", "true")
+ALLOW_CPU_FALLBACK = Key("allow_cpu_fallback", boolean,
+                         "a KIND_GPU instance may run on the CPU when CUDA is missing", "false")
+#: config.pbtxt ``parameters`` keys this backend owns.
+PARAMETER_KEYS = (INTRA_OP_THREADS, INTER_OP_THREADS, GRAPH_OPTIMIZATION_LEVEL, EXECUTION_MODE,
+                  ALLOW_SPINNING, ALLOW_CPU_FALLBACK, *ORT_GPU_KEYS)
 
 
-def _int_parameter(params: Mapping[str, str], key: str) -> int | None:
-    raw = params.get(key)
-    if raw is None or raw == "":
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ModelLoadError(f"parameter '{key}' must be an integer, got '{raw}'") from None
-    if value < 0:
-        raise ModelLoadError(f"parameter '{key}' must not be negative, got {value}")
-    return value
-
-
-def _bool_parameter(params: Mapping[str, str], key: str, default: bool) -> bool:
-    raw = params.get(key)
-    if raw is None or raw == "":
-        return default
-    lowered = raw.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ModelLoadError(f"parameter '{key}' must be true or false, got '{raw}'")
-
-
-def session_options(params: Mapping[str, str]) -> ort.SessionOptions:
+def session_options(spec: ModelSpec) -> ort.SessionOptions:
+    params, model = spec.parameters, spec.name
     options = ort.SessionOptions()
-    intra = _int_parameter(params, "intra_op_thread_count")
+    intra = INTRA_OP_THREADS.value(params, model)
     if intra is not None:
         options.intra_op_num_threads = intra
-    inter = _int_parameter(params, "inter_op_thread_count")
+    inter = INTER_OP_THREADS.value(params, model)
     if inter is not None:
         options.inter_op_num_threads = inter
-    level = params.get("graph_optimization_level")
-    if level:
-        try:
-            options.graph_optimization_level = _OPTIMIZATION_LEVELS[level.lower()]
-        except KeyError:
-            raise ModelLoadError(
-                f"parameter 'graph_optimization_level' must be one of "
-                f"{sorted(_OPTIMIZATION_LEVELS)}, got '{level}'"
-            ) from None
-    mode = params.get("execution_mode")
-    if mode:
-        if mode.lower() not in ("sequential", "parallel"):
-            raise ModelLoadError(
-                f"parameter 'execution_mode' must be sequential or parallel, got '{mode}'"
-            )
-        options.execution_mode = (
-            ort.ExecutionMode.ORT_PARALLEL
-            if mode.lower() == "parallel"
-            else ort.ExecutionMode.ORT_SEQUENTIAL
-        )
-    spinning = _bool_parameter(params, "allow_spinning", default=True)
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
+    options.graph_optimization_level = _OPTIMIZATION_LEVELS[
+        GRAPH_OPTIMIZATION_LEVEL.value(params, model)]
+    options.execution_mode = (
+        ort.ExecutionMode.ORT_PARALLEL
+        if EXECUTION_MODE.value(params, model) == "parallel"
+        else ort.ExecutionMode.ORT_SEQUENTIAL
+    )
+    spinning = "1" if ALLOW_SPINNING.value(params, model) else "0"
+    options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+    options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
     return options
 
 
@@ -141,7 +112,7 @@ def choose_providers(
     if group.kind == "CPU" or (group.kind == "AUTO" and not has_cuda):
         return ["CPUExecutionProvider"]
     if not has_cuda:
-        if _bool_parameter(spec.parameters, "allow_cpu_fallback", default=False):
+        if ALLOW_CPU_FALLBACK.value(spec.parameters, spec.name):
             log.warning(
                 "KIND_GPU requested without CUDA; falling back to CPU as the config allows",
                 extra={"model": spec.name},
@@ -302,6 +273,8 @@ def _from_ort_strings(value: Array) -> Array:
 class OnnxRuntimeFactory:
     """Loads ONNX Runtime instances and auto-completes specs from the model file."""
 
+    parameter_keys = PARAMETER_KEYS
+
     def model_path(self, spec: ModelSpec, version_dir: str) -> str:
         path = os.path.join(version_dir, spec.default_model_filename or "model.onnx")
         if not os.path.isfile(path):
@@ -316,7 +289,7 @@ class OnnxRuntimeFactory:
         try:
             session = ort.InferenceSession(
                 path,
-                sess_options=session_options(spec.parameters),
+                sess_options=session_options(spec),
                 providers=providers,
             )
         except ModelLoadError:
@@ -331,9 +304,7 @@ class OnnxRuntimeFactory:
         running = session.get_providers()
         if wanted != "CPUExecutionProvider" and wanted not in running:
             group, _ = instance_group(spec, instance_index)
-            if group.kind != "AUTO" and not _bool_parameter(
-                spec.parameters, "allow_cpu_fallback", default=False
-            ):
+            if group.kind != "AUTO" and not ALLOW_CPU_FALLBACK.value(spec.parameters, spec.name):
                 raise ModelLoadError(
                     f"model '{spec.name}': onnxruntime could not start {wanted} (no CUDA "
                     f"device, or its libraries are missing?); the session would run on {running}"

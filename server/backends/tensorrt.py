@@ -47,6 +47,7 @@ from server.gpu.engine_cache import (
     timing_cache_path,
 )
 from server.gpu.options import (
+    TRT_KEYS,
     TrtOptions,
     instance_device,
     optimisation_profile,
@@ -750,6 +751,8 @@ def _check_dims(spec: ModelSpec, kind: str, tensor: TensorSpec, shape: tuple[int
 
 class TensorRtFactory:
     """Loads TensorRT instances; builds and caches engines from ONNX when the config asks."""
+
+    parameter_keys = TRT_KEYS
 
     def __init__(self, progress_stream: TextIO | None = None) -> None:
         #: Where a build draws its progress bar (the CLI passes stderr); logs otherwise.

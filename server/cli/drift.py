@@ -108,7 +108,7 @@ def _profile(args: argparse.Namespace, repository: Path, open_model: ModelOpener
     version = args.version or (versions[-1] if versions else "")
     if version not in versions:
         raise ValueError(f"model '{args.model}' has no version '{version}' on disk")
-    config = drift_config.parse(spec.parameters)
+    config = drift_config.parse(spec.parameters, spec.name)
     layouts = features.layouts(spec, config)
     data = datafile.load(args.data, spec)
     missing = [t.name for t in layouts if t.name not in data]
@@ -156,7 +156,7 @@ def _report(args: argparse.Namespace, repository: Path, open_model: ModelOpener)
     from server.drift.store import read_windows
 
     spec, _ = open_model(repository, args.model)
-    config = drift_config.parse(spec.parameters)
+    config = drift_config.parse(spec.parameters, spec.name)
     version = args.version
     if not version:
         with_samples = [v for v in _versions(repository / args.model)

@@ -23,7 +23,7 @@ from types import MappingProxyType
 from typing import Any, Protocol, TextIO, runtime_checkable
 
 from server.errors import ModelLoadError
-from server.gpu.options import TRT_SHAPE_PREFIX, parse_precision
+from server.gpu.options import TRT_BUILD_FROM_ONNX, TRT_PRECISION, TRT_SHAPE
 from server.spec import ModelSpec
 
 
@@ -107,7 +107,7 @@ def build(args: argparse.Namespace, factories: dict[str, Any]) -> dict[str, Any]
         "source": record.source,
         "build_seconds": round(record.seconds, 1),
         "bytes": len(record.data),
-        "precision": spec.parameters.get("trt_precision", "fp32"),
+        "precision": ",".join(TRT_PRECISION.value(spec.parameters, spec.name)),
         "gpu": gpu.name,
         "device": device,
     }
@@ -133,29 +133,29 @@ def _version_dir(model_dir: Path, version: str) -> Path:
 
 def _as_onnx_build(spec: ModelSpec, precision: str) -> ModelSpec:
     """The spec of an engine build from model.onnx, with ``--precision`` applied."""
-    if precision:
-        parse_precision(precision, "--precision")
+    try:
+        wanted = TRT_PRECISION.parse(precision) if precision else None
+    except ValueError as exc:
+        raise ModelLoadError(f"--precision must be {exc}, got {precision!r}") from None
     if spec.backend == "tensorrt":
-        if spec.parameters.get("trt_build_from_onnx", "").strip().lower() not in (
-            "1", "true", "yes", "on"
-        ):
+        if not TRT_BUILD_FROM_ONNX.value(spec.parameters, spec.name):
             raise ModelLoadError(
                 f"model '{spec.name}' serves a prebuilt {spec.default_model_filename}; set "
                 "parameter trt_build_from_onnx to \"true\" (with a model.onnx) to build it"
             )
-        params = dict(spec.parameters)
-        if precision and precision != params.get("trt_precision"):
-            print(f"peregrine trt build: note: --precision {precision} differs from the "
-                  f"config's trt_precision '{params.get('trt_precision', 'fp32')}'; the server "
-                  "uses this engine only when the config asks for the same precision",
-                  file=sys.stderr)
-            params["trt_precision"] = precision
+        configured = TRT_PRECISION.value(spec.parameters, spec.name)
+        if wanted is None or wanted == configured:
+            return spec
+        print(f"peregrine trt build: note: --precision {precision} differs from the "
+              f"config's trt_precision '{','.join(configured)}'; the server uses this engine "
+              "only when the config asks for the same precision", file=sys.stderr)
+        params = {**spec.parameters, TRT_PRECISION.name: precision}
         return dataclasses.replace(spec, parameters=MappingProxyType(params))
     # An ONNX Runtime model: build its model.onnx with this command's flags only.
-    params = {k: v for k, v in spec.parameters.items() if k.startswith(TRT_SHAPE_PREFIX)}
-    params["trt_build_from_onnx"] = "true"
+    params = {k: v for k, v in spec.parameters.items() if TRT_SHAPE.owns(k)}
+    params[TRT_BUILD_FROM_ONNX.name] = "true"
     if precision:
-        params["trt_precision"] = precision
+        params[TRT_PRECISION.name] = precision
     groups = tuple(g if g.kind != "CPU" else dataclasses.replace(g, kind="GPU")
                    for g in spec.instances)
     return dataclasses.replace(spec, backend="tensorrt", platform="tensorrt_plan",

@@ -47,12 +47,17 @@ optional; the defaults are below. Keys, as ``parameters { key: "..." value: { st
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
+
+from server.errors import ModelLoadError
+from server.parameters import Key, choice, integer, names, number, optional, text
 
 PREFIX = "drift_"
 DEFAULT_STORE_DIR = ".drift"
+T = TypeVar("T")
 
 
 class Sampling(enum.Enum):
@@ -98,106 +103,99 @@ class DriftConfig:
         return repository / self.store_dir / model / version
 
 
-_KNOWN = frozenset({
-    "sample_rate", "sampling", "feature_axis", "tensors", "categorical", "window", "min_rows",
-    "psi_warning", "psi_alert", "ks_alert", "js_warning", "js_alert", "missing_alert",
-    "range_alert", "ring_size", "store_dir", "store_max_bytes", "store_format",
-})
+_DEFAULT = DriftConfig()
+_LIMITS = _DEFAULT.thresholds
 
 
-def _number(params: Mapping[str, str], key: str, default: float, low: float,
-             high: float = float("inf")) -> float:
-    text = params.get(PREFIX + key)
-    if text is None or not text.strip():
-        return default
+def _axis(value: str) -> int:
+    expected = "an integer axis other than 0 (the batch axis)"
     try:
-        value = float(text)
+        axis = int(value)
     except ValueError:
-        raise ValueError(f"{PREFIX}{key} must be a number, got '{text}'") from None
-    if not low <= value <= high:
-        raise ValueError(f"{PREFIX}{key} must be within {low}..{high}, got {value}")
-    return value
-
-
-def _integer(params: Mapping[str, str], key: str, default: int, low: int) -> int:
-    text = params.get(PREFIX + key)
-    if text is None or not text.strip():
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"{PREFIX}{key} must be an integer, got '{text}'") from None
-    if value < low:
-        raise ValueError(f"{PREFIX}{key} must be at least {low}, got {value}")
-    return value
-
-
-def _names(params: Mapping[str, str], key: str) -> tuple[str, ...]:
-    text = params.get(PREFIX + key, "")
-    return tuple(part.strip() for part in text.split(",") if part.strip())
-
-
-def parse(params: Mapping[str, str]) -> DriftConfig:
-    """The model's drift settings (``enabled`` False when sampling is off). Raises ValueError,
-    naming the key, on a bad value or an unknown ``drift_`` key: a typo must not silently
-    switch monitoring off."""
-    axis_prefix = PREFIX + "feature_axis_"
-    for key in params:
-        if key.startswith(PREFIX) and not key.startswith(axis_prefix) \
-                and key[len(PREFIX):] not in _KNOWN:
-            raise ValueError(f"unknown drift parameter '{key}'")
-    rate = _number(params, "sample_rate", 0.0, 0.0, 1.0)
-    sampling_text = params.get(PREFIX + "sampling", "random").strip() or "random"
-    try:
-        sampling = Sampling(sampling_text)
-    except ValueError:
-        raise ValueError(
-            f"{PREFIX}sampling must be random or request_id, got '{sampling_text}'"
-        ) from None
-    axes = {}
-    for key in params:
-        if key.startswith(axis_prefix):
-            axes[key[len(axis_prefix):]] = _axis(params[key], key)
-    window = _integer(params, "window", 2000, 2)
-    store_format = params.get(PREFIX + "store_format", "auto").strip() or "auto"
-    if store_format not in ("auto", "parquet", "npz"):
-        raise ValueError(f"{PREFIX}store_format must be auto, parquet or npz, "
-                         f"got '{store_format}'")
-    thresholds = Thresholds(
-        psi_warning=_number(params, "psi_warning", 0.1, 0.0),
-        psi_alert=_number(params, "psi_alert", 0.25, 0.0),
-        ks_alert=_number(params, "ks_alert", 0.01, 0.0, 1.0),
-        js_warning=_number(params, "js_warning", 0.1, 0.0, 1.0),
-        js_alert=_number(params, "js_alert", 0.2, 0.0, 1.0),
-        missing_alert=_number(params, "missing_alert", 0.05, 0.0, 1.0),
-        range_alert=_number(params, "range_alert", 0.05, 0.0, 1.0),
-    )
-    if thresholds.psi_alert < thresholds.psi_warning:
-        raise ValueError(f"{PREFIX}psi_alert must not be below {PREFIX}psi_warning")
-    if thresholds.js_alert < thresholds.js_warning:
-        raise ValueError(f"{PREFIX}js_alert must not be below {PREFIX}js_warning")
-    return DriftConfig(
-        sample_rate=rate,
-        sampling=sampling,
-        feature_axis=_axis(params.get(PREFIX + "feature_axis", "-1"), PREFIX + "feature_axis"),
-        feature_axes=axes,
-        tensors=_names(params, "tensors"),
-        categorical=frozenset(_names(params, "categorical")),
-        window=window,
-        min_rows=min(window, _integer(params, "min_rows", max(1, window // 2), 1)),
-        thresholds=thresholds,
-        ring_size=_integer(params, "ring_size", 4096, 1),
-        store_dir=params.get(PREFIX + "store_dir", "").strip() or DEFAULT_STORE_DIR,
-        store_max_bytes=_integer(params, "store_max_bytes", 64 * 1024 * 1024, 0),
-        store_format=store_format,
-    )
-
-
-def _axis(text: str, key: str) -> int:
-    try:
-        axis = int(text)
-    except ValueError:
-        raise ValueError(f"{key} must be an integer axis, got '{text}'") from None
+        raise ValueError(expected) from None
     if axis == 0:
-        raise ValueError(f"{key} must not be 0: axis 0 is the batch axis")
+        raise ValueError(expected)
     return axis
+
+
+def _key(name: str, parse: Callable[[str], T], meaning: str, default: object = "",
+         member: str = "") -> Key[T]:
+    return Key(PREFIX + name, parse, meaning, str(default), member)
+
+
+SAMPLE_RATE = _key("sample_rate", number(0.0, 1.0), "fraction of requests sampled; 0: off",
+                   _DEFAULT.sample_rate)
+SAMPLING = _key("sampling", choice(*(s.value for s in Sampling), case_sensitive=True),
+                "random, or request_id (a hash of the request id)", _DEFAULT.sampling.value)
+FEATURE_AXIS = _key("feature_axis", _axis, "the axis of every tensor that holds the features",
+                    _DEFAULT.feature_axis)
+FEATURE_AXIS_OF = _key("feature_axis_", _axis, "the feature axis of one tensor",
+                       _DEFAULT.feature_axis, member="<tensor>")
+TENSORS = _key("tensors", names, "comma-separated tensors to monitor (default: all)")
+CATEGORICAL = _key("categorical", names, "comma-separated numeric tensors that are categories")
+WINDOW = _key("window", integer(2), "rows per window", _DEFAULT.window)
+MIN_ROWS = _key("min_rows", optional(integer(1)),
+                "rows the sliding window needs before it is evaluated (default: half a window)")
+PSI_WARNING = _key("psi_warning", number(0.0), "PSI at which a feature warns",
+                   _LIMITS.psi_warning)
+PSI_ALERT = _key("psi_alert", number(0.0), "PSI at which a feature alerts", _LIMITS.psi_alert)
+KS_ALERT = _key("ks_alert", number(0.0, 1.0), "false-alarm level of one window for the model",
+                _LIMITS.ks_alert)
+JS_WARNING = _key("js_warning", number(0.0, 1.0), "JS distance of an output that warns",
+                  _LIMITS.js_warning)
+JS_ALERT = _key("js_alert", number(0.0, 1.0), "JS distance of an output that alerts",
+                _LIMITS.js_alert)
+MISSING_ALERT = _key("missing_alert", number(0.0, 1.0), "rise of the missing rate that alerts",
+                     _LIMITS.missing_alert)
+RANGE_ALERT = _key("range_alert", number(0.0, 1.0), "share of out-of-range values that alerts",
+                   _LIMITS.range_alert)
+RING_SIZE = _key("ring_size", integer(1), "samples the ring holds between analyser passes",
+                 _DEFAULT.ring_size)
+STORE_DIR = _key("store_dir", text, "where fixed windows are written (repository-relative)",
+                 _DEFAULT.store_dir)
+STORE_MAX_BYTES = _key("store_max_bytes", integer(0), "size cap of one version's windows",
+                       _DEFAULT.store_max_bytes)
+STORE_FORMAT = _key("store_format", choice("auto", "parquet", "npz", case_sensitive=True),
+                    "parquet, npz, or auto (parquet when pyarrow imports)",
+                    _DEFAULT.store_format)
+#: config.pbtxt ``parameters`` keys drift monitoring owns.
+PARAMETER_KEYS = (SAMPLE_RATE, SAMPLING, FEATURE_AXIS, FEATURE_AXIS_OF, TENSORS, CATEGORICAL,
+                  WINDOW, MIN_ROWS, PSI_WARNING, PSI_ALERT, KS_ALERT, JS_WARNING, JS_ALERT,
+                  MISSING_ALERT, RANGE_ALERT, RING_SIZE, STORE_DIR, STORE_MAX_BYTES,
+                  STORE_FORMAT)
+
+
+def parse(params: Mapping[str, str], model: str) -> DriftConfig:
+    """The model's drift settings (``enabled`` False when sampling is off). Raises
+    ModelLoadError, naming the key, on a bad value: the repository checks this when the model
+    loads, so a typo never silently switches monitoring off."""
+    thresholds = Thresholds(
+        psi_warning=PSI_WARNING.value(params, model),
+        psi_alert=PSI_ALERT.value(params, model),
+        ks_alert=KS_ALERT.value(params, model),
+        js_warning=JS_WARNING.value(params, model),
+        js_alert=JS_ALERT.value(params, model),
+        missing_alert=MISSING_ALERT.value(params, model),
+        range_alert=RANGE_ALERT.value(params, model),
+    )
+    for low, high in ((PSI_WARNING, PSI_ALERT), (JS_WARNING, JS_ALERT)):
+        if high.value(params, model) < low.value(params, model):
+            raise ModelLoadError(f"model '{model}' parameter '{high.name}' must not be below "
+                                 f"'{low.name}'")
+    window = WINDOW.value(params, model)
+    min_rows = MIN_ROWS.value(params, model)
+    return DriftConfig(
+        sample_rate=SAMPLE_RATE.value(params, model),
+        sampling=Sampling(SAMPLING.value(params, model)),
+        feature_axis=FEATURE_AXIS.value(params, model),
+        feature_axes=FEATURE_AXIS_OF.values(params, model),
+        tensors=TENSORS.value(params, model),
+        categorical=frozenset(CATEGORICAL.value(params, model)),
+        window=window,
+        min_rows=min(window, max(1, window // 2) if min_rows is None else min_rows),
+        thresholds=thresholds,
+        ring_size=RING_SIZE.value(params, model),
+        store_dir=STORE_DIR.value(params, model),
+        store_max_bytes=STORE_MAX_BYTES.value(params, model),
+        store_format=STORE_FORMAT.value(params, model),
+    )

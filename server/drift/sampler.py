@@ -8,7 +8,6 @@ or touches the disk: the analyser thread does everything else.
 
 from __future__ import annotations
 
-import logging
 import random
 import zlib
 from typing import NamedTuple
@@ -19,8 +18,6 @@ from server.drift.ring import SampleRing
 from server.interfaces import DriftSample
 from server.spec import ModelSpec
 from server.types import Array, InferRequest, InferResponse
-
-log = logging.getLogger(__name__)
 
 _HASH_SPACE = 1 << 32
 
@@ -126,13 +123,8 @@ class DriftSampler:
         return self._register(spec, version)
 
     def _register(self, spec: ModelSpec, version: str) -> VersionSampler:
-        try:
-            config = drift_config.parse(spec.parameters)
-        except ValueError as exc:
-            log.error("drift monitoring disabled: bad drift parameter",
-                      extra={"model": spec.name, "version": version, "error": str(exc)})
-            config = DriftConfig()
-        sampler = VersionSampler(spec, version, config)
+        # The repository checked the drift parameters when the model loaded.
+        sampler = VersionSampler(spec, version, drift_config.parse(spec.parameters, spec.name))
         table = dict(self._versions)
         table[(spec.name, version)] = sampler
         self._versions = table

@@ -1,29 +1,12 @@
 """config.pbtxt ``parameters`` of GPU execution, parsed and checked without a GPU.
 
-Native TensorRT backend (``platform: "tensorrt_plan"`` / ``backend: "tensorrt"``)::
-
-    trt_build_from_onnx            "true": build the engine from <version>/model.onnx (cached)
-    trt_precision                  fp32 (default) | fp16 | bf16 | int8, or a set: "int8,fp16"
-    trt_workspace_mb               builder workspace limit, MiB
-    trt_builder_optimization_level 0..5 (TensorRT's default when unset)
-    trt_cuda_graphs                "true": capture one CUDA graph per batch shape on first use
-    trt_engine_cache_dir           where built engines are cached (default: see engine_cache)
-    trt_timing_cache               timing-cache file (default: one per GPU in the cache dir)
-    trt_shape_<input>              ranges of the input's -1 dims (batch dim excluded):
-                                   "MIN:OPT:MAX", each "AxBxC"; or one shape for all three
-
-ONNX Runtime on a GPU (``instance_group { kind: KIND_GPU gpus: [...] }``)::
-
-    execution_accelerator          cuda (default) | tensorrt (TensorRT execution provider)
-    gpu_mem_limit                  CUDA arena limit in bytes
-    cudnn_conv_algo_search         EXHAUSTIVE | HEURISTIC | DEFAULT
-    arena_extend_strategy          kNextPowerOfTwo | kSameAsRequested
-    trt_fp16, trt_int8             precision of the TensorRT provider (execution_accelerator
-                                   tensorrt only), as are the keys below
-    trt_engine_cache_path          enables the provider's engine cache in this directory
-    trt_timing_cache_path          enables the provider's timing cache in this directory
-    trt_workspace_mb, trt_builder_optimization_level, trt_cuda_graphs, trt_shape_<input>
-                                   as for the native backend (profiles are passed explicitly)
+The keys are declared below (server/parameters.py Key): :data:`TRT_KEYS` for the native
+TensorRT backend (``platform: "tensorrt_plan"``), :data:`ORT_GPU_KEYS` for ONNX Runtime on a
+GPU (``instance_group { kind: KIND_GPU }``), whose ``trt_*`` keys configure its TensorRT
+execution provider and need ``execution_accelerator: "tensorrt"``. ``trt_workspace_mb``,
+``trt_builder_optimization_level``, ``trt_cuda_graphs`` and ``trt_shape_<input>`` mean the
+same on both; ``trt_shape_<input>`` gives the range of an input's -1 dims (batch dim
+excluded) as ``"MIN:OPT:MAX"``, each ``AxBxC``, or one shape for all three.
 """
 
 from __future__ import annotations
@@ -34,89 +17,14 @@ from types import MappingProxyType
 from typing import Any
 
 from server.errors import ModelLoadError
+from server.parameters import Key, boolean, choice, integer, optional, text
 from server.spec import InstanceSpec, ModelSpec
 
-TRT_PREFIX = "trt_"
-TRT_SHAPE_PREFIX = "trt_shape_"
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 MAX_OPTIMIZATION_LEVEL = 5
-
-#: ``trt_*`` keys of the native TensorRT backend (besides ``trt_shape_<input>``).
-TRT_BACKEND_KEYS = frozenset({
-    "trt_build_from_onnx",
-    "trt_precision",
-    "trt_workspace_mb",
-    "trt_builder_optimization_level",
-    "trt_cuda_graphs",
-    "trt_engine_cache_dir",
-    "trt_timing_cache",
-})
-
-#: ``trt_*`` keys of ONNX Runtime's TensorRT execution provider (besides ``trt_shape_*``).
-ORT_TRT_KEYS = frozenset({
-    "trt_fp16",
-    "trt_int8",
-    "trt_engine_cache_path",
-    "trt_timing_cache_path",
-    "trt_workspace_mb",
-    "trt_builder_optimization_level",
-    "trt_cuda_graphs",
-})
-
 ACCELERATORS = ("cuda", "tensorrt")
 CONV_ALGO_SEARCH = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
 ARENA_STRATEGIES = ("kNextPowerOfTwo", "kSameAsRequested")
-
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
-
-
-# -- scalar parameters -----------------------------------------------------------------------
-
-
-def parse_bool(params: Mapping[str, str], key: str, default: bool, model: str) -> bool:
-    raw = params.get(key)
-    if raw is None or raw.strip() == "":
-        return default
-    lowered = raw.strip().lower()
-    if lowered in _TRUE:
-        return True
-    if lowered in _FALSE:
-        return False
-    raise ModelLoadError(f"model '{model}' parameter '{key}' must be true or false, got '{raw}'")
-
-
-def parse_int(
-    params: Mapping[str, str], key: str, model: str, minimum: int = 0,
-    maximum: int | None = None,
-) -> int | None:
-    raw = params.get(key)
-    if raw is None or raw.strip() == "":
-        return None
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        raise ModelLoadError(
-            f"model '{model}' parameter '{key}' must be an integer, got '{raw}'"
-        ) from None
-    if value < minimum or (maximum is not None and value > maximum):
-        bound = f"{minimum}..{maximum}" if maximum is not None else f">= {minimum}"
-        raise ModelLoadError(f"model '{model}' parameter '{key}' must be {bound}, got {value}")
-    return value
-
-
-def _choice(params: Mapping[str, str], key: str, choices: Sequence[str], model: str,
-            case_sensitive: bool = False) -> str | None:
-    raw = params.get(key)
-    if raw is None or raw.strip() == "":
-        return None
-    value = raw.strip()
-    for choice in choices:
-        if value == choice or (not case_sensitive and value.lower() == choice.lower()):
-            return choice
-    raise ModelLoadError(
-        f"model '{model}' parameter '{key}' must be one of {list(choices)}, got '{raw}'"
-    )
 
 
 # -- shapes ----------------------------------------------------------------------------------
@@ -131,44 +39,33 @@ class ShapeRange:
     max: tuple[int, ...]
 
 
-def _dims_text(text: str, where: str) -> tuple[int, ...]:
-    parts = [p.strip() for p in text.replace(",", "x").split("x")]
+_SHAPE = "MIN:OPT:MAX (each dims separated by 'x', e.g. 1x16:8x128:8x512) or one shape"
+
+
+def _dims_text(text: str) -> tuple[int, ...]:
     try:
-        dims = tuple(int(p) for p in parts)
+        dims = tuple(int(p.strip()) for p in text.replace(",", "x").split("x"))
     except ValueError:
-        raise ModelLoadError(
-            f"{where}: '{text}' is not a shape (dims separated by 'x', e.g. 3x224x224)"
-        ) from None
-    if not dims or any(d <= 0 for d in dims):
-        raise ModelLoadError(f"{where}: shape '{text}' must have positive dims")
+        raise ValueError(_SHAPE) from None
+    if any(d <= 0 for d in dims):
+        raise ValueError(_SHAPE + " with positive dims")
     return dims
 
 
-def parse_shape_range(text: str, where: str) -> ShapeRange:
+def parse_shape_range(text: str) -> ShapeRange:
     """``"MIN:OPT:MAX"`` (each ``AxBxC``) or one shape for all three."""
     parts = text.strip().split(":")
     if len(parts) == 1:
-        dims = _dims_text(parts[0], where)
+        dims = _dims_text(parts[0])
         return ShapeRange(dims, dims, dims)
     if len(parts) != 3:
-        raise ModelLoadError(f"{where}: '{text}' must be MIN:OPT:MAX or one shape")
-    low, opt, high = (_dims_text(p, where) for p in parts)
+        raise ValueError(_SHAPE)
+    low, opt, high = (_dims_text(p) for p in parts)
     if not len(low) == len(opt) == len(high):
-        raise ModelLoadError(f"{where}: MIN, OPT and MAX of '{text}' differ in rank")
+        raise ValueError(_SHAPE + " with MIN, OPT and MAX of one rank")
     if any(not a <= b <= c for a, b, c in zip(low, opt, high, strict=True)):
-        raise ModelLoadError(f"{where}: '{text}' needs MIN <= OPT <= MAX in every dim")
+        raise ValueError(_SHAPE + " with MIN <= OPT <= MAX in every dim")
     return ShapeRange(low, opt, high)
-
-
-def _shape_parameters(params: Mapping[str, str], model: str) -> Mapping[str, ShapeRange]:
-    shapes = {}
-    for key, value in params.items():
-        if key.startswith(TRT_SHAPE_PREFIX):
-            name = key[len(TRT_SHAPE_PREFIX):]
-            if not name:
-                raise ModelLoadError(f"model '{model}' parameter '{key}' names no input")
-            shapes[name] = parse_shape_range(value, f"model '{model}' parameter '{key}'")
-    return MappingProxyType(shapes)
 
 
 def optimisation_profile(
@@ -184,7 +81,7 @@ def optimisation_profile(
     unknown = sorted(set(shapes) - {t.name for t in spec.inputs})
     if unknown and spec.inputs:
         raise ModelLoadError(
-            f"model '{spec.name}' parameter '{TRT_SHAPE_PREFIX}{unknown[0]}' names no input; "
+            f"model '{spec.name}' parameter '{TRT_SHAPE.name}{unknown[0]}' names no input; "
             f"the inputs are {[t.name for t in spec.inputs]}"
         )
     profile: dict[str, ShapeRange] = {}
@@ -195,20 +92,20 @@ def optimisation_profile(
             if any(d < 0 for d in tensor.dims):
                 raise ModelLoadError(
                     f"{where} has dims {list(tensor.dims)}: give the range of its -1 dims "
-                    f"with parameter '{TRT_SHAPE_PREFIX}{tensor.name}' (\"MIN:OPT:MAX\", each "
+                    f"with parameter '{TRT_SHAPE.name}{tensor.name}' (\"MIN:OPT:MAX\", each "
                     "dims without the batch dimension separated by 'x')"
                 )
             given = ShapeRange(tensor.dims, tensor.dims, tensor.dims)
         elif len(given.min) != len(tensor.dims):
             raise ModelLoadError(
-                f"{where}: '{TRT_SHAPE_PREFIX}{tensor.name}' has {len(given.min)} dims, the "
+                f"{where}: '{TRT_SHAPE.name}{tensor.name}' has {len(given.min)} dims, the "
                 f"input has {len(tensor.dims)} ({list(tensor.dims)}, batch dimension excluded)"
             )
         else:
             for i, d in enumerate(tensor.dims):
                 if d > 0 and not given.min[i] == given.opt[i] == given.max[i] == d:
                     raise ModelLoadError(
-                        f"{where}: dim {i} is fixed at {d} but '{TRT_SHAPE_PREFIX}"
+                        f"{where}: dim {i} is fixed at {d} but '{TRT_SHAPE.name}"
                         f"{tensor.name}' gives it {given.min[i]}:{given.opt[i]}:{given.max[i]}"
                     )
         if spec.batches:
@@ -253,42 +150,52 @@ class TrtOptions:
         return "+".join(self.precision_flags) or "fp32"
 
 
-def parse_precision(text: str, where: str) -> tuple[str, ...]:
+def parse_precision(text: str) -> tuple[str, ...]:
+    """``fp16``, or a set such as ``int8,fp16``; ``fp32`` (alone) sets no flag."""
+    expected = f"one of {list(PRECISIONS)} or a comma-separated set of them (fp32 alone)"
     wanted = [p.strip().lower() for p in text.replace("+", ",").split(",") if p.strip()]
-    if not wanted:
-        raise ModelLoadError(f"{where} is empty; use one of {list(PRECISIONS)}")
-    for p in wanted:
-        if p not in PRECISIONS:
-            raise ModelLoadError(f"{where}: '{p}' is not one of {list(PRECISIONS)}")
+    if not wanted or any(p not in PRECISIONS for p in wanted):
+        raise ValueError(expected)
     if "fp32" in wanted and len(set(wanted)) > 1:
-        raise ModelLoadError(f"{where}: fp32 means no reduced precision; do not combine it")
+        raise ValueError(expected + "; fp32 means no reduced precision, do not combine it")
     return tuple(dict.fromkeys(wanted))
 
 
+# Keys of both TensorRT paths (the native backend and ONNX Runtime's TensorRT provider).
+TRT_WORKSPACE_MB = Key("trt_workspace_mb", optional(integer(1)), "builder workspace limit, MiB")
+TRT_OPTIMIZATION_LEVEL = Key(
+    "trt_builder_optimization_level", optional(integer(0, MAX_OPTIMIZATION_LEVEL)),
+    "TensorRT builder optimisation level (TensorRT's default when unset)")
+TRT_CUDA_GRAPHS = Key("trt_cuda_graphs", boolean,
+                      "capture one CUDA graph per batch shape on first use", "false")
+TRT_SHAPE = Key("trt_shape_", parse_shape_range,
+                "ranges of the input's -1 dims, batch dim excluded: MIN:OPT:MAX or one shape",
+                member="<input>")
+
+TRT_BUILD_FROM_ONNX = Key("trt_build_from_onnx", boolean,
+                          "build the engine from <version>/model.onnx (cached)", "false")
+TRT_PRECISION = Key("trt_precision", parse_precision,
+                    "precisions the builder may use: fp32, fp16, bf16, int8 or a set", "fp32")
+TRT_ENGINE_CACHE_DIR = Key("trt_engine_cache_dir", optional(text),
+                           "where built engines are cached (default: see engine_cache)")
+TRT_TIMING_CACHE = Key("trt_timing_cache", optional(text),
+                       "timing-cache file (default: one per GPU in the engine cache dir)")
+#: The native TensorRT backend's keys.
+TRT_KEYS = (TRT_BUILD_FROM_ONNX, TRT_PRECISION, TRT_WORKSPACE_MB, TRT_OPTIMIZATION_LEVEL,
+            TRT_CUDA_GRAPHS, TRT_ENGINE_CACHE_DIR, TRT_TIMING_CACHE, TRT_SHAPE)
+
+
 def parse_trt_options(params: Mapping[str, str], model: str) -> TrtOptions:
-    """The native TensorRT backend's parameters; unknown ``trt_*`` keys are an error."""
-    for key in params:
-        if (key.startswith(TRT_PREFIX) and not key.startswith(TRT_SHAPE_PREFIX)
-                and key not in TRT_BACKEND_KEYS):
-            raise ModelLoadError(
-                f"model '{model}' parameter '{key}' is not a TensorRT backend key; known: "
-                f"{sorted(TRT_BACKEND_KEYS)} and {TRT_SHAPE_PREFIX}<input>"
-            )
-    raw_precision = params.get("trt_precision", "").strip()
-    precision = (parse_precision(raw_precision, f"model '{model}' parameter 'trt_precision'")
-                 if raw_precision else ("fp32",))
-    cache_dir = params.get("trt_engine_cache_dir", "").strip() or None
-    timing = params.get("trt_timing_cache", "").strip() or None
+    """The native TensorRT backend's parameters."""
     return TrtOptions(
-        build_from_onnx=parse_bool(params, "trt_build_from_onnx", False, model),
-        precision=precision,
-        workspace_mb=parse_int(params, "trt_workspace_mb", model, minimum=1),
-        builder_optimization_level=parse_int(params, "trt_builder_optimization_level", model,
-                                             maximum=MAX_OPTIMIZATION_LEVEL),
-        cuda_graphs=parse_bool(params, "trt_cuda_graphs", False, model),
-        engine_cache_dir=cache_dir,
-        timing_cache=timing,
-        shapes=_shape_parameters(params, model),
+        build_from_onnx=TRT_BUILD_FROM_ONNX.value(params, model),
+        precision=TRT_PRECISION.value(params, model),
+        workspace_mb=TRT_WORKSPACE_MB.value(params, model),
+        builder_optimization_level=TRT_OPTIMIZATION_LEVEL.value(params, model),
+        cuda_graphs=TRT_CUDA_GRAPHS.value(params, model),
+        engine_cache_dir=TRT_ENGINE_CACHE_DIR.value(params, model),
+        timing_cache=TRT_TIMING_CACHE.value(params, model),
+        shapes=MappingProxyType(TRT_SHAPE.values(params, model)),
     )
 
 
@@ -311,17 +218,33 @@ class OrtGpuOptions:
     shapes: Mapping[str, ShapeRange] = field(default_factory=lambda: MappingProxyType({}))
 
 
+EXECUTION_ACCELERATOR = Key("execution_accelerator", choice(*ACCELERATORS),
+                            "GPU execution provider: cuda, or tensorrt (TensorRT provider)",
+                            "cuda")
+GPU_MEM_LIMIT = Key("gpu_mem_limit", optional(integer(1)), "CUDA arena limit in bytes")
+CUDNN_CONV_ALGO_SEARCH = Key("cudnn_conv_algo_search", optional(choice(*CONV_ALGO_SEARCH)),
+                             "cuDNN convolution algorithm search (onnxruntime's default)")
+ARENA_EXTEND_STRATEGY = Key("arena_extend_strategy", optional(choice(*ARENA_STRATEGIES)),
+                            "how the CUDA arena grows (onnxruntime's default)")
+TRT_FP16 = Key("trt_fp16", boolean, "TensorRT provider: allow fp16", "false")
+TRT_INT8 = Key("trt_int8", boolean, "TensorRT provider: allow int8", "false")
+TRT_ENGINE_CACHE_PATH = Key("trt_engine_cache_path", optional(text),
+                            "TensorRT provider: cache engines in this directory")
+TRT_TIMING_CACHE_PATH = Key("trt_timing_cache_path", optional(text),
+                            "TensorRT provider: keep a timing cache in this directory")
+#: Keys of ONNX Runtime's TensorRT execution provider (need execution_accelerator tensorrt).
+ORT_TRT_KEYS = (TRT_FP16, TRT_INT8, TRT_ENGINE_CACHE_PATH, TRT_TIMING_CACHE_PATH,
+                TRT_WORKSPACE_MB, TRT_OPTIMIZATION_LEVEL, TRT_CUDA_GRAPHS, TRT_SHAPE)
+#: ONNX Runtime's GPU keys.
+ORT_GPU_KEYS = (EXECUTION_ACCELERATOR, GPU_MEM_LIMIT, CUDNN_CONV_ALGO_SEARCH,
+                ARENA_EXTEND_STRATEGY, *ORT_TRT_KEYS)
+
+
 def parse_ort_gpu_options(params: Mapping[str, str], model: str) -> OrtGpuOptions:
-    """ONNX Runtime's GPU parameters; ``trt_*`` keys need ``execution_accelerator tensorrt``."""
-    accelerator = _choice(params, "execution_accelerator", ACCELERATORS, model) or "cuda"
-    trt_keys = sorted(k for k in params if k.startswith(TRT_PREFIX))
-    for key in trt_keys:
-        if not key.startswith(TRT_SHAPE_PREFIX) and key not in ORT_TRT_KEYS:
-            raise ModelLoadError(
-                f"model '{model}' parameter '{key}' is not an ONNX Runtime TensorRT key; known: "
-                f"{sorted(ORT_TRT_KEYS)} and {TRT_SHAPE_PREFIX}<input> (the native backend's "
-                "keys need platform \"tensorrt_plan\")"
-            )
+    """ONNX Runtime's GPU parameters; TensorRT provider keys need ``execution_accelerator
+    tensorrt``."""
+    accelerator = EXECUTION_ACCELERATOR.value(params, model)
+    trt_keys = sorted(k for k in params if any(d.owns(k) for d in ORT_TRT_KEYS))
     if trt_keys and accelerator != "tensorrt":
         raise ModelLoadError(
             f"model '{model}' parameter '{trt_keys[0]}' configures the TensorRT execution "
@@ -329,20 +252,17 @@ def parse_ort_gpu_options(params: Mapping[str, str], model: str) -> OrtGpuOption
         )
     return OrtGpuOptions(
         accelerator=accelerator,
-        gpu_mem_limit=parse_int(params, "gpu_mem_limit", model, minimum=1),
-        cudnn_conv_algo_search=_choice(params, "cudnn_conv_algo_search", CONV_ALGO_SEARCH,
-                                       model),
-        arena_extend_strategy=_choice(params, "arena_extend_strategy", ARENA_STRATEGIES, model,
-                                      case_sensitive=False),
-        trt_fp16=parse_bool(params, "trt_fp16", False, model),
-        trt_int8=parse_bool(params, "trt_int8", False, model),
-        trt_engine_cache_path=params.get("trt_engine_cache_path", "").strip() or None,
-        trt_timing_cache_path=params.get("trt_timing_cache_path", "").strip() or None,
-        trt_workspace_mb=parse_int(params, "trt_workspace_mb", model, minimum=1),
-        trt_builder_optimization_level=parse_int(params, "trt_builder_optimization_level",
-                                                 model, maximum=MAX_OPTIMIZATION_LEVEL),
-        trt_cuda_graphs=parse_bool(params, "trt_cuda_graphs", False, model),
-        shapes=_shape_parameters(params, model),
+        gpu_mem_limit=GPU_MEM_LIMIT.value(params, model),
+        cudnn_conv_algo_search=CUDNN_CONV_ALGO_SEARCH.value(params, model),
+        arena_extend_strategy=ARENA_EXTEND_STRATEGY.value(params, model),
+        trt_fp16=TRT_FP16.value(params, model),
+        trt_int8=TRT_INT8.value(params, model),
+        trt_engine_cache_path=TRT_ENGINE_CACHE_PATH.value(params, model),
+        trt_timing_cache_path=TRT_TIMING_CACHE_PATH.value(params, model),
+        trt_workspace_mb=TRT_WORKSPACE_MB.value(params, model),
+        trt_builder_optimization_level=TRT_OPTIMIZATION_LEVEL.value(params, model),
+        trt_cuda_graphs=TRT_CUDA_GRAPHS.value(params, model),
+        shapes=MappingProxyType(TRT_SHAPE.values(params, model)),
     )
 
 

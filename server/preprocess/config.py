@@ -21,16 +21,13 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from server.errors import ModelLoadError
+from server.parameters import Key, choice, integer, optional, text
 from server.spec import ImagePreprocess
 
 PREFIX = "preprocess."
-KEYS = frozenset(
-    PREFIX + key
-    for key in ("input", "resize", "crop", "scale", "mean", "std", "layout", "threads")
-)
 #: Largest resize / crop side accepted (a guard against typos, not a kernel limit).
 MAX_SIDE = 16384
 #: Most native threads one model may use per batch.
@@ -42,87 +39,75 @@ def default_threads() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
+def _sizes(*counts: int) -> Callable[[str], tuple[int, ...]]:
+    form = " or ".join({1: '"S" (shorter side)', 2: '"H,W"'}[c] for c in counts)
+    expected = f"{form} with sizes in 1..{MAX_SIDE}"
+
+    def parse(value: str) -> tuple[int, ...]:
+        try:
+            sizes = tuple(int(part) for part in value.replace("x", ",").split(","))
+        except ValueError:
+            raise ValueError(expected) from None
+        if len(sizes) not in counts or any(not 1 <= v <= MAX_SIDE for v in sizes):
+            raise ValueError(expected)
+        return sizes
+
+    return parse
+
+
+def _floats(value: str) -> tuple[float, ...]:
+    expected = "comma-separated finite numbers"
+    try:
+        values = tuple(float(part) for part in value.split(","))
+    except ValueError:
+        raise ValueError(expected) from None
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(expected)
+    return values
+
+
+def _divisors(value: str) -> tuple[float, ...]:
+    values = _floats(value)
+    if 0.0 in values:
+        raise ValueError("comma-separated finite numbers, none of them 0")
+    return values
+
+
+INPUT = Key(PREFIX + "input", optional(text),
+            "the model input the image preprocessing feeds; required by the other keys")
+RESIZE = Key(PREFIX + "resize", optional(_sizes(1, 2)),
+             "resize to this shorter side \"S\" or to \"H,W\" (default: no resize)")
+CROP = Key(PREFIX + "crop", optional(_sizes(2)), "centre crop \"H,W\" (default: no crop)")
+SCALE = Key(PREFIX + "scale", _floats, "pixel values are multiplied by this, per channel", "1")
+MEAN = Key(PREFIX + "mean", _floats, "then this is subtracted, per channel", "0")
+STD = Key(PREFIX + "std", _divisors, "then divided by this, per channel", "1")
+LAYOUT = Key(PREFIX + "layout", choice("NCHW", "NHWC"), "the model input's layout", "NCHW")
+THREADS = Key(PREFIX + "threads", optional(integer(1, MAX_THREADS)),
+              "native threads per batch (default: the cores, at most 4)")
+#: config.pbtxt ``parameters`` keys image preprocessing owns.
+PARAMETER_KEYS = (INPUT, RESIZE, CROP, SCALE, MEAN, STD, LAYOUT, THREADS)
+
+
 def parse_preprocess(parameters: Mapping[str, str], model: str) -> ImagePreprocess | None:
     """The model's preprocessing, or None when no ``preprocess.*`` key is set."""
-    given = {k: v for k, v in parameters.items() if k.startswith(PREFIX)}
+    given = sorted(k for k in parameters if k.startswith(PREFIX))
     if not given:
         return None
-    where = f"model '{model}' parameter"
-    unknown = sorted(set(given) - KEYS)
-    if unknown:
-        raise ModelLoadError(
-            f"{where} '{unknown[0]}' is not a preprocessing key; known: {sorted(KEYS)}"
-        )
-    target = given.get(PREFIX + "input", "").strip()
+    target = INPUT.value(parameters, model)
     if not target:
-        raise ModelLoadError(
-            f"{where}s {sorted(given)} need 'preprocess.input', the model input they feed"
-        )
-
-    resize: tuple[int, int] | None = None
-    shorter: int | None = None
-    raw_resize = given.get(PREFIX + "resize", "").strip()
-    if raw_resize:
-        sizes = _ints(raw_resize, f"{where} 'preprocess.resize'", (1, 2))
-        if len(sizes) == 1:
-            shorter = sizes[0]
-        else:
-            resize = (sizes[0], sizes[1])
-    crop: tuple[int, int] | None = None
-    raw_crop = given.get(PREFIX + "crop", "").strip()
-    if raw_crop:
-        h, w = _ints(raw_crop, f"{where} 'preprocess.crop'", (2,))
-        crop = (h, w)
-
-    layout = given.get(PREFIX + "layout", "NCHW").strip().upper() or "NCHW"
-    if layout not in ("NCHW", "NHWC"):
-        raise ModelLoadError(f"{where} 'preprocess.layout' must be NCHW or NHWC, got '{layout}'")
-
-    scale = _floats(given, "scale", 1.0, where)
-    mean = _floats(given, "mean", 0.0, where)
-    std = _floats(given, "std", 1.0, where)
-    if any(s == 0.0 for s in std):
-        raise ModelLoadError(f"{where} 'preprocess.std' must not contain 0")
-
-    threads = default_threads()
-    raw_threads = given.get(PREFIX + "threads", "").strip()
-    if raw_threads:
-        try:
-            threads = int(raw_threads)
-        except ValueError:
-            threads = 0
-        if not 1 <= threads <= MAX_THREADS:
-            raise ModelLoadError(
-                f"{where} 'preprocess.threads' must be an integer in 1..{MAX_THREADS}, "
-                f"got '{raw_threads}'"
-            )
+        raise ModelLoadError(f"model '{model}' parameters {given} need '{INPUT.name}', the "
+                             "model input they feed")
+    resize = RESIZE.value(parameters, model)
+    crop = CROP.value(parameters, model)
+    threads = THREADS.value(parameters, model)
     return ImagePreprocess(
-        input=target, resize=resize, resize_shorter=shorter, crop=crop, scale=scale, mean=mean,
-        std=std, layout=layout, threads=threads,
+        input=target,
+        resize=(resize[0], resize[1]) if resize is not None and len(resize) == 2 else None,
+        resize_shorter=resize[0] if resize is not None and len(resize) == 1 else None,
+        crop=(crop[0], crop[1]) if crop is not None else None,
+        scale=SCALE.value(parameters, model),
+        mean=MEAN.value(parameters, model),
+        std=STD.value(parameters, model),
+        layout=LAYOUT.value(parameters, model),
+        threads=default_threads() if threads is None else threads,
     )
-
-
-def _ints(text: str, where: str, counts: tuple[int, ...]) -> list[int]:
-    try:
-        values = [int(part) for part in text.replace("x", ",").split(",")]
-    except ValueError:
-        values = []
-    if len(values) not in counts or any(not 1 <= v <= MAX_SIDE for v in values):
-        form = " or ".join({1: '"S" (shorter side)', 2: '"H,W"'}[c] for c in counts)
-        raise ModelLoadError(f"{where} must be {form} with sizes in 1..{MAX_SIDE}, got '{text}'")
-    return values
-
-
-def _floats(given: Mapping[str, str], key: str, default: float, where: str) -> tuple[float, ...]:
-    text = given.get(PREFIX + key, "").strip()
-    if not text:
-        return (default,)
-    try:
-        values = tuple(float(part) for part in text.split(","))
-    except ValueError:
-        raise ModelLoadError(
-            f"{where} 'preprocess.{key}' must be comma-separated numbers, got '{text}'"
-        ) from None
-    if not all(math.isfinite(v) for v in values):
-        raise ModelLoadError(f"{where} 'preprocess.{key}' must be finite, got '{text}'")
-    return values

@@ -10,8 +10,19 @@ from pathlib import Path
 from typing import Any
 
 from server.errors import ModelLoadError
+from server.parameters import Key, text
 
 CARD_FILE = "model_card.json"
+
+# The ModelConfig RPC serves a version's card fields and the runtime that serves it among the
+# config's ``parameters``. A config taken from that RPC and loaded back (a config override)
+# holds them, so they are keys a model may have; the served values take precedence.
+CARD = Key("card.", text, "a model card field, served by ModelConfig (model_card.json's "
+           "fields take precedence)", member="<field>")
+RUNTIME = Key("runtime", text, "the runtime serving the version, served by ModelConfig (the "
+              "served value replaces it)")
+#: config.pbtxt ``parameters`` keys that serving a model's config adds.
+PARAMETER_KEYS = (CARD, RUNTIME)
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
@@ -43,7 +54,7 @@ def read_card(version_dir: Path) -> dict[str, str]:
         raise ModelLoadError(f"model card {path} must hold a JSON object")
     flat: dict[str, str] = {}
     try:
-        _flatten("card", document, flat)
+        _flatten(CARD.name.rstrip("."), document, flat)
     except ValueError as exc:
         raise ModelLoadError(f"model card {path}: {exc}") from None
     return flat

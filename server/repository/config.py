@@ -8,18 +8,21 @@ then rejects them with the file, line and field name.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 
 import numpy as np
 from google.protobuf import text_format
 
+from server import parameters as model_parameters
 from server._pb import model_config_pb2 as mc
 from server.errors import ModelLoadError
-from server.gpu.options import parse_bool
+from server.gpu.options import TRT_BUILD_FROM_ONNX
 from server.gpu.options import validate_parameters as validate_gpu_parameters
-from server.preprocess.config import parse_preprocess
+from server.parameters import Key, ModelCheck, number
+from server.preprocess import config as preprocess_config
+from server.repository import cards
 from server.spec import (
     BatchingSpec,
     InstanceSpec,
@@ -210,9 +213,14 @@ def to_spec(config: mc.ModelConfig, model_dir: Path) -> ModelSpec:
         dims = _dims(tensor.dims, where)
         pad = 0.0
         if tensor.allow_ragged_batch:
-            pad = _ragged_input(config, datatype, dims, parameters, tensor.name, where)
+            pad = _ragged_input(config, datatype, dims, parameters, tensor.name, name, where)
         inputs.append(TensorSpec(tensor.name, datatype, dims, optional=tensor.optional,
                                  ragged=tensor.allow_ragged_batch, pad_value=pad))
+    ragged = sorted(t.name for t in inputs if t.ragged)
+    for padded in RAGGED_PAD.values(parameters, name):
+        if padded not in ragged:
+            raise ModelLoadError(f"model '{name}' parameter '{RAGGED_PAD.name}{padded}' names no "
+                                 f"input with allow_ragged_batch; those are {ragged}")
     scatter = _scatter_outputs(config, inputs, name)
     outputs = []
     for tensor in config.output:
@@ -247,18 +255,18 @@ def to_spec(config: mc.ModelConfig, model_dir: Path) -> ModelSpec:
         parameters=MappingProxyType(parameters),
         warmup=_warmup(config, name),
         default_model_filename=(config.default_model_filename
-                                or _default_model_filename(backend, parameters)),
-        preprocess=parse_preprocess(parameters, name),
+                                or _default_model_filename(backend, parameters, name)),
+        preprocess=preprocess_config.parse_preprocess(parameters, name),
     )
 
 
-#: config.pbtxt parameter prefix: ``ragged_pad.<input>`` is the value a ragged input is padded
-#: with (default 0).
-RAGGED_PAD_PREFIX = "ragged_pad."
+RAGGED_PAD = Key("ragged_pad.", number(), "the value a ragged input is padded with", "0",
+                 member="<input>")
 
 
 def _ragged_input(config: mc.ModelConfig, datatype: DataType, dims: tuple[int, ...],
-                  parameters: Mapping[str, str], input_name: str, where: str) -> float:
+                  parameters: Mapping[str, str], input_name: str, model: str,
+                  where: str) -> float:
     """Check that an ``allow_ragged_batch`` input can be padded; its pad value."""
     if config.max_batch_size <= 0:
         raise ModelLoadError(f"{where}: allow_ragged_batch needs a model that batches "
@@ -267,18 +275,13 @@ def _ragged_input(config: mc.ModelConfig, datatype: DataType, dims: tuple[int, .
         raise ModelLoadError(f"{where}: ragged batching of BYTES inputs is not supported")
     if -1 not in dims:
         raise ModelLoadError(f"{where}: allow_ragged_batch needs a variable (-1) dim to pad")
-    raw = parameters.get(RAGGED_PAD_PREFIX + input_name, "0")
-    try:
-        pad = float(raw)
-    except ValueError:
-        raise ModelLoadError(f"{where}: {RAGGED_PAD_PREFIX}{input_name} must be a number, "
-                             f"got {raw!r}") from None
+    pad = RAGGED_PAD.value(parameters, model, input_name)
     dtype = datatype.numpy_dtype
     fits = (pad in (0.0, 1.0) if dtype.kind == "b"
             else pad.is_integer() and np.can_cast(np.min_scalar_type(int(pad)), dtype)
             if dtype.kind in "iu" else True)
     if not fits:
-        raise ModelLoadError(f"{where}: pad value {raw} does not fit {datatype.wire}")
+        raise ModelLoadError(f"{where}: pad value {pad:g} does not fit {datatype.wire}")
     return pad
 
 
@@ -299,11 +302,33 @@ def _scatter_outputs(config: mc.ModelConfig, inputs: list[TensorSpec],
     return scatter
 
 
-def _default_model_filename(backend: str, parameters: dict[str, str]) -> str:
+def _default_model_filename(backend: str, parameters: dict[str, str], model: str) -> str:
     """model.onnx, or for TensorRT model.plan unless the engine is built from model.onnx."""
-    if backend == "tensorrt" and not parse_bool(parameters, "trt_build_from_onnx", False, ""):
+    if backend == "tensorrt" and not TRT_BUILD_FROM_ONNX.value(parameters, model):
         return "model.plan"
     return "model.onnx"
+
+
+#: The keys any model may have, whatever its backend, as their owners declare them.
+#: The keys the repository itself reads (ragged padding, image preprocessing, model cards).
+REPOSITORY_KEYS: tuple[Key[object], ...] = (
+    RAGGED_PAD,
+    *preprocess_config.PARAMETER_KEYS,
+    *cards.PARAMETER_KEYS,
+)
+
+
+def check_parameters(
+    spec: ModelSpec, keys: Sequence[Key[object]], checks: Sequence[ModelCheck] = ()
+) -> None:
+    """Check the model's ``parameters`` once its backend is known: every key must be the
+    repository's or one of ``keys`` (what the composed components and the backend declare),
+    with a value its parser takes, and every whole-model ``check`` must pass (drift's settings
+    agree with each other). Raises ModelLoadError naming the key, and for an unknown key the
+    keys there are."""
+    model_parameters.check(spec.parameters, (*REPOSITORY_KEYS, *keys), spec.name)
+    for check in checks:
+        check(spec.parameters, spec.name)
 
 
 #: Triton's --backend-config default-max-batch-size, used when a model comes without a config.

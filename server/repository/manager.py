@@ -13,7 +13,7 @@ import contextlib
 import enum
 import hashlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +24,7 @@ from server._pb import model_config_pb2 as mc
 from server.errors import ModelLoadError, ModelNotFound
 from server.interfaces import Backend, BackendFactory, ModelSource, SchedulerFactory
 from server.metrics import MetricsRegistry
+from server.parameters import Key, ModelCheck
 from server.repository import config as config_io
 from server.repository.cards import read_card
 from server.repository.catalog import (
@@ -109,10 +110,17 @@ class ModelManager:
         load_threads: int = 4,
         state_file: Path | None = None,
         drain_timeout: float = 30.0,
+        parameter_keys: Sequence[Key[object]] = (),
+        parameter_checks: Sequence[ModelCheck] = (),
     ) -> None:
+        """``parameter_keys`` and ``parameter_checks``: what the composed components (the
+        scheduler, drift monitoring) own of a model's parameters, beside the repository's own
+        and each backend's."""
         self.source = source
         self._backends = backends
         self._scheduler_factory = scheduler_factory
+        self._parameter_keys = tuple(parameter_keys)
+        self._parameter_checks = tuple(parameter_checks)
         self._metrics = metrics
         self._models: dict[str, ModelRecord] = {}
         self._loader = ThreadPoolExecutor(max_workers=load_threads, thread_name_prefix="load")
@@ -328,6 +336,8 @@ class ModelManager:
         else:
             chosen = select_versions(config.version_policy, on_disk)
         factory = self._factory(spec)
+        config_io.check_parameters(spec, (*self._parameter_keys, *factory.parameter_keys),
+                                   self._parameter_checks)
         # Complete the spec from the newest version whose model file is there: a half-copied
         # version then fails on its own (and shows why) while the others load.
         complete = [

@@ -19,6 +19,7 @@ from server.errors import (
     PeregrineError,
 )
 from server.interfaces import Backend, ModelMetrics, Packer
+from server.parameters import Key, choice, integer
 from server.scheduler import policy
 from server.scheduler.executor import BatchExecutor, BatchRun
 from server.scheduler.queue import PendingRequest, RequestQueue
@@ -26,10 +27,6 @@ from server.spec import ModelSpec
 from server.types import InferRequest, InferResponse
 
 log = logging.getLogger(__name__)
-#: config.pbtxt parameter: batches predicted to take less than this many microseconds run on
-#: the event loop thread (single-instance models only); 0 turns it off.
-INLINE_PARAMETER = "inline_execution_max_us"
-INLINE_DEFAULT_US = 100
 _now = time.perf_counter_ns
 
 
@@ -69,9 +66,10 @@ class DynamicBatcher:
         self._max_batch = spec.max_batch_size
         self._preferred = frozenset(batching.preferred_batch_sizes)
         self._max_delay_ns = batching.max_queue_delay_us * 1000
-        self._adaptive_delay = _queue_delay_mode(spec) == ADAPTIVE
+        self._adaptive_delay = QUEUE_DELAY.value(spec.parameters, spec.name) == ADAPTIVE
+        inline_max_us = INLINE_EXECUTION_MAX_US.value(spec.parameters, spec.name)
         self._cost = policy.InlineCost(
-            inline_max_ns=_inline_max_us(spec) * 1000 if len(instances) == 1 else 0
+            inline_max_ns=inline_max_us * 1000 if len(instances) == 1 else 0
         )
         #: An input fed by image preprocessing: any image size batches with any other.
         self._size_free = spec.preprocess.input if spec.preprocess is not None else None
@@ -352,32 +350,19 @@ class DynamicBatcher:
         self._check_idle()
 
 
-#: config.pbtxt parameter choosing how ``max_queue_delay_microseconds`` is spent.
-QUEUE_DELAY_PARAMETER = "queue_delay"
 #: Hold a batch only while requests keep arriving (up to the delay): one request at a time
 #: never waits. The default.
 ADAPTIVE = "adaptive"
 #: Hold every batch below its preferred size for the whole delay, as Triton does.
 FIXED = "fixed"
-
-
-def _queue_delay_mode(spec: ModelSpec) -> str:
-    mode = spec.parameters.get(QUEUE_DELAY_PARAMETER, ADAPTIVE) or ADAPTIVE
-    if mode not in (ADAPTIVE, FIXED):
-        log.warning("ignoring an unknown queue delay mode", extra={
-            "model": spec.name, "parameter": QUEUE_DELAY_PARAMETER, "value": mode})
-        return ADAPTIVE
-    return mode
-
-
-def _inline_max_us(spec: ModelSpec) -> int:
-    raw = spec.parameters.get(INLINE_PARAMETER, "")
-    try:
-        return int(raw) if raw else INLINE_DEFAULT_US
-    except ValueError:
-        log.warning("ignoring a non-integer parameter", extra={
-            "model": spec.name, "parameter": INLINE_PARAMETER, "value": raw})
-        return INLINE_DEFAULT_US
+QUEUE_DELAY = Key("queue_delay", choice(ADAPTIVE, FIXED, case_sensitive=True),
+                  "how max_queue_delay_microseconds is spent: adaptive or fixed", ADAPTIVE)
+INLINE_EXECUTION_MAX_US = Key(
+    "inline_execution_max_us", integer(0),
+    "batches predicted to take less run on the event loop thread (one instance only); 0: off",
+    "100")
+#: config.pbtxt ``parameters`` keys the batcher owns.
+PARAMETER_KEYS = (QUEUE_DELAY, INLINE_EXECUTION_MAX_US)
 
 
 def _fail_all(entries: list[PendingRequest], exc: PeregrineError) -> None:

@@ -5,7 +5,11 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+from google.protobuf import text_format
+
 from bench.compare.model_repo import (
+    ORT_PARAMETERS,
     batching_of,
     comparison_repository,
     remove_block,
@@ -13,6 +17,10 @@ from bench.compare.model_repo import (
 )
 from bench.loadgen.loops import StepPlan
 from bench.loadgen.workers import split_plans
+from bench.studies.gpu_backends import config_for
+from server._pb import model_config_pb2 as mc
+from server.app import backend_factories, check_model_parameters
+from server.repository.config import to_spec
 
 CONFIG = """name: "m"
 platform: "onnxruntime_onnx"
@@ -62,6 +70,22 @@ def test_comparison_repository(tmp_path: Path) -> None:
     text = (dest / "m" / "config.pbtxt").read_text()
     assert "version_policy" not in text and "dynamic_batching" not in text
     assert 'allow_spinning" value: { string_value: "0"' in text
+
+
+@pytest.mark.parametrize(("runtime", "extra"), [
+    ("ort", ORT_PARAMETERS),
+    ("ort", {"drift_sample_rate": "0.1"}),  # bench/drift_overhead.py
+    ("ort_trt", {}),
+    ("trt", {}),
+])
+def test_the_benchmarks_set_only_parameters_the_server_knows(
+    tmp_path: Path, runtime: str, extra: dict[str, str],
+) -> None:
+    example = CONFIG.replace(CONFIG[CONFIG.index("parameters"):], "")  # as examples/ writes
+    text = set_parameters(config_for(example, runtime, "fp16", tmp_path), extra)
+    config = text_format.Parse(text, mc.ModelConfig())
+    spec = to_spec(config, tmp_path / "m")
+    check_model_parameters(spec, backend_factories()[spec.backend])
 
 
 def test_split_plans_shares_everything_out() -> None:

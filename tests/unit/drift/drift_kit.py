@@ -32,7 +32,7 @@ def make_spec(
 
 def make_profile(spec: ModelSpec, data: Mapping[str, Array],
                  version: str = "1") -> profiles.ReferenceProfile:
-    config = drift_config.parse(spec.parameters)
+    config = drift_config.parse(spec.parameters, spec.name)
     return profiles.build(spec.name, version, features.layouts(spec, config), data)
 
 

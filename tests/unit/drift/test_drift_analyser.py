@@ -42,7 +42,7 @@ def test_fixed_windows_are_exact_and_the_sliding_window_keeps_the_newest() -> No
 def test_assembly_keeps_rows_aligned_and_marks_absent_outputs() -> None:
     spec = make_spec(inputs=(TensorSpec("x", DataType.FP32, (2,)),),
                      outputs=(TensorSpec("label", DataType.INT64, (1,)),))
-    layouts = features.layouts(spec, drift_config.parse(spec.parameters))
+    layouts = features.layouts(spec, drift_config.parse(spec.parameters, spec.name))
     samples = [
         CapturedSample("a", {"x": np.ones((2, 2), np.float32)},
                        {"label": np.array([[1], [2]])}),

@@ -72,13 +72,13 @@ def test_a_category_the_reference_never_saw_is_flagged(rng: np.random.Generator)
     cities = np.array([b"paris", b"lyon", b"nice"], dtype=object)
     reference = cities[rng.integers(0, 3, (5000, 1))]
     profile = make_profile(spec, {"city": reference, "label": rng.integers(0, 2, (5000, 1))})
-    layout = features.layouts(spec, drift_config.parse(spec.parameters))[0]
+    layout = features.layouts(spec, drift_config.parse(spec.parameters, spec.name))[0]
 
     live = cities[rng.integers(0, 3, (1000, 1))]
     live[:80, 0] = b"brest"  # 8 %: above drift_range_alert
     report = evaluate(profile, block({
         "city": layout.matrix(live),
-        "label": features.layouts(spec, drift_config.parse(spec.parameters))[1].matrix(
+        "label": features.layouts(spec, drift_config.parse(spec.parameters, spec.name))[1].matrix(
             rng.integers(0, 2, (1000, 1))),
     }), Thresholds(), "fixed")
     city = next(f for f in report.features if f.feature == "city")
@@ -100,7 +100,7 @@ def test_prediction_drift_is_flagged_when_the_class_mix_changes(
                      outputs=(TensorSpec("label", DataType.INT64, (1,)),))
     reference = {"x": rng.normal(size=(10_000, 4)), "label": rng.integers(0, 10, (10_000, 1))}
     profile = make_profile(spec, reference)
-    label_layout = features.layouts(spec, drift_config.parse(spec.parameters))[1]
+    label_layout = features.layouts(spec, drift_config.parse(spec.parameters, spec.name))[1]
 
     same = {"x": rng.normal(size=(1000, 4)),
             "label": label_layout.matrix(rng.integers(0, 10, (1000, 1)))}

@@ -13,6 +13,7 @@ from server.drift import datafile, features
 from server.drift import profile as profiles
 from server.drift.features import Kind, Role
 from server.drift.profile import CategoricalProfile, NumericProfile
+from server.errors import ModelLoadError
 from server.spec import TensorSpec
 from server.types import DataType
 from tests.unit.drift.drift_kit import make_profile, make_spec
@@ -83,7 +84,7 @@ def test_categories_past_the_cap_are_other_and_cannot_be_called_unseen(
 def test_image_features_are_per_channel_means() -> None:
     spec = make_spec(inputs=(TensorSpec("image", DataType.FP32, (3, 4, 4)),),
                      parameters={"drift_sample_rate": "1", "drift_feature_axis_image": "1"})
-    layout = features.layouts(spec, drift_config.parse(spec.parameters))[0]
+    layout = features.layouts(spec, drift_config.parse(spec.parameters, spec.name))[0]
     image = np.zeros((2, 3, 4, 4), np.float32)
     image[:, 1] = 2.0
     image[1, 2] = 5.0
@@ -95,7 +96,7 @@ def test_feature_extraction_of_datatypes_and_unbatched_models() -> None:
     spec = make_spec(inputs=(TensorSpec("h", DataType.BF16, (2,)),
                              TensorSpec("flag", DataType.BOOL, (1,))),
                      outputs=(TensorSpec("label", DataType.INT32, (1,)),), max_batch_size=0)
-    h, flag, label = features.layouts(spec, drift_config.parse(spec.parameters))
+    h, flag, label = features.layouts(spec, drift_config.parse(spec.parameters, spec.name))
     assert (h.kind, flag.kind, label.kind) == (Kind.NUMERIC, Kind.CATEGORICAL, Kind.CATEGORICAL)
     bf16 = (np.array([1.5, -2.0], np.float32).view(np.uint32) >> 16).astype(np.uint16)
     assert h.matrix(h.as_rows(bf16)).tolist() == [[1.5, -2.0]]
@@ -108,7 +109,7 @@ def test_feature_extraction_of_datatypes_and_unbatched_models() -> None:
 
 def test_a_feature_axis_that_does_not_fit_is_an_error() -> None:
     spec = make_spec(parameters={"drift_sample_rate": "1", "drift_feature_axis": "3"})
-    layout = features.layouts(spec, drift_config.parse(spec.parameters))[0]
+    layout = features.layouts(spec, drift_config.parse(spec.parameters, spec.name))[0]
     with pytest.raises(ValueError, match="feature axis 3"):
         layout.matrix(np.zeros((2, 64)))
 
@@ -137,19 +138,21 @@ def test_reference_data_files(tmp_path: Path, rng: np.random.Generator) -> None:
 
 
 def test_drift_settings() -> None:
-    assert not drift_config.parse({}).enabled
+    assert not drift_config.parse({}, "m").enabled
     config = drift_config.parse({"drift_sample_rate": "0.25", "drift_window": "200",
-                                 "drift_sampling": "request_id", "drift_feature_axis_img": "1"})
+                                 "drift_sampling": "request_id", "drift_feature_axis_img": "1"},
+                                "m")
     assert config.enabled and config.window == 200 and config.min_rows == 100
     assert config.axis_of("img") == 1 and config.axis_of("other") == -1
     assert config.store_path(Path("/r"), "m", "2") == Path("/r/.drift/m/2")
     for bad, message in (
-        ({"drift_sample_rate": "x"}, "must be a number"),
-        ({"drift_sample_rate": "1.5"}, "within"),
-        ({"drift_sampling": "sometimes", "drift_sample_rate": "1"}, "random or request_id"),
+        ({"drift_sample_rate": "x"}, "'drift_sample_rate' must be a number"),
+        ({"drift_sample_rate": "1.5"}, r"'drift_sample_rate' must be a number in 0.0..1.0"),
+        ({"drift_sampling": "sometimes", "drift_sample_rate": "1"},
+         r"'drift_sampling' must be one of \['random', 'request_id'\]"),
         ({"drift_feature_axis": "0"}, "batch axis"),
-        ({"drift_windw": "10"}, "unknown drift parameter 'drift_windw'"),
-        ({"drift_psi_alert": "0.05"}, "must not be below"),
+        ({"drift_feature_axis_img": "x"}, "'drift_feature_axis_img' must be an integer axis"),
+        ({"drift_psi_alert": "0.05"}, "'drift_psi_alert' must not be below"),
     ):
-        with pytest.raises(ValueError, match=message):
-            drift_config.parse(bad)
+        with pytest.raises(ModelLoadError, match=message):
+            drift_config.parse(bad, "m")

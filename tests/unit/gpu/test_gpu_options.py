@@ -60,22 +60,20 @@ def test_trt_options_defaults_and_values() -> None:
 
 
 @pytest.mark.parametrize(("params", "message"), [
-    ({"trt_precisoin": "fp16"}, "'trt_precisoin' is not a TensorRT backend key"),
-    ({"trt_fp16": "true"}, "'trt_fp16' is not a TensorRT backend key"),
-    ({"trt_precision": "fp8"}, "'fp8' is not one of"),
+    ({"trt_precision": "fp8"}, "'trt_precision' must be one of"),
     ({"trt_precision": "fp32,fp16"}, "do not combine"),
-    ({"trt_precision": ","}, "is empty"),
-    ({"trt_workspace_mb": "0"}, "must be >= 1"),
+    ({"trt_precision": ","}, "'trt_precision' must be one of"),
+    ({"trt_workspace_mb": "0"}, "'trt_workspace_mb' must be an integer >= 1, got '0'"),
     ({"trt_workspace_mb": "lots"}, "must be an integer"),
-    ({"trt_builder_optimization_level": "6"}, "must be 0..5"),
+    ({"trt_builder_optimization_level": "6"}, r"must be an integer in 0\.\.5"),
     ({"trt_cuda_graphs": "maybe"}, "must be true or false"),
     ({"trt_build_from_onnx": "2"}, "must be true or false"),
-    ({"trt_shape_": "1"}, "names no input"),
+    ({"trt_shape_": "1"}, "names no <input>"),
     ({"trt_shape_x": "1x0"}, "positive dims"),
     ({"trt_shape_x": "4:2:8"}, "MIN <= OPT <= MAX"),
-    ({"trt_shape_x": "1:2"}, "MIN:OPT:MAX or one shape"),
-    ({"trt_shape_x": "1x2:2:3"}, "differ in rank"),
-    ({"trt_shape_x": "a"}, "is not a shape"),
+    ({"trt_shape_x": "1:2"}, "'trt_shape_x' must be MIN:OPT:MAX"),
+    ({"trt_shape_x": "1x2:2:3"}, "of one rank"),
+    ({"trt_shape_x": "a"}, "'trt_shape_x' must be MIN:OPT:MAX"),
 ])
 def test_trt_options_errors_name_the_parameter(params: dict[str, str], message: str) -> None:
     with pytest.raises(ModelLoadError, match=message) as raised:
@@ -84,9 +82,9 @@ def test_trt_options_errors_name_the_parameter(params: dict[str, str], message: 
 
 
 def test_shape_ranges() -> None:
-    fixed = parse_shape_range("3x224x224", "w")
+    fixed = parse_shape_range("3x224x224")
     assert fixed.min == fixed.opt == fixed.max == (3, 224, 224)
-    ranged = parse_shape_range(" 1,16 : 8x128 : 8x512 ", "w")
+    ranged = parse_shape_range(" 1,16 : 8x128 : 8x512 ")
     assert ranged == ShapeRange((1, 16), (8, 128), (8, 512))
 
 
@@ -104,8 +102,8 @@ def test_profile_dynamic_dims_come_from_trt_shape_parameters() -> None:
     tokens = TensorSpec("tokens", DataType.INT64, (-1,))
     mask = TensorSpec("mask", DataType.INT64, (2, -1))
     model = spec(tokens, mask, max_batch_size=4)
-    shapes = {"tokens": parse_shape_range("1:64:256", "w"),
-              "mask": parse_shape_range("2x1:2x64:2x256", "w")}
+    shapes = {"tokens": parse_shape_range("1:64:256"),
+              "mask": parse_shape_range("2x1:2x64:2x256")}
     profile = optimisation_profile(model, shapes)
     assert profile["tokens"] == ShapeRange((1, 1), (4, 64), (4, 256))
     assert profile["mask"] == ShapeRange((1, 2, 1), (4, 2, 64), (4, 2, 256))
@@ -115,7 +113,7 @@ def test_profile_dynamic_dims_come_from_trt_shape_parameters() -> None:
 
 def test_profile_without_batching_uses_the_dims_as_they_are() -> None:
     model = spec(TensorSpec("x", DataType.FP32, (4, -1)), max_batch_size=0)
-    profile = optimisation_profile(model, {"x": parse_shape_range("4x1:4x8:4x16", "w")})
+    profile = optimisation_profile(model, {"x": parse_shape_range("4x1:4x8:4x16")})
     assert profile == {"x": ShapeRange((4, 1), (4, 8), (4, 16))}
 
 
@@ -125,14 +123,14 @@ def test_profile_without_batching_uses_the_dims_as_they_are() -> None:
     ((3, -1), "4x1:4x2:4x3", "dim 0 is fixed at 3"),
 ])
 def test_profile_errors(dims: tuple[int, ...], shape: str | None, message: str) -> None:
-    shapes = {} if shape is None else {"x": parse_shape_range(shape, "w")}
+    shapes = {} if shape is None else {"x": parse_shape_range(shape)}
     with pytest.raises(ModelLoadError, match=message):
         optimisation_profile(spec(TensorSpec("x", DataType.FP32, dims)), shapes)
 
 
 def test_profile_rejects_shapes_for_unknown_inputs() -> None:
     with pytest.raises(ModelLoadError, match="'trt_shape_nope' names no input"):
-        optimisation_profile(spec(), {"nope": parse_shape_range("1", "w")})
+        optimisation_profile(spec(), {"nope": parse_shape_range("1")})
 
 
 # -- instances -------------------------------------------------------------------------------
@@ -204,10 +202,8 @@ def test_tensorrt_provider_missing_is_a_load_error() -> None:
 
 @pytest.mark.parametrize(("params", "message"), [
     ({"trt_fp16": "true"}, "set parameter execution_accelerator to \"tensorrt\""),
-    ({"execution_accelerator": "tensorrt", "trt_precision": "fp16"},
-     "'trt_precision' is not an ONNX Runtime TensorRT key"),
     ({"execution_accelerator": "openvino"}, "must be one of \\['cuda', 'tensorrt'\\]"),
-    ({"gpu_mem_limit": "-1"}, "must be >= 1"),
+    ({"gpu_mem_limit": "-1"}, "must be an integer >= 1"),
     ({"cudnn_conv_algo_search": "fast"}, "must be one of"),
 ])
 def test_ort_gpu_option_errors(params: dict[str, str], message: str) -> None:
@@ -260,7 +256,7 @@ def test_tensorrt_platform_and_backend_are_accepted(tmp_path: Path) -> None:
     (TRT_CONFIG.format(extra="instance_group [ { kind: KIND_CPU } ]"),
      "TensorRT runs on GPUs"),
     (TRT_CONFIG.format(extra='parameters { key: "trt_precision" value { string_value: "fp64" } }'),
-     "'fp64' is not one of"),
+     "'trt_precision' must be one of"),
     ('name: "t" parameters { key: "trt_fp16" value { string_value: "true" } }',
      "execution_accelerator"),
 ])
