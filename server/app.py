@@ -29,7 +29,7 @@ from server.backends.onnxruntime import OnnxRuntimeFactory
 from server.backends.tensorrt import TensorRtFactory
 from server.control import ControlPlane
 from server.dataplane import DataPlane
-from server.drift import config as drift_config
+from server.drift import options as drift_config
 from server.frontend.admin import AdminServicer
 from server.frontend.inference import InferenceServicer, ServerState
 from server.interfaces import (
@@ -47,7 +47,7 @@ from server.metrics import MetricsRegistry
 from server.metrics.drift import DriftCounts, DriftMetrics
 from server.metrics.routing import RoutingMetrics
 from server.packing import select_packer
-from server.repository import config as config_io
+from server.repository import model_config as config_io
 from server.repository.manager import ControlMode, ModelManager
 from server.repository.source import FilesystemSource
 from server.routing.router import Router

@@ -99,8 +99,8 @@ def _versions(model_dir: Path) -> list[str]:
 
 
 def _profile(args: argparse.Namespace, repository: Path, open_model: ModelOpener) -> int:
-    from server.drift import config as drift_config
     from server.drift import datafile, features
+    from server.drift import options as drift_config
     from server.drift import profile as profiles
 
     spec, load_backend = open_model(repository, args.model)
@@ -150,7 +150,7 @@ def _run_model(backend: Backend, spec: ModelSpec, data: dict[str, Array]) -> dic
 
 
 def _report(args: argparse.Namespace, repository: Path, open_model: ModelOpener) -> int:
-    from server.drift import config as drift_config
+    from server.drift import options as drift_config
     from server.drift import profile as profiles
     from server.drift import report as reports
     from server.drift.store import read_windows

@@ -83,7 +83,7 @@ def run_trt(args: argparse.Namespace, factories: Any) -> int:
 
 def build(args: argparse.Namespace, factories: dict[str, Any]) -> dict[str, Any]:
     from server.gpu.options import instance_device
-    from server.repository import config as config_io
+    from server.repository import model_config as config_io
 
     factory = factories.get("tensorrt")
     if not isinstance(factory, EngineBuilder):

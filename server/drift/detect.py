@@ -1,7 +1,7 @@
 """Compare one window of live rows with the reference profile: per-feature results, levels and
 the model's drift score.
 
-Rules (thresholds from config, see server/drift/config.py):
+Rules (thresholds from config, see server/drift/options.py):
 
 * numeric feature: PSI over the reference's quantile bins, two-sample KS against the
   profile's subsample, NaN-rate rise, share outside the reference [min, max];
@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 
 from server.drift import measures
-from server.drift.config import Thresholds
 from server.drift.features import Kind, Role
+from server.drift.options import Thresholds
 from server.drift.profile import CategoricalProfile, NumericProfile, ReferenceProfile
 from server.drift.window import Block
 from server.types import Array

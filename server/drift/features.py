@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.drift.config import DriftConfig
+from server.drift.options import DriftConfig
 from server.spec import ModelSpec, TensorSpec
 from server.types import Array, DataType
 

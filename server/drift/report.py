@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from server.drift import measures
-from server.drift.config import Thresholds
 from server.drift.detect import (
     FeatureResult,
     Level,
@@ -25,6 +24,7 @@ from server.drift.detect import (
     category_counts,
     evaluate,
 )
+from server.drift.options import Thresholds
 from server.drift.profile import NumericProfile, ReferenceProfile
 from server.drift.store import StoredWindow, to_block
 from server.drift.window import Block, concat

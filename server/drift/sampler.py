@@ -12,8 +12,8 @@ import random
 import zlib
 from typing import NamedTuple
 
-from server.drift import config as drift_config
-from server.drift.config import DriftConfig, Sampling
+from server.drift import options as drift_config
+from server.drift.options import DriftConfig, Sampling
 from server.drift.ring import SampleRing
 from server.interfaces import DriftSample
 from server.spec import ModelSpec

@@ -25,7 +25,7 @@ from server.errors import ModelLoadError, ModelNotFound
 from server.interfaces import Backend, BackendFactory, ModelSource, SchedulerFactory
 from server.metrics import MetricsRegistry
 from server.parameters import Key, ModelCheck
-from server.repository import config as config_io
+from server.repository import model_config as config_io
 from server.repository.cards import read_card
 from server.repository.catalog import (
     EMPTY,

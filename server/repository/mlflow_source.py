@@ -38,7 +38,7 @@ from google.protobuf import text_format
 from server._pb import model_config_pb2 as mc
 from server.atomic_file import write_atomically
 from server.errors import ModelLoadError, ModelNotFound
-from server.repository import config as config_io
+from server.repository import model_config as config_io
 from server.repository.cards import CARD_FILE
 
 if TYPE_CHECKING:

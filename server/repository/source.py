@@ -9,7 +9,7 @@ from pathlib import Path
 
 from server.errors import ModelLoadError, ModelNotFound
 from server.repository.cards import CARD_FILE
-from server.repository.config import CONFIG_FILE
+from server.repository.model_config import CONFIG_FILE
 
 
 class FilesystemSource:

@@ -20,7 +20,7 @@ from bench.loadgen.workers import split_plans
 from bench.studies.gpu_backends import config_for
 from server._pb import model_config_pb2 as mc
 from server.app import backend_factories, check_model_parameters
-from server.repository.config import to_spec
+from server.repository.model_config import to_spec
 
 CONFIG = """name: "m"
 platform: "onnxruntime_onnx"

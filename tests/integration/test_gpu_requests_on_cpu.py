@@ -15,7 +15,7 @@ import tritonclient.grpc as grpcclient
 
 from server.backends import onnxruntime as ort_backend
 from server.errors import ModelLoadError
-from server.repository.config import read_config, to_spec
+from server.repository.model_config import read_config, to_spec
 from server.spec import InstanceSpec
 from tests import model_factory
 from tests.server_harness import ServerThread

@@ -6,8 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from server.drift import config as drift_config
 from server.drift import features
+from server.drift import options as drift_config
 from server.drift import profile as profiles
 from server.interfaces import DriftSample
 from server.spec import ModelSpec, TensorSpec

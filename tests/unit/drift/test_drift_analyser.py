@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from server.drift import config as drift_config
 from server.drift import features
+from server.drift import options as drift_config
 from server.drift import profile as profiles
 from server.drift.analyser import DriftAnalyser
 from server.drift.sampler import CapturedSample, DriftSampler

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from server.drift import config as drift_config
 from server.drift import features
-from server.drift.config import Thresholds
+from server.drift import options as drift_config
 from server.drift.detect import Level, evaluate
+from server.drift.options import Thresholds
 from server.drift.profile import ReferenceProfile
 from server.drift.window import Block, Windows
 from server.spec import TensorSpec

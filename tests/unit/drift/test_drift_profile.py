@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.drift import config as drift_config
 from server.drift import datafile, features
+from server.drift import options as drift_config
 from server.drift import profile as profiles
 from server.drift.features import Kind, Role
 from server.drift.profile import CategoricalProfile, NumericProfile

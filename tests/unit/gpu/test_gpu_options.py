@@ -20,7 +20,7 @@ from server.gpu.options import (
     parse_trt_options,
     profile_text,
 )
-from server.repository.config import to_spec
+from server.repository.model_config import to_spec
 from server.spec import BatchingSpec, InstanceSpec, ModelSpec, TensorSpec
 from server.types import DataType
 from tests import model_factory
@@ -266,7 +266,7 @@ def test_config_validation_errors(tmp_path: Path, text: str, message: str) -> No
 
 
 def test_existing_example_configs_still_parse(tmp_path: Path, examples_repo: Path) -> None:
-    from server.repository.config import read_config
+    from server.repository.model_config import read_config
 
     model_dirs = sorted(p for p in examples_repo.iterdir() if p.is_dir())
     assert model_dirs

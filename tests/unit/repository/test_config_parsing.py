@@ -1,4 +1,4 @@
-"""server.repository.config (config.pbtxt -> ModelSpec) and versions.select_versions."""
+"""server.repository.model_config (config.pbtxt -> ModelSpec) and versions.select_versions."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from server._pb import model_config_pb2 as mc
 from server.backends.onnxruntime import OnnxRuntimeFactory
 from server.errors import ModelLoadError
-from server.repository.config import CONFIG_FILE, read_config, to_spec
+from server.repository.model_config import CONFIG_FILE, read_config, to_spec
 from server.repository.versions import select_versions
 from server.spec import BatchingSpec, InstanceSpec, ModelSpec, QueuePolicy, TensorSpec
 from server.types import DataType

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from server.errors import ModelLoadError
-from server.repository import config as config_io
+from server.repository import model_config as config_io
 from server.repository.mlflow_source import (
     MlflowSource,
     ModelRef,

@@ -14,7 +14,7 @@ from server.backends.tensorrt import TensorRtFactory
 from server.errors import ModelLoadError
 from server.interfaces import BackendFactory
 from server.parameters import Key, boolean, check, choice, integer, names, number, optional, text
-from server.repository.config import REPOSITORY_KEYS, read_config, to_spec
+from server.repository.model_config import REPOSITORY_KEYS, read_config, to_spec
 from server.spec import ModelSpec, TensorSpec
 from server.types import DataType
 from tests import model_factory

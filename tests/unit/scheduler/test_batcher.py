@@ -19,7 +19,7 @@ from server.errors import BackendError, DeadlineExceeded, InvalidInput, ModelNot
 from server.interfaces import Backend
 from server.metrics import MetricsRegistry, VersionMetrics
 from server.packing import default_packer
-from server.repository.config import read_config, to_spec
+from server.repository.model_config import read_config, to_spec
 from server.scheduler.batcher import DynamicBatcher
 from server.spec import BatchingSpec, InstanceSpec, ModelSpec, QueuePolicy, TensorSpec
 from server.types import Array, DataType, InferRequest, InferResponse

@@ -21,7 +21,7 @@ from server.errors import ModelLoadError
 from server.gpu.options import TRT_BUILD_FROM_ONNX
 from server.gpu.options import validate_parameters as validate_gpu_parameters
 from server.parameters import Key, ModelCheck, number
-from server.preprocess import config as preprocess_config
+from server.preprocess import options as preprocess_config
 from server.repository import cards
 from server.spec import (
     BatchingSpec,

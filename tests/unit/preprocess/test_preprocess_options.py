@@ -13,8 +13,8 @@ from google.protobuf import text_format
 from server._pb import model_config_pb2 as mc
 from server.codec.validate import validate_request
 from server.errors import InvalidInput, ModelLoadError
-from server.preprocess.config import default_threads, parse_preprocess
-from server.repository.config import to_spec
+from server.preprocess.options import default_threads, parse_preprocess
+from server.repository.model_config import to_spec
 from server.spec import ImagePreprocess, ModelSpec, TensorSpec
 from server.types import Array, DataType, InferRequest
 
