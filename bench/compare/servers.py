@@ -123,6 +123,16 @@ class NoopServer(ServerProcess):
                                   *describe], port, cpus, cwd=REPO_ROOT)
 
 
+class PlainServer(ServerProcess):
+    """bench/compare/plain_server.py on ``repository``: the plain-Python batching yardstick."""
+
+    def __init__(self, repository: Path, cpus: str | None = None) -> None:
+        port = free_port()
+        super().__init__("plain", [sys.executable, "-m", "bench.compare.plain_server",
+                                   "--port", str(port), "--model-repository", str(repository)],
+                         port, cpus, cwd=REPO_ROOT)
+
+
 class PeregrineProcess(ServerProcess):
     """``peregrine serve`` on ``repository``; ``launcher`` replaces the ``-m server.cli``
     entry point (bench.studies.ablation_server wraps it)."""
