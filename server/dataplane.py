@@ -37,9 +37,10 @@ class DataPlane:
     def submit(self, request: InferRequest) -> asyncio.Future[InferResponse]:
         """Route, validate and queue ``request``; errors found before queueing raise here.
 
-        The future resolves with the response once statistics, routing and drift have seen it;
+        The future resolves with the response once the scheduler has counted it and, when the
+        request was routed or drift is monitored, once routing and drift have seen it;
         cancelling it withdraws the request. No task per request: a stream waits with a
-        callback.
+        callback. A request that is neither routed nor sampled costs no callback here.
         """
         router = self._router
         decision = router.route(request) if router is not None else None
@@ -60,7 +61,9 @@ class DataPlane:
             model.metrics.request_failed(_reason(exc), _now() - start)
             self._finish_route(decision, request, None, start)
             raise
-        future.add_done_callback(functools.partial(self._finished, model, request, decision, start))
+        if decision is not None or self._drift is not None:
+            future.add_done_callback(
+                functools.partial(self._finished, model, request, decision, start))
         return future
 
     def _finished(
@@ -72,18 +75,12 @@ class DataPlane:
         future: asyncio.Future[InferResponse],
     ) -> None:
         """Runs before the waiter resumes (callbacks run in the order they were added)."""
-        elapsed = _now() - start
-        metrics = model.metrics
         if future.cancelled():
-            metrics.request_failed("CANCELED", elapsed)
             return  # the caller went away: no verdict on the variant
-        exc = future.exception()
-        if exc is not None:
-            metrics.request_failed(_reason(exc), elapsed)
+        if future.exception() is not None:
             self._finish_route(decision, request, None, start)
             return
         response = future.result()
-        metrics.request_succeeded(elapsed)
         if decision is not None:
             response.parameters["routing_variant"] = decision.variant
             self._finish_route(decision, request, response, start)

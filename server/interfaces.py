@@ -92,11 +92,10 @@ class Scheduler(Protocol):
 class ModelMetrics(Protocol):
     """The figures one model version keeps (statistics, histograms).
 
-    Called on the event loop thread only; never blocks. The data plane reports each request's
-    outcome, the scheduler each batch once.
+    Called on the event loop thread only; never blocks. The scheduler reports each batch once
+    (its requests' queue times and, for those answered, their durations) and each request
+    that fails; the data plane only the requests refused before they were queued.
     """
-
-    def request_succeeded(self, ns: int) -> None: ...
 
     def request_failed(self, reason: str, ns: int) -> None:
         """``reason`` as Triton's failure metric labels it (PeregrineError.reason)."""
@@ -106,8 +105,11 @@ class ModelMetrics(Protocol):
         """Where to read the number of queued requests when the figures are read."""
         ...
 
-    def batch_done(self, queue_ns: Sequence[int], executions: Sequence[Execution]) -> None:
-        """One batch finished: how long each of its requests queued, and its backend calls."""
+    def batch_done(self, started_ns: int, finished_ns: int, enqueued_ns: Sequence[int],
+                   answered_ns: Sequence[int], executions: Sequence[Execution]) -> None:
+        """One batch ran from ``started_ns`` to ``finished_ns``: when each of its requests was
+        queued (``enqueued_ns``), the same for those it answered (``answered_ns``), and its
+        backend calls."""
         ...
 
 

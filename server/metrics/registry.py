@@ -54,22 +54,27 @@ class VersionMetrics:
     compute_seconds: LoopHistogram
     batch_size: LoopHistogram
 
-    def request_succeeded(self, ns: int) -> None:
-        self.stats.success.add(ns)
-        self.request_seconds.observe(ns / 1e9)
-
     def request_failed(self, reason: str, ns: int) -> None:
         self.stats.record_failure(reason, ns)
 
     def count_pending(self, count: Callable[[], int]) -> None:
         self.stats.pending_count = count
 
-    def batch_done(self, queue_ns: Sequence[int], executions: Sequence[Execution]) -> None:
-        queue = self.stats.queue
+    def batch_done(self, started_ns: int, finished_ns: int, enqueued_ns: Sequence[int],
+                   answered_ns: Sequence[int], executions: Sequence[Execution]) -> None:
+        stats = self.stats
+        queue = stats.queue
         queue_seconds = self.queue_seconds
-        for waited in queue_ns:
+        for enqueued in enqueued_ns:
+            waited = started_ns - enqueued
             queue.add(waited)
             queue_seconds.observe(waited / 1e9)
+        success = stats.success
+        request_seconds = self.request_seconds
+        for enqueued in answered_ns:
+            took = finished_ns - enqueued
+            success.add(took)
+            request_seconds.observe(took / 1e9)
         for run in executions:
             self.stats.record_batch(run.rows, run.requests, run.input_ns, run.infer_ns,
                                     run.output_ns)

@@ -86,8 +86,8 @@ class DynamicBatcher:
         #: A dispatch callback is queued on the loop (call_soon).
         self._scheduled = False
         self._timer: asyncio.TimerHandle | None = None
-        self._idle_event = asyncio.Event()
-        self._idle_event.set()
+        #: Set by ``drain`` and resolved once nothing is queued or running.
+        self._drained: asyncio.Future[None] | None = None
         metrics.count_pending(self._queue.__len__)
 
     # -- the Scheduler interface -------------------------------------------------------------
@@ -111,7 +111,6 @@ class DynamicBatcher:
         )
         self._queue.push(entry)
         self._arrivals += 1
-        self._idle_event.clear()
         future.add_done_callback(functools.partial(self._withdraw_if_cancelled, entry))
         self._schedule()
         return future
@@ -135,8 +134,11 @@ class DynamicBatcher:
 
     async def drain(self, timeout: float) -> bool:
         self._accepting = False
+        if self._drained is None:
+            self._drained = self._loop.create_future()
+            self._check_idle()
         try:
-            await asyncio.wait_for(self._idle_event.wait(), timeout)
+            await asyncio.wait_for(asyncio.shield(self._drained), timeout)
         except TimeoutError:
             return False
         return True
@@ -147,8 +149,10 @@ class DynamicBatcher:
         self._closed = True
         self._accepting = False
         self._cancel_timer()
+        unloaded = ModelNotReady(f"model '{self._spec.name}' was unloaded")
+        now = _now()
         for entry in self._queue.drain_all():
-            _fail(entry, ModelNotReady(f"model '{self._spec.name}' was unloaded"))
+            self._fail(entry, unloaded, now)
         # Joining the worker threads and freeing the sessions can block: keep it off the loop.
         await asyncio.to_thread(self._release)
 
@@ -202,14 +206,18 @@ class DynamicBatcher:
     def _withdraw_if_cancelled(
         self, entry: PendingRequest, future: asyncio.Future[InferResponse]
     ) -> None:
-        """A cancelled call leaves the queue at once."""
+        """A cancelled call leaves the queue at once (one that is executing is counted when
+        its batch finishes)."""
         if future.cancelled() and entry.queued:
             self._queue.remove(entry)
+            self._metrics.request_failed("CANCELED", _now() - entry.enqueue_ns)
             self._check_idle()
 
     def _check_idle(self) -> None:
-        if not self._running and not len(self._queue):
-            self._idle_event.set()
+        drained = self._drained
+        if drained is not None and not self._running and not len(self._queue) \
+                and not drained.done():
+            drained.set_result(None)
 
     # -- dispatch --------------------------------------------------------------------------------
 
@@ -279,14 +287,18 @@ class DynamicBatcher:
             self._timer = self._loop.call_later(delay_s, self._dispatch)
 
     def _expire(self, entry: PendingRequest, now: int) -> None:
+        self._fail(entry, DeadlineExceeded(
+            f"request '{entry.request.id}' to model '{self._spec.name}' timed out "
+            f"after {(now - entry.enqueue_ns) / 1e6:.3f} ms in the queue"
+        ), now)
+
+    def _fail(self, entry: PendingRequest, exc: PeregrineError, now: int) -> None:
+        """Answer ``entry`` with ``exc`` and count the failure (once: a future already done,
+        cancelled by its caller say, is counted where that happened)."""
         if entry.future.done():
             return
-        entry.future.set_exception(
-            DeadlineExceeded(
-                f"request '{entry.request.id}' to model '{self._spec.name}' timed out "
-                f"after {(now - entry.enqueue_ns) / 1e6:.3f} ms in the queue"
-            )
-        )
+        self._metrics.request_failed(exc.reason, now - entry.enqueue_ns)
+        entry.future.set_exception(exc)
 
     def _start(self, entries: list[PendingRequest], start: int) -> None:
         instance = self._idle.pop()
@@ -324,18 +336,25 @@ class DynamicBatcher:
         for execution in run.executions:
             self._cost.observe(execution.rows, execution.input_ns + execution.infer_ns
                                + execution.output_ns)
-        self._metrics.batch_done([start - e.enqueue_ns for e in entries], run.executions)
+        now = _now()
         executor = self._executor
+        answered: list[int] = []
         if run.error is not None:
-            _fail_all(entries, executor.typed_error(run.error, [e.request for e in entries]))
+            error = executor.typed_error(run.error, [e.request for e in entries])
+            for entry in entries:
+                self._fail(entry, error, now)
         else:
             for entry, outcome in zip(entries, run.outcomes, strict=True):
-                if entry.future.done():
-                    continue
-                if isinstance(outcome, Exception):
-                    entry.future.set_exception(executor.typed_error(outcome, [entry.request]))
+                future = entry.future
+                if future.done():
+                    self._metrics.request_failed("CANCELED", now - entry.enqueue_ns)
+                elif isinstance(outcome, Exception):
+                    self._fail(entry, executor.typed_error(outcome, [entry.request]), now)
                 else:
-                    entry.future.set_result(outcome)
+                    future.set_result(outcome)
+                    answered.append(entry.enqueue_ns)
+        self._metrics.batch_done(start, now, [e.enqueue_ns for e in entries], answered,
+                                 run.executions)
         self._check_idle()
 
     def _fail_batcher(self, exc: BaseException) -> None:
@@ -345,8 +364,9 @@ class DynamicBatcher:
             extra={"model": self._spec.name, "version": self._version, "error": repr(exc)},
         )
         error = ModelNotReady(f"model '{self._spec.name}' batcher failed: {exc!r}")
+        now = _now()
         for entry in self._queue.drain_all():
-            _fail(entry, error)
+            self._fail(entry, error, now)
         self._check_idle()
 
 
@@ -363,13 +383,3 @@ INLINE_EXECUTION_MAX_US = Key(
     "100")
 #: config.pbtxt ``parameters`` keys the batcher owns.
 PARAMETER_KEYS = (QUEUE_DELAY, INLINE_EXECUTION_MAX_US)
-
-
-def _fail_all(entries: list[PendingRequest], exc: PeregrineError) -> None:
-    for entry in entries:
-        _fail(entry, exc)
-
-
-def _fail(entry: PendingRequest, exc: PeregrineError) -> None:
-    if not entry.future.done():
-        entry.future.set_exception(exc)

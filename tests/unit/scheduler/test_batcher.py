@@ -339,6 +339,23 @@ async def test_cancelled_submit_leaves_the_queue(make: Maker) -> None:
     # The cancelled request's four rows never reached the model.
     assert stats.inference_count == 2
     assert sorted(stats.batches) == [1]
+    assert stats.failures_by_reason == {"CANCELED": 1} and stats.success.count == 2
+
+
+async def test_each_outcome_is_counted_once_by_the_batcher(make: Maker) -> None:
+    """Answered requests count as successes (with their queue times) and a request cancelled
+    while its batch executes as one CANCELED failure, when the batch finishes."""
+    made = await make(model_factory.slow_model, "slow", delay_ms=SLOW_MS)
+    running = asyncio.ensure_future(made.batcher.submit(slow_request()))
+    await until(lambda: made.batcher.inflight() == 1 and made.metrics.stats.pending == 0)
+    running.cancel()
+    answered = await made.batcher.submit(slow_request())
+    assert answered.outputs
+    stats = made.metrics.stats
+    assert stats.failures_by_reason == {"CANCELED": 1} and stats.fail.count == 1
+    assert stats.success.count == 1 and stats.queue.count == 2
+    assert stats.inference_count == 2  # the cancelled one had already reached the model
+    assert sum(made.metrics.request_seconds.counts) == 1
 
 
 async def test_high_priority_queued_last_runs_first(make: Maker) -> None:
