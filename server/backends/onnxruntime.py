@@ -13,14 +13,14 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from server.errors import InvalidInput, ModelLoadError
-from server.gpu.options import (
+from server.accelerator_options import (
     ORT_GPU_KEYS,
     instance_device,
     instance_group,
     ort_gpu_providers,
     parse_ort_gpu_options,
 )
+from server.errors import InvalidInput, ModelLoadError
 from server.parameters import Key, boolean, choice, integer, optional
 from server.spec import ModelSpec, TensorSpec
 from server.types import Array, DataType
@@ -103,8 +103,8 @@ def choose_providers(
 
     KIND_GPU (or KIND_AUTO where CUDA is present) runs on the CUDA provider of the group's
     next GPU, or on the TensorRT provider with parameter ``execution_accelerator: tensorrt``;
-    provider options come from the config parameters (server/gpu/options.py). KIND_GPU without
-    CUDA is a load error unless ``allow_cpu_fallback`` is true.
+    provider options come from the config parameters (server/accelerator_options.py).
+    KIND_GPU without CUDA is a load error unless ``allow_cpu_fallback`` is true.
     """
     available = ort.get_available_providers()
     group, _ = instance_group(spec, instance_index)

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from server.errors import ModelLoadError
-from server.gpu.options import (
+from server.accelerator_options import (
     OrtGpuOptions,
     ShapeRange,
     TrtOptions,
@@ -20,6 +19,7 @@ from server.gpu.options import (
     parse_trt_options,
     profile_text,
 )
+from server.errors import ModelLoadError
 from server.repository.model_config import to_spec
 from server.spec import BatchingSpec, InstanceSpec, ModelSpec, TensorSpec
 from server.types import DataType

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from server.accelerator_options import TrtOptions
 from server.backends import tensorrt as trt_backend
 from server.backends.tensorrt import (
     BuildProgress,
@@ -27,12 +28,11 @@ from server.backends.tensorrt import (
     TensorRtFactory,
     TensorRtInstance,
     check_engine_against_spec,
+    cuda,
     datatype_of,
 )
+from server.backends.tensorrt.engine_cache import GpuIdentity
 from server.errors import InvalidInput, ModelLoadError
-from server.gpu import cuda
-from server.gpu.engine_cache import GpuIdentity
-from server.gpu.options import TrtOptions
 from server.spec import BatchingSpec, InstanceSpec, ModelSpec, TensorSpec
 from server.types import DataType
 from tests import model_factory

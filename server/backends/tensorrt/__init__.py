@@ -11,8 +11,8 @@ device buffers and page-locked host staging buffers sized for the profile's larg
 A batch is: inputs copied into the pinned staging buffers (skipped when the packer's buffer is
 already pinned), async copies to the device, ``execute_async_v3`` (or the batch shape's CUDA
 graph), async copies back, one stream synchronisation, and outputs copied out of the staging
-buffers (the next batch reuses them). See server/gpu/options.py for the parameters and
-server/gpu/engine_cache.py for the engine cache.
+buffers (the next batch reuses them). See server/accelerator_options.py for the parameters and
+engine_cache.py (beside this file) for the engine cache.
 """
 
 from __future__ import annotations
@@ -30,11 +30,17 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from server.accelerator_options import (
+    TRT_KEYS,
+    TrtOptions,
+    instance_device,
+    optimisation_profile,
+    parse_trt_options,
+)
 from server.atomic_file import write_atomically
 from server.backends.onnxruntime import OnnxRuntimeFactory
-from server.errors import BackendError, InvalidInput, ModelLoadError
-from server.gpu import cuda
-from server.gpu.engine_cache import (
+from server.backends.tensorrt import cuda
+from server.backends.tensorrt.engine_cache import (
     BuildSettings,
     CacheEntry,
     GpuIdentity,
@@ -46,13 +52,7 @@ from server.gpu.engine_cache import (
     resolve_cache_dir,
     timing_cache_path,
 )
-from server.gpu.options import (
-    TRT_KEYS,
-    TrtOptions,
-    instance_device,
-    optimisation_profile,
-    parse_trt_options,
-)
+from server.errors import BackendError, InvalidInput, ModelLoadError
 from server.spec import ModelSpec, TensorSpec
 from server.types import Array, DataType
 
