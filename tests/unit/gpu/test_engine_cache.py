@@ -1,4 +1,5 @@
-"""The TensorRT engine cache without TensorRT: the key, the paths, atomic writes, the lock."""
+"""The TensorRT engine cache (server/backends/tensorrt/engine_cache.py) without TensorRT: the
+key, the paths, atomic writes, the lock."""
 
 from __future__ import annotations
 

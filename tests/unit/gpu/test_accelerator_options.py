@@ -1,5 +1,6 @@
-"""GPU config parameters without a GPU: TensorRT options and optimisation profiles, ONNX Runtime
-provider options, instance devices, and their validation when config.pbtxt is read."""
+"""GPU config parameters (server/accelerator_options.py) without a GPU: TensorRT options and
+optimisation profiles, ONNX Runtime provider options, instance devices, and their validation
+when config.pbtxt is read."""
 
 from __future__ import annotations
 
