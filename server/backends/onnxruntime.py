@@ -13,22 +13,20 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from server.errors import InvalidInput, ModelLoadError
-from server.gpu.options import (
+from server.accelerator_options import (
     ORT_GPU_KEYS,
     instance_device,
     instance_group,
     ort_gpu_providers,
     parse_ort_gpu_options,
 )
+from server.backends.shapes import check_dims
+from server.errors import InvalidInput, ModelLoadError
 from server.parameters import Key, boolean, choice, integer, optional
 from server.spec import ModelSpec, TensorSpec
 from server.types import Array, DataType
 
 log = logging.getLogger(__name__)
-
-#: onnx.TensorProto.BFLOAT16, the element type onnxruntime takes for raw bfloat16 words.
-_ONNX_BFLOAT16 = 16
 
 _ORT_TYPES: dict[str, DataType] = {
     "tensor(bool)": DataType.BOOL,
@@ -103,8 +101,8 @@ def choose_providers(
 
     KIND_GPU (or KIND_AUTO where CUDA is present) runs on the CUDA provider of the group's
     next GPU, or on the TensorRT provider with parameter ``execution_accelerator: tensorrt``;
-    provider options come from the config parameters (server/gpu/options.py). KIND_GPU without
-    CUDA is a load error unless ``allow_cpu_fallback`` is true.
+    provider options come from the config parameters (server/accelerator_options.py).
+    KIND_GPU without CUDA is a load error unless ``allow_cpu_fallback`` is true.
     """
     available = ort.get_available_providers()
     group, _ = instance_group(spec, instance_index)
@@ -349,7 +347,7 @@ def _complete(
                 f"config {kind} '{tensor.name}' is {tensor.datatype.config_name} but the "
                 f"model's is {node.type}"
             )
-        _check_dims(spec, kind, tensor, node.shape)
+        check_dims(spec, kind, tensor, node.shape, "the model")
     if declared:
         if kind == "input":
             missing = set(by_name) - {t.name for t in declared}
@@ -366,22 +364,3 @@ def _complete(
             dims = dims[1:]
         completed.append(TensorSpec(name=node.name, datatype=datatype, dims=dims))
     return tuple(completed)
-
-
-def _check_dims(spec: ModelSpec, kind: str, tensor: TensorSpec, shape: list[Any]) -> None:
-    model_dims = [d if isinstance(d, int) and d >= 0 else -1 for d in shape]
-    expected = list(tensor.dims)
-    if spec.batches:
-        if not model_dims or model_dims[0] not in (-1,):
-            raise ModelLoadError(
-                f"model {kind} '{tensor.name}' has shape {model_dims}: with max_batch_size > 0 "
-                "its first dimension must be dynamic (the batch)"
-            )
-        model_dims = model_dims[1:]
-    if len(model_dims) != len(expected) or any(
-        m != -1 and e != -1 and m != e for m, e in zip(model_dims, expected, strict=True)
-    ):
-        raise ModelLoadError(
-            f"config {kind} '{tensor.name}' dims {expected} do not match the model's "
-            f"{model_dims}" + (" (batch dimension excluded)" if spec.batches else "")
-        )

@@ -22,8 +22,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Protocol, TextIO, runtime_checkable
 
+from server.accelerator_options import TRT_BUILD_FROM_ONNX, TRT_PRECISION, TRT_SHAPE
 from server.errors import ModelLoadError
-from server.gpu.options import TRT_BUILD_FROM_ONNX, TRT_PRECISION, TRT_SHAPE
 from server.spec import ModelSpec
 
 
@@ -82,7 +82,7 @@ def run_trt(args: argparse.Namespace, factories: Any) -> int:
 
 
 def build(args: argparse.Namespace, factories: dict[str, Any]) -> dict[str, Any]:
-    from server.gpu.options import instance_device
+    from server.accelerator_options import instance_device
     from server.repository import model_config as config_io
 
     factory = factories.get("tensorrt")

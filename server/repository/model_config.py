@@ -17,9 +17,9 @@ from google.protobuf import text_format
 
 from server import parameters as model_parameters
 from server._pb import model_config_pb2 as mc
+from server.accelerator_options import TRT_BUILD_FROM_ONNX
+from server.accelerator_options import validate_parameters as validate_gpu_parameters
 from server.errors import ModelLoadError
-from server.gpu.options import TRT_BUILD_FROM_ONNX
-from server.gpu.options import validate_parameters as validate_gpu_parameters
 from server.parameters import Key, ModelCheck, number
 from server.preprocess import options as preprocess_config
 from server.repository import cards

@@ -56,7 +56,7 @@ def tensorrt_problem() -> str | None:
     except ImportError as exc:
         return f"tensorrt is not installed (the 'gpu' extra): {exc}"
     try:
-        from server.gpu import cuda
+        from server.backends.tensorrt import cuda
 
         cuda.runtime()
     except Exception as exc:

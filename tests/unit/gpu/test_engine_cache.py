@@ -1,4 +1,5 @@
-"""The TensorRT engine cache without TensorRT: the key, the paths, atomic writes, the lock."""
+"""The TensorRT engine cache (server/backends/tensorrt/engine_cache.py) without TensorRT: the
+key, the paths, atomic writes, the lock."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from types import MappingProxyType
 
 import pytest
 
+from server.accelerator_options import ShapeRange
 from server.atomic_file import write_atomically
-from server.gpu.engine_cache import (
+from server.backends.tensorrt.engine_cache import (
     BuildSettings,
     GpuIdentity,
     build_lock,
@@ -23,7 +25,6 @@ from server.gpu.engine_cache import (
     resolve_cache_dir,
     timing_cache_path,
 )
-from server.gpu.options import ShapeRange
 
 H100 = GpuIdentity("NVIDIA H100 80GB HBM3", (9, 0))
 PROFILE = {"image": ShapeRange((1, 3, 32, 32), (16, 3, 32, 32), (32, 3, 32, 32))}

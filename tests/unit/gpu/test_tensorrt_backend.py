@@ -1,6 +1,7 @@
-"""The TensorRT backend without TensorRT or a GPU: clear load errors, type mapping, build
+"""The TensorRT backend (server/backends/tensorrt/: factory.py, runtime.py, builder.py,
+progress.py, library.py) without TensorRT or a GPU: clear load errors, type mapping, build
 progress, engine/config checks, and the execution flow (shapes, staging, CUDA graphs per
-shape) driven through fakes of the engine, the context and the CUDA layer.
+shape) driven through fakes of the engine, the context and the CUDA layer (cuda.py).
 
 The fakes keep "device" memory in host numpy buffers and run the copies with memmove, so the
 byte flow is the real one; only TensorRT's kernels and CUDA's asynchrony are simulated. The
@@ -20,19 +21,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from server.backends import tensorrt as trt_backend
-from server.backends.tensorrt import (
-    BuildProgress,
-    EngineRecord,
-    TensorRtFactory,
-    TensorRtInstance,
-    check_engine_against_spec,
-    datatype_of,
-)
+from server.accelerator_options import TrtOptions
+from server.backends.tensorrt import TensorRtFactory, cuda
+from server.backends.tensorrt import factory as trt_factory
+from server.backends.tensorrt.builder import EngineRecord
+from server.backends.tensorrt.engine_cache import GpuIdentity
+from server.backends.tensorrt.library import datatype_of
+from server.backends.tensorrt.progress import BuildProgress
+from server.backends.tensorrt.runtime import TensorRtInstance, check_engine_against_spec
 from server.errors import InvalidInput, ModelLoadError
-from server.gpu import cuda
-from server.gpu.engine_cache import GpuIdentity
-from server.gpu.options import TrtOptions
 from server.spec import BatchingSpec, InstanceSpec, ModelSpec, TensorSpec
 from server.types import DataType
 from tests import model_factory
@@ -83,7 +80,8 @@ class FakeCudart:
 
 @pytest.fixture
 def fake_tensorrt(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: SimpleNamespace())
+    # The factory is where a load looks TensorRT up.
+    monkeypatch.setattr(trt_factory, "import_tensorrt", lambda: SimpleNamespace())
 
 
 def test_no_cuda_device_is_a_clear_load_error(

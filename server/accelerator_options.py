@@ -7,6 +7,12 @@ execution provider and need ``execution_accelerator: "tensorrt"``. ``trt_workspa
 ``trt_builder_optimization_level``, ``trt_cuda_graphs`` and ``trt_shape_<input>`` mean the
 same on both; ``trt_shape_<input>`` gives the range of an input's -1 dims (batch dim
 excluded) as ``"MIN:OPT:MAX"``, each ``AxBxC``, or one shape for all three.
+
+Pure (no GPU, TensorRT or cuda-python needed) and outside server/backends on purpose: the
+repository checks these parameters when it reads config.pbtxt, and ``peregrine trt build``
+reads them, and neither may import a concrete backend (tests/test_code_quality.py). Both
+backends import them from here: server/backends/onnxruntime.py for its CUDA and TensorRT
+providers, server/backends/tensorrt/ for the native TensorRT backend.
 """
 
 from __future__ import annotations

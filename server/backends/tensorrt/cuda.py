@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from server.backends.tensorrt.engine_cache import GpuIdentity
 from server.errors import ModelLoadError
-from server.gpu.engine_cache import GpuIdentity
 from server.types import Array
 
 _lock = threading.Lock()

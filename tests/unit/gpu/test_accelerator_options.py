@@ -1,5 +1,6 @@
-"""GPU config parameters without a GPU: TensorRT options and optimisation profiles, ONNX Runtime
-provider options, instance devices, and their validation when config.pbtxt is read."""
+"""GPU config parameters (server/accelerator_options.py) without a GPU: TensorRT options and
+optimisation profiles, ONNX Runtime provider options, instance devices, and their validation
+when config.pbtxt is read."""
 
 from __future__ import annotations
 
@@ -7,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from server.errors import ModelLoadError
-from server.gpu.options import (
+from server.accelerator_options import (
     OrtGpuOptions,
     ShapeRange,
     TrtOptions,
@@ -20,6 +20,7 @@ from server.gpu.options import (
     parse_trt_options,
     profile_text,
 )
+from server.errors import ModelLoadError
 from server.repository.model_config import to_spec
 from server.spec import BatchingSpec, InstanceSpec, ModelSpec, TensorSpec
 from server.types import DataType

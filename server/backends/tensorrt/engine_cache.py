@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.gpu.options import ShapeRange
+from server.accelerator_options import ShapeRange
 
 CACHE_ENV = "PEREGRINE_TRT_CACHE_DIR"
 #: Bump when the key's recipe changes, so old entries are not mistaken for new ones.

@@ -1,0 +1,197 @@
+"""Building TensorRT engines from ``model.onnx`` and caching them (engine_cache.py says where
+and under which key): one build per cache entry across threads and processes, the timing
+cache reused across builds on one GPU."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from server.accelerator_options import TrtOptions, optimisation_profile
+from server.atomic_file import write_atomically
+from server.backends.tensorrt.engine_cache import (
+    BuildSettings,
+    CacheEntry,
+    GpuIdentity,
+    build_lock,
+    cache_entry,
+    engine_cache_key,
+    file_sha256,
+    key_material,
+    resolve_cache_dir,
+    timing_cache_path,
+)
+from server.backends.tensorrt.progress import BuildProgress, progress_monitor, trt_logger
+from server.errors import ModelLoadError
+from server.spec import ModelSpec
+
+#: One logger for the whole backend, named as before its split into modules.
+log = logging.getLogger(__package__)
+
+_BUILDER_FLAGS = {"fp16": "FP16", "bf16": "BF16", "int8": "INT8"}
+
+
+@dataclass(frozen=True, slots=True)
+class EngineRecord:
+    """Where an instance's engine came from."""
+
+    data: bytes
+    #: "plan" (the version's model.plan), "cache" (an engine built earlier) or "built" (now).
+    source: str
+    path: Path
+    seconds: float = 0.0
+
+
+_key_locks: dict[str, threading.Lock] = {}
+_key_locks_guard = threading.Lock()
+
+
+def _key_lock(key: str) -> threading.Lock:
+    with _key_locks_guard:
+        return _key_locks.setdefault(key, threading.Lock())
+
+
+def build_settings(spec: ModelSpec, options: TrtOptions) -> BuildSettings:
+    return BuildSettings(
+        precision_flags=options.precision_flags,
+        profile=optimisation_profile(spec, options.shapes),
+        workspace_mb=options.workspace_mb,
+        builder_optimization_level=options.builder_optimization_level,
+    )
+
+
+def engine_from_onnx(
+    trt: Any, spec: ModelSpec, version_dir: Path, options: TrtOptions, gpu: GpuIdentity,
+    progress: BuildProgress | None = None, rebuild: bool = False,
+) -> EngineRecord:
+    """The cached engine for this model, TensorRT, GPU and settings; built when missing
+    (or when ``rebuild``). Builds of one entry are serialised across threads and processes."""
+    onnx_path = version_dir / spec.default_model_filename
+    if not onnx_path.is_file():
+        raise ModelLoadError(f"model file '{onnx_path}' is missing")
+    cache_dir = resolve_cache_dir(options.engine_cache_dir, version_dir.parent)
+    if cache_dir.resolve().is_relative_to(version_dir.resolve()):
+        raise ModelLoadError(
+            f"model '{spec.name}': trt_engine_cache_dir '{cache_dir}' is inside the version "
+            "directory; new files there would look like a changed version (put it beside)"
+        )
+    settings = build_settings(spec, options)
+    model_sha = file_sha256(onnx_path)
+    key = engine_cache_key(model_sha, trt.__version__, gpu, settings)
+    entry = cache_entry(cache_dir, spec.name, key)
+    with _key_lock(key), build_lock(entry):
+        if entry.plan.is_file() and not rebuild:
+            log.info("tensorrt engine found in the cache",
+                     extra={"model": spec.name, "engine": str(entry.plan)})
+            return EngineRecord(entry.plan.read_bytes(), "cache", entry.plan)
+        timing = (Path(options.timing_cache).expanduser() if options.timing_cache
+                  else timing_cache_path(cache_dir, gpu, trt.__version__))
+        if not timing.is_absolute():
+            timing = version_dir.parent / timing
+        started = time.perf_counter()
+        data = build_engine(trt, onnx_path, settings, timing, progress)
+        seconds = time.perf_counter() - started
+        _store(entry, data, key_material(model_sha, trt.__version__, gpu, settings), seconds)
+        log.info("tensorrt engine built", extra={
+            "model": spec.name, "engine": str(entry.plan), "seconds": round(seconds, 1),
+            "precision": options.precision_name, "gpu": gpu.name,
+        })
+        return EngineRecord(data, "built", entry.plan, seconds)
+
+
+def _store(entry: CacheEntry, data: bytes, material: dict[str, Any], seconds: float) -> None:
+    write_atomically(entry.plan, data)
+    meta = dict(material, key=entry.key, build_seconds=round(seconds, 3), bytes=len(data))
+    write_atomically(entry.metadata, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+
+
+def build_engine(trt: Any, onnx_path: Path, settings: BuildSettings, timing_path: Path,
+                 progress: BuildProgress | None) -> bytes:
+    """Parse ``onnx_path`` and build a serialized engine. Blocking (seconds to minutes)."""
+    logger = trt_logger(trt)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = []
+        for i in range(parser.num_errors):
+            error = parser.get_error(i)
+            errors.append(error.desc() if hasattr(error, "desc") else str(error))
+        raise ModelLoadError(f"TensorRT could not parse '{onnx_path}': {'; '.join(errors)}")
+    config = builder.create_builder_config()
+    if settings.workspace_mb is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_mb << 20)
+    for precision in settings.precision_flags:
+        flag = getattr(trt.BuilderFlag, _BUILDER_FLAGS[precision], None)
+        if flag is None:
+            raise ModelLoadError(
+                f"TensorRT {trt.__version__} has no {_BUILDER_FLAGS[precision]} builder flag "
+                "(TensorRT 11 builds strongly typed networks only): give an ONNX model already "
+                f"in {precision} with trt_precision fp32, or install tensorrt 10 (the 'gpu' extra)"
+            )
+        config.set_flag(flag)
+    if settings.builder_optimization_level is not None:
+        config.builder_optimization_level = settings.builder_optimization_level
+    profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        shape_range = settings.profile.get(tensor.name)
+        if shape_range is None:
+            raise ModelLoadError(
+                f"'{onnx_path}' has input '{tensor.name}' that the model config does not declare"
+            )
+        if len(tuple(tensor.shape)) != len(shape_range.min):
+            raise ModelLoadError(
+                f"'{onnx_path}' input '{tensor.name}' has shape {list(tensor.shape)}; the "
+                f"profile from the config has rank {len(shape_range.min)}"
+            )
+        profile.set_shape(tensor.name, shape_range.min, shape_range.opt, shape_range.max)
+    config.add_optimization_profile(profile)
+    timing = _timing_cache(config, timing_path)
+    monitor = None
+    if progress is not None:
+        monitor = progress_monitor(trt, progress)
+        if monitor is not None:
+            config.progress_monitor = monitor
+    try:
+        serialized = builder.build_serialized_network(network, config)
+    finally:
+        if progress is not None:
+            progress.finish()
+    if serialized is None:
+        raise ModelLoadError(
+            f"TensorRT could not build an engine from '{onnx_path}' (see the tensorrt log lines "
+            "above for why)"
+        )
+    if timing is not None:
+        try:
+            write_atomically(timing_path, memoryview(config.get_timing_cache().serialize()))
+        except OSError as exc:
+            log.warning("tensorrt timing cache not saved",
+                        extra={"path": str(timing_path), "error": str(exc)})
+    return bytes(memoryview(serialized))
+
+
+def _timing_cache(config: Any, path: Path) -> Any:
+    data = b""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("tensorrt timing cache unreadable; starting a new one",
+                    extra={"path": str(path), "error": str(exc)})
+    try:
+        cache = config.create_timing_cache(data)
+    except Exception:  # a corrupt or foreign file: start afresh
+        log.warning("tensorrt timing cache rejected; starting a new one", extra={"path": str(path)})
+        cache = config.create_timing_cache(b"")
+    if cache is None:
+        return None
+    config.set_timing_cache(cache, False)
+    return cache
