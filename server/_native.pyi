@@ -1,6 +1,6 @@
 """Type stub for the compiled extension ``server._native`` (built from csrc/bindings.cpp)."""
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, SupportsIndex
 
 from numpy.typing import NDArray
@@ -19,6 +19,36 @@ def encode_bytes(items: Iterable[bytes | bytearray | str]) -> bytes:
     Raises TypeError naming the index and type of an element of another type and
     ValueError for an element longer than 4294967295 bytes.
     """
+
+_Param = tuple[int, bool | int | float | str | None]
+
+def parse_infer_request(data: Buffer) -> tuple[
+    str,
+    str,
+    str,
+    dict[str, _Param],
+    list[tuple[str, str, tuple[int, ...], dict[str, _Param], memoryview | bytes | None]],
+    list[tuple[str, dict[str, _Param]]],
+    list[memoryview],
+]:
+    """Parse a serialized ModelInferRequest without protobuf objects: ``(model_name,
+    model_version, id, parameters, inputs, outputs, raw_input_contents)``, the form of
+    server.codec.parsed. Raw contents and typed contents are read-only views of ``data``
+    (typed contents are bytes when the field is repeated). ValueError names the problem and
+    its offset in malformed bytes (what the protobuf runtime rejects)."""
+
+def encode_infer_response(
+    model_name: str,
+    model_version: str,
+    id: str,
+    parameters: Mapping[str, bool | int | float | str],
+    outputs: Sequence[tuple[str, str, Sequence[int], Buffer | NDArray[Any]]],
+    stream: bool = False,
+    error_message: str = "",
+) -> bytes:
+    """Serialize a ModelInferResponse (``stream``: wrapped as the infer_response of a
+    ModelStreamInferResponse with ``error_message``) from ``outputs`` as ``(name, datatype,
+    shape, raw)``; the bytes the protobuf runtime writes, map entries in dict order."""
 
 def gather(sources: Sequence[NDArray[Any] | Buffer], out: NDArray[Any]) -> None:
     """Concatenate ``sources`` along axis 0 into ``out``, one memcpy each (GIL released for

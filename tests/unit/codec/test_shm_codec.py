@@ -16,6 +16,7 @@ from server._pb import grpc_service_pb2 as pb
 from server.codec import shared_memory
 from server.codec.decode import decode_request
 from server.codec.encode import encode_response, raw_bytes
+from server.codec.parsed import from_parameters
 from server.codec.shared_memory import SharedMemoryScope, ShmRef, tensor_reference
 from server.errors import InvalidInput
 from server.shm import SharedMemoryRegistry
@@ -52,9 +53,9 @@ def shm_params(region: str = "r", byte_size: int = 16, offset: int | None = None
 
 def test_tensor_reference_parsing() -> None:
     assert tensor_reference("t", {}) is None
-    assert tensor_reference("t", {"other": param(bool_param=True)}) is None
-    assert tensor_reference("t", shm_params()) == ShmRef("r", 0, 16)
-    assert tensor_reference("t", shm_params(offset=8)) == ShmRef("r", 8, 16)
+    assert tensor_reference("t", from_parameters({"other": param(bool_param=True)})) is None
+    assert tensor_reference("t", from_parameters(shm_params())) == ShmRef("r", 0, 16)
+    assert tensor_reference("t", from_parameters(shm_params(offset=8))) == ShmRef("r", 8, 16)
 
 
 @pytest.mark.parametrize(("params", "match"), [
@@ -65,12 +66,16 @@ def test_tensor_reference_parsing() -> None:
       "shared_memory_byte_size": param(int64_param=4)}, "expected string_param"),
     ({"shared_memory_region": param(string_param="r"),
       "shared_memory_byte_size": param(string_param="4")}, "expected int64_param"),
+    ({"shared_memory_region": param(string_param="r"),
+      "shared_memory_byte_size": param(uint64_param=4)}, "expected int64_param"),
+    ({"shared_memory_region": param(),
+      "shared_memory_byte_size": param(int64_param=4)}, "expected string_param"),
     (shm_params(byte_size=-4), "must not be negative"),
     (shm_params(offset=-1), "must not be negative"),
 ])
 def test_tensor_reference_errors(params: dict[str, pb.InferParameter], match: str) -> None:
     with pytest.raises(InvalidInput, match=match):
-        tensor_reference("t", params)
+        tensor_reference("t", from_parameters(params))
 
 
 def test_input_buffer_is_a_read_only_window(registry: SharedMemoryRegistry) -> None:
