@@ -1062,7 +1062,10 @@ py::bytes encode_infer_response(const py::str& model_name, const py::str& model_
                               " bytes, more than a protobuf message can hold");
     }
     PyObject* raw = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(size));
-    py::bytes out = py::reinterpret_steal<py::bytes>(steal(raw));
+    if (raw == nullptr) {
+        throw py::error_already_set();
+    }
+    py::bytes out = py::reinterpret_steal<py::bytes>(raw);
     auto* dst = reinterpret_cast<std::uint8_t*>(PyBytes_AS_STRING(raw));
     if (raw_total >= kReleaseGilBytes) {
         // Every source stays valid without the GIL: the strings are owned by the arguments,

@@ -17,7 +17,8 @@
 //   - submessages and groups nest at most kMaxDepth deep;
 //   - every string field (also map keys) must be valid UTF-8;
 //   - last value wins for singular fields and oneofs, a submessage met twice
-//     is merged, a map entry missing its key or value takes the default.
+//     is merged, a map entry missing its key or value takes the default, and
+//     a map entry holding an unknown field is dropped (upb's behaviour).
 // Every bound is checked as "length <= remaining", so no arithmetic overflows
 // and nothing is read past the buffer.
 
@@ -383,14 +384,18 @@ inline bool parse_param_value(const std::uint8_t* data, Span span, int depth, Pa
         });
 }
 
-// One map<string, InferParameter> entry: key = 1, value = 2.
+// One map<string, InferParameter> entry: key = 1, value = 2. As upb does, an
+// entry holding an unknown field (a key or value of another wire type counts)
+// is left out of the map (upb keeps it among the parent's unknown fields).
 inline bool parse_map_entry(const std::uint8_t* data, Span span, int depth, ParseError& error,
                             std::vector<Param>& params) {
     Param entry;
+    bool unknown = false;
     const bool good = for_each_field(
         data, span, depth, error,
         [&](Reader& r, std::uint32_t field, std::uint32_t wt, std::size_t) -> int {
             if (wt != kLengthDelimited || (field != 1 && field != 2)) {
+                unknown = true;
                 return 0;
             }
             if (field == 1) {
@@ -400,7 +405,7 @@ inline bool parse_map_entry(const std::uint8_t* data, Span span, int depth, Pars
             return ok(r.length_delimited(value, field) &&
                       parse_param_value(data, value, depth + 1, error, entry));
         });
-    if (good) {
+    if (good && !unknown) {
         params.push_back(entry);
     }
     return good;

@@ -18,6 +18,7 @@ from server.codec.decode import decode_request
 from server.codec.encode import encode_response, raw_bytes
 from server.codec.parsed import from_parameters
 from server.codec.shared_memory import SharedMemoryScope, ShmRef, tensor_reference
+from server.codec.wire import NativeWireCodec, ProtobufWireCodec, WireCodec
 from server.errors import InvalidInput
 from server.shm import SharedMemoryRegistry
 from server.types import DataType, InferResponse, OutputTensor
@@ -206,3 +207,32 @@ def test_without_shared_memory_outputs_encode_is_unchanged() -> None:
     response = InferResponse("m", "1", "", [
         OutputTensor("R", DataType.INT32, np.arange(3, dtype=np.int32))])
     assert encode_response(response) == encode_response(response, None)
+
+
+@pytest.mark.parametrize("codec", [NativeWireCodec(), ProtobufWireCodec()],
+                         ids=["native", "protobuf"])
+def test_wire_codecs_read_and_write_shared_memory(
+    registry: SharedMemoryRegistry, codec: WireCodec
+) -> None:
+    raw = np.arange(4, dtype=np.float32)
+    message = request_with(
+        ("A", "UINT8", [1, 16], shm_params(byte_size=16, offset=32)),
+        ("B", "FP32", [1, 4], {}),
+        raw=[raw.tobytes()],
+    )
+    message.outputs.add(name="F").parameters["shared_memory_region"].string_param = "r"
+    message.outputs[0].parameters["shared_memory_byte_size"].int64_param = 64
+    message.outputs[0].parameters["shared_memory_offset"].int64_param = 1000
+    scope = SharedMemoryScope(registry)
+    decoded = codec.decode_request_bytes(message.SerializeToString(), None, scope)
+    assert decoded.inputs["A"].tolist() == [list(range(32, 48))]
+    assert np.array_equal(decoded.inputs["B"], raw.reshape(1, 4))
+    assert decoded.requested_outputs == ("F",) and set(scope.outputs) == {"F"}
+    values = np.linspace(0, 1, 8, dtype=np.float32).reshape(2, 4)
+    response = InferResponse("m", "1", "id", [
+        OutputTensor("F", DataType.FP32, values),
+        OutputTensor("R", DataType.INT32, np.arange(3, dtype=np.int32))])
+    encoded = codec.encode_response_bytes(response, scope, False)
+    assert encoded == encode_response(response, scope).SerializeToString()
+    assert bytes(scope.lease("r").view[1000:1032]) == values.tobytes()
+    scope.release()
