@@ -1,6 +1,6 @@
 """Type stub for the compiled extension ``server._native`` (built from csrc/bindings.cpp)."""
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, SupportsIndex
 
 from numpy.typing import NDArray
@@ -41,7 +41,7 @@ def encode_infer_response(
     model_name: str,
     model_version: str,
     id: str,
-    parameters: Mapping[str, bool | int | float | str],
+    parameters: dict[str, bool | int | float | str],
     outputs: Sequence[tuple[str, str, Sequence[int], Buffer | NDArray[Any]]],
     stream: bool = False,
     error_message: str = "",
