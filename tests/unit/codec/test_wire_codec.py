@@ -218,12 +218,14 @@ def infer_request(draw: st.DrawFn) -> bytes:
 
 # -- comparison -----------------------------------------------------------------------------------
 
+def _value_form(value: Any) -> tuple[str, str]:
+    """A value compared by type and repr: NaN equals NaN, -0.0 differs from 0.0."""
+    return type(value).__name__, repr(value)
+
+
 def _param_form(params: Any) -> dict[str, tuple[Any, ...]]:
-    """Parameters compared by kind, type and repr (NaN equals NaN, -0.0 differs from 0.0);
-    as dicts, since protobuf's map order is its hash table's."""
-    return {key: (type(value).__name__, repr(value), *rest)
-            for key, (value, *rest) in ((k, v if isinstance(v, tuple) else (v,))
-                                        for k, v in params.items())}
+    """Parsed parameters as dicts (protobuf's map order is its hash table's)."""
+    return {key: (member, *_value_form(value)) for key, (member, value) in params.items()}
 
 
 def parsed_form(parsed: ParsedRequest) -> tuple[Any, ...]:
@@ -247,7 +249,8 @@ def request_form(request: InferRequest) -> tuple[Any, ...]:
     return (
         request.model_name, request.model_version, request.id,
         [(name, _array_form(array)) for name, array in request.inputs.items()],
-        request.input_types, request.requested_outputs, _param_form(request.parameters),
+        request.input_types, request.requested_outputs,
+        {key: _value_form(value) for key, value in request.parameters.items()},
         request.priority, request.timeout_us, request.deadline_ns,
     )
 
