@@ -78,6 +78,7 @@ native = Pybind11Extension(
         "csrc/packing.hpp",
         "csrc/preprocess.hpp",
         "csrc/task_pool.hpp",
+        "csrc/wire_codec.hpp",
     ],
     cxx_std=17,
     # -ffp-contract=off: no fused multiply-adds, so the preprocessing kernels round exactly

@@ -21,6 +21,7 @@
 #include "packing.hpp"
 #include "preprocess.hpp"
 #include "task_pool.hpp"
+#include "wire_codec.hpp"
 
 namespace py = pybind11;
 
@@ -774,10 +775,313 @@ private:
     std::size_t threads_;
 };
 
+
+// ---------------------------------------------------------------------------
+// Protobuf wire codec (csrc/wire_codec.hpp)
+// ---------------------------------------------------------------------------
+
+namespace wire = peregrine::wire;
+
+py::object steal(PyObject* obj) {
+    if (obj == nullptr) {
+        throw py::error_already_set();
+    }
+    return py::reinterpret_steal<py::object>(obj);
+}
+
+// The input as a read-only, one-dimensional byte memoryview: the object every
+// zero-copy slice of the result refers to (and so keeps alive).
+py::object byte_view(const py::object& data) {
+    py::object view = steal(PyMemoryView_FromObject(data.ptr()));
+    const Py_buffer* buffer = PyMemoryView_GET_BUFFER(view.ptr());
+    if (PyBuffer_IsContiguous(buffer, 'C') == 0) {
+        throw py::type_error("data must be a C-contiguous buffer");
+    }
+    if (buffer->ndim != 1 || buffer->itemsize != 1) {
+        view = view.attr("cast")("B");
+    }
+    if (PyMemoryView_GET_BUFFER(view.ptr())->readonly == 0) {
+        view = view.attr("toreadonly")();
+    }
+    return view;
+}
+
+class RequestBuilder {
+public:
+    RequestBuilder(const py::object& view, const std::uint8_t* data)
+        : view_(view), data_(data) {}
+
+    py::object text(wire::Span s) const {
+        // Validated as UTF-8 by the parser: decoding cannot fail.
+        return steal(PyUnicode_DecodeUTF8(reinterpret_cast<const char*>(data_ + s.offset),
+                                          static_cast<Py_ssize_t>(s.size), nullptr));
+    }
+
+    py::object slice(wire::Span s) const {
+        return steal(PySequence_GetSlice(view_.ptr(), static_cast<Py_ssize_t>(s.offset),
+                                         static_cast<Py_ssize_t>(s.offset + s.size)));
+    }
+
+    // {key: (oneof field number, value)}; (0, None) for an entry with no value.
+    py::object params(const std::vector<wire::Param>& entries) const {
+        py::object dict = steal(PyDict_New());
+        for (const wire::Param& p : entries) {
+            py::object value;
+            switch (p.kind) {
+                case wire::ParamKind::kNone:
+                    value = py::none();
+                    break;
+                case wire::ParamKind::kBool:
+                    value = py::bool_(p.bits != 0);
+                    break;
+                case wire::ParamKind::kInt64:
+                    value = steal(PyLong_FromLongLong(static_cast<long long>(p.bits)));
+                    break;
+                case wire::ParamKind::kUint64:
+                    value = steal(PyLong_FromUnsignedLongLong(p.bits));
+                    break;
+                case wire::ParamKind::kDouble: {
+                    double d = 0.0;
+                    std::memcpy(&d, &p.bits, sizeof d);
+                    value = steal(PyFloat_FromDouble(d));
+                    break;
+                }
+                case wire::ParamKind::kString:
+                    value = text(p.text);
+                    break;
+            }
+            py::object entry = steal(PyTuple_New(2));
+            PyTuple_SET_ITEM(entry.ptr(), 0, PyLong_FromLong(static_cast<long>(p.kind)));
+            PyTuple_SET_ITEM(entry.ptr(), 1, value.release().ptr());
+            if (PyTuple_GET_ITEM(entry.ptr(), 0) == nullptr) {
+                throw py::error_already_set();
+            }
+            if (PyDict_SetItem(dict.ptr(), text(p.key).ptr(), entry.ptr()) != 0) {
+                throw py::error_already_set();
+            }
+        }
+        return dict;
+    }
+
+    py::object shape(const std::vector<std::int64_t>& dims) const {
+        py::object tuple = steal(PyTuple_New(static_cast<Py_ssize_t>(dims.size())));
+        for (std::size_t k = 0; k < dims.size(); ++k) {
+            PyObject* dim = PyLong_FromLongLong(dims[k]);
+            if (dim == nullptr) {
+                throw py::error_already_set();
+            }
+            PyTuple_SET_ITEM(tuple.ptr(), static_cast<Py_ssize_t>(k), dim);
+        }
+        return tuple;
+    }
+
+    // None, a view of the one InferTensorContents, or (the field repeated, which
+    // protobuf merges) the concatenation of every occurrence.
+    py::object contents(const std::vector<wire::Span>& spans) const {
+        if (spans.empty()) {
+            return py::none();
+        }
+        if (spans.size() == 1) {
+            return slice(spans[0]);
+        }
+        std::string joined;
+        for (const wire::Span& s : spans) {
+            joined.append(reinterpret_cast<const char*>(data_ + s.offset), s.size);
+        }
+        return py::bytes(joined);
+    }
+
+private:
+    const py::object& view_;
+    const std::uint8_t* data_;
+};
+
+py::tuple tuple_of(std::initializer_list<py::object> items) {
+    py::tuple out(items.size());
+    Py_ssize_t k = 0;
+    for (const py::object& item : items) {
+        PyTuple_SET_ITEM(out.ptr(), k++, item.inc_ref().ptr());
+    }
+    return out;
+}
+
+py::tuple parse_infer_request(const py::object& data) {
+    const py::object view = byte_view(data);
+    const Py_buffer* buffer = PyMemoryView_GET_BUFFER(view.ptr());
+    const auto* bytes = static_cast<const std::uint8_t*>(buffer->buf);
+
+    wire::InferRequest request;
+    wire::ParseError error;
+    if (!wire::parse_infer_request(bytes, static_cast<std::size_t>(buffer->len), request,
+                                   error)) {
+        throw py::value_error(error.message + " at offset " + std::to_string(error.offset));
+    }
+
+    const RequestBuilder b(view, bytes);
+    py::list inputs(request.inputs.size());
+    for (std::size_t i = 0; i < request.inputs.size(); ++i) {
+        const wire::InputTensor& t = request.inputs[i];
+        inputs[i] = tuple_of({b.text(t.name), b.text(t.datatype), b.shape(t.shape),
+                              b.params(t.params), b.contents(t.contents)});
+    }
+    py::list outputs(request.outputs.size());
+    for (std::size_t i = 0; i < request.outputs.size(); ++i) {
+        const wire::RequestedOutput& o = request.outputs[i];
+        outputs[i] = tuple_of({b.text(o.name), b.params(o.params)});
+    }
+    py::list raw(request.raw_input_contents.size());
+    for (std::size_t i = 0; i < request.raw_input_contents.size(); ++i) {
+        raw[i] = b.slice(request.raw_input_contents[i]);
+    }
+    return tuple_of({b.text(request.model_name), b.text(request.model_version),
+                     b.text(request.id), b.params(request.params), std::move(inputs),
+                     std::move(outputs), std::move(raw)});
+}
+
+wire::Bytes utf8_of(PyObject* obj, const char* what) {
+    if (!PyUnicode_Check(obj)) {
+        throw py::type_error(std::string(what) + " must be str, not " + type_name(obj));
+    }
+    Py_ssize_t size = 0;
+    const char* utf8 = PyUnicode_AsUTF8AndSize(obj, &size);
+    if (utf8 == nullptr) {
+        throw py::error_already_set();
+    }
+    return {reinterpret_cast<const std::uint8_t*>(utf8), static_cast<std::size_t>(size)};
+}
+
+// A response parameter as encode.encode_parameter writes it: bool, int (int64_param, or
+// uint64_param above INT64_MAX), float (double_param) or str (string_param).
+wire::OutParam out_param(PyObject* key, PyObject* value) {
+    wire::OutParam p;
+    p.key = utf8_of(key, "a parameter key");
+    if (PyBool_Check(value)) {
+        p.kind = wire::ParamKind::kBool;
+        p.bits = value == Py_True ? 1 : 0;
+    } else if (PyLong_Check(value)) {
+        int overflow = 0;
+        const long long v = PyLong_AsLongLongAndOverflow(value, &overflow);
+        if (v == -1 && PyErr_Occurred() != nullptr) {
+            throw py::error_already_set();
+        }
+        if (overflow == 0) {
+            p.kind = wire::ParamKind::kInt64;
+            p.bits = static_cast<std::uint64_t>(v);
+        } else {
+            const unsigned long long u = overflow > 0 ? PyLong_AsUnsignedLongLong(value) : 0;
+            if (overflow < 0 || (u == static_cast<unsigned long long>(-1) && PyErr_Occurred())) {
+                PyErr_Clear();
+                throw py::value_error("parameter '" + std::string(py::str(key)) + "' value " +
+                                      std::string(py::str(value)) +
+                                      " is out of the int64 and uint64 ranges");
+            }
+            p.kind = wire::ParamKind::kUint64;
+            p.bits = u;
+        }
+    } else if (PyFloat_Check(value)) {
+        const double d = PyFloat_AS_DOUBLE(value);
+        p.kind = wire::ParamKind::kDouble;
+        std::memcpy(&p.bits, &d, sizeof d);
+    } else if (PyUnicode_Check(value)) {
+        p.kind = wire::ParamKind::kString;
+        p.text = utf8_of(value, "a string parameter");
+    } else {
+        throw py::type_error("parameter '" + std::string(py::str(key)) + "' has type " +
+                             type_name(value) + "; expected bool, int, float or str");
+    }
+    return p;
+}
+
+py::bytes encode_infer_response(const py::str& model_name, const py::str& model_version,
+                                const py::str& id, const py::dict& parameters,
+                                const py::object& outputs, bool stream,
+                                const py::str& error_message) {
+    wire::ResponseView r;
+    r.model_name = utf8_of(model_name.ptr(), "model_name");
+    r.model_version = utf8_of(model_version.ptr(), "model_version");
+    r.id = utf8_of(id.ptr(), "id");
+    r.stream = stream;
+    r.error_message = utf8_of(error_message.ptr(), "error_message");
+
+    // Strong references to every object whose memory is read, should the GIL be released.
+    const py::object params = steal(PyDict_Items(parameters.ptr()));
+    const Py_ssize_t n_params = PyList_GET_SIZE(params.ptr());
+    r.params.reserve(static_cast<std::size_t>(n_params));
+    for (Py_ssize_t i = 0; i < n_params; ++i) {
+        PyObject* item = PyList_GET_ITEM(params.ptr(), i);
+        r.params.push_back(out_param(PyTuple_GET_ITEM(item, 0), PyTuple_GET_ITEM(item, 1)));
+    }
+
+    const py::object seq = snapshot(outputs, "outputs");
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq.ptr());
+    PyObject** items = PySequence_Fast_ITEMS(seq.ptr());
+    std::vector<py::object> fields(static_cast<std::size_t>(n));
+    std::vector<std::size_t> first_dim(static_cast<std::size_t>(n));
+    std::vector<std::int64_t> dims;
+    HeldExports exports;
+    std::size_t raw_total = 0;
+    r.outputs.resize(static_cast<std::size_t>(n));
+    r.raw_output_contents.resize(static_cast<std::size_t>(n));
+    for (Py_ssize_t i = 0; i < n; ++i) {
+        const auto k = static_cast<std::size_t>(i);
+        fields[k] = steal(PySequence_Fast(items[i], "an output must be a sequence"));
+        if (PySequence_Fast_GET_SIZE(fields[k].ptr()) != 4) {
+            throw py::value_error("output " + std::to_string(i) +
+                                  " must be (name, datatype, shape, raw)");
+        }
+        PyObject** f = PySequence_Fast_ITEMS(fields[k].ptr());
+        r.outputs[k].name = utf8_of(f[0], "an output name");
+        r.outputs[k].datatype = utf8_of(f[1], "an output datatype");
+        const py::object shape = steal(PySequence_Fast(f[2], "an output shape must be a sequence"));
+        first_dim[k] = dims.size();
+        r.outputs[k].rank = static_cast<std::size_t>(PySequence_Fast_GET_SIZE(shape.ptr()));
+        for (std::size_t d = 0; d < r.outputs[k].rank; ++d) {
+            PyObject* dim = PySequence_Fast_ITEMS(shape.ptr())[d];
+            const long long v = PyLong_AsLongLong(dim);
+            if (v == -1 && PyErr_Occurred() != nullptr) {
+                throw py::error_already_set();
+            }
+            dims.push_back(v);
+        }
+        Py_buffer& held = exports.views.emplace_back();
+        if (PyObject_GetBuffer(f[3], &held, PyBUF_SIMPLE) != 0) {
+            exports.views.pop_back();
+            throw py::error_already_set();
+        }
+        r.raw_output_contents[k] = {static_cast<const std::uint8_t*>(held.buf),
+                                    static_cast<std::size_t>(held.len)};
+        raw_total += static_cast<std::size_t>(held.len);
+    }
+    for (std::size_t k = 0; k < r.outputs.size(); ++k) {
+        r.outputs[k].shape = dims.data() + first_dim[k];
+    }
+
+    const std::size_t size = wire::encoded_response_size(r);
+    if (size > static_cast<std::size_t>(std::numeric_limits<std::int32_t>::max())) {
+        throw py::value_error("the response would be " + std::to_string(size) +
+                              " bytes, more than a protobuf message can hold");
+    }
+    PyObject* raw = PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(size));
+    if (raw == nullptr) {
+        throw py::error_already_set();
+    }
+    py::bytes out = py::reinterpret_steal<py::bytes>(raw);
+    auto* dst = reinterpret_cast<std::uint8_t*>(PyBytes_AS_STRING(raw));
+    if (raw_total >= kReleaseGilBytes) {
+        // Every source stays valid without the GIL: the strings are owned by the arguments,
+        // `params` and `fields`, the raw buffers are pinned by their exports, and `out` is
+        // not yet visible to any other thread.
+        py::gil_scoped_release release;
+        wire::encode_response(r, dst);
+    } else {
+        wire::encode_response(r, dst);
+    }
+    return out;
+}
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
-    m.doc() = "Native (C++) kernels of the Peregrine inference server: BYTES codec, batch packing, image preprocessing.";
+    m.doc() = "Native (C++) kernels of the Peregrine inference server: protobuf wire codec, BYTES codec, batch packing, image preprocessing.";
 
     // The docstrings below open with a hand-written, precise signature; pybind11's own
     // would only say "object" for the buffer-protocol and sequence arguments.
@@ -815,6 +1119,40 @@ elements are bytes, bytearray or str; a str is encoded as UTF-8.
 Raises TypeError naming the index and type of the first element of any other
 type (or if ``items`` is itself a str, bytes, bytearray or memoryview), and
 ValueError if an element is longer than 4294967295 bytes.)doc");
+
+    m.def("parse_infer_request", &parse_infer_request, py::arg("data"),
+          R"doc(parse_infer_request(data) -> tuple
+
+Parse ``data`` (a buffer holding a serialized ModelInferRequest) without protobuf
+objects. Returns ``(model_name, model_version, id, parameters, inputs, outputs,
+raw_input_contents)``: ``inputs`` a list of ``(name, datatype, shape, parameters,
+contents)``, ``outputs`` a list of ``(name, parameters)``, ``raw_input_contents`` a
+list of read-only memoryviews into ``data`` (no copy). A parameter map is a dict
+``{key: (field, value)}`` with ``field`` the InferParameter oneof member's field
+number (1 bool, 2 int64, 3 string, 4 double, 5 uint64; 0 and None when none is set).
+``contents`` is None or the serialized InferTensorContents (a view of ``data``, or
+bytes when the field occurs more than once, which protobuf merges).
+
+Accepts and rejects exactly what the protobuf runtime does: raises ValueError naming
+the problem and its offset for malformed bytes (truncations, bad varints, lengths
+past the end, wire types 6 and 7, unmatched groups, nesting deeper than 100, invalid
+UTF-8 in a string field), TypeError for an object that is not a contiguous buffer.)doc");
+
+    m.def("encode_infer_response", &encode_infer_response, py::arg("model_name"),
+          py::arg("model_version"), py::arg("id"), py::arg("parameters"), py::arg("outputs"),
+          py::arg("stream") = false, py::arg("error_message") = "",
+          R"doc(encode_infer_response(model_name, model_version, id, parameters, outputs, stream=False, error_message='') -> bytes
+
+Serialize a ModelInferResponse: ``parameters`` a dict of bool, int (int64_param, or
+uint64_param above 2**63 - 1), float or str values, written in the dict's order;
+``outputs`` a sequence of ``(name, datatype, shape, raw)`` with ``raw`` any
+contiguous buffer (bytes, numpy array), copied once, straight into the result
+(with the GIL released for 64 KiB or more). With ``stream``, the response is the
+infer_response of a ModelStreamInferResponse carrying ``error_message``.
+The bytes are those the protobuf runtime serializes for the same message.
+
+Raises TypeError for a value of another type, ValueError for an int outside both
+the int64 and uint64 ranges.)doc");
 
     m.def("gather", &gather, py::arg("sources"), py::arg("out"),
           R"doc(gather(sources, out) -> None

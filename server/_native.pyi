@@ -20,6 +20,36 @@ def encode_bytes(items: Iterable[bytes | bytearray | str]) -> bytes:
     ValueError for an element longer than 4294967295 bytes.
     """
 
+_Param = tuple[int, bool | int | float | str | None]
+
+def parse_infer_request(data: Buffer) -> tuple[
+    str,
+    str,
+    str,
+    dict[str, _Param],
+    list[tuple[str, str, tuple[int, ...], dict[str, _Param], memoryview | bytes | None]],
+    list[tuple[str, dict[str, _Param]]],
+    list[memoryview],
+]:
+    """Parse a serialized ModelInferRequest without protobuf objects: ``(model_name,
+    model_version, id, parameters, inputs, outputs, raw_input_contents)``, the form of
+    server.codec.parsed. Raw contents and typed contents are read-only views of ``data``
+    (typed contents are bytes when the field is repeated). ValueError names the problem and
+    its offset in malformed bytes (what the protobuf runtime rejects)."""
+
+def encode_infer_response(
+    model_name: str,
+    model_version: str,
+    id: str,
+    parameters: dict[str, bool | int | float | str],
+    outputs: Sequence[tuple[str, str, Sequence[int], Buffer | NDArray[Any]]],
+    stream: bool = False,
+    error_message: str = "",
+) -> bytes:
+    """Serialize a ModelInferResponse (``stream``: wrapped as the infer_response of a
+    ModelStreamInferResponse with ``error_message``) from ``outputs`` as ``(name, datatype,
+    shape, raw)``; the bytes the protobuf runtime writes, map entries in dict order."""
+
 def gather(sources: Sequence[NDArray[Any] | Buffer], out: NDArray[Any]) -> None:
     """Concatenate ``sources`` along axis 0 into ``out``, one memcpy each (GIL released for
     64 KiB or more). A source is an array with ``out``'s row shape (converted to its dtype by

@@ -1,19 +1,27 @@
-"""ModelInferRequest protobuf -> InferRequest, checking the request against itself.
+"""A parsed ModelInferRequest -> InferRequest, checking the request against itself.
 
-Raw contents become numpy views over the bytes the protobuf runtime hands us: no copy.
-Checks against the model's config happen in codec.validate.
+Every check runs on the neutral parsed form (codec.parsed), whichever parser produced it.
+Raw contents become numpy views over the request's bytes: no copy. Checks against the
+model's config happen in codec.validate.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 
 from server import _native
 from server._pb import grpc_service_pb2 as pb
 from server.codec import shared_memory
+from server.codec.parsed import (
+    Parameters,
+    ParsedInput,
+    ParsedRequest,
+    TypedContents,
+    from_message,
+)
 from server.codec.shared_memory import SharedMemoryScope
 from server.errors import InvalidInput, Unsupported
 from server.types import Array, DataType, InferRequest, ParamValue
@@ -37,16 +45,13 @@ _ALL_TYPED = frozenset(TYPED_FIELDS.values())
 _SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")
 
 
-def parameter_value(param: pb.InferParameter) -> ParamValue:
-    choice = param.WhichOneof("parameter_choice")
-    if choice is None:
-        raise InvalidInput("a parameter has no value set")
-    value: ParamValue = getattr(param, choice)
-    return value
-
-
-def decode_parameters(params: Any) -> dict[str, ParamValue]:
-    return {key: parameter_value(value) for key, value in params.items()}
+def decode_parameters(params: Parameters) -> dict[str, ParamValue]:
+    values: dict[str, ParamValue] = {}
+    for key, (_, value) in params.items():
+        if value is None:
+            raise InvalidInput("a parameter has no value set")
+        values[key] = value
+    return values
 
 
 def _int_parameter(params: dict[str, ParamValue], key: str) -> int:
@@ -58,8 +63,7 @@ def _int_parameter(params: dict[str, ParamValue], key: str) -> int:
     return value
 
 
-def _shape(name: str, dims: Any) -> tuple[int, ...]:
-    shape = tuple(int(d) for d in dims)
+def _shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     if any(d < 0 for d in shape):
         raise InvalidInput(f"input '{name}' has a negative dimension in shape {list(shape)}")
     if not shape or math.prod(shape) == 0:
@@ -94,8 +98,12 @@ def _from_raw(
 
 
 def _from_typed(
-    name: str, datatype: DataType, shape: tuple[int, ...], contents: pb.InferTensorContents
+    name: str, datatype: DataType, shape: tuple[int, ...], typed: TypedContents
 ) -> Array:
+    contents = (
+        typed if isinstance(typed, pb.InferTensorContents)
+        else pb.InferTensorContents.FromString(typed)
+    )
     field = TYPED_FIELDS.get(datatype)
     if field is None:
         raise InvalidInput(
@@ -137,77 +145,81 @@ def decode_request(
     deadline_ns: int | None,
     shm: SharedMemoryScope | None = None,
 ) -> InferRequest:
+    """Decode a message the protobuf runtime parsed (the pure-Python path)."""
+    return decode_parsed(from_message(message), deadline_ns, shm)
+
+
+def decode_parsed(
+    parsed: ParsedRequest,
+    deadline_ns: int | None,
+    shm: SharedMemoryScope | None = None,
+) -> InferRequest:
     """``shm`` leases the shared-memory regions the request names (None: none registered).
 
     As in Triton, ``raw_input_contents`` holds one entry per input *not* in shared memory.
     """
-    raw_contents = message.raw_input_contents
+    model_name, model_version, request_id, params, tensors, outputs, raw_contents = parsed
     use_raw = len(raw_contents) > 0
     raw_index = 0
     inputs: dict[str, Array] = {}
     types: dict[str, DataType] = {}
-    for tensor in message.inputs:
-        name = tensor.name
+    for name, wire_type, dims, tensor_params, contents in tensors:
         if name in inputs:
             raise InvalidInput(f"input '{name}' appears twice in the request")
-        shm_ref = (
-            shared_memory.tensor_reference(name, tensor.parameters) if tensor.parameters else None
-        )
+        shm_ref = shared_memory.tensor_reference(name, tensor_params) if tensor_params else None
         try:
-            datatype = DataType.from_wire(tensor.datatype)
+            datatype = DataType.from_wire(wire_type)
         except ValueError:
-            raise InvalidInput(
-                f"input '{name}' has unknown datatype '{tensor.datatype}'"
-            ) from None
-        shape = _shape(name, tensor.shape)
+            raise InvalidInput(f"input '{name}' has unknown datatype '{wire_type}'") from None
+        shape = _shape(name, dims)
         if shm_ref is not None:
-            if tensor.HasField("contents"):
+            if contents is not None:
                 raise InvalidInput(
                     f"input '{name}': contents must not be set for an input in shared memory"
                 )
             buffer = shared_memory.input_buffer(shm, name, datatype, shape, shm_ref)
             inputs[name] = _from_raw(name, datatype, shape, buffer)
         elif use_raw:
-            if tensor.HasField("contents"):
+            if contents is not None:
                 raise InvalidInput(
                     f"input '{name}': contents must not be set when raw_input_contents is used"
                 )
             if raw_index >= len(raw_contents):
-                raise _raw_count_error(message, raw_contents)
+                raise _raw_count_error(tensors, len(raw_contents))
             inputs[name] = _from_raw(name, datatype, shape, raw_contents[raw_index])
             raw_index += 1
         else:
-            if not tensor.HasField("contents"):
+            if contents is None:
                 raise InvalidInput(f"input '{name}' carries no data")
-            inputs[name] = _from_typed(name, datatype, shape, tensor.contents)
+            inputs[name] = _from_typed(name, datatype, shape, contents)
         types[name] = datatype
     if raw_index != len(raw_contents):
-        raise _raw_count_error(message, raw_contents)
+        raise _raw_count_error(tensors, len(raw_contents))
 
-    parameters = decode_parameters(message.parameters)
+    parameters = decode_parameters(params)
     for key in _SEQUENCE_PARAMETERS:
         if parameters.get(key):
             raise Unsupported(f"parameter '{key}': sequence batching is not supported")
     requested: tuple[str, ...] | None = None
-    if message.outputs:
+    if outputs:
         names = []
-        for output in message.outputs:
-            if "classification" in output.parameters:
+        for output_name, output_params in outputs:
+            if "classification" in output_params:
                 raise Unsupported(
-                    f"output '{output.name}': the classification extension is not supported"
+                    f"output '{output_name}': the classification extension is not supported"
                 )
-            if output.parameters:
-                out_ref = shared_memory.tensor_reference(output.name, output.parameters)
+            if output_params:
+                out_ref = shared_memory.tensor_reference(output_name, output_params)
                 if out_ref is not None:
-                    shared_memory.bind_output(shm, output.name, out_ref)
-            names.append(output.name)
+                    shared_memory.bind_output(shm, output_name, out_ref)
+            names.append(output_name)
         if len(set(names)) != len(names):
             raise InvalidInput(f"requested outputs name a tensor twice: {names}")
         requested = tuple(names)
     return InferRequest(
-        model_name=message.model_name,
-        model_version=message.model_version,
-        id=message.id,
+        model_name=model_name,
+        model_version=model_version,
+        id=request_id,
         inputs=inputs,
         input_types=types,
         requested_outputs=requested,
@@ -218,10 +230,8 @@ def decode_request(
     )
 
 
-def _raw_count_error(message: pb.ModelInferRequest, raw_contents: Any) -> InvalidInput:
-    in_memory = sum(1 for t in message.inputs if shared_memory.REGION in t.parameters)
-    expected = len(message.inputs) - in_memory
+def _raw_count_error(inputs: Sequence[ParsedInput], entries: int) -> InvalidInput:
+    in_memory = sum(1 for t in inputs if shared_memory.REGION in t[3])
+    expected = len(inputs) - in_memory
     where = f" ({in_memory} are in shared memory)" if in_memory else ""
-    return InvalidInput(
-        f"raw_input_contents has {len(raw_contents)} entries for {expected} inputs{where}"
-    )
+    return InvalidInput(f"raw_input_contents has {entries} entries for {expected} inputs{where}")

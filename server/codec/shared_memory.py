@@ -18,13 +18,14 @@ request, so an unregister meanwhile cannot unmap memory the request still reads 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TypeVar
 
 import numpy as np
 
 from server import _native
+from server.codec.parsed import INT64, STRING, Parameter, Parameters
 from server.errors import InvalidInput
 from server.shm.registry import Region, SharedMemoryRegistry
 from server.types import DataType, OutputTensor
@@ -32,6 +33,8 @@ from server.types import DataType, OutputTensor
 REGION = "shared_memory_region"
 OFFSET = "shared_memory_offset"
 BYTE_SIZE = "shared_memory_byte_size"
+
+R = TypeVar("R")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,19 +46,19 @@ class ShmRef:
     byte_size: int
 
 
-def _int_param(tensor: str, key: str, param: Any) -> int:
-    if param.WhichOneof("parameter_choice") != "int64_param":
+def _int_param(tensor: str, key: str, param: Parameter) -> int:
+    member, value = param
+    if member != INT64 or not isinstance(value, int):
         raise InvalidInput(
             f"invalid value type for '{key}' parameter for tensor '{tensor}', expected "
             "int64_param."
         )
-    value = int(param.int64_param)
     if value < 0:
         raise InvalidInput(f"'{key}' for tensor '{tensor}' must not be negative, got {value}")
     return value
 
 
-def tensor_reference(tensor: str, params: Mapping[str, Any]) -> ShmRef | None:
+def tensor_reference(tensor: str, params: Parameters) -> ShmRef | None:
     """The shared-memory reference in a tensor's parameters, or None when it has none."""
     has_region = REGION in params
     if not has_region:
@@ -66,8 +69,8 @@ def tensor_reference(tensor: str, params: Mapping[str, Any]) -> ShmRef | None:
                     f"for tensor '{tensor}'"
                 )
         return None
-    region = params[REGION]
-    if region.WhichOneof("parameter_choice") != "string_param":
+    member, region = params[REGION]
+    if member != STRING or not isinstance(region, str):
         raise InvalidInput(
             f"invalid value type for 'shared_memory_region' parameter for tensor '{tensor}', "
             "expected string_param."
@@ -78,7 +81,7 @@ def tensor_reference(tensor: str, params: Mapping[str, Any]) -> ShmRef | None:
             f"parameter for tensor '{tensor}'"
         )
     offset = _int_param(tensor, OFFSET, params[OFFSET]) if OFFSET in params else 0
-    return ShmRef(region.string_param, offset, _int_param(tensor, BYTE_SIZE, params[BYTE_SIZE]))
+    return ShmRef(region, offset, _int_param(tensor, BYTE_SIZE, params[BYTE_SIZE]))
 
 
 class SharedMemoryScope:
@@ -180,16 +183,16 @@ def _write(tensor: OutputTensor, region: Region, ref: ShmRef) -> None:
 def raw_output_contents(
     scope: SharedMemoryScope,
     outputs: Sequence[OutputTensor],
-    raw_bytes: Callable[[OutputTensor], bytes],
-) -> list[bytes]:
+    raw_content: Callable[[OutputTensor], R],
+) -> list[R | bytes]:
     """``raw_output_contents`` for ``outputs``: shared-memory outputs are written to their
-    regions and answered with an empty entry; the others are encoded by ``raw_bytes``."""
+    regions and answered with an empty entry; the others are encoded by ``raw_content``."""
     targets = scope.outputs
-    contents = []
+    contents: list[R | bytes] = []
     for tensor in outputs:
         target = targets.get(tensor.name)
         if target is None:
-            contents.append(raw_bytes(tensor))
+            contents.append(raw_content(tensor))
         else:
             _write(tensor, *target)
             contents.append(b"")

@@ -16,7 +16,9 @@ from server._pb import grpc_service_pb2 as pb
 from server.codec import shared_memory
 from server.codec.decode import decode_request
 from server.codec.encode import encode_response, raw_bytes
+from server.codec.parsed import from_parameters
 from server.codec.shared_memory import SharedMemoryScope, ShmRef, tensor_reference
+from server.codec.wire import NativeWireCodec, ProtobufWireCodec, WireCodec
 from server.errors import InvalidInput
 from server.shm import SharedMemoryRegistry
 from server.types import DataType, InferResponse, OutputTensor
@@ -52,9 +54,9 @@ def shm_params(region: str = "r", byte_size: int = 16, offset: int | None = None
 
 def test_tensor_reference_parsing() -> None:
     assert tensor_reference("t", {}) is None
-    assert tensor_reference("t", {"other": param(bool_param=True)}) is None
-    assert tensor_reference("t", shm_params()) == ShmRef("r", 0, 16)
-    assert tensor_reference("t", shm_params(offset=8)) == ShmRef("r", 8, 16)
+    assert tensor_reference("t", from_parameters({"other": param(bool_param=True)})) is None
+    assert tensor_reference("t", from_parameters(shm_params())) == ShmRef("r", 0, 16)
+    assert tensor_reference("t", from_parameters(shm_params(offset=8))) == ShmRef("r", 8, 16)
 
 
 @pytest.mark.parametrize(("params", "match"), [
@@ -65,12 +67,16 @@ def test_tensor_reference_parsing() -> None:
       "shared_memory_byte_size": param(int64_param=4)}, "expected string_param"),
     ({"shared_memory_region": param(string_param="r"),
       "shared_memory_byte_size": param(string_param="4")}, "expected int64_param"),
+    ({"shared_memory_region": param(string_param="r"),
+      "shared_memory_byte_size": param(uint64_param=4)}, "expected int64_param"),
+    ({"shared_memory_region": param(),
+      "shared_memory_byte_size": param(int64_param=4)}, "expected string_param"),
     (shm_params(byte_size=-4), "must not be negative"),
     (shm_params(offset=-1), "must not be negative"),
 ])
 def test_tensor_reference_errors(params: dict[str, pb.InferParameter], match: str) -> None:
     with pytest.raises(InvalidInput, match=match):
-        tensor_reference("t", params)
+        tensor_reference("t", from_parameters(params))
 
 
 def test_input_buffer_is_a_read_only_window(registry: SharedMemoryRegistry) -> None:
@@ -201,3 +207,32 @@ def test_without_shared_memory_outputs_encode_is_unchanged() -> None:
     response = InferResponse("m", "1", "", [
         OutputTensor("R", DataType.INT32, np.arange(3, dtype=np.int32))])
     assert encode_response(response) == encode_response(response, None)
+
+
+@pytest.mark.parametrize("codec", [NativeWireCodec(), ProtobufWireCodec()],
+                         ids=["native", "protobuf"])
+def test_wire_codecs_read_and_write_shared_memory(
+    registry: SharedMemoryRegistry, codec: WireCodec
+) -> None:
+    raw = np.arange(4, dtype=np.float32)
+    message = request_with(
+        ("A", "UINT8", [1, 16], shm_params(byte_size=16, offset=32)),
+        ("B", "FP32", [1, 4], {}),
+        raw=[raw.tobytes()],
+    )
+    message.outputs.add(name="F").parameters["shared_memory_region"].string_param = "r"
+    message.outputs[0].parameters["shared_memory_byte_size"].int64_param = 64
+    message.outputs[0].parameters["shared_memory_offset"].int64_param = 1000
+    scope = SharedMemoryScope(registry)
+    decoded = codec.decode_request_bytes(message.SerializeToString(), None, scope)
+    assert decoded.inputs["A"].tolist() == [list(range(32, 48))]
+    assert np.array_equal(decoded.inputs["B"], raw.reshape(1, 4))
+    assert decoded.requested_outputs == ("F",) and set(scope.outputs) == {"F"}
+    values = np.linspace(0, 1, 8, dtype=np.float32).reshape(2, 4)
+    response = InferResponse("m", "1", "id", [
+        OutputTensor("F", DataType.FP32, values),
+        OutputTensor("R", DataType.INT32, np.arange(3, dtype=np.int32))])
+    encoded = codec.encode_response_bytes(response, scope, False)
+    assert encoded == encode_response(response, scope).SerializeToString()
+    assert bytes(scope.lease("r").view[1000:1032]) == values.tobytes()
+    scope.release()
