@@ -23,15 +23,15 @@ from prometheus_client import start_http_server
 from server._pb import admin_pb2
 from server._pb import admin_pb2_grpc as admin_grpc
 from server._pb import grpc_service_pb2 as pb
-from server._pb import grpc_service_pb2_grpc as pb_grpc
 from server._pb._pool import POOL
 from server.backends.onnxruntime import OnnxRuntimeFactory
 from server.backends.tensorrt import TensorRtFactory
+from server.codec.wire import select_wire_codec
 from server.control import ControlPlane
 from server.dataplane import DataPlane
 from server.drift import options as drift_config
 from server.frontend.admin import AdminServicer
-from server.frontend.inference import InferenceServicer, ServerState
+from server.frontend.inference import InferenceServicer, ServerState, add_inference_service
 from server.interfaces import (
     Backend,
     BackendFactory,
@@ -114,6 +114,8 @@ class PeregrineServer:
         self.metrics = MetricsRegistry()
         #: Compiled packing unless PEREGRINE_NATIVE=0 (read now, at start: not at import).
         self.packer = select_packer()
+        #: The native wire codec unless PEREGRINE_NATIVE=0 (likewise read at start).
+        self.codec = select_wire_codec()
         self.repository = ModelManager(
             model_source(settings),
             backend_factories(),
@@ -167,11 +169,11 @@ class PeregrineServer:
             ]
         )
         servicer = InferenceServicer(
-            control, dataplane, self.state,
+            control, dataplane, self.state, self.codec,
             header_pattern=settings.grpc_header_forward_pattern,
             shared_memory=self.shared_memory,
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+        add_inference_service(servicer, server)
         admin_grpc.add_PeregrineAdminServicer_to_server(AdminServicer(control), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if settings.reflection:

@@ -31,37 +31,36 @@ Handler = Callable[[Any, Any, Any], Awaitable[Any]]
 
 
 def stage_handler(stage: str) -> Handler:
-    """ModelInfer cut after ``stage``, as an unwrapped handler (servicer, request, context)."""
-    from server.codec.decode import decode_request
-    from server.codec.encode import encode_response
+    """ModelInfer cut after ``stage``, as a handler (servicer, request bytes, context)."""
     from server.codec.validate import validate_request
     from server.frontend import inference
     from server.types import InferResponse
 
     if stage == "full":
-        full: Handler = inference.InferenceServicer.ModelInfer.__wrapped__
+        full: Handler = inference.InferenceServicer.ModelInfer
         return full
     first: dict[Any, Any] = {}
 
-    async def cached(servicer: Any, request: Any) -> InferResponse:
+    async def cached(servicer: Any, data: bytes) -> InferResponse:
         """The full path's answer to the first request of each model, kept."""
-        key = request.model_name
+        key = _model_name(data)
         if key not in first:
-            answer, _shm = servicer._start(request, None, {})
+            _decoded, answer, _shm = servicer._start(data, None, None)
             first[key] = await answer
         response: InferResponse = first[key]
         return response
 
-    async def model_infer(servicer: Any, request: Any,
-                          context: grpc.aio.ServicerContext) -> Any:
+    async def model_infer(servicer: Any, data: bytes, context: grpc.aio.ServicerContext) -> Any:
+        codec = servicer._codec
         if stage == "respond":
-            key = ("encoded", request.model_name)
+            key = ("encoded", _model_name(data))
             if key not in first:
-                first[key] = encode_response(await cached(servicer, request))
+                first[key] = codec.encode_response_bytes(await cached(servicer, data), None,
+                                                         False)
             return first[key]
-        decoded = decode_request(request, inference._deadline_ns(context), None)
+        decoded = codec.decode_request_bytes(data, inference._deadline_ns(context), None)
         if stage == "codec":
-            return encode_response(await cached(servicer, request))
+            return codec.encode_response_bytes(await cached(servicer, data), None, False)
         served = servicer._dataplane._catalog.get(decoded.model_name, decoded.model_version)
         validate_request(decoded, served.spec)
         # The version's execution seam (pack -> execute -> check -> unpack), without the queue.
@@ -74,9 +73,18 @@ def stage_handler(stage: str) -> Handler:
         outcome = run.outcomes[0]
         if isinstance(outcome, Exception):
             raise outcome
-        return encode_response(outcome)
+        return codec.encode_response_bytes(outcome, None, False)
 
     return model_infer
+
+
+def _model_name(data: bytes) -> bytes:
+    """The model name field of a serialized request without decoding it (the respond stage
+    does no per-request work): field 1, which the clients we drive write first, with a
+    one-byte length."""
+    if len(data) < 2 or data[0] != 0x0A or data[1] >= 0x80:
+        raise ValueError("expected the model name first in the request")
+    return data[2:2 + data[1]]
 
 
 def install(stage: str) -> None:

@@ -39,7 +39,8 @@ class _Context:
 _WIRE_TYPES = {"f4": "FP32", "f8": "FP64", "i4": "INT32", "i8": "INT64"}
 
 
-def _request(model: str, input_file: Path) -> Any:
+def _request(model: str, input_file: Path) -> bytes:
+    """The serialized ModelInferRequest the load generator sends for ``input_file``."""
     from server._pb import grpc_service_pb2 as pb
 
     request = pb.ModelInferRequest(model_name=model, id="1")
@@ -49,7 +50,8 @@ def _request(model: str, input_file: Path) -> Any:
             request.inputs.add(name=name, datatype=_WIRE_TYPES[array.dtype.str[1:]],
                                shape=list(array.shape))
             request.raw_input_contents.append(array.tobytes())
-    return request
+    data: bytes = request.SerializeToString()
+    return data
 
 
 async def _measure(repository: Path, inputs: dict[str, Path], concurrency: int,
@@ -62,7 +64,7 @@ async def _measure(repository: Path, inputs: dict[str, Path], concurrency: int,
                                             metrics_port=0, allow_metrics=False))
     await server.start()
     try:
-        servicer = InferenceServicer(server.control, server.dataplane, server.state)
+        servicer = InferenceServicer(server.control, server.dataplane, server.state, server.codec)
         context = _Context()
         results: dict[str, dict[str, float]] = {}
         for model, input_file in inputs.items():

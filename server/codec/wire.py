@@ -50,6 +50,11 @@ class WireCodec(Protocol):
         ``error_message`` and an infer_response naming the model, version and request id."""
         ...
 
+    def identify(self, data: bytes) -> tuple[str, str, str]:
+        """The model name, version and id a request names, for answering its failure; empty
+        strings when the bytes do not parse. The error path only: it parses again."""
+        ...
+
 
 class ProtobufWireCodec:
     """The protobuf runtime parses and serializes (the reference path)."""
@@ -75,6 +80,13 @@ class ProtobufWireCodec:
         ).SerializeToString()
         return answer
 
+    def identify(self, data: bytes) -> tuple[str, str, str]:
+        try:
+            message = pb.ModelInferRequest.FromString(data)
+        except DecodeError:
+            return "", "", ""
+        return message.model_name, message.model_version, message.id
+
 
 class NativeWireCodec:
     """csrc/wire_codec.hpp parses into the neutral form and writes the response bytes."""
@@ -95,6 +107,13 @@ class NativeWireCodec:
                                   message: str) -> bytes:
         return _native.encode_infer_response(model_name, model_version, request_id, {}, (),
                                              True, message)
+
+    def identify(self, data: bytes) -> tuple[str, str, str]:
+        try:
+            model_name, model_version, request_id, *_ = _native.parse_infer_request(data)
+        except ValueError:
+            return "", "", ""
+        return model_name, model_version, request_id
 
 
 def select_wire_codec(environ: Mapping[str, str] | None = None) -> WireCodec:

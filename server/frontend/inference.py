@@ -15,9 +15,8 @@ import grpc
 from server import __version__
 from server._pb import grpc_service_pb2 as pb
 from server._pb import grpc_service_pb2_grpc as pb_grpc
-from server.codec.decode import decode_request
-from server.codec.encode import encode_response
 from server.codec.shared_memory import SharedMemoryScope
+from server.codec.wire import WireCodec
 from server.control import ControlPlane, TensorInfo
 from server.dataplane import DataPlane
 from server.errors import ModelNotReady
@@ -25,7 +24,7 @@ from server.frontend.shared_memory import SystemSharedMemoryRpcs
 from server.frontend.statistics import statistics_response
 from server.frontend.status import log_unexpected, mapped, status_of
 from server.shm import SharedMemoryRegistry
-from server.types import InferResponse
+from server.types import InferRequest, InferResponse
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +69,7 @@ class InferenceServicer(
         control: ControlPlane,
         dataplane: DataPlane,
         state: ServerState,
+        codec: WireCodec,
         header_pattern: str = "",
         shared_memory: SharedMemoryRegistry | None = None,
     ) -> None:
@@ -78,12 +78,14 @@ class InferenceServicer(
         self._control = control
         self._dataplane = dataplane
         self._state = state
+        self._codec = codec
         self._header_pattern = re.compile(header_pattern) if header_pattern else None
 
-    def _forwarded(self, context: grpc.aio.ServicerContext) -> dict[str, str]:
-        """Request headers to pass on as string parameters (--grpc-header-forward-pattern)."""
+    def _forwarded(self, context: grpc.aio.ServicerContext) -> dict[str, str] | None:
+        """Request headers to pass on as string parameters (--grpc-header-forward-pattern);
+        None without the flag."""
         if self._header_pattern is None:
-            return {}
+            return None
         return {
             key: value for key, value in context.invocation_metadata() or ()
             if isinstance(value, str) and self._header_pattern.search(key)
@@ -182,41 +184,47 @@ class InferenceServicer(
         return pb.RepositoryModelUnloadResponse()
 
     # -- inference -----------------------------------------------------------------------------
+    # ModelInfer and ModelStreamInfer take and give the raw message bytes (see
+    # inference_handlers): the wire codec parses and writes them, no protobuf object on the way.
 
     def _start(
-        self, request: pb.ModelInferRequest, deadline_ns: int | None, headers: dict[str, str]
-    ) -> tuple[asyncio.Future[InferResponse], SharedMemoryScope | None]:
-        """Decode and queue one request. The caller encodes the answer with the returned
-        shared-memory scope (leases on the regions the request uses) and then releases it."""
+        self, data: bytes, deadline_ns: int | None, headers: dict[str, str] | None
+    ) -> tuple[InferRequest, asyncio.Future[InferResponse], SharedMemoryScope | None]:
+        """Decode and queue one request; ``headers`` (forwarded request headers, None when
+        none are) become string parameters the request does not set itself. The caller
+        encodes the answer with the returned shared-memory scope (leases on the regions the
+        request uses) and then releases it."""
         if not self._state.accepting:
             raise ModelNotReady("the server is not accepting requests")
         shm = SharedMemoryScope(self._shm) if len(self._shm) else None
         try:
-            decoded = decode_request(request, deadline_ns, shm)
-            for key, value in headers.items():
-                decoded.parameters.setdefault(key, value)
-            return self._dataplane.submit(decoded), shm
+            decoded = self._codec.decode_request_bytes(data, deadline_ns, shm)
+            if headers:
+                for key, value in headers.items():
+                    decoded.parameters.setdefault(key, value)
+            return decoded, self._dataplane.submit(decoded), shm
         except BaseException:
             if shm is not None:
                 shm.release()
             raise
 
-    @mapped
-    async def ModelInfer(
-        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ModelInferResponse:
-        answer, shm = self._start(request, _deadline_ns(context), self._forwarded(context))
+    async def ModelInfer(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        shm: SharedMemoryScope | None = None
         try:
-            return encode_response(await answer, shm)
+            _, answer, shm = self._start(data, _deadline_ns(context), self._forwarded(context))
+            return self._codec.encode_response_bytes(await answer, shm, False)
+        except Exception as exc:
+            log_unexpected(exc, "ModelInfer")
+            code, message = status_of(exc)
+            await context.abort(code, message)
+            raise AssertionError("unreachable: context.abort raises") from None
         finally:
             if shm is not None:
                 shm.release()
 
     async def ModelStreamInfer(
-        self,
-        request_iterator: AsyncIterator[pb.ModelInferRequest],
-        context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[bytes]:
         """Many requests in flight on one stream; responses go out as they complete.
 
         Each response carries its request's id, so clients match them. An error answers one
@@ -225,9 +233,10 @@ class InferenceServicer(
         generator to send.
         """
         loop = asyncio.get_running_loop()
+        codec = self._codec
         deadline = _deadline_ns(context)
         headers = self._forwarded(context)
-        ready: deque[pb.ModelStreamInferResponse] = deque()
+        ready: deque[bytes] = deque()
         inflight: set[asyncio.Future[InferResponse]] = set()
         waiter: asyncio.Future[None] | None = None
 
@@ -235,35 +244,44 @@ class InferenceServicer(
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
 
-        def push(item: pb.ModelStreamInferResponse) -> None:
+        def push(item: bytes) -> None:
             ready.append(item)
             wake()
 
+        def failed(request: InferRequest | None, data: bytes, exc: Exception) -> bytes:
+            """One request's failure, answered on the stream."""
+            if request is not None:
+                named = request.model_name, request.model_version, request.id
+            else:
+                named = codec.identify(data)
+            log_unexpected(exc, "ModelStreamInfer", named[2])
+            code, text = status_of(exc)
+            return codec.encode_stream_error_bytes(*named, f"[{code.name}] {text}")
+
         def answered(
-            message: pb.ModelInferRequest, shm: SharedMemoryScope | None,
+            request: InferRequest, shm: SharedMemoryScope | None,
             answer: asyncio.Future[InferResponse],
         ) -> None:
             inflight.discard(answer)
             try:
                 if answer.cancelled():
                     return  # the stream is closing
-                push(pb.ModelStreamInferResponse(
-                    infer_response=encode_response(answer.result(), shm)))
+                push(codec.encode_response_bytes(answer.result(), shm, True))
             except Exception as exc:
-                push(_stream_error(message, exc))
+                push(failed(request, b"", exc))
             finally:
                 if shm is not None:
                     shm.release()
 
         async def read() -> None:
-            async for message in request_iterator:
+            async for data in request_iterator:
                 try:
-                    answer, shm = self._start(message, deadline, headers)
+                    request, answer, shm = self._start(data, deadline, headers)
                 except Exception as exc:
-                    push(_stream_error(message, exc))
+                    push(failed(None, data, exc))
                     continue
                 inflight.add(answer)
-                answer.add_done_callback(functools.partial(answered, message, shm))
+                answer.add_done_callback(functools.partial(answered, request, shm))
 
         reader = loop.create_task(read())
         reader.add_done_callback(lambda _task: wake())
@@ -283,16 +301,35 @@ class InferenceServicer(
                 answer.cancel()
 
 
-def _stream_error(message: pb.ModelInferRequest, exc: Exception) -> pb.ModelStreamInferResponse:
-    """One request's failure, answered on the stream."""
-    log_unexpected(exc, "ModelStreamInfer", message.id)
-    code, text = status_of(exc)
-    return pb.ModelStreamInferResponse(
-        error_message=f"[{code.name}] {text}",
-        infer_response=pb.ModelInferResponse(
-            model_name=message.model_name, model_version=message.model_version, id=message.id,
-        ),
-    )
+#: The RPCs whose handlers take and give raw message bytes.
+RAW_RPCS = frozenset({"ModelInfer", "ModelStreamInfer"})
+
+
+def inference_handlers(servicer: InferenceServicer) -> dict[str, grpc.RpcMethodHandler]:
+    """GRPCInferenceService's method handlers: protobuf messages for every RPC but ModelInfer
+    and ModelStreamInfer, which get the raw bytes (no deserializer or serializer), so the
+    wire codec is the only parser on the inference path. RPCs the servicer does not define
+    answer UNIMPLEMENTED (the generated base class)."""
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
+        behaviour = getattr(servicer, method.name)
+        raw = method.name in RAW_RPCS
+        decode = None if raw else getattr(pb, method.input_type.name).FromString
+        encode = None if raw else getattr(pb, method.output_type.name).SerializeToString
+        if method.client_streaming and method.server_streaming:
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                behaviour, request_deserializer=decode, response_serializer=encode)
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                behaviour, request_deserializer=decode, response_serializer=encode)
+    return handlers
+
+
+def add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    handlers = inference_handlers(servicer)
+    name = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)
 
 
 def _tensor_metadata(tensor: TensorInfo) -> pb.ModelMetadataResponse.TensorMetadata:
