@@ -123,3 +123,22 @@ def test_thread_split_groups_this_process_threads() -> None:
     split = thread_split(pid, before, after)
     assert split.get("event loop (main thread)", 0) > 0
     assert all(used > 0 for used in split.values())
+
+
+def test_batcher_choices_report_ratios_against_the_default() -> None:
+    from bench.studies.batcher_choices import markdown as choices_markdown
+
+    def cell(rps: float) -> dict[str, float]:
+        return {"rps": rps, "p50_ms": 0.5, "p99_ms": 1.0, "mean_batch": 2.0}
+
+    text = choices_markdown({
+        "date": "2026-12-07T00:00:00+00:00", "command": "python -m bench.studies.batcher_choices",
+        "environment": {"machine": {"nproc": 2, "cpu_model": "test"}, "git_revision": "abc"},
+        "load_average_1m": 0.5,
+        "scenario": {"duration_s": 2, "warmup_s": 1, "repeats": 3, "server_cpus": "0",
+                     "generator_cpus": "1"},
+        "results": {"default": {"mlp_classifier/unary/64": cell(2000)},
+                    "no-inline": {"mlp_classifier/unary/64": cell(1500)}},
+    })
+    assert "| mlp_classifier unary 64 | 2,000 (0.50, batch 2.0) | 1,500 (0.50, batch 2.0) 0.75x" \
+        " | n/a |" in text
