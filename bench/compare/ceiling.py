@@ -23,7 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from bench.compare.model_repo import ORT_PARAMETERS, ensure_examples, model_file
+from bench.compare.model_repo import (
+    ORT_PARAMETERS,
+    comparison_repository,
+    ensure_examples,
+    model_file,
+)
 from bench.compare.scenario import (
     Scenario,
     add_scenario_arguments,
@@ -33,7 +38,7 @@ from bench.compare.scenario import (
     temp_folder,
     write_input_files,
 )
-from bench.compare.servers import NoopServer
+from bench.compare.servers import NoopServer, PlainServer
 from bench.loadgen.cli import exit_on_sigterm
 from bench.loadgen.environment import git_revision, machine, package_versions
 from bench.loadgen.sweep import parse_concurrency
@@ -41,6 +46,7 @@ from bench.results_md import RESULTS_DIR
 
 CEILING_FILE = RESULTS_DIR / "ceiling.json"
 NOOP_KEY = "noop"
+PLAIN_KEY = "plain"
 
 
 def _cpu_set(cpus: str) -> set[int]:
@@ -119,13 +125,22 @@ def run(scenario: Scenario, batch_sizes: Sequence[int], command: str) -> None:
         inputs = write_input_files(repository, scenario.models, Path(folder))
         with NoopServer(cpus=scenario.server_cpus) as server:
             drive_all(server, NOOP_KEY, "no-op floor", scenario, inputs)
+        print("yardstick: the plain-Python batching server", file=sys.stderr)
+        plain_repository = comparison_repository(repository, Path(folder) / "plain",
+                                                 scenario.models, True)
+        with PlainServer(plain_repository, cpus=scenario.server_cpus) as server:
+            drive_all(server, PLAIN_KEY, "plain-Python batching server", scenario, inputs)
     record_comparison(
         "ceiling", command, scenario,
         notes=["ceiling: session.run back to back in one thread pinned to the server core",
                "floor: grpc.aio servicer parsing the request and answering a fixed response "
-               "(streams: in order, without the request id)"],
+               "(streams: in order, without the request id)",
+               "yardstick: a plain-Python batching server (np.frombuffer, a queue of "
+               "(inputs, future), np.concatenate, one ONNX Runtime thread; no compiled "
+               "code, statistics or metrics)"],
         versions=package_versions(("onnxruntime", "grpcio", "protobuf")),
-        servers={NOOP_KEY: "bench/compare/noop_server.py (grpc.aio, uvloop)"},
+        servers={NOOP_KEY: "bench/compare/noop_server.py (grpc.aio, uvloop)",
+                 PLAIN_KEY: "bench/compare/plain_server.py (grpc.aio, uvloop)"},
     )
 
 

@@ -23,6 +23,7 @@ CEILING_FILE = RESULTS_DIR / "ceiling.json"
 #: Display order and the comparison each server belongs to.
 SERVERS: tuple[tuple[str, str, str], ...] = (
     ("noop", "no-op grpc.aio servicer (floor)", "ceiling"),
+    ("plain", "plain-Python batching server (the yardstick)", "ceiling"),
     ("peregrine-batching", "**peregrine**, batching on", "ours"),
     ("peregrine-no-batching", "**peregrine**, batching off", "ours"),
     ("mlserver-batching", "MLServer, adaptive batching on", "peers"),
