@@ -1,9 +1,11 @@
-"""The ceiling and the floor.
+"""The ceiling, the floor and the yardstick.
 
 Ceiling: each model called in-process through onnxruntime (same thread settings as the
 servers, pinned to the server core) at several batch sizes, in samples/s: no server can
-beat it. Floor: bench/compare/noop_server.py, a grpc.aio V2 servicer that does no work, under the
-same load as the real servers: the most any Python grpc.aio server can answer here.
+beat it. Floor: bench/compare/noop_server.py, a grpc.aio V2 servicer that does no work, under
+the same load as the real servers: the most any Python grpc.aio server can answer here.
+Yardstick: bench/compare/plain_server.py, a plain-Python batching server, which the compiled
+path must beat.
 
     python -m bench.compare.ceiling [--batch-sizes 1,8,32] [scenario options]
 """
