@@ -115,6 +115,9 @@ class PlainServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
     async def ServerReady(self, request: Any, context: Any) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=True)
 
+    async def ServerMetadata(self, request: Any, context: Any) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="plain", version="1")
+
     async def ModelReady(self, request: Any, context: Any) -> pb.ModelReadyResponse:
         return pb.ModelReadyResponse(ready=request.name in self.models)
 

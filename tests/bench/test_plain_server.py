@@ -65,6 +65,7 @@ def test_unary_and_stream_answer_as_the_model_does(
 def test_it_describes_its_models_for_perf_analyzer(plain: PlainServer) -> None:
     with grpcclient.InferenceServerClient(plain.url) as client:
         assert client.is_server_ready() and client.is_model_ready(MODEL)
+        assert client.get_server_metadata(as_json=True)["name"] == "plain"
         metadata = client.get_model_metadata(MODEL, as_json=True)
         assert metadata["inputs"][0]["shape"] == ["-1", "64"]
         assert client.get_model_config(MODEL, as_json=True)["config"]["max_batch_size"] > 0
