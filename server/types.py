@@ -164,11 +164,13 @@ class RouteDecision:
 
 
 class Execution(NamedTuple):
-    """One backend call of a batch: its rows and requests, and the nanoseconds spent packing
-    the inputs, running the model and unpacking the outputs."""
+    """One backend call of a batch: its rows and requests, the nanoseconds spent packing the
+    inputs, running the model and unpacking the outputs (wall clock, as Triton's statistics
+    count them), and the CPU time the calling thread spent on all three."""
 
     rows: int
     requests: int
     input_ns: int
     infer_ns: int
     output_ns: int
+    cpu_ns: int = 0

@@ -8,6 +8,8 @@ spinning off, the example's dynamic batching):
   inline execution of batches predicted under 100 us (run in the loop callback, no thread
   hand-off);
 - ``no-inline``: ``inline_execution_max_us: 0``, every batch runs in the instance's thread;
+- ``inline-1ms``: ``inline_execution_max_us: 1000``, batches up to 1 ms of CPU run on the loop
+  (on a server pinned to one core a worker thread buys no parallelism, only hand-offs);
 - ``fixed-delay``: ``queue_delay: fixed``, Triton's rule (hold every batch below its
   preferred size for the whole ``max_queue_delay_microseconds``).
 
@@ -47,6 +49,7 @@ CONCURRENCY = (1, 64)
 VARIANTS: dict[str, dict[str, str]] = {
     "default": {},
     "no-inline": {"inline_execution_max_us": "0"},
+    "inline-1ms": {"inline_execution_max_us": "1000"},
     "fixed-delay": {"queue_delay": "fixed"},
 }
 
@@ -114,7 +117,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"load average at start {report['load_average_1m']:.2f}. Cells: infer/s (p50 ms, mean "
         "batch rows), and for the variants the ratio to the default.", "",
         markdown_table(["model rpc in-flight", "default (adaptive, inline)",
-                        "no-inline", "fixed-delay"], rows),
+                        *list(VARIANTS)[1:]], rows),
         "", f"Chart: [batcher_choices.png](results/{RESULTS_PNG.name})",
     ]) + "\n"
 
@@ -130,7 +133,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     figure, axis = plt.subplots(figsize=(10, 4.5))
     width = 0.8 / len(VARIANTS)
     for offset, variant in enumerate(VARIANTS):
-        axis.bar([i + (offset - 1) * width for i in range(len(cases))],
+        axis.bar([i + (offset - (len(VARIANTS) - 1) / 2) * width for i in range(len(cases))],
                  [results.get(variant, {}).get(c, {}).get("rps", 0) for c in cases], width,
                  label=variant)
     axis.set_xticks(range(len(cases)), [c.replace("/", "\n") for c in cases], fontsize=8)

@@ -334,8 +334,7 @@ class DynamicBatcher:
         self._running -= 1
         self._idle.append(instance)
         for execution in run.executions:
-            self._cost.observe(execution.rows, execution.input_ns + execution.infer_ns
-                               + execution.output_ns)
+            self._cost.observe(execution.rows, execution.cpu_ns)
         now = _now()
         executor = self._executor
         answered: list[int] = []

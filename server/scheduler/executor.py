@@ -19,6 +19,7 @@ from server.types import Execution, InferRequest, InferResponse, OutputTensor
 
 log = logging.getLogger(__name__)
 _now = time.perf_counter_ns
+_cpu = time.thread_time_ns
 
 
 @dataclass(slots=True)
@@ -78,6 +79,7 @@ class BatchExecutor:
                  rows: Sequence[int], run: BatchRun) -> None:
         """Pack, execute, check, unpack; appends the call's timings and a response or error
         per request to ``run``."""
+        cpu0 = _cpu()
         t0 = _now()
         # The batch's buffers may be pooled: unpack (which copies) before the context exits.
         with self._packer.pack(requests, rows) as batch:
@@ -94,7 +96,8 @@ class BatchExecutor:
                         )
             per_request = self._packer.unpack(outputs, requests, rows)
         t3 = _now()
-        run.executions.append(Execution(sum(rows), len(requests), t1 - t0, t2 - t1, t3 - t2))
+        run.executions.append(Execution(sum(rows), len(requests), t1 - t0, t2 - t1, t3 - t2,
+                                        _cpu() - cpu0))
         for request, tensors in zip(requests, per_request, strict=True):
             try:
                 run.outcomes.append(self._response(request, tensors))

@@ -84,8 +84,10 @@ class InlineCost:
 
     Handing a batch to a worker thread and back costs tens of microseconds; a model that
     answers in less than that is faster run where the request already is. The prediction is a
-    moving average of what batches of the same row count took; an unseen size, or one that
-    became slow, goes to the worker thread.
+    moving average of the CPU time batches of the same row count took (the executing thread's
+    CPU time: wall time in a worker thread that shares its core with the loop counts the
+    loop's turns too, and would keep a cheap model off the loop for ever); an unseen size, or
+    one that became slow, goes to the worker thread.
     """
 
     SMOOTHING = 0.2
