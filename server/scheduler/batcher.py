@@ -225,11 +225,14 @@ class DynamicBatcher:
         """Look at the queue on the loop's next round, once, if an instance could take work.
 
         Requests submitted before that round (a burst the loop delivered together) are all
-        in the queue by then.
+        in the queue by then. What is queued now counts as seen: that look holds the batch
+        for another round only if more requests arrived in between (a lone request goes on
+        the first look, not the second).
         """
         if self._scheduled or not self._idle or self._closed:
             return
         self._scheduled = True
+        self._arrivals_seen = self._arrivals
         self._loop.call_soon(self._dispatch)
 
     def _cancel_timer(self) -> None:
