@@ -34,8 +34,9 @@ class DataPlane:
         """Serve from ``catalog`` from now on (the manager publishes one on every change)."""
         self._catalog = catalog
 
-    def submit(self, request: InferRequest) -> asyncio.Future[InferResponse]:
+    def submit(self, request: InferRequest, lone: bool = False) -> asyncio.Future[InferResponse]:
         """Route, validate and queue ``request``; errors found before queueing raise here.
+        ``lone`` as Scheduler.submit has it (the frontend says whether more may follow).
 
         The future resolves with the response once the scheduler has counted it and, when the
         request was routed or drift is monitored, once routing and drift have seen it;
@@ -56,14 +57,19 @@ class DataPlane:
             raise
         try:
             validate_request(request, model.spec)
-            future = model.scheduler.submit(request)
+            future = model.scheduler.submit(request, lone)
         except Exception as exc:
             model.metrics.request_failed(_reason(exc), _now() - start)
             self._finish_route(decision, request, None, start)
             raise
         if decision is not None or self._drift is not None:
-            future.add_done_callback(
-                functools.partial(self._finished, model, request, decision, start))
+            finished = functools.partial(self._finished, model, request, decision, start)
+            if future.done():
+                # Answered already (a lone request run inline): a callback would run only
+                # after the caller has taken the response without the routing verdict.
+                finished(future)
+            else:
+                future.add_done_callback(finished)
         return future
 
     def _finished(

@@ -71,7 +71,10 @@ class Scheduler(Protocol):
     request (a stream hangs a callback on it). Knows nothing of protobuf.
     """
 
-    def submit(self, request: InferRequest) -> asyncio.Future[InferResponse]: ...
+    def submit(self, request: InferRequest, lone: bool = False) -> asyncio.Future[InferResponse]:
+        """``lone``: no other request is expected to come with this one (a unary call, as
+        opposed to a stream's message): an idle scheduler may dispatch it at once."""
+        ...
 
     @property
     def healthy(self) -> bool:

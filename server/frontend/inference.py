@@ -188,12 +188,14 @@ class InferenceServicer(
     # inference_handlers): the wire codec parses and writes them, no protobuf object on the way.
 
     def _start(
-        self, data: bytes, deadline_ns: int | None, headers: dict[str, str] | None
+        self, data: bytes, deadline_ns: int | None, headers: dict[str, str] | None,
+        lone: bool = False,
     ) -> tuple[InferRequest, asyncio.Future[InferResponse], SharedMemoryScope | None]:
         """Decode and queue one request; ``headers`` (forwarded request headers, None when
-        none are) become string parameters the request does not set itself. The caller
-        encodes the answer with the returned shared-memory scope (leases on the regions the
-        request uses) and then releases it."""
+        none are) become string parameters the request does not set itself; ``lone`` for a
+        unary call (no other request comes with it). The caller encodes the answer with the
+        returned shared-memory scope (leases on the regions the request uses) and then
+        releases it."""
         if not self._state.accepting:
             raise ModelNotReady("the server is not accepting requests")
         shm = SharedMemoryScope(self._shm) if len(self._shm) else None
@@ -202,7 +204,7 @@ class InferenceServicer(
             if headers:
                 for key, value in headers.items():
                     decoded.parameters.setdefault(key, value)
-            return decoded, self._dataplane.submit(decoded), shm
+            return decoded, self._dataplane.submit(decoded, lone), shm
         except BaseException:
             if shm is not None:
                 shm.release()
@@ -211,7 +213,8 @@ class InferenceServicer(
     async def ModelInfer(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
         shm: SharedMemoryScope | None = None
         try:
-            _, answer, shm = self._start(data, _deadline_ns(context), self._forwarded(context))
+            _, answer, shm = self._start(data, _deadline_ns(context), self._forwarded(context),
+                                         lone=True)
             return self._codec.encode_response_bytes(await answer, shm, False)
         except Exception as exc:
             log_unexpected(exc, "ModelInfer")

@@ -92,7 +92,7 @@ class DynamicBatcher:
 
     # -- the Scheduler interface -------------------------------------------------------------
 
-    def submit(self, request: InferRequest) -> asyncio.Future[InferResponse]:
+    def submit(self, request: InferRequest, lone: bool = False) -> asyncio.Future[InferResponse]:
         if not self._accepting or self._failed is not None:
             raise ModelNotReady(
                 f"model '{self._spec.name}' version {self._version} is not accepting requests"
@@ -112,7 +112,14 @@ class DynamicBatcher:
         self._queue.push(entry)
         self._arrivals += 1
         future.add_done_callback(functools.partial(self._withdraw_if_cancelled, entry))
-        self._schedule()
+        if lone and len(self._queue) == 1 and self._idle and not self._scheduled \
+                and not self._closed:
+            # A unary call finding the version idle: nothing it could wait for is on its way,
+            # so it is dispatched now, not on the loop's next round (inline when cheap).
+            self._arrivals_seen = self._arrivals
+            self._dispatch()
+        else:
+            self._schedule()
         return future
 
     @property
