@@ -39,6 +39,7 @@ from bench.compare.servers import PeregrineProcess
 from bench.loadgen.cli import exit_on_sigterm
 from bench.loadgen.environment import environment
 from bench.results_md import RESULTS_DIR, markdown_table, replace_section, section_header
+from bench.studies.bar_chart import grouped_bars
 
 SECTION = "## Batcher choices: adaptive queue delay and inline execution, on and off"
 RESULTS_JSON = RESULTS_DIR / "batcher_choices.json"
@@ -123,27 +124,14 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     results = report["results"]
     cases = list(results.get("default", {}))
-    figure, axis = plt.subplots(figsize=(10, 4.5))
-    width = 0.8 / len(VARIANTS)
-    for offset, variant in enumerate(VARIANTS):
-        axis.bar([i + (offset - (len(VARIANTS) - 1) / 2) * width for i in range(len(cases))],
-                 [results.get(variant, {}).get(c, {}).get("rps", 0) for c in cases], width,
-                 label=variant)
-    axis.set_xticks(range(len(cases)), [c.replace("/", "\n") for c in cases], fontsize=8)
-    axis.set_ylabel("infer/s (server on one core)")
-    axis.set_title("Peregrine's batching choices switched off one at a time")
-    axis.legend()
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    grouped_bars(
+        path, [c.replace("/", "\n") for c in cases],
+        {variant: [results.get(variant, {}).get(c, {}).get("rps", 0) for c in cases]
+         for variant in VARIANTS},
+        "infer/s (server on one core)",
+        "Peregrine's batching choices switched off one at a time", size=(10, 4.5))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -48,6 +48,7 @@ from bench.loadgen.environment import environment
 from bench.results_md import RESULTS_DIR, replace_section, section_header
 from bench.studies import perf_analyzer
 from bench.studies.ablation_server import STAGES
+from bench.studies.bar_chart import grouped_bars
 from bench.studies.inprocess_path import measure as measure_in_process
 
 SECTION = ("## Frontend overhead per request: Peregrine against the no-op floor, the plain-Python "
@@ -430,28 +431,16 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     keys = [k for k in report["cases"] if k.endswith("/64")]
-    figure, axis = plt.subplots(figsize=(9, 4.5))
-    width = 0.2
-    for offset, (field, label) in enumerate((("floor_rps", "bare grpc.aio servicer"),
-                                             ("bound_rps", "bound: 1/(in-process + bare)"),
-                                             ("plain_rps", "plain-Python batching server"),
-                                             ("ours_rps", "peregrine"))):
-        axis.bar([i + (offset - 1.5) * width for i in range(len(keys))],
-                 [report["cases"][k].get(field) or 0 for k in keys], width, label=label)
-    axis.set_xticks(range(len(keys)), [k.rsplit("/", 1)[0] for k in keys])
-    axis.set_ylabel("infer/s at 64 in flight (server on one core)")
-    axis.set_title("Peregrine vs the bare servicer, the bound and the plain-Python server")
-    axis.legend()
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    grouped_bars(
+        path, [k.rsplit("/", 1)[0] for k in keys],
+        {label: [report["cases"][k].get(field) or 0 for k in keys]
+         for field, label in (("floor_rps", "bare grpc.aio servicer"),
+                              ("bound_rps", "bound: 1/(in-process + bare)"),
+                              ("plain_rps", "plain-Python batching server"),
+                              ("ours_rps", "peregrine"))},
+        "infer/s at 64 in flight (server on one core)",
+        "Peregrine vs the bare servicer, the bound and the plain-Python server")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
