@@ -169,15 +169,31 @@ def build_engine(trt: Any, onnx_path: Path, settings: BuildSettings, timing_path
             "above for why)"
         )
     if timing is not None:
-        try:
-            write_atomically(timing_path, memoryview(config.get_timing_cache().serialize()))
-        except OSError as exc:
-            log.warning("tensorrt timing cache not saved",
-                        extra={"path": str(timing_path), "error": str(exc)})
+        save_timing_cache(config, timing_path)
     return bytes(memoryview(serialized))
 
 
+def save_timing_cache(config: Any, path: Path) -> bool:
+    """Write the builder's timing cache; True when written. Never raises: the engine just
+    built is worth more than the cache, so a missing cache (``get_timing_cache`` gives None
+    when ``set_timing_cache`` did not take) or a failed write or serialisation is a warning."""
+    try:
+        cache = config.get_timing_cache()
+        if cache is None:
+            log.warning("tensorrt timing cache not saved: the builder has none",
+                        extra={"path": str(path)})
+            return False
+        write_atomically(path, memoryview(cache.serialize()))
+    except Exception as exc:
+        log.warning("tensorrt timing cache not saved",
+                    extra={"path": str(path), "error": repr(exc)})
+        return False
+    return True
+
+
 def _timing_cache(config: Any, path: Path) -> Any:
+    """The timing cache the build uses (read from ``path``, or a new one), set on ``config``;
+    None when the builder would not take one."""
     data = b""
     try:
         data = path.read_bytes()
@@ -193,5 +209,12 @@ def _timing_cache(config: Any, path: Path) -> Any:
         cache = config.create_timing_cache(b"")
     if cache is None:
         return None
-    config.set_timing_cache(cache, False)
-    return cache
+    try:
+        taken = config.set_timing_cache(cache, False)
+    except Exception as exc:
+        taken = False
+        log.warning("tensorrt timing cache not used", extra={"path": str(path),
+                                                            "error": repr(exc)})
+    # TensorRT 10 answers False when the cache does not fit this builder (another version or
+    # device): build without it and do not write it back.
+    return cache if taken is not False else None

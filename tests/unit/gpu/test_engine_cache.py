@@ -121,3 +121,65 @@ def test_build_lock_serialises_builders(tmp_path: Path) -> None:
         t.join()
     assert overlaps == [False, False, False]
     assert entry.lock.exists()
+
+
+class FakeTimingCache:
+    def __init__(self, data: bytes = b"timings", fail: bool = False) -> None:
+        self.data = data
+        self.fail = fail
+
+    def serialize(self) -> bytes:
+        if self.fail:
+            raise RuntimeError("serialisation failed")
+        return self.data
+
+
+class FakeBuilderConfig:
+    """The timing-cache calls of TensorRT's IBuilderConfig, with the failures they can have."""
+
+    def __init__(self, accepts: bool = True, keeps: bool = True, fail: bool = False) -> None:
+        self.accepts = accepts
+        self.keeps = keeps
+        self.fail = fail
+        self.cache: FakeTimingCache | None = None
+
+    def create_timing_cache(self, data: bytes) -> FakeTimingCache:
+        return FakeTimingCache(data or b"new", self.fail)
+
+    def set_timing_cache(self, cache: FakeTimingCache, ignore_mismatch: bool) -> bool:
+        if self.keeps:
+            self.cache = cache
+        return self.accepts
+
+    def get_timing_cache(self) -> FakeTimingCache | None:
+        return self.cache
+
+
+def test_a_timing_cache_is_saved_when_the_builder_kept_it(tmp_path: Path) -> None:
+    from server.backends.tensorrt.builder import _timing_cache, save_timing_cache
+
+    path = tmp_path / "timing" / "gpu.cache"
+    config = FakeBuilderConfig()
+    assert _timing_cache(config, path) is not None
+    assert save_timing_cache(config, path) and path.read_bytes() == b"new"
+
+
+@pytest.mark.parametrize("config", [
+    FakeBuilderConfig(accepts=False, keeps=False),  # set_timing_cache answered False
+    FakeBuilderConfig(accepts=True, keeps=False),  # took it, yet get_timing_cache is None
+    FakeBuilderConfig(fail=True),  # serialisation fails
+], ids=["refused", "lost", "unserialisable"])
+def test_a_timing_cache_that_cannot_be_saved_never_costs_the_engine(
+    tmp_path: Path, config: FakeBuilderConfig, caplog: pytest.LogCaptureFixture,
+) -> None:
+    from server.backends.tensorrt.builder import _timing_cache, save_timing_cache
+
+    path = tmp_path / "gpu.cache"
+    cache = _timing_cache(config, path)
+    if cache is None:
+        assert not config.accepts  # refused: the build goes on without a cache to write back
+    else:
+        with caplog.at_level("WARNING"):
+            assert not save_timing_cache(config, path)  # a warning, no exception
+        assert "timing cache not saved" in caplog.text
+    assert not path.exists()
