@@ -123,6 +123,8 @@ def build_engine(trt: Any, onnx_path: Path, settings: BuildSettings, timing_path
             error = parser.get_error(i)
             errors.append(error.desc() if hasattr(error, "desc") else str(error))
         raise ModelLoadError(f"TensorRT could not parse '{onnx_path}': {'; '.join(errors)}")
+    if "int8" in settings.precision_flags:
+        require_quantized(trt, network, onnx_path)
     config = builder.create_builder_config()
     if settings.workspace_mb is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_mb << 20)
@@ -171,6 +173,20 @@ def build_engine(trt: Any, onnx_path: Path, settings: BuildSettings, timing_path
     if timing is not None:
         save_timing_cache(config, timing_path)
     return bytes(memoryview(serialized))
+
+
+def require_quantized(trt: Any, network: Any, onnx_path: Path) -> None:
+    """INT8 without a calibrator (we have none) needs explicit quantisation: the model must
+    carry QuantizeLinear/DequantizeLinear nodes, which TensorRT parses into Q/DQ layers.
+    Without them the build fails deep inside TensorRT; refuse it here, saying why."""
+    kinds = {trt.LayerType.QUANTIZE, trt.LayerType.DEQUANTIZE}
+    if any(network.get_layer(i).type in kinds for i in range(network.num_layers)):
+        return
+    raise ModelLoadError(
+        f"trt_precision int8 needs a quantised model: '{onnx_path}' has no "
+        "QuantizeLinear/DequantizeLinear nodes and no calibrator is supported; quantise it "
+        "first (Q/DQ format, e.g. onnxruntime.quantization.quantize_static) or use fp16"
+    )
 
 
 def save_timing_cache(config: Any, path: Path) -> bool:

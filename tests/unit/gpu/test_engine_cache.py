@@ -7,7 +7,7 @@ import hashlib
 import threading
 import time
 from pathlib import Path
-from types import MappingProxyType
+from types import MappingProxyType, SimpleNamespace
 
 import pytest
 
@@ -183,3 +183,28 @@ def test_a_timing_cache_that_cannot_be_saved_never_costs_the_engine(
             assert not save_timing_cache(config, path)  # a warning, no exception
         assert "timing cache not saved" in caplog.text
     assert not path.exists()
+
+
+class FakeNetwork:
+    def __init__(self, *kinds: str) -> None:
+        self.layers = [SimpleNamespace(type=kind) for kind in kinds]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def get_layer(self, index: int) -> SimpleNamespace:
+        return self.layers[index]
+
+
+FAKE_TRT = SimpleNamespace(LayerType=SimpleNamespace(QUANTIZE="Q", DEQUANTIZE="DQ"))
+
+
+def test_int8_is_refused_for_a_model_without_quantize_nodes(tmp_path: Path) -> None:
+    from server.backends.tensorrt.builder import require_quantized
+    from server.errors import ModelLoadError
+
+    require_quantized(FAKE_TRT, FakeNetwork("CONV", "Q", "DQ", "MATMUL"), tmp_path / "m.onnx")
+    with pytest.raises(ModelLoadError, match=r"trt_precision int8 needs a quantised model.*"
+                                             r"QuantizeLinear/DequantizeLinear"):
+        require_quantized(FAKE_TRT, FakeNetwork("CONV", "MATMUL"), tmp_path / "m.onnx")
