@@ -124,7 +124,14 @@ def test_a_family_member_needs_a_name() -> None:
 
 def test_a_single_key_is_preferred_over_a_family_it_starts() -> None:
     exact = Key("shape_all", boolean, "all of them", "false")
-    check({"shape_all": "true"}, (FAMILY, exact), "m")  # not an integer: the single key owns it
+    params = {"shape_all": "true"}
+    check(params, (FAMILY, exact), "m")  # not an integer: the single key owns it
+    assert exact.value(params, "m") is True
+    # A bad value is judged by the single key's parser, not the family's.
+    with pytest.raises(ModelLoadError, match="'shape_all' must be true or false, got 'seven'"):
+        check({"shape_all": "seven"}, (FAMILY, exact), "m")
+    with pytest.raises(ModelLoadError, match="'shape_a' must be an integer"):
+        check({"shape_all": "true", "shape_a": "true"}, (FAMILY, exact), "m")
 
 
 # -- parsers ---------------------------------------------------------------------------------
