@@ -22,7 +22,7 @@ from server.dataplane import DataPlane
 from server.errors import ModelNotReady
 from server.frontend.shared_memory import SystemSharedMemoryRpcs
 from server.frontend.statistics import statistics_response
-from server.frontend.status import log_unexpected, mapped, status_of
+from server.frontend.status import abort_with, log_unexpected, mapped, status_of
 from server.shm import SharedMemoryRegistry
 from server.types import InferRequest, InferResponse
 
@@ -217,10 +217,7 @@ class InferenceServicer(
                                          lone=True)
             return self._codec.encode_response_bytes(await answer, shm, False)
         except Exception as exc:
-            log_unexpected(exc, "ModelInfer")
-            code, message = status_of(exc)
-            await context.abort(code, message)
-            raise AssertionError("unreachable: context.abort raises") from None
+            await abort_with(context, exc, "ModelInfer")
         finally:
             if shm is not None:
                 shm.release()

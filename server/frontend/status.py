@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 
@@ -30,6 +30,15 @@ def log_unexpected(exc: BaseException, rpc: str, request_id: str = "") -> None:
                                            "error": repr(exc)}, exc_info=exc)
 
 
+async def abort_with(context: grpc.aio.ServicerContext, exc: Exception, rpc: str,
+                     request_id: str = "") -> NoReturn:
+    """End the call with ``exc``'s status (INTERNAL for an untyped error, logged)."""
+    log_unexpected(exc, rpc, request_id)
+    code, message = status_of(exc)
+    await context.abort(code, message)
+    raise AssertionError("unreachable: context.abort raises")
+
+
 def mapped(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
     """Answer typed errors with their status and unexpected ones with INTERNAL, logged."""
 
@@ -37,13 +46,7 @@ def mapped(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
     async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
         try:
             return await handler(self, request, context)
-        except PeregrineError as exc:
-            log_unexpected(exc, handler.__name__, getattr(request, "id", ""))
-            await context.abort(exc.code, exc.message)
         except Exception as exc:
-            log_unexpected(exc, handler.__name__, getattr(request, "id", ""))
-            code, message = status_of(exc)
-            await context.abort(code, message)
-        raise AssertionError("unreachable: context.abort raises")
+            await abort_with(context, exc, handler.__name__, getattr(request, "id", ""))
 
     return wrapper
