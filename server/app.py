@@ -193,7 +193,8 @@ class PeregrineServer:
         self._grpc = server
         if settings.allow_metrics:
             httpd, _thread = start_http_server(
-                settings.metrics_port, addr=settings.host, registry=self.metrics.registry
+                settings.metrics_port, addr=settings.metrics_address,
+                registry=self.metrics.registry
             )
             self._metrics_http = httpd
             self.metrics_port = int(httpd.server_address[1])
@@ -208,7 +209,8 @@ class PeregrineServer:
         ready = self.repository.catalog.index(ready_only=True)
         log.info("server started", extra={
             "grpc": f"{settings.host}:{self.grpc_port}",
-            "metrics": f"{settings.host}:{self.metrics_port}" if settings.allow_metrics else "off",
+            "metrics": f"{settings.metrics_address}:{self.metrics_port}"
+            if settings.allow_metrics else "off",
             "repository": settings.model_source or str(settings.model_repository),
             "ready_versions": len(ready),
         })

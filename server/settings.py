@@ -53,12 +53,19 @@ def parse_names(text: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
+def parse_specs(text: str) -> tuple[str, ...]:
+    """Semicolon-separated items (a repeatable flag's values are joined with ';')."""
+    return tuple(item.strip() for item in text.split(";") if item.strip())
+
+
 @dataclass(frozen=True, slots=True)
 class Option:
     name: str
     kind: Callable[[str], Any]
     help: str
     choices: tuple[str, ...] = ()
+    #: The flag may be given several times; its values are joined with ';' (parse_specs).
+    repeatable: bool = False
 
     @property
     def flag(self) -> str:
@@ -92,6 +99,24 @@ class ServerSettings:
     model_source: str = ""
     mlflow_models: tuple[str, ...] = ()
     model_cache_dir: Path = dataclasses.field(default_factory=default_model_cache)
+    # -- security (docs/security.md) --
+    grpc_use_ssl: bool = False
+    grpc_server_cert: Path | None = None
+    grpc_server_key: Path | None = None
+    grpc_root_cert: Path | None = None
+    grpc_use_ssl_mutual: bool = False
+    metrics_address: str = "127.0.0.1"
+    auth_file: Path | None = None
+    grpc_restricted_protocol: tuple[str, ...] = ()
+    rate_limit: str = ""
+    model_rate_limit: tuple[str, ...] = ()
+    audit_log: Path | None = None
+    audit_log_max_bytes: int = 64 * MIB
+    audit_log_backups: int = 5
+    allow_client_shm: bool = False
+    shm_remote_registration: bool = False
+    shm_max_regions: int = 64
+    shm_max_mapped_bytes: int = 4096 * MIB
 
     def __post_init__(self) -> None:
         for port_name in ("grpc_port", "metrics_port"):
@@ -120,6 +145,23 @@ class ServerSettings:
             raise ValueError("an MLflow model_source needs mlflow_models (e.g. digits@champion)")
         if self.mlflow_models and self.mlflow_tracking_uri is None:
             raise ValueError("mlflow_models needs an MLflow model_source (mlflow://HOST:PORT)")
+        self._check_security()
+
+    def _check_security(self) -> None:
+        if self.grpc_use_ssl and (self.grpc_server_cert is None or self.grpc_server_key is None):
+            raise ValueError("grpc_use_ssl needs grpc_server_cert and grpc_server_key")
+        if not self.grpc_use_ssl and (self.grpc_server_cert or self.grpc_server_key
+                                      or self.grpc_root_cert or self.grpc_use_ssl_mutual):
+            raise ValueError("grpc_server_cert, grpc_server_key, grpc_root_cert and "
+                             "grpc_use_ssl_mutual need grpc_use_ssl true")
+        if self.grpc_use_ssl_mutual and self.grpc_root_cert is None:
+            raise ValueError("grpc_use_ssl_mutual needs grpc_root_cert (the CA that client "
+                             "certificates must chain to)")
+        for name in ("audit_log_max_bytes", "shm_max_regions", "shm_max_mapped_bytes"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.audit_log_backups < 0:
+            raise ValueError("audit_log_backups must not be negative")
 
     @property
     def mlflow_tracking_uri(self) -> str | None:
@@ -145,7 +187,7 @@ class ServerSettings:
 OPTIONS: tuple[Option, ...] = (
     Option("model_repository", Path,
            "Model repository directory (Triton layout). Default: examples/models."),
-    Option("host", str, "Address to bind the gRPC and metrics servers to. Default: 127.0.0.1."),
+    Option("host", str, "Address the gRPC server binds to. Default: 127.0.0.1."),
     Option("grpc_port", int, "gRPC port (0 picks a free one). Default: 8001."),
     Option("metrics_port", int, "Prometheus /metrics HTTP port (0 picks a free one). "
            "Default: 8002."),
@@ -197,6 +239,51 @@ OPTIONS: tuple[Option, ...] = (
            "Where a remote model source downloads versions (<dir>/<model>/<version>/"
            "model.onnx); cached versions are reused. One server per directory. Default: "
            "$XDG_CACHE_HOME/peregrine/models (~/.cache/peregrine/models)."),
+    Option("grpc_use_ssl", parse_bool,
+           "Serve gRPC over TLS; needs --grpc-server-cert and --grpc-server-key. "
+           "Default: false."),
+    Option("grpc_server_cert", Path,
+           "PEM certificate (chain) of the gRPC listener; re-read when the file changes."),
+    Option("grpc_server_key", Path,
+           "PEM private key of the gRPC listener; re-read when the file changes."),
+    Option("grpc_root_cert", Path,
+           "PEM CA certificates that client certificates must chain to (mutual TLS)."),
+    Option("grpc_use_ssl_mutual", parse_bool,
+           "Require and verify a client certificate on every connection; needs "
+           "--grpc-root-cert. Default: false."),
+    Option("metrics_address", str,
+           "Address the Prometheus /metrics endpoint binds to, apart from --host so metrics "
+           "can stay private while gRPC listens publicly. Default: 127.0.0.1."),
+    Option("auth_file", Path,
+           "TOML file of identities (bearer tokens as salted hashes, or client-certificate "
+           "names), their roles (infer, monitor, admin), models and rate limits; re-read when "
+           "it changes. Without it every caller may call every RPC. See docs/security.md."),
+    Option("grpc_restricted_protocol", parse_specs,
+           "Triton's GROUPS:KEY=VALUE (e.g. model-repository,shared-memory:admin-key=s3cret): "
+           "RPCs of those groups need that request header. May be repeated.",
+           repeatable=True),
+    Option("rate_limit", str,
+           "Requests per second per identity, RATE[:BURST] (token bucket; the auth file may "
+           "set others per identity). Default: none."),
+    Option("model_rate_limit", parse_names,
+           "Requests per second per model over all callers, MODEL=RATE[:BURST],... "
+           "Default: none."),
+    Option("audit_log", Path,
+           "JSON-lines audit log of control actions and refused calls (size-rotated). "
+           "Default: none."),
+    Option("audit_log_max_bytes", int,
+           "Size at which the audit log rotates. Default: 67108864 (64 MiB)."),
+    Option("audit_log_backups", int, "Rotated audit logs kept. Default: 5."),
+    Option("allow_client_shm", parse_bool,
+           "Let clients register system shared-memory regions (Triton's flag). Default: false."),
+    Option("shm_remote_registration", parse_bool,
+           "Accept shared-memory registration from peers that are not on this host. "
+           "Default: false."),
+    Option("shm_max_regions", int,
+           "Shared-memory regions one identity may hold. Default: 64."),
+    Option("shm_max_mapped_bytes", int,
+           "Bytes of client shared memory mapped at once, over all identities. "
+           "Default: 4294967296 (4 GiB)."),
 )
 _BY_NAME = {option.name: option for option in OPTIONS}
 
@@ -210,7 +297,7 @@ def _check_typed(option: Option, raw: Any) -> None:
         ok, wanted = isinstance(raw, int) and not isinstance(raw, bool), "an integer"
     elif kind is float:
         ok, wanted = isinstance(raw, int | float) and not isinstance(raw, bool), "a number"
-    elif kind is parse_names:
+    elif kind is parse_names or kind is parse_specs:
         ok = isinstance(raw, list) and all(isinstance(v, str) for v in raw)
         wanted = "a list of strings"
     else:
@@ -224,7 +311,7 @@ def _convert(option: Option, raw: Any, source: str) -> Any:
         if not isinstance(raw, str):
             _check_typed(option, raw)
         value = raw if not isinstance(raw, str) else option.kind(raw)
-        if option.kind is parse_names and isinstance(value, list):
+        if option.kind in (parse_names, parse_specs) and isinstance(value, list):
             value = tuple(str(v) for v in value)
         if option.kind is Path:
             value = Path(value)

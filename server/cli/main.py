@@ -34,6 +34,7 @@ def _serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
         serve.add_argument(
             option.flag, dest=option.name, default=None, metavar=option.name.upper(),
             choices=option.choices or None, help=f"{option.help} Env: {option.env}.",
+            action="append" if option.repeatable else "store",
         )
 
 
@@ -80,8 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _flag_value(raw: str | list[str] | None) -> str | None:
+    """A repeatable flag's values, joined as its option parses them (';')."""
+    return ";".join(raw) if isinstance(raw, list) else raw
+
+
 def _run_serve(args: argparse.Namespace) -> int:
-    flags = {option.name: getattr(args, option.name) for option in OPTIONS}
+    flags = {option.name: _flag_value(getattr(args, option.name)) for option in OPTIONS}
     try:
         settings = load_settings(flags, config_file=args.config_file)
     except ValueError as exc:

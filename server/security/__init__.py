@@ -1,0 +1,1 @@
+"""Who is calling and what they may do: identities, roles, TLS, rate limits, the audit log."""
