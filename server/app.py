@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
 from collections.abc import Callable, Sequence
@@ -21,7 +22,6 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from server._pb import admin_pb2
-from server._pb import admin_pb2_grpc as admin_grpc
 from server._pb import grpc_service_pb2 as pb
 from server._pb._pool import POOL
 from server.backends.onnxruntime import OnnxRuntimeFactory
@@ -31,7 +31,9 @@ from server.control import ControlPlane
 from server.dataplane import DataPlane
 from server.drift import options as drift_config
 from server.frontend.admin import AdminServicer
-from server.frontend.inference import InferenceServicer, ServerState, add_inference_service
+from server.frontend.guard import FilteredReflection, Guard
+from server.frontend.handlers import add_service, method_handlers
+from server.frontend.inference import InferenceServicer, ServerState, inference_handlers
 from server.interfaces import (
     Backend,
     BackendFactory,
@@ -46,6 +48,7 @@ from server.interfaces import (
 from server.metrics import MetricsRegistry
 from server.metrics.drift import DriftCounts, DriftMetrics
 from server.metrics.routing import RoutingMetrics
+from server.metrics.security import SecurityMetrics
 from server.packing import select_packer
 from server.repository import model_config as config_io
 from server.repository.manager import ControlMode, ModelManager
@@ -54,6 +57,10 @@ from server.routing.router import Router
 from server.routing.shadow import ShadowMirror
 from server.routing.store import RouteStore
 from server.scheduler import batcher
+from server.security.audit import AuditLog
+from server.security.authenticator import Authenticator
+from server.security.ratelimit import RateLimit, RateLimiter, parse_limit, parse_model_limits
+from server.security.rules import parse_restrictions
 from server.settings import ServerSettings
 from server.shm import SharedMemoryRegistry
 from server.spec import ModelSpec
@@ -63,8 +70,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["PeregrineAdmin"].full_name
+INFERENCE_DESCRIPTOR = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+ADMIN_DESCRIPTOR = admin_pb2.DESCRIPTOR.services_by_name["PeregrineAdmin"]
+INFERENCE_SERVICE = INFERENCE_DESCRIPTOR.full_name
+ADMIN_SERVICE = ADMIN_DESCRIPTOR.full_name
 
 
 def backend_factories() -> dict[str, BackendFactory]:
@@ -104,6 +113,38 @@ def model_source(settings: ServerSettings) -> ModelSource:
         return MlflowSource(settings.mlflow_tracking_uri, settings.mlflow_models,
                             settings.model_cache_dir)
     return FilesystemSource(settings.model_repository)
+
+
+def build_guard(settings: ServerSettings, metrics: MetricsRegistry) -> Guard | None:
+    """The authorization guard the security options ask for; None when none is set (then no
+    handler is wrapped and nothing is checked per request)."""
+    restrictions = parse_restrictions(settings.grpc_restricted_protocol)
+    default_limit = parse_limit(settings.rate_limit) if settings.rate_limit else None
+    model_limits = parse_model_limits(settings.model_rate_limit)
+    authenticator = Authenticator(settings.auth_file) if settings.auth_file else None
+    audit = AuditLog(settings.audit_log, settings.audit_log_max_bytes,
+                     settings.audit_log_backups) if settings.audit_log else None
+    if not (restrictions or default_limit or model_limits or authenticator or audit):
+        return None
+    counters = SecurityMetrics(metrics.registry)
+    limiter = None
+    if default_limit or model_limits or authenticator is not None:
+
+        def identity_limit(name: str) -> RateLimit | None:
+            own = authenticator.limit_of(name) if authenticator is not None else None
+            return own or default_limit
+
+        limiter = RateLimiter(identity_limit, model_limits, counters.rate_limited)
+    return Guard(authenticator, restrictions, limiter, audit, counters.refused)
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class PeregrineServer:
@@ -148,6 +189,8 @@ class PeregrineServer:
         self.drift: DriftAnalyser | None = None
         #: Client-registered system shared-memory regions; unmapped at stop.
         self.shared_memory = SharedMemoryRegistry()
+        self.guard = build_guard(settings, self.metrics)
+        self._auth_watcher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         settings = self.settings
@@ -168,22 +211,30 @@ class PeregrineServer:
                 ("grpc.so_reuseport", 0),
             ]
         )
+        guard = self.guard
         servicer = InferenceServicer(
             control, dataplane, self.state, self.codec,
             header_pattern=settings.grpc_header_forward_pattern,
             shared_memory=self.shared_memory,
+            admit=guard.admit_inference if guard is not None and guard.checks_requests
+            else None,
         )
-        add_inference_service(servicer, server)
-        admin_grpc.add_PeregrineAdminServicer_to_server(AdminServicer(control), server)
+        inference = inference_handlers(servicer)
+        admin = method_handlers(AdminServicer(control), ADMIN_DESCRIPTOR, admin_pb2)
+        if guard is not None:
+            inference = guard.wrap(INFERENCE_SERVICE, inference)
+            admin = guard.wrap(ADMIN_SERVICE, admin)
+        add_service(server, INFERENCE_DESCRIPTOR, inference)
+        add_service(server, ADMIN_DESCRIPTOR, admin)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if settings.reflection:
-            reflection.enable_server_reflection(
-                (INFERENCE_SERVICE, ADMIN_SERVICE,
-                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                 reflection.SERVICE_NAME),
-                server,
-                pool=_merged_pool(),
-            )
+            services = (INFERENCE_SERVICE, ADMIN_SERVICE,
+                        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                        reflection.SERVICE_NAME)
+            if guard is not None and settings.auth_file is not None:
+                FilteredReflection(guard, services, _merged_pool()).add_to(server)
+            else:
+                reflection.enable_server_reflection(services, server, pool=_merged_pool())
         address = _address(settings.host, settings.grpc_port)
         try:
             self.grpc_port = server.add_insecure_port(address)
@@ -199,6 +250,13 @@ class PeregrineServer:
             self._metrics_http = httpd
             self.metrics_port = int(httpd.server_address[1])
         self.state.accepting = True
+        if guard is not None and settings.auth_file is not None:
+            self._auth_watcher = asyncio.get_running_loop().create_task(
+                guard.watch_auth_file(), name="auth-file-watch")
+        elif not _loopback(settings.host):
+            log.warning("no --auth-file: any client that can reach the port may call every "
+                        "RPC, model control included (see docs/security.md)",
+                        extra={"host": settings.host})
         if self.mode is ControlMode.POLL:
             self._poller = asyncio.get_running_loop().create_task(
                 self._poll_forever(settings.repository_poll_secs), name="repo-poll"
@@ -250,9 +308,10 @@ class PeregrineServer:
         grace = self.settings.exit_timeout_secs if grace is None else grace
         log.info("server stopping", extra={"grace_secs": grace})
         self.state.accepting = False
-        if self._poller is not None:
-            self._poller.cancel()
-            await asyncio.gather(self._poller, return_exceptions=True)
+        for task in (self._poller, self._auth_watcher):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await self.health.enter_graceful_shutdown()
         await self.router.close()
         await self.repository.close(grace)
@@ -264,6 +323,8 @@ class PeregrineServer:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
         self.shared_memory.unregister()
+        if self.guard is not None:
+            self.guard.close()
         self.state.live = False
         log.info("server stopped")
 

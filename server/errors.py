@@ -65,3 +65,25 @@ class LoadFailed(PeregrineError):
 
 class ModelLoadError(Exception):
     """A model or version could not be loaded; the reason is shown in RepositoryIndex."""
+
+
+class Unauthenticated(PeregrineError):
+    """No credentials, or credentials that match no identity."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = "REJECTED"
+
+
+class PermissionDenied(PeregrineError):
+    """An authenticated caller without the role or the model the call needs."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "REJECTED"
+
+
+class RateLimited(Overloaded):
+    """Over a rate limit; ``retry_after_ms`` is when the next request would be admitted."""
+
+    def __init__(self, message: str, retry_after_ms: int) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms

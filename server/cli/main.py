@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from server import __version__
+from server.cli.auth import add_auth_parser, run_auth
 from server.cli.drift import add_drift_parser
 from server.cli.health import add_health_parser, run_health
 from server.cli.repo import add_repo_parser, run_repo
@@ -77,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_health_parser(commands)
     add_drift_parser(commands)
     add_trt_parser(commands)
+    add_auth_parser(commands)
     _bench_parser(commands)
     return parser
 
@@ -121,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_repo(args)
     if args.command == "route":
         return run_route(args)
+    if args.command == "auth":
+        return run_auth(args)
     if args.command == "health":
         return run_health(args)
     if args.command == "drift":

@@ -8,7 +8,7 @@ import logging
 import re
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
@@ -20,6 +20,7 @@ from server.codec.wire import WireCodec
 from server.control import ControlPlane, TensorInfo
 from server.dataplane import DataPlane
 from server.errors import ModelNotReady
+from server.frontend.handlers import method_handlers
 from server.frontend.shared_memory import SystemSharedMemoryRpcs
 from server.frontend.statistics import statistics_response
 from server.frontend.status import abort_with, log_unexpected, mapped, status_of
@@ -72,6 +73,7 @@ class InferenceServicer(
         codec: WireCodec,
         header_pattern: str = "",
         shared_memory: SharedMemoryRegistry | None = None,
+        admit: Callable[[str], None] | None = None,
     ) -> None:
         #: System shared-memory regions (SystemSharedMemoryRpcs); CUDA ones are UNIMPLEMENTED.
         self._shm = SharedMemoryRegistry() if shared_memory is None else shared_memory
@@ -80,6 +82,9 @@ class InferenceServicer(
         self._state = state
         self._codec = codec
         self._header_pattern = re.compile(header_pattern) if header_pattern else None
+        #: The guard's per-request check of the caller against the model (model limits, rate
+        #: limits); None when no security option asks for one.
+        self._admit = admit
 
     def _forwarded(self, context: grpc.aio.ServicerContext) -> dict[str, str] | None:
         """Request headers to pass on as string parameters (--grpc-header-forward-pattern);
@@ -185,7 +190,7 @@ class InferenceServicer(
 
     # -- inference -----------------------------------------------------------------------------
     # ModelInfer and ModelStreamInfer take and give the raw message bytes (see
-    # inference_handlers): the wire codec parses and writes them, no protobuf object on the way.
+    # RAW_RPCS): the wire codec parses and writes them, no protobuf object on the way.
 
     def _start(
         self, data: bytes, deadline_ns: int | None, headers: dict[str, str] | None,
@@ -201,6 +206,8 @@ class InferenceServicer(
         shm = SharedMemoryScope(self._shm) if len(self._shm) else None
         try:
             decoded = self._codec.decode_request_bytes(data, deadline_ns, shm)
+            if self._admit is not None:
+                self._admit(decoded.model_name)
             if headers:
                 for key, value in headers.items():
                     decoded.parameters.setdefault(key, value)
@@ -301,35 +308,14 @@ class InferenceServicer(
                 answer.cancel()
 
 
-#: The RPCs whose handlers take and give raw message bytes.
+#: The RPCs whose handlers take and give raw message bytes: the wire codec is the only parser
+#: on the inference path.
 RAW_RPCS = frozenset({"ModelInfer", "ModelStreamInfer"})
+SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 
 
 def inference_handlers(servicer: InferenceServicer) -> dict[str, grpc.RpcMethodHandler]:
-    """GRPCInferenceService's method handlers: protobuf messages for every RPC but ModelInfer
-    and ModelStreamInfer, which get the raw bytes (no deserializer or serializer), so the
-    wire codec is the only parser on the inference path. RPCs the servicer does not define
-    answer UNIMPLEMENTED (the generated base class)."""
-    handlers: dict[str, grpc.RpcMethodHandler] = {}
-    for method in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
-        behaviour = getattr(servicer, method.name)
-        raw = method.name in RAW_RPCS
-        decode = None if raw else getattr(pb, method.input_type.name).FromString
-        encode = None if raw else getattr(pb, method.output_type.name).SerializeToString
-        if method.client_streaming and method.server_streaming:
-            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
-                behaviour, request_deserializer=decode, response_serializer=encode)
-        else:
-            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                behaviour, request_deserializer=decode, response_serializer=encode)
-    return handlers
-
-
-def add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
-    handlers = inference_handlers(servicer)
-    name = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
-    server.add_registered_method_handlers(name, handlers)
+    return method_handlers(servicer, SERVICE, pb, RAW_RPCS)
 
 
 def _tensor_metadata(tensor: TensorInfo) -> pb.ModelMetadataResponse.TensorMetadata:

@@ -9,12 +9,14 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 
-from server.errors import PeregrineError
+from server.errors import PeregrineError, RateLimited
 
 log = logging.getLogger(__name__)
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
+#: Trailing metadata key of the delay before a refused call may be retried, in ms.
+RETRY_PUSHBACK = "grpc-retry-pushback-ms"
 Handler = Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
 
 
@@ -35,6 +37,9 @@ async def abort_with(context: grpc.aio.ServicerContext, exc: Exception, rpc: str
     """End the call with ``exc``'s status (INTERNAL for an untyped error, logged)."""
     log_unexpected(exc, rpc, request_id)
     code, message = status_of(exc)
+    if isinstance(exc, RateLimited):
+        # gRPC's own retry-pushback key: clients with retries configured wait this long.
+        context.set_trailing_metadata(((RETRY_PUSHBACK, str(exc.retry_after_ms)),))
     await context.abort(code, message)
     raise AssertionError("unreachable: context.abort raises")
 
