@@ -12,15 +12,20 @@ from server.control import ControlPlane
 from server.frontend.status import mapped
 from server.routing.router import RouteStatus
 from server.routing.table import Canary, RouteTable, Shadow, Variant
+from server.security.identity import ANONYMOUS, caller
 
 if TYPE_CHECKING:
     from server.drift.detect import FeatureResult
 
-#: Metadata key naming the operator in audit lines (else the peer address is used).
+#: Metadata key naming the operator in the routing history of a server without an auth file
+#: (else the peer address is used); with one, the authenticated identity is named instead.
 USER_HEADER = "x-peregrine-user"
 
 
 def _who(context: grpc.aio.ServicerContext) -> str:
+    identity = caller()
+    if identity is not ANONYMOUS:
+        return identity.name
     for key, value in context.invocation_metadata() or ():
         if key == USER_HEADER:
             return str(value)

@@ -89,13 +89,15 @@ def rule_of(method: str) -> Rule:
 
 
 def service_roles(service: str) -> frozenset[Role] | None:
-    """The roles that may call at least one method of ``service``: OPEN for a service with an
-    open method, None for one that has no rule at all."""
+    """The roles that may call a guarded method of ``service`` (reflection advertises the
+    service to them): OPEN for a service whose every method is open, None for one without
+    rules. The inference service's open probes do not make it open: probes have the health
+    service."""
     prefix = f"/{service}/"
     rules = [rule for method, rule in RULES.items() if method.startswith(prefix)]
     if not rules:
         return None
-    if any(not rule.roles for rule in rules):
+    if all(not rule.roles for rule in rules):
         return OPEN
     return frozenset().union(*(rule.roles for rule in rules))
 
