@@ -139,6 +139,13 @@ def test_backends_know_nothing_of_scheduler_frontend_repository_dataplane() -> N
     assert not found, "\n".join(found)
 
 
+def test_security_policy_knows_nothing_of_the_planes_or_the_frontend() -> None:
+    found = violations("server.security", ("server.frontend", "server.repository",
+                                           "server.scheduler", "server.backends",
+                                           "server.dataplane", "server.control"))
+    assert not found, "\n".join(found)
+
+
 def test_scheduler_knows_nothing_of_frontend_repository_backends() -> None:
     found = violations("server.scheduler", ("server.frontend", "server.repository",
                                             "server.backends"))
