@@ -34,11 +34,12 @@ def pinned(argv: Sequence[str], cpus: str | None) -> list[str]:
 
 
 class ServerProcess:
-    """A server subprocess; ``start()`` returns once its ServerReady RPC says true."""
+    """A server subprocess; ``start()`` returns once its ServerReady RPC says true (over TLS,
+    verified with ``root_cert``, when given)."""
 
     def __init__(self, name: str, argv: Sequence[str], port: int, cpus: str | None = None,
                  env: Mapping[str, str] | None = None, cwd: Path | None = None,
-                 ready_timeout_s: float = 120.0) -> None:
+                 ready_timeout_s: float = 120.0, root_cert: Path | None = None) -> None:
         self.name = name
         self.argv = pinned(argv, cpus)
         self.port = port
@@ -46,6 +47,7 @@ class ServerProcess:
         self._env = {**os.environ, **(env or {})}
         self._cwd = cwd
         self._ready_timeout = ready_timeout_s
+        self._root_cert = root_cert
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_fd, log_path = tempfile.mkstemp(prefix=f"bench-{name}-", suffix=".log")
         self.log_path = Path(log_path)
@@ -70,7 +72,9 @@ class ServerProcess:
         self._proc = subprocess.Popen(self.argv, stdout=self._log_fd, stderr=subprocess.STDOUT,
                                       env=self._env, cwd=self._cwd, start_new_session=True)
         deadline = time.monotonic() + self._ready_timeout
-        client = triton.InferenceServerClient(self.url)
+        client = triton.InferenceServerClient(
+            self.url, ssl=self._root_cert is not None,
+            root_certificates=str(self._root_cert) if self._root_cert else None)
         try:
             while time.monotonic() < deadline:
                 if self._proc.poll() is not None:
@@ -139,9 +143,10 @@ class PeregrineProcess(ServerProcess):
 
     def __init__(self, repository: Path, cpus: str | None = None, name: str = "peregrine",
                  extra_args: Sequence[str] = (),
-                 launcher: Sequence[str] = ("-m", "server.cli")) -> None:
+                 launcher: Sequence[str] = ("-m", "server.cli"),
+                 root_cert: Path | None = None) -> None:
         port = free_port()
         argv = [sys.executable, *launcher, "serve", "--model-repository",
                 str(repository), "--grpc-port", str(port), "--metrics-port", "0",
                 "--log-level", "warning", *extra_args]
-        super().__init__(name, argv, port, cpus, cwd=REPO_ROOT)
+        super().__init__(name, argv, port, cpus, cwd=REPO_ROOT, root_cert=root_cert)
