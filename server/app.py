@@ -55,7 +55,7 @@ from server.routing.shadow import ShadowMirror
 from server.routing.store import RouteStore
 from server.scheduler import batcher
 from server.settings import ServerSettings
-from server.shm import SharedMemoryRegistry
+from server.shm import RegistrationGate, SharedMemoryRegistry
 from server.spec import ModelSpec
 
 if TYPE_CHECKING:
@@ -146,8 +146,9 @@ class PeregrineServer:
         self._grpc: grpc.aio.Server | None = None
         self._metrics_http: Any = None
         self.drift: DriftAnalyser | None = None
-        #: Client-registered system shared-memory regions; unmapped at stop.
-        self.shared_memory = SharedMemoryRegistry()
+        #: Client-registered system shared-memory regions; closed at stop.
+        self.shared_memory = SharedMemoryRegistry(settings.shm_max_regions,
+                                                  settings.shm_max_mapped_bytes)
 
     async def start(self) -> None:
         settings = self.settings
@@ -172,6 +173,7 @@ class PeregrineServer:
             control, dataplane, self.state, self.codec,
             header_pattern=settings.grpc_header_forward_pattern,
             shared_memory=self.shared_memory,
+            shm_gate=RegistrationGate(settings.allow_client_shm, settings.shm_remote_registration),
         )
         add_inference_service(servicer, server)
         admin_grpc.add_PeregrineAdminServicer_to_server(AdminServicer(control), server)
@@ -263,7 +265,7 @@ class PeregrineServer:
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
-        self.shared_memory.unregister()
+        self.shared_memory.close()
         self.state.live = False
         log.info("server stopped")
 
