@@ -62,7 +62,7 @@ from server.security.authenticator import Authenticator
 from server.security.ratelimit import RateLimit, RateLimiter, parse_limit, parse_model_limits
 from server.security.rules import parse_restrictions
 from server.settings import ServerSettings
-from server.shm import SharedMemoryRegistry
+from server.shm import RegistrationGate, SharedMemoryRegistry
 from server.spec import ModelSpec
 
 if TYPE_CHECKING:
@@ -187,8 +187,9 @@ class PeregrineServer:
         self._grpc: grpc.aio.Server | None = None
         self._metrics_http: Any = None
         self.drift: DriftAnalyser | None = None
-        #: Client-registered system shared-memory regions; unmapped at stop.
-        self.shared_memory = SharedMemoryRegistry()
+        #: Client-registered system shared-memory regions; closed at stop.
+        self.shared_memory = SharedMemoryRegistry(settings.shm_max_regions,
+                                                  settings.shm_max_mapped_bytes)
         self.guard = build_guard(settings, self.metrics)
         self._auth_watcher: asyncio.Task[None] | None = None
 
@@ -218,6 +219,8 @@ class PeregrineServer:
             shared_memory=self.shared_memory,
             admit=guard.admit_inference if guard is not None and guard.checks_requests
             else None,
+            shm_gate=RegistrationGate(settings.allow_client_shm,
+                                      settings.shm_remote_registration),
         )
         inference = inference_handlers(servicer)
         admin = method_handlers(AdminServicer(control), ADMIN_DESCRIPTOR, admin_pb2)
@@ -322,7 +325,7 @@ class PeregrineServer:
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
-        self.shared_memory.unregister()
+        self.shared_memory.close()
         if self.guard is not None:
             self.guard.close()
         self.state.live = False

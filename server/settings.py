@@ -286,14 +286,14 @@ OPTIONS: tuple[Option, ...] = (
            "Size at which the audit log rotates. Default: 67108864 (64 MiB)."),
     Option("audit_log_backups", int, "Rotated audit logs kept. Default: 5."),
     Option("allow_client_shm", parse_bool,
-           "Let clients register system shared-memory regions (Triton's flag). Default: false."),
+           "Let clients register system shared-memory regions. Default: false."),
     Option("shm_remote_registration", parse_bool,
            "Accept shared-memory registration from peers that are not on this host. "
            "Default: false."),
     Option("shm_max_regions", int,
            "Shared-memory regions one identity may hold. Default: 64."),
     Option("shm_max_mapped_bytes", int,
-           "Bytes of client shared memory mapped at once, over all identities. "
+           "Bytes of client shared memory registered at once, over all identities. "
            "Default: 4294967296 (4 GiB)."),
 )
 _BY_NAME = {option.name: option for option in OPTIONS}

@@ -166,7 +166,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="shm-bench-") as tmp:
         repository = Path(tmp)
         write_model(repository)
-        extra = ["--grpc-max-message-bytes", str(4 * x.nbytes + (1 << 20))]
+        extra = ["--grpc-max-message-bytes", str(4 * x.nbytes + (1 << 20)),
+                 "--allow-client-shm", "true"]
         server_cpus = args.server_cpus or None
         with PeregrineProcess(repository, cpus=server_cpus, extra_args=extra) as server:
             if args.client_cpus and hasattr(os, "sched_setaffinity"):

@@ -22,7 +22,7 @@ from server.codec.parsed import (
     TypedContents,
     from_message,
 )
-from server.codec.shared_memory import SharedMemoryScope
+from server.codec.shared_memory import SharedMemoryScope, ShmRef
 from server.errors import InvalidInput, Unsupported
 from server.types import Array, DataType, InferRequest, ParamValue
 
@@ -72,13 +72,23 @@ def _shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _from_raw(
-    name: str, datatype: DataType, shape: tuple[int, ...], raw: bytes | memoryview
+    name: str, datatype: DataType, shape: tuple[int, ...], raw: bytes | memoryview,
+    shm_ref: ShmRef | None = None,
 ) -> Array:
+    """``shm_ref``: where ``raw`` was read from, when it comes from shared memory."""
     count = math.prod(shape)
     if datatype is DataType.BYTES:
         try:
             items = _native.decode_bytes(raw, count)
         except ValueError as exc:
+            if shm_ref is not None:
+                # The codec's detail derives from the region's length prefixes, and a region
+                # may hold bytes the caller could not read otherwise: name the window only.
+                raise InvalidInput(
+                    f"input '{name}' has malformed BYTES content: the {len(raw)} bytes at "
+                    f"offset {shm_ref.offset} of shared memory region '{shm_ref.region}' are "
+                    f"not {count} length-prefixed elements"
+                ) from None
             raise InvalidInput(f"input '{name}' has malformed BYTES content: {exc}") from None
         array = np.empty(count, dtype=object)
         array[:] = items
@@ -178,7 +188,7 @@ def decode_parsed(
                     f"input '{name}': contents must not be set for an input in shared memory"
                 )
             buffer = shared_memory.input_buffer(shm, name, datatype, shape, shm_ref)
-            inputs[name] = _from_raw(name, datatype, shape, buffer)
+            inputs[name] = _from_raw(name, datatype, shape, buffer, shm_ref)
         elif use_raw:
             if contents is not None:
                 raise InvalidInput(

@@ -12,7 +12,14 @@ it (name, datatype, shape) with an *empty* ``raw_output_contents`` entry, becaus
 one raw entry per output so that clients can pair outputs and raw entries by index.
 
 Every region a request touches is leased in one :class:`SharedMemoryScope` for the life of the
-request, so an unregister meanwhile cannot unmap memory the request still reads or writes.
+request, so an unregister meanwhile cannot close a region the request still reads or writes.
+A scope looks regions up for one owner, the caller of the request: another caller's regions
+are not registered as far as it can tell.
+
+Inputs are copied out of their region at decode and outputs copied in at encode (the
+registry's ``pread``/``pwrite``), so a region the client shrinks fails that request instead of
+crashing the server; the figures in error messages are the request's own (names, offsets,
+sizes), never bytes read from a region.
 """
 
 from __future__ import annotations
@@ -88,13 +95,15 @@ class SharedMemoryScope:
     """The regions one request uses, leased until :meth:`release`, and its output targets.
 
     Created per request only while some region is registered, so requests on a server that
-    nobody uses shared memory with pay nothing.
+    nobody uses shared memory with pay nothing. ``owner`` is the request's caller: names
+    resolve among its regions only.
     """
 
-    __slots__ = ("_leases", "_registry", "outputs")
+    __slots__ = ("_leases", "_owner", "_registry", "outputs")
 
-    def __init__(self, registry: SharedMemoryRegistry) -> None:
+    def __init__(self, registry: SharedMemoryRegistry, owner: str) -> None:
         self._registry = registry
+        self._owner = owner
         self._leases: dict[str, Region] = {}
         #: Requested outputs that go to shared memory, by output name.
         self.outputs: dict[str, tuple[Region, ShmRef]] = {}
@@ -102,7 +111,7 @@ class SharedMemoryScope:
     def lease(self, name: str) -> Region:
         region = self._leases.get(name)
         if region is None:
-            region = self._leases[name] = self._registry.acquire(name)
+            region = self._leases[name] = self._registry.acquire(self._owner, name)
         return region
 
     def release(self) -> None:
@@ -124,7 +133,6 @@ def _window(scope: SharedMemoryScope | None, what: str, ref: ShmRef) -> Region:
             f"{what}: offset {ref.offset} + byte size {ref.byte_size} is outside shared memory "
             f"region '{ref.region}' of {region.byte_size} bytes"
         )
-    region.check_backing()
     return region
 
 
@@ -135,10 +143,11 @@ def input_buffer(
     shape: tuple[int, ...],
     ref: ShmRef,
 ) -> memoryview:
-    """The read-only bytes of input ``name``, straight from its region (no copy).
+    """A read-only copy of input ``name``'s bytes, read from its region now.
 
-    Decode turns them into a numpy view exactly as it does raw contents; the view keeps the
-    mapping alive for as long as the backend holds it.
+    Decode turns them into a numpy view exactly as it does raw contents. A copy, not a view
+    of a mapping: a backend reads its inputs long after decode, when the client may have
+    shrunk the object (SIGBUS on a mapping).
     """
     region = _window(scope, f"input '{name}'", ref)
     if datatype is not DataType.BYTES:
@@ -148,7 +157,7 @@ def input_buffer(
                 f"input '{name}' shared_memory_byte_size is {ref.byte_size}; shape "
                 f"{list(shape)} of {datatype.wire} needs {expected}"
             )
-    return region.view[ref.offset:ref.offset + ref.byte_size].toreadonly()
+    return region.read(ref.offset, ref.byte_size)
 
 
 def bind_output(scope: SharedMemoryScope | None, name: str, ref: ShmRef) -> None:
@@ -161,6 +170,7 @@ def bind_output(scope: SharedMemoryScope | None, name: str, ref: ShmRef) -> None
 
 def _write(tensor: OutputTensor, region: Region, ref: ShmRef) -> None:
     data = tensor.data
+    encoded: bytes | None = None
     if tensor.datatype is DataType.BYTES:
         encoded = _native.encode_bytes(data.reshape(-1))
         needed = len(encoded)
@@ -172,12 +182,10 @@ def _write(tensor: OutputTensor, region: Region, ref: ShmRef) -> None:
             f"shared memory size specified with the request for output '{tensor.name}' "
             f"({ref.byte_size} bytes) should be at least {needed} bytes to hold the results"
         )
-    region.check_backing()
-    window = region.view[ref.offset:ref.offset + needed]
-    if tensor.datatype is DataType.BYTES:
-        window[:] = encoded
+    if encoded is None:  # cast to the declared type as raw contents are (no copy if it is)
+        region.write(ref.offset, np.ascontiguousarray(data, dtype=dtype).reshape(-1).data)
     else:
-        np.copyto(np.frombuffer(window, dtype=dtype).reshape(data.shape), data, casting="unsafe")
+        region.write(ref.offset, memoryview(encoded))
 
 
 def raw_output_contents(

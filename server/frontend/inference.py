@@ -24,7 +24,8 @@ from server.frontend.handlers import method_handlers
 from server.frontend.shared_memory import SystemSharedMemoryRpcs
 from server.frontend.statistics import statistics_response
 from server.frontend.status import abort_with, log_unexpected, mapped, status_of
-from server.shm import SharedMemoryRegistry
+from server.security.identity import caller
+from server.shm import RegistrationGate, SharedMemoryRegistry
 from server.types import InferRequest, InferResponse
 
 log = logging.getLogger(__name__)
@@ -74,9 +75,12 @@ class InferenceServicer(
         header_pattern: str = "",
         shared_memory: SharedMemoryRegistry | None = None,
         admit: Callable[[str], None] | None = None,
+        shm_gate: RegistrationGate | None = None,
     ) -> None:
         #: System shared-memory regions (SystemSharedMemoryRpcs); CUDA ones are UNIMPLEMENTED.
-        self._shm = SharedMemoryRegistry() if shared_memory is None else shared_memory
+        #: Without a registry and a gate, none can be registered.
+        self._shm = SharedMemoryRegistry(0, 0) if shared_memory is None else shared_memory
+        self._shm_gate = RegistrationGate() if shm_gate is None else shm_gate
         self._control = control
         self._dataplane = dataplane
         self._state = state
@@ -199,11 +203,11 @@ class InferenceServicer(
         """Decode and queue one request; ``headers`` (forwarded request headers, None when
         none are) become string parameters the request does not set itself; ``lone`` for a
         unary call (no other request comes with it). The caller encodes the answer with the
-        returned shared-memory scope (leases on the regions the request uses) and then
-        releases it."""
+        returned shared-memory scope (leases on the regions the request uses, which are
+        the caller's own) and then releases it."""
         if not self._state.accepting:
             raise ModelNotReady("the server is not accepting requests")
-        shm = SharedMemoryScope(self._shm) if len(self._shm) else None
+        shm = SharedMemoryScope(self._shm, caller().name) if len(self._shm) else None
         try:
             decoded = self._codec.decode_request_bytes(data, deadline_ns, shm)
             if self._admit is not None:

@@ -1,7 +1,8 @@
 """The system shared-memory RPCs of GRPCInferenceService (Triton's ``system_shared_memory``).
 
 A mixin of the inference servicer, kept apart so the registry's RPCs stay out of the request
-path's module. CUDA shared memory is not offered: its RPCs fall through to the generated base
+path's module. Each RPC acts on the caller's own regions only (the owner is the caller's
+identity). CUDA shared memory is not offered: its RPCs fall through to the generated base
 class and answer UNIMPLEMENTED.
 """
 
@@ -11,19 +12,24 @@ import grpc
 
 from server._pb import grpc_service_pb2 as pb
 from server.frontend.status import mapped
-from server.shm import SharedMemoryRegistry
+from server.security.identity import caller
+from server.shm import RegistrationGate, SharedMemoryRegistry
 
 
 class SystemSharedMemoryRpcs:
-    """Register, Status and Unregister over one :class:`SharedMemoryRegistry`."""
+    """Register, Status and Unregister over one :class:`SharedMemoryRegistry`; the gate says
+    whether registration is on and from which peers."""
 
     _shm: SharedMemoryRegistry
+    _shm_gate: RegistrationGate
 
     @mapped
     async def SystemSharedMemoryRegister(
         self, request: pb.SystemSharedMemoryRegisterRequest, context: grpc.aio.ServicerContext
     ) -> pb.SystemSharedMemoryRegisterResponse:
-        self._shm.register(request.name, request.key, request.offset, request.byte_size)
+        self._shm_gate.check_register(context.peer())
+        self._shm.register(
+            caller().name, request.name, request.key, request.offset, request.byte_size)
         return pb.SystemSharedMemoryRegisterResponse()
 
     @mapped
@@ -33,12 +39,13 @@ class SystemSharedMemoryRpcs:
         region = pb.SystemSharedMemoryStatusResponse.RegionStatus
         return pb.SystemSharedMemoryStatusResponse(regions={
             s.name: region(name=s.name, key=s.key, offset=s.offset, byte_size=s.byte_size)
-            for s in self._shm.status(request.name)
+            for s in self._shm.status(caller().name, request.name)
         })
 
     @mapped
     async def SystemSharedMemoryUnregister(
         self, request: pb.SystemSharedMemoryUnregisterRequest, context: grpc.aio.ServicerContext
     ) -> pb.SystemSharedMemoryUnregisterResponse:
-        self._shm.unregister(request.name)
+        self._shm_gate.check_enabled()
+        self._shm.unregister(caller().name, request.name)
         return pb.SystemSharedMemoryUnregisterResponse()

@@ -6,32 +6,37 @@ inference requests instead of sending tensor bytes over gRPC.
 
 Why it is built this way:
 
-* The object is opened with ``os.open`` + ``mmap`` rather than ``multiprocessing.shared_memory``:
-  on Python 3.11 the latter registers the segment with the resource tracker, which would unlink
-  the *client's* object when this process exits. We never create, resize or unlink an object.
-* Lifetime is reference-counted. A request holds a lease on every region it uses from decode to
-  encode; unregistering a region drops its name at once (new requests no longer find it) but the
-  mapping is only closed when the last lease is returned, as Triton defers the unmap of a region
-  that in-flight requests use. Numpy views handed to backends keep the ``mmap`` object alive on
-  their own (a buffer export), so even a view that outlives its lease can never read unmapped
-  memory: ``mmap.close`` refuses while exports exist and the mapping goes with the last view.
-* Every use re-checks the object's current size (one ``fstat`` through ``mmap.size``): touching a
-  mapped page beyond the end of a truncated object raises SIGBUS, which would kill the server.
-  A client that truncates the object between that check and the copy can still do that; Triton
-  has the same window, and only sealing (memfd, not POSIX shm) would close it.
+* A region belongs to the identity that registered it (its *owner*, passed in by the caller:
+  the registry never looks at who is calling). Every lookup is by owner and name, so names
+  are per owner, and another owner's region is indistinguishable from one that does not
+  exist.
+* The object is opened with ``os.open`` and read and written with ``pread``/``pwrite`` on
+  that descriptor, never mapped. A client may shrink its object at any time (``ftruncate``);
+  touching a mapped page past the new end raises SIGBUS, which would kill the server, and a
+  mapping handed to a backend is touched long after any check could run. A short ``pread``
+  is an ordinary error instead. Inputs therefore cost one copy (the kernel's), as a copy out
+  of a mapping would. ``multiprocessing.shared_memory`` is not used either: on Python 3.11 it
+  registers the segment with the resource tracker, which would unlink the *client's* object
+  when this process exits. We never create, resize or unlink an object.
+* Lifetime is reference-counted. A request holds a lease on every region it uses from decode
+  to encode; unregistering a region drops its name at once (new requests no longer find it)
+  but its descriptor is only closed when the last lease is returned, so a request never reads
+  through a descriptor number that has since been reused for another file.
+* Two caps bound what clients can make the server hold: regions per owner and registered
+  bytes over all owners (one descriptor per region).
 * All state sits behind one lock, so the registry may be used from the event loop and from
   worker threads alike; no lock is held while a tensor is copied.
 """
 
 from __future__ import annotations
 
-import mmap
 import os
 import stat
 import threading
 from dataclasses import dataclass
 
 import grpc
+import numpy as np
 
 from server.errors import InvalidInput, PeregrineError
 
@@ -49,6 +54,12 @@ class RegionExists(PeregrineError):
     """A register request for a name already in use (Triton answers ALREADY_EXISTS)."""
 
     code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class RegionLimit(PeregrineError):
+    """A register request past --shm-max-regions or --shm-max-mapped-bytes."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,10 +88,10 @@ def object_path(key: str) -> str:
 
 
 class Region:
-    """One registered window ``[offset, offset + byte_size)`` of one shared-memory object."""
+    """One registered window ``[offset, offset + byte_size)`` of one shared-memory object,
+    held as an open descriptor (see the module's docstring for why it is not mapped)."""
 
-    __slots__ = ("_delta", "_leases", "_mmap", "_retired", "byte_size", "key", "name",
-                 "offset", "view")
+    __slots__ = ("_fd", "_leases", "_retired", "byte_size", "key", "name", "offset")
 
     def __init__(self, name: str, key: str, offset: int, byte_size: int) -> None:
         if byte_size <= 0:
@@ -111,128 +122,187 @@ class Region:
                     f"failed to register shared memory region '{name}': offset {offset} + "
                     f"byte_size {byte_size} exceeds the {info.st_size} bytes of object '{key}'"
                 )
-            # mmap offsets must be page-aligned: map from the page holding `offset`.
-            start = offset - offset % mmap.ALLOCATIONGRANULARITY
-            try:
-                mapped = mmap.mmap(fd, offset - start + byte_size, flags=mmap.MAP_SHARED,
-                                   prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
-            except (OSError, ValueError) as exc:
-                raise InvalidInput(
-                    f"failed to register shared memory region '{name}': unable to map "
-                    f"object '{key}': {exc}"
-                ) from None
-        finally:
-            os.close(fd)  # mmap keeps its own duplicate of the descriptor
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
         self.name = name
         self.key = key
         self.offset = offset
         self.byte_size = byte_size
-        self._mmap: mmap.mmap | None = mapped
-        self._delta = offset - start
-        #: The whole region, writable; inputs get read-only slices of it.
-        self.view: memoryview = memoryview(mapped)[self._delta:self._delta + byte_size]
         self._leases = 0
         self._retired = False
 
     def status(self) -> RegionStatus:
         return RegionStatus(self.name, self.key, self.offset, self.byte_size)
 
-    def check_backing(self) -> None:
-        """Refuse to touch the region if its object has shrunk below it (SIGBUS otherwise)."""
-        mapped = self._mmap
-        if mapped is None:  # cannot happen under a lease; refuse rather than touch nothing
-            raise InvalidInput(f"shared memory region '{self.name}' is not registered")
-        try:
-            size = mapped.size()
-        except (OSError, ValueError) as exc:
-            raise InvalidInput(
-                f"shared memory region '{self.name}' is no longer usable: {exc}"
-            ) from None
-        if size < self.offset + self.byte_size:
-            raise InvalidInput(
-                f"shared memory object '{self.key}' of region '{self.name}' was truncated to "
-                f"{size} bytes; the region needs {self.offset + self.byte_size}"
-            )
-
     @property
-    def mapped(self) -> bool:
-        """Whether the registry still holds the mapping (False once unmapped or handed to the
-        views that outlived it)."""
-        return self._mmap is not None
+    def open(self) -> bool:
+        """Whether the region still holds its descriptor (False once closed)."""
+        return self._fd >= 0
 
-    def _unmap(self) -> None:
-        """Close the mapping now, or leave it to the last numpy view still exporting it."""
-        mapped, view = self._mmap, self.view
-        if mapped is None:
-            return
-        self._mmap, self.view = None, memoryview(b"")
+    def _shrunk(self, size: int) -> InvalidInput:
+        return InvalidInput(
+            f"shared memory object '{self.key}' of region '{self.name}' was truncated to "
+            f"{size} bytes; the region needs {self.offset + self.byte_size}"
+        )
+
+    def _failed(self, exc: OSError) -> InvalidInput:
+        return InvalidInput(
+            f"shared memory region '{self.name}' is not usable: {exc.strerror or exc}"
+        )
+
+    def read(self, offset: int, size: int) -> memoryview:
+        """A read-only copy of ``size`` bytes at ``offset`` into the region (the caller has
+        checked the window against ``byte_size``)."""
+        buffer = np.empty(size, dtype=np.uint8).data
+        start = self.offset + offset
+        done = 0
         try:
-            view.release()
-            mapped.close()
-        except BufferError:
-            # A view outlived its request (a backend thread finishing, a mirrored or
-            # sampled input): the mmap object unmaps itself when that last view goes.
-            pass
+            while done < size:  # a read may be short (signals, more than 2 GiB at once)
+                got = os.preadv(self._fd, [buffer[done:]], start + done)
+                if got == 0:
+                    raise self._shrunk(start + done)
+                done += got
+        except OSError as exc:
+            raise self._failed(exc) from None
+        return buffer.toreadonly()
+
+    def write(self, offset: int, data: memoryview) -> None:
+        """Write ``data`` (C-contiguous) at ``offset`` into the region.
+
+        A shrunk object is refused (one ``fstat``) rather than silently grown back; a client
+        that shrinks it after that check gets it grown back to the window's end by ``pwrite``,
+        which is harmless to the server."""
+        start = self.offset + offset
+        flat = data.cast("B")
+        done, size = 0, flat.nbytes
+        try:
+            current = os.fstat(self._fd).st_size
+            if current < self.offset + self.byte_size:
+                raise self._shrunk(current)
+            while done < size:
+                done += os.pwrite(self._fd, flat[done:], start + done)
+        except OSError as exc:
+            raise self._failed(exc) from None
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
 
 
 class SharedMemoryRegistry:
-    """Registered regions by name, with leases that keep in-use mappings alive."""
+    """Registered regions by owner and name, with leases that keep in-use regions open.
 
-    def __init__(self) -> None:
+    ``max_regions`` bounds the regions of one owner, ``max_bytes`` the registered bytes of
+    all owners together.
+    """
+
+    def __init__(self, max_regions: int, max_bytes: int) -> None:
         self._lock = threading.Lock()
-        self._regions: dict[str, Region] = {}
+        self._owners: dict[str, dict[str, Region]] = {}
+        self._count = 0
+        self._bytes = 0
+        self.max_regions = max_regions
+        self.max_bytes = max_bytes
 
     def __len__(self) -> int:
-        """How many regions are registered (cheap: the request path asks before each infer)."""
-        return len(self._regions)
+        """How many regions are registered over all owners (cheap: the request path asks
+        before each infer)."""
+        return self._count
 
-    def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
+    def _admit(self, owner: str, name: str, byte_size: int) -> None:
+        """Refuse a registration that would take a name in use or pass a cap (under the
+        lock)."""
+        held = self._owners.get(owner, {})
+        if name in held:
+            raise RegionExists(f"shared memory region '{name}' already in manager")
+        if len(held) >= self.max_regions:
+            raise RegionLimit(
+                f"failed to register shared memory region '{name}': the caller already holds "
+                f"{len(held)} regions, the most --shm-max-regions allows"
+            )
+        if self._bytes + byte_size > self.max_bytes:
+            raise RegionLimit(
+                f"failed to register shared memory region '{name}': {byte_size} more bytes "
+                f"would pass --shm-max-mapped-bytes ({self.max_bytes} bytes over all callers, "
+                f"{self._bytes} registered)"
+            )
+
+    def register(self, owner: str, name: str, key: str, offset: int, byte_size: int) -> None:
         if not name:
             raise InvalidInput("a shared memory region needs a non-empty name")
         with self._lock:
-            if name in self._regions:
-                raise RegionExists(f"shared memory region '{name}' already in manager")
-        # Open and map outside the lock (a syscall or two), then insert unless raced.
+            self._admit(owner, name, byte_size)
+        # Open the object outside the lock (a syscall or two), then admit again: another
+        # registration may have taken the name or the room meanwhile.
         region = Region(name, key, offset, byte_size)
-        with self._lock:
-            if name not in self._regions:
-                self._regions[name] = region
-                return
-        region._unmap()
-        raise RegionExists(f"shared memory region '{name}' already in manager")
+        try:
+            with self._lock:
+                self._admit(owner, name, byte_size)
+                self._owners.setdefault(owner, {})[name] = region
+                self._count += 1
+                self._bytes += byte_size
+        except BaseException:
+            region.close()
+            raise
 
-    def status(self, name: str = "") -> list[RegionStatus]:
-        """Every region (``name`` empty) or the one named; NOT_FOUND for an unknown name."""
+    def status(self, owner: str, name: str = "") -> list[RegionStatus]:
+        """Every region of ``owner`` (``name`` empty) or the one named; NOT_FOUND for a name
+        ``owner`` has not registered."""
         with self._lock:
+            held = self._owners.get(owner, {})
             if not name:
-                return [r.status() for r in self._regions.values()]
-            region = self._regions.get(name)
+                return [r.status() for r in held.values()]
+            region = held.get(name)
         if region is None:
             raise RegionNotFound(f"Unable to find system shared memory region: '{name}'")
         return [region.status()]
 
-    def unregister(self, name: str = "") -> None:
-        """Drop one region (``name``) or all (empty). An unknown name is not an error, as in
-        Triton. Regions leased by in-flight requests are unmapped when those requests end."""
+    def unregister(self, owner: str, name: str = "") -> None:
+        """Drop one region of ``owner`` (``name``) or all of them (empty). A name ``owner``
+        has not registered is not an error, as in Triton. Regions leased by in-flight
+        requests are closed when those requests end."""
         with self._lock:
+            held = self._owners.get(owner, {})
             if name:
-                region = self._regions.pop(name, None)
+                region = held.pop(name, None)
                 dropped = [] if region is None else [region]
             else:
-                dropped = list(self._regions.values())
-                self._regions.clear()
-            idle = []
-            for region in dropped:
-                region._retired = True
-                if region._leases == 0:
-                    idle.append(region)
+                dropped = list(held.values())
+                held.clear()
+            if not held:
+                self._owners.pop(owner, None)
+            idle = self._retire(dropped)
         for region in idle:
-            region._unmap()
+            region.close()
 
-    def acquire(self, name: str) -> Region:
-        """Lease the region ``name`` for one request; pair with :meth:`release`."""
+    def close(self) -> None:
+        """Drop every owner's regions (the server is stopping)."""
         with self._lock:
-            region = self._regions.get(name)
+            dropped = [r for held in self._owners.values() for r in held.values()]
+            self._owners.clear()
+            idle = self._retire(dropped)
+        for region in idle:
+            region.close()
+
+    def _retire(self, dropped: list[Region]) -> list[Region]:
+        """Account for unregistered regions (under the lock); returns those no request
+        holds, to close now."""
+        idle = []
+        for region in dropped:
+            region._retired = True
+            self._count -= 1
+            self._bytes -= region.byte_size
+            if region._leases == 0:
+                idle.append(region)
+        return idle
+
+    def acquire(self, owner: str, name: str) -> Region:
+        """Lease ``owner``'s region ``name`` for one request; pair with :meth:`release`."""
+        with self._lock:
+            region = self._owners.get(owner, {}).get(name)
             if region is None:
                 raise InvalidInput(f"shared memory region '{name}' is not registered")
             region._leases += 1
@@ -241,6 +311,6 @@ class SharedMemoryRegistry:
     def release(self, region: Region) -> None:
         with self._lock:
             region._leases -= 1
-            unmap = region._retired and region._leases == 0
-        if unmap:
-            region._unmap()
+            close = region._retired and region._leases == 0
+        if close:
+            region.close()

@@ -4,6 +4,7 @@ audit log, black-box against a real server on 127.0.0.1 with an auth file."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -25,6 +26,7 @@ from server._pb import admin_pb2, grpc_service_pb2
 from server.security.identity import Role
 from server.security.rules import ADMIN, INFERENCE, RULES
 from tests import model_factory
+from tests.triton_shm import load as load_shared_memory
 from tests.server_harness import ServerThread
 
 ROLES = ("infer", "monitor", "admin")
@@ -338,3 +340,54 @@ def test_triton_restricted_protocol_needs_its_header(tmp_path: Path) -> None:
             client.get_model_repository_index(headers={"admin-key": "wrong"})
         assert client.get_model_repository_index(headers={"admin-key": "s3cret"})
         infer(server, None)  # other groups stay open
+
+
+def test_a_shared_memory_region_is_its_registrants_alone(tmp_path: Path) -> None:
+    shm = load_shared_memory()
+    repo = tmp_path / "models"
+    model_factory.identity_model(repo, "identity_fp32", "FP32")
+    auth_file = tmp_path / "auth.toml"
+    alice = add_identity(auth_file, "alice", "--roles", "infer,admin")
+    bob = add_identity(auth_file, "bob", "--roles", "infer,admin")
+    key = f"/peregrine-auth-{os.getpid()}"
+    handle = shm.create_shared_memory_region("alice-in", key, 16)
+    try:
+        x = np.arange(4, dtype=np.float32).reshape(1, 4)
+        shm.set_shared_memory_region(handle, [x])
+        with ServerThread(repo, auth_file=auth_file, allow_client_shm=True) as server:
+            client = grpcclient.InferenceServerClient(server.url)
+            as_alice, as_bob = dict(bearer(alice)), dict(bearer(bob))
+            client.register_system_shared_memory("in", key, 16, headers=as_alice)
+
+            def infer_from_region(headers: dict[str, str]) -> Any:
+                tensor = grpcclient.InferInput("INPUT0", [1, 4], "FP32")
+                tensor.set_shared_memory("in", 16)
+                return client.infer("identity_fp32", [tensor], headers=headers)
+
+            np.testing.assert_array_equal(infer_from_region(as_alice).as_numpy("OUTPUT0"), x)
+            # Bob sees nothing, cannot use alice's region, and his unregister-all leaves it.
+            assert not client.get_system_shared_memory_status(headers=as_bob).regions
+            with pytest.raises(InferenceServerException) as raised:
+                client.get_system_shared_memory_status("in", headers=as_bob)
+            assert raised.value.status() == "StatusCode.NOT_FOUND"
+            with pytest.raises(InferenceServerException) as raised:
+                infer_from_region(as_bob)
+            assert raised.value.status() == "StatusCode.INVALID_ARGUMENT"
+            client.unregister_system_shared_memory("in", headers=as_bob)
+            client.unregister_system_shared_memory(headers=as_bob)
+            assert set(client.get_system_shared_memory_status(headers=as_alice).regions) \
+                == {"in"}
+            # Bob may hold a region of the same name: names are per identity.
+            client.register_system_shared_memory("in", key, 16, headers=as_bob)
+            np.testing.assert_array_equal(infer_from_region(as_bob).as_numpy("OUTPUT0"), x)
+            client.unregister_system_shared_memory(headers=as_alice)
+            assert set(client.get_system_shared_memory_status(headers=as_bob).regions) \
+                == {"in"}
+            # An infer-only identity may not register at all.
+            viewer = add_identity(auth_file, "viewer", "--roles", "infer")
+            time.sleep(3)  # the auth file is re-read within two seconds
+            with pytest.raises(InferenceServerException) as raised:
+                client.register_system_shared_memory("v", key, 16, headers=dict(bearer(viewer)))
+            assert raised.value.status() == "StatusCode.PERMISSION_DENIED"
+    finally:
+        shm.destroy_shared_memory_region(handle)

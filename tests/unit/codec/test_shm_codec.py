@@ -24,6 +24,7 @@ from server.shm import SharedMemoryRegistry
 from server.types import DataType, InferResponse, OutputTensor
 
 _names = itertools.count()
+OWNER = "alice"
 
 
 @pytest.fixture
@@ -32,10 +33,10 @@ def registry() -> Iterator[SharedMemoryRegistry]:
     name = f"peregrine-codec-{os.getpid()}-{next(_names)}"
     path = Path("/dev/shm") / name
     path.write_bytes(bytes(range(256)) * 16)
-    made = SharedMemoryRegistry()
-    made.register("r", name, 0, 4096)
+    made = SharedMemoryRegistry(max_regions=4, max_bytes=1 << 20)
+    made.register(OWNER, "r", name, 0, 4096)
     yield made
-    made.unregister()
+    made.close()
     path.unlink()
 
 
@@ -79,8 +80,12 @@ def test_tensor_reference_errors(params: dict[str, pb.InferParameter], match: st
         tensor_reference("t", from_parameters(params))
 
 
-def test_input_buffer_is_a_read_only_window(registry: SharedMemoryRegistry) -> None:
-    scope = SharedMemoryScope(registry)
+def scope_of(registry: SharedMemoryRegistry, owner: str = OWNER) -> SharedMemoryScope:
+    return SharedMemoryScope(registry, owner)
+
+
+def test_input_buffer_is_a_read_only_copy(registry: SharedMemoryRegistry) -> None:
+    scope = scope_of(registry)
     buffer = shared_memory.input_buffer(scope, "x", DataType.UINT8, (2, 8), ShmRef("r", 300, 16))
     assert buffer.readonly and bytes(buffer) == bytes(range(44, 60))
     with pytest.raises(InvalidInput, match="needs 64"):
@@ -95,14 +100,22 @@ def test_input_buffer_is_a_read_only_window(registry: SharedMemoryRegistry) -> N
 
 
 def test_scope_takes_one_lease_per_region(registry: SharedMemoryRegistry) -> None:
-    scope = SharedMemoryScope(registry)
+    scope = scope_of(registry)
     region = scope.lease("r")
     assert scope.lease("r") is region
-    registry.unregister()
-    assert region.mapped
+    registry.unregister(OWNER)
+    assert region.open
     scope.release()
-    assert not region.mapped
+    assert not region.open
     scope.release()  # idempotent
+
+
+def test_scope_resolves_names_for_its_owner_only(registry: SharedMemoryRegistry) -> None:
+    with pytest.raises(InvalidInput, match=r"input 'x': shared memory region 'r' is not "):
+        shared_memory.input_buffer(scope_of(registry, "mallory"), "x", DataType.UINT8, (16,),
+                                   ShmRef("r", 0, 16))
+    with pytest.raises(InvalidInput, match=r"output 'y': shared memory region 'r' is not "):
+        shared_memory.bind_output(scope_of(registry, "mallory"), "y", ShmRef("r", 0, 16))
 
 
 def request_with(*tensors: tuple[str, str, list[int], dict[str, pb.InferParameter]],
@@ -123,15 +136,15 @@ def test_decode_mixes_shared_memory_and_raw_inputs(registry: SharedMemoryRegistr
         ("C", "INT32", [1, 4], shm_params(byte_size=16, offset=64)),
         raw=[raw.tobytes()],
     )
-    scope = SharedMemoryScope(registry)
+    scope = scope_of(registry)
     decoded = decode_request(message, None, scope)
     assert decoded.inputs["A"].tolist() == [list(range(32, 48))]
     assert np.array_equal(decoded.inputs["B"], raw.reshape(1, 4))
     expected_c = np.frombuffer(bytes(range(64, 80)), dtype="<i4").reshape(1, 4)
     assert np.array_equal(decoded.inputs["C"], expected_c)
     assert not decoded.inputs["A"].flags.writeable
-    scope.lease("r").view[32] = 99  # zero copy: the array is a view over the mapping
-    assert decoded.inputs["A"][0, 0] == 99
+    scope.lease("r").write(32, memoryview(b"\x63"))  # a copy: later changes do not reach it
+    assert decoded.inputs["A"][0, 0] == 32
     scope.release()
 
 
@@ -151,25 +164,40 @@ def test_raw_entries_count_only_inputs_outside_shared_memory(
         message.raw_input_contents.append(b"\0" * 4)
         match = "has 3 entries for 2 inputs \\(1 are in shared memory\\)"
     with pytest.raises(InvalidInput, match=match):
-        decode_request(message, None, SharedMemoryScope(registry))
+        decode_request(message, None, scope_of(registry))
 
 
 def test_decode_bytes_from_shared_memory(registry: SharedMemoryRegistry) -> None:
     items = [b"", b"abc", "\u00e9".encode()]
     encoded = _native.encode_bytes(items)
-    region = registry.acquire("r")
-    region.view[100:100 + len(encoded)] = encoded
+    region = registry.acquire(OWNER, "r")
+    region.write(100, memoryview(encoded))
     registry.release(region)
     message = request_with(("S", "BYTES", [3], shm_params(byte_size=len(encoded), offset=100)))
-    decoded = decode_request(message, None, SharedMemoryScope(registry))
+    decoded = decode_request(message, None, scope_of(registry))
     assert decoded.inputs["S"].tolist() == items
-    with pytest.raises(InvalidInput, match="malformed BYTES"):
-        decode_request(request_with(("S", "BYTES", [3], shm_params(byte_size=8, offset=100))),
-                       None, SharedMemoryScope(registry))
+
+
+def test_malformed_bytes_in_shared_memory_never_echo_the_region(
+    registry: SharedMemoryRegistry,
+) -> None:
+    """The native codec's detail derives from the region's length prefixes (one declares
+    0x41424344 bytes here); the message names the request's window only."""
+    region = registry.acquire(OWNER, "r")
+    region.write(100, memoryview(b"\x44\x43\x42\x41secret"))
+    registry.release(region)
+    with pytest.raises(InvalidInput) as err:
+        decode_request(request_with(("S", "BYTES", [1], shm_params(byte_size=10, offset=100))),
+                       None, scope_of(registry))
+    assert err.value.message == (
+        "input 'S' has malformed BYTES content: the 10 bytes at offset 100 of shared memory "
+        "region 'r' are not 1 length-prefixed elements")
+    with pytest.raises(ValueError, match=str(0x41424344)):  # what the codec itself says
+        _native.decode_bytes(b"\x44\x43\x42\x41secret", 1)
 
 
 def test_encode_writes_shared_memory_outputs(registry: SharedMemoryRegistry) -> None:
-    scope = SharedMemoryScope(registry)
+    scope = scope_of(registry)
     shared_memory.bind_output(scope, "F", ShmRef("r", 1000, 64))
     shared_memory.bind_output(scope, "S", ShmRef("r", 2000, 64))
     values = np.linspace(0, 1, 8, dtype=np.float64).reshape(2, 4)
@@ -185,14 +213,14 @@ def test_encode_writes_shared_memory_outputs(registry: SharedMemoryRegistry) -> 
     assert message.raw_output_contents[0] == b"" == message.raw_output_contents[2]
     assert message.raw_output_contents[1] == raw_bytes(response.outputs[1])
     region = scope.lease("r")
-    assert bytes(region.view[1000:1032]) == values.astype(np.float32).tobytes()
+    assert bytes(region.read(1000, 32)) == values.astype(np.float32).tobytes()
     encoded = _native.encode_bytes(strings)
-    assert bytes(region.view[2000:2000 + len(encoded)]) == encoded
+    assert bytes(region.read(2000, len(encoded))) == encoded
     scope.release()
 
 
 def test_output_larger_than_its_window(registry: SharedMemoryRegistry) -> None:
-    scope = SharedMemoryScope(registry)
+    scope = scope_of(registry)
     shared_memory.bind_output(scope, "F", ShmRef("r", 0, 12))
     response = InferResponse("m", "1", "", [
         OutputTensor("F", DataType.FP32, np.zeros(4, dtype=np.float32))])
@@ -223,7 +251,7 @@ def test_wire_codecs_read_and_write_shared_memory(
     message.outputs.add(name="F").parameters["shared_memory_region"].string_param = "r"
     message.outputs[0].parameters["shared_memory_byte_size"].int64_param = 64
     message.outputs[0].parameters["shared_memory_offset"].int64_param = 1000
-    scope = SharedMemoryScope(registry)
+    scope = scope_of(registry)
     decoded = codec.decode_request_bytes(message.SerializeToString(), None, scope)
     assert decoded.inputs["A"].tolist() == [list(range(32, 48))]
     assert np.array_equal(decoded.inputs["B"], raw.reshape(1, 4))
@@ -234,5 +262,5 @@ def test_wire_codecs_read_and_write_shared_memory(
         OutputTensor("R", DataType.INT32, np.arange(3, dtype=np.int32))])
     encoded = codec.encode_response_bytes(response, scope, False)
     assert encoded == encode_response(response, scope).SerializeToString()
-    assert bytes(scope.lease("r").view[1000:1032]) == values.tobytes()
+    assert bytes(scope.lease("r").read(1000, 32)) == values.tobytes()
     scope.release()

@@ -1,9 +1,9 @@
-"""The system shared-memory registry: mapping, bounds, keys, leases and deferred unmapping."""
+"""The system shared-memory registry: owners, caps, bounds, keys, leases, deferred closing and
+shrunk objects."""
 
 from __future__ import annotations
 
 import contextlib
-import gc
 import itertools
 import os
 import threading
@@ -14,10 +14,17 @@ import numpy as np
 import pytest
 
 from server.errors import InvalidInput
-from server.shm import RegionExists, RegionNotFound, RegionStatus, SharedMemoryRegistry
+from server.shm import (
+    RegionExists,
+    RegionLimit,
+    RegionNotFound,
+    RegionStatus,
+    SharedMemoryRegistry,
+)
 
 _names = itertools.count()
 MakeObject = Callable[[int], str]
+ME, OTHER = "alice", "bob"
 
 
 @pytest.fixture
@@ -41,57 +48,176 @@ def make_object() -> Iterator[MakeObject]:
         path.unlink(missing_ok=True)
 
 
+def registry(max_regions: int = 64, max_bytes: int = 1 << 30) -> SharedMemoryRegistry:
+    return SharedMemoryRegistry(max_regions, max_bytes)
+
+
 def path_of(key: str) -> Path:
     return Path("/dev/shm") / key.lstrip("/")
 
 
-def mappings_of(key: str) -> int:
-    gc.collect()
+def descriptors_of(key: str) -> int:
+    """How many descriptors this process holds on ``key``'s object."""
     target = str(path_of(key))
-    with open("/proc/self/maps", encoding="utf-8") as maps:
-        return sum(1 for line in maps if line.rstrip().endswith(target))
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{fd}") == target
+    return count
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
 
 
 def test_register_status_unregister(make_object: MakeObject) -> None:
-    registry = SharedMemoryRegistry()
+    made = registry()
     key = make_object(8192)
-    registry.register("a", key, 0, 1024)
-    registry.register("b", key.lstrip("/"), 4096, 4096)  # the leading '/' is optional
-    assert len(registry) == 2
-    assert sorted(registry.status(), key=lambda s: s.name) == [
+    made.register(ME, "a", key, 0, 1024)
+    made.register(ME, "b", key.lstrip("/"), 4096, 4096)  # the leading '/' is optional
+    assert len(made) == 2
+    assert sorted(made.status(ME), key=lambda s: s.name) == [
         RegionStatus("a", key, 0, 1024), RegionStatus("b", key.lstrip("/"), 4096, 4096)]
-    assert registry.status("b") == [RegionStatus("b", key.lstrip("/"), 4096, 4096)]
+    assert made.status(ME, "b") == [RegionStatus("b", key.lstrip("/"), 4096, 4096)]
     with pytest.raises(RegionNotFound, match="'zz'"):
-        registry.status("zz")
-    registry.unregister("a")
-    registry.unregister("a")  # unknown names are not an error
-    assert [s.name for s in registry.status()] == ["b"]
-    registry.unregister()
-    assert registry.status() == [] and len(registry) == 0
+        made.status(ME, "zz")
+    assert descriptors_of(key) == 2
+    made.unregister(ME, "a")
+    made.unregister(ME, "a")  # unknown names are not an error
+    assert [s.name for s in made.status(ME)] == ["b"]
+    made.unregister(ME)
+    assert made.status(ME) == [] and len(made) == 0
     assert path_of(key).exists(), "the registry must never unlink the client's object"
-    assert mappings_of(key) == 0
+    assert descriptors_of(key) == 0
 
 
 def test_duplicate_and_empty_names(make_object: MakeObject) -> None:
-    registry = SharedMemoryRegistry()
+    made = registry()
     key = make_object(64)
-    registry.register("a", key, 0, 64)
+    made.register(ME, "a", key, 0, 64)
     with pytest.raises(RegionExists, match="'a' already"):
-        registry.register("a", key, 0, 32)
+        made.register(ME, "a", key, 0, 32)
     with pytest.raises(InvalidInput, match="non-empty name"):
-        registry.register("", key, 0, 64)
-    assert registry.status("a")[0].byte_size == 64
+        made.register(ME, "", key, 0, 64)
+    assert made.status(ME, "a")[0].byte_size == 64
+    assert descriptors_of(key) == 1
+
+
+# -- owners ------------------------------------------------------------------------------------
+
+
+def test_each_owner_sees_and_uses_only_its_own_regions(make_object: MakeObject) -> None:
+    made = registry()
+    mine, theirs = make_object(4096), make_object(4096)
+    path_of(mine).write_bytes(b"m" * 4096)
+    path_of(theirs).write_bytes(b"t" * 4096)
+    made.register(ME, "in", mine, 0, 4096)
+    made.register(OTHER, "in", theirs, 0, 4096)  # names are per owner
+    made.register(OTHER, "secret", theirs, 0, 16)
+
+    assert made.status(ME) == [RegionStatus("in", mine, 0, 4096)]
+    assert {s.name for s in made.status(OTHER)} == {"in", "secret"}
+    region = made.acquire(ME, "in")
+    assert bytes(region.read(0, 4)) == b"mmmm"
+    made.release(region)
+
+    # Another owner's region answers exactly as a name nobody registered.
+    for name in ("secret", "ghost"):
+        with pytest.raises(RegionNotFound) as status_err:
+            made.status(ME, name)
+        assert status_err.value.message == (
+            f"Unable to find system shared memory region: '{name}'")
+        with pytest.raises(InvalidInput) as use_err:
+            made.acquire(ME, name)
+        assert use_err.value.message == f"shared memory region '{name}' is not registered"
+
+    made.unregister(ME, "secret")  # not mine: nothing happens
+    assert {s.name for s in made.status(OTHER)} == {"in", "secret"}
+    made.unregister(ME)  # Unregister(""): every region of mine, none of theirs
+    assert made.status(ME) == []
+    assert {s.name for s in made.status(OTHER)} == {"in", "secret"}
+    assert descriptors_of(mine) == 0 and descriptors_of(theirs) == 2
+    made.close()
+    assert len(made) == 0 and descriptors_of(theirs) == 0
+
+
+# -- caps and descriptors ----------------------------------------------------------------------
+
+
+def test_regions_per_owner_are_capped(make_object: MakeObject) -> None:
+    made = registry(max_regions=2)
+    key = make_object(4096)
+    made.register(ME, "a", key, 0, 16)
+    made.register(ME, "b", key, 0, 16)
+    before = open_descriptors()
+    with pytest.raises(RegionLimit, match="--shm-max-regions") as err:
+        made.register(ME, "c", key, 0, 16)
+    assert err.value.code.name == "RESOURCE_EXHAUSTED"
+    assert open_descriptors() == before
+    made.register(OTHER, "c", key, 0, 16)  # the cap is per owner
+    made.unregister(ME, "a")
+    made.register(ME, "c", key, 0, 16)  # room again
+    assert {s.name for s in made.status(ME)} == {"b", "c"}
+    made.close()
+
+
+def test_registered_bytes_are_capped_over_all_owners(make_object: MakeObject) -> None:
+    made = registry(max_bytes=1000)
+    key = make_object(4096)
+    made.register(ME, "a", key, 0, 600)
+    before = open_descriptors()
+    with pytest.raises(RegionLimit, match="--shm-max-mapped-bytes") as err:
+        made.register(OTHER, "b", key, 0, 401)
+    assert err.value.code.name == "RESOURCE_EXHAUSTED"
+    with pytest.raises(RegionLimit, match="--shm-max-mapped-bytes"):
+        made.register(ME, "huge", key, 0, 4096)
+    assert open_descriptors() == before
+    made.register(OTHER, "b", key, 0, 400)  # exactly at the cap
+    made.unregister(ME)
+    made.register(OTHER, "c", key, 0, 600)
+    assert sum(s.byte_size for s in made.status(OTHER)) == 1000
+    made.close()
+
+
+def test_failed_registrations_leave_no_descriptor(make_object: MakeObject) -> None:
+    made = registry()
+    key = make_object(4096)
+    made.register(ME, "taken", key, 0, 16)
+    before = open_descriptors()
+    for _ in range(100):
+        with pytest.raises(InvalidInput, match="exceeds"):
+            made.register(ME, "big", key, 0, 8192)
+        with pytest.raises(RegionExists):
+            made.register(ME, "taken", key, 0, 16)
+    assert open_descriptors() == before
+    made.close()
+
+
+def test_ten_thousand_register_unregister_cycles_keep_descriptors_flat(
+    make_object: MakeObject,
+) -> None:
+    made = registry()
+    key = make_object(64)
+    before = open_descriptors()
+    for index in range(10_000):
+        made.register(ME, f"r{index % 3}", key, 0, 64)
+        made.unregister(ME, f"r{index % 3}")
+    assert open_descriptors() == before
+    assert len(made) == 0
+
+
+# -- keys and bounds ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("key", ["", "/", "..", "/..", ".", "a/b", "/a/b", "/../../etc/passwd",
                                  "/dev/shm/x", "nul\x00byte"])
 def test_keys_must_be_plain_object_names(key: str) -> None:
     with pytest.raises(InvalidInput, match="not a plain"):
-        SharedMemoryRegistry().register("r", key, 0, 16)
+        registry().register(ME, "r", key, 0, 16)
 
 
 def test_symlinks_and_directories_are_refused(tmp_path: Path) -> None:
-    registry = SharedMemoryRegistry()
+    made = registry()
     target = tmp_path / "outside"
     target.write_bytes(b"\0" * 4096)
     name = f"peregrine-unit-{os.getpid()}-{next(_names)}"
@@ -99,17 +225,17 @@ def test_symlinks_and_directories_are_refused(tmp_path: Path) -> None:
     link.symlink_to(target)
     try:
         with pytest.raises(InvalidInput, match="unable to open"):
-            registry.register("r", "/" + name, 0, 16)
+            made.register(ME, "r", "/" + name, 0, 16)
     finally:
         link.unlink()
     directory = Path("/dev/shm") / f"{name}-dir"
     directory.mkdir()
     try:
         with pytest.raises(InvalidInput, match=r"unable to open|not a shared memory object"):
-            registry.register("r", directory.name, 0, 16)
+            made.register(ME, "r", directory.name, 0, 16)
     finally:
         directory.rmdir()
-    assert len(registry) == 0
+    assert len(made) == 0
 
 
 @pytest.mark.parametrize(("offset", "byte_size", "match"), [
@@ -122,122 +248,120 @@ def test_symlinks_and_directories_are_refused(tmp_path: Path) -> None:
 def test_region_must_fit_the_object(
     make_object: MakeObject, offset: int, byte_size: int, match: str
 ) -> None:
-    registry = SharedMemoryRegistry()
+    made = registry()
     with pytest.raises(InvalidInput, match=match):
-        registry.register("r", make_object(4096), offset, byte_size)
-    assert len(registry) == 0
+        made.register(ME, "r", make_object(4096), offset, byte_size)
+    assert len(made) == 0
 
 
 def test_missing_object() -> None:
     with pytest.raises(InvalidInput, match="unable to open shared memory object"):
-        SharedMemoryRegistry().register("r", "/peregrine-unit-does-not-exist", 0, 16)
+        registry().register(ME, "r", "/peregrine-unit-does-not-exist", 0, 16)
 
 
-def test_unaligned_offset_maps_the_right_bytes(make_object: MakeObject) -> None:
+def test_unaligned_offset_reads_and_writes_the_right_bytes(make_object: MakeObject) -> None:
     key = make_object(3 * 4096)
     pattern = np.random.default_rng(1).integers(0, 256, 3 * 4096, dtype=np.uint8)
     path_of(key).write_bytes(pattern.tobytes())
-    registry = SharedMemoryRegistry()
-    registry.register("r", key, 5003, 777)
-    region = registry.acquire("r")
+    made = registry()
+    made.register(ME, "r", key, 5003, 777)
+    region = made.acquire(ME, "r")
     try:
-        assert bytes(region.view) == pattern[5003:5003 + 777].tobytes()
-        region.view[:4] = b"\x01\x02\x03\x04"  # writes reach the object (MAP_SHARED)
+        copy = region.read(0, 777)
+        assert copy.readonly and bytes(copy) == pattern[5003:5003 + 777].tobytes()
+        assert bytes(region.read(700, 77)) == pattern[5703:5780].tobytes()
+        region.write(4, memoryview(b"\x01\x02\x03\x04"))
     finally:
-        registry.release(region)
-    assert path_of(key).read_bytes()[5003:5007] == b"\x01\x02\x03\x04"
-    registry.unregister()
+        made.release(region)
+    assert path_of(key).read_bytes()[5007:5011] == b"\x01\x02\x03\x04"
+    made.close()
+
+
+# -- leases ------------------------------------------------------------------------------------
 
 
 def test_unregister_waits_for_the_last_lease(make_object: MakeObject) -> None:
-    registry = SharedMemoryRegistry()
+    made = registry()
     key = make_object(4096)
-    registry.register("r", key, 0, 4096)
-    first, second = registry.acquire("r"), registry.acquire("r")
+    made.register(ME, "r", key, 0, 4096)
+    first, second = made.acquire(ME, "r"), made.acquire(ME, "r")
     assert first is second
-    registry.unregister("r")
-    assert registry.status() == []
+    made.unregister(ME, "r")
+    assert made.status(ME) == [] and len(made) == 0
     with pytest.raises(InvalidInput, match="'r' is not registered"):
-        registry.acquire("r")
-    assert first.mapped and mappings_of(key) == 1
-    first.view[0] = 7  # still usable by the requests that hold it
-    registry.release(first)
-    assert first.mapped
-    registry.release(second)
-    assert not first.mapped and mappings_of(key) == 0
+        made.acquire(ME, "r")
+    assert first.open and descriptors_of(key) == 1
+    first.write(0, memoryview(b"\x07"))  # still usable by the requests that hold it
+    made.release(first)
+    assert first.open
+    made.release(second)
+    assert not first.open and descriptors_of(key) == 0
     # A new region may take the name while nothing of the old one is left.
-    registry.register("r", key, 0, 16)
-    assert registry.status("r")[0].byte_size == 16
+    made.register(ME, "r", key, 0, 16)
+    assert made.status(ME, "r")[0].byte_size == 16
+    made.close()
 
 
-def test_unregister_all_with_leases(make_object: MakeObject) -> None:
-    registry = SharedMemoryRegistry()
+def test_close_with_leases(make_object: MakeObject) -> None:
+    made = registry()
     key = make_object(4096)
-    registry.register("a", key, 0, 100)
-    registry.register("b", key, 100, 100)
-    held = registry.acquire("b")
-    registry.unregister()
-    assert len(registry) == 0 and mappings_of(key) == 1
-    registry.release(held)
-    assert mappings_of(key) == 0
+    made.register(ME, "a", key, 0, 100)
+    made.register(OTHER, "b", key, 100, 100)
+    held = made.acquire(OTHER, "b")
+    made.close()
+    assert len(made) == 0 and descriptors_of(key) == 1
+    made.release(held)
+    assert descriptors_of(key) == 0
 
 
-def test_a_view_that_outlives_its_lease_keeps_the_memory_valid(make_object: MakeObject) -> None:
-    """What a backend thread or a mirrored request may do: the mapping goes with the view."""
-    registry = SharedMemoryRegistry()
-    key = make_object(4096)
-    path_of(key).write_bytes(bytes(range(256)) * 16)
-    registry.register("r", key, 0, 4096)
-    region = registry.acquire("r")
-    view = np.frombuffer(region.view[16:32].toreadonly(), dtype=np.uint8)
-    registry.unregister()
-    registry.release(region)  # BufferError inside: unmapping is left to the view
-    assert not region.mapped
-    assert view.tolist() == list(range(16, 32))
-    assert mappings_of(key) == 1
-    del view
-    assert mappings_of(key) == 0
+# -- shrunk objects ----------------------------------------------------------------------------
 
 
-def test_truncated_object_is_detected(make_object: MakeObject) -> None:
-    registry = SharedMemoryRegistry()
+def test_shrunk_object_fails_reads_and_writes(make_object: MakeObject) -> None:
+    """Reading or writing a mapping past a truncated object's end would raise SIGBUS; the
+    descriptor reads short instead, and a write checks the size first."""
+    made = registry()
     key = make_object(8192)
-    registry.register("r", key, 4096, 4096)
-    region = registry.acquire("r")
-    region.check_backing()
+    made.register(ME, "r", key, 4096, 4096)
+    region = made.acquire(ME, "r")
+    assert len(region.read(0, 4096)) == 4096
     os.truncate(path_of(key), 4096 + 100)
-    with pytest.raises(InvalidInput, match="truncated to 4196 bytes"):
-        region.check_backing()
-    registry.release(region)
-    registry.unregister()
+    with pytest.raises(InvalidInput, match="'r' was truncated to 4196 bytes"):
+        region.read(0, 4096)
+    assert bytes(region.read(0, 100)) == b"\0" * 100  # what is left is still readable
+    with pytest.raises(InvalidInput, match="'r' was truncated to 4196 bytes"):
+        region.write(0, memoryview(b"x"))
+    assert path_of(key).stat().st_size == 4196, "a refused write must not grow the object"
+    made.release(region)
+    made.close()
 
 
 def test_threads_lease_while_others_register(make_object: MakeObject) -> None:
-    registry = SharedMemoryRegistry()
+    made = registry()
     key = make_object(4096)
-    registry.register("stable", key, 0, 4096)
+    made.register(ME, "stable", key, 0, 4096)
     errors: list[BaseException] = []
     stop = threading.Event()
 
     def lease() -> None:
         try:
             for _ in range(2000):
-                region = registry.acquire("stable")
-                region.check_backing()
-                registry.release(region)
+                region = made.acquire(ME, "stable")
+                region.read(0, 16)
+                made.release(region)
                 try:
-                    churned = registry.acquire("churn")
+                    churned = made.acquire(ME, "churn")
                 except InvalidInput:
                     continue
-                registry.release(churned)
+                made.release(churned)
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
     def churn() -> None:
         while not stop.is_set():
             with contextlib.suppress(RegionExists):
-                registry.register("churn", key, 0, 64)
-            registry.unregister("churn")
+                made.register(ME, "churn", key, 0, 64)
+            made.unregister(ME, "churn")
 
     churner = threading.Thread(target=churn)
     workers = [threading.Thread(target=lease) for _ in range(4)]
@@ -249,5 +373,5 @@ def test_threads_lease_while_others_register(make_object: MakeObject) -> None:
     stop.set()
     churner.join(10)
     assert not errors
-    registry.unregister()
-    assert mappings_of(key) == 0
+    made.close()
+    assert descriptors_of(key) == 0
