@@ -6,6 +6,8 @@
     cert_path, key_path = server.write(tmp_path, "server")
     ca.write(tmp_path / "ca.pem")
 
+    pki = make_pki(tmp_path)   # all of the usual files at once (see Pki)
+
 Keys are P-256 (fast to make); every certificate gets a fresh random serial unless given one.
 """
 
@@ -116,3 +118,28 @@ def serial_of(cert_pem: bytes | str) -> int:
     """The serial number of a PEM certificate (e.g. one read from a TLS handshake)."""
     data = cert_pem.encode() if isinstance(cert_pem, str) else cert_pem
     return x509.load_pem_x509_certificate(data).serial_number
+
+
+@dataclass(frozen=True)
+class Pki:
+    """Files for a TLS test: a CA, a server certificate (key) it issued for ``hosts``, a
+    client certificate (CN ``client``) it issued, and a ``stranger`` client certificate
+    (CN ``stranger``) issued by another CA."""
+
+    authority: Authority
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    stranger_cert: Path
+    stranger_key: Path
+
+
+def make_pki(directory: Path, hosts: Sequence[str] = ("127.0.0.1", "localhost")) -> Pki:
+    ca = Authority()
+    server = ca.issue("server", hosts=hosts).write(directory, "server")
+    client = ca.issue("client", client=True).write(directory, "client")
+    stranger = Authority("another CA").issue("stranger", client=True).write(directory,
+                                                                            "stranger")
+    return Pki(ca, ca.write(directory / "ca.pem"), *server, *client, *stranger)
