@@ -13,6 +13,7 @@ import grpc
 import pytest
 
 from bench.loadgen.cli import main as bench_main
+from server.cli.connection import redact_token
 from tests import model_factory
 from tests.certificates import Pki, make_pki
 from tests.recording_server import RecordingServer
@@ -81,3 +82,8 @@ def test_a_real_tls_server(tmp_path: Path) -> None:
     assert code == 0
     [step] = json.loads((tmp_path / "run.json").read_text())["steps"]
     assert step["ok"] == step["sent"] == 20 and step["errors"] == {}
+
+
+def test_both_spellings_of_the_token_flag_are_redacted() -> None:
+    assert redact_token(["run", "--token", "a", "--token=b", "-m", "m"]) == [
+        "run", "--token", "***", "--token=***", "-m", "m"]
