@@ -57,6 +57,7 @@ from server.routing.router import Router
 from server.routing.shadow import ShadowMirror
 from server.routing.store import RouteStore
 from server.scheduler import batcher
+from server.security import tls
 from server.security.audit import AuditLog
 from server.security.authenticator import Authenticator
 from server.security.ratelimit import RateLimit, RateLimiter, parse_limit, parse_model_limits
@@ -195,6 +196,7 @@ class PeregrineServer:
 
     async def start(self) -> None:
         settings = self.settings
+        credentials = tls.server_credentials(settings)  # a bad file fails before models load
         await self.repository.start(self.mode, settings.load_model)
         self.router.load_persisted(self.repository.catalog.names())
         drift = await self._start_drift()
@@ -240,7 +242,8 @@ class PeregrineServer:
                 reflection.enable_server_reflection(services, server, pool=_merged_pool())
         address = _address(settings.host, settings.grpc_port)
         try:
-            self.grpc_port = server.add_insecure_port(address)
+            self.grpc_port = (server.add_insecure_port(address) if credentials is None
+                              else server.add_secure_port(address, credentials))
         except RuntimeError as exc:
             raise OSError(f"cannot bind gRPC to {address}: {exc}") from exc
         await server.start()
@@ -270,6 +273,8 @@ class PeregrineServer:
         ready = self.repository.catalog.index(ready_only=True)
         log.info("server started", extra={
             "grpc": f"{settings.host}:{self.grpc_port}",
+            "tls": "mutual" if settings.grpc_use_ssl_mutual else
+            "on" if settings.grpc_use_ssl else "off",
             "metrics": f"{settings.metrics_address}:{self.metrics_port}"
             if settings.allow_metrics else "off",
             "repository": settings.model_source or str(settings.model_repository),

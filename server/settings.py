@@ -162,8 +162,8 @@ class ServerSettings:
                 raise ValueError(f"{name} must be positive")
         if self.audit_log_backups < 0:
             raise ValueError("audit_log_backups must not be negative")
-        # Parsed here too, so a mistake is one clear line at start, not a traceback later.
-        from server.security.auth_file import read_auth_file
+        # Parsed here too, so a mistake is one clear line at start, not a traceback later
+        # (the auth file is read when the server is built: it may be mounted later).
         from server.security.ratelimit import parse_limit, parse_model_limits
         from server.security.rules import parse_restrictions
 
@@ -171,8 +171,6 @@ class ServerSettings:
         if self.rate_limit:
             parse_limit(self.rate_limit)
         parse_model_limits(self.model_rate_limit)
-        if self.auth_file is not None:
-            read_auth_file(self.auth_file)
 
     @property
     def mlflow_tracking_uri(self) -> str | None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.loadgen.sweep import SweepError, parse_concurrency, parse_rate
+from server.cli.connection import add_connection_arguments, client_security, redact_token
 
 DEFAULT_OUT_DIR = Path("bench-runs")
 
@@ -46,7 +47,7 @@ def _add_run_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser
         "loop (--rate), unary or streaming, and write a JSON document and a PNG chart.",
     )
     target = run.add_argument_group("target")
-    target.add_argument("--url", default="127.0.0.1:8001", help="host:port (default %(default)s)")
+    add_connection_arguments(target)
     target.add_argument("-m", "--model", required=True)
     target.add_argument("--model-version", default="", help="default: the server's choice")
     target.add_argument("--server-pid", type=int, default=None,
@@ -131,7 +132,8 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     duration = args.duration if args.duration is not None or args.requests else 10.0
     config = RunConfig(
-        url=args.url, model=args.model, version=args.model_version, rpc=args.rpc,
+        url=args.url, security=client_security(args, "peregrine bench run"),
+        model=args.model, version=args.model_version, rpc=args.rpc,
         concurrency=tuple(args.concurrency or (1,)), rates=tuple(args.rate or ()),
         arrival=args.arrival, max_inflight=args.max_inflight, duration_s=duration,
         requests=args.requests, warmup_s=args.warmup, repeats=args.repeats,
@@ -142,7 +144,8 @@ def _run(args: argparse.Namespace) -> int:
     )
     progress = ProgressLine(None if args.progress == "auto" else args.progress == "always")
     try:
-        document = run(config, progress, command=[Path(sys.argv[0]).name, *sys.argv[1:]])
+        document = run(config, progress,
+                       command=[Path(sys.argv[0]).name, *redact_token(sys.argv[1:])])
     except (ValueError, TimeoutError, OSError) as exc:
         print(f"peregrine bench run: {exc}", file=sys.stderr)
         return 1

@@ -21,7 +21,7 @@ import math
 import random
 import time
 from collections.abc import Iterator, MutableSequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -36,6 +36,7 @@ from bench.loadgen.wire import (
     stream_callable,
     unary_callable,
 )
+from server.cli.connection import ClientSecurity
 
 UNFINISHED = "UNFINISHED"
 
@@ -66,6 +67,8 @@ class Target:
     rows: int  # batch rows per request (samples/s = rows * infer/s)
     stream_format: str = "triton"  # what the server's stream answers are (bench/loadgen/wire.py)
     max_message_bytes: int = 64 * 1024 * 1024
+    #: TLS, and the token sent with every call.
+    security: ClientSecurity = field(default_factory=ClientSecurity)
 
 
 @dataclass(slots=True)
@@ -101,6 +104,11 @@ def arrivals(rate: float, arrival: str, first_ns: int, seed: int) -> Iterator[in
             at += rng.expovariate(1.0) * gap_ns
     else:
         raise ValueError(f"arrival must be poisson or constant, got {arrival!r}")
+
+
+def call_metadata(target: Target) -> grpc.aio.Metadata:
+    """The metadata of every call, built once: grpc.aio converts anything else per call."""
+    return grpc.aio.Metadata(*target.security.metadata)
 
 
 class _Tally:
@@ -166,8 +174,9 @@ class Generator:
     async def run(self, plan: StepPlan) -> WorkerResult:
         tally = _Tally(plan, self._progress, self._slot)
         lag: list[int] = []
-        async with grpc.aio.insecure_channel(
-            self._target.url, options=channel_options(self._target.max_message_bytes)
+        target = self._target
+        async with target.security.aio_channel(
+            target.url, channel_options(target.max_message_bytes)
         ) as channel:
             await asyncio.wait_for(channel.channel_ready(), timeout=30)
             window = asyncio.get_running_loop().create_task(self._window_cpu(tally))
@@ -234,6 +243,7 @@ class Generator:
     ) -> None:
         call = unary_callable(channel)
         payload = self._target.payload
+        metadata = call_metadata(self._target)
         timeout = plan.timeout_s
         now = time.monotonic_ns
 
@@ -242,7 +252,7 @@ class Generator:
                 measured = tally.issued(start)
                 code: str | None = None
                 try:
-                    await call(payload, timeout=timeout)
+                    await call(payload, timeout=timeout, metadata=metadata)
                 except grpc.aio.AioRpcError as exc:
                     code = exc.code().name
                 tally.done(measured, start, now(), code)
@@ -254,6 +264,7 @@ class Generator:
     ) -> None:
         call = unary_callable(channel)
         payload = self._target.payload
+        metadata = call_metadata(self._target)
         timeout = plan.timeout_s
         now = time.monotonic_ns
         loop = asyncio.get_running_loop()
@@ -263,7 +274,7 @@ class Generator:
         async def one(scheduled: int, measured: bool) -> None:
             code: str | None = None
             try:
-                await call(payload, timeout=timeout)
+                await call(payload, timeout=timeout, metadata=metadata)
             except grpc.aio.AioRpcError as exc:
                 code = exc.code().name
             tally.done(measured, scheduled, now(), code)
@@ -305,9 +316,10 @@ class Generator:
         the next. Open loop: a sender task writes at the scheduled instants.
         """
         open_stream = stream_callable(channel)
+        metadata = call_metadata(self._target)
         ids = itertools.count()
         while tally.may_issue(time.monotonic_ns()):
-            stream = _Stream(open_stream(), self._target, tally, ids, lag)
+            stream = _Stream(open_stream(metadata=metadata), self._target, tally, ids, lag)
             if await stream.run(plan, schedule):
                 return
             await asyncio.sleep(0.01)

@@ -26,6 +26,7 @@ from bench.loadgen.schema import SCHEMA
 from bench.loadgen.server_info import ServerInfo, StatsSnapshot, split_between
 from bench.loadgen.wire import STREAM_FORMATS, infer_request_bytes
 from bench.loadgen.workers import WorkerPool, split_plans
+from server.cli.connection import ClientSecurity
 
 #: A pinned server above this CPU share was the bottleneck; a client above it, the client.
 BUSY_PERCENT = 90.0
@@ -58,6 +59,8 @@ class RunConfig:
     server_pid: int | None = None
     label: str = ""
     stream_format: str = "auto"  # auto | triton | plain (bench/loadgen/wire.py)
+    #: TLS and the token; the run document records only whether TLS was on.
+    security: ClientSecurity = field(default_factory=ClientSecurity)
 
     @property
     def mode(self) -> str:
@@ -81,6 +84,8 @@ class RunConfig:
 
     def as_inputs(self) -> dict[str, Any]:
         inputs = asdict(self)
+        del inputs["security"]  # the token and keys stay out of the run document
+        inputs["tls"] = self.security.ssl
         inputs["mode"] = self.mode
         inputs["sweep"] = "rate" if self.rates else "concurrency"
         inputs["concurrency"] = list(self.concurrency)
@@ -258,7 +263,7 @@ def run(config: RunConfig, progress: ProgressLine | None = None,
         found = find_server_pid(config.url)
         if found is not None:
             config, pid_source = replace(config, server_pid=found), "found"
-    info = ServerInfo(config.url)
+    info = ServerInfo(config.url, security=config.security)
     try:
         info.wait_ready(config.model)
         tensors = request_tensors(config, info)
@@ -270,7 +275,7 @@ def run(config: RunConfig, progress: ProgressLine | None = None,
         if stream_format == "auto":  # MLServer streams bare ModelInferResponse messages
             stream_format = "plain" if (metadata or {}).get("name") == "mlserver" else "triton"
         target = Target(url=config.url, payload=payload, rows=rows,
-                        stream_format=stream_format)
+                        stream_format=stream_format, security=config.security)
         points = ([(c, 0.0) for c in config.concurrency] if config.mode == "closed"
                   else [(config.max_inflight, r) for r in config.rates])
         steps = []

@@ -14,6 +14,7 @@ import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
 from bench.loadgen.inputs import TensorMeta
+from server.cli.connection import ClientSecurity
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,10 +44,15 @@ def split_between(before: StatsSnapshot, after: StatsSnapshot) -> dict[str, floa
 
 
 class ServerInfo:
-    def __init__(self, url: str, timeout_s: float = 10.0) -> None:
+    def __init__(self, url: str, timeout_s: float = 10.0,
+                 security: ClientSecurity | None = None) -> None:
+        security = security or ClientSecurity()
         self.url = url
         self._timeout = timeout_s
-        self._client = triton.InferenceServerClient(url)
+        self._client = triton.InferenceServerClient(
+            url, creds=security.credentials(), channel_args=security.options() or None)
+        #: The token, on every call.
+        self._headers = dict(security.metadata) or None
 
     def close(self) -> None:
         self._client.close()
@@ -56,7 +62,8 @@ class ServerInfo:
         last: Exception | None = None
         while time.monotonic() < deadline:
             try:
-                if self._client.is_model_ready(model, client_timeout=2.0):
+                if self._client.is_model_ready(model, headers=self._headers,
+                                               client_timeout=2.0):
                     return
             except InferenceServerException as exc:
                 last = exc
@@ -66,7 +73,7 @@ class ServerInfo:
 
     def server_metadata(self) -> dict[str, Any] | None:
         try:
-            answer = self._client.get_server_metadata(as_json=True,
+            answer = self._client.get_server_metadata(as_json=True, headers=self._headers,
                                                       client_timeout=self._timeout)
         except InferenceServerException:
             return None
@@ -76,6 +83,7 @@ class ServerInfo:
         """The model's inputs from ModelMetadata; None when the server gives none."""
         try:
             answer = self._client.get_model_metadata(model, version, as_json=True,
+                                                     headers=self._headers,
                                                      client_timeout=self._timeout)
         except InferenceServerException:
             return None
@@ -87,6 +95,7 @@ class ServerInfo:
         """Whether the model has a batch dimension (ModelConfig max_batch_size > 0)."""
         try:
             answer = self._client.get_model_config(model, version, as_json=True,
+                                                   headers=self._headers,
                                                    client_timeout=self._timeout)
         except InferenceServerException:
             return None
@@ -95,6 +104,7 @@ class ServerInfo:
     def statistics(self, model: str, version: str = "") -> StatsSnapshot | None:
         try:
             answer = self._client.get_inference_statistics(model, version, as_json=True,
+                                                           headers=self._headers,
                                                            client_timeout=self._timeout)
         except InferenceServerException:
             return None

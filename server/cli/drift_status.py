@@ -10,6 +10,7 @@ import grpc
 
 from server._pb import admin_pb2 as admin
 from server._pb import admin_pb2_grpc as admin_grpc
+from server.cli.connection import add_connection_arguments, client_security
 
 
 def add_status_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -18,7 +19,7 @@ def add_status_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         description="Ask a running server (PeregrineAdmin.GetDrift) for its latest sliding "
         "and fixed window reports.",
     )
-    status.add_argument("--url", default="127.0.0.1:8001", help="server address (host:port)")
+    add_connection_arguments(status)
     status.add_argument("--model", default="", help="only this model")
     status.add_argument("--version", default="", help="only this version")
     status.add_argument("--top", type=int, default=10, help="features shown per report")
@@ -30,11 +31,12 @@ def _number(value: float) -> str:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    with grpc.insecure_channel(args.url) as channel:
+    security = client_security(args, "peregrine drift status")
+    with security.channel(args.url) as channel:
         stub = admin_grpc.PeregrineAdminStub(channel)
         try:
             reply = stub.GetDrift(admin.DriftRequest(model=args.model, version=args.version),
-                                  timeout=args.timeout)
+                                  timeout=args.timeout, metadata=security.metadata)
         except grpc.RpcError as exc:
             print(f"peregrine drift status: {exc.code().name}: {exc.details()}",
                   file=sys.stderr)

@@ -9,6 +9,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from server.cli.connection import add_connection_arguments, client_security
+
 
 def add_health_parser(commands: Any) -> None:
     health = commands.add_parser(
@@ -16,18 +18,19 @@ def add_health_parser(commands: Any) -> None:
         description="Query the standard gRPC health service; exit 0 when SERVING, 1 otherwise. "
         "Meant for Docker HEALTHCHECK and scripts.",
     )
-    health.add_argument("--url", default="127.0.0.1:8001", help="server address (host:port)")
+    add_connection_arguments(health)
     health.add_argument("--service", default="",
                         help="service to check (default: the whole server)")
     health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait")
 
 
 def run_health(args: argparse.Namespace) -> int:
-    with grpc.insecure_channel(args.url) as channel:
+    security = client_security(args, "peregrine health")
+    with security.channel(args.url) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=args.service),
-                               timeout=args.timeout)
+                               timeout=args.timeout, metadata=security.metadata)
         except grpc.RpcError as exc:
             print(f"unhealthy: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1

@@ -17,6 +17,7 @@ from server.cli.route import add_route_parser, run_route
 from server.cli.trt import add_trt_parser, run_trt
 from server.errors import ModelLoadError
 from server.logs import configure_logging
+from server.security.auth_file import AuthFileError
 from server.settings import OPTIONS, load_settings
 
 
@@ -106,7 +107,7 @@ def _run_serve(args: argparse.Namespace) -> int:
                 runner.run(serve(settings))
         else:
             asyncio.run(serve(settings))
-    except (OSError, ModelLoadError) as exc:
+    except (OSError, ModelLoadError, AuthFileError) as exc:
         print(f"peregrine serve: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -11,6 +11,7 @@ import grpc
 
 from server._pb import grpc_service_pb2 as pb
 from server._pb import grpc_service_pb2_grpc as pb_grpc
+from server.cli.connection import Metadata, add_connection_arguments, client_security
 
 
 def add_repo_parser(commands: Any) -> None:
@@ -19,7 +20,7 @@ def add_repo_parser(commands: Any) -> None:
         description="Model control over gRPC (RepositoryIndex, RepositoryModelLoad/Unload). "
         "Loading and unloading need a server started with --model-control-mode explicit.",
     )
-    repo.add_argument("--url", default="127.0.0.1:8001", help="server address (host:port)")
+    add_connection_arguments(repo)
     repo.add_argument("--timeout", type=float, default=120.0, help="seconds to wait per call")
     actions = repo.add_subparsers(dest="repo_command", required=True)
     index = actions.add_parser("index", help="models, versions, states and reasons")
@@ -32,8 +33,10 @@ def add_repo_parser(commands: Any) -> None:
     unload.add_argument("model")
 
 
-def _print_index(stub: pb_grpc.GRPCInferenceServiceStub, timeout: float, verbose: bool) -> None:
-    response = stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=timeout)
+def _print_index(stub: pb_grpc.GRPCInferenceServiceStub, timeout: float, verbose: bool,
+                 metadata: Metadata) -> None:
+    response = stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=timeout,
+                                    metadata=metadata)
     rows = [(m.name, m.version or "-", m.state, m.reason) for m in response.models]
     widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in
               enumerate(("MODEL", "VERSION", "STATE"))]
@@ -41,23 +44,26 @@ def _print_index(stub: pb_grpc.GRPCInferenceServiceStub, timeout: float, verbose
     for name, version, state, reason in rows:
         print(f"{name:<{widths[0]}}  {version:<{widths[1]}}  {state:<{widths[2]}}  {reason}")
         if verbose and state == "READY":
-            metadata = stub.ModelMetadata(
-                pb.ModelMetadataRequest(name=name, version=version), timeout=timeout
+            described = stub.ModelMetadata(
+                pb.ModelMetadataRequest(name=name, version=version), timeout=timeout,
+                metadata=metadata,
             )
-            for tensor in metadata.inputs:
+            for tensor in described.inputs:
                 print(f"    input  {tensor.name} {tensor.datatype} {list(tensor.shape)}")
-            for tensor in metadata.outputs:
+            for tensor in described.outputs:
                 print(f"    output {tensor.name} {tensor.datatype} {list(tensor.shape)}")
-            for key, value in sorted(metadata.properties.items()):
+            for key, value in sorted(described.properties.items()):
                 print(f"    {key} = {value}")
 
 
 def run_repo(args: argparse.Namespace) -> int:
-    with grpc.insecure_channel(args.url) as channel:
+    security = client_security(args, f"peregrine repo {args.repo_command}")
+    metadata = security.metadata
+    with security.channel(args.url) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         try:
             if args.repo_command == "index":
-                _print_index(stub, args.timeout, args.verbose)
+                _print_index(stub, args.timeout, args.verbose, metadata)
             elif args.repo_command == "load":
                 request = pb.RepositoryModelLoadRequest(model_name=args.model)
                 if args.config:
@@ -68,11 +74,12 @@ def run_repo(args: argparse.Namespace) -> int:
                               file=sys.stderr)
                         return 2
                     request.parameters["config"].string_param = args.config
-                stub.RepositoryModelLoad(request, timeout=args.timeout)
+                stub.RepositoryModelLoad(request, timeout=args.timeout, metadata=metadata)
                 print(f"loaded {args.model}")
             else:
                 stub.RepositoryModelUnload(
-                    pb.RepositoryModelUnloadRequest(model_name=args.model), timeout=args.timeout
+                    pb.RepositoryModelUnloadRequest(model_name=args.model), timeout=args.timeout,
+                    metadata=metadata,
                 )
                 print(f"unloaded {args.model}")
         except grpc.RpcError as exc:

@@ -18,6 +18,7 @@ from google.protobuf import json_format
 
 from server._pb import admin_pb2 as admin
 from server._pb import admin_pb2_grpc as admin_grpc
+from server.cli.connection import Metadata, add_connection_arguments, client_security
 
 #: Metadata naming the operator in the server's audit log (server/frontend/admin.py).
 USER_HEADER = "x-peregrine-user"
@@ -36,8 +37,7 @@ def _common(parser: argparse.ArgumentParser, defaults: bool) -> None:
     def default(value: object) -> object:
         return value if defaults else argparse.SUPPRESS
 
-    parser.add_argument("--url", default=default("127.0.0.1:8001"),
-                        help="server address (host:port); default 127.0.0.1:8001")
+    add_connection_arguments(parser, defaults)
     parser.add_argument("--user", default=default(""),
                         help=f"who makes the change, for the audit log (sent as {USER_HEADER}; "
                         "default: the server logs the peer address)")
@@ -276,7 +276,7 @@ def _print(status: admin.RouteStatus, as_json: bool) -> None:
 
 
 def _call(stub: admin_grpc.PeregrineAdminStub, args: argparse.Namespace,
-          metadata: list[tuple[str, str]]) -> None:
+          metadata: Metadata) -> None:
     command = args.route_command
     if command == "set":
         table = build_table(args)
@@ -312,9 +312,10 @@ def _call(stub: admin_grpc.PeregrineAdminStub, args: argparse.Namespace,
 
 
 def run_route(args: argparse.Namespace) -> int:
-    metadata = [(USER_HEADER, args.user)] if args.user else []
     prefix = f"peregrine route {args.route_command}"
-    with grpc.insecure_channel(args.url) as channel:
+    security = client_security(args, prefix)
+    metadata = (*security.metadata, *([(USER_HEADER, args.user)] if args.user else []))
+    with security.channel(args.url) as channel:
         stub = admin_grpc.PeregrineAdminStub(channel)
         try:
             _call(stub, args, metadata)

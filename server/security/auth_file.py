@@ -30,6 +30,11 @@ from typing import Any
 from server.security.identity import Identity, Role
 from server.security.ratelimit import RateLimit
 
+
+class AuthFileError(ValueError):
+    """The auth file cannot be read or is malformed (the server does not start)."""
+
+
 _KEYS = frozenset({"name", "roles", "models", "tokens", "certificate_names", "rate", "burst"})
 
 
@@ -131,14 +136,14 @@ def parse_auth_file(text: str, path: Path) -> AuthTable:
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"auth file {path}: {exc}") from None
+        raise AuthFileError(f"auth file {path}: {exc}") from None
     unknown = set(document) - {"identity"}
     if unknown:
-        raise ValueError(f"auth file {path}: unknown keys {sorted(unknown)} (expected "
+        raise AuthFileError(f"auth file {path}: unknown keys {sorted(unknown)} (expected "
                          "[[identity]] tables)")
     entries = document.get("identity", [])
     if not isinstance(entries, list):
-        raise ValueError(f"auth file {path}: 'identity' must be an array of tables")
+        raise AuthFileError(f"auth file {path}: 'identity' must be an array of tables")
     identities: list[Identity] = []
     tokens: dict[str, tuple[StoredToken, Identity]] = {}
     certificates: dict[str, Identity] = {}
@@ -147,18 +152,18 @@ def parse_auth_file(text: str, path: Path) -> AuthTable:
         try:
             identity, stored, names, limit = _identity(entry, index)
         except ValueError as exc:
-            raise ValueError(f"auth file {path}: {exc}") from None
+            raise AuthFileError(f"auth file {path}: {exc}") from None
         if any(i.name == identity.name for i in identities):
-            raise ValueError(f"auth file {path}: identity '{identity.name}' appears twice")
+            raise AuthFileError(f"auth file {path}: identity '{identity.name}' appears twice")
         identities.append(identity)
         for token in stored:
             if token.key_id in tokens:
-                raise ValueError(f"auth file {path}: token key id '{token.key_id}' appears "
+                raise AuthFileError(f"auth file {path}: token key id '{token.key_id}' appears "
                                  "twice")
             tokens[token.key_id] = (token, identity)
         for name in names:
             if name in certificates:
-                raise ValueError(f"auth file {path}: certificate name '{name}' belongs to "
+                raise AuthFileError(f"auth file {path}: certificate name '{name}' belongs to "
                                  "two identities")
             certificates[name] = identity
         if limit is not None:
@@ -170,7 +175,7 @@ def read_auth_file(path: Path) -> AuthTable:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ValueError(f"auth file {path}: {exc.strerror or exc}") from None
+        raise AuthFileError(f"auth file {path}: {exc.strerror or exc}") from None
     return parse_auth_file(text, path)
 
 

@@ -26,8 +26,9 @@ from server._pb import admin_pb2, grpc_service_pb2
 from server.security.identity import Role
 from server.security.rules import ADMIN, INFERENCE, RULES
 from tests import model_factory
-from tests.triton_shm import load as load_shared_memory
+from tests.certificates import make_pki
 from tests.server_harness import ServerThread
+from tests.triton_shm import load as load_shared_memory
 
 ROLES = ("infer", "monitor", "admin")
 
@@ -391,3 +392,54 @@ def test_a_shared_memory_region_is_its_registrants_alone(tmp_path: Path) -> None
             assert raised.value.status() == "StatusCode.PERMISSION_DENIED"
     finally:
         shm.destroy_shared_memory_region(handle)
+
+
+def test_a_verified_client_certificate_is_an_identity(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path)
+    unknown_cert, unknown_key = pki.authority.issue("unknown", client=True).write(
+        tmp_path, "unknown")
+    repo = tmp_path / "models"
+    model_factory.identity_model(repo, "identity_fp32", "FP32")
+    auth_file = tmp_path / "auth.toml"
+    subprocess.run([sys.executable, "-m", "server.cli", "auth", "add", "svc", "--auth-file",
+                    str(auth_file), "--roles", "infer", "--certificate-name", "client"],
+                   check=True, capture_output=True, timeout=60)
+    admin_token = add_identity(auth_file, "ops", "--roles", "admin")
+    with ServerThread(repo, auth_file=auth_file, grpc_use_ssl=True,
+                      grpc_server_cert=pki.server_cert, grpc_server_key=pki.server_key,
+                      grpc_root_cert=pki.ca, grpc_use_ssl_mutual=True) as server:
+
+        def client(cert: Path, key: Path) -> grpcclient.InferenceServerClient:
+            return grpcclient.InferenceServerClient(
+                server.url, ssl=True, root_certificates=str(pki.ca),
+                certificate_chain=str(cert), private_key=str(key))
+
+        known = client(pki.client_cert, pki.client_key)
+        tensor = grpcclient.InferInput("INPUT0", [1, 2], "FP32")
+        tensor.set_data_from_numpy(np.ones((1, 2), np.float32))
+        assert known.infer("identity_fp32", [tensor]).as_numpy("OUTPUT0").shape == (1, 2)
+        with pytest.raises(InferenceServerException) as raised:
+            known.get_inference_statistics()  # svc has the infer role only
+        assert raised.value.status() == "StatusCode.PERMISSION_DENIED"
+        assert "identity 'svc'" in raised.value.message()
+        # A token, when sent, wins over the certificate.
+        assert known.get_model_repository_index(headers=dict(bearer(admin_token))) is not None
+        stranger = client(unknown_cert, unknown_key)  # verified, but named nowhere
+        with pytest.raises(InferenceServerException) as raised:
+            stranger.infer("identity_fp32", [tensor])
+        assert raised.value.status() == "StatusCode.UNAUTHENTICATED"
+
+
+def test_a_bad_auth_file_stops_serve_with_one_line(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from server.cli.main import main
+
+    repo = tmp_path / "models"
+    model_factory.identity_model(repo, "identity_fp32", "FP32")
+    (tmp_path / "auth.toml").write_text("[[identity]]\nname = 'x'\nroles = ['root']\n")
+    for auth_file in (tmp_path / "missing.toml", tmp_path / "auth.toml"):
+        assert main(["serve", "--model-repository", str(repo), "--grpc-port", "0",
+                     "--metrics-port", "0", "--auth-file", str(auth_file)]) == 1
+        error = capsys.readouterr().err.strip()
+        assert error.startswith(f"peregrine serve: auth file {auth_file}")
+        assert len(error.splitlines()) == 1
