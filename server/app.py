@@ -54,6 +54,7 @@ from server.routing.router import Router
 from server.routing.shadow import ShadowMirror
 from server.routing.store import RouteStore
 from server.scheduler import batcher
+from server.security.redact import redact_uri
 from server.settings import ServerSettings
 from server.shm import SharedMemoryRegistry
 from server.spec import ModelSpec
@@ -211,7 +212,7 @@ class PeregrineServer:
             "grpc": f"{settings.host}:{self.grpc_port}",
             "metrics": f"{settings.metrics_address}:{self.metrics_port}"
             if settings.allow_metrics else "off",
-            "repository": settings.model_source or str(settings.model_repository),
+            "repository": redact_uri(settings.model_source) or str(settings.model_repository),
             "ready_versions": len(ready),
         })
 
