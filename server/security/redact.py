@@ -18,7 +18,7 @@ _SECRET_PARAMETERS = ("token", "password", "passwd", "secret", "key", "signature
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/?#@\s'\"]*@")
 _QUERY = re.compile(
     r"(?P<name>[?&;](?:[A-Za-z0-9_.-]*[_.-])?(?:" + "|".join(_SECRET_PARAMETERS)
-    + r"))=[^&#\s'\"]*",
+    + r"))=[^&;#\s'\"]*",
     re.IGNORECASE,
 )
 
