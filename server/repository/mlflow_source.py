@@ -48,6 +48,7 @@ from server.errors import InvalidInput, ModelLoadError, ModelNotFound
 from server.repository import model_config as config_io
 from server.repository.cards import CARD_FILE
 from server.security.names import check_model_name, check_name
+from server.security.paths import hide_paths
 from server.security.redact import redact_uri
 
 if TYPE_CHECKING:
@@ -219,6 +220,8 @@ class MlflowSource:
                           extra={"model": name, "error": repr(exc)})
                 raise ModelLoadError(f"cannot cache model '{name}' in the model cache: "
                                      f"{exc.strerror or type(exc).__name__}") from exc
+            except ModelLoadError as exc:  # an artifact's config.pbtxt, named by its path
+                raise ModelLoadError(hide_paths(str(exc), [model_dir])) from None
         return model_dir
 
     # -- registry ------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ error, a version must be a number, an artifact's path plain names, a download ca
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -121,3 +122,18 @@ def test_a_download_is_capped() -> None:
                                              r"download limit of 2048 MiB \(2048 MiB listed\)"):
         _check_size(mlflow_source.MAX_DOWNLOAD_BYTES + 1, "registered model 'd' version 3",
                     "listed")
+
+
+def test_a_bad_config_in_the_cache_is_named_relative_to_the_model(tmp_path: Path) -> None:
+    """A version already cached (no download) whose artifact config.pbtxt does not parse."""
+    built = source(tmp_path, version())
+    cached = tmp_path / "digits" / "3"
+    cached.mkdir(parents=True)
+    (cached / "model.onnx").write_bytes(b"onnx")
+    (cached / "model_card.json").write_text(
+        json.dumps(built._card(version())))  # type: ignore[arg-type]
+    (cached / "config.pbtxt").write_text("no_such_field: 1\n")
+    with pytest.raises(ModelLoadError) as err:
+        built.fetch("digits")
+    assert str(err.value).startswith("3/config.pbtxt:"), err.value
+    assert str(tmp_path) not in str(err.value)
