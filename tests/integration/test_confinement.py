@@ -7,6 +7,7 @@ capped."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,15 @@ def server(layout: dict[str, Path]) -> Iterator[ServerThread]:
         yield running
 
 
+def settled(state: Path) -> None:
+    """Wait until the state file (written by the server's writer thread, in order) remembers
+    exactly the model loaded at start."""
+    deadline = time.monotonic() + 30
+    while not state.exists() or json.loads(state.read_text())["explicit_models"] != [MODEL]:
+        assert time.monotonic() < deadline, "the state file never named only the model"
+        time.sleep(0.02)
+
+
 def loaded(url: str) -> dict[str, str]:
     with grpcclient.InferenceServerClient(url) as client:
         return {m.name: m.state for m in client.get_model_repository_index().models
@@ -132,6 +142,7 @@ def loaded(url: str) -> dict[str, str]:
 def test_path_like_names_are_refused_by_every_rpc(
     server: ServerThread, layout: dict[str, Path]
 ) -> None:
+    settled(layout["state"])
     state_before = layout["state"].read_bytes()
     mtime_before = layout["state"].stat().st_mtime_ns
     exists, missing = layout["outside"], layout["tmp"] / "missing"
@@ -194,7 +205,7 @@ def test_override_paths_stay_inside_the_model_directory(
             client.load_model("m2", config=text)
         assert field in err.value.message(), err.value.message()
         assert not client.is_model_ready("m2")
-        assert json.loads(layout["state"].read_text())["explicit_models"] == [MODEL]
+        settled(layout["state"])
         client.load_model("m2", config=override())
         assert client.is_model_ready("m2")  # the same load without the path works
 
