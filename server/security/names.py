@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from server.errors import InvalidInput
 
-#: The longest name accepted (characters); file systems allow 255 bytes per component.
-MAX_NAME_LENGTH = 256
+#: The longest name accepted, in bytes of UTF-8: what file systems allow for one component
+#: (a longer one would fail inside the server, not answer INVALID_ARGUMENT).
+MAX_NAME_BYTES = 255
 
 
 def check_name(name: str, what: str) -> str:
@@ -20,11 +21,12 @@ def check_name(name: str, what: str) -> str:
     says what the name is ("model name", "artifact name")."""
     if not name:
         raise InvalidInput(f"{what} is empty")
-    if len(name) > MAX_NAME_LENGTH:
-        raise InvalidInput(f"{what} is {len(name)} characters long; the limit is "
-                           f"{MAX_NAME_LENGTH}")
-    if not name.isprintable():
+    if not name.isprintable():  # first: a printable str encodes (no lone surrogates)
         raise InvalidInput(f"{what} holds a control or other non-printable character")
+    size = len(name.encode())
+    if size > MAX_NAME_BYTES:
+        raise InvalidInput(f"{what} is {size} bytes long (UTF-8); the limit is "
+                           f"{MAX_NAME_BYTES}")
     if "/" in name or "\\" in name:
         raise InvalidInput(f"{what} holds a path separator ('/' or '\\')")
     if ".." in name or name.startswith("."):

@@ -8,18 +8,19 @@ from pathlib import Path
 import pytest
 
 from server.errors import InvalidInput, ModelLoadError
-from server.security.names import MAX_NAME_LENGTH, check_model_name
+from server.security.names import MAX_NAME_BYTES, check_model_name
 from server.security.paths import check_relative, confined, hide_paths, relative_path
 
 
-@pytest.mark.parametrize("name", ["resnet50", "my-model_v2.onnx", "modèle", "a b", "x" * 256])
+@pytest.mark.parametrize("name", ["resnet50", "my-model_v2.onnx", "modèle", "a b", "x" * 255])
 def test_model_names_that_are_one_plain_component_pass(name: str) -> None:
     assert check_model_name(name) == name
 
 
 @pytest.mark.parametrize(("name", "why"), [
     ("", "is empty"),
-    ("x" * (MAX_NAME_LENGTH + 1), "257 characters long; the limit is 256"),
+    ("x" * (MAX_NAME_BYTES + 1), "256 bytes long (UTF-8); the limit is 255"),
+    ("é" * 128, "256 bytes long (UTF-8); the limit is 255"),
     ("/tmp/x", "path separator"),
     ("../x", "path separator"),
     ("m/1/../../m", "path separator"),
