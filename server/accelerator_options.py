@@ -19,11 +19,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 from server.errors import ModelLoadError
-from server.parameters import Key, boolean, choice, integer, optional, text
+from server.parameters import Key, boolean, choice, integer, optional
+from server.security.paths import confined, relative_path
 from server.spec import InstanceSpec, ModelSpec
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
@@ -182,10 +184,12 @@ TRT_BUILD_FROM_ONNX = Key("trt_build_from_onnx", boolean,
                           "build the engine from <version>/model.onnx (cached)", "false")
 TRT_PRECISION = Key("trt_precision", parse_precision,
                     "precisions the builder may use: fp32, fp16, bf16, int8 or a set", "fp32")
-TRT_ENGINE_CACHE_DIR = Key("trt_engine_cache_dir", optional(text),
-                           "where built engines are cached (default: see engine_cache)")
-TRT_TIMING_CACHE = Key("trt_timing_cache", optional(text),
-                       "timing-cache file (default: one per GPU in the engine cache dir)")
+TRT_ENGINE_CACHE_DIR = Key("trt_engine_cache_dir", optional(relative_path),
+                           "where built engines are cached, relative to the model directory "
+                           "(default: see engine_cache)")
+TRT_TIMING_CACHE = Key("trt_timing_cache", optional(relative_path),
+                       "timing-cache file, relative to the model directory (default: one per "
+                       "GPU in the engine cache dir)")
 #: The native TensorRT backend's keys.
 TRT_KEYS = (TRT_BUILD_FROM_ONNX, TRT_PRECISION, TRT_WORKSPACE_MB, TRT_OPTIMIZATION_LEVEL,
             TRT_CUDA_GRAPHS, TRT_ENGINE_CACHE_DIR, TRT_TIMING_CACHE, TRT_SHAPE)
@@ -234,10 +238,12 @@ ARENA_EXTEND_STRATEGY = Key("arena_extend_strategy", optional(choice(*ARENA_STRA
                             "how the CUDA arena grows (onnxruntime's default)")
 TRT_FP16 = Key("trt_fp16", boolean, "TensorRT provider: allow fp16", "false")
 TRT_INT8 = Key("trt_int8", boolean, "TensorRT provider: allow int8", "false")
-TRT_ENGINE_CACHE_PATH = Key("trt_engine_cache_path", optional(text),
-                            "TensorRT provider: cache engines in this directory")
-TRT_TIMING_CACHE_PATH = Key("trt_timing_cache_path", optional(text),
-                            "TensorRT provider: keep a timing cache in this directory")
+TRT_ENGINE_CACHE_PATH = Key("trt_engine_cache_path", optional(relative_path),
+                            "TensorRT provider: cache engines in this directory (relative to "
+                            "the model directory)")
+TRT_TIMING_CACHE_PATH = Key("trt_timing_cache_path", optional(relative_path),
+                            "TensorRT provider: keep a timing cache in this directory "
+                            "(relative to the model directory)")
 #: Keys of ONNX Runtime's TensorRT execution provider (need execution_accelerator tensorrt).
 ORT_TRT_KEYS = (TRT_FP16, TRT_INT8, TRT_ENGINE_CACHE_PATH, TRT_TIMING_CACHE_PATH,
                 TRT_WORKSPACE_MB, TRT_OPTIMIZATION_LEVEL, TRT_CUDA_GRAPHS, TRT_SHAPE)
@@ -276,11 +282,14 @@ Provider = str | tuple[str, dict[str, Any]]
 
 
 def ort_gpu_providers(
-    spec: ModelSpec, options: OrtGpuOptions, device: int, available: Sequence[str]
+    spec: ModelSpec, options: OrtGpuOptions, device: int, available: Sequence[str],
+    model_dir: Path,
 ) -> list[Provider]:
-    """Execution providers (with their options) of one GPU instance on ``device``.
+    """Execution providers (with their options) of one GPU instance on ``device``; the cache
+    paths are resolved inside ``model_dir``.
 
-    Raises ModelLoadError when the accelerator asked for is not in ``available``.
+    Raises ModelLoadError when the accelerator asked for is not in ``available``, or a cache
+    path leads out of the model directory.
     """
     cuda: dict[str, Any] = {"device_id": device}
     if options.gpu_mem_limit is not None:
@@ -304,10 +313,12 @@ def ort_gpu_providers(
             trt["trt_int8_enable"] = True
         if options.trt_engine_cache_path is not None:
             trt["trt_engine_cache_enable"] = True
-            trt["trt_engine_cache_path"] = options.trt_engine_cache_path
+            trt["trt_engine_cache_path"] = str(confined(
+                model_dir, options.trt_engine_cache_path, "trt_engine_cache_path"))
         if options.trt_timing_cache_path is not None:
             trt["trt_timing_cache_enable"] = True
-            trt["trt_timing_cache_path"] = options.trt_timing_cache_path
+            trt["trt_timing_cache_path"] = str(confined(
+                model_dir, options.trt_timing_cache_path, "trt_timing_cache_path"))
         if options.trt_workspace_mb is not None:
             trt["trt_max_workspace_size"] = options.trt_workspace_mb << 20
         if options.trt_builder_optimization_level is not None:

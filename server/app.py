@@ -61,6 +61,7 @@ from server.security import tls
 from server.security.audit import AuditLog
 from server.security.authenticator import Authenticator
 from server.security.ratelimit import RateLimit, RateLimiter, parse_limit, parse_model_limits
+from server.security.redact import redact_uri
 from server.security.rules import parse_restrictions
 from server.settings import ServerSettings
 from server.shm import RegistrationGate, SharedMemoryRegistry
@@ -277,7 +278,7 @@ class PeregrineServer:
             "on" if settings.grpc_use_ssl else "off",
             "metrics": f"{settings.metrics_address}:{self.metrics_port}"
             if settings.allow_metrics else "off",
-            "repository": settings.model_source or str(settings.model_repository),
+            "repository": redact_uri(settings.model_source) or str(settings.model_repository),
             "ready_versions": len(ready),
         })
 

@@ -4,6 +4,9 @@ One service over the repository manager (and its catalog snapshots), the router 
 monitoring, used by every servicer: readiness, index, metadata, config, statistics, load and
 unload, routing tables and drift reports. It takes and returns plain types; the servicers
 translate protobuf. Runs on the event loop thread.
+
+Every method that takes a model name checks it first (server/security/names.py): a name that
+could be a path answers INVALID_ARGUMENT before anything looks it up or touches the disk.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from server.metrics.statistics import VersionStats
 from server.repository.cards import RUNTIME
 from server.repository.catalog import IndexEntry, ModelState, ModelView
 from server.repository.manager import ControlMode, ModelManager
+from server.repository.override import parse_override
 from server.routing.router import Router, RouteStatus
 from server.routing.table import RouteTable
+from server.security.names import check_model_name
 from server.types import DataType
 
 if TYPE_CHECKING:
@@ -72,6 +77,7 @@ class ControlPlane:
     # -- readiness and the index -----------------------------------------------------------------
 
     def model_ready(self, name: str, version: str) -> bool:
+        check_model_name(name)
         return self._manager.catalog.is_ready(name, version)
 
     def all_models_ready(self) -> bool:
@@ -92,6 +98,7 @@ class ControlPlane:
     # -- what a model is -----------------------------------------------------------------------
 
     def _loaded(self, name: str, version: str) -> ModelView:
+        check_model_name(name)
         model = self._manager.catalog.version_of(name, version)
         if model.spec is None or model.config is None:
             raise ModelNotFound(f"model '{name}' failed to load: {model.reason}")
@@ -135,6 +142,7 @@ class ControlPlane:
         catalog = self._manager.catalog
         served = catalog.served_versions()
         if name:
+            check_model_name(name)
             catalog.version_of(name, version)
             served = [s for s in served
                       if s.spec.name == name and (not version or s.version == version)]
@@ -152,48 +160,63 @@ class ControlPlane:
 
     async def load(self, name: str, parameters: Mapping[str, str]) -> None:
         """Load or reload ``name``; the only parameter is a config override (JSON)."""
+        check_model_name(name)
         self._check_explicit("RepositoryModelLoad")
-        override: str | None = None
+        override: mc.ModelConfig | None = None
         for key, value in parameters.items():
             if key != CONFIG_OVERRIDE_PARAMETER:
                 raise InvalidInput(
                     f"load parameter '{key}' is not supported (only "
                     f"'{CONFIG_OVERRIDE_PARAMETER}', a ModelConfig as JSON)"
                 )
-            override = value
+            override = parse_override(value)
         try:
             await self._manager.load_model(name, config_override=override, explicit=True)
         except ModelLoadError as exc:
             raise LoadFailed(str(exc)) from None
 
     async def unload(self, name: str) -> None:
+        check_model_name(name)
         self._check_explicit("RepositoryModelUnload")
         await self._manager.unload_model(name, explicit=True)
 
     # -- routing ---------------------------------------------------------------------------------
 
     def set_route(self, table: RouteTable, who: str) -> RouteStatus:
+        check_model_name(table.model)
+        targets = [v.model for v in table.variants]
+        if table.shadow is not None:
+            targets.append(table.shadow.target.model)
+        for model in targets:
+            if model:  # empty: the routed model itself
+                check_model_name(model)
         return self._router.set_table(table, who)
 
     def clear_route(self, model: str, who: str) -> RouteStatus:
+        check_model_name(model)
         return self._router.clear(model, who)
 
     def route(self, model: str) -> RouteStatus:
+        check_model_name(model)
         return self._router.status(model)
 
     def routes(self) -> list[RouteStatus]:
         return [self._router.status(model) for model in self._router.routes()]
 
     def promote(self, model: str, who: str) -> RouteStatus:
+        check_model_name(model)
         return self._router.promote(model, who)
 
     def rollback(self, model: str, who: str) -> RouteStatus:
+        check_model_name(model)
         return self._router.rollback(model, who)
 
     # -- drift -----------------------------------------------------------------------------------
 
     def drift_reports(self, model: str, version: str) -> list[WindowReport]:
         """The latest window reports, of every model or one model (and version)."""
+        if model:
+            check_model_name(model)
         if self._drift_reports is None:
             raise NotAllowed("drift monitoring is not running: no model loaded at start sets "
                              "drift_sample_rate")

@@ -9,6 +9,7 @@ import time
 from server.codec.validate import validate_request
 from server.errors import PeregrineError
 from server.interfaces import DriftSample, DriftSink, LoadedModel, ModelCatalog, Router
+from server.security.names import check_model_name
 from server.types import InferRequest, InferResponse, RouteDecision
 
 _now = time.perf_counter_ns
@@ -54,6 +55,9 @@ class DataPlane:
             model = self._catalog.get(name, version)
         except Exception:
             self._finish_route(decision, request, None, start)
+            # Only a miss pays for the name check (the catalog's names were checked when they
+            # loaded): a name that could be a path answers INVALID_ARGUMENT, not NOT_FOUND.
+            check_model_name(name)
             raise
         try:
             validate_request(request, model.spec)

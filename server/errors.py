@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import secrets
+
 import grpc
+
+
+def correlation_id() -> str:
+    """A short random id that ties an error a client sees to the server's log line, which
+    holds what the client must not see (the exception, paths, the backend's own message)."""
+    return secrets.token_hex(8)
 
 
 class PeregrineError(Exception):

@@ -1,4 +1,11 @@
-"""Structured logging: one line per event, key=value text or JSON."""
+"""Structured logging: one line per event, key=value text or JSON.
+
+Values come from clients too (request ids, model names, messages quoting them), so no value
+may end a line or reach the terminal: JSON escapes every control character; text quotes a
+value that is not printable or holds a space, a quote or '=' (a JSON string: everything but
+printable ASCII escaped) and indents the lines of a traceback, so none passes for a line of
+its own.
+"""
 
 from __future__ import annotations
 
@@ -36,6 +43,24 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+def _text_value(value: object) -> str:
+    """A key=value value: bare when it is plain, else a JSON string (escapes included)."""
+    text = str(value)
+    if text and text.isprintable() and not any(c in text for c in ' "='):
+        return text
+    return json.dumps(text)
+
+
+def _indented(traceback: str) -> str:
+    """Every line of a traceback indented, control characters escaped: an exception message
+    holding a newline (or a terminal sequence) stays inside the entry it belongs to."""
+    lines = []
+    for line in traceback.splitlines():
+        escaped = line if line.isprintable() else json.dumps(line)[1:-1]
+        lines.append("    " + escaped)
+    return "\n".join(lines)
+
+
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         parts = [
@@ -44,12 +69,10 @@ class TextFormatter(logging.Formatter):
             record.name,
             json.dumps(record.getMessage()),
         ]
-        for key, value in _fields(record).items():
-            text = str(value)
-            parts.append(f"{key}={json.dumps(text) if (' ' in text or not text) else text}")
+        parts.extend(f"{key}={_text_value(value)}" for key, value in _fields(record).items())
         line = " ".join(parts)
         if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+            line += "\n" + _indented(self.formatException(record.exc_info))
         return line
 
 

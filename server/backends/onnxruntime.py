@@ -6,8 +6,8 @@ import ctypes
 import dataclasses
 import logging
 import math
-import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +23,7 @@ from server.accelerator_options import (
 from server.backends.shapes import check_dims
 from server.errors import InvalidInput, ModelLoadError
 from server.parameters import Key, boolean, choice, integer, optional
+from server.security.paths import confined
 from server.spec import ModelSpec, TensorSpec
 from server.types import Array, DataType
 
@@ -95,9 +96,10 @@ def session_options(spec: ModelSpec) -> ort.SessionOptions:
 
 
 def choose_providers(
-    spec: ModelSpec, instance_index: int
+    spec: ModelSpec, instance_index: int, model_dir: Path
 ) -> list[str | tuple[str, dict[str, Any]]]:
-    """Execution providers for one instance from its instance_group kind and what is installed.
+    """Execution providers for one instance from its instance_group kind and what is installed
+    (the TensorRT provider's cache paths inside ``model_dir``).
 
     KIND_GPU (or KIND_AUTO where CUDA is present) runs on the CUDA provider of the group's
     next GPU, or on the TensorRT provider with parameter ``execution_accelerator: tensorrt``;
@@ -122,7 +124,8 @@ def choose_providers(
             "or set the config parameter allow_cpu_fallback to \"true\""
         )
     options = parse_ort_gpu_options(spec.parameters, spec.name)
-    return ort_gpu_providers(spec, options, instance_device(spec, instance_index), available)
+    return ort_gpu_providers(spec, options, instance_device(spec, instance_index), available,
+                             model_dir)
 
 
 def _provider_name(provider: str | tuple[str, dict[str, Any]]) -> str:
@@ -274,16 +277,17 @@ class OnnxRuntimeFactory:
     parameter_keys = PARAMETER_KEYS
 
     def model_path(self, spec: ModelSpec, version_dir: str) -> str:
-        path = os.path.join(version_dir, spec.default_model_filename or "model.onnx")
-        if not os.path.isfile(path):
+        path = confined(Path(version_dir), spec.default_model_filename or "model.onnx",
+                        "default_model_filename", "the version directory")
+        if not path.is_file():
             raise ModelLoadError(f"model file '{path}' is missing")
-        return path
+        return str(path)
 
     def _session(
         self, spec: ModelSpec, version_dir: str, instance_index: int
     ) -> tuple[ort.InferenceSession, int | None]:
         path = self.model_path(spec, version_dir)
-        providers = choose_providers(spec, instance_index)
+        providers = choose_providers(spec, instance_index, Path(version_dir).parent)
         try:
             session = ort.InferenceSession(
                 path,

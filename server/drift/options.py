@@ -36,8 +36,9 @@ optional; the defaults are below. Keys, as ``parameters { key: "..." value: { st
 ``drift_ring_size``         samples the hot-path ring holds between two analyser passes
                             (default 4096); a full ring drops samples and counts them
 ``drift_store_dir``         where fixed windows are written, as ``<dir>/<model>/<version>/``;
-                            relative to the repository root (default ``.drift``, which the
-                            repository ignores as it starts with a dot)
+                            relative to the repository root and inside it (no absolute path,
+                            no '..'; default ``.drift``, which the repository ignores as it
+                            starts with a dot)
 ``drift_store_max_bytes``   size cap of one version's stored windows; the oldest are deleted
                             first (default 67108864 = 64 MiB; 0 stores nothing)
 ``drift_store_format``      ``parquet`` (needs pyarrow), ``npz`` or ``auto`` (default: parquet
@@ -53,7 +54,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from server.errors import ModelLoadError
-from server.parameters import Key, choice, integer, names, number, optional, text
+from server.parameters import Key, choice, integer, names, number, optional
+from server.security.paths import confined, relative_path
 
 PREFIX = "drift_"
 DEFAULT_STORE_DIR = ".drift"
@@ -100,7 +102,10 @@ class DriftConfig:
         return self.feature_axes.get(tensor, self.feature_axis)
 
     def store_path(self, repository: Path, model: str, version: str) -> Path:
-        return repository / self.store_dir / model / version
+        """``<repository>/<store_dir>/<model>/<version>``; ModelLoadError when ``store_dir``
+        leads out of the repository."""
+        store = confined(repository, self.store_dir, "drift_store_dir", "the repository")
+        return store / model / version
 
 
 _DEFAULT = DriftConfig()
@@ -151,7 +156,8 @@ RANGE_ALERT = _key("range_alert", number(0.0, 1.0), "share of out-of-range value
                    _LIMITS.range_alert)
 RING_SIZE = _key("ring_size", integer(1), "samples the ring holds between analyser passes",
                  _DEFAULT.ring_size)
-STORE_DIR = _key("store_dir", text, "where fixed windows are written (repository-relative)",
+STORE_DIR = _key("store_dir", relative_path,
+                 "where fixed windows are written (relative to the repository, inside it)",
                  _DEFAULT.store_dir)
 STORE_MAX_BYTES = _key("store_max_bytes", integer(0), "size cap of one version's windows",
                        _DEFAULT.store_max_bytes)

@@ -23,7 +23,7 @@ from server.errors import ModelNotReady
 from server.frontend.handlers import method_handlers
 from server.frontend.shared_memory import SystemSharedMemoryRpcs
 from server.frontend.statistics import statistics_response
-from server.frontend.status import abort_with, log_unexpected, mapped, status_of
+from server.frontend.status import abort_with, mapped, status_of
 from server.security.identity import caller
 from server.shm import RegistrationGate, SharedMemoryRegistry
 from server.types import InferRequest, InferResponse
@@ -265,8 +265,7 @@ class InferenceServicer(
                 named = request.model_name, request.model_version, request.id
             else:
                 named = codec.identify(data)
-            log_unexpected(exc, "ModelStreamInfer", named[2])
-            code, text = status_of(exc)
+            code, text = status_of(exc, "ModelStreamInfer", named[2])
             return codec.encode_stream_error_bytes(*named, f"[{code.name}] {text}")
 
         def answered(

@@ -9,7 +9,7 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 
-from server.errors import PeregrineError, RateLimited
+from server.errors import PeregrineError, RateLimited, correlation_id
 
 log = logging.getLogger(__name__)
 
@@ -20,23 +20,26 @@ RETRY_PUSHBACK = "grpc-retry-pushback-ms"
 Handler = Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
 
 
-def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+def status_of(exc: BaseException, rpc: str, request_id: str = "") -> tuple[grpc.StatusCode, str]:
+    """The status and message to answer ``exc`` with. A typed error answers its own message
+    (written for clients); anything else answers a generic message with a correlation id,
+    and the log line with that id holds the exception. INTERNAL errors are logged."""
     if isinstance(exc, PeregrineError):
+        if exc.code is grpc.StatusCode.INTERNAL:
+            log.error("request failed", extra={"rpc": rpc, "request_id": request_id,
+                                               "error": exc.message})
         return exc.code, exc.message
-    return grpc.StatusCode.INTERNAL, f"internal error: {exc!r}"
-
-
-def log_unexpected(exc: BaseException, rpc: str, request_id: str = "") -> None:
-    if not isinstance(exc, PeregrineError) or exc.code is grpc.StatusCode.INTERNAL:
-        log.error("request failed", extra={"rpc": rpc, "request_id": request_id,
-                                           "error": repr(exc)}, exc_info=exc)
+    correlation = correlation_id()
+    log.error("request failed", extra={"rpc": rpc, "request_id": request_id,
+                                       "correlation_id": correlation, "error": repr(exc)},
+              exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error (correlation id {correlation})"
 
 
 async def abort_with(context: grpc.aio.ServicerContext, exc: Exception, rpc: str,
                      request_id: str = "") -> NoReturn:
-    """End the call with ``exc``'s status (INTERNAL for an untyped error, logged)."""
-    log_unexpected(exc, rpc, request_id)
-    code, message = status_of(exc)
+    """End the call with ``exc``'s status (see status_of)."""
+    code, message = status_of(exc, rpc, request_id)
     if isinstance(exc, RateLimited):
         # gRPC's own retry-pushback key: clients with retries configured wait this long.
         context.set_trailing_metadata(((RETRY_PUSHBACK, str(exc.retry_after_ms)),))

@@ -18,10 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from google.protobuf import json_format
-
 from server._pb import model_config_pb2 as mc
-from server.errors import ModelLoadError, ModelNotFound
+from server.errors import InvalidInput, ModelLoadError, ModelNotFound
 from server.interfaces import Backend, BackendFactory, ModelSource, SchedulerFactory
 from server.metrics import MetricsRegistry
 from server.parameters import Key, ModelCheck
@@ -38,6 +36,8 @@ from server.repository.catalog import (
 from server.repository.state_file import RepositoryState, StateFile
 from server.repository.versions import select_versions
 from server.repository.warmup import warmup_inputs
+from server.security.names import check_model_name
+from server.security.paths import confined, hide_paths
 from server.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -170,6 +170,12 @@ class ModelManager:
                 wanted = set(await asyncio.to_thread(self.source.list))
         else:
             wanted = set(await asyncio.to_thread(self.source.list))
+        for name in sorted(wanted):
+            try:
+                check_model_name(name)
+            except InvalidInput as exc:  # a hand-edited state file, a flag, a directory
+                log.error("model name refused", extra={"model": name, "reason": exc.message})
+                wanted.discard(name)
         await asyncio.gather(*(self._load_at_start(name) for name in sorted(wanted)))
         if mode is ControlMode.EXPLICIT:
             self._state.explicit_models = {n for n in wanted if n in self._models}
@@ -209,16 +215,18 @@ class ModelManager:
     async def load_model(
         self,
         name: str,
-        config_override: str | None = None,
+        config_override: mc.ModelConfig | None = None,
         versions: tuple[str, ...] | None = None,
         explicit: bool = False,
     ) -> None:
         """Load or reload one model without dropping requests. Raises ModelLoadError when no
-        version of the model is ready afterwards (an older one may still be serving).
+        version of the model is ready afterwards (an older one may still be serving), and
+        InvalidInput for a name that could be a path (before anything else happens).
 
         ``explicit``: an operator's load (explicit control mode); the state file then
         remembers whether the model serves, so a restart loads it again.
         """
+        check_model_name(name)
         try:
             await self._load(name, config_override, versions)
         finally:
@@ -226,7 +234,8 @@ class ModelManager:
                 self._remember_explicit(name, self._catalog.is_ready(name, ""))
 
     async def _load(
-        self, name: str, config_override: str | None, versions: tuple[str, ...] | None
+        self, name: str, config_override: mc.ModelConfig | None,
+        versions: tuple[str, ...] | None,
     ) -> None:
         try:
             model_dir = await asyncio.to_thread(self.source.fetch, name)
@@ -236,10 +245,10 @@ class ModelManager:
             failed = self._models.setdefault(
                 name, ModelRecord(name=name, state=ModelState.UNAVAILABLE)
             )
+            reason = self._load_failed(failed, "", str(exc))
             if not failed.ready_order:
                 failed.state = ModelState.UNAVAILABLE
-                failed.reason = str(exc)
-            self._load_failed(failed, "", str(exc))
+                failed.reason = reason
             self._publish()
             raise
         record = self._models.get(name)
@@ -260,6 +269,7 @@ class ModelManager:
         ``forget``: the model left the repository. ``explicit``: an operator's unload, which
         the state file remembers.
         """
+        check_model_name(name)
         record = self._models.get(name)
         if record is None:
             raise ModelNotFound(f"unknown model '{name}'")
@@ -311,20 +321,12 @@ class ModelManager:
     # -- planning and loading -----------------------------------------------------------------
 
     def _plan(
-        self, model_dir: Path, config_override: str | None, versions: tuple[str, ...] | None
+        self, model_dir: Path, config_override: mc.ModelConfig | None,
+        versions: tuple[str, ...] | None,
     ) -> LoadPlan:
         """Blocking: parse and validate the config, pick versions, auto-complete the spec."""
-        if config_override is not None:
-            config = mc.ModelConfig()
-            try:
-                json_format.Parse(config_override, config)
-            except json_format.ParseError as exc:
-                raise ModelLoadError(f"config override is not a valid ModelConfig: {exc}") \
-                    from None
-            config_text = config_override
-        else:
-            config = config_io.read_config(model_dir)
-            config_text = str(config)
+        config = config_override if config_override is not None \
+            else config_io.read_config(model_dir)
         spec = config_io.to_spec(config, model_dir)
         on_disk = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
         if not on_disk:
@@ -342,7 +344,9 @@ class ModelManager:
         # version then fails on its own (and shows why) while the others load.
         complete = [
             v for v in sorted(set(chosen) | set(on_disk), key=lambda v: (v in chosen, v))
-            if (model_dir / str(v) / spec.default_model_filename).is_file()
+            if confined(model_dir / str(v), spec.default_model_filename,
+                        f"model '{spec.name}' default_model_filename",
+                        "the version directory").is_file()
         ]
         if not complete:
             raise ModelLoadError(
@@ -376,7 +380,7 @@ class ModelManager:
             config=config,
             spec=spec,
             versions=tuple(str(v) for v in chosen),
-            config_fingerprint=hashlib.sha256(config_text.encode()).hexdigest(),
+            config_fingerprint=hashlib.sha256(str(config).encode()).hexdigest(),
             version_fingerprints=fingerprints,
             cards=cards,
         )
@@ -385,7 +389,7 @@ class ModelManager:
         self,
         record: ModelRecord,
         model_dir: Path,
-        config_override: str | None,
+        config_override: mc.ModelConfig | None,
         versions: tuple[str, ...] | None,
     ) -> list[ServedVersion]:
         """Bring one model in line with its plan; returns the versions to retire."""
@@ -395,10 +399,10 @@ class ModelManager:
                 self._loader, self._plan, model_dir, config_override, versions
             )
         except ModelLoadError as exc:
-            self._load_failed(record, "", str(exc))
+            reason = self._load_failed(record, "", str(exc), model_dir)
             if not record.ready_order:
                 record.state = ModelState.UNAVAILABLE
-            record.reason = str(exc)
+            record.reason = reason
             self._publish()
             return []
 
@@ -434,9 +438,8 @@ class ModelManager:
                     "instances": result.spec.instance_count, "runtime": result.description,
                 })
             else:
-                reason = str(result)
+                reason = self._load_failed(record, version, str(result), model_dir)
                 failures.append(f"version {version}: {reason}")
-                self._load_failed(record, version, reason)
                 if entry.served is not None:
                     entry.reason = f"reload failed, the previous load keeps serving: {reason}"
                 else:
@@ -519,10 +522,14 @@ class ModelManager:
             raise ModelLoadError(f"warm-up failed: {exc}") from exc
         return instances
 
-    def _load_failed(self, record: ModelRecord, version: str, reason: str) -> None:
+    def _load_failed(self, record: ModelRecord, version: str, reason: str,
+                     model_dir: Path | None = None) -> str:
+        """Count and log a failed load (the whole reason); returns the reason to show clients
+        (RepositoryIndex, the load's error), with paths relative to ``model_dir``."""
         self._metrics.load_failed(record.name, version)
         log.error("model failed to load",
                   extra={"model": record.name, "version": version, "reason": reason})
+        return reason if model_dir is None else hide_paths(reason, [model_dir])
 
     # -- retiring ------------------------------------------------------------------------------
 

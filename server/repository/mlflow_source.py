@@ -16,12 +16,19 @@ The model directory holds exactly the versions the references resolve to, so whe
 moves (3 -> 4) the repository manager sees version 4 appear and 3 disappear and hot-swaps.
 ``fingerprint`` is one cheap registry query per reference (no download), so poll mode follows
 alias moves. mlflow is an optional extra: this module imports it only when a source is built.
+
+What the registry answers becomes paths here, so it is checked first: a version number must be
+digits, every part of an artifact's path a plain name (server/security/names.py), and a
+version's files together at most MAX_DOWNLOAD_BYTES. The tracking URI may carry credentials
+(``user:password@``, a token parameter): it is shown only redacted (server/security/redact.py),
+in model cards, reasons, errors and logs alike.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -37,14 +44,19 @@ from google.protobuf import text_format
 
 from server._pb import model_config_pb2 as mc
 from server.atomic_file import write_atomically
-from server.errors import ModelLoadError, ModelNotFound
+from server.errors import InvalidInput, ModelLoadError, ModelNotFound
 from server.repository import model_config as config_io
 from server.repository.cards import CARD_FILE
+from server.security.names import check_model_name, check_name
+from server.security.paths import hide_paths
+from server.security.redact import redact_uri
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
     from mlflow.store.artifact.artifact_repo import ArtifactRepository
+
+log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 STASH_DIR = ".stash"
@@ -52,6 +64,8 @@ STASH_DIR = ".stash"
 STASH_KEEP = 3
 #: How deep below a version's artifact root the search for the ONNX file goes.
 SEARCH_DEPTH = 4
+#: The most one version's files (the ONNX file, its external weights, a config) may weigh.
+MAX_DOWNLOAD_BYTES = 2 << 30
 #: MLflow client settings for a server: fail within seconds when the registry is unreachable
 #: (MLflow's defaults retry for about four minutes, which would stall start-up and every poll),
 #: no progress bars in the logs, no usage telemetry. Variables already set win.
@@ -103,8 +117,10 @@ class ModelRef:
         if not name or "/" in name or ":" in name:
             raise ValueError(f"invalid registered model name '{name}'")
         served = served.strip() or name
-        if "/" in served or served.startswith(".") or os.sep in served:
-            raise ValueError(f"served name '{served}' cannot be a directory name")
+        try:
+            check_model_name(served)
+        except InvalidInput as exc:
+            raise ValueError(f"served name cannot be a directory name: {exc.message}") from None
         return cls(served_name=served, registry_name=name, alias=alias, version=version)
 
     def __str__(self) -> str:
@@ -157,6 +173,8 @@ class MlflowSource:
         for key, value in CLIENT_ENVIRONMENT.items():
             os.environ.setdefault(key, value)
         self.tracking_uri = tracking_uri
+        #: The tracking URI as shown anywhere (cards, errors, logs): without credentials.
+        self.shown_uri = redact_uri(tracking_uri)
         self.cache_dir = cache_dir
         self._client: MlflowClient = MlflowClient(tracking_uri=tracking_uri,
                                                   registry_uri=tracking_uri)
@@ -198,8 +216,12 @@ class MlflowSource:
                 _write_config(model_dir, name, sorted(versions, key=int))
                 _stash_others(model_dir, set(versions))
             except OSError as exc:
-                raise ModelLoadError(f"cannot cache model '{name}' in {model_dir}: {exc}") \
-                    from exc
+                log.error("cannot write the MLflow model cache",
+                          extra={"model": name, "error": repr(exc)})
+                raise ModelLoadError(f"cannot cache model '{name}' in the model cache: "
+                                     f"{exc.strerror or type(exc).__name__}") from exc
+            except ModelLoadError as exc:  # an artifact's config.pbtxt, named by its path
+                raise ModelLoadError(hide_paths(str(exc), [model_dir])) from None
         return model_dir
 
     # -- registry ------------------------------------------------------------------------------
@@ -218,9 +240,11 @@ class MlflowSource:
         try:
             return call()
         except Exception as exc:
+            # MLflow quotes the request URL, credentials included: redacted like the URI.
             message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
-            raise ModelLoadError(f"MLflow registry {self.tracking_uri}: {what}: {message}") \
-                from None
+            raise ModelLoadError(
+                f"MLflow registry {self.shown_uri}: {redact_uri(f'{what}: {message}')}"
+            ) from None
 
     def _resolve(self, refs: Sequence[ModelRef]) -> Resolved:
         resolved: Resolved = []
@@ -237,6 +261,11 @@ class MlflowSource:
                     f"cannot find version {ref.version} of registered model "
                     f"'{ref.registry_name}'",
                     partial(self._client.get_model_version, ref.registry_name, ref.version),
+                )
+            if not str(version.version).isdigit():
+                raise ModelLoadError(
+                    f"MLflow registered model '{ref.registry_name}' ({ref}) answered version "
+                    f"{str(version.version)[:32]!r}, not a version number"
                 )
             if version.status != "READY":
                 raise ModelLoadError(
@@ -277,11 +306,13 @@ class MlflowSource:
             f"cannot locate the artifacts of {what}",
             lambda: self._client.get_model_version_download_uri(version.name, version.version),
         )
-        repo = self._call(f"cannot open the artifacts of {what} at {uri}",
+        shown = redact_uri(uri)
+        repo = self._call(f"cannot open the artifacts of {what} at {shown}",
                           lambda: get_artifact_repository(uri, tracking_uri=self.tracking_uri))
-        files = self._call(f"cannot list the artifacts of {what} at {uri}",
+        sizes = self._call(f"cannot list the artifacts of {what} at {shown}",
                            lambda: _artifact_files(repo))
-        onnx = _pick_onnx(files, what, uri)
+        files = list(sizes)
+        onnx = _pick_onnx(files, what, shown)
         folder, _, _ = onnx.rpartition("/")
         wanted = {onnx: MODEL_FILE}
         for path in files:
@@ -292,11 +323,17 @@ class MlflowSource:
         configs = [p for p in files if p.rpartition("/")[2] == config_io.CONFIG_FILE]
         if configs and config_io.CONFIG_FILE not in wanted.values():
             wanted[min(configs, key=lambda p: p.count("/"))] = config_io.CONFIG_FILE
+        for path in wanted:
+            _check_artifact_path(path, what)
+        _check_size(sum(sizes[path] or 0 for path in wanted), what, "listed")
         staging = into / ".files"
         staging.mkdir()
+        received = 0
         for path, local in wanted.items():
             downloaded = self._call(f"cannot download '{path}' of {what}",
                                     partial(repo.download_artifacts, path, str(staging)))
+            received += os.path.getsize(downloaded)
+            _check_size(received, what, "downloaded")
             os.replace(downloaded, into / local)
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -312,7 +349,7 @@ class MlflowSource:
             "description": version.description or "",
             "tags": dict(version.tags),
         }
-        card: dict[str, Any] = {"tracking_uri": self.tracking_uri, "registry": registry}
+        card: dict[str, Any] = {"tracking_uri": self.shown_uri, "registry": registry}
         if version.run_id:
             card["run"] = self._run_card(version.run_id)
         return {"mlflow": card}
@@ -343,9 +380,10 @@ class MlflowSource:
         }
 
 
-def _artifact_files(repo: ArtifactRepository) -> list[str]:
-    """Every file path of the artifact tree, breadth first, down to SEARCH_DEPTH."""
-    files: list[str] = []
+def _artifact_files(repo: ArtifactRepository) -> dict[str, int | None]:
+    """Every file path of the artifact tree, breadth first, down to SEARCH_DEPTH, with its
+    size as listed (None when the store does not say)."""
+    files: dict[str, int | None] = {}
     folders: list[str | None] = [None]
     for _ in range(SEARCH_DEPTH + 1):
         below: list[str | None] = []
@@ -354,9 +392,25 @@ def _artifact_files(repo: ArtifactRepository) -> list[str]:
                 if info.is_dir:
                     below.append(info.path)
                 else:
-                    files.append(info.path)
+                    files[info.path] = info.file_size
         folders = below
     return files
+
+
+def _check_artifact_path(path: str, what: str) -> None:
+    """Every part of an artifact's path is a plain name: the download writes it locally."""
+    for part in path.split("/"):
+        try:
+            check_name(part, "artifact name")
+        except InvalidInput as exc:
+            raise ModelLoadError(f"{what}: artifact {path[:256]!r} cannot be downloaded: "
+                                 f"{exc.message}") from None
+
+
+def _check_size(total: int, what: str, how: str) -> None:
+    if total > MAX_DOWNLOAD_BYTES:
+        raise ModelLoadError(f"{what}: its files weigh more than the download limit of "
+                             f"{MAX_DOWNLOAD_BYTES >> 20} MiB ({total >> 20} MiB {how})")
 
 
 def _pick_onnx(files: Sequence[str], what: str, uri: str) -> str:

@@ -23,6 +23,7 @@ from server.errors import ModelLoadError
 from server.parameters import Key, ModelCheck, number
 from server.preprocess import options as preprocess_config
 from server.repository import cards
+from server.security.paths import check_relative
 from server.spec import (
     BatchingSpec,
     InstanceSpec,
@@ -157,11 +158,13 @@ def _warmup(config: mc.ModelConfig, name: str) -> tuple[WarmupSpec, ...]:
             source = data.WhichOneof("input_data_type")
             if source is None:
                 raise ModelLoadError(f"{where} input '{input_name}': no data source given")
+            data_file = "" if source != "input_data_file" else check_relative(
+                data.input_data_file, f"{where} input '{input_name}' input_data_file")
             inputs[input_name] = WarmupInput(
                 datatype=_datatype(data.data_type, f"{where} input '{input_name}'"),
                 dims=_dims(data.dims, f"{where} input '{input_name}'"),
                 source={"zero_data": "zero", "random_data": "random"}.get(source, "file"),
-                data_file=data.input_data_file,
+                data_file=data_file,
             )
         batch = int(warm.batch_size) or 1
         if config.max_batch_size and batch > config.max_batch_size:
@@ -254,8 +257,9 @@ def to_spec(config: mc.ModelConfig, model_dir: Path) -> ModelSpec:
         instances=instances,
         parameters=MappingProxyType(parameters),
         warmup=_warmup(config, name),
-        default_model_filename=(config.default_model_filename
-                                or _default_model_filename(backend, parameters, name)),
+        default_model_filename=check_relative(
+            config.default_model_filename or _default_model_filename(backend, parameters, name),
+            f"model '{name}' default_model_filename"),
         preprocess=preprocess_config.parse_preprocess(parameters, name),
     )
 

@@ -3,35 +3,52 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from server.errors import ModelLoadError, ModelNotFound
+from server.errors import InvalidInput, ModelLoadError, ModelNotFound
 from server.repository.cards import CARD_FILE
 from server.repository.model_config import CONFIG_FILE
+from server.security.names import check_model_name
+
+log = logging.getLogger(__name__)
 
 
 class FilesystemSource:
     """A Triton-layout directory. Publishing a version atomically: write it under a name that
     starts with '.' (ignored) and rename it into place.
+
+    A name is checked (server/security/names.py) before a path is built from it; directories
+    whose names are not model names are not listed (those starting with '.' silently, others
+    with one warning each).
     """
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._refused: set[str] = set()
 
     def list(self) -> list[str]:
         if not self.root.is_dir():
             raise ModelLoadError(f"model repository '{self.root}' is not a directory")
-        return sorted(
-            entry.name for entry in self.root.iterdir()
-            if entry.is_dir() and not entry.name.startswith(".")
-        )
+        names = []
+        for entry in self.root.iterdir():
+            if not entry.is_dir() or entry.name.startswith("."):
+                continue
+            try:
+                names.append(check_model_name(entry.name))
+            except InvalidInput as exc:
+                if entry.name not in self._refused:
+                    self._refused.add(entry.name)
+                    log.warning("repository directory is not a model name; not served",
+                                extra={"directory": entry.name, "reason": exc.message})
+        return sorted(names)
 
     def fetch(self, name: str) -> Path:
-        path = self.root / name
+        path = self.root / check_model_name(name)
         if not path.is_dir():
-            raise ModelNotFound(f"model '{name}' is not in repository '{self.root}'")
+            raise ModelNotFound(f"model '{name}' is not in the repository")
         return path
 
     async def watch(self) -> AsyncIterator[None]:
@@ -53,7 +70,7 @@ class FilesystemSource:
     def fingerprint(self, name: str) -> str:
         """Changes whenever the config, a version directory, a model file or a card changes."""
         digest = hashlib.sha256()
-        model_dir = self.root / name
+        model_dir = self.root / check_model_name(name)
         for path in sorted(_watched_files(model_dir)):
             try:
                 stat = path.stat()

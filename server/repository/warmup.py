@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from server.errors import ModelLoadError
+from server.security.paths import confined
 from server.spec import ModelSpec, WarmupInput, WarmupSpec
 from server.types import Array, DataType
 
@@ -16,7 +17,7 @@ WARMUP_DIR = "warmup"
 def _array(spec: WarmupInput, shape: tuple[int, ...], model_dir: Path, seed: int) -> Array:
     count = int(np.prod(shape)) if shape else 1
     if spec.source == "file":
-        path = model_dir / WARMUP_DIR / spec.data_file
+        path = confined(model_dir / WARMUP_DIR, spec.data_file, "model_warmup input_data_file")
         try:
             raw = path.read_bytes()
         except OSError as exc:

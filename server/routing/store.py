@@ -16,6 +16,7 @@ from typing import Any
 from server.atomic_file import write_atomically
 from server.errors import InvalidInput
 from server.routing.table import Canary, RouteTable, Shadow, Variant
+from server.security.names import check_model_name
 
 ROUTING_FILE = "routing.json"
 
@@ -27,7 +28,7 @@ class RouteStore:
         self._seen: dict[str, int] = {}
 
     def path(self, model: str) -> Path:
-        return self._locate(model) / ROUTING_FILE
+        return self._locate(check_model_name(model)) / ROUTING_FILE
 
     def read(self, model: str) -> RouteTable | None:
         path = self.path(model)

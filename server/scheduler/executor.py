@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from server.errors import BackendError, InvalidInput, PeregrineError
+from server.errors import BackendError, InvalidInput, PeregrineError, correlation_id
 from server.interfaces import Backend, ModelPacker
 from server.spec import ModelSpec
 from server.types import Execution, InferRequest, InferResponse, OutputTensor
@@ -63,17 +63,21 @@ class BatchExecutor:
         return run
 
     def typed_error(self, exc: BaseException, requests: Sequence[InferRequest]) -> PeregrineError:
-        """Typed errors pass through; anything else the backend raised becomes BackendError
-        (and is logged with the requests it failed)."""
+        """Typed errors pass through; anything else the backend raised becomes a BackendError
+        that says which version failed, with a correlation id. The backend's own message (it
+        may name files, or the runtime's internals) goes only to the log, with that id."""
         if isinstance(exc, PeregrineError):
             return exc
+        correlation = correlation_id()
         log.error(
             "backend failed",
             extra={"model": self._spec.name, "version": self._version,
                    "request_ids": ", ".join(repr(r.id) for r in requests),
-                   "error": repr(exc)},
+                   "correlation_id": correlation, "error": repr(exc)},
+            exc_info=exc,
         )
-        return BackendError(f"backend failed: {exc}")
+        return BackendError(f"model '{self._spec.name}' version {self._version} failed to run "
+                            f"the batch (correlation id {correlation})")
 
     def _execute(self, backend: Backend, requests: Sequence[InferRequest],
                  rows: Sequence[int], run: BatchRun) -> None:

@@ -59,11 +59,11 @@ def test_kind_gpu_model_runs_on_the_cuda_provider(tmp_path: Path) -> None:
 @pytest.mark.skipif("TensorrtExecutionProvider" not in ort.get_available_providers(),
                     reason="onnxruntime-gpu here has no TensorrtExecutionProvider")
 def test_execution_accelerator_tensorrt_runs_on_the_tensorrt_provider(tmp_path: Path) -> None:
-    cache = tmp_path / "ort_trt_cache"
+    cache = tmp_path / "repo" / "cnn" / "ort_trt_cache"  # relative to the model directory
     write_cnn(tmp_path / "repo", "cnn", gpu_config("cnn", platform="onnxruntime_onnx",
                                                    parameters={
         "execution_accelerator": "tensorrt", "trt_fp16": "true",
-        "trt_engine_cache_path": str(cache), "trt_timing_cache_path": str(cache),
+        "trt_engine_cache_path": cache.name, "trt_timing_cache_path": cache.name,
     }))
     reference = cpu_reference()
     with ServerThread(tmp_path / "repo") as server, \

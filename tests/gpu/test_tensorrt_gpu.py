@@ -37,8 +37,12 @@ FP16_ATOL = 1e-2
 BF16_ATOL = 5e-2
 
 
-def trt_params(cache: Path, **extra: str) -> dict[str, str]:
-    return {"trt_build_from_onnx": "true", "trt_engine_cache_dir": str(cache), **extra}
+#: The engine cache, relative to the model directory (a config's paths stay inside it).
+ENGINES = "engines"
+
+
+def trt_params(**extra: str) -> dict[str, str]:
+    return {"trt_build_from_onnx": "true", "trt_engine_cache_dir": ENGINES, **extra}
 
 
 def infer(client: grpcclient.InferenceServerClient, model: str, x: np.ndarray) -> np.ndarray:
@@ -67,7 +71,7 @@ def test_engine_matches_onnxruntime_at_varying_batch_sizes(
     repo = tmp_path / "repo"
     name = f"cnn_{precision}"
     write_cnn(repo, name, gpu_config(name, platform="tensorrt_plan", parameters=trt_params(
-        tmp_path / "cache", trt_precision=precision)))
+        trt_precision=precision)))
     reference = cpu_reference()
     with ServerThread(repo) as server, grpcclient.InferenceServerClient(server.url) as client:
         ready(client, name)
@@ -87,9 +91,10 @@ def test_engine_matches_onnxruntime_at_varying_batch_sizes(
 
 
 def test_the_engine_cache_survives_a_restart(tmp_path: Path) -> None:
-    repo, cache = tmp_path / "repo", tmp_path / "cache"
+    repo = tmp_path / "repo"
+    cache = repo / "cnn" / ENGINES
     write_cnn(repo, "cnn", gpu_config("cnn", platform="tensorrt_plan",
-                                      parameters=trt_params(cache, trt_precision="fp16")))
+                                      parameters=trt_params(trt_precision="fp16")))
     x = images(5, 0)
     with ServerThread(repo) as server, grpcclient.InferenceServerClient(server.url) as client:
         first = infer(client, "cnn", x)
@@ -106,10 +111,10 @@ def test_the_engine_cache_survives_a_restart(tmp_path: Path) -> None:
 
 
 def test_cuda_graphs_give_the_same_results(tmp_path: Path) -> None:
-    repo, cache = tmp_path / "repo", tmp_path / "cache"
+    repo = tmp_path / "repo"
     for name, on in (("plain", "false"), ("graphs", "true")):
         write_cnn(repo, name, gpu_config(name, platform="tensorrt_plan", parameters=trt_params(
-            cache, trt_cuda_graphs=on)))
+            trt_cuda_graphs=on)))
     reference = cpu_reference()
     with ServerThread(repo) as server, grpcclient.InferenceServerClient(server.url) as client:
         assert "cuda graphs" in runtime_of(client, "graphs")
@@ -122,7 +127,8 @@ def test_cuda_graphs_give_the_same_results(tmp_path: Path) -> None:
                                        err_msg=f"step {step}, batch {rows}")
             np.testing.assert_allclose(graphs, reference(x), atol=1e-4)
     # CUDA graphs are a runtime choice: both engines have the same cache key.
-    plans = [sorted(p.name for p in (cache / m).glob("*.plan")) for m in ("plain", "graphs")]
+    plans = [sorted(p.name for p in (repo / m / ENGINES / m).glob("*.plan"))
+             for m in ("plain", "graphs")]
     assert plans[0] == plans[1] and len(plans[0]) == 1
 
 
@@ -165,7 +171,7 @@ def test_bf16_tensors_travel_as_raw_words(tmp_path: Path) -> None:
         'output [ { name: "y" data_type: TYPE_BF16 dims: [ 8 ] } ]',
         "dynamic_batching { }", "instance_group [ { kind: KIND_GPU } ]",
         'parameters { key: "trt_build_from_onnx" value { string_value: "true" } }',
-        f'parameters {{ key: "trt_engine_cache_dir" value {{ string_value: "{tmp_path}/c" }} }}',
+        f'parameters {{ key: "trt_engine_cache_dir" value {{ string_value: "{ENGINES}" }} }}',
     ]) + "\n")
     import grpc
 
@@ -227,8 +233,7 @@ def test_trt_build_then_serve_the_plan_with_an_autocompleted_config(tmp_path: Pa
 def test_two_instances_each_with_their_own_engine(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     write_cnn(repo, "cnn", gpu_config("cnn", platform="tensorrt_plan", count=2,
-                                      parameters=trt_params(tmp_path / "cache",
-                                                            trt_cuda_graphs="true")))
+                                      parameters=trt_params(trt_cuda_graphs="true")))
     reference = cpu_reference()
     with ServerThread(repo) as server, grpcclient.InferenceServerClient(server.url) as client:
         inputs = [images(1 + i % 4, i) for i in range(64)]

@@ -31,6 +31,7 @@ from tritonclient.utils import InferenceServerException
 
 from server._pb import grpc_service_pb2 as pb
 from server._pb import grpc_service_pb2_grpc as pb_grpc
+from server.logs import TextFormatter
 from tests import model_factory
 from tests.server_harness import ServerThread
 
@@ -293,11 +294,14 @@ def test_moving_the_alias_hot_swaps_without_errors(
     assert properties(server.url, "scaled")["card.mlflow.registry.aliases"] == '["champion"]'
 
 
-def test_an_unreachable_registry_is_a_load_failure_not_a_crash(tmp_path: Path) -> None:
-    """Bounded client retries: the server starts within seconds and says why nothing serves."""
+def test_an_unreachable_registry_is_a_load_failure_not_a_crash(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Bounded client retries: the server starts within seconds and says why nothing serves,
+    without the credentials the tracking URI carries (in the reason and in our log lines)."""
     address = f"127.0.0.1:{free_port()}"  # nothing listens there
     started = time.monotonic()
-    with ServerThread(tmp_path, model_source=f"mlflow://{address}",
+    with ServerThread(tmp_path, model_source=f"mlflow://reader:s3cr3t@{address}",
                       mlflow_models=("digits@champion",), model_cache_dir=tmp_path) as running, \
             grpcclient.InferenceServerClient(running.url) as client:
         assert time.monotonic() - started < 30
@@ -306,3 +310,7 @@ def test_an_unreachable_registry_is_a_load_failure_not_a_crash(tmp_path: Path) -
     assert (entry.name, entry.state) == ("digits", "UNAVAILABLE")
     assert f"MLflow registry http://{address}" in entry.reason, entry.reason
     assert "alias 'champion'" in entry.reason
+    ours = [TextFormatter().format(r) for r in caplog.records if r.name.startswith("server.")]
+    assert any("model failed to load" in line for line in ours)
+    for text in (entry.reason, *ours):
+        assert "s3cr3t" not in text and "reader" not in text, text

@@ -28,6 +28,7 @@ from server.backends.tensorrt.engine_cache import (
 )
 from server.backends.tensorrt.progress import BuildProgress, progress_monitor, trt_logger
 from server.errors import ModelLoadError
+from server.security.paths import confined
 from server.spec import ModelSpec
 
 #: One logger for the whole backend, named as before its split into modules.
@@ -65,13 +66,19 @@ def build_settings(spec: ModelSpec, options: TrtOptions) -> BuildSettings:
     )
 
 
+def model_file(spec: ModelSpec, version_dir: Path) -> Path:
+    """The version's model file (``default_model_filename``), inside the version directory."""
+    return confined(version_dir, spec.default_model_filename, "default_model_filename",
+                    "the version directory")
+
+
 def engine_from_onnx(
     trt: Any, spec: ModelSpec, version_dir: Path, options: TrtOptions, gpu: GpuIdentity,
     progress: BuildProgress | None = None, rebuild: bool = False,
 ) -> EngineRecord:
     """The cached engine for this model, TensorRT, GPU and settings; built when missing
     (or when ``rebuild``). Builds of one entry are serialised across threads and processes."""
-    onnx_path = version_dir / spec.default_model_filename
+    onnx_path = model_file(spec, version_dir)
     if not onnx_path.is_file():
         raise ModelLoadError(f"model file '{onnx_path}' is missing")
     cache_dir = resolve_cache_dir(options.engine_cache_dir, version_dir.parent)
@@ -89,10 +96,8 @@ def engine_from_onnx(
             log.info("tensorrt engine found in the cache",
                      extra={"model": spec.name, "engine": str(entry.plan)})
             return EngineRecord(entry.plan.read_bytes(), "cache", entry.plan)
-        timing = (Path(options.timing_cache).expanduser() if options.timing_cache
-                  else timing_cache_path(cache_dir, gpu, trt.__version__))
-        if not timing.is_absolute():
-            timing = version_dir.parent / timing
+        timing = (confined(version_dir.parent, options.timing_cache, "trt_timing_cache")
+                  if options.timing_cache else timing_cache_path(cache_dir, gpu, trt.__version__))
         started = time.perf_counter()
         data = build_engine(trt, onnx_path, settings, timing, progress)
         seconds = time.perf_counter() - started

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from server.accelerator_options import ShapeRange
+from server.security.paths import confined
 
 CACHE_ENV = "PEREGRINE_TRT_CACHE_DIR"
 #: Bump when the key's recipe changes, so old entries are not mistaken for new ones.
@@ -48,11 +49,11 @@ def default_cache_dir(environ: Mapping[str, str] | None = None) -> Path:
 
 def resolve_cache_dir(configured: str | None, model_dir: Path,
                       environ: Mapping[str, str] | None = None) -> Path:
-    """``trt_engine_cache_dir`` (relative to the model directory) or the default."""
+    """``trt_engine_cache_dir`` (relative to the model directory, and inside it: a config
+    never makes the server write elsewhere) or the server's default."""
     if configured is None:
         return default_cache_dir(environ)
-    path = Path(configured).expanduser()
-    return path if path.is_absolute() else model_dir / path
+    return confined(model_dir, configured, "trt_engine_cache_dir")
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:

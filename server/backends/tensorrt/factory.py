@@ -12,7 +12,7 @@ from typing import Any, TextIO
 from server.accelerator_options import TRT_KEYS, TrtOptions, instance_device, parse_trt_options
 from server.backends.onnxruntime import OnnxRuntimeFactory
 from server.backends.tensorrt import cuda
-from server.backends.tensorrt.builder import EngineRecord, engine_from_onnx
+from server.backends.tensorrt.builder import EngineRecord, engine_from_onnx, model_file
 from server.backends.tensorrt.engine_cache import GpuIdentity
 from server.backends.tensorrt.library import import_tensorrt
 from server.backends.tensorrt.progress import BuildProgress, trt_logger
@@ -53,7 +53,7 @@ class TensorRtFactory:
             # The ONNX file says what the engine will take: read it on the CPU.
             return self._onnx.complete_spec(spec, version_dir)
         trt, _options, _gpu = self._prepare(spec, instance_device(spec, 0))
-        path = Path(version_dir) / spec.default_model_filename
+        path = model_file(spec, Path(version_dir))
         if not path.is_file():
             raise ModelLoadError(f"model file '{path}' is missing")
         _runtime, engine = _deserialize(trt, path.read_bytes(), path)
@@ -81,7 +81,7 @@ class TensorRtFactory:
         """The engine bytes for ``device``: the version's plan, or the ONNX build (cached)."""
         trt, options, gpu = self._prepare(spec, device)
         if not options.build_from_onnx:
-            path = version_dir / spec.default_model_filename
+            path = model_file(spec, version_dir)
             if not path.is_file():
                 raise ModelLoadError(f"model file '{path}' is missing")
             return EngineRecord(path.read_bytes(), "plan", path), gpu

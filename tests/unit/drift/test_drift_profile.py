@@ -153,6 +153,16 @@ def test_drift_settings() -> None:
         ({"drift_feature_axis": "0"}, "batch axis"),
         ({"drift_feature_axis_img": "x"}, "'drift_feature_axis_img' must be an integer axis"),
         ({"drift_psi_alert": "0.05"}, "'drift_psi_alert' must not be below"),
+        ({"drift_store_dir": "/var/drift"}, "'drift_store_dir' must be a relative path"),
+        ({"drift_store_dir": "../drift"}, "'drift_store_dir' must be a relative path"),
     ):
         with pytest.raises(ModelLoadError, match=message):
             drift_config.parse(bad, "m")
+
+
+def test_the_drift_store_stays_inside_the_repository(tmp_path: Path) -> None:
+    (tmp_path / "out").symlink_to(tmp_path.parent)
+    config = drift_config.parse({"drift_store_dir": "out/drift"}, "m")
+    with pytest.raises(ModelLoadError, match="drift_store_dir 'out/drift' leads out of the "
+                                             "repository"):
+        config.store_path(tmp_path, "m", "2")

@@ -47,7 +47,7 @@ def test_trt_options_defaults_and_values() -> None:
     options = parse_trt_options({
         "trt_build_from_onnx": "true", "trt_precision": "INT8,fp16", "trt_workspace_mb": "512",
         "trt_builder_optimization_level": "5", "trt_cuda_graphs": "yes",
-        "trt_engine_cache_dir": "/cache", "trt_timing_cache": "t.cache",
+        "trt_engine_cache_dir": "engines", "trt_timing_cache": "t.cache",
         "trt_shape_tokens": "1:64:256", "other": "ignored",
     }, "m")
     assert options.build_from_onnx and options.cuda_graphs
@@ -55,7 +55,7 @@ def test_trt_options_defaults_and_values() -> None:
     assert options.precision_flags == ("fp16", "int8")
     assert options.precision_name == "fp16+int8"
     assert options.workspace_mb == 512 and options.builder_optimization_level == 5
-    assert options.engine_cache_dir == "/cache" and options.timing_cache == "t.cache"
+    assert options.engine_cache_dir == "engines" and options.timing_cache == "t.cache"
     assert options.shapes["tokens"] == ShapeRange((1,), (64,), (256,))
     assert TrtOptions().precision_flags == () and TrtOptions().precision_name == "fp32"
 
@@ -146,6 +146,8 @@ def test_instance_devices_cycle_through_each_groups_gpus() -> None:
 # -- ONNX Runtime provider options -----------------------------------------------------------
 
 CUDA_ONLY = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+#: Where a model's provider caches are resolved (need not exist).
+MODEL_DIR = Path("/models/m")
 WITH_TRT = ["TensorrtExecutionProvider", *CUDA_ONLY]
 
 
@@ -155,31 +157,32 @@ def test_cuda_provider_options_from_parameters() -> None:
         "arena_extend_strategy": "ksameasrequested",
     }, "m")
     assert options.accelerator == "cuda"
-    providers = ort_gpu_providers(spec(), options, 1, CUDA_ONLY)
+    providers = ort_gpu_providers(spec(), options, 1, CUDA_ONLY, MODEL_DIR)
     assert providers == [
         ("CUDAExecutionProvider", {"device_id": 1, "gpu_mem_limit": 2147483648,
                                    "cudnn_conv_algo_search": "HEURISTIC",
                                    "arena_extend_strategy": "kSameAsRequested"}),
         "CPUExecutionProvider",
     ]
-    assert ort_gpu_providers(spec(), OrtGpuOptions(), 0, CUDA_ONLY)[0] == (
+    assert ort_gpu_providers(spec(), OrtGpuOptions(), 0, CUDA_ONLY, MODEL_DIR)[0] == (
         "CUDAExecutionProvider", {"device_id": 0})
 
 
 def test_tensorrt_provider_options_with_an_explicit_profile() -> None:
     options = parse_ort_gpu_options({
         "execution_accelerator": "TensorRT", "trt_fp16": "true",
-        "trt_engine_cache_path": "/cache/ort", "trt_timing_cache_path": "/cache/timing",
+        "trt_engine_cache_path": "cache/ort", "trt_timing_cache_path": "cache/timing",
         "trt_workspace_mb": "1024", "trt_builder_optimization_level": "3",
         "trt_cuda_graphs": "1",
     }, "m")
-    providers = ort_gpu_providers(spec(max_batch_size=8, preferred=(4,)), options, 0, WITH_TRT)
+    providers = ort_gpu_providers(spec(max_batch_size=8, preferred=(4,)), options, 0, WITH_TRT,
+                                  MODEL_DIR)
     name, trt = providers[0]  # type: ignore[misc]
     assert name == "TensorrtExecutionProvider"
     assert trt == {
         "device_id": 0, "trt_fp16_enable": True,
-        "trt_engine_cache_enable": True, "trt_engine_cache_path": "/cache/ort",
-        "trt_timing_cache_enable": True, "trt_timing_cache_path": "/cache/timing",
+        "trt_engine_cache_enable": True, "trt_engine_cache_path": f"{MODEL_DIR}/cache/ort",
+        "trt_timing_cache_enable": True, "trt_timing_cache_path": f"{MODEL_DIR}/cache/timing",
         "trt_max_workspace_size": 1024 << 20, "trt_builder_optimization_level": 3,
         "trt_cuda_graph_enable": True,
         "trt_profile_min_shapes": "x:1x3x32x32", "trt_profile_opt_shapes": "x:4x3x32x32",
@@ -188,17 +191,27 @@ def test_tensorrt_provider_options_with_an_explicit_profile() -> None:
     assert [p if isinstance(p, str) else p[0] for p in providers] == WITH_TRT
 
 
+def test_tensorrt_provider_caches_stay_inside_the_model_directory(tmp_path: Path) -> None:
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    (model_dir / "out").symlink_to(tmp_path)
+    options = parse_ort_gpu_options(
+        {"execution_accelerator": "tensorrt", "trt_engine_cache_path": "out/engines"}, "m")
+    with pytest.raises(ModelLoadError, match="trt_engine_cache_path 'out/engines' leads out"):
+        ort_gpu_providers(spec(), options, 0, WITH_TRT, model_dir)
+
+
 def test_tensorrt_provider_leaves_profiles_to_onnxruntime_when_dims_are_open() -> None:
     open_dims = spec(TensorSpec("x", DataType.FP32, (-1,)))
     options = parse_ort_gpu_options({"execution_accelerator": "tensorrt"}, "m")
-    trt = ort_gpu_providers(open_dims, options, 0, WITH_TRT)[0][1]  # type: ignore[index]
+    trt = ort_gpu_providers(open_dims, options, 0, WITH_TRT, MODEL_DIR)[0][1]  # type: ignore[index]
     assert "trt_profile_min_shapes" not in trt
 
 
 def test_tensorrt_provider_missing_is_a_load_error() -> None:
     options = parse_ort_gpu_options({"execution_accelerator": "tensorrt"}, "m")
     with pytest.raises(ModelLoadError, match="asks for execution_accelerator tensorrt"):
-        ort_gpu_providers(spec(), options, 0, CUDA_ONLY)
+        ort_gpu_providers(spec(), options, 0, CUDA_ONLY, MODEL_DIR)
 
 
 @pytest.mark.parametrize(("params", "message"), [
@@ -206,6 +219,10 @@ def test_tensorrt_provider_missing_is_a_load_error() -> None:
     ({"execution_accelerator": "openvino"}, "must be one of \\['cuda', 'tensorrt'\\]"),
     ({"gpu_mem_limit": "-1"}, "must be an integer >= 1"),
     ({"cudnn_conv_algo_search": "fast"}, "must be one of"),
+    ({"execution_accelerator": "tensorrt", "trt_engine_cache_path": "/etc"},
+     "'trt_engine_cache_path' must be a relative path"),
+    ({"execution_accelerator": "tensorrt", "trt_timing_cache_path": "../../other"},
+     "'trt_timing_cache_path' must be a relative path"),
 ])
 def test_ort_gpu_option_errors(params: dict[str, str], message: str) -> None:
     with pytest.raises(ModelLoadError, match=message):

@@ -25,6 +25,7 @@ from server.backends.tensorrt.engine_cache import (
     resolve_cache_dir,
     timing_cache_path,
 )
+from server.errors import ModelLoadError
 
 H100 = GpuIdentity("NVIDIA H100 80GB HBM3", (9, 0))
 PROFILE = {"image": ShapeRange((1, 3, 32, 32), (16, 3, 32, 32), (32, 3, 32, 32))}
@@ -88,8 +89,10 @@ def test_cache_directories(tmp_path: Path) -> None:
     assert default_cache_dir({"XDG_CACHE_HOME": "/xdg"}) == Path("/xdg/peregrine/tensorrt")
     assert default_cache_dir({}).parts[-3:] == (".cache", "peregrine", "tensorrt")
     model_dir = tmp_path / "m"
-    assert resolve_cache_dir("engines", model_dir, {}) == model_dir / "engines"
-    assert resolve_cache_dir("/abs", model_dir, {}) == Path("/abs")
+    assert resolve_cache_dir("engines", model_dir, {}) == model_dir.resolve() / "engines"
+    for outside in ("/abs", "../other", "~/engines"):
+        with pytest.raises(ModelLoadError, match=r"trt_engine_cache_dir .* must be a relative"):
+            resolve_cache_dir(outside, model_dir, {})
     assert resolve_cache_dir(None, model_dir, {"PEREGRINE_TRT_CACHE_DIR": "/e"}) == Path("/e")
 
 
@@ -202,7 +205,6 @@ FAKE_TRT = SimpleNamespace(LayerType=SimpleNamespace(QUANTIZE="Q", DEQUANTIZE="D
 
 def test_int8_is_refused_for_a_model_without_quantize_nodes(tmp_path: Path) -> None:
     from server.backends.tensorrt.builder import require_quantized
-    from server.errors import ModelLoadError
 
     require_quantized(FAKE_TRT, FakeNetwork("CONV", "Q", "DQ", "MATMUL"), tmp_path / "m.onnx")
     with pytest.raises(ModelLoadError, match=r"trt_precision int8 needs a quantised model.*"

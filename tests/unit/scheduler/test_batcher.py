@@ -518,6 +518,8 @@ async def _check_failure_case(backend: FlakyBackend, error_text: str) -> None:
         # Every waiter of the failed batch got the failure, and it was one batch of 6 rows.
         assert all(isinstance(r, BackendError) for r in results), results
         assert all(error_text in str(r) for r in results), results
+        assert len({str(r) for r in results}) == 1  # one batch, one correlation id
+        assert not any("boom" in str(r) for r in results), results
         assert backend.batches[:2] == [1, 6]
         # The batcher keeps serving.
         assert batcher.healthy
@@ -531,8 +533,16 @@ async def _check_failure_case(backend: FlakyBackend, error_text: str) -> None:
         await batcher.close()
 
 
-async def test_backend_exception_fans_out_to_every_waiter() -> None:
-    await _check_failure_case(FlakyBackend(fail_calls={2}, delay_s=0.1), "boom on call 2")
+async def test_backend_exception_fans_out_to_every_waiter(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The waiters see which version failed and a correlation id, never the backend's own
+    message; the log line with that id has it."""
+    await _check_failure_case(FlakyBackend(fail_calls={2}, delay_s=0.1),
+                              "model 'flaky' version 1 failed to run the batch (correlation id ")
+    [record] = [r for r in caplog.records if r.getMessage() == "backend failed"]
+    assert "boom on call 2" in record.error  # type: ignore[attr-defined]
+    assert record.correlation_id  # type: ignore[attr-defined]
 
 
 async def test_wrong_output_rows_fan_out_backend_error() -> None:

@@ -1,0 +1,77 @@
+"""What reaches a log line and what reaches a client: log values escaped (server/logs.py), and
+an unexpected error answered with a correlation id only (server/frontend/status.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+
+import grpc
+import pytest
+
+from server.errors import BackendError, InvalidInput
+from server.frontend.status import status_of
+from server.logs import JsonFormatter, TextFormatter
+
+FORGED = "abc\ninfo fake line"
+
+
+def record(message: str = "request failed", **fields: object) -> logging.LogRecord:
+    entry = logging.LogRecord("server.test", logging.ERROR, __file__, 1, message, None, None)
+    for key, value in fields.items():
+        setattr(entry, key, value)
+    return entry
+
+
+def test_text_values_cannot_end_the_line_or_reach_the_terminal() -> None:
+    line = TextFormatter().format(record(f"msg {FORGED}", request_id=FORGED,
+                                         model="m\x1b[2J", plain="a=b", fine="resnet"))
+    assert "\n" not in line and "\x1b" not in line, line
+    assert 'request_id="abc\\ninfo fake line"' in line
+    assert 'model="m\\u001b[2J"' in line and 'plain="a=b"' in line and " fine=resnet" in line
+    assert '"msg abc\\ninfo fake line"' in line
+
+
+def test_json_values_cannot_end_the_line() -> None:
+    line = JsonFormatter().format(record(FORGED, request_id=FORGED + "\x1b"))
+    assert "\n" not in line and "\x1b" not in line
+    assert json.loads(line)["request_id"] == FORGED + "\x1b"
+    assert json.loads(line)["event"] == FORGED
+
+
+def test_a_traceback_stays_indented_under_its_line() -> None:
+    try:
+        raise ValueError(f"bad {FORGED}\x1b[31m")
+    except ValueError:
+        entry = record(request_id="r1")
+        entry.exc_info = sys.exc_info()
+    first, *rest = TextFormatter().format(entry).split("\n")
+    assert first.endswith("request_id=r1")
+    assert rest and all(line.startswith("    ") for line in rest), rest
+    assert "\x1b" not in "".join(rest)
+
+
+def test_an_unexpected_error_answers_a_correlation_id_only(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    exc = RuntimeError("cannot open /srv/models/secret/1/model.onnx")
+    code, message = status_of(exc, "ModelConfig", "r1")
+    assert code is grpc.StatusCode.INTERNAL
+    matched = re.fullmatch(r"internal error \(correlation id ([0-9a-f]{16})\)", message)
+    assert matched, message
+    [logged] = caplog.records
+    assert logged.correlation_id == matched.group(1)  # type: ignore[attr-defined]
+    assert "/srv/models/secret" in logged.error  # type: ignore[attr-defined]
+    assert logged.exc_info is not None and logged.request_id == "r1"  # type: ignore[attr-defined]
+    assert status_of(RuntimeError("x"), "ModelConfig")[1] != message  # one id per error
+
+
+def test_typed_errors_keep_their_message(caplog: pytest.LogCaptureFixture) -> None:
+    assert status_of(InvalidInput("input 'x' has shape [2]"), "ModelInfer") == (
+        grpc.StatusCode.INVALID_ARGUMENT, "input 'x' has shape [2]")
+    assert not caplog.records
+    assert status_of(BackendError("model 'm' version 1 failed"), "ModelInfer")[1] == \
+        "model 'm' version 1 failed"
+    assert [r.getMessage() for r in caplog.records] == ["request failed"]
