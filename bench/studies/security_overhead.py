@@ -304,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": "python -m bench.studies.security_overhead "
         + " ".join(argv if argv is not None else sys.argv[1:]),
-        "environment": environment(),
+        "environment": environment(None),
         "seconds": args.seconds, "warmup": args.warmup, "repeats": args.repeats,
         "guard": guard, "rows": rows, "runs": runs,
         "auth_goal_met": guard["unary_us"] <= AUTH_GOAL_US,
