@@ -80,33 +80,36 @@ def gpu_name() -> str:
     return out.strip().splitlines()[0] if out.strip() else "unknown"
 
 
-def config_for(example: str, runtime: str, precision: str, cache: Path) -> str:
+#: Engine and timing caches, relative to the model directory (where the server confines them).
+CACHE = "engine_cache"
+
+
+def config_for(example: str, runtime: str, precision: str) -> str:
     """The example's config.pbtxt on GPU 0 for ``runtime`` (edited as text)."""
     text = example.replace("KIND_CPU", "KIND_GPU")
     if runtime == "trt":
         text = text.replace('platform: "onnxruntime_onnx"', 'platform: "tensorrt_plan"')
         return set_parameters(text, {"trt_build_from_onnx": "true",
                                      "trt_precision": precision,
-                                     "trt_engine_cache_dir": str(cache / "trt")})
+                                     "trt_engine_cache_dir": f"{CACHE}/trt"})
     if runtime == "ort_trt":
         return set_parameters(text, {
             "execution_accelerator": "tensorrt",
             "trt_fp16": "true" if precision == "fp16" else "false",
-            "trt_engine_cache_path": str(cache / "ort_trt"),
-            "trt_timing_cache_path": str(cache / "ort_trt"),
+            "trt_engine_cache_path": f"{CACHE}/ort_trt",
+            "trt_timing_cache_path": f"{CACHE}/ort_trt",
         })
     return text
 
 
-def make_repository(root: Path, model: str, runtime: str, precision: str,
-                    cache: Path) -> Path:
+def make_repository(root: Path, model: str, runtime: str, precision: str) -> Path:
     source = ensure_examples([model]) / model
     repo = root / runtime
     target = repo / model / "1"
     target.mkdir(parents=True)
     shutil.copyfile(latest_version(source) / "model.onnx", target / "model.onnx")
     example = (source / "config.pbtxt").read_text()
-    (repo / model / "config.pbtxt").write_text(config_for(example, runtime, precision, cache))
+    (repo / model / "config.pbtxt").write_text(config_for(example, runtime, precision))
     return repo
 
 
@@ -242,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 document["skipped"][runtime] = missing
                 continue
             print(f"{runtime}: {LABELS[runtime]}", file=sys.stderr)
-            repo = make_repository(root, args.model, runtime, args.precision, root / "cache")
+            repo = make_repository(root, args.model, runtime, args.precision)
             ceiling = in_process(repo, args.model, batch_sizes, args.seconds / 2, args.repeats)
             served = through_server(repo, args.model, batch_sizes, concurrency, args.seconds)
             document["in_process"][runtime] = ceiling

@@ -82,7 +82,7 @@ def test_the_benchmarks_set_only_parameters_the_server_knows(
     tmp_path: Path, runtime: str, extra: dict[str, str],
 ) -> None:
     example = CONFIG.replace(CONFIG[CONFIG.index("parameters"):], "")  # as examples/ writes
-    text = set_parameters(config_for(example, runtime, "fp16", tmp_path), extra)
+    text = set_parameters(config_for(example, runtime, "fp16"), extra)
     config = text_format.Parse(text, mc.ModelConfig())
     spec = to_spec(config, tmp_path / "m")
     check_model_parameters(spec, backend_factories()[spec.backend])

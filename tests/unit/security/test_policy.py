@@ -122,3 +122,12 @@ def test_limits_and_restrictions_parse_or_say_why() -> None:
         parse_restrictions(("inference",))
     with pytest.raises(ValueError, match="twice"):
         parse_restrictions(("inference:a=b", "inference:c=d"))
+
+
+def test_only_loopback_hosts_skip_the_no_auth_warning() -> None:
+    from server.app import _loopback
+
+    for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
+        assert _loopback(host), host
+    for host in ("0.0.0.0", "::", "10.0.0.5", "myhost.example"):
+        assert not _loopback(host), host
