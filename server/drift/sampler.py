@@ -2,8 +2,8 @@
 
 Runs on the event loop thread, after a successful response. The cost per request is a dict
 lookup and a flag check for a model without drift, and a rate decision, a copy of the small
-input/output arrays and a ring push for a sampled one. Nothing here blocks, logs per request
-or touches the disk: the analyser thread does everything else.
+input/output arrays, their size and a ring push for a sampled one. Nothing here blocks, logs
+per request or touches the disk: the analyser thread does everything else.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import NamedTuple
 from server.drift import options as drift_config
 from server.drift.options import DriftConfig, Sampling
 from server.drift.ring import SampleRing
+from server.footprint import arrays_bytes
 from server.interfaces import DriftSample
 from server.spec import ModelSpec
 from server.types import Array, InferRequest, InferResponse
@@ -48,7 +49,7 @@ class VersionSampler:
         self.version = version
         self.config = config
         self.ring: SampleRing[CapturedSample] = SampleRing(
-            config.ring_size if config.enabled else 1
+            config.ring_size if config.enabled else 1, config.ring_max_bytes
         )
         self.active = False
         self.unprofiled = 0
@@ -89,7 +90,8 @@ class VersionSampler:
         # Raw output bytes are immutable: a view over them is already a private copy.
         outputs = {out.name: out.data if out.raw is not None else out.data.copy()
                    for out in response.outputs if out.name in wanted_out}
-        return self.ring.push(CapturedSample(request.id, inputs, outputs))
+        size = arrays_bytes(inputs.values()) + arrays_bytes(outputs.values())
+        return self.ring.push(CapturedSample(request.id, inputs, outputs), size)
 
 
 class DriftSampler:
