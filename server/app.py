@@ -345,6 +345,9 @@ class PeregrineServer:
         sampler = DriftSampler()
         for version in served:
             sampler.register(version.spec, version.version)
+        # Versions unloaded or retired lose their sampler, and then their gauges.
+        self.repository.subscribe(lambda catalog: sampler.retain(frozenset(
+            (s.spec.name, s.version) for s in catalog.served_versions())))
         gauges = DriftMetrics(self.metrics.registry)
         analyser = DriftAnalyser(sampler, self.settings.models_root, gauges)
         gauges.count_from(lambda: [

@@ -48,6 +48,10 @@ class DriftGauges(Protocol):
     def set_model(self, model: str, version: str, window: str, *, score: float, level: int,
                   rows: int) -> None: ...
 
+    def forget(self, model: str, version: str) -> None:
+        """Drop the gauges of a version no longer monitored."""
+        ...
+
 
 @dataclass(slots=True)
 class _VersionState:
@@ -130,6 +134,10 @@ class DriftAnalyser:
         live = self._sampler.samplers()
         for gone in [s for s in self._states if s not in live]:
             del self._states[gone]
+            if self._gauges is not None and not any(
+                (s.model, s.version) == (gone.model, gone.version) for s in live
+            ):
+                self._gauges.forget(gone.model, gone.version)
         produced: list[WindowReport] = []
         for sampler in live:
             state = self._states.get(sampler)

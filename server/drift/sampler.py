@@ -98,20 +98,33 @@ class DriftSampler:
     """The DriftSink: routes every offered sample to the sampler of its model version.
 
     Versions are registered on first sight (a hot-swapped version or a reloaded config brings
-    a new spec object, which re-registers), on the loop thread. The table is replaced, never
-    mutated, so the analyser thread can iterate a snapshot of it without a lock.
+    a new spec object, which re-registers), on the loop thread, and dropped when the
+    repository no longer serves them (``retain``). The table is replaced, never mutated, so
+    the analyser thread can iterate a snapshot of it without a lock.
     """
 
     def __init__(self) -> None:
         self._versions: dict[tuple[str, str], VersionSampler] = {}
+        #: The versions the repository serves (None: not told yet, every one is taken).
+        self._served: frozenset[tuple[str, str]] | None = None
 
     def offer(self, sample: DriftSample) -> bool:
         model = sample.model
         spec = model.spec
-        sampler = self._versions.get((spec.name, model.version))
+        key = (spec.name, model.version)
+        sampler = self._versions.get(key)
         if sampler is None or sampler.spec is not spec:
+            if self._served is not None and key not in self._served:
+                return False  # answered by a version retired since: not registered again
             sampler = self._register(spec, model.version)
         return sampler.take(sample.request, sample.response)
+
+    def retain(self, served: frozenset[tuple[str, str]]) -> None:
+        """Keep only the samplers of these (model, version) pairs: the repository's served
+        versions after each change. The analyser then drops the others' state and gauges."""
+        self._served = served
+        if any(key not in served for key in self._versions):
+            self._versions = {k: v for k, v in self._versions.items() if k in served}
 
     def samplers(self) -> list[VersionSampler]:
         """A snapshot of the drift-enabled versions; safe from any thread."""

@@ -3,11 +3,13 @@
 Gauges are set by the drift analyser thread after each evaluated window (``window`` label:
 ``sliding`` for the last N rows, ``fixed`` for the last completed tumbling window). The
 sample and drop counters are plain integers that the hot path bumps without a lock; they are
-read at scrape time through ``count_from``.
+read at scrape time through ``count_from``. A version's gauges go when it is no longer
+monitored (``forget``), so label sets stay bounded over loads and unloads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -53,6 +55,8 @@ class DriftMetrics:
         )
         self._level_feature = gauge("peregrine_drift_feature_level",
                                     "Drift level of a feature: 0 ok, 1 warning, 2 alert.")
+        self._feature_gauges = (self._psi, self._ks, self._chi2, self._js, self._missing,
+                                self._range, self._level_feature)
         self._score = gauge("peregrine_drift_score",
                             "Drift score of a model version: its largest feature PSI.",
                             MODEL_LABELS)
@@ -63,6 +67,9 @@ class DriftMetrics:
                            MODEL_LABELS)
         self._counts = _CountsCollector()
         registry.register(self._counts)
+        #: The (feature, window) and window labels set per (model, version), to forget them.
+        self._features: dict[tuple[str, str], set[tuple[str, str]]] = {}
+        self._windows: dict[tuple[str, str], set[str]] = {}
 
     def set_feature(
         self, model: str, version: str, window: str, feature: str, *, psi: float,
@@ -70,6 +77,7 @@ class DriftMetrics:
         out_of_range: float, level: int,
     ) -> None:
         labels = (model, version, feature, window)
+        self._features.setdefault((model, version), set()).add((feature, window))
         for gauge, value in (
             (self._psi, psi), (self._ks, ks_pvalue), (self._chi2, chi2_pvalue),
             (self._js, js), (self._missing, missing_rate), (self._range, out_of_range),
@@ -80,14 +88,28 @@ class DriftMetrics:
 
     def set_model(self, model: str, version: str, window: str, *, score: float, level: int,
                   rows: int) -> None:
+        self._windows.setdefault((model, version), set()).add(window)
         self._score.labels(model, version, window).set(score)
         self._level.labels(model, version, window).set(level)
         self._rows.labels(model, version, window).set(rows)
+
+    def forget(self, model: str, version: str) -> None:
+        """Drop every gauge of a version no longer monitored (no longer served)."""
+        for feature, window in self._features.pop((model, version), set()):
+            _remove(self._feature_gauges, model, version, feature, window)
+        for window in self._windows.pop((model, version), set()):
+            _remove((self._score, self._level, self._rows), model, version, window)
 
     def count_from(self, source: Callable[[], Iterable[DriftCounts]],
                    analyser_cpu: Callable[[], float]) -> None:
         self._counts.source = source
         self._counts.cpu = analyser_cpu
+
+
+def _remove(gauges: Iterable[Gauge], *labels: str) -> None:
+    for gauge in gauges:
+        with contextlib.suppress(KeyError):  # never set (a measure that does not apply)
+            gauge.remove(*labels)
 
 
 class _CountsCollector(Collector):
