@@ -353,7 +353,7 @@ class PeregrineServer:
         gauges.count_from(lambda: [
             DriftCounts(s.model, s.version, s.ring.pushed, s.ring.dropped, s.unprofiled)
             for s in sampler.samplers()
-        ], lambda: analyser.cpu_seconds)
+        ], analyser)
         # Load the reference profiles before traffic arrives, off the loop.
         await asyncio.get_running_loop().run_in_executor(None, analyser.run_once)
         analyser.start()

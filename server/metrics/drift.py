@@ -3,7 +3,8 @@
 Gauges are set by the drift analyser thread after each evaluated window (``window`` label:
 ``sliding`` for the last N rows, ``fixed`` for the last completed tumbling window). The
 sample and drop counters are plain integers that the hot path bumps without a lock; they are
-read at scrape time through ``count_from``. A version's gauges go when it is no longer
+read at scrape time through ``count_from``, as are the analyser's own figures (CPU time,
+heartbeat, restarts). A version's gauges go when it is no longer
 monitored (``forget``), so label sets stay bounded over loads and unloads.
 """
 
@@ -13,9 +14,10 @@ import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Gauge
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
@@ -33,6 +35,15 @@ class DriftCounts:
     ring_full: int
     #: Samples dropped because the version has no reference profile yet.
     no_profile: int
+
+
+class AnalyserFigures(Protocol):
+    """What the drift analyser exports about itself (server.drift.analyser.DriftAnalyser)."""
+
+    cpu_seconds: float
+    #: Wall-clock end of its last completed pass (0 before the first).
+    heartbeat: float
+    restarts: int
 
 
 class DriftMetrics:
@@ -101,9 +112,9 @@ class DriftMetrics:
             _remove((self._score, self._level, self._rows), model, version, window)
 
     def count_from(self, source: Callable[[], Iterable[DriftCounts]],
-                   analyser_cpu: Callable[[], float]) -> None:
+                   analyser: AnalyserFigures) -> None:
         self._counts.source = source
-        self._counts.cpu = analyser_cpu
+        self._counts.analyser = analyser
 
 
 def _remove(gauges: Iterable[Gauge], *labels: str) -> None:
@@ -115,7 +126,7 @@ def _remove(gauges: Iterable[Gauge], *labels: str) -> None:
 class _CountsCollector(Collector):
     def __init__(self) -> None:
         self.source: Callable[[], Iterable[DriftCounts]] = lambda: ()
-        self.cpu: Callable[[], float] = lambda: 0.0
+        self.analyser: AnalyserFigures | None = None
 
     def describe(self) -> Iterable[Metric]:
         return []
@@ -135,11 +146,24 @@ class _CountsCollector(Collector):
             samples.add_metric((c.model, c.version), c.samples)
             dropped.add_metric((c.model, c.version, "ring_full"), c.ring_full)
             dropped.add_metric((c.model, c.version, "no_profile"), c.no_profile)
-        cpu = CounterMetricFamily(
-            "peregrine_drift_analyser_cpu_seconds",
-            "CPU time used by the drift analyser thread (windows, tests, sample store).",
-            value=self.cpu(),
-        )
         yield samples
         yield dropped
-        yield cpu
+        analyser = self.analyser
+        if analyser is None:
+            return
+        yield CounterMetricFamily(
+            "peregrine_drift_analyser_cpu_seconds",
+            "CPU time used by the drift analyser thread (windows, tests, sample store).",
+            value=analyser.cpu_seconds,
+        )
+        yield GaugeMetricFamily(
+            "peregrine_drift_analyser_heartbeat_timestamp_seconds",
+            "When the drift analyser last completed a pass (Unix time; it passes several "
+            "times a second): one that stops moving is stalled or keeps dying.",
+            value=analyser.heartbeat,
+        )
+        yield CounterMetricFamily(
+            "peregrine_drift_analyser_restarts",
+            "Drift analyser threads restarted after the previous one died.",
+            value=analyser.restarts,
+        )
