@@ -31,6 +31,11 @@ class FailingStore(RouteStore):
             raise OSError("disk full")
         super().write(table)
 
+    def remove(self, model: str) -> None:
+        if self.fail:
+            raise OSError("read-only")
+        super().remove(model)
+
 
 @pytest.fixture
 def registry() -> CollectorRegistry:
@@ -107,6 +112,12 @@ async def test_a_table_that_cannot_be_persisted_applies_in_memory_and_says_so(
     # A later write that succeeds brings memory and disk together again.
     store.fail = False
     assert router.set_table(table(50, 50), "t").persist_error == ""
+    assert (tmp_path / "m" / "routing.json").exists()
+    # A clear that cannot remove the file clears in memory and says the file stays.
+    store.fail = True
+    cleared = router.clear("m", "t")
+    assert "read-only" in cleared.persist_error and router.routes() == []
+    assert router.route(request()) is None
     assert (tmp_path / "m" / "routing.json").exists()
 
 
