@@ -354,12 +354,15 @@ class PeregrineServer:
         sampler = DriftSampler()
         for version in served:
             sampler.register(version.spec, version.version)
+        # Versions unloaded or retired lose their sampler, and then their gauges.
+        self.repository.subscribe(lambda catalog: sampler.retain(frozenset(
+            (s.spec.name, s.version) for s in catalog.served_versions())))
         gauges = DriftMetrics(self.metrics.registry)
         analyser = DriftAnalyser(sampler, self.settings.models_root, gauges)
         gauges.count_from(lambda: [
             DriftCounts(s.model, s.version, s.ring.pushed, s.ring.dropped, s.unprofiled)
             for s in sampler.samplers()
-        ], lambda: analyser.cpu_seconds)
+        ], analyser)
         # Load the reference profiles before traffic arrives, off the loop.
         await asyncio.get_running_loop().run_in_executor(None, analyser.run_once)
         analyser.start()

@@ -7,7 +7,7 @@ import functools
 import time
 
 from server.codec.validate import validate_request
-from server.errors import PeregrineError
+from server.errors import ModelNotReady, PeregrineError
 from server.interfaces import DriftSample, DriftSink, LoadedModel, ModelCatalog, Router
 from server.security.names import check_model_name
 from server.types import InferRequest, InferResponse, RouteDecision
@@ -53,8 +53,11 @@ class DataPlane:
         start = _now()
         try:
             model = self._catalog.get(name, version)
-        except Exception:
-            self._finish_route(decision, request, None, start)
+        except Exception as exc:
+            # The router chose the target, not the client: a target that is not served
+            # counts against its variant whatever the status says (NOT_FOUND for a version
+            # unloaded since the table was set).
+            self._finish_route(decision, request, ModelNotReady(str(exc)), start)
             # Only a miss pays for the name check (the catalog's names were checked when they
             # loaded): a name that could be a path answers INVALID_ARGUMENT, not NOT_FOUND.
             check_model_name(name)
@@ -64,7 +67,7 @@ class DataPlane:
             future = model.scheduler.submit(request, lone)
         except Exception as exc:
             model.metrics.request_failed(_reason(exc), _now() - start)
-            self._finish_route(decision, request, None, start)
+            self._finish_route(decision, request, exc, start)
             raise
         if decision is not None or self._drift is not None:
             finished = functools.partial(self._finished, model, request, decision, start)
@@ -87,8 +90,9 @@ class DataPlane:
         """Runs before the waiter resumes (callbacks run in the order they were added)."""
         if future.cancelled():
             return  # the caller went away: no verdict on the variant
-        if future.exception() is not None:
-            self._finish_route(decision, request, None, start)
+        error = future.exception()
+        if error is not None:
+            self._finish_route(decision, request, error, start)
             return
         response = future.result()
         if decision is not None:
@@ -100,7 +104,7 @@ class DataPlane:
 
     def _finish_route(
         self, decision: RouteDecision | None, request: InferRequest,
-        response: InferResponse | None, start: int,
+        result: InferResponse | BaseException, start: int,
     ) -> None:
         if decision is not None and self._router is not None:
-            self._router.finish(decision, request, response, (_now() - start) / 1e9)
+            self._router.finish(decision, request, result, (_now() - start) / 1e9)

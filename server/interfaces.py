@@ -210,10 +210,11 @@ class Router(Protocol):
         self,
         decision: RouteDecision,
         request: InferRequest,
-        response: InferResponse | None,
+        result: InferResponse | BaseException,
         seconds: float,
     ) -> None:
-        """Count the outcome for the variant; mirror a served request to the shadow."""
+        """Count the outcome for the variant (the response, or the error it failed with:
+        only the server's faults count against it); mirror a served request to the shadow."""
         ...
 
 

@@ -19,6 +19,7 @@ from google.protobuf import json_format
 from server._pb import admin_pb2 as admin
 from server._pb import admin_pb2_grpc as admin_grpc
 from server.cli.connection import Metadata, add_connection_arguments, client_security
+from server.routing.table import DEFAULT_SHADOW_PENDING, DEFAULT_SHADOW_PENDING_BYTES
 
 #: Metadata naming the operator in the server's audit log (server/frontend/admin.py).
 USER_HEADER = "x-peregrine-user"
@@ -75,6 +76,10 @@ def add_route_parser(commands: Any) -> None:
     put.add_argument("--shadow-max-pending", type=int, default=0, metavar="N",
                      help="shadow copies waiting at most; more are dropped and counted "
                      "(default 256)")
+    put.add_argument("--shadow-max-pending-bytes", type=int, default=0, metavar="BYTES",
+                     help="bytes the waiting shadow copies may hold at most (their inputs and "
+                     "the primary outputs kept for the comparison); more are dropped and "
+                     "counted (default 67108864, 64 MiB)")
     put.add_argument("--canary", metavar="BASELINE:CANDIDATE",
                      help="run a guarded rollout from variant BASELINE to variant CANDIDATE")
     put.add_argument("--steps", metavar="P1,P2,...",
@@ -182,10 +187,14 @@ def build_table(args: argparse.Namespace) -> admin.RouteTable:
         target, fraction = parse_shadow(args.shadow)
         table.shadow.target.CopyFrom(target)
         table.shadow.fraction = fraction
-    if args.shadow_max_pending:
+    for flag, field in (("--shadow-max-pending", "max_pending"),
+                        ("--shadow-max-pending-bytes", "max_pending_bytes")):
+        value = getattr(args, f"shadow_{field}")
+        if not value:
+            continue
         if not args.shadow and not table.HasField("shadow"):
-            raise UsageError("--shadow-max-pending needs --shadow")
-        table.shadow.max_pending = args.shadow_max_pending
+            raise UsageError(f"{flag} needs --shadow")
+        setattr(table.shadow, field, value)
     canary_flags = (args.steps, args.step_interval, args.max_p99_ratio,
                     args.max_error_rate_increase, args.min_requests)
     if args.canary:
@@ -221,6 +230,10 @@ def _g(value: float) -> str:
     return f"{value:g}"
 
 
+def _mib(size: int) -> str:
+    return f"{size / 2**20:g} MiB"
+
+
 def _target(model: str, variant: admin.Variant | admin.VariantStatus) -> str:
     where = variant.model or model
     return f"{where}:{variant.version or 'latest'}"
@@ -241,9 +254,12 @@ def format_status(status: admin.RouteStatus) -> str:
         ).rstrip())
     if table.HasField("shadow"):
         spec, live = table.shadow, status.shadow
+        pending = spec.max_pending or DEFAULT_SHADOW_PENDING
+        pending_bytes = spec.max_pending_bytes or DEFAULT_SHADOW_PENDING_BYTES
         lines.append(
             f"  shadow {spec.target.name} -> {_target(model, spec.target)}"
-            f" (fraction {_g(spec.fraction or 1.0)}, max pending {spec.max_pending or 256}):"
+            f" (fraction {_g(spec.fraction or 1.0)}, max pending {pending} copies,"
+            f" {_mib(pending_bytes)}):"
             f" mirrored {live.mirrored}, dropped {live.dropped}, failed {live.failed},"
             f" compared {live.compared}"
         )
@@ -261,6 +277,8 @@ def format_status(status: admin.RouteStatus) -> str:
         lines.append(line)
         if status.canary_reason:
             lines.append(f"    reason: {status.canary_reason}")
+    if status.persist_error:
+        lines.append(f"  WARNING: routing file {status.persist_error}")
     return "\n".join(lines)
 
 
@@ -301,9 +319,11 @@ def _call(stub: admin_grpc.PeregrineAdminStub, args: argparse.Namespace,
         else:
             print("\n\n".join(format_status(s) for s in listed.routes))
     elif command == "clear":
-        stub.ClearRoute(admin.RouteRequest(model=args.model), timeout=args.timeout,
-                        metadata=metadata)
+        cleared = stub.ClearRoute(admin.RouteRequest(model=args.model), timeout=args.timeout,
+                                  metadata=metadata)
         print(f"routing table of '{args.model}' cleared")
+        if cleared.persist_error:
+            print(f"WARNING: routing file {cleared.persist_error}")
     else:
         rpc = stub.Promote if command == "promote" else stub.Rollback
         status = rpc(admin.RouteRequest(model=args.model), timeout=args.timeout,

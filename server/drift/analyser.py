@@ -6,6 +6,11 @@ reference profile, sets the gauges, logs level changes and writes completed fixe
 the sample store. It loads a version's profile on first sight (and retries while there is
 none, so profiling a live version needs no restart) and only then lets its sampler copy.
 An error in one version is logged once and does not stop the others or the thread.
+
+The thread is supervised: a pass that raises out of the loop ends the thread, which logs why
+and starts its successor (after a pause that doubles while passes keep failing, up to a
+minute). ``heartbeat`` (the wall-clock end of the last completed pass) is exported, so an
+analyser that stalls or keeps dying shows as a heartbeat that stops moving.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ log = logging.getLogger(__name__)
 
 SLIDING = "sliding"
 FIXED = "fixed"
+#: The longest pause before a dead analyser thread's successor starts.
+MAX_RESTART_PAUSE = 60.0
 
 
 class DriftGauges(Protocol):
@@ -47,6 +54,10 @@ class DriftGauges(Protocol):
 
     def set_model(self, model: str, version: str, window: str, *, score: float, level: int,
                   rows: int) -> None: ...
+
+    def forget(self, model: str, version: str) -> None:
+        """Drop the gauges of a version no longer monitored."""
+        ...
 
 
 @dataclass(slots=True)
@@ -88,37 +99,63 @@ class DriftAnalyser:
         #: CPU seconds this analyser has used (its whole cost, as the hot path's is measured
         #: apart): exported as peregrine_drift_analyser_cpu_seconds_total.
         self.cpu_seconds = 0.0
+        #: Wall-clock time (s since the epoch) a pass last completed; 0 before the first.
+        #: Exported as peregrine_drift_analyser_heartbeat_timestamp_seconds.
+        self.heartbeat = 0.0
+        #: Threads started after one died (peregrine_drift_analyser_restarts_total).
+        self.restarts = 0
+        self._pause = interval
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="drift-analyser", daemon=True)
-        self._thread.start()
+        self._spawn()
+
+    def _spawn(self) -> None:
+        thread = threading.Thread(target=self._run, name="drift-analyser", daemon=True)
+        self._thread = thread  # before it runs: stop() joins whichever thread is current
+        thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the thread after a last pass; the partial fixed windows go to the store."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
+        deadline = time.monotonic() + timeout
+        while (thread := self._thread) is not None:
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
                 log.error("drift analyser did not stop in time", extra={"timeout_s": timeout})
-            self._thread = None
+                return
+            if self._thread is thread:  # else it died and started a successor: join that
+                self._thread = None
 
     def _run(self) -> None:
         _lower_own_priority()
-        while not self._stop.wait(self._interval):
-            self._guarded(self.run_once)
-        self._guarded(self.run_once)
-        self._guarded(self.flush)
+        try:
+            while not self._stop.wait(self._pause):
+                self._timed(self.run_once)
+                self._pause = self._interval
+        except Exception as exc:
+            if not self._stop.is_set():
+                self.restarts += 1
+                self._pause = min(self._pause * 2, MAX_RESTART_PAUSE)
+                log.exception("drift analyser thread died; restarted", extra={
+                    "error": repr(exc), "restarts": self.restarts, "pause_s": self._pause,
+                })
+                self._spawn()
+                return
+            log.exception("drift analyser failed while stopping", extra={"error": repr(exc)})
+        for step in (self.run_once, self.flush):  # a last pass, then the partial windows
+            try:
+                self._timed(step)
+            except Exception as exc:  # stopping goes on regardless
+                log.exception("drift analyser failed while stopping", extra={"error": repr(exc)})
 
-    def _guarded(self, step: Callable[[], object]) -> None:
+    def _timed(self, step: Callable[[], object]) -> None:
         started = time.thread_time()
         try:
             step()
-        except Exception as exc:  # the thread must outlive any one bad pass
-            log.exception("drift analyser pass failed", extra={"error": repr(exc)})
         finally:
             self.cpu_seconds += time.thread_time() - started
 
@@ -130,6 +167,10 @@ class DriftAnalyser:
         live = self._sampler.samplers()
         for gone in [s for s in self._states if s not in live]:
             del self._states[gone]
+            if self._gauges is not None and not any(
+                (s.model, s.version) == (gone.model, gone.version) for s in live
+            ):
+                self._gauges.forget(gone.model, gone.version)
         produced: list[WindowReport] = []
         for sampler in live:
             state = self._states.get(sampler)
@@ -144,6 +185,7 @@ class DriftAnalyser:
                     log.exception("drift analysis failed", extra={
                         "model": sampler.model, "version": sampler.version, "error": message,
                     })
+        self.heartbeat = time.time()
         return produced
 
     def _pass(self, state: _VersionState, now: float) -> list[WindowReport]:

@@ -35,6 +35,8 @@ optional; the defaults are below. Keys, as ``parameters { key: "..." value: { st
                             category warns)
 ``drift_ring_size``         samples the hot-path ring holds between two analyser passes
                             (default 4096); a full ring drops samples and counts them
+``drift_ring_max_bytes``    bytes those samples may hold together (the copied tensors,
+                            default 33554432 = 32 MiB); past it the ring drops and counts too
 ``drift_store_dir``         where fixed windows are written, as ``<dir>/<model>/<version>/``;
                             relative to the repository root and inside it (no absolute path,
                             no '..'; default ``.drift``, which the repository ignores as it
@@ -90,6 +92,7 @@ class DriftConfig:
     min_rows: int = 1000
     thresholds: Thresholds = Thresholds()
     ring_size: int = 4096
+    ring_max_bytes: int = 32 * 1024 * 1024
     store_dir: str = DEFAULT_STORE_DIR
     store_max_bytes: int = 64 * 1024 * 1024
     store_format: str = "auto"
@@ -156,6 +159,8 @@ RANGE_ALERT = _key("range_alert", number(0.0, 1.0), "share of out-of-range value
                    _LIMITS.range_alert)
 RING_SIZE = _key("ring_size", integer(1), "samples the ring holds between analyser passes",
                  _DEFAULT.ring_size)
+RING_MAX_BYTES = _key("ring_max_bytes", integer(1),
+                      "bytes the ring's samples may hold together", _DEFAULT.ring_max_bytes)
 STORE_DIR = _key("store_dir", relative_path,
                  "where fixed windows are written (relative to the repository, inside it)",
                  _DEFAULT.store_dir)
@@ -167,8 +172,8 @@ STORE_FORMAT = _key("store_format", choice("auto", "parquet", "npz", case_sensit
 #: config.pbtxt ``parameters`` keys drift monitoring owns.
 PARAMETER_KEYS = (SAMPLE_RATE, SAMPLING, FEATURE_AXIS, FEATURE_AXIS_OF, TENSORS, CATEGORICAL,
                   WINDOW, MIN_ROWS, PSI_WARNING, PSI_ALERT, KS_ALERT, JS_WARNING, JS_ALERT,
-                  MISSING_ALERT, RANGE_ALERT, RING_SIZE, STORE_DIR, STORE_MAX_BYTES,
-                  STORE_FORMAT)
+                  MISSING_ALERT, RANGE_ALERT, RING_SIZE, RING_MAX_BYTES, STORE_DIR,
+                  STORE_MAX_BYTES, STORE_FORMAT)
 
 
 def parse(params: Mapping[str, str], model: str) -> DriftConfig:
@@ -201,6 +206,7 @@ def parse(params: Mapping[str, str], model: str) -> DriftConfig:
         min_rows=min(window, max(1, window // 2) if min_rows is None else min_rows),
         thresholds=thresholds,
         ring_size=RING_SIZE.value(params, model),
+        ring_max_bytes=RING_MAX_BYTES.value(params, model),
         store_dir=STORE_DIR.value(params, model),
         store_max_bytes=STORE_MAX_BYTES.value(params, model),
         store_format=STORE_FORMAT.value(params, model),

@@ -2,8 +2,8 @@
 
 Runs on the event loop thread, after a successful response. The cost per request is a dict
 lookup and a flag check for a model without drift, and a rate decision, a copy of the small
-input/output arrays and a ring push for a sampled one. Nothing here blocks, logs per request
-or touches the disk: the analyser thread does everything else.
+input/output arrays, their size and a ring push for a sampled one. Nothing here blocks, logs
+per request or touches the disk: the analyser thread does everything else.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import NamedTuple
 from server.drift import options as drift_config
 from server.drift.options import DriftConfig, Sampling
 from server.drift.ring import SampleRing
+from server.footprint import arrays_bytes
 from server.interfaces import DriftSample
 from server.spec import ModelSpec
 from server.types import Array, InferRequest, InferResponse
@@ -48,7 +49,7 @@ class VersionSampler:
         self.version = version
         self.config = config
         self.ring: SampleRing[CapturedSample] = SampleRing(
-            config.ring_size if config.enabled else 1
+            config.ring_size if config.enabled else 1, config.ring_max_bytes
         )
         self.active = False
         self.unprofiled = 0
@@ -89,27 +90,41 @@ class VersionSampler:
         # Raw output bytes are immutable: a view over them is already a private copy.
         outputs = {out.name: out.data if out.raw is not None else out.data.copy()
                    for out in response.outputs if out.name in wanted_out}
-        return self.ring.push(CapturedSample(request.id, inputs, outputs))
+        size = arrays_bytes(inputs.values()) + arrays_bytes(outputs.values())
+        return self.ring.push(CapturedSample(request.id, inputs, outputs), size)
 
 
 class DriftSampler:
     """The DriftSink: routes every offered sample to the sampler of its model version.
 
     Versions are registered on first sight (a hot-swapped version or a reloaded config brings
-    a new spec object, which re-registers), on the loop thread. The table is replaced, never
-    mutated, so the analyser thread can iterate a snapshot of it without a lock.
+    a new spec object, which re-registers), on the loop thread, and dropped when the
+    repository no longer serves them (``retain``). The table is replaced, never mutated, so
+    the analyser thread can iterate a snapshot of it without a lock.
     """
 
     def __init__(self) -> None:
         self._versions: dict[tuple[str, str], VersionSampler] = {}
+        #: The versions the repository serves (None: not told yet, every one is taken).
+        self._served: frozenset[tuple[str, str]] | None = None
 
     def offer(self, sample: DriftSample) -> bool:
         model = sample.model
         spec = model.spec
-        sampler = self._versions.get((spec.name, model.version))
+        key = (spec.name, model.version)
+        sampler = self._versions.get(key)
         if sampler is None or sampler.spec is not spec:
+            if self._served is not None and key not in self._served:
+                return False  # answered by a version retired since: not registered again
             sampler = self._register(spec, model.version)
         return sampler.take(sample.request, sample.response)
+
+    def retain(self, served: frozenset[tuple[str, str]]) -> None:
+        """Keep only the samplers of these (model, version) pairs: the repository's served
+        versions after each change. The analyser then drops the others' state and gauges."""
+        self._served = served
+        if any(key not in served for key in self._versions):
+            self._versions = {k: v for k, v in self._versions.items() if k in served}
 
     def samplers(self) -> list[VersionSampler]:
         """A snapshot of the drift-enabled versions; safe from any thread."""

@@ -51,7 +51,8 @@ def table_of(message: admin.RouteTable) -> RouteTable:
     shadow = canary = None
     if message.HasField("shadow"):
         shadow = Shadow(target=_variant_of(message.shadow.target),
-                        fraction=message.shadow.fraction, max_pending=message.shadow.max_pending)
+                        fraction=message.shadow.fraction, max_pending=message.shadow.max_pending,
+                        max_pending_bytes=message.shadow.max_pending_bytes)
     if message.HasField("canary"):
         plan = message.canary
         canary = Canary(
@@ -78,7 +79,8 @@ def table_message(table: RouteTable) -> admin.RouteTable:
     if table.shadow is not None:
         message.shadow.CopyFrom(admin.Shadow(
             target=_variant_message(table.shadow.target), fraction=table.shadow.fraction,
-            max_pending=table.shadow.max_pending))
+            max_pending=table.shadow.max_pending,
+            max_pending_bytes=table.shadow.max_pending_bytes))
     if table.canary is not None:
         plan = table.canary
         message.canary.CopyFrom(admin.Canary(
@@ -97,7 +99,7 @@ def status_message(status: RouteStatus) -> admin.RouteStatus:
             requests=v.requests, errors=v.errors, p99_ms=v.p99_ms,
         ) for v in status.variants],
         canary_state=status.canary_state, canary_step=status.canary_step,
-        canary_reason=status.canary_reason,
+        canary_reason=status.canary_reason, persist_error=status.persist_error,
     )
     figures = status.shadow
     if figures is not None:

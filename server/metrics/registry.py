@@ -1,7 +1,13 @@
-"""The Prometheus registry: our histograms plus Triton-named families for existing dashboards."""
+"""The Prometheus registry: our histograms plus Triton-named families for existing dashboards.
+
+A version's series (statistics, histograms, nv_* families, readiness, load failures) live
+while the repository holds the version: ``forget`` drops them when it goes, so the label sets
+stay bounded however many versions come and go.
+"""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -119,6 +125,14 @@ class MetricsRegistry:
 
     def load_failed(self, model: str, version: str) -> None:
         self._load_failures.labels(model, version).inc()
+
+    def forget(self, model: str, version: str) -> None:
+        """Drop every series of a version the repository no longer holds (unloaded, or
+        dropped by its version policy); version "" is the model's config failures."""
+        self._versions.pop((model, version), None)
+        for family in (self._ready, self._load_failures):
+            with contextlib.suppress(KeyError):  # never written
+                family.remove(model, version)
 
     def _children(self, field_name: str) -> Callable[[], list[tuple[tuple[str, str],
                                                                       LoopHistogram]]]:

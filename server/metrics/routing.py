@@ -1,4 +1,9 @@
-"""Metrics of traffic routing: per variant, per shadow, per canary."""
+"""Metrics of traffic routing: per variant, per shadow, per canary.
+
+Series live as long as what they describe: a variant's go when a table without it replaces
+its table (or the table is cleared), a shadow's when the shadow goes, so label sets stay
+bounded however often tables change.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ ROUTE_LABELS = ("model", "variant")
 class VariantMetrics:
     requests: Counter
     errors: Counter
+    client_errors: Counter
     latency: Histogram
 
 
@@ -37,7 +43,14 @@ class RoutingMetrics:
             registry=registry,
         )
         self._errors = Counter(
-            "peregrine_route_errors", "Routed requests that failed.", ROUTE_LABELS,
+            "peregrine_route_errors",
+            "Routed requests that failed by the server's fault (INTERNAL, UNAVAILABLE, a "
+            "server timeout): what a canary judges.", ROUTE_LABELS, registry=registry,
+        )
+        self._client_errors = Counter(
+            "peregrine_route_client_errors",
+            "Routed requests that failed by the client's doing (invalid, refused, "
+            "rate-limited, cancelled, past its own deadline): never judged.", ROUTE_LABELS,
             registry=registry,
         )
         self._latency = Histogram(
@@ -85,6 +98,7 @@ class RoutingMetrics:
         return VariantMetrics(
             requests=self._requests.labels(model, variant),
             errors=self._errors.labels(model, variant),
+            client_errors=self._client_errors.labels(model, variant),
             latency=self._latency.labels(model, variant),
         )
 
@@ -104,12 +118,20 @@ class RoutingMetrics:
     def set_canary(self, model: str, percent: float) -> None:
         self._canary_step.labels(model).set(percent)
 
-    def forget_weights(self, model: str, variants: Iterable[str]) -> None:
-        """Drop the weight gauges of variants no longer in the model's table."""
-        for variant in variants:
-            with contextlib.suppress(KeyError):
-                self._weight.remove(model, variant)
+    def forget_variant(self, model: str, variant: str) -> None:
+        """Drop every series of a variant no longer in the model's table."""
+        _remove((self._requests, self._errors, self._client_errors, self._latency,
+                 self._weight), model, variant)
+
+    def forget_shadow(self, model: str, variant: str) -> None:
+        _remove((self._mirrored, self._dropped, self._failed, self._agreement, self._max_abs,
+                 self._mean_abs), model, variant)
 
     def forget_canary(self, model: str) -> None:
-        with contextlib.suppress(KeyError):
-            self._canary_step.remove(model)
+        _remove((self._canary_step,), model)
+
+
+def _remove(families: Iterable[Counter | Gauge | Histogram], *labels: str) -> None:
+    for family in families:
+        with contextlib.suppress(KeyError):  # never written
+            family.remove(*labels)

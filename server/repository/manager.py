@@ -282,6 +282,8 @@ class ModelManager:
             record.reason = "unloaded"
             self._publish()
             await asyncio.gather(*(self._retire(s) for s in retired))
+            for version in (*record.versions, ""):  # failed versions' series too
+                self._metrics.forget(name, version)
             record.versions.clear()
             record.config_fingerprint = ""
             record.version_fingerprints.clear()
@@ -452,7 +454,9 @@ class ModelManager:
                 entry = record.versions.pop(version)
                 record.version_fingerprints.pop(version, None)
                 if entry.served is not None:
-                    retired.append(entry.served)
+                    retired.append(entry.served)  # its series go once it is drained
+                else:
+                    self._metrics.forget(record.name, version)
             record.config = config_io.completed_config(plan.config, plan.spec)
             record.spec = plan.spec
             record.config_fingerprint = plan.config_fingerprint
@@ -545,9 +549,18 @@ class ModelManager:
             self._metrics.set_ready(name, version, False)
         finished = await served.scheduler.drain(self._drain_timeout)
         await served.scheduler.close()
+        if not self._holds(name, version):
+            self._metrics.forget(name, version)
         log.info("model version unloaded", extra={
             "model": name, "version": version, "drained": finished,
         })
+
+    def _holds(self, name: str, version: str) -> bool:
+        """True while ``version`` serves or loads again (a reload of the same version shares
+        its metrics, which must outlive the copy being retired)."""
+        record = self._models.get(name)
+        entry = record.versions.get(version) if record is not None else None
+        return entry is not None and entry.state in (ModelState.LOADING, ModelState.READY)
 
     async def close(self, grace: float) -> None:
         """Drain every version (up to ``grace`` seconds), then unload it."""

@@ -1,4 +1,8 @@
-"""Live per-variant figures the canary judges by: counts and a ring of recent latencies."""
+"""Live per-variant figures the canary judges by: counts and a ring of recent latencies.
+
+Only judged outcomes (served, or failed by the server's fault) enter the live figures; a
+failure the client caused is counted on /metrics alone (see ``server.routing.outcome``).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from server.metrics.routing import VariantMetrics
+from server.routing.outcome import Outcome
 
 RING_SIZE = 4096
 
@@ -32,10 +37,13 @@ class VariantStats:
         self._latencies = np.zeros(RING_SIZE, dtype=np.float64)
         self._written = 0
 
-    def record(self, seconds: float, ok: bool) -> None:
-        self.requests += 1
+    def record(self, seconds: float, outcome: Outcome) -> None:
         self.metrics.requests.inc()
-        if not ok:
+        if outcome is Outcome.REFUSED:
+            self.metrics.client_errors.inc()
+            return
+        self.requests += 1
+        if outcome is Outcome.FAILED:
             self.errors += 1
             self.metrics.errors.inc()
             return

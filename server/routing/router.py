@@ -8,12 +8,14 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from server.errors import InvalidInput, NotAllowed
 from server.metrics.routing import RoutingMetrics
 from server.routing.canary import judge
 from server.routing.figures import VariantStats
+from server.routing.outcome import Outcome, classify
 from server.routing.shadow import Agreement, ShadowMirror
 from server.routing.splitter import pick_sticky, pick_weighted
 from server.routing.store import RouteStore, table_to_json
@@ -48,6 +50,10 @@ class RouteStatus:
     canary_state: str = "none"
     canary_step: int = 0
     canary_reason: str = ""
+    #: Why the table in force is not what the routing file says (empty: it is): its last
+    #: change could not be written (a read-only repository), so it holds in memory only and a
+    #: restart applies the file on disk instead.
+    persist_error: str = ""
 
 
 @dataclass(slots=True)
@@ -80,6 +86,8 @@ class Router:
         self._routes: dict[str, Route] = {}
         self._stats: dict[tuple[str, str], VariantStats] = {}
         self._canaries: dict[str, CanaryRun] = {}
+        #: Per model, why its table in force could not be persisted (see RouteStatus).
+        self._unsaved: dict[str, str] = {}
 
     # -- the hot path ------------------------------------------------------------------------
 
@@ -104,16 +112,25 @@ class Router:
         self,
         decision: RouteDecision,
         request: InferRequest,
-        response: InferResponse | None,
+        result: InferResponse | BaseException,
         seconds: float,
     ) -> None:
-        self._variant_stats(decision.route_model, decision.variant).record(
-            seconds, response is not None
-        )
-        if response is not None and decision.mirror:
-            self._mirror.offer(decision.route_model, request, response)
+        model = decision.route_model
+        stats = self._stats.get((model, decision.variant))
+        if stats is None:
+            route = self._routes.get(model)
+            if route is None or decision.variant not in route.names:
+                return  # decided under a table since replaced: the variant is gone
+            stats = self._variant_stats(model, decision.variant)
+        if isinstance(result, BaseException):
+            stats.record(seconds, classify(result, request, seconds))
+            return
+        stats.record(seconds, Outcome.OK)
+        if decision.mirror:
+            self._mirror.offer(model, request, result)
 
     def _variant_stats(self, model: str, variant: str) -> VariantStats:
+        """The live figures of a variant of the model's table in force."""
         stats = self._stats.get((model, variant))
         if stats is None:
             stats = self._stats[(model, variant)] = VariantStats(
@@ -144,16 +161,18 @@ class Router:
 
     def set_table(self, table: RouteTable, who: str) -> RouteStatus:
         route = build_route(table, self._lookup)
-        self._apply(route, who, persist=True)
-        # A new table starts its variants' live figures afresh (Prometheus keeps the totals).
+        # A new table starts its variants' live figures afresh (Prometheus keeps the totals
+        # of the variants it keeps); before applying, so a canary's marks are on the new ones.
         for name in route.names:
             self._stats.pop((route.model, name), None)
+        self._apply(route, who, persist=True)
         return self.status(route.model)
 
     def clear(self, model: str, who: str) -> RouteStatus:
         self._require(model)
         self._apply_clear(model, who, persist=True)
-        return RouteStatus(table=RouteTable(model=model))
+        return RouteStatus(table=RouteTable(model=model),
+                           persist_error=self._unsaved.pop(model, ""))
 
     def promote(self, model: str, who: str) -> RouteStatus:
         run = self._running_canary(model)
@@ -180,6 +199,7 @@ class Router:
         status = RouteStatus(
             table=route.table, variants=tuple(variants),
             shadow=dataclasses.replace(figures) if figures is not None else None,
+            persist_error=self._unsaved.get(model, ""),
         )
         run = self._canaries.get(model)
         if run is None:
@@ -218,7 +238,6 @@ class Router:
             first = route.canary.steps[0]
             route = route.with_weights({route.canary.candidate: first,
                                         route.canary.baseline: 100.0 - first})
-        # Installed first: when persisting fails, the old table and its canary go on as before.
         self._install(route, who, "set", persist)
         old_run = self._canaries.pop(route.model, None)
         if old_run is not None and old_run.task is not None:
@@ -236,13 +255,16 @@ class Router:
             self._metrics.set_canary(route.model, route.canary.steps[0])
 
     def _install(self, route: Route, who: str, action: str, persist: bool) -> None:
+        model = route.model
         if persist:
-            self._store.write(route.table)
-        old = self._routes.get(route.model)
-        self._routes[route.model] = route
-        self._mirror.configure(route.model, route.shadow)
+            self._persist(model, lambda: self._store.write(route.table))
+        else:
+            self._unsaved.pop(model, None)  # applied from the file: memory and disk agree
+        old = self._routes.get(model)
+        self._routes[model] = route
+        self._mirror.configure(model, route.shadow)
         if old is not None:
-            self._metrics.forget_weights(route.model, set(old.names) - set(route.names))
+            self._forget_variants(model, set(old.names) - set(route.names))
         for target in route.variants:
             self._metrics.set_weight(route.model, target.name, target.weight)
         log.info("routing changed", extra={
@@ -252,16 +274,43 @@ class Router:
 
     def _apply_clear(self, model: str, who: str, persist: bool) -> None:
         if persist:
-            self._store.remove(model)
+            self._persist(model, lambda: self._store.remove(model))
+        else:
+            self._unsaved.pop(model, None)
         run = self._canaries.pop(model, None)
         if run is not None and run.task is not None:
             run.task.cancel()
         old = self._routes.pop(model, None)
         self._mirror.configure(model, None)
         if old is not None:
-            self._metrics.forget_weights(model, old.names)
+            self._forget_variants(model, old.names)
         self._metrics.forget_canary(model)
         log.info("routing changed", extra={"who": who, "action": "clear", "model": model})
+
+    def _forget_variants(self, model: str, names: Iterable[str]) -> None:
+        """Drop the live figures and the series of variants no longer in the table, so
+        /metrics holds only the variants in force however often tables change."""
+        for name in names:
+            self._stats.pop((model, name), None)
+            self._metrics.forget_variant(model, name)
+
+    def _persist(self, model: str, write: Callable[[], None]) -> None:
+        """Write a change to the routing file. A failure (a read-only repository, as the
+        Kubernetes example mounts it) does not undo the change: routing (a rollback above
+        all) must work whatever the disk does. The table holds in memory, and the failure is
+        logged and reported in the model's RouteStatus until a later write succeeds."""
+        try:
+            write()
+        except OSError as exc:
+            self._unsaved[model] = (
+                f"not persisted ({exc}): in force in memory only; a restart applies "
+                f"{self._store.path(model)} as it is on disk"
+            )
+            log.error("routing change not persisted", extra={
+                "model": model, "path": str(self._store.path(model)), "error": repr(exc),
+            })
+        else:
+            self._unsaved.pop(model, None)
 
     # -- canary ------------------------------------------------------------------------------------
 

@@ -1,8 +1,9 @@
 """Shadow mirroring: copies of primary traffic go to a shadow variant, off the caller's path.
 
-The caller already has its response when a copy is offered. Copies wait in a bounded queue per
-routed model (full: dropped and counted) and a few worker tasks run them; their results are
-only compared with the primary's, never returned, and their failures are only counted.
+The caller already has its response when a copy is offered. Copies wait in a queue per routed
+model, bounded in count and in bytes (the copy's inputs and the primary's outputs it keeps for
+the comparison; full: dropped and counted), and a few worker tasks run them; their results
+are only compared with the primary's, never returned, and their failures are only counted.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from server.footprint import arrays_bytes, outputs_bytes
 from server.metrics.routing import RoutingMetrics, ShadowMetrics
 from server.routing.table import ShadowSpec
 from server.types import InferRequest, InferResponse
@@ -73,10 +75,12 @@ class Agreement:
 class _Lane:
     spec: ShadowSpec
     metrics: ShadowMetrics
-    pending: deque[tuple[InferRequest, InferResponse]]
+    #: (copy, primary response, bytes the two hold)
+    pending: deque[tuple[InferRequest, InferResponse, int]]
     wake: asyncio.Event
     figures: Agreement
     workers: list[asyncio.Task[None]]
+    pending_bytes: int = 0
 
 
 def _maps_shared_memory(array: np.ndarray) -> bool:
@@ -118,18 +122,17 @@ class ShadowMirror:
     def configure(self, model: str, spec: ShadowSpec | None) -> None:
         """Start, change or stop mirroring for ``model`` (on the event loop)."""
         lane = self._lanes.get(model)
-        if spec is None:
-            if lane is not None:
-                for worker in lane.workers:
-                    worker.cancel()
-                del self._lanes[model]
-            return
-        if lane is not None and lane.spec.target == spec.target:
+        if lane is not None and spec is not None and lane.spec.target == spec.target:
             lane.spec = spec
             return
         if lane is not None:
             for worker in lane.workers:
                 worker.cancel()
+            del self._lanes[model]
+            if spec is None or spec.target.name != lane.spec.target.name:
+                self._metrics.forget_shadow(model, lane.spec.target.name)
+        if spec is None:
+            return
         lane = _Lane(spec=spec, metrics=self._metrics.shadow(model, spec.target.name),
                      pending=deque(), wake=asyncio.Event(), figures=Agreement(), workers=[])
         loop = asyncio.get_running_loop()
@@ -146,11 +149,14 @@ class ShadowMirror:
         lane = self._lanes.get(model)
         if lane is None:
             return False
-        if len(lane.pending) >= lane.spec.max_pending:
+        size = arrays_bytes(request.inputs.values()) + outputs_bytes(primary.outputs)
+        if (len(lane.pending) >= lane.spec.max_pending
+                or lane.pending_bytes + size > lane.spec.max_pending_bytes):
             lane.figures.dropped += 1
             lane.metrics.dropped.inc()
             return False
-        lane.pending.append((_detached(request), primary))
+        lane.pending.append((_detached(request), primary, size))
+        lane.pending_bytes += size
         lane.wake.set()
         return True
 
@@ -161,7 +167,8 @@ class ShadowMirror:
                 lane.wake.clear()
                 await lane.wake.wait()
                 continue
-            request, primary = lane.pending.popleft()
+            request, primary, size = lane.pending.popleft()
+            lane.pending_bytes -= size
             copy = dataclasses.replace(
                 request, model_name=target.model, model_version=target.version,
                 deadline_ns=None, priority=0, timeout_us=0,

@@ -96,11 +96,13 @@ def table_from_json(document: object) -> RouteTable:
         raise InvalidInput("'variants' must be a list")
     shadow = None
     if "shadow" in fields_:
-        raw = _fields(fields_["shadow"], "shadow", ("target", "fraction", "max_pending"))
+        raw = _fields(fields_["shadow"], "shadow", ("target", "fraction", "max_pending",
+                                                    "max_pending_bytes"))
         shadow = Shadow(
             target=_variant(raw.get("target", {}), "shadow target"),
             fraction=_number(raw, "fraction", "shadow"),
             max_pending=_count(raw, "max_pending", "shadow"),
+            max_pending_bytes=_count(raw, "max_pending_bytes", "shadow"),
         )
     canary = None
     if "canary" in fields_:
@@ -173,6 +175,8 @@ def _count(raw: Mapping[str, object], name: str, where: str) -> int:
     value = raw.get(name, 0)
     if isinstance(value, float) and value.is_integer():
         value = int(value)
+    elif isinstance(value, str) and value.isdigit():
+        value = int(value)  # how protobuf's JSON spells a 64-bit integer
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise InvalidInput(f"{where} '{name}' must be a whole number >= 0")
     return value

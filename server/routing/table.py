@@ -13,6 +13,7 @@ from server.spec import ModelSpec
 
 DEFAULT_STICKY_PARAMETER = "routing_key"
 DEFAULT_SHADOW_PENDING = 256
+DEFAULT_SHADOW_PENDING_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +34,9 @@ class Shadow:
     fraction: float = 0.0
     #: Copies waiting at most (0 means DEFAULT_SHADOW_PENDING).
     max_pending: int = 0
+    #: Bytes the waiting copies may hold at most: their inputs and the primary outputs kept
+    #: for the comparison (0 means DEFAULT_SHADOW_PENDING_BYTES).
+    max_pending_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +77,7 @@ class ShadowSpec:
     target: Target
     fraction: float
     max_pending: int
+    max_pending_bytes: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,12 +198,15 @@ def build_route(table: RouteTable, lookup: SpecLookup) -> Route:
         fraction = table.shadow.fraction or 1.0
         if not 0 < fraction <= 1:
             raise InvalidInput(f"shadow fraction must be within (0, 1], got {fraction}")
-        if table.shadow.max_pending < 0:
-            raise InvalidInput(f"shadow max_pending must be >= 0, got {table.shadow.max_pending}")
+        for name in ("max_pending", "max_pending_bytes"):
+            if getattr(table.shadow, name) < 0:
+                raise InvalidInput(f"shadow {name} must be >= 0, got "
+                                   f"{getattr(table.shadow, name)}")
         shadow = ShadowSpec(
             target=_target(table.model, table.shadow.target, "shadow", lookup, signature),
             fraction=fraction,
             max_pending=table.shadow.max_pending or DEFAULT_SHADOW_PENDING,
+            max_pending_bytes=table.shadow.max_pending_bytes or DEFAULT_SHADOW_PENDING_BYTES,
         )
     frozen = tuple(variants)
     route = Route(

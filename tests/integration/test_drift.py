@@ -3,9 +3,11 @@ on /metrics, and ``peregrine drift report`` prints it and draws it."""
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ import tritonclient.grpc as grpcclient
 from onnx import TensorProto, helper, numpy_helper
 
 from server.cli import main
+from server.drift.detect import WindowReport
 from tests.model_factory import TensorSpec, render_config, write_model
 from tests.server_harness import ServerThread
 
@@ -129,3 +132,45 @@ def test_a_drifting_stream_shows_on_metrics_and_in_the_report(
     first_feature = out[2].split()
     assert first_feature[0] == drifted and "alert" in first_feature
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_a_dead_analyser_is_restarted_and_its_heartbeat_moves_again(
+    drift_repo: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.ERROR, logger="server.drift.analyser")
+    with ServerThread(drift_repo) as server:
+        assert server.server is not None and server.server.drift is not None
+        analyser = server.server.drift
+
+        def scraped(name: str) -> float:
+            text = urllib.request.urlopen(server.metrics_url).read().decode()
+            (line,) = [line for line in text.splitlines() if line.startswith(name + " ")]
+            return float(line.split()[1])
+
+        def wait_for(condition: Callable[[], bool]) -> None:
+            for _ in range(200):
+                if condition():
+                    return
+                time.sleep(0.05)
+            raise AssertionError("timed out")
+
+        heartbeat = "peregrine_drift_analyser_heartbeat_timestamp_seconds"
+        wait_for(lambda: scraped(heartbeat) > 0)
+        assert scraped("peregrine_drift_analyser_restarts_total") == 0
+        original = analyser.run_once
+        injected = [RuntimeError("injected analysis failure")]
+
+        def fails_once(now: float | None = None) -> list[WindowReport]:
+            if injected:
+                raise injected.pop()
+            return original(now)
+
+        monkeypatch.setattr(analyser, "run_once", fails_once)
+        wait_for(lambda: not injected)
+        died = scraped(heartbeat)
+        wait_for(lambda: scraped(heartbeat) > died)  # the successor thread passes again
+        assert scraped("peregrine_drift_analyser_restarts_total") == 1
+    (record,) = [r for r in caplog.records
+                 if r.getMessage() == "drift analyser thread died; restarted"]
+    assert "injected analysis failure" in record.error  # type: ignore[attr-defined]
+    assert record.restarts == 1  # type: ignore[attr-defined]

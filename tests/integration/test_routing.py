@@ -13,6 +13,7 @@ fresh random generator per run, each such check fails by chance with probability
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -36,6 +37,7 @@ from tritonclient.utils import InferenceServerException
 
 from server._pb import admin_pb2 as admin
 from server._pb import admin_pb2_grpc as admin_grpc
+from server.routing import store as route_store
 from server.routing.splitter import pick_sticky
 from server.routing.store import ROUTING_FILE
 from tests import model_factory
@@ -642,6 +644,79 @@ def test_a_failing_canary_rolls_back_by_itself_on_errors(server: ServerThread) -
     live = {v.name: v for v in status.variants}
     assert live["bad"].errors >= 5 and live["base"].errors == 0
     assert metric(server, "peregrine_route_errors_total", model="m", variant="bad") >= 5
+
+
+def test_bad_requests_sent_to_the_candidate_never_roll_it_back(server: ServerThread) -> None:
+    """A client that lands its requests on the candidate (a sticky key) and makes them fail
+    (INVALID_ARGUMENT: the wrong width) must not force a rollback: only the server's faults
+    count against a variant."""
+    table = canary_table("m", variant("base", "1", 100), variant("cand", "2", 0),
+                         steps=[50, 100], step_interval_secs=0.5, min_requests=5,
+                         max_p99_ratio=100)
+    names, first_step = ("base", "cand"), (50.0, 50.0)
+    key = next(f"attacker-{i}" for i in range(1000)
+               if names[pick_sticky(f"attacker-{i}", names, first_step)] == "cand")
+    before = metric(server, "peregrine_route_client_errors_total", default=0.0, model="m",
+                    variant="cand")
+    set_route(server, table)
+    refused = 0
+    with Load(server, "m", row(), pause=0.01) as load, \
+            grpcclient.InferenceServerClient(server.url) as attacker:
+        def promoted() -> bool:
+            nonlocal refused
+            for _ in range(4):
+                with pytest.raises(InferenceServerException, match="INPUT0"):
+                    infer(attacker, "m", row(WIDTH + 3), parameters={"routing_key": key})
+                refused += 1
+            return get_route(server, "m").canary_state != "running"
+
+        wait_until(promoted, "the canary decided", timeout=30)
+    status = get_route(server, "m")
+    assert status.canary_state == "promoted", status.canary_reason
+    assert load.errors == 0
+    assert metric(server, "peregrine_route_client_errors_total", model="m",
+                  variant="cand") - before >= refused // 2  # the rest reached "base"
+    assert metric(server, "peregrine_route_errors_total", default=0.0, model="m",
+                  variant="cand") == 0
+
+
+def test_a_table_the_repository_cannot_store_applies_in_memory_and_rolls_back(
+    tmp_path: Path, start_server: StartServer, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A read-only repository (deploy/kubernetes mounts it so): routing still works, a canary
+    still rolls back, and the failure to persist is reported, not hidden."""
+    caplog.set_level(logging.ERROR, logger=ROUTER_LOGGER)
+    repo = build_repo(tmp_path, extras=False)
+    model_factory.failing_model(repo, "failing")
+    running = start_server(repo)
+    set_route(running, route_table("m", variant("a", "1", 100)))
+    path = repo / "m" / ROUTING_FILE
+    on_disk = path.read_text()
+
+    def read_only(target: Path, *args: object, **kwargs: object) -> None:
+        raise OSError(errno.EROFS, "Read-only file system", str(target))
+
+    monkeypatch.setattr(route_store, "write_atomically", read_only)
+    status = set_route(running, canary_table(
+        "m", variant("base", "1", 100), variant("bad", model="failing"), steps=[50, 100],
+        step_interval_secs=60, min_requests=5))
+    assert status.canary_state == "running" and weights(status) == {"base": 50, "bad": 50}
+    assert "Read-only file system" in status.persist_error
+    assert str(path) in status.persist_error
+    logged = [r for r in caplog.records if r.getMessage() == "routing change not persisted"]
+    assert logged and "Read-only file system" in logged[-1].error  # type: ignore[attr-defined]
+
+    run_until_rolled_back(running, "m", row())
+    status = get_route(running, "m")
+    assert weights(status) == {"base": 100, "bad": 0} and "error rate" in status.canary_reason
+    assert "Read-only file system" in status.persist_error
+    assert path.read_text() == on_disk  # the file still holds the last table it could
+    with grpcclient.InferenceServerClient(running.url) as client:
+        assert {infer(client, "m")[0] for _ in range(10)} == {"base"}
+    done = route_cli(running, "status", "m")
+    assert done.returncode == 0, done.stderr
+    assert "WARNING: routing file not persisted ([Errno 30] Read-only file system" in done.stdout
 
 
 def test_promote_rollback_and_list_rpcs(server: ServerThread,

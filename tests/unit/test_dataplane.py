@@ -57,8 +57,8 @@ class AlwaysB:
         return RouteDecision("m", "b", "m", "2")
 
     def finish(self, decision: RouteDecision, request: InferRequest,
-               response: InferResponse | None, seconds: float) -> None:
-        self.verdicts.append((decision.variant, response is not None))
+               result: InferResponse | BaseException, seconds: float) -> None:
+        self.verdicts.append((decision.variant, isinstance(result, InferResponse)))
 
 
 async def test_an_answer_ready_at_submit_carries_the_routing_verdict() -> None:

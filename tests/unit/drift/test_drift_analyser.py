@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry
 
 from server.drift import features
 from server.drift import options as drift_config
@@ -16,6 +17,7 @@ from server.drift.analyser import DriftAnalyser
 from server.drift.sampler import CapturedSample, DriftSampler
 from server.drift.store import SampleStore, read_windows, to_block
 from server.drift.window import Block, Windows, assemble
+from server.metrics.drift import DriftMetrics
 from server.spec import TensorSpec
 from server.types import DataType
 from tests.unit.drift.drift_kit import FakeModel, make_profile, make_spec, sample
@@ -195,3 +197,40 @@ def test_a_failing_version_does_not_stop_the_others(
     assert active == {"good": True, "bad": False}
     failures = [r for r in caplog.records if r.message == "drift analysis failed"]
     assert len(failures) == 1  # the same error is logged once, not on every pass
+
+
+def test_a_version_no_longer_served_loses_its_sampler_and_its_gauges(
+    tmp_path: Path, rng: np.random.Generator,
+) -> None:
+    registry = CollectorRegistry()
+    spec = make_spec(parameters={"drift_sample_rate": "1", "drift_window": "20"})
+    sink = DriftSampler()
+    analyser = DriftAnalyser(sink, tmp_path, DriftMetrics(registry), sliding_every=0.0)
+    reference = {"x": rng.normal(size=(500, 64)), "label": rng.integers(0, 3, (500, 1))}
+    models = {v: FakeModel(spec, v) for v in ("1", "2")}
+    for version, model in models.items():
+        sink.register(model.spec, version)
+        profiles.save(make_profile(spec, reference, version),
+                      profiles.profile_path(tmp_path, "m", version))
+    analyser.run_once(now=0.0)
+
+    def offer(version: str) -> bool:
+        return sink.offer(sample(models[version], {"x": rng.normal(size=(1, 64))},
+                                 {"label": rng.integers(0, 3, (1, 1))}))
+
+    for _ in range(20):
+        offer("1")
+        offer("2")
+    analyser.run_once(now=1.0)
+
+    def series(version: str) -> int:
+        return sum(1 for family in registry.collect() for s in family.samples
+                   if s.labels.get("version") == version and s.labels.get("model") == "m")
+
+    assert series("1") > 0 and series("1") == series("2")
+    sink.retain(frozenset({("m", "2")}))  # version 1 was unloaded
+    analyser.run_once(now=2.0)
+    assert series("1") == 0 and series("2") > 0
+    # A request of version 1 still in flight at the unload does not bring it back.
+    assert not offer("1")
+    assert [s.version for s in sink.samplers()] == ["2"]

@@ -21,6 +21,32 @@ def test_a_full_ring_drops_and_counts_instead_of_overwriting() -> None:
     assert ring.push(9) and ring.drain() == [9]
 
 
+def test_a_ring_holding_its_bytes_drops_and_counts() -> None:
+    ring: SampleRing[str] = SampleRing(100, max_bytes=1000)
+    assert [ring.push(f"s{i}", 400) for i in range(3)] == [True, True, False]
+    assert ring.nbytes == 800 and ring.dropped == 1
+    assert not ring.push("huge", 1001)  # larger than the whole budget: never taken
+    assert ring.push("small", 200) and ring.nbytes == 1000
+    assert ring.drain(limit=1) == ["s0"] and ring.nbytes == 600
+    assert ring.push("again", 400)
+    assert ring.drain() == ["s1", "small", "again"] and ring.nbytes == 0
+
+
+def test_the_sampler_bounds_its_ring_by_the_tensors_bytes() -> None:
+    sink = DriftSampler()
+    # 1 KiB of input and 8 bytes of output a sample: three fit in 3.1 KiB, not four.
+    model = FakeModel(make_spec(parameters={"drift_sample_rate": "1",
+                                            "drift_ring_max_bytes": str(3 * 1024 + 100)}))
+    sink.register(model.spec, "1").activate(frozenset({"x"}), frozenset({"label"}))
+    offered = sample(model, {"x": np.zeros((1, 256), np.float32)},
+                     {"label": np.zeros((1, 1), np.int64)})
+    assert [sink.offer(offered) for _ in range(5)] == [True] * 3 + [False] * 2
+    (version,) = sink.samplers()
+    assert version.ring.nbytes == 3 * (1024 + 8) and version.ring.dropped == 2
+    version.ring.drain()
+    assert sink.offer(offered)
+
+
 def test_drain_takes_at_most_the_limit_in_order() -> None:
     ring: SampleRing[int] = SampleRing(8)
     for i in range(5):

@@ -44,7 +44,8 @@ def test_shadow_forms() -> None:
 
 def test_full_set_command_line() -> None:
     args = parse("--user", "ops", "set", "m", "--variant", "a=1:90", "--variant", "b=2:10",
-                 "--shadow", "s=3:0.5", "--shadow-max-pending", "8", "--canary", "a:b",
+                 "--shadow", "s=3:0.5", "--shadow-max-pending", "8",
+                 "--shadow-max-pending-bytes", "1048576", "--canary", "a:b",
                  "--steps", "5,50,100", "--step-interval", "30", "--max-p99-ratio", "2",
                  "--max-error-rate-increase", "0.05", "--min-requests", "7",
                  "--sticky-parameter", "user", "--url", "127.0.0.1:9")
@@ -55,7 +56,7 @@ def test_full_set_command_line() -> None:
         variants=[admin.Variant(name="a", version="1", weight=90),
                   admin.Variant(name="b", version="2", weight=10)],
         shadow=admin.Shadow(target=admin.Variant(name="s", version="3"), fraction=0.5,
-                            max_pending=8),
+                            max_pending=8, max_pending_bytes=1048576),
         canary=admin.Canary(baseline="a", candidate="b", steps=[5, 50, 100],
                             step_interval_secs=30, max_p99_ratio=2,
                             max_error_rate_increase=0.05, min_requests=7),
@@ -109,7 +110,12 @@ def test_status_text() -> None:
     rows = {line.split()[0]: line.split() for line in text.splitlines()[2:4]}
     assert rows["a"] == ["a", "m:1", "90", "900", "2", "1.50"]
     assert rows["b"] == ["b", "twin:latest", "10", "100", "0", "0.00"]
-    assert "shadow s -> m:3 (fraction 1, max pending 256): mirrored 10, dropped 1" in text
+    assert ("shadow s -> m:3 (fraction 1, max pending 256 copies, 64 MiB): mirrored 10, "
+            "dropped 1") in text
     assert "agreement 1.0000" in text
     assert "canary running: a -> b, step 1 of [10,100]" in text
     assert "reason: waiting" in text
+    assert "WARNING" not in text
+    status.persist_error = "not persisted (read-only): in force in memory only"
+    assert format_status(status).splitlines()[-1] == \
+        "  WARNING: routing file not persisted (read-only): in force in memory only"

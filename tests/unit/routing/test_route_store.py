@@ -26,7 +26,8 @@ def sample() -> RouteTable:
         model="m", sticky_parameter="user",
         variants=(Variant(name="a", version="1", weight=90),
                   Variant(name="b", model="twin", version="", weight=10)),
-        shadow=Shadow(target=Variant(name="s", version="2"), fraction=0.25, max_pending=7),
+        shadow=Shadow(target=Variant(name="s", version="2"), fraction=0.25, max_pending=7,
+                      max_pending_bytes=2**33),
         canary=Canary(baseline="a", candidate="b", steps=(5.0, 50.0, 100.0), min_requests=3),
     )
 
@@ -39,6 +40,7 @@ def sample_message() -> admin.RouteTable:
     table.shadow.target.CopyFrom(admin.Variant(name="s", version="2"))
     table.shadow.fraction = 0.25
     table.shadow.max_pending = 7
+    table.shadow.max_pending_bytes = 2**33  # protobuf's JSON writes it as a string
     table.canary.baseline = "a"
     table.canary.candidate = "b"
     table.canary.steps.extend([5, 50, 100])

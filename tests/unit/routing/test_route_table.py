@@ -10,6 +10,7 @@ import pytest
 from server.errors import InvalidInput, ModelNotFound
 from server.routing.table import (
     DEFAULT_SHADOW_PENDING,
+    DEFAULT_SHADOW_PENDING_BYTES,
     Canary,
     Route,
     RouteTable,
@@ -96,11 +97,12 @@ def test_zero_weights_are_allowed_while_some_weight_is_positive() -> None:
     assert route.weights == (100.0, 0.0)
 
 
-def test_shadow_defaults_fraction_1_and_256_pending() -> None:
+def test_shadow_defaults_fraction_1_and_256_pending_in_64_mib() -> None:
     bare = shadowed(table(*AB), Variant(name="s", version="3"))
     shadow = build_route(bare, lookup).shadow
     assert shadow is not None
     assert shadow.fraction == 1.0 and shadow.max_pending == DEFAULT_SHADOW_PENDING
+    assert shadow.max_pending_bytes == DEFAULT_SHADOW_PENDING_BYTES == 64 * 2**20
     assert (shadow.target.model, shadow.target.version) == ("m", "3")
 
 
