@@ -51,14 +51,16 @@ def decoded_bytes(parsed: ParsedRequest, caps: RequestCaps) -> int:
     raw_index = 0
     for name, wire_type, dims, params, contents in tensors:
         count = math.prod(dims)
-        if count < 0:
-            count = 0  # a negative dim: the decoder refuses it
+        if count > caps.max_tensor_elements or count < 0:
+            if min(dims) < 0:
+                count = 0  # a negative dim: the decoder refuses it
+            else:
+                raise BoundExceeded(
+                    "max_tensor_elements",
+                    f"input '{name}' has {count} elements (shape {list(dims)}); the server "
+                    f"takes at most {caps.max_tensor_elements} per tensor "
+                    "(--max-tensor-elements)")
         in_shm = bool(params) and REGION in params
-        if count > caps.max_tensor_elements:
-            raise BoundExceeded(
-                "max_tensor_elements",
-                f"input '{name}' has {count} elements (shape {list(dims)}); the server takes "
-                f"at most {caps.max_tensor_elements} per tensor (--max-tensor-elements)")
         if wire_type == _BYTES:
             bytes_elements += count
             if bytes_elements > caps.max_bytes_elements:
