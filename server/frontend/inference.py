@@ -216,7 +216,6 @@ class InferenceServicer(
             raise ModelNotReady("the server is not accepting requests")
         admission = self._admission
         shm = SharedMemoryScope(self._shm, caller().name) if len(self._shm) else None
-        decoded: InferRequest | None = None
         try:
             admission.check_room()
             decoded = self._codec.decode_request_bytes(data, deadline_ns, shm)
