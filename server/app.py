@@ -24,8 +24,10 @@ from prometheus_client import start_http_server
 from server._pb import admin_pb2
 from server._pb import grpc_service_pb2 as pb
 from server._pb._pool import POOL
+from server.admission import Admission, Bounds
 from server.backends.onnxruntime import OnnxRuntimeFactory
 from server.backends.tensorrt import TensorRtFactory
+from server.codec.caps import RequestCaps
 from server.codec.wire import select_wire_codec
 from server.control import ControlPlane
 from server.dataplane import DataPlane
@@ -46,6 +48,7 @@ from server.interfaces import (
     WatchableSource,
 )
 from server.metrics import MetricsRegistry
+from server.metrics.admission import AdmissionMetrics
 from server.metrics.drift import DriftCounts, DriftMetrics
 from server.metrics.routing import RoutingMetrics
 from server.metrics.security import SecurityMetrics
@@ -140,6 +143,17 @@ def build_guard(settings: ServerSettings, metrics: MetricsRegistry) -> Guard | N
     return Guard(authenticator, restrictions, limiter, audit, counters.refused)
 
 
+def build_admission(settings: ServerSettings, metrics: MetricsRegistry) -> Admission:
+    """The server-wide bounds, their gauges (read at scrape time) and refusal counter."""
+    admission: Admission  # the gauges read it at scrape time, once it exists
+    counters = AdmissionMetrics(metrics.registry, lambda: admission.inflight,
+                                lambda: admission.streams, lambda: admission.queued_bytes)
+    admission = Admission(Bounds(settings.max_inflight_requests,
+                                 settings.max_inflight_per_stream, settings.max_streams,
+                                 settings.queued_bytes_bound), counters.refused)
+    return admission
+
+
 def _loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -157,8 +171,12 @@ class PeregrineServer:
         self.metrics = MetricsRegistry()
         #: Compiled packing unless PEREGRINE_NATIVE=0 (read now, at start: not at import).
         self.packer = select_packer()
-        #: The native wire codec unless PEREGRINE_NATIVE=0 (likewise read at start).
-        self.codec = select_wire_codec()
+        #: The native wire codec unless PEREGRINE_NATIVE=0 (likewise read at start), checking
+        #: the request caps before decoding.
+        self.codec = select_wire_codec(caps=RequestCaps(
+            settings.tensor_elements_cap, settings.request_bytes_cap,
+            settings.bytes_elements_cap))
+        self.admission = build_admission(settings, self.metrics)
         self.repository = ModelManager(
             model_source(settings),
             backend_factories(),
@@ -224,6 +242,7 @@ class PeregrineServer:
             else None,
             shm_gate=RegistrationGate(settings.allow_client_shm,
                                       settings.shm_remote_registration),
+            admission=self.admission,
         )
         inference = inference_handlers(servicer)
         admin = method_handlers(AdminServicer(control), ADMIN_DESCRIPTOR, admin_pb2)

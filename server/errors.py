@@ -42,6 +42,15 @@ class Overloaded(PeregrineError):
     reason = "REJECTED"
 
 
+class BoundExceeded(Overloaded):
+    """Past one of the server's bounds: a flag (``--max-inflight-requests``...) or a model's
+    ``max_queue_size``. ``bound`` names it, for the refusal counter and the message."""
+
+    def __init__(self, bound: str, message: str) -> None:
+        super().__init__(message)
+        self.bound = bound
+
+
 class DeadlineExceeded(PeregrineError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
     reason = "REJECTED"

@@ -18,6 +18,12 @@ from typing import Any
 
 ENV_PREFIX = "PEREGRINE_"
 MIB = 1024 * 1024
+#: Bytes of message a BYTES element takes at the least (a 4-byte length prefix and a little
+#: payload) against what it costs decoded (a Python bytes object and its pointer, about 64
+#: bytes): the default --max-bytes-elements is the message limit over this.
+BYTES_ELEMENT_COST = 64
+#: The default --max-queued-bytes holds this many requests of the largest size.
+QUEUED_REQUESTS = 16
 
 
 def default_repository() -> Path:
@@ -117,6 +123,14 @@ class ServerSettings:
     shm_remote_registration: bool = False
     shm_max_regions: int = 64
     shm_max_mapped_bytes: int = 4096 * MIB
+    # -- bounds (docs/configuration.md, "Bounds"); None: derived, see the *_cap properties --
+    max_inflight_requests: int = 4096
+    max_inflight_per_stream: int = 128
+    max_streams: int = 1024
+    max_queued_bytes: int | None = None
+    max_tensor_elements: int | None = None
+    max_request_bytes: int | None = None
+    max_bytes_elements: int | None = None
 
     def __post_init__(self) -> None:
         for port_name in ("grpc_port", "metrics_port"):
@@ -146,6 +160,41 @@ class ServerSettings:
         if self.mlflow_models and self.mlflow_tracking_uri is None:
             raise ValueError("mlflow_models needs an MLflow model_source (mlflow://HOST:PORT)")
         self._check_security()
+        self._check_bounds()
+
+    def _check_bounds(self) -> None:
+        for name in ("max_inflight_requests", "max_inflight_per_stream", "max_streams",
+                     "max_queued_bytes", "max_tensor_elements", "max_request_bytes",
+                     "max_bytes_elements"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.queued_bytes_bound < self.request_bytes_cap:
+            raise ValueError(f"max_queued_bytes ({self.queued_bytes_bound}) must be at least "
+                             f"max_request_bytes ({self.request_bytes_cap}): a request that "
+                             "large could never be accepted")
+
+    @property
+    def tensor_elements_cap(self) -> int:
+        """--max-tensor-elements, by default the message limit (a tensor of 1-byte elements
+        filling a message)."""
+        return self.max_tensor_elements or self.grpc_max_message_bytes
+
+    @property
+    def request_bytes_cap(self) -> int:
+        """--max-request-bytes, by default the message limit."""
+        return self.max_request_bytes or self.grpc_max_message_bytes
+
+    @property
+    def bytes_elements_cap(self) -> int:
+        """--max-bytes-elements, by default the message limit / BYTES_ELEMENT_COST."""
+        return self.max_bytes_elements or max(1, self.grpc_max_message_bytes
+                                              // BYTES_ELEMENT_COST)
+
+    @property
+    def queued_bytes_bound(self) -> int:
+        """--max-queued-bytes, by default QUEUED_REQUESTS requests of the largest size."""
+        return self.max_queued_bytes or QUEUED_REQUESTS * self.request_bytes_cap
 
     def _check_security(self) -> None:
         if self.grpc_use_ssl and (self.grpc_server_cert is None or self.grpc_server_key is None):
@@ -293,6 +342,28 @@ OPTIONS: tuple[Option, ...] = (
     Option("shm_max_mapped_bytes", int,
            "Bytes of client shared memory registered at once, over all identities. "
            "Default: 4294967296 (4 GiB)."),
+    Option("max_inflight_requests", int,
+           "Inference requests in flight over the whole server (accepted, answer not sent); "
+           "past it RESOURCE_EXHAUSTED. Default: 4096."),
+    Option("max_inflight_per_stream", int,
+           "Requests in flight on one ModelStreamInfer call; past it the server stops "
+           "reading the stream until answers leave (HTTP/2 flow control holds the client "
+           "back). Default: 128."),
+    Option("max_streams", int,
+           "ModelStreamInfer calls open at once; past it RESOURCE_EXHAUSTED. Default: 1024."),
+    Option("max_queued_bytes", int,
+           "Decoded input bytes of accepted requests not yet answered, over the whole server; "
+           "past it RESOURCE_EXHAUSTED. Default: 16 x --max-request-bytes (1 GiB)."),
+    Option("max_tensor_elements", int,
+           "Elements of one input tensor, checked before decoding; past it "
+           "RESOURCE_EXHAUSTED. Default: --grpc-max-message-bytes (67108864)."),
+    Option("max_request_bytes", int,
+           "Bytes one request's inputs decode into (shared-memory inputs included), checked "
+           "before decoding; past it RESOURCE_EXHAUSTED. Default: --grpc-max-message-bytes "
+           "(67108864)."),
+    Option("max_bytes_elements", int,
+           "BYTES elements of one request, checked before any is decoded; past it "
+           "RESOURCE_EXHAUSTED. Default: --grpc-max-message-bytes / 64 (1048576)."),
 )
 _BY_NAME = {option.name: option for option in OPTIONS}
 

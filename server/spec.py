@@ -36,8 +36,14 @@ class TensorSpec:
 class QueuePolicy:
     timeout_us: int = 0
     allow_timeout_override: bool = False
-    #: Requests allowed to wait at this priority; 0 means unbounded.
+    #: Requests allowed to wait at this priority; 0: the model's default_max_queue_size.
     max_queue_size: int = 0
+
+
+#: The default queue bound (ModelSpec.default_max_queue_size): full batches per instance...
+QUEUED_BATCHES = 8
+#: ... and its floor, in requests.
+MIN_QUEUE_SIZE = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,3 +295,11 @@ class ModelSpec:
     @property
     def instance_count(self) -> int:
         return sum(group.count for group in self.instances)
+
+    @property
+    def default_max_queue_size(self) -> int:
+        """The queue bound of a priority level whose policy sets no ``max_queue_size``:
+        QUEUED_BATCHES full batches per instance, at least MIN_QUEUE_SIZE requests (so a
+        model that does not batch, or batches little, still absorbs a burst)."""
+        return max(MIN_QUEUE_SIZE,
+                   QUEUED_BATCHES * max(1, self.max_batch_size) * self.instance_count)

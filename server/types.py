@@ -77,6 +77,8 @@ class InferRequest:
     timeout_us: int = 0
     #: Absolute deadline on the perf_counter_ns clock, from the client's gRPC deadline.
     deadline_ns: int | None = None
+    #: The bytes the inputs decoded into (codec.caps), counted against --max-queued-bytes.
+    nbytes: int = 0
 
 
 class OutputTensor:

@@ -646,13 +646,16 @@ def ragged_model(
     *,
     max_batch_size: int = 8,
     pad: float | None = None,
+    rank: int = 1,
     **options: Unpack[ConfigOptions],
 ) -> Path:
-    """Ragged batching: input ``X`` [-1] FP32 with ``allow_ragged_batch``; ``DOUBLED = 2 X``,
-    scattered back to each request's own length (batch_output BATCH_SCATTER_WITH_INPUT_SHAPE);
-    ``TOTAL`` [1] = the sum of each row of X, which zero padding leaves unchanged. ``pad``
-    sets the ``ragged_pad.X`` parameter."""
-    x = TensorSpec("X", "FP32", (-1,))
+    """Ragged batching: input ``X`` [-1] FP32 (``rank`` variable dims) with
+    ``allow_ragged_batch``; ``DOUBLED = 2 X``, scattered back to each request's own extents
+    (batch_output BATCH_SCATTER_WITH_INPUT_SHAPE); ``TOTAL`` [1] (one 1 per dim) = the sum of
+    each row of X, which zero padding leaves unchanged. ``pad`` sets the ``ragged_pad.X``
+    parameter."""
+    variable = (-1,) * rank
+    x = TensorSpec("X", "FP32", variable)
     model_dir = _build(
         repo,
         name,
@@ -661,15 +664,15 @@ def ragged_model(
             helper.make_node("ReduceSum", ["X", "axes"], ["TOTAL"], keepdims=1),
         ],
         inputs=[x],
-        outputs=[TensorSpec("DOUBLED", "FP32", (-1,)), TensorSpec("TOTAL", "FP32", (1,))],
+        outputs=[TensorSpec("DOUBLED", "FP32", variable), TensorSpec("TOTAL", "FP32", (1,) * rank)],
         max_batch_size=max_batch_size,
         version=1,
-        initializers=[numpy_helper.from_array(np.array([1], dtype=np.int64), "axes")],
+        initializers=[numpy_helper.from_array(np.arange(1, rank + 1, dtype=np.int64), "axes")],
         parameters=None if pad is None else {"ragged_pad.X": str(pad)},
         options=options,
     )
     text = (model_dir / "config.pbtxt").read_text(encoding="utf-8")
-    declared = '    name: "X"\n    data_type: TYPE_FP32\n    dims: [ -1 ]\n'
+    declared = f'    name: "X"\n    data_type: TYPE_FP32\n    dims: {_dims(variable)}\n'
     assert declared in text
     text = text.replace(declared, declared + "    allow_ragged_batch: true\n")
     text += ('batch_output [ { target_name: "DOUBLED" kind: BATCH_SCATTER_WITH_INPUT_SHAPE '

@@ -64,7 +64,8 @@ async def _measure(repository: Path, inputs: dict[str, Path], concurrency: int,
                                             metrics_port=0, allow_metrics=False))
     await server.start()
     try:
-        servicer = InferenceServicer(server.control, server.dataplane, server.state, server.codec)
+        servicer = InferenceServicer(server.control, server.dataplane, server.state, server.codec,
+                                     admission=server.admission)
         context = _Context()
         results: dict[str, dict[str, float]] = {}
         for model, input_file in inputs.items():

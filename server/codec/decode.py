@@ -15,6 +15,7 @@ import numpy as np
 from server import _native
 from server._pb import grpc_service_pb2 as pb
 from server.codec import shared_memory
+from server.codec.caps import NO_CAPS, RequestCaps, decoded_bytes
 from server.codec.parsed import (
     Parameters,
     ParsedInput,
@@ -154,20 +155,25 @@ def decode_request(
     message: pb.ModelInferRequest,
     deadline_ns: int | None,
     shm: SharedMemoryScope | None = None,
+    caps: RequestCaps = NO_CAPS,
 ) -> InferRequest:
     """Decode a message the protobuf runtime parsed (the pure-Python path)."""
-    return decode_parsed(from_message(message), deadline_ns, shm)
+    return decode_parsed(from_message(message), deadline_ns, shm, caps)
 
 
 def decode_parsed(
     parsed: ParsedRequest,
     deadline_ns: int | None,
     shm: SharedMemoryScope | None = None,
+    caps: RequestCaps = NO_CAPS,
 ) -> InferRequest:
     """``shm`` leases the shared-memory regions the request names (None: none registered).
 
-    As in Triton, ``raw_input_contents`` holds one entry per input *not* in shared memory.
+    The caps are checked first, on the parsed form: a request past one is refused before any
+    array or object is built from it. As in Triton, ``raw_input_contents`` holds one entry
+    per input *not* in shared memory.
     """
+    nbytes = decoded_bytes(parsed, caps)
     model_name, model_version, request_id, params, tensors, outputs, raw_contents = parsed
     use_raw = len(raw_contents) > 0
     raw_index = 0
@@ -237,6 +243,7 @@ def decode_parsed(
         priority=_int_parameter(parameters, "priority"),
         timeout_us=_int_parameter(parameters, "timeout"),
         deadline_ns=deadline_ns,
+        nbytes=nbytes,
     )
 
 

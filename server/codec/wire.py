@@ -18,6 +18,7 @@ from google.protobuf.message import DecodeError
 
 from server import _native
 from server._pb import grpc_service_pb2 as pb
+from server.codec.caps import NO_CAPS, RequestCaps
 from server.codec.decode import decode_parsed, decode_request
 from server.codec.encode import encode_response_native, serialize_response
 from server.codec.shared_memory import SharedMemoryScope
@@ -34,7 +35,8 @@ class WireCodec(Protocol):
     def decode_request_bytes(self, data: bytes, deadline_ns: int | None,
                              shm: SharedMemoryScope | None) -> InferRequest:
         """Parse and decode a serialized ModelInferRequest; raises InvalidInput (malformed
-        bytes or a bad request) or Unsupported, as decode.decode_parsed does."""
+        bytes or a bad request), Unsupported or BoundExceeded (past the codec's caps, before
+        anything is built), as decode.decode_parsed does."""
         ...
 
     def encode_response_bytes(self, response: InferResponse, shm: SharedMemoryScope | None,
@@ -59,13 +61,16 @@ class WireCodec(Protocol):
 class ProtobufWireCodec:
     """The protobuf runtime parses and serializes (the reference path)."""
 
+    def __init__(self, caps: RequestCaps = NO_CAPS) -> None:
+        self.caps = caps
+
     def decode_request_bytes(self, data: bytes, deadline_ns: int | None,
                              shm: SharedMemoryScope | None) -> InferRequest:
         try:
             message = pb.ModelInferRequest.FromString(data)
         except DecodeError as exc:
             raise InvalidInput(f"{MALFORMED}: {exc}") from None
-        return decode_request(message, deadline_ns, shm)
+        return decode_request(message, deadline_ns, shm, self.caps)
 
     def encode_response_bytes(self, response: InferResponse, shm: SharedMemoryScope | None,
                               stream: bool) -> bytes:
@@ -91,13 +96,16 @@ class ProtobufWireCodec:
 class NativeWireCodec:
     """csrc/wire_codec.hpp parses into the neutral form and writes the response bytes."""
 
+    def __init__(self, caps: RequestCaps = NO_CAPS) -> None:
+        self.caps = caps
+
     def decode_request_bytes(self, data: bytes, deadline_ns: int | None,
                              shm: SharedMemoryScope | None) -> InferRequest:
         try:
             parsed = _native.parse_infer_request(data)
         except ValueError as exc:
             raise InvalidInput(f"{MALFORMED}: {exc}") from None
-        return decode_parsed(parsed, deadline_ns, shm)
+        return decode_parsed(parsed, deadline_ns, shm, self.caps)
 
     def encode_response_bytes(self, response: InferResponse, shm: SharedMemoryScope | None,
                               stream: bool) -> bytes:
@@ -116,7 +124,8 @@ class NativeWireCodec:
         return model_name, model_version, request_id
 
 
-def select_wire_codec(environ: Mapping[str, str] | None = None) -> WireCodec:
+def select_wire_codec(environ: Mapping[str, str] | None = None,
+                      caps: RequestCaps = NO_CAPS) -> WireCodec:
     """The codec a starting server uses: native unless PEREGRINE_NATIVE=0 (read at start,
     not import, like select_packer, so two servers in one process can run one path each)."""
-    return NativeWireCodec() if native_enabled(environ) else ProtobufWireCodec()
+    return NativeWireCodec(caps) if native_enabled(environ) else ProtobufWireCodec(caps)

@@ -15,11 +15,12 @@ import grpc
 from server import __version__
 from server._pb import grpc_service_pb2 as pb
 from server._pb import grpc_service_pb2_grpc as pb_grpc
+from server.admission import Admission
 from server.codec.shared_memory import SharedMemoryScope
 from server.codec.wire import WireCodec
 from server.control import ControlPlane, TensorInfo
 from server.dataplane import DataPlane
-from server.errors import ModelNotReady
+from server.errors import BoundExceeded, Cancelled, ModelNotReady
 from server.frontend.handlers import method_handlers
 from server.frontend.shared_memory import SystemSharedMemoryRpcs
 from server.frontend.statistics import statistics_response
@@ -76,6 +77,8 @@ class InferenceServicer(
         shared_memory: SharedMemoryRegistry | None = None,
         admit: Callable[[str], None] | None = None,
         shm_gate: RegistrationGate | None = None,
+        *,
+        admission: Admission,
     ) -> None:
         #: System shared-memory regions (SystemSharedMemoryRpcs); CUDA ones are UNIMPLEMENTED.
         #: Without a registry and a gate, none can be registered.
@@ -89,6 +92,8 @@ class InferenceServicer(
         #: The guard's per-request check of the caller against the model (model limits, rate
         #: limits); None when no security option asks for one.
         self._admit = admit
+        #: The server-wide bounds on requests in flight, streams and queued bytes.
+        self._admission = admission
 
     def _forwarded(self, context: grpc.aio.ServicerContext) -> dict[str, str] | None:
         """Request headers to pass on as string parameters (--grpc-header-forward-pattern);
@@ -200,36 +205,56 @@ class InferenceServicer(
         self, data: bytes, deadline_ns: int | None, headers: dict[str, str] | None,
         lone: bool = False,
     ) -> tuple[InferRequest, asyncio.Future[InferResponse], SharedMemoryScope | None]:
-        """Decode and queue one request; ``headers`` (forwarded request headers, None when
-        none are) become string parameters the request does not set itself; ``lone`` for a
-        unary call (no other request comes with it). The caller encodes the answer with the
+        """Decode, admit and queue one request; ``headers`` (forwarded request headers, None
+        when none are) become string parameters the request does not set itself; ``lone`` for
+        a unary call (no other request comes with it). The caller encodes the answer with the
         returned shared-memory scope (leases on the regions the request uses, which are
-        the caller's own) and then releases it."""
+        the caller's own) and then releases it, and releases the admission's counts of the
+        request (``release_bytes`` once the answer is computed, ``release_requests`` once it
+        is handed to gRPC)."""
         if not self._state.accepting:
             raise ModelNotReady("the server is not accepting requests")
+        admission = self._admission
         shm = SharedMemoryScope(self._shm, caller().name) if len(self._shm) else None
         try:
+            admission.check_room()
             decoded = self._codec.decode_request_bytes(data, deadline_ns, shm)
             if self._admit is not None:
                 self._admit(decoded.model_name)
             if headers:
                 for key, value in headers.items():
                     decoded.parameters.setdefault(key, value)
-            return decoded, self._dataplane.submit(decoded, lone), shm
-        except BaseException:
+            admission.admit(decoded.nbytes)
+        except BaseException as exc:
             if shm is not None:
                 shm.release()
+            if isinstance(exc, BoundExceeded):
+                admission.refused(exc.bound)
+            raise
+        try:
+            return decoded, self._dataplane.submit(decoded, lone), shm
+        except BaseException as exc:
+            admission.release_requests(1)
+            admission.release_bytes(decoded.nbytes)
+            if shm is not None:
+                shm.release()
+            if isinstance(exc, BoundExceeded):  # a model's max_queue_size
+                admission.refused(exc.bound)
             raise
 
     async def ModelInfer(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
         shm: SharedMemoryScope | None = None
+        request: InferRequest | None = None
         try:
-            _, answer, shm = self._start(data, _deadline_ns(context), self._forwarded(context),
-                                         lone=True)
+            request, answer, shm = self._start(data, _deadline_ns(context),
+                                               self._forwarded(context), lone=True)
             return self._codec.encode_response_bytes(await answer, shm, False)
         except Exception as exc:
             await abort_with(context, exc, "ModelInfer")
         finally:
+            if request is not None:
+                self._admission.release_requests(1)
+                self._admission.release_bytes(request.nbytes)
             if shm is not None:
                 shm.release()
 
@@ -242,22 +267,36 @@ class InferenceServicer(
         request (error_message) and the stream goes on. No task per request: a reader task
         queues each request and hangs a callback on its answer, which encodes it for this
         generator to send.
+
+        At most --max-inflight-per-stream requests are read and not yet answered to gRPC:
+        past that the reader waits for answers to leave, so a client that sends faster than
+        the server answers (or stops reading answers) is held back by HTTP/2 flow control,
+        and the answers waiting here are bounded by the same count.
         """
+        admission = self._admission
+        try:
+            admission.open_stream()
+        except BoundExceeded as exc:
+            admission.refused(exc.bound)
+            await abort_with(context, exc, "ModelStreamInfer")
         loop = asyncio.get_running_loop()
         codec = self._codec
         deadline = _deadline_ns(context)
         headers = self._forwarded(context)
+        per_stream = admission.bounds.max_inflight_per_stream
+        #: Answers of accepted requests, and of requests refused before acceptance.
         ready: deque[bytes] = deque()
+        refusals: deque[bytes] = deque()
         inflight: set[asyncio.Future[InferResponse]] = set()
+        #: Requests read whose answers have not been handed to gRPC.
+        unanswered = 0
+        closed = False
         waiter: asyncio.Future[None] | None = None
+        room: asyncio.Future[None] | None = None
 
         def wake() -> None:
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
-
-        def push(item: bytes) -> None:
-            ready.append(item)
-            wake()
 
         def failed(request: InferRequest | None, data: bytes, exc: Exception) -> bytes:
             """One request's failure, answered on the stream."""
@@ -273,32 +312,55 @@ class InferenceServicer(
             answer: asyncio.Future[InferResponse],
         ) -> None:
             inflight.discard(answer)
+            admission.release_bytes(request.nbytes)
             try:
+                if closed:
+                    return  # its in-flight count was released with the stream
                 if answer.cancelled():
-                    return  # the stream is closing
-                push(codec.encode_response_bytes(answer.result(), shm, True))
+                    ready.append(failed(request, b"", Cancelled("the request was cancelled")))
+                else:
+                    ready.append(codec.encode_response_bytes(answer.result(), shm, True))
             except Exception as exc:
-                push(failed(request, b"", exc))
+                ready.append(failed(request, b"", exc))
             finally:
                 if shm is not None:
                     shm.release()
+            wake()
 
         async def read() -> None:
+            nonlocal unanswered, room
             async for data in request_iterator:
+                unanswered += 1
                 try:
                     request, answer, shm = self._start(data, deadline, headers)
                 except Exception as exc:
-                    push(failed(None, data, exc))
-                    continue
-                inflight.add(answer)
-                answer.add_done_callback(functools.partial(answered, request, shm))
+                    refusals.append(failed(None, data, exc))
+                    wake()
+                else:
+                    inflight.add(answer)
+                    answer.add_done_callback(functools.partial(answered, request, shm))
+                if unanswered >= per_stream:
+                    room = loop.create_future()
+                    await room
+                    room = None
+
+        def sent() -> None:
+            nonlocal unanswered
+            unanswered -= 1
+            if room is not None and not room.done():
+                room.set_result(None)
 
         reader = loop.create_task(read())
         reader.add_done_callback(lambda _task: wake())
         try:
             while True:
-                while ready:
-                    yield ready.popleft()
+                while ready or refusals:
+                    sent()
+                    if ready:
+                        admission.release_requests(1)
+                        yield ready.popleft()
+                    else:
+                        yield refusals.popleft()
                 if reader.done() and not inflight:
                     break
                 waiter = loop.create_future()
@@ -306,7 +368,10 @@ class InferenceServicer(
                 waiter = None
             reader.result()  # a failed read ends the call with its error
         finally:
+            closed = True
             reader.cancel()
+            admission.release_requests(len(inflight) + len(ready))
+            admission.close_stream()
             for answer in list(inflight):
                 answer.cancel()
 

@@ -6,7 +6,9 @@ A batch takes one buffer per input and gives it back when its context exits, so 
 running at once on a version's backend instances (one executor thread each) never share a
 buffer. A free list holds at most as many buffers as batches ever ran at once; one that is
 too small for the batch in hand is dropped and replaced by a larger one, so each list
-settles at the largest batch's size.
+settles at the largest batch's size, up to ``retain_bytes``: a larger buffer serves its batch
+and is dropped, so one huge batch does not hold its memory for ever (allocating that much
+costs little beside filling it).
 
 Pinned memory (for a GPU backend) is the allocator's business: pass an ``Allocator`` that
 returns page-locked host memory (e.g. over cudaHostAlloc) and everything else stays as is.
@@ -28,6 +30,8 @@ Allocator = Callable[[int], Array]
 ALIGNMENT = 64
 #: The smallest buffer allocated; larger ones are rounded up to a power of two.
 MIN_CAPACITY = 4096
+#: The largest buffer a pool keeps for reuse by default.
+RETAIN_BYTES = 64 * 1024 * 1024
 
 
 def host_allocator(nbytes: int) -> Array:
@@ -44,8 +48,10 @@ def capacity_for(nbytes: int) -> int:
 class BufferPool:
     """Free lists of batch buffers, one per key (an input name of one model version)."""
 
-    def __init__(self, allocator: Allocator = host_allocator) -> None:
+    def __init__(self, allocator: Allocator = host_allocator,
+                 retain_bytes: int = RETAIN_BYTES) -> None:
         self._allocate = allocator
+        self._retain_bytes = retain_bytes
         self._free: dict[str, list[Array]] = {}
         self.allocations = 0  # buffers ever allocated: tests and diagnostics
 
@@ -69,6 +75,8 @@ class BufferPool:
         return buffer, buffer[:nbytes].view(dtype).reshape(shape)
 
     def give(self, key: str, buffer: Array) -> None:
+        if buffer.nbytes > self._retain_bytes:
+            return
         free = self._free.get(key)
         if free is None:
             free = self._free.setdefault(key, [])
@@ -76,3 +84,7 @@ class BufferPool:
 
     def free_buffers(self, key: str) -> int:
         return len(self._free.get(key, ()))
+
+    def retained_bytes(self) -> int:
+        """Bytes of the buffers kept for reuse (tests and diagnostics)."""
+        return sum(b.nbytes for free in list(self._free.values()) for b in list(free))

@@ -61,7 +61,7 @@ class DynamicBatcher:
             max_workers=len(instances), thread_name_prefix=f"exec-{spec.name}-{version}"
         )
         batching = spec.batching
-        self._queue = RequestQueue(batching)
+        self._queue = RequestQueue(batching, spec.default_max_queue_size)
         self._batching = spec.batches and batching.enabled
         self._max_batch = spec.max_batch_size
         self._preferred = frozenset(batching.preferred_batch_sizes)
@@ -108,6 +108,7 @@ class DynamicBatcher:
             enqueue_ns=now,
             deadline_ns=self._deadline(request, level, now),
             future=future,
+            extents=self._extents(request) if self._ragged and self._batching else None,
         )
         self._queue.push(entry)
         self._arrivals += 1
@@ -200,6 +201,13 @@ class DynamicBatcher:
                       else value.ndim)
                      for name, value in request.inputs.items())
 
+    def _extents(self, request: InferRequest) -> policy.Extents:
+        """Its ragged inputs' dims after the batch dim, in the order of its inputs (the same
+        for every request of one signature)."""
+        ragged = self._ragged
+        return tuple(value.shape[1:] for name, value in request.inputs.items()
+                     if name in ragged)
+
     def _deadline(self, request: InferRequest, level: int, now: int) -> int | None:
         timeout_us = self._spec.batching.queue_policy(level).timeout_us
         if request.timeout_us and (not timeout_us or request.timeout_us < timeout_us):
@@ -268,7 +276,7 @@ class DynamicBatcher:
             arriving = self._arrivals != self._arrivals_seen
             self._arrivals_seen = self._arrivals
             decision = policy.decide(
-                ((e.rows, e.signature) for e in self._queue.front()),
+                ((e.rows, e.signature, e.extents) for e in self._queue.front()),
                 oldest_enqueue_ns=oldest.enqueue_ns,
                 now_ns=now,
                 batching=self._batching,

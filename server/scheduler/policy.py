@@ -8,6 +8,10 @@ Rules (Triton's dynamic batcher, with our eager default):
   so an idle server adds no waiting and batches grow while another batch runs;
 - with a delay, a batch goes when it reaches the largest preferred size it can, or when its
   oldest request has waited the delay; until then the caller re-evaluates at the returned time;
+- a ragged batch closes before a request that would make it mostly padding: padded, each
+  ragged input holds at most MAX_PAD_RATIO times the elements its requests carry (or
+  PAD_SLACK_ELEMENTS, whichever is more), so requests of very different extents go in
+  separate batches and no batch pads past a bound;
 - the delay is an upper bound, not a toll: once requests stop arriving (``arriving`` false:
   the caller's last look found no newcomer), waiting would only add latency (one request at a
   time, say), so the batch goes at once. Triton's fixed delay is the caller passing
@@ -16,8 +20,17 @@ Rules (Triton's dynamic batcher, with our eager default):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
+
+#: A request's extents of its ragged inputs: per ragged input, its dims after the batch dim.
+#: None for a model without ragged inputs.
+Extents = tuple[tuple[int, ...], ...]
+#: A padded ragged input holds at most this many times the elements its requests carry...
+MAX_PAD_RATIO = 2
+#: ... or this many elements, whichever is more (padding a small batch costs nothing).
+PAD_SLACK_ELEMENTS = 1 << 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +45,7 @@ WAIT_FOR_ARRIVALS = Decision(take=0)
 
 
 def decide(
-    front: Iterable[tuple[int, Hashable]],
+    front: Iterable[tuple[int, Hashable, Extents | None]],
     *,
     oldest_enqueue_ns: int,
     now_ns: int,
@@ -42,7 +55,8 @@ def decide(
     max_delay_ns: int,
     arriving: bool = True,
 ) -> Decision:
-    """Decide how many requests to dispatch from ``front`` (rows, shape signature) pairs."""
+    """Decide how many requests to dispatch from ``front``: (rows, shape signature, ragged
+    extents) of each queued request, in dispatch order."""
     if not batching:
         for _ in front:
             return Decision(take=1)
@@ -53,10 +67,14 @@ def decide(
     preferred_taken = 0
     closed = False
     first_signature: Hashable = None
-    for rows, signature in front:
+    padding: _Padding | None = None
+    for rows, signature, extents in front:
         if taken == 0:
             first_signature = signature
-        elif signature != first_signature or total + rows > max_batch_size:
+            if extents is not None:
+                padding = _Padding(rows, extents)
+        elif signature != first_signature or total + rows > max_batch_size or (
+                padding is not None and extents is not None and not padding.add(rows, extents)):
             closed = True
             break
         total += rows
@@ -77,6 +95,31 @@ def decide(
     if now_ns >= deadline or not arriving:
         return Decision(take=taken)
     return Decision(take=0, wait_until_ns=deadline)
+
+
+class _Padding:
+    """The rows, largest extents and carried elements of each ragged input of a batch being
+    formed (only for models with ragged inputs)."""
+
+    __slots__ = ("carried", "largest", "rows")
+
+    def __init__(self, rows: int, extents: Extents) -> None:
+        self.rows = rows
+        self.largest = extents
+        self.carried = tuple(rows * math.prod(dims) for dims in extents)
+
+    def add(self, rows: int, extents: Extents) -> bool:
+        """Take a request into the batch, unless padding would exceed the bound."""
+        total = self.rows + rows
+        largest = tuple(tuple(map(max, mine, theirs))
+                        for mine, theirs in zip(self.largest, extents, strict=True))
+        carried = tuple(before + rows * math.prod(dims)
+                        for before, dims in zip(self.carried, extents, strict=True))
+        for dims, real in zip(largest, carried, strict=True):
+            if total * math.prod(dims) > max(MAX_PAD_RATIO * real, PAD_SLACK_ELEMENTS):
+                return False
+        self.rows, self.largest, self.carried = total, largest, carried
+        return True
 
 
 class InlineCost:

@@ -7,7 +7,8 @@ from collections import deque
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 
-from server.errors import Overloaded
+from server.errors import BoundExceeded
+from server.scheduler.policy import Extents
 from server.spec import BatchingSpec
 from server.types import InferRequest, InferResponse
 
@@ -23,21 +24,25 @@ class PendingRequest:
     deadline_ns: int | None
     future: asyncio.Future[InferResponse] = field(repr=False)
     queued: bool = True
+    #: Its ragged inputs' extents (the policy bounds padding with them); None: no ragged input.
+    extents: Extents | None = None
 
 
 class RequestQueue:
-    """FIFO per priority level (1 is the highest); bounded per level by its queue policy.
+    """FIFO per priority level (1 is the highest); bounded per level by its queue policy's
+    ``max_queue_size``, or ``default_bound`` where that is 0 (0 too: unbounded).
 
     Only the event loop thread touches it, so it takes no locks.
     """
 
-    def __init__(self, batching: BatchingSpec) -> None:
+    def __init__(self, batching: BatchingSpec, default_bound: int = 0) -> None:
         self._levels = max(1, batching.priority_levels)
         self._default_level = batching.default_priority_level or (
             (self._levels + 1) // 2 if batching.priority_levels else 1
         )
         self._bounds = [
-            batching.queue_policy(level).max_queue_size for level in range(1, self._levels + 1)
+            batching.queue_policy(level).max_queue_size or default_bound
+            for level in range(1, self._levels + 1)
         ]
         self._queues: list[deque[PendingRequest]] = [deque() for _ in range(self._levels)]
         self._size = 0
@@ -58,9 +63,10 @@ class RequestQueue:
         bound = self._bounds[index]
         queue = self._queues[index]
         if bound and len(queue) >= bound:
-            raise Overloaded(
+            raise BoundExceeded(
+                "max_queue_size",
                 f"queue of model '{entry.request.model_name}' is full "
-                f"({bound} requests at priority {entry.level})"
+                f"({bound} requests at priority {entry.level}, max_queue_size)"
             )
         queue.append(entry)
         self._size += 1

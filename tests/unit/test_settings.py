@@ -262,3 +262,37 @@ def test_toml_list_value_for_a_list_option(tmp_path: Path) -> None:
     bad = write_toml(tmp_path, 'model_control_mode = "explicit"\nload_model = [1, 2]\n')
     with pytest.raises(ValueError, match="load_model"):
         load_settings({}, environ={}, config_file=bad)
+
+
+# -- bounds ------------------------------------------------------------------------------------
+
+
+def test_bounds_have_defaults_and_the_caps_derive_from_the_message_limit() -> None:
+    settings = load_settings(no_flags(), environ={})
+    assert (settings.max_inflight_requests, settings.max_inflight_per_stream,
+            settings.max_streams) == (4096, 128, 1024)
+    mib = 1024 * 1024
+    assert settings.tensor_elements_cap == settings.request_bytes_cap == 64 * mib
+    assert settings.bytes_elements_cap == mib
+    assert settings.queued_bytes_bound == 1024 * mib
+    larger = load_settings({"grpc_max_message_bytes": str(128 * mib)}, environ={})
+    assert larger.tensor_elements_cap == larger.request_bytes_cap == 128 * mib
+    assert larger.bytes_elements_cap == 2 * mib and larger.queued_bytes_bound == 2048 * mib
+    given = load_settings({"max_request_bytes": "1000", "max_bytes_elements": "5",
+                           "max_tensor_elements": "7"}, environ={})
+    assert (given.tensor_elements_cap, given.request_bytes_cap, given.bytes_elements_cap,
+            given.queued_bytes_bound) == (7, 1000, 5, 16_000)
+
+
+@pytest.mark.parametrize("name", ["max_inflight_requests", "max_inflight_per_stream",
+                                  "max_streams", "max_queued_bytes", "max_tensor_elements",
+                                  "max_request_bytes", "max_bytes_elements"])
+def test_bounds_must_be_positive(name: str) -> None:
+    with pytest.raises(ValueError, match=f"{name} must be positive"):
+        ServerSettings(**{name: 0})
+
+
+def test_queued_bytes_must_hold_one_request_of_the_largest_size() -> None:
+    with pytest.raises(ValueError, match=r"max_queued_bytes \(1000\) must be at least "
+                                         r"max_request_bytes \(2000\)"):
+        ServerSettings(max_queued_bytes=1000, max_request_bytes=2000)

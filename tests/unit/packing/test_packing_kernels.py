@@ -289,6 +289,17 @@ def test_pool_reuses_and_grows() -> None:
     del other
 
 
+def test_pool_keeps_no_buffer_past_its_retention_cap() -> None:
+    pool = BufferPool(retain_bytes=8192)
+    small, _ = pool.take("x", np.dtype(np.uint8), (8192,))
+    huge, _ = pool.take("x", np.dtype(np.uint8), (1 << 20,))
+    pool.give("x", small)
+    pool.give("x", huge)  # served its batch; dropped, not kept for ever
+    assert pool.free_buffers("x") == 1 and pool.retained_bytes() == 8192
+    again, _ = pool.take("x", np.dtype(np.uint8), (100,))
+    assert again is small
+
+
 def test_pool_capacity_and_allocator() -> None:
     assert capacity_for(0) == capacity_for(1) == 4096
     assert capacity_for(4097) == 8192 and capacity_for(8192) == 8192

@@ -8,11 +8,23 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.scheduler.policy import WAIT_FOR_ARRIVALS, Decision, InlineCost, decide
+from server.scheduler.policy import (
+    PAD_SLACK_ELEMENTS,
+    WAIT_FOR_ARRIVALS,
+    Decision,
+    Extents,
+    InlineCost,
+    decide,
+)
 
 A = ("INPUT0", (16,))
 B = ("INPUT0", (32,))
 MS = 1_000_000
+
+
+def entries(front: Iterable[tuple[int, Hashable]]) -> Iterator[tuple[int, Hashable, None]]:
+    """A front of a model without ragged inputs (no extents)."""
+    return ((rows, signature, None) for rows, signature in front)
 
 
 def run(
@@ -26,7 +38,7 @@ def run(
     now_ns: int = 1_000 * MS,
 ) -> Decision:
     return decide(
-        iter(front),
+        entries(front),
         oldest_enqueue_ns=oldest_ns,
         now_ns=now_ns,
         batching=batching,
@@ -73,7 +85,7 @@ def test_no_batching_consumes_only_the_first_item_of_the_front() -> None:
             consumed.append(i)
             yield (1, A)
 
-    decide(front(), oldest_enqueue_ns=0, now_ns=0, batching=False, max_batch_size=8,
+    decide(entries(front()), oldest_enqueue_ns=0, now_ns=0, batching=False, max_batch_size=8,
            preferred_sizes=frozenset(), max_delay_ns=0)
     assert consumed == [0]
 
@@ -254,7 +266,7 @@ def test_property_decisions_are_consistent(
 ) -> None:
     front, max_batch, preferred, delay, oldest, now, batching = scenario
     decision = decide(
-        iter(front), oldest_enqueue_ns=oldest, now_ns=now, batching=batching,
+        entries(front), oldest_enqueue_ns=oldest, now_ns=now, batching=batching,
         max_batch_size=max_batch, preferred_sizes=preferred, max_delay_ns=delay,
     )
     assert 0 <= decision.take <= len(front)
@@ -295,21 +307,65 @@ def test_property_decisions_are_consistent(
 def test_delay_is_skipped_once_requests_stop_arriving() -> None:
     """One request at a time: waiting the delay would only add latency."""
     arriving = decide(
-        [(1, ())], oldest_enqueue_ns=0, now_ns=100, batching=True, max_batch_size=8,
+        entries([(1, ())]), oldest_enqueue_ns=0, now_ns=100, batching=True, max_batch_size=8,
         preferred_sizes=frozenset(), max_delay_ns=1_000, arriving=True,
     )
     assert arriving == Decision(take=0, wait_until_ns=1_000)
     quiet = decide(
-        [(1, ()), (2, ())], oldest_enqueue_ns=0, now_ns=100, batching=True, max_batch_size=8,
+        entries([(1, ()), (2, ())]), oldest_enqueue_ns=0, now_ns=100, batching=True,
+        max_batch_size=8,
         preferred_sizes=frozenset(), max_delay_ns=1_000, arriving=False,
     )
     assert quiet == Decision(take=2)
     # Past the delay the batch goes even while requests keep arriving.
     late = decide(
-        [(1, ())], oldest_enqueue_ns=0, now_ns=1_000, batching=True, max_batch_size=8,
+        entries([(1, ())]), oldest_enqueue_ns=0, now_ns=1_000, batching=True, max_batch_size=8,
         preferred_sizes=frozenset(), max_delay_ns=1_000, arriving=True,
     )
     assert late == Decision(take=1)
+
+
+# -- ragged padding ----------------------------------------------------------------------------
+
+RAGGED = (("X", 2),)  # a ragged input of rank 2: any extents share the signature
+
+
+def ragged(front: Sequence[tuple[int, Extents]], max_batch_size: int = 8) -> Decision:
+    return decide(((rows, RAGGED, extents) for rows, extents in front), oldest_enqueue_ns=0,
+                  now_ns=0, batching=True, max_batch_size=max_batch_size,
+                  preferred_sizes=frozenset(), max_delay_ns=0)
+
+
+def test_ragged_requests_of_crossed_extents_go_in_separate_batches() -> None:
+    # [1, 1, 30000] and [1, 30000, 1]: together they would pad to 2 x 30000 x 30000 elements
+    # (7.2 GB of FP32) for 60000 they carry.
+    assert ragged([(1, ((1, 30000),)), (1, ((30000, 1),))]) == Decision(take=1)
+    assert ragged([(1, ((30000, 1),)), (1, ((1, 30000),))]) == Decision(take=1)
+
+
+def test_ragged_requests_of_similar_extents_share_a_batch() -> None:
+    assert ragged([(1, ((2, 7),)), (1, ((7, 4),)), (2, ((4, 4),))]) == Decision(take=3)
+    # Long rows of nearly one length: padding stays within twice what they carry.
+    assert ragged([(1, ((1, 90_000),)), (1, ((1, 100_000),)), (1, ((1, 60_000),))]) \
+        == Decision(take=3)
+
+
+def test_padding_is_bounded_by_the_ratio_once_past_the_slack() -> None:
+    long = PAD_SLACK_ELEMENTS * 4
+    # Short rows beside a long one: one fits (2 x long padded, long + 1 carried), a second
+    # would make the batch mostly padding (3 x long for long + 2), so the batch closes.
+    front = [(1, ((long,),)), (1, ((1,),)), (1, ((1,),)), (1, ((1,),))]
+    decision = ragged(front)
+    assert decision == Decision(take=2)
+    taken = front[: decision.take]
+    carried = sum(rows * extents[0][0] for rows, extents in taken)
+    assert len(taken) * long <= 2 * carried
+    # The requests left over form their own batch.
+    assert ragged(front[decision.take:]) == Decision(take=2)
+
+
+def test_small_ragged_batches_pad_freely() -> None:
+    assert ragged([(1, ((1,),)), (1, ((1000,),)), (1, ((3,),))]) == Decision(take=3)
 
 
 def test_inline_cost_learns_per_row_count() -> None:

@@ -8,9 +8,16 @@ from types import MappingProxyType
 import numpy as np
 import pytest
 
-from server.errors import Overloaded
+from server.errors import BoundExceeded, Overloaded
 from server.scheduler.queue import PendingRequest, RequestQueue
-from server.spec import BatchingSpec, QueuePolicy
+from server.spec import (
+    MIN_QUEUE_SIZE,
+    QUEUED_BATCHES,
+    BatchingSpec,
+    InstanceSpec,
+    ModelSpec,
+    QueuePolicy,
+)
 from server.types import DataType, InferRequest, InferResponse
 
 
@@ -182,6 +189,33 @@ async def test_zero_bound_is_unbounded() -> None:
     for i in range(500):
         queue.push(entry(str(i)))
     assert len(queue) == 500
+
+
+async def test_a_level_without_a_bound_takes_the_default_bound() -> None:
+    queue = RequestQueue(batching(levels=2, default_level=2,
+                                  per_level={1: QueuePolicy(max_queue_size=3)}), 2)
+    for name in ("a", "b", "c"):
+        queue.push(entry(name, 1))  # its own bound, not the default
+    queue.push(entry("d", 2))
+    queue.push(entry("e", 2))
+    with pytest.raises(BoundExceeded) as refused:
+        queue.push(entry("f", 2))
+    assert refused.value.bound == "max_queue_size"
+    assert refused.value.message == ("queue of model 'm' is full (2 requests at priority 2, "
+                                     "max_queue_size)")
+
+
+@pytest.mark.parametrize(("max_batch_size", "instances", "bound"), [
+    (0, 1, MIN_QUEUE_SIZE),  # no batching: the floor
+    (8, 1, MIN_QUEUE_SIZE),  # 64 < the floor
+    (64, 2, QUEUED_BATCHES * 64 * 2),
+])
+def test_the_default_queue_bound_holds_full_batches_per_instance(
+    max_batch_size: int, instances: int, bound: int
+) -> None:
+    spec = ModelSpec("m", "onnxruntime_onnx", "onnxruntime", max_batch_size, (), (),
+                     instances=(InstanceSpec("CPU", instances),))
+    assert spec.default_max_queue_size == bound
 
 
 async def test_rejected_push_leaves_the_queue_unchanged() -> None:
