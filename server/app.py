@@ -331,19 +331,22 @@ class PeregrineServer:
         await self.health.enter_graceful_shutdown()
         await self.router.close()
         await self.repository.close(left())
-        if self._grpc is not None:
-            await self._grpc.stop(left())
+        # The metrics endpoint stops beside the transport: its shutdown polls every 0.5 s.
+        await asyncio.gather(
+            self._grpc.stop(left()) if self._grpc is not None else asyncio.sleep(0),
+            asyncio.to_thread(self._stop_metrics_http))
         if self.drift is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self.drift.stop)
-        if self._metrics_http is not None:
-            self._metrics_http.shutdown()
-            self._metrics_http.server_close()
+            await loop.run_in_executor(None, self.drift.stop)
         self.shared_memory.unregister()
         if self.guard is not None:
             self.guard.close()
         self.state.live = False
         log.info("server stopped")
 
+    def _stop_metrics_http(self) -> None:
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
 
     async def _start_drift(self) -> DriftSink | None:
         """Drift monitoring runs when a model loaded at start asks for it (drift_sample_rate >

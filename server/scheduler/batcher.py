@@ -23,13 +23,17 @@ from server.interfaces import Backend, ModelMetrics, Packer
 from server.parameters import Key, choice, integer, optional
 from server.scheduler import policy
 from server.scheduler.executor import BatchExecutor, BatchRun
-from server.scheduler.instances import CANCEL_GRACE_S, InstanceSet
+from server.scheduler.instances import InstanceSet
 from server.scheduler.queue import PendingRequest, RequestQueue
 from server.spec import ModelSpec
 from server.types import InferRequest, InferResponse
 
 log = logging.getLogger(__name__)
 _now = time.perf_counter_ns
+
+#: The longest a batch cancelled for its execution timeout has to return (it gets as long as
+#: the timeout again, up to this) before its instance is quarantined.
+MAX_CANCEL_GRACE_S = 5.0
 
 
 @dataclass(slots=True, eq=False)
@@ -64,10 +68,10 @@ class DynamicBatcher:
         packer: Packer,
         metrics: ModelMetrics,
         execution_timeout_s: float = 30.0,
-        cancel_grace_s: float = CANCEL_GRACE_S,
     ) -> None:
         """``execution_timeout_s``: the server's default (0: none), which a model's
-        ``execution_timeout_ms`` overrides."""
+        ``execution_timeout_ms`` overrides. A cancelled batch then has as long again (at
+        most MAX_CANCEL_GRACE_S) to stop before its instance is quarantined."""
         if not instances:
             raise ValueError("a batcher needs at least one backend instance")
         self._loop = asyncio.get_running_loop()
@@ -93,7 +97,9 @@ class DynamicBatcher:
         #: Ragged inputs: any extents of their variable dims batch together (padded).
         self._ragged = frozenset(t.name for t in spec.inputs if t.ragged)
         self._instances = InstanceSet(instances, f"exec-{spec.name}-{version}", self._loop,
-                                      self._quarantined, cancel_grace_s)
+                                      self._quarantined,
+                                      min(self._timeout_s or MAX_CANCEL_GRACE_S,
+                                          MAX_CANCEL_GRACE_S))
         #: Batches in instance threads, not yet answered.
         self._runs: set[_Running] = set()
         self._accepting = True
@@ -194,7 +200,12 @@ class DynamicBatcher:
             "batch finished")
         for run in list(self._runs):
             self._abandon(run, cut_off, now)
-        await self._instances.close()
+        busy = await self._instances.close()
+        if busy:
+            log.warning("model instances still in a batch at unload: each is closed when its "
+                        "batch returns (a stuck one never; its thread is left to the exit)",
+                        extra={"model": self._spec.name, "version": self._version,
+                               "instances": busy})
 
     # -- request bookkeeping -------------------------------------------------------------------
 

@@ -17,9 +17,6 @@ from server.scheduler.worker import InstanceWorker
 
 T = TypeVar("T")
 
-#: Seconds a cancelled batch has to return before its instance is quarantined.
-CANCEL_GRACE_S = 5.0
-
 
 class InstanceSet:
     """Lives on the event loop; takes no locks."""
@@ -30,9 +27,10 @@ class InstanceSet:
         thread_prefix: str,
         loop: asyncio.AbstractEventLoop,
         on_quarantine: Callable[[int], None],
-        grace_s: float = CANCEL_GRACE_S,
+        grace_s: float,
     ) -> None:
-        """``on_quarantine(index)`` is told of each instance taken out for good."""
+        """``grace_s``: how long a cancelled batch has to return; ``on_quarantine(index)`` is
+        told of each instance taken out for good."""
         self.backends = tuple(backends)
         self._loop = loop
         self._workers = [InstanceWorker(b, f"{thread_prefix}-{i}", loop)
@@ -83,10 +81,11 @@ class InstanceSet:
         self._quarantined.add(index)
         self._on_quarantine(index)
 
-    async def close(self) -> None:
+    async def close(self) -> int:
         """Cancel the batches still running and end every instance's thread; returns once
-        the idle instances are closed. A busy one is closed on its thread when its batch
-        returns, a stuck one never (its thread is a daemon: the process exits around it)."""
+        the idle instances are closed, with the number of busy ones. A busy one is closed on
+        its thread when its batch returns, a stuck one never (its thread is a daemon: the
+        process exits around it)."""
         self._closed = True
         for timer in self._cancelled.values():
             timer.cancel()
@@ -101,6 +100,7 @@ class InstanceSet:
             if index in idle:
                 waits.append(closed)
         await asyncio.gather(*waits)
+        return len(self._workers) - len(idle)
 
 
 def _cancel(backend: Backend) -> None:

@@ -607,7 +607,7 @@ def blocking_batcher(backends: list[BlockingBackend], **parameters: str) -> tupl
                                instances=(InstanceSpec(kind="CPU", count=len(backends)),))
     metrics = MetricsRegistry().version("flaky", "1")
     batcher = DynamicBatcher(spec, "1", list(backends), default_packer, metrics,
-                             execution_timeout_s=0.2, cancel_grace_s=0.3)
+                             execution_timeout_s=0.2)
     return batcher, metrics
 
 
@@ -697,7 +697,7 @@ async def test_a_cancelled_run_that_stops_in_time_gives_its_instance_back() -> N
         backend.blocking = False
         response = await batcher.submit(ones())
         np.testing.assert_array_equal(output(response), np.ones((1, 3), dtype=np.float32))
-        await asyncio.sleep(0.4)  # past the grace period: nothing quarantines it late
+        await asyncio.sleep(0.3)  # past the grace period: nothing quarantines it late
         assert batcher.healthy and batcher._instances.available == 1
     finally:
         await batcher.close()
