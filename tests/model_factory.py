@@ -620,6 +620,7 @@ def stuck_model(
     name: str = "stuck",
     size: int = 8192,
     *,
+    parameters: Mapping[str, str] | None = None,
     version: int = 1,
     **options: Unpack[ConfigOptions],
 ) -> Path:
@@ -646,7 +647,7 @@ def stuck_model(
             numpy_helper.from_array(np.array([size, size], dtype=np.int64), "square"),
             numpy_helper.from_array(np.array([1], dtype=np.int64), "one"),
         ],
-        parameters={"intra_op_thread_count": "1"},
+        parameters={"intra_op_thread_count": "1", **(parameters or {})},
         max_batch_size=0,
         version=version,
         options=options,
