@@ -52,19 +52,24 @@ class InstanceWorker:
 
     def _serve(self) -> None:
         while (job := self._jobs.get()) is not None:
-            call, future = job
-            try:
-                result = call()
-            except BaseException as exc:  # the loop decides what a failure means
-                self._post(_fail, future, exc)
-            else:
-                self._post(_succeed, future, result)
+            self._run(*job)
+            # Drop the finished job now, not when the next one arrives: it holds the batch's
+            # requests, whose inputs may view a client's shared-memory region.
+            del job
         try:
             self._backend.close()
         except Exception as exc:  # the thread ends either way; say why the memory may stay
             log.error("backend instance failed to close", extra={"thread": self._thread.name,
                                                                  "error": repr(exc)})
         self._post(_succeed, self._closed, None)
+
+    def _run(self, call: Callable[[], Any], future: asyncio.Future[Any]) -> None:
+        try:
+            result = call()
+        except BaseException as exc:  # the loop decides what a failure means
+            self._post(_fail, future, exc)
+        else:
+            self._post(_succeed, future, result)
 
     def _post(self, settle: Callable[[asyncio.Future[Any], Any], None],
               future: asyncio.Future[Any], value: Any) -> None:
