@@ -374,9 +374,7 @@ class DynamicBatcher:
         if running.timer is not None:
             running.timer.cancel()
         self._runs.discard(running)
-        if future.cancelled():  # the loop is shutting down under the batch
-            run = BatchRun(error=ModelNotReady(f"model '{self._spec.name}' is shutting down"))
-        elif (error := future.exception()) is not None:
+        if (error := future.exception()) is not None:  # the worker never cancels its futures
             run = BatchRun(error=error if isinstance(error, Exception)
                            else BackendError(repr(error)))
         else:
