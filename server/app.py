@@ -50,6 +50,7 @@ from server.interfaces import (
 from server.metrics import MetricsRegistry
 from server.metrics.admission import AdmissionMetrics
 from server.metrics.drift import DriftCounts, DriftMetrics
+from server.metrics.loop_lag import LoopLag
 from server.metrics.routing import RoutingMetrics
 from server.metrics.security import SecurityMetrics
 from server.packing import select_packer
@@ -99,12 +100,14 @@ def check_model_parameters(spec: ModelSpec, factory: BackendFactory) -> None:
                                PARAMETER_CHECKS)
 
 
-def batcher_factory(packer: Packer) -> SchedulerFactory:
-    """Every loaded version gets a dynamic batcher over the chosen packing."""
+def batcher_factory(packer: Packer, execution_timeout_s: float) -> SchedulerFactory:
+    """Every loaded version gets a dynamic batcher over the chosen packing, with the server's
+    default execution timeout."""
 
     def make(spec: ModelSpec, version: str, instances: Sequence[Backend],
              metrics: ModelMetrics) -> Scheduler:
-        return batcher.DynamicBatcher(spec, version, instances, packer, metrics)
+        return batcher.DynamicBatcher(spec, version, instances, packer, metrics,
+                                      execution_timeout_s=execution_timeout_s)
 
     return make
 
@@ -169,6 +172,7 @@ class PeregrineServer:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.metrics = MetricsRegistry()
+        self.loop_lag = LoopLag(self.metrics.registry)
         #: Compiled packing unless PEREGRINE_NATIVE=0 (read now, at start: not at import).
         self.packer = select_packer()
         #: The native wire codec unless PEREGRINE_NATIVE=0 (likewise read at start), checking
@@ -180,7 +184,7 @@ class PeregrineServer:
         self.repository = ModelManager(
             model_source(settings),
             backend_factories(),
-            batcher_factory(self.packer),
+            batcher_factory(self.packer, settings.execution_timeout_secs),
             self.metrics,
             load_threads=settings.model_load_thread_count,
             state_file=settings.resolved_state_file,
@@ -276,6 +280,7 @@ class PeregrineServer:
             self._metrics_http = httpd
             self.metrics_port = int(httpd.server_address[1])
         self.state.accepting = True
+        self.loop_lag.start(asyncio.get_running_loop())
         if guard is not None and settings.auth_file is not None:
             self._auth_watcher = asyncio.get_running_loop().create_task(
                 guard.watch_auth_file(), name="auth-file-watch")
@@ -332,30 +337,44 @@ class PeregrineServer:
             log.error("repository poll failed", extra={"error": repr(exc)}, exc_info=exc)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Stop taking requests, let accepted ones finish within ``grace``, unload everything."""
+        """Stop taking requests (new ones are answered UNAVAILABLE) and answer the accepted
+        ones within ``grace`` seconds in all: the models drain until the deadline, then what
+        is still queued or running is answered UNAVAILABLE (never waiting for a batch stuck
+        in a model), and the transport closes the calls left (open streams) at the same
+        deadline. Then the state file and the drift store are flushed."""
         grace = self.settings.exit_timeout_secs if grace is None else grace
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+
+        def left() -> float:
+            return max(0.0, deadline - loop.time())
+
         log.info("server stopping", extra={"grace_secs": grace})
         self.state.accepting = False
+        self.loop_lag.stop()
         for task in (self._poller, self._auth_watcher):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         await self.health.enter_graceful_shutdown()
         await self.router.close()
-        await self.repository.close(grace)
-        if self._grpc is not None:
-            await self._grpc.stop(grace)
+        await self.repository.close(left())
+        # The metrics endpoint stops beside the transport: its shutdown polls every 0.5 s.
+        await asyncio.gather(
+            self._grpc.stop(left()) if self._grpc is not None else asyncio.sleep(0),
+            asyncio.to_thread(self._stop_metrics_http))
         if self.drift is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self.drift.stop)
-        if self._metrics_http is not None:
-            self._metrics_http.shutdown()
-            self._metrics_http.server_close()
+            await loop.run_in_executor(None, self.drift.stop)
         self.shared_memory.close()
         if self.guard is not None:
             self.guard.close()
         self.state.live = False
         log.info("server stopped")
 
+    def _stop_metrics_http(self) -> None:
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
 
     async def _start_drift(self) -> DriftSink | None:
         """Drift monitoring runs when a model loaded at start asks for it (drift_sample_rate >

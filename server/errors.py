@@ -56,6 +56,12 @@ class DeadlineExceeded(PeregrineError):
     reason = "REJECTED"
 
 
+class ExecutionTimedOut(DeadlineExceeded):
+    """A batch overran its model's execution timeout (a backend failure, not a rejection)."""
+
+    reason = "BACKEND"
+
+
 class Cancelled(PeregrineError):
     code = grpc.StatusCode.CANCELLED
     reason = "CANCELED"

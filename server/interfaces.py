@@ -46,6 +46,17 @@ class Backend(Protocol):
         ...
 
 
+@runtime_checkable
+class CancellableBackend(Protocol):
+    """A Backend whose running ``execute`` can be interrupted (ONNX Runtime's terminate
+    flag): the scheduler calls it when a batch overruns its execution timeout."""
+
+    def cancel(self) -> None:
+        """Ask the ``execute`` running now on another thread to stop soon; it then raises.
+        Thread-safe; does nothing when no ``execute`` runs. The next one is unaffected."""
+        ...
+
+
 class BackendFactory(Protocol):
     """Loads instances of one backend kind. Blocking; called from a loader thread."""
 
@@ -79,6 +90,12 @@ class Scheduler(Protocol):
     @property
     def healthy(self) -> bool:
         """False once the scheduler failed or closed: its model then reports not ready."""
+        ...
+
+    @property
+    def problem(self) -> str:
+        """Why the scheduler is not healthy (its instances quarantined, say); "" while it is.
+        Shown as the version's reason in the repository index."""
         ...
 
     def inflight(self) -> int:

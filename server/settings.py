@@ -94,6 +94,7 @@ class ServerSettings:
     grpc_max_message_bytes: int = 64 * MIB
     model_load_thread_count: int = 4
     exit_timeout_secs: float = 30.0
+    execution_timeout_secs: float = 30.0
     strict_readiness: bool = True
     uvloop: bool = True
     reflection: bool = True
@@ -143,6 +144,8 @@ class ServerSettings:
             raise ValueError("model_load_thread_count must be positive")
         if self.exit_timeout_secs < 0:
             raise ValueError("exit_timeout_secs must not be negative")
+        if self.execution_timeout_secs < 0:
+            raise ValueError("execution_timeout_secs must not be negative")
         if self.repository_poll_secs <= 0:
             raise ValueError("repository_poll_secs must be positive")
         if self.grpc_header_forward_pattern:
@@ -259,7 +262,13 @@ OPTIONS: tuple[Option, ...] = (
            "RESOURCE_EXHAUSTED. Default: 67108864 (64 MiB)."),
     Option("model_load_thread_count", int, "Threads loading models at start. Default: 4."),
     Option("exit_timeout_secs", float,
-           "On SIGTERM/Ctrl-C, seconds to let accepted requests finish. Default: 30."),
+           "On SIGTERM/Ctrl-C, seconds in all to answer accepted requests; what is still "
+           "queued or running then is answered UNAVAILABLE and the server exits. "
+           "Default: 30."),
+    Option("execution_timeout_secs", float,
+           "Seconds a batch may run in a model before it is cancelled and its requests are "
+           "answered DEADLINE_EXCEEDED; an instance that does not stop is quarantined. A "
+           "model's execution_timeout_ms parameter overrides it; 0: no limit. Default: 30."),
     Option("strict_readiness", parse_bool,
            "ServerReady only when every model is ready (true/false). Default: true."),
     Option("uvloop", parse_bool, "Run the event loop on uvloop (true/false). Default: true."),

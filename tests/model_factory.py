@@ -561,6 +561,131 @@ def failing_model(
     )
 
 
+def loop_model(
+    repo: Path,
+    name: str = "loop",
+    *,
+    parameters: Mapping[str, str] | None = None,
+    version: int = 1,
+    **options: Unpack[ConfigOptions],
+) -> Path:
+    """A model that runs as long as the request asks, and stops when cancelled.
+
+    ``max_batch_size: 0``; ``INPUT0`` FP32 [1, 256] and ``TRIPS`` INT64 [1] -> ``OUTPUT0``
+    FP32 [1, 256] = ``INPUT0 @ P**TRIPS`` (``P`` :func:`slow_model`'s permutation, so the
+    result is exact). One ONNX Loop of ``TRIPS`` [1, 256] x [256, 256] MatMuls: tens of
+    microseconds per trip, so a huge ``TRIPS`` runs for ever. onnxruntime checks its terminate
+    flag on every trip, so a cancelled run stops within one. ``intra_op_thread_count`` 1.
+    """
+    row = ["one", SLOW_WIDTH]
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["x_in", "P"], ["x_out"]),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"])],
+        f"{name}_body",
+        [helper.make_tensor_value_info("trip", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("x_in", TensorProto.FLOAT, row)],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("x_out", TensorProto.FLOAT, row)],
+    )
+    return _build(
+        repo,
+        name,
+        nodes=[
+            helper.make_node("Reshape", ["TRIPS", "scalar"], ["trips"]),
+            helper.make_node("Loop", ["trips", "go", "INPUT0"], ["OUTPUT0"], body=body),
+        ],
+        inputs=[TensorSpec("INPUT0", "FP32", (1, SLOW_WIDTH)), TensorSpec("TRIPS", "INT64", (1,))],
+        outputs=[TensorSpec("OUTPUT0", "FP32", (1, SLOW_WIDTH))],
+        initializers=[
+            numpy_helper.from_array(_slow_permutation(), "P"),
+            numpy_helper.from_array(np.array(True), "go"),
+            numpy_helper.from_array(np.array([], dtype=np.int64), "scalar"),
+        ],
+        parameters={"intra_op_thread_count": "1", **(parameters or {})},
+        max_batch_size=0,
+        version=version,
+        options=options,
+    )
+
+
+def loop_model_expected(x: npt.NDArray[np.float32], trips: int) -> npt.NDArray[np.float32]:
+    """What :func:`loop_model` returns for ``x`` [1, 256] and ``trips``."""
+    p = np.linalg.matrix_power(_slow_permutation(), trips)
+    return np.asarray(np.asarray(x, dtype=np.float32) @ p, dtype=np.float32)
+
+
+def stuck_model(
+    repo: Path,
+    name: str = "stuck",
+    size: int = 8192,
+    *,
+    parameters: Mapping[str, str] | None = None,
+    version: int = 1,
+    **options: Unpack[ConfigOptions],
+) -> Path:
+    """A model whose every run is one long kernel that cancelling cannot stop.
+
+    ``max_batch_size: 0``; ``INPUT0`` FP32 [1] -> ``OUTPUT0`` FP32 [1], the sum of
+    ``W @ W`` where ``W`` is ``INPUT0`` expanded to [size, size]: one MatMul of ``2 size**3``
+    flops on one thread (3.6 s for size 4096 on the 2-core development machine; size 8192,
+    the default, about 30 s and 768 MiB). onnxruntime checks its terminate flag between
+    kernels only, so a cancelled run goes on to the end: the hung model of the tests.
+    """
+    return _build(
+        repo,
+        name,
+        nodes=[
+            helper.make_node("Expand", ["INPUT0", "square"], ["w"]),
+            helper.make_node("MatMul", ["w", "w"], ["ww"]),
+            helper.make_node("ReduceSum", ["ww"], ["total"], keepdims=1),
+            helper.make_node("Reshape", ["total", "one"], ["OUTPUT0"]),
+        ],
+        inputs=[TensorSpec("INPUT0", "FP32", (1,))],
+        outputs=[TensorSpec("OUTPUT0", "FP32", (1,))],
+        initializers=[
+            numpy_helper.from_array(np.array([size, size], dtype=np.int64), "square"),
+            numpy_helper.from_array(np.array([1], dtype=np.int64), "one"),
+        ],
+        parameters={"intra_op_thread_count": "1", **(parameters or {})},
+        max_batch_size=0,
+        version=version,
+        options=options,
+    )
+
+
+def chain_model(
+    repo: Path,
+    name: str = "chain",
+    steps: int = 40,
+    *,
+    parameters: Mapping[str, str] | None = None,
+    max_batch_size: int = 8,
+    version: int = 1,
+    **options: Unpack[ConfigOptions],
+) -> Path:
+    """A model whose time grows with its input's size: cheap for a few values, long for
+    millions.
+
+    ``INPUT0`` FP32 [-1] -> ``OUTPUT0`` FP32 [-1] = ``Sin`` applied ``steps`` times, element
+    by element, on one thread (``intra_op_thread_count`` 1).
+    """
+    nodes = [helper.make_node("Sin", [f"s{i}" if i else "INPUT0"],
+                              [f"s{i + 1}" if i + 1 < steps else "OUTPUT0"])
+             for i in range(steps)]
+    return _build(
+        repo,
+        name,
+        nodes=nodes,
+        inputs=[TensorSpec("INPUT0", "FP32", (-1,))],
+        outputs=[TensorSpec("OUTPUT0", "FP32", (-1,))],
+        parameters={"intra_op_thread_count": "1", **(parameters or {})},
+        max_batch_size=max_batch_size,
+        version=version,
+        options=options,
+    )
+
+
 SCALED_WIDTH = 16
 
 

@@ -141,12 +141,18 @@ def _device_of(providers: list[str | tuple[str, dict[str, Any]]]) -> int | None:
 
 
 class OnnxRuntimeInstance:
-    """One InferenceSession. Blocking calls; the scheduler never runs one concurrently."""
+    """One InferenceSession. Blocking calls; the scheduler never runs one concurrently.
+
+    Every run goes through the instance's one RunOptions, so ``cancel`` (another thread) can
+    set its terminate flag: onnxruntime checks it between nodes, and inside Loop and Scan
+    bodies, and the run raises. A single long kernel runs to its end first.
+    """
 
     def __init__(
         self, session: ort.InferenceSession, spec: ModelSpec, device: int | None = None
     ) -> None:
         self._session = session
+        self._run_options = ort.RunOptions()
         #: The CUDA device the session runs on (IO binding then), None on the CPU.
         self._device = device
         self._output_names = [o.name for o in session.get_outputs()]
@@ -185,7 +191,12 @@ class OnnxRuntimeInstance:
     def warmup(self, inputs: Mapping[str, Array]) -> None:
         self.execute(inputs)
 
+    def cancel(self) -> None:
+        self._run_options.terminate = True
+
     def execute(self, inputs: Mapping[str, Array]) -> dict[str, Array]:
+        # A cancel that came after the previous run ended must not stop this one.
+        self._run_options.terminate = False
         if self._bind_gpu:
             return self._execute_gpu(inputs)
         if self._bf16_inputs or self._bf16_outputs:
@@ -194,7 +205,7 @@ class OnnxRuntimeInstance:
             name: _to_ort_strings(name, value) if name in self._string_inputs else value
             for name, value in inputs.items()
         }
-        results = self._session.run(self._output_names, feed)
+        results = self._session.run(self._output_names, feed, self._run_options)
         outputs: dict[str, Array] = {}
         for name, value in zip(self._output_names, results, strict=True):
             array = np.asarray(value)
@@ -211,7 +222,7 @@ class OnnxRuntimeInstance:
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
         for name in self._output_names:
             binding.bind_output(name, "cuda", self._device)
-        self._session.run_with_iobinding(binding)
+        self._session.run_with_iobinding(binding, self._run_options)
         results = binding.copy_outputs_to_cpu()
         return {name: np.asarray(value)
                 for name, value in zip(self._output_names, results, strict=True)}
@@ -231,7 +242,7 @@ class OnnxRuntimeInstance:
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
         for name in self._output_names:
             binding.bind_output(name, "cpu")
-        self._session.run_with_iobinding(binding)
+        self._session.run_with_iobinding(binding, self._run_options)
         outputs: dict[str, Array] = {}
         for name, value in zip(self._output_names, binding.get_outputs(), strict=True):
             if name in self._bf16_outputs:

@@ -96,7 +96,8 @@ class Catalog:
             self._refuse(name, version)
         assert served is not None
         if not served.scheduler.healthy:
-            raise ModelNotReady(f"model '{name}' version {served.version} lost its batcher")
+            raise ModelNotReady(f"model '{name}' version {served.version} is not ready: "
+                                f"{served.scheduler.problem}")
         return served
 
     def _refuse(self, name: str, version: str) -> None:
@@ -132,7 +133,7 @@ class Catalog:
         return True
 
     def all_ready(self) -> bool:
-        return all(model.state is ModelState.READY for model in self.models.values()
+        return all(self.is_ready(name, "") for name, model in self.models.items()
                    if model.reason != "unloaded")
 
     def spec_of(self, name: str, version: str) -> ModelSpec:
@@ -163,11 +164,20 @@ class Catalog:
                     entries.append(IndexEntry(name, "", model.state.value, model.reason))
                 continue
             for version in sorted(model.versions, key=int):
-                view = model.versions[version]
-                if ready_only and view.state is not ModelState.READY:
+                state, reason = _live_state(model.versions[version])
+                if ready_only and state is not ModelState.READY:
                     continue
-                entries.append(IndexEntry(name, version, view.state.value, view.reason))
+                entries.append(IndexEntry(name, version, state.value, reason))
         return entries
+
+
+def _live_state(view: VersionView) -> tuple[ModelState, str]:
+    """A version's state, and why: a ready version whose scheduler stopped serving (every
+    instance quarantined, say) is UNAVAILABLE, with the scheduler's reason."""
+    served = view.served
+    if view.state is ModelState.READY and served is not None and not served.scheduler.healthy:
+        return ModelState.UNAVAILABLE, served.scheduler.problem
+    return view.state, view.reason
 
 
 EMPTY = Catalog({})

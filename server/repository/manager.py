@@ -128,7 +128,8 @@ class ModelManager:
         self._state = self._state_file.load()
         self._state_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state")
         self._drain_timeout = drain_timeout
-        self._retiring: set[asyncio.Task[None]] = set()
+        #: Replaced versions draining before their unload, by the task retiring each.
+        self._retiring: dict[asyncio.Task[None], ServedVersion] = {}
         self._source_fingerprints: dict[str, str] = {}
         self._catalog = EMPTY
         self._subscribers: list[CatalogSubscriber] = []
@@ -539,8 +540,8 @@ class ModelManager:
 
     def _retire_later(self, served: ServedVersion) -> None:
         task = asyncio.get_running_loop().create_task(self._retire(served))
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+        self._retiring[task] = served
+        task.add_done_callback(self._retiring.pop)
 
     async def _retire(self, served: ServedVersion) -> None:
         """Drain a replaced version (it takes no new requests) and unload it."""
@@ -563,11 +564,16 @@ class ModelManager:
         return entry is not None and entry.state in (ModelState.LOADING, ModelState.READY)
 
     async def close(self, grace: float) -> None:
-        """Drain every version (up to ``grace`` seconds), then unload it."""
-        served = self._catalog.served_versions()
+        """Drain every version, those being retired too, for ``grace`` seconds in all; then
+        unload them: what is still queued or running is answered UNAVAILABLE, and no
+        version waits for a batch stuck in its model. The state file is written last."""
+        served = [*self._catalog.served_versions(), *self._retiring.values()]
         await asyncio.gather(*(s.scheduler.drain(grace) for s in served))
         await asyncio.gather(*(s.scheduler.close() for s in served))
-        await asyncio.gather(*self._retiring, return_exceptions=True)
+        retiring = list(self._retiring)
+        for task in retiring:
+            task.cancel()  # closed above: nothing is left for the task to wait for
+        await asyncio.gather(*retiring, return_exceptions=True)
         for record in self._models.values():
             for entry in record.versions.values():
                 entry.served = None

@@ -8,26 +8,44 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from server.errors import (
     BackendError,
     DeadlineExceeded,
+    ExecutionTimedOut,
     InvalidInput,
     ModelNotReady,
     PeregrineError,
 )
 from server.interfaces import Backend, ModelMetrics, Packer
-from server.parameters import Key, choice, integer
+from server.parameters import Key, choice, integer, optional
 from server.scheduler import policy
 from server.scheduler.executor import BatchExecutor, BatchRun
+from server.scheduler.instances import InstanceSet
 from server.scheduler.queue import PendingRequest, RequestQueue
 from server.spec import ModelSpec
 from server.types import InferRequest, InferResponse
 
 log = logging.getLogger(__name__)
 _now = time.perf_counter_ns
+
+#: The longest a batch cancelled for its execution timeout has to return (it gets as long as
+#: the timeout again, up to this) before its instance is quarantined.
+MAX_CANCEL_GRACE_S = 5.0
+
+
+@dataclass(slots=True, eq=False)
+class _Running:
+    """A batch handed to an instance's thread. ``abandoned`` once its requests were answered
+    without it (execution timeout, unload): what it returns then is dropped."""
+
+    instance: int
+    entries: list[PendingRequest]
+    start_ns: int
+    timer: asyncio.TimerHandle | None = None
+    abandoned: bool = False
 
 
 class DynamicBatcher:
@@ -36,8 +54,10 @@ class DynamicBatcher:
 
     Everything but a slow backend call runs on the event loop thread, driven by callbacks, not
     tasks: a request costs one future, a batch one loop callback. A batch predicted to be cheap
-    runs right in that callback (no thread hand-off); any other runs in the worker pool, one
-    thread per instance, so the loop never blocks on a model.
+    and small runs right in that callback (no thread hand-off); any other runs in its
+    instance's own thread, so the loop never blocks on a model. A batch that overruns the
+    execution timeout is answered DEADLINE_EXCEEDED and cancelled; an instance whose batch
+    does not stop is quarantined (server/scheduler/instances.py).
     """
 
     def __init__(
@@ -47,19 +67,20 @@ class DynamicBatcher:
         instances: Sequence[Backend],
         packer: Packer,
         metrics: ModelMetrics,
+        execution_timeout_s: float = 30.0,
     ) -> None:
+        """``execution_timeout_s``: the server's default (0: none), which a model's
+        ``execution_timeout_ms`` overrides. A cancelled batch then has as long again (at
+        most MAX_CANCEL_GRACE_S) to stop before its instance is quarantined."""
         if not instances:
             raise ValueError("a batcher needs at least one backend instance")
         self._loop = asyncio.get_running_loop()
         self._spec = spec
         self._version = version
-        self._instances = list(instances)
-        self._idle = list(range(len(instances)))
+        timeout_ms = EXECUTION_TIMEOUT_MS.value(spec.parameters, spec.name)
+        self._timeout_s = execution_timeout_s if timeout_ms is None else timeout_ms / 1000
         self._executor = BatchExecutor(spec, version, packer.for_model(spec, version))
         self._metrics = metrics
-        self._pool = ThreadPoolExecutor(
-            max_workers=len(instances), thread_name_prefix=f"exec-{spec.name}-{version}"
-        )
         batching = spec.batching
         self._queue = RequestQueue(batching, spec.default_max_queue_size)
         self._batching = spec.batches and batching.enabled
@@ -75,10 +96,16 @@ class DynamicBatcher:
         self._size_free = spec.preprocess.input if spec.preprocess is not None else None
         #: Ragged inputs: any extents of their variable dims batch together (padded).
         self._ragged = frozenset(t.name for t in spec.inputs if t.ragged)
-        self._running = 0
+        self._instances = InstanceSet(instances, f"exec-{spec.name}-{version}", self._loop,
+                                      self._quarantined,
+                                      min(self._timeout_s or MAX_CANCEL_GRACE_S,
+                                          MAX_CANCEL_GRACE_S))
+        #: Batches in instance threads, not yet answered.
+        self._runs: set[_Running] = set()
         self._accepting = True
         self._closed = False
-        self._failed: BaseException | None = None
+        #: Why the batcher cannot serve; "" while it can.
+        self._problem = ""
         #: Requests submitted so far, and how many of them the last look at the queue had seen:
         #: a difference means requests are still arriving (the adaptive queue delay).
         self._arrivals = 0
@@ -93,7 +120,7 @@ class DynamicBatcher:
     # -- the Scheduler interface -------------------------------------------------------------
 
     def submit(self, request: InferRequest, lone: bool = False) -> asyncio.Future[InferResponse]:
-        if not self._accepting or self._failed is not None:
+        if not self._accepting or self._problem:
             raise ModelNotReady(
                 f"model '{self._spec.name}' version {self._version} is not accepting requests"
             )
@@ -113,7 +140,7 @@ class DynamicBatcher:
         self._queue.push(entry)
         self._arrivals += 1
         future.add_done_callback(functools.partial(self._withdraw_if_cancelled, entry))
-        if lone and len(self._queue) == 1 and self._idle and not self._scheduled \
+        if lone and len(self._queue) == 1 and self._instances.has_idle and not self._scheduled \
                 and not self._closed:
             # A unary call finding the version idle: nothing it could wait for is on its way,
             # so it is dispatched now, not on the loop's next round (inline when cheap).
@@ -130,15 +157,20 @@ class DynamicBatcher:
 
     @property
     def instances(self) -> Sequence[Backend]:
-        return tuple(self._instances)
+        return self._instances.backends
 
     @property
     def healthy(self) -> bool:
-        """False once the batcher failed or closed; the model then reports not ready."""
-        return self._failed is None and not self._closed
+        """False once the batcher failed, lost every instance or closed; the model then
+        reports not ready."""
+        return not self._problem
+
+    @property
+    def problem(self) -> str:
+        return self._problem
 
     def inflight(self) -> int:
-        return len(self._queue) + self._running
+        return len(self._queue) + len(self._runs)
 
     async def drain(self, timeout: float) -> bool:
         self._accepting = False
@@ -152,22 +184,29 @@ class DynamicBatcher:
         return True
 
     async def close(self) -> None:
+        """Answer what is queued or still running UNAVAILABLE (a drain had its time), cancel
+        the running batches and close the instances; never waits for a batch to return."""
         if self._closed:
             return  # idempotent: instances are closed exactly once (the Backend contract)
         self._closed = True
         self._accepting = False
+        self._problem = self._problem or "unloaded"
         self._cancel_timer()
-        unloaded = ModelNotReady(f"model '{self._spec.name}' was unloaded")
         now = _now()
+        unloaded = ModelNotReady(f"model '{self._spec.name}' was unloaded")
         for entry in self._queue.drain_all():
             self._fail(entry, unloaded, now)
-        # Joining the worker threads and freeing the sessions can block: keep it off the loop.
-        await asyncio.to_thread(self._release)
-
-    def _release(self) -> None:
-        self._pool.shutdown(wait=True)
-        for instance in self._instances:
-            instance.close()
+        cut_off = ModelNotReady(
+            f"model '{self._spec.name}' version {self._version} was unloaded before its "
+            "batch finished")
+        for run in list(self._runs):
+            self._abandon(run, cut_off, now)
+        busy = await self._instances.close()
+        if busy:
+            log.warning("model instances still in a batch at unload: each is closed when its "
+                        "batch returns (a stuck one never; its thread is left to the exit)",
+                        extra={"model": self._spec.name, "version": self._version,
+                               "instances": busy})
 
     # -- request bookkeeping -------------------------------------------------------------------
 
@@ -230,8 +269,7 @@ class DynamicBatcher:
 
     def _check_idle(self) -> None:
         drained = self._drained
-        if drained is not None and not self._running and not len(self._queue) \
-                and not drained.done():
+        if drained is not None and not self.inflight() and not drained.done():
             drained.set_result(None)
 
     # -- dispatch --------------------------------------------------------------------------------
@@ -244,7 +282,7 @@ class DynamicBatcher:
         for another round only if more requests arrived in between (a lone request goes on
         the first look, not the second).
         """
-        if self._scheduled or not self._idle or self._closed:
+        if self._scheduled or not self._instances.has_idle or self._closed:
             return
         self._scheduled = True
         self._arrivals_seen = self._arrivals
@@ -263,10 +301,10 @@ class DynamicBatcher:
         try:
             self._dispatch_ready()
         except Exception as exc:  # a bug here must not strand the waiters
-            self._fail_batcher(exc)
+            self._fail_batcher(f"batcher failed: {exc!r}")
 
     def _dispatch_ready(self) -> None:
-        while self._idle and len(self._queue):
+        while self._instances.has_idle and len(self._queue):
             now = _now()
             for entry in self._queue.remove_expired(now):
                 self._expire(entry, now)
@@ -319,38 +357,75 @@ class DynamicBatcher:
         entry.future.set_exception(exc)
 
     def _start(self, entries: list[PendingRequest], start: int) -> None:
-        instance = self._idle.pop()
-        self._running += 1
+        instance = self._instances.take()
         rows = [e.rows for e in entries]
         requests = [e.request for e in entries]
-        backend = self._instances[instance]
-        if self._cost.runs_inline(sum(rows)):
-            self._finish(instance, entries, start, self._executor.run(backend, requests, rows))
+        backend = self._instances.backends[instance]
+        if self._cost.runs_inline(sum(rows), lambda: _input_bytes(requests)):
+            run = self._executor.run(backend, requests, rows)
+            self._instances.returned(instance)
+            self._finish(entries, start, run)
             return
-        future = self._loop.run_in_executor(self._pool, self._executor.run, backend, requests,
-                                            rows)
-        future.add_done_callback(
-            functools.partial(self._finished_in_thread, instance, entries, start))
+        running = _Running(instance, entries, start)
+        self._runs.add(running)
+        future = self._instances.run(
+            instance, functools.partial(self._executor.run, backend, requests, rows))
+        future.add_done_callback(functools.partial(self._finished_in_thread, running))
+        if self._timeout_s:
+            running.timer = self._loop.call_later(self._timeout_s, self._timed_out, running)
 
-    def _finished_in_thread(
-        self, instance: int, entries: list[PendingRequest], start: int,
-        future: asyncio.Future[BatchRun],
-    ) -> None:
-        if future.cancelled():  # the loop is shutting down under the batch
-            run = BatchRun(error=ModelNotReady(f"model '{self._spec.name}' is shutting down"))
-        elif (error := future.exception()) is not None:
+    def _finished_in_thread(self, running: _Running, future: asyncio.Future[BatchRun]) -> None:
+        self._instances.returned(running.instance)
+        if running.abandoned:
+            self._schedule()
+            return  # answered already (execution timeout, unload)
+        if running.timer is not None:
+            running.timer.cancel()
+        self._runs.discard(running)
+        if (error := future.exception()) is not None:  # the worker never cancels its futures
             run = BatchRun(error=error if isinstance(error, Exception)
                            else BackendError(repr(error)))
         else:
             run = future.result()
-        self._finish(instance, entries, start, run)
+        self._finish(running.entries, running.start_ns, run)
         self._schedule()
 
-    def _finish(
-        self, instance: int, entries: list[PendingRequest], start: int, run: BatchRun
-    ) -> None:
-        self._running -= 1
-        self._idle.append(instance)
+    def _timed_out(self, running: _Running) -> None:
+        """The batch overran the execution timeout: answer its requests, tell the model to
+        stop (the instance is quarantined unless it returns within the grace period)."""
+        seconds = self._timeout_s
+        log.warning("batch cancelled: execution timeout", extra={
+            "model": self._spec.name, "version": self._version, "instance": running.instance,
+            "timeout_s": seconds, "requests": len(running.entries),
+        })
+        self._abandon(running, ExecutionTimedOut(
+            f"model '{self._spec.name}' version {self._version} did not finish the batch "
+            f"within its execution timeout of {seconds:g} s; the run was cancelled"), _now())
+        self._instances.cancel(running.instance)
+        self._check_idle()
+
+    def _abandon(self, running: _Running, error: PeregrineError, now: int) -> None:
+        """Answer a running batch's requests with ``error`` without waiting for it."""
+        running.abandoned = True
+        if running.timer is not None:
+            running.timer.cancel()
+        self._runs.discard(running)
+        for entry in running.entries:
+            self._fail(entry, error, now)
+
+    def _quarantined(self, instance: int) -> None:
+        grace = self._instances.grace_s
+        log.error("model instance quarantined: its cancelled batch did not stop", extra={
+            "model": self._spec.name, "version": self._version, "instance": instance,
+            "grace_s": grace, "instances_left": self._instances.available,
+        })
+        if not self._instances.available:
+            self._fail_batcher(
+                f"every instance is quarantined: a batch overran the execution timeout of "
+                f"{self._timeout_s:g} s and did not stop within {grace:g} s of being "
+                "cancelled; load the model again")
+
+    def _finish(self, entries: list[PendingRequest], start: int, run: BatchRun) -> None:
         for execution in run.executions:
             self._cost.observe(execution.rows, execution.cpu_ns)
         now = _now()
@@ -374,13 +449,15 @@ class DynamicBatcher:
                                  run.executions)
         self._check_idle()
 
-    def _fail_batcher(self, exc: BaseException) -> None:
-        self._failed = exc
-        log.critical(
-            "batcher stopped",
-            extra={"model": self._spec.name, "version": self._version, "error": repr(exc)},
-        )
-        error = ModelNotReady(f"model '{self._spec.name}' batcher failed: {exc!r}")
+    def _fail_batcher(self, problem: str) -> None:
+        """The batcher cannot serve any more: the model reports not ready, saying why, and
+        what is queued is answered UNAVAILABLE."""
+        self._problem = problem
+        log.critical("model not ready: batcher stopped",
+                     extra={"model": self._spec.name, "version": self._version,
+                            "reason": problem})
+        error = ModelNotReady(f"model '{self._spec.name}' version {self._version} is not "
+                              f"ready: {problem}")
         now = _now()
         for entry in self._queue.drain_all():
             self._fail(entry, error, now)
@@ -398,5 +475,18 @@ INLINE_EXECUTION_MAX_US = Key(
     "inline_execution_max_us", integer(0),
     "batches predicted to take less run on the event loop thread (one instance only); 0: off",
     "100")
+EXECUTION_TIMEOUT_MS = Key(
+    "execution_timeout_ms", optional(integer(0)),
+    "a batch running longer is cancelled and answered DEADLINE_EXCEEDED; 0: no limit; "
+    "unset: the server's --execution-timeout-secs")
 #: config.pbtxt ``parameters`` keys the batcher owns.
-PARAMETER_KEYS = (QUEUE_DELAY, INLINE_EXECUTION_MAX_US)
+PARAMETER_KEYS = (QUEUE_DELAY, INLINE_EXECUTION_MAX_US, EXECUTION_TIMEOUT_MS)
+
+
+def _input_bytes(requests: Sequence[InferRequest]) -> int:
+    """The batch's input bytes, for the inline bound (BYTES elements at their length)."""
+    total = 0
+    for request in requests:
+        for value in request.inputs.values():
+            total += value.nbytes if value.dtype.kind != "O" else sum(map(len, value.flat))
+    return total

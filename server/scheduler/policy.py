@@ -21,7 +21,7 @@ Rules (Triton's dynamic batcher, with our eager default):
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 
 #: A request's extents of its ragged inputs: per ragged input, its dims after the batch dim.
@@ -122,6 +122,12 @@ class _Padding:
         return True
 
 
+#: The most input bytes a batch run on the event loop may carry. The time a batch takes is
+#: learned per row count, and one row can be tiny or huge (variable dims, long strings): a
+#: huge request after a run of tiny ones must not inherit their prediction and stall the loop.
+INLINE_MAX_BYTES = 64 * 1024
+
+
 class InlineCost:
     """Whether a batch is cheap enough to run on the event loop thread.
 
@@ -130,18 +136,22 @@ class InlineCost:
     moving average of the CPU time batches of the same row count took (the executing thread's
     CPU time: wall time in a worker thread that shares its core with the loop counts the
     loop's turns too, and would keep a cheap model off the loop for ever); an unseen size, or
-    one that became slow, goes to the worker thread.
+    one that became slow, goes to the worker thread, and so does any batch of more than
+    ``max_bytes`` of inputs, whatever its prediction.
     """
 
     SMOOTHING = 0.2
 
-    def __init__(self, inline_max_ns: int) -> None:
+    def __init__(self, inline_max_ns: int, max_bytes: int = INLINE_MAX_BYTES) -> None:
         self.inline_max_ns = inline_max_ns
+        self.max_bytes = max_bytes
         self._expected_ns: dict[int, float] = {}
 
-    def runs_inline(self, rows: int) -> bool:
+    def runs_inline(self, rows: int, input_bytes: Callable[[], int]) -> bool:
+        """``input_bytes`` is asked only of a batch predicted cheap."""
         expected = self._expected_ns.get(rows)
-        return expected is not None and expected < self.inline_max_ns
+        return (expected is not None and expected < self.inline_max_ns
+                and input_bytes() <= self.max_bytes)
 
     def observe(self, rows: int, elapsed_ns: int) -> None:
         previous = self._expected_ns.get(rows)

@@ -5,7 +5,9 @@ instances loaded from models built by tests/model_factory.py.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
@@ -21,6 +23,7 @@ from server.metrics import MetricsRegistry, VersionMetrics
 from server.packing import default_packer
 from server.repository.model_config import read_config, to_spec
 from server.scheduler.batcher import DynamicBatcher
+from server.scheduler.policy import INLINE_MAX_BYTES
 from server.spec import BatchingSpec, InstanceSpec, ModelSpec, QueuePolicy, TensorSpec
 from server.types import Array, DataType, InferRequest, InferResponse
 from tests import model_factory
@@ -429,19 +432,19 @@ async def test_drain_of_an_idle_batcher_returns_at_once(make: Maker) -> None:
     assert await made.batcher.drain(0.5) is True
 
 
-async def test_close_fails_queued_waiters_with_model_not_ready(make: Maker) -> None:
+async def test_close_answers_queued_and_running_requests_unavailable(make: Maker) -> None:
     made = await make(model_factory.slow_model, "slow", delay_ms=SLOW_MS)
     first = await start_busy(made)
     queued = [asyncio.ensure_future(made.batcher.submit(slow_request())) for _ in range(3)]
     await until(lambda: made.metrics.stats.pending == 3)
     await made.batcher.close()
-    results = await asyncio.gather(*queued, return_exceptions=True)
+    results = await asyncio.gather(first, *queued, return_exceptions=True)
     assert all(isinstance(r, ModelNotReady) for r in results), results
+    assert "before its batch finished" in str(results[0])
     assert made.metrics.stats.pending == 0
+    assert made.batcher.inflight() == 0
     assert not made.batcher.healthy
-    # The batch that was already running was not cut off.
-    await first
-    assert made.metrics.stats.inference_count == 1
+    assert made.batcher.problem == "unloaded"
     with pytest.raises(ModelNotReady):
         await made.batcher.submit(slow_request())
 
@@ -573,3 +576,183 @@ async def test_close_twice_closes_each_instance_once() -> None:
     await batcher.close()
     await batcher.close()
     assert backend.closed == 1
+
+
+# -- execution timeouts, quarantine, closing around stuck runs -------------------------------------
+
+
+class BlockingBackend(FlakyBackend):
+    """An identity backend whose ``execute`` blocks until released; ``stops_on_cancel``: a
+    cancel releases the run it interrupts (as onnxruntime's terminate does), else the run
+    ignores it (one long kernel). Records the thread each call ran on."""
+
+    def __init__(self, stops_on_cancel: bool = False) -> None:
+        super().__init__(fail_calls=set())
+        self.release = threading.Event()
+        self.blocking = True
+        self.stops_on_cancel = stops_on_cancel
+        self.cancels = 0
+        self.finished = 0
+        self.threads: list[str] = []
+
+    def cancel(self) -> None:
+        self.cancels += 1
+        if self.stops_on_cancel:
+            self.release.set()
+
+    def execute(self, inputs: Mapping[str, Array]) -> dict[str, Array]:
+        self.threads.append(threading.current_thread().name)
+        if self.blocking:
+            self.release.wait(30)
+            self.release.clear()
+        try:
+            return super().execute(inputs)
+        finally:
+            self.finished += 1
+
+
+def blocking_batcher(backends: list[BlockingBackend], **parameters: str) -> tuple[
+        DynamicBatcher, VersionMetrics]:
+    spec = dataclasses.replace(flaky_spec(), parameters=parameters,
+                               instances=(InstanceSpec(kind="CPU", count=len(backends)),))
+    metrics = MetricsRegistry().version("flaky", "1")
+    batcher = DynamicBatcher(spec, "1", list(backends), default_packer, metrics,
+                             execution_timeout_s=0.2)
+    return batcher, metrics
+
+
+def ones(rows: int = 1, width: int = 3) -> InferRequest:
+    return request("flaky", {"INPUT0": np.ones((rows, width), dtype=np.float32)})
+
+
+async def test_an_overrunning_onnxruntime_run_is_cancelled_and_its_instance_serves_on(
+    make: Maker,
+) -> None:
+    made = await make(model_factory.loop_model, "loop",
+                      parameters={"execution_timeout_ms": "300"})
+    x = np.arange(model_factory.SLOW_WIDTH, dtype=np.float32).reshape(1, -1)
+
+    def loop_request(trips: int) -> InferRequest:
+        return InferRequest(
+            model_name="loop", model_version="", id=f"r{next(_ids)}",
+            inputs={"INPUT0": x, "TRIPS": np.array([trips], dtype=np.int64)},
+            input_types={"INPUT0": DataType.FP32, "TRIPS": DataType.INT64})
+
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceeded) as caught:
+        await made.batcher.submit(loop_request(10**12))  # days of work
+    assert "model 'loop' version 1" in str(caught.value)
+    assert "execution timeout of 0.3 s" in str(caught.value)
+    assert made.metrics.stats.failures_by_reason["BACKEND"] == 1
+    # onnxruntime honoured the terminate flag: the instance is back, and serves.
+    response = await made.batcher.submit(loop_request(5))
+    assert time.monotonic() - started < 5  # the endless run stopped; it did not go on
+    np.testing.assert_array_equal(output(response), model_factory.loop_model_expected(x, 5))
+    assert made.batcher.healthy
+
+
+async def test_a_run_that_ignores_cancel_quarantines_its_instance_for_good() -> None:
+    stuck, spare = BlockingBackend(), BlockingBackend()
+    spare.blocking = False
+    batcher, metrics = blocking_batcher([spare, stuck])  # the last instance is taken first
+    try:
+        with pytest.raises(DeadlineExceeded, match="model 'flaky' version 1 did not finish"):
+            await batcher.submit(ones())
+        assert stuck.cancels == 1 and len(stuck.threads) == 1
+        await until(lambda: batcher._instances.available == 1)
+        assert batcher.healthy  # one instance is left
+        for _ in range(5):
+            await batcher.submit(ones())
+        # Nothing more went to the quarantined instance, even once its run came back.
+        stuck.release.set()
+        await until(lambda: stuck.finished == 1)
+        await asyncio.sleep(0.05)  # the loop hears that the run returned
+        for _ in range(3):
+            await batcher.submit(ones())
+        assert len(stuck.threads) == 1 and spare.calls == 8
+        assert metrics.stats.failures_by_reason["BACKEND"] == 1
+    finally:
+        stuck.release.set()
+        await batcher.close()
+
+
+async def test_a_model_with_every_instance_quarantined_is_not_ready() -> None:
+    backend = BlockingBackend()
+    batcher, _metrics = blocking_batcher([backend])
+    try:
+        running = asyncio.ensure_future(batcher.submit(ones()))
+        queued = asyncio.ensure_future(batcher.submit(ones(1, width=4)))  # not batched with it
+        with pytest.raises(DeadlineExceeded):
+            await running
+        assert batcher.healthy  # within the grace period the run may still come back
+        with pytest.raises(ModelNotReady, match="every instance is quarantined"):
+            await queued
+        assert not batcher.healthy
+        assert "every instance is quarantined" in batcher.problem
+        assert "execution timeout of 0.2 s" in batcher.problem
+        with pytest.raises(ModelNotReady):
+            batcher.submit(ones())
+        assert len(backend.threads) == 1
+    finally:
+        backend.release.set()
+        await batcher.close()
+
+
+async def test_a_cancelled_run_that_stops_in_time_gives_its_instance_back() -> None:
+    backend = BlockingBackend(stops_on_cancel=True)
+    batcher, _metrics = blocking_batcher([backend])
+    try:
+        with pytest.raises(DeadlineExceeded):
+            await batcher.submit(ones())
+        backend.blocking = False
+        response = await batcher.submit(ones())
+        np.testing.assert_array_equal(output(response), np.ones((1, 3), dtype=np.float32))
+        await asyncio.sleep(0.3)  # past the grace period: nothing quarantines it late
+        assert batcher.healthy and batcher._instances.available == 1
+    finally:
+        await batcher.close()
+
+
+async def test_close_never_waits_for_a_stuck_run_and_closes_its_instance_after() -> None:
+    backend = BlockingBackend()
+    batcher, _metrics = blocking_batcher([backend], execution_timeout_ms="0")
+    running = asyncio.ensure_future(batcher.submit(ones()))
+    await until(lambda: len(backend.threads) == 1)
+    await asyncio.wait_for(batcher.close(), 5)
+    with pytest.raises(ModelNotReady, match="unloaded before its batch finished"):
+        await running
+    assert backend.cancels == 1
+    assert backend.closed == 0  # never under a running batch
+    backend.release.set()
+    await until(lambda: backend.closed == 1)
+
+
+async def test_no_execution_timeout_lets_a_long_batch_finish() -> None:
+    backend = BlockingBackend()
+    batcher, _metrics = blocking_batcher([backend], execution_timeout_ms="0")
+    try:
+        running = asyncio.ensure_future(batcher.submit(ones()))
+        await asyncio.sleep(0.5)  # beyond the server default the batcher was given
+        assert not running.done() and backend.cancels == 0
+        backend.release.set()
+        await running
+    finally:
+        await batcher.close()
+
+
+async def test_a_big_request_after_tiny_ones_runs_in_the_instance_thread() -> None:
+    backend = BlockingBackend()
+    backend.blocking = False
+    # However loaded the machine, a tiny batch is predicted well under this.
+    batcher, _metrics = blocking_batcher([backend], inline_execution_max_us="100000")
+    try:
+        for _ in range(10):
+            await batcher.submit(ones())
+        loop_thread = threading.current_thread().name
+        assert backend.threads[-1] == loop_thread  # cheap and small: run inline
+        await batcher.submit(ones(1, width=INLINE_MAX_BYTES // 4 + 1))
+        assert backend.threads[-1].startswith("exec-flaky-1")
+        await batcher.submit(ones())
+        assert backend.threads[-1] == loop_thread
+    finally:
+        await batcher.close()

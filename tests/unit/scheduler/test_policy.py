@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server.scheduler.policy import (
+    INLINE_MAX_BYTES,
     PAD_SLACK_ELEMENTS,
     WAIT_FOR_ARRIVALS,
     Decision,
@@ -368,15 +369,37 @@ def test_small_ragged_batches_pad_freely() -> None:
     assert ragged([(1, ((1,),)), (1, ((1000,),)), (1, ((3,),))]) == Decision(take=3)
 
 
+def tiny() -> int:
+    return 100
+
+
 def test_inline_cost_learns_per_row_count() -> None:
     cost = InlineCost(inline_max_ns=100_000)
-    assert not cost.runs_inline(1)  # nothing measured yet: hand the batch to a thread
+    assert not cost.runs_inline(1, tiny)  # nothing measured yet: hand the batch to a thread
     cost.observe(1, 30_000)
-    assert cost.runs_inline(1)
-    assert not cost.runs_inline(8)
+    assert cost.runs_inline(1, tiny)
+    assert not cost.runs_inline(8, tiny)
     cost.observe(8, 900_000)
-    assert not cost.runs_inline(8)
+    assert not cost.runs_inline(8, tiny)
     for _ in range(30):  # batches of one became slow: stop running them inline
         cost.observe(1, 500_000)
-    assert not cost.runs_inline(1)
-    assert not InlineCost(inline_max_ns=0).runs_inline(1)
+    assert not cost.runs_inline(1, tiny)
+    assert not InlineCost(inline_max_ns=0).runs_inline(1, tiny)
+
+
+def test_a_big_batch_never_runs_inline_whatever_its_rows_predict() -> None:
+    cost = InlineCost(inline_max_ns=100_000)
+    for _ in range(50):  # a long run of cheap single-row batches
+        cost.observe(1, 10_000)
+    assert cost.runs_inline(1, lambda: INLINE_MAX_BYTES)
+    assert not cost.runs_inline(1, lambda: INLINE_MAX_BYTES + 1)
+    strict = InlineCost(inline_max_ns=100_000, max_bytes=0)
+    strict.observe(1, 10_000)
+    assert not strict.runs_inline(1, lambda: 1)
+
+
+def test_input_bytes_are_not_counted_for_a_batch_predicted_slow() -> None:
+    def counted() -> int:
+        raise AssertionError("counted the bytes of a batch that goes to a thread anyway")
+
+    assert not InlineCost(inline_max_ns=100_000).runs_inline(1, counted)
