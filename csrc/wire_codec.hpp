@@ -7,7 +7,9 @@
 // (upb, the Python runtime's decoder) accepts and rejects, so that either can
 // be the oracle of the other:
 //   - varints have at most 10 bytes (bits past 64 are dropped); a tag at most
-//     5 bytes and no more than 32 bits; field number 0 is malformed;
+//     5 bytes and no more than 32 bits; field number 0 is malformed, except
+//     inside an unknown group, whose contents upb only checks for wire types
+//     and the matching end;
 //   - a length is below INT32_MAX and at most the bytes that remain;
 //   - wire types 6 and 7 are malformed; an end-group tag is valid only as the
 //     match of an open group (same field number);
@@ -195,8 +197,9 @@ public:
         return fail(start, std::string("varint longer than 10 bytes (") + what + ")");
     }
 
-    // A tag: at most 5 bytes and 32 bits, a field number above 0, a wire type below 6.
-    bool tag(std::uint32_t& field, std::uint32_t& wire_type) {
+    // A tag: at most 5 bytes and 32 bits, a field number above 0 (any inside an unknown
+    // group: `in_group`), a wire type below 6.
+    bool tag(std::uint32_t& field, std::uint32_t& wire_type, bool in_group = false) {
         const std::size_t start = pos_;
         std::uint64_t value = 0;
         if (!varint(value, "tag")) {
@@ -207,7 +210,7 @@ public:
         }
         field = static_cast<std::uint32_t>(value >> 3);
         wire_type = static_cast<std::uint32_t>(value & 7);
-        if (field == 0) {
+        if (field == 0 && !in_group) {
             return fail(start, "field number 0");
         }
         if (wire_type > kFixed32) {
@@ -290,7 +293,7 @@ public:
             const std::size_t at = pos_;
             std::uint32_t field = 0;
             std::uint32_t wire_type = 0;
-            if (!tag(field, wire_type)) {
+            if (!tag(field, wire_type, true)) {
                 return false;
             }
             if (wire_type == kEndGroup) {

@@ -307,6 +307,26 @@ def test_random_bytes_fail_alike_or_match(data: bytes) -> None:
     check_request(data)
 
 
+def unknown_group(body: bytes, field: int = 100) -> bytes:
+    return tag(field, 3) + body + tag(field, 4)
+
+
+@pytest.mark.parametrize("data", [
+    unknown_group(tag(0, 0) + b"\x01"),  # upb takes field number 0 inside an unknown group
+    unknown_group(tag(0, 1) + bytes(8)),
+    unknown_group(tag(0, 2) + b"\x01a"),
+    unknown_group(tag(0, 5) + bytes(4)),
+    unknown_group(tag(0, 3) + tag(0, 4)),
+    unknown_group(unknown_group(tag(0, 0) + b"\x01", field=7)),
+    delimited(5, unknown_group(tag(0, 0) + b"\x01")),  # inside an input
+    tag(100, 3) + tag(0, 4),  # ... but not as the end of another group
+    tag(0, 3) + tag(0, 4),  # nor outside one
+    unknown_group(tag(0, 6)),  # nor with wire type 6
+], ids=lambda data: data.hex())
+def test_field_number_zero_is_judged_as_protobuf_judges_it(data: bytes) -> None:
+    check_request(data)
+
+
 def groups(count: int) -> bytes:
     return tag(20, 3) * count + tag(20, 4) * count
 
