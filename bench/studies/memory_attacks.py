@@ -142,11 +142,16 @@ def markdown(document: dict[str, Any]) -> str:
         lines.append(
             f"| {r['label']} | {_outcome_text(r['outcome'])} "
             f"| {rss['idle']:.0f} / {rss['peak']:.0f} / {rss['end']:.0f} "
-            f"| {'yes' if r['within_bound'] else '**no**'} "
+            f"| {'yes' if r['within_bound'] else '**no**'}"
+            + (f" (killed by the study past {r['killed_above_mib']} MiB)"
+               if r["killed_above_mib"] else "") + " "
             f"| {client['ok']:,}, {failed}"
             + (f" ({client['failed']})" if failed else "")
             + f", {client['p99_ms']} / {client['max_ms']} | {r['seconds']:.1f} |")
-    lines += ["", *document.get("notes", []), "",
+    lines += ["", "The server's RSS under the large attacks is what gRPC holds while it receives "
+              "the messages: a unary call's whole message is received (and copied into Python "
+              "bytes) before the handler, and so every bound, sees it; refused or admitted, "
+              "each message being received counts.", "",
               f"Load average (1 min) at the start and the end: {document['loadavg'][0]:.2f} and "
               f"{document['loadavg'][1]:.2f} on {document['environment']['machine']['nproc']} "
               "CPUs shared with other work (latencies move with it; RSS does not).", "",

@@ -248,7 +248,9 @@ def recovery_s(bins: dict[str, list[float | None]], drop_s: float, normal_rate: 
     if unloaded_p99_ms is None:
         return None
     t, rate = bins["t_s"], bins["ok_per_s"]
-    first = next(i for i, at in enumerate(t) if at is not None and at >= drop_s)
+    first = next((i for i, at in enumerate(t) if at is not None and at >= drop_s), None)
+    if first is None:
+        return None
     last = len(t) - 1  # the last bin holds the final answers only: not a full 100 ms
     normal = []
     for i in range(first, last):
@@ -374,17 +376,18 @@ def findings(runs: list[dict[str, Any]]) -> list[str]:
         s, r = run["sustained"], run["refusal"]
         over = run["per_phase"]["overload"]
         excess = max(over["sent_rate"] - s["rate"], 0.0)
-        need = excess * r["server_us_per_call"] / 1e4 if r["rate"] else None
+        # A core's share to answer S and refuse the rest (CPU µs per call from the closed loops).
+        need = (min(over["sent_rate"], s["rate"]) * s["server_us_per_call"]
+                + excess * r["server_us_per_call"]) / 1e4
         lines.append(
             f"- `--max-inflight-requests {run['inflight']}`: a refusal costs the server "
             f"{r['server_us_per_call']:.0f} µs of CPU against {s['server_us_per_call']:.0f} µs "
             f"for an answer ({r['server_us_per_call'] / max(s['server_us_per_call'], 1):.2f}x). "
-            f"Refusing only the overload's excess ({excess:,.0f}/s) would take "
-            + ("—" if need is None else f"{need:.0f} %")
-            + " of a core on top of the answers: "
-            + ("more than the core has, so the excess waits in gRPC's queue of calls not yet "
-               "handed to the event loop, ahead of every bound." if need is not None and need
-               + 100 * min(over["ok"] / max(over["requests"], 1), 1) > 100 else "within the core.")
+            f"Answering S and refusing the overload's excess ({excess:,.0f}/s) would take "
+            f"{need:.0f} % of the server's core: "
+            + ("more than it has, so the excess waits in gRPC's queue of calls not yet "
+               "handed to the event loop, ahead of every bound." if need > 100
+               else "within the core.")
             + f" In the overload phase {over['ok']:,} of {over['requests']:,} requests were "
             f"answered, {over['refused']:,} refused; the server's CPU was "
             f"{over['server_cpu_percent']} %.")
