@@ -41,12 +41,12 @@ import numpy as np
 import onnxruntime as ort
 
 from bench.compare.model_repo import ORT_PARAMETERS, ensure_examples, set_parameters
-from bench.compare.servers import PeregrineProcess
+from bench.compare.servers import PeregrineProcess, free_port
 from bench.loadgen.cpu import pin_self
 from bench.loadgen.environment import environment, machine
 from bench.results_md import RESULTS_DIR, RESULTS_MD, replace_section
 from bench.studies import soak_load as load
-from bench.studies.drift_overhead import digits
+from bench.studies.drift_overhead import digits, drift_counters
 from bench.studies.shm_vs_raw import load_shared_memory_utils
 from bench.studies.soak_report import markdown, plot, summarise
 
@@ -194,14 +194,18 @@ def main(argv: list[str] | None = None) -> int:
         root.mkdir()
         kept.mkdir()
         sources = prepare_repository(root, kept)
+        metrics_port = free_port()
         extra = ["--model-control-mode", "poll", "--repository-poll-secs", "5",
                  "--allow-client-shm", "true", "--max-request-bytes", str(MAX_REQUEST_BYTES),
-                 "--state-file", str(Path(tmp) / "state.json")]
+                 "--state-file", str(Path(tmp) / "state.json"),
+                 "--metrics-port", str(metrics_port)]
         with PeregrineProcess(root, cpus=server_cpus, name="peregrine-soak",
                               extra_args=extra) as server:
             client_cpus = pin_self(args.client_cpus) if multi_cpu else sorted(
                 os.sched_getaffinity(0))
             tally, samples, swaps = soak(args, server.url, server.pid, root, sources)
+            # The serving version's counters: a replaced version's series go with it.
+            drift = drift_counters(f"http://127.0.0.1:{metrics_port}/metrics")
             env = {**environment(server.pid), "machine": this_machine}
     document = {
         "kind": "soak",
@@ -216,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "environment": env,
         "loadavg": [round(load_at_start, 2), round(os.getloadavg()[0], 2)],
+        "drift": drift,
         **summarise(tally, samples, swaps, args.minutes * 60 * args.warmup_fraction),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -255,28 +255,34 @@ class SharedMemory(Worker):
         tag = f"soak-{os.getpid()}-{self.name}-{next(self._cycles)}"
         sizes = {"in": self._image.nbytes, "out": 10 * 4}
         shm = self._shm
+
+        def register() -> bool:
+            for side, size in sizes.items():
+                client.register_system_shared_memory(f"{side}-{tag}", f"/{side}-{tag}", size)
+            return True
+
+        def infer() -> bool:
+            image = grpcclient.InferInput("image", list(self._image.shape), "FP32")
+            image.set_shared_memory(f"in-{tag}", sizes["in"])
+            scores = grpcclient.InferRequestedOutput("scores")
+            scores.set_shared_memory(f"out-{tag}", sizes["out"])
+            client.infer("cnn", [image], outputs=[scores], client_timeout=TIMEOUT_S)
+            answer = shm.get_contents_as_numpy(handles["out"], np.float32, [1, 10])
+            return self._cnn.check(lambda name: answer if name == "scores" else None)
+
+        def unregister() -> bool:
+            for side in sizes:
+                client.unregister_system_shared_memory(f"{side}-{tag}")
+            return True
+
         handles = {side: shm.create_shared_memory_region(f"{side}-{tag}", f"/{side}-{tag}", size)
                    for side, size in sizes.items()}
         try:
             shm.set_shared_memory_region(handles["in"], [self._image])
-            self.call("shm/register", lambda: all(
-                client.register_system_shared_memory(f"{side}-{tag}", f"/{side}-{tag}", size)
-                is None for side, size in sizes.items()))
-
-            def infer() -> bool:
-                image = grpcclient.InferInput("image", list(self._image.shape), "FP32")
-                image.set_shared_memory(f"in-{tag}", sizes["in"])
-                scores = grpcclient.InferRequestedOutput("scores")
-                scores.set_shared_memory(f"out-{tag}", sizes["out"])
-                client.infer("cnn", [image], outputs=[scores], client_timeout=TIMEOUT_S)
-                answer = shm.get_contents_as_numpy(handles["out"], np.float32, [1, 10])
-                return self._cnn.check(lambda name: answer if name == "scores" else None)
-
+            self.call("shm/register", register)
             for _ in range(SHM_REQUESTS):
                 self.call("shm/infer", infer)
-            self.call("shm/unregister", lambda: all(
-                client.unregister_system_shared_memory(f"{side}-{tag}") is None
-                for side in sizes))
+            self.call("shm/unregister", unregister)
         finally:
             for handle in handles.values():
                 shm.destroy_shared_memory_region(handle)

@@ -147,7 +147,8 @@ def _yes(met: bool) -> str:
 
 
 def markdown(document: dict[str, Any]) -> str:
-    settings, rss, fds, threads = (document[k] for k in ("settings", "rss", "fds", "threads"))
+    settings, rss, fds, threads, drift = (
+        document[k] for k in ("settings", "rss", "fds", "threads", "drift"))
     goals = document["goals"]
     rows = []
     for kind, statuses in document["requests"].items():
@@ -177,6 +178,9 @@ def markdown(document: dict[str, Any]) -> str:
         f"Unexpected errors: **{document['unexpected_errors']}** "
         f"({_yes(goals['no_unexpected_errors'])}; goal 0). Swaps done: "
         f"**{len(document['swaps'])}**; route changes: **{document['route_changes']}**.",
+        "",
+        "Drift counters of the version serving at the end (a replaced version's series go "
+        "with it): " + ", ".join(f"{k} {v:g}" for k, v in sorted(drift.items())) + ".",
         "",
         f"Footprint: medians over {document['window_s']:.0f} s windows after the "
         f"{document['warmup_s']:.0f} s warm-up and at the end.",
