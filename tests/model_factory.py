@@ -13,6 +13,7 @@ queue-policy settings, instance count)::
     broken_model(repo, "broken")
     scaled_model_version(repo, "m", 2, factor=2.0)    # only m/2/ (OUTPUT0 = INPUT0 * 2)
     failing_model(repo, "failing")    # loads, but every inference fails (INTERNAL)
+    stalling_scaled_version(repo, "m", 2, 2.0, trips=40_000)  # m/2/, a slow warm-up
 
 Tensor names follow the Triton examples: ``INPUT0``/``INPUT1`` and
 ``OUTPUT0``/``OUTPUT1``. With ``max_batch_size > 0`` the ONNX shapes get a leading
