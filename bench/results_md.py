@@ -1,9 +1,9 @@
 """One benchmark's own section of bench/RESULTS.md, replaced in place.
 
 The one-off measurements (``bench.studies.drift_overhead``, ``bench.studies.swap_under_load``,
-``bench.studies.shm_vs_raw``, ``bench.studies.routing_overhead``) each own one ``## `` section of
-RESULTS.md
-and rewrite only that one; every other section stays as it is.
+``bench.studies.shm_vs_raw``, ``bench.studies.routing_overhead``, ``bench.studies.soak``) each
+own one ``## `` section of RESULTS.md and rewrite only that one; every other section stays as
+it is.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ queue-policy settings, instance count)::
     broken_model(repo, "broken")
     scaled_model_version(repo, "m", 2, factor=2.0)    # only m/2/ (OUTPUT0 = INPUT0 * 2)
     failing_model(repo, "failing")    # loads, but every inference fails (INTERNAL)
+    stalling_scaled_version(repo, "m", 2, 2.0, trips=40_000)  # m/2/, a slow warm-up
 
 Tensor names follow the Triton examples: ``INPUT0``/``INPUT1`` and
 ``OUTPUT0``/``OUTPUT1``. With ``max_batch_size > 0`` the ONNX shapes get a leading
@@ -120,6 +121,8 @@ class ConfigOptions(TypedDict, total=False):
     queue_delay: str  # the "queue_delay" parameter: "adaptive" (default) or "fixed"
     #: the body of a ModelVersionPolicy: "all { }", "latest { num_versions: 2 }", ...
     version_policy: str
+    #: > 0: a ``model_warmup`` entry of zeros (one row, ``-1`` dims as 1) run this many times
+    warmup_count: int
 
 
 @dataclass(frozen=True)
@@ -191,6 +194,16 @@ def _batching_block(options: ConfigOptions) -> list[str]:
     return lines
 
 
+def _warmup_block(inputs: Sequence[TensorSpec], count: int) -> list[str]:
+    lines = ["model_warmup [", "  {", '    name: "zeros"', "    batch_size: 1",
+             f"    count: {count}"]
+    for spec in inputs:
+        dims = _dims([d if d >= 0 else 1 for d in spec.dims])
+        lines += [f'    inputs {{ key: "{spec.name}" value {{ data_type: '
+                  f"{config_data_type(spec.dtype)} dims: {dims} zero_data: true }} }}"]
+    return [*lines, "  }", "]"]
+
+
 def render_config(
     name: str,
     *,
@@ -215,6 +228,8 @@ def render_config(
     lines += ["instance_group [", "  {", f"    count: {count}", "    kind: KIND_CPU", "  }", "]"]
     if "version_policy" in options:
         lines.append(f"version_policy: {{ {options['version_policy']} }}")
+    if options.get("warmup_count", 0) > 0:
+        lines += _warmup_block(inputs, options["warmup_count"])
     parameters = dict(parameters or {})
     if "queue_delay" in options:
         parameters["queue_delay"] = options["queue_delay"]
@@ -561,6 +576,22 @@ def failing_model(
     )
 
 
+def _permutation_loop_body(name: str) -> onnx.GraphProto:
+    """The body of a Loop over a [1, 256] FP32 state: one MatMul by :func:`slow_model`'s
+    permutation ``P`` (an initializer of the outer graph) per trip."""
+    row: list[str | int] = ["one", SLOW_WIDTH]
+    return helper.make_graph(
+        [helper.make_node("MatMul", ["x_in", "P"], ["x_out"]),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"])],
+        f"{name}_body",
+        [helper.make_tensor_value_info("trip", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("x_in", TensorProto.FLOAT, row)],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("x_out", TensorProto.FLOAT, row)],
+    )
+
+
 def loop_model(
     repo: Path,
     name: str = "loop",
@@ -577,23 +608,13 @@ def loop_model(
     microseconds per trip, so a huge ``TRIPS`` runs for ever. onnxruntime checks its terminate
     flag on every trip, so a cancelled run stops within one. ``intra_op_thread_count`` 1.
     """
-    row = ["one", SLOW_WIDTH]
-    body = helper.make_graph(
-        [helper.make_node("MatMul", ["x_in", "P"], ["x_out"]),
-         helper.make_node("Identity", ["cond_in"], ["cond_out"])],
-        f"{name}_body",
-        [helper.make_tensor_value_info("trip", TensorProto.INT64, []),
-         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("x_in", TensorProto.FLOAT, row)],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("x_out", TensorProto.FLOAT, row)],
-    )
     return _build(
         repo,
         name,
         nodes=[
             helper.make_node("Reshape", ["TRIPS", "scalar"], ["trips"]),
-            helper.make_node("Loop", ["trips", "go", "INPUT0"], ["OUTPUT0"], body=body),
+            helper.make_node("Loop", ["trips", "go", "INPUT0"], ["OUTPUT0"],
+                             body=_permutation_loop_body(name)),
         ],
         inputs=[TensorSpec("INPUT0", "FP32", (1, SLOW_WIDTH)), TensorSpec("TRIPS", "INT64", (1,))],
         outputs=[TensorSpec("OUTPUT0", "FP32", (1, SLOW_WIDTH))],
@@ -726,8 +747,6 @@ def scaled_model_version(
     Returns the version directory.
     """
     batched = max_batch_size > 0
-    spec = TensorSpec("INPUT0", "FP32", (SCALED_WIDTH,))
-    out = TensorSpec("OUTPUT0", "FP32", (SCALED_WIDTH,))
     initializers = [numpy_helper.from_array(np.array(factor, dtype=np.float32), "factor")]
     if weights_mb > 0:
         rows = max(2, int(weights_mb * 1024 * 1024) // (4 * SCALED_WIDTH))
@@ -747,9 +766,25 @@ def scaled_model_version(
         ]
     else:
         nodes = [helper.make_node("Mul", ["INPUT0", "factor"], ["OUTPUT0"])]
+    version_dir = _write_scaled_version(repo, name, version, nodes, initializers, batched,
+                                        extra_files)
+    if with_config:
+        write_config(Path(repo) / name,
+                     scaled_model_config(name, max_batch_size=max_batch_size, **options))
+    return version_dir
+
+
+def _write_scaled_version(
+    repo: Path, name: str, version: int, nodes: Sequence[onnx.NodeProto],
+    initializers: Sequence[onnx.TensorProto], batched: bool,
+    extra_files: Mapping[str, bytes] | None = None,
+) -> Path:
+    """Check and publish one version of the scaled signature (FP32 [N, 16] in and out)."""
     graph = helper.make_graph(
-        nodes, name, [_value_info(spec, batched)], [_value_info(out, batched)],
-        initializer=initializers,
+        list(nodes), name,
+        [_value_info(TensorSpec("INPUT0", "FP32", (SCALED_WIDTH,)), batched)],
+        [_value_info(TensorSpec("OUTPUT0", "FP32", (SCALED_WIDTH,)), batched)],
+        initializer=list(initializers),
     )
     model = helper.make_model(
         graph,
@@ -758,11 +793,46 @@ def scaled_model_version(
         producer_name="peregrine-tests",
     )
     onnx.checker.check_model(model, full_check=True)
-    version_dir = write_version(repo, name, model, version, extra_files)
-    if with_config:
-        write_config(Path(repo) / name,
-                     scaled_model_config(name, max_batch_size=max_batch_size, **options))
-    return version_dir
+    return write_version(repo, name, model, version, extra_files)
+
+
+def stalling_scaled_version(
+    repo: Path, name: str, version: int, factor: float, trips: int, *, broken: bool = False,
+) -> Path:
+    """A version of :func:`scaled_model_version`'s signature (``max_batch_size`` > 0) whose
+    every run first spins ``trips`` trips of :func:`loop_model`'s MatMul (about 20 µs each on
+    the 2-core development machine), so its warm-up (config option ``warmup_count``) keeps
+    it loading for a while. It then answers ``INPUT0 * factor`` exactly (the loop's state is
+    zeros derived from the input, so onnxruntime cannot fold it away) or, ``broken``, fails
+    every run after the loop (a Reshape to rows of 15, as :func:`failing_model`), so its
+    warm-up fails late. Writes only ``<name>/<version>/``; returns it.
+    """
+    nodes = [
+        helper.make_node("ReduceSum", ["INPUT0"], ["total"], keepdims=1),
+        helper.make_node("Mul", ["total", "zero"], ["zero_at_run_time"]),
+        helper.make_node("Expand", ["zero_at_run_time", "row"], ["state"]),
+        helper.make_node("Loop", ["trips", "go", "state"], ["spun"],
+                         body=_permutation_loop_body(name)),
+        helper.make_node("ReduceSum", ["spun"], ["nothing"], keepdims=0),
+        helper.make_node("Mul", ["INPUT0", "factor"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "nothing"], ["answer" if broken else "OUTPUT0"]),
+    ]
+    initializers = [
+        numpy_helper.from_array(np.array(factor, dtype=np.float32), "factor"),
+        numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero"),
+        numpy_helper.from_array(np.array([1, SLOW_WIDTH], dtype=np.int64), "row"),
+        numpy_helper.from_array(np.array(trips, dtype=np.int64), "trips"),
+        numpy_helper.from_array(np.array(True), "go"),
+        numpy_helper.from_array(_slow_permutation(), "P"),
+    ]
+    if broken:
+        nodes += [helper.make_node("Reshape", ["answer", "rows15"], ["odd"]),
+                  helper.make_node("Reshape", ["odd", "rows16"], ["OUTPUT0"])]
+        initializers += [
+            numpy_helper.from_array(np.array([-1, 15], dtype=np.int64), "rows15"),
+            numpy_helper.from_array(np.array([-1, SCALED_WIDTH], dtype=np.int64), "rows16"),
+        ]
+    return _write_scaled_version(repo, name, version, nodes, initializers, batched=True)
 
 
 def ragged_model(

@@ -156,7 +156,8 @@ async def closed_loop(url: str, concurrency: int, warmup: float, seconds: float,
 
 
 def drift_counters(metrics_url: str) -> dict[str, float]:
-    """The server's drift sample and drop counters (empty when drift is not wired)."""
+    """The server's drift sample and drop counters and the analyser's CPU time and restarts
+    (empty when drift is not wired)."""
     text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
     found: dict[str, float] = {}
     for line in text.splitlines():
@@ -164,6 +165,8 @@ def drift_counters(metrics_url: str) -> dict[str, float]:
             found["samples"] = found.get("samples", 0.0) + float(line.rsplit(" ", 1)[1])
         elif line.startswith("peregrine_drift_analyser_cpu_seconds_total "):
             found["analyser_cpu_s"] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("peregrine_drift_analyser_restarts_total "):
+            found["analyser_restarts"] = float(line.rsplit(" ", 1)[1])
         elif line.startswith("peregrine_drift_dropped_total{"):
             reason = re.search(r'reason="(\w+)"', line)
             key = f"dropped_{reason.group(1) if reason else 'unknown'}"
