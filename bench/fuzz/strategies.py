@@ -6,12 +6,12 @@ client can make — contents shorter or longer than shape x datatype, wrong rank
 (negative, zero, huge, above max_batch_size), wrong or unknown datatypes, duplicate, missing,
 unknown and far too many inputs, raw entries missing or extra, typed contents of the wrong
 field or count, parameters of every kind with odd values (priority, timeout,
-binary_data_size, shared_memory_* naming regions nobody registered, sequence and
-classification keys), unknown or repeated requested outputs, BYTES contents with bad length
-prefixes, unknown model names and versions. ``corrupted`` then damages the serialized bytes
-(bit flips, truncation, insertions, overwrites, a length far past the end, invalid UTF-8),
-and ``random`` is bytes from nowhere. Some cases go on ModelStreamInfer, a few requests per
-stream.
+binary_data_size, sequence and classification keys), shared_memory_* naming the one
+registered region (bench/fuzz/region.py) or none, at any offset and size, unknown or
+repeated requested outputs, BYTES contents with bad length prefixes, unknown model names and
+versions. ``corrupted`` then damages the serialized bytes (bit flips, truncation, insertions,
+overwrites, a length far past the end, invalid UTF-8), and ``random`` is bytes from nowhere.
+Some cases go on ModelStreamInfer, a few requests per stream.
 
 Tensor contents repeat a short drawn pattern: hypothesis's buffer holds 8 KiB, a CNN row
 alone is 12 KiB.
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from hypothesis import strategies as st
 
+from bench.fuzz.region import REGION
 from bench.fuzz.targets import Target, Tensor, concrete_shape, filler
 from server._pb import grpc_service_pb2 as pb
 from server.types import DataType
@@ -132,28 +133,50 @@ def parameters(draw: st.DrawFn, keys: tuple[str, ...] = KEYS) -> dict[str, pb.In
     return {name: draw(parameter()) for name in names}
 
 
+SHM_SIZES = st.sampled_from((0, 4, 16, 64, 255, 256, 257)) | INT64S
+
+
+@st.composite
+def shm_parameters(draw: st.DrawFn) -> dict[str, pb.InferParameter]:
+    """A tensor's shared_memory_* parameters, mostly naming the registered region (or one
+    nobody registered) with offsets and sizes inside, across and far past its end; each
+    sometimes missing or of another kind."""
+    params = {}
+    which = draw(st.integers(0, 9))
+    if which < 7:
+        params[SHM_KEYS[0]] = pb.InferParameter(string_param=REGION)
+    elif which < 9:
+        params[SHM_KEYS[0]] = pb.InferParameter(string_param=draw(TEXT))
+    else:
+        params[SHM_KEYS[0]] = draw(parameter())
+    for key in SHM_KEYS[1:]:
+        if draw(st.integers(0, 4)) > 0:
+            params[key] = pb.InferParameter(int64_param=draw(SHM_SIZES))
+        elif draw(st.booleans()):
+            params[key] = draw(parameter())
+    return params
+
+
 # -- a valid request ------------------------------------------------------------------------
 
 @st.composite
-def drawn_shape(draw: st.DrawFn, tensor: Tensor, target: Target) -> list[int]:
-    """A shape the model accepts: rows up to its max batch (at most 4), other -1 dims small."""
+def drawn_shape(draw: st.DrawFn, tensor: Tensor, rows: int) -> list[int]:
+    """A shape the model accepts: ``rows`` in a batching model's first dim, other -1 dims
+    small."""
     shape = concrete_shape(tensor)
     for k, dim in enumerate(tensor.shape):
-        if dim != -1:
-            continue
-        if k == 0 and target.max_batch_size > 0:
-            shape[k] = draw(st.integers(1, min(4, target.max_batch_size)))
-        else:
-            shape[k] = draw(st.sampled_from((shape[k], 1, 2, 3)))
+        if dim == -1:
+            shape[k] = rows if k == 0 else draw(st.sampled_from((shape[k], 1, 2, 3)))
     return shape
 
 
 @st.composite
 def valid_draft(draw: st.DrawFn, targets: Sequence[Target]) -> Draft:
     target = draw(st.sampled_from(targets))
+    rows = draw(st.integers(1, min(4, max(1, target.max_batch_size))))
     inputs, raw = [], []
     for tensor in target.inputs:
-        shape = draw(drawn_shape(tensor, target))
+        shape = draw(drawn_shape(tensor, rows))
         inputs.append(InputDraft(tensor.name, tensor.datatype, shape))
         raw.append(filler(tensor.datatype, math.prod(shape), draw(PATTERNS)))
     version = draw(st.sampled_from(("", *target.versions)))
@@ -285,17 +308,31 @@ def request_parameters(draw: st.DrawFn, d: Draft) -> None:
 
 
 def input_parameters(draw: st.DrawFn, d: Draft) -> None:
-    """Parameters on an input: mostly shared_memory_* (no region is registered)."""
+    """Parameters of every kind on an input."""
     if d.inputs:
-        d.inputs[_pick(draw, d.inputs)].params.update(
-            draw(parameters(SHM_KEYS) | parameters()))
+        d.inputs[_pick(draw, d.inputs)].params.update(draw(parameters()))
+
+
+def shared_memory_input(draw: st.DrawFn, d: Draft) -> None:
+    """An input read from shared memory (see shm_parameters), its byte size often the one
+    its shape needs, its raw entry mostly dropped as a client does."""
+    if not d.inputs:
+        return
+    i = _pick(draw, d.inputs)
+    params = draw(shm_parameters())
+    if i < len(d.raw) and draw(st.booleans()):
+        params[SHM_KEYS[1]] = pb.InferParameter(int64_param=len(d.raw[i]))
+    d.inputs[i].params.update(params)
+    if i < len(d.raw) and draw(st.integers(0, 3)) > 0:
+        del d.raw[i]
 
 
 def requested_outputs(draw: st.DrawFn, d: Draft) -> None:
     """Requested outputs: real, unknown or repeated names, with odd parameters."""
     names = (*(t.name for t in d.target.outputs), "", "nope")
     for _ in range(draw(st.integers(1, 3))):
-        params = draw(st.just({}) | parameters(("classification", "binary_data", *SHM_KEYS)))
+        params = draw(st.just({}) | shm_parameters()
+                      | parameters(("classification", "binary_data", *SHM_KEYS)))
         d.outputs.append((draw(st.sampled_from(names) | TEXT), params))
 
 
@@ -341,7 +378,7 @@ MUTATIONS: dict[str, Mutation] = {
     m.__name__: m for m in (
         raw_size, raw_count, rank, dim_value, datatype, duplicate_input, drop_input,
         unknown_input, many_inputs, typed_contents, request_parameters, input_parameters,
-        requested_outputs, bytes_prefix, model_name, model_version, request_id)
+        shared_memory_input, requested_outputs, bytes_prefix, model_name, model_version, request_id)
 }
 MUTATION_NAMES = st.lists(st.sampled_from(tuple(sorted(MUTATIONS))), min_size=1, max_size=3)
 

@@ -60,9 +60,10 @@ def concrete_shape(tensor: Tensor) -> list[int]:
 
 def filler(datatype: str, count: int, pattern: bytes) -> bytes:
     """``count`` elements of ``datatype`` as raw contents, made by repeating ``pattern``:
-    BOOL bytes are 0 or 1 and BYTES elements are ``pattern`` itself, so the content is valid."""
+    BOOL bytes are 0 or 1 and BYTES elements are ``pattern`` made ASCII (models with string
+    tensors take text), so the content is valid."""
     if datatype == "BYTES":
-        return encode_bytes([pattern] * count)
+        return encode_bytes([bytes(b & 0x7F for b in pattern)] * count)
     size = count * DataType.from_wire(datatype).itemsize
     data = (pattern * (size // max(1, len(pattern)) + 1))[:size] if pattern else bytes(size)
     return bytes(b & 1 for b in data) if datatype == "BOOL" else data

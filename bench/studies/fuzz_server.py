@@ -6,7 +6,8 @@ Run from the repository root:
         [--timeout 10] [--seed 0] [--repository DIR] [--server-cpus 0] [--no-results-md]
 
 A ``peregrine serve`` subprocess serves ``--repository`` (default: the example models,
-built if missing), so a crash shows as the process dying. The cases come from
+built if missing), so a crash shows as the process dying; client shared memory is allowed
+and one region registered (bench/fuzz/region.py) for requests to name. The cases come from
 bench/fuzz/strategies.py (the strategies the CI test uses) against the models the server
 reports; ``--workers`` processes send them, each hypothesis run ``--chunk`` cases with seed
 ``--seed`` + its chunk index, so any chunk can be generated again. Every answer is judged by
@@ -40,6 +41,7 @@ from hypothesis import strategies as st
 from bench.compare.model_repo import ensure_examples
 from bench.compare.servers import PeregrineProcess, ServerProcess
 from bench.fuzz.client import FAILED, FLAGGED, HANG, FuzzClient, Outcome
+from bench.fuzz.region import registered_region
 from bench.fuzz.strategies import Case, cases
 from bench.fuzz.targets import Target, discover, valid_request
 from bench.loadgen.environment import environment
@@ -184,7 +186,8 @@ def write_section(document: dict[str, Any]) -> None:
     lines = section_header(SECTION, document)
     lines += [
         f"A `peregrine serve` subprocess on {document['repository']} "
-        f"({', '.join(document['models'])}); {document['workers']} client processes, each "
+        f"({', '.join(document['models'])}) with one shared-memory region registered; "
+        f"{document['workers']} client processes, each "
         f"case a hypothesis example of bench/fuzz/strategies.py (seeds {document['seed']}.."
         f"{document['seed'] + document['chunks'] - 1}, {document['chunk']} cases each), "
         f"per-call timeout {document['timeout_s']:g} s. A case is one unary ModelInfer or one "
@@ -231,9 +234,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     repository = args.repository or ensure_examples(EXAMPLE_MODELS)
     started = time.monotonic()
-    with PeregrineProcess(repository, cpus=args.server_cpus) as server:
-        with grpc.insecure_channel(server.url) as channel:
-            targets = discover(channel)
+    with PeregrineProcess(repository, cpus=args.server_cpus,
+                          extra_args=["--allow-client-shm", "true"]) as server, \
+            grpc.insecure_channel(server.url) as channel, registered_region(channel):
+        targets = discover(channel)
         before = answers_of(server.url, targets)
         tally, crashed, chunks = fuzz(server, targets, args.cases, args.workers, args.chunk,
                                       args.timeout, args.seed)

@@ -1,7 +1,8 @@
 """Fuzzing through a real server (the overload/faults issue): hypothesis-made
 ModelInferRequests — valid ones, valid-looking ones with something wrong, corrupted and random
-bytes (bench/fuzz/strategies.py) — sent unary and on streams to a server of identity models
-of every datatype, add_sub and a model that does not batch. Every call must end with a proper
+bytes (bench/fuzz/strategies.py), shared-memory parameters naming a registered region — sent
+unary and on streams to a server of identity models of every datatype, add_sub and a model
+that does not batch. Every call must end with a proper
 status within its timeout, every valid request must succeed, and afterwards the server still
 answers ServerLive and each model's valid request with the bytes it answered before.
 
@@ -21,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench.fuzz.client import OK, FuzzClient
+from bench.fuzz.region import registered_region
 from bench.fuzz.strategies import cases
 from bench.fuzz.targets import Target, discover, valid_request
 from server._pb import grpc_service_pb2 as pb
@@ -33,9 +35,10 @@ TIMEOUT_S = 10.0
 
 @pytest.fixture(scope="module")
 def channel(standard_repo: Path) -> Iterator[grpc.Channel]:
-    """A server of its own: the fuzz run moves the statistics other tests read."""
-    with ServerThread(standard_repo, strict_readiness=False) as running, \
-            grpc.insecure_channel(running.url) as opened:
+    """A server of its own (the fuzz run moves the statistics other tests read), with the
+    shared-memory region the requests may name registered."""
+    with ServerThread(standard_repo, strict_readiness=False, allow_client_shm=True) as running, \
+            grpc.insecure_channel(running.url) as opened, registered_region(opened):
         yield opened
 
 
