@@ -61,6 +61,10 @@ class ServerProcess:
         assert self._proc is not None
         return self._proc.pid
 
+    def running(self) -> bool:
+        """Started and not exited (a crash shows here)."""
+        return self._proc is not None and self._proc.poll() is None
+
     def log_tail(self, lines: int = 30) -> str:
         try:
             text = self.log_path.read_text(errors="replace")

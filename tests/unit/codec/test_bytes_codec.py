@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import struct
 import sys
 import threading
@@ -400,3 +401,27 @@ def test_mutated_encodings_agree(case: tuple[bytes, int]) -> None:
     if kind == "ok":
         assert isinstance(result, list)
         assert native.encode_bytes(result) == buffer  # a valid buffer re-encodes exactly
+
+
+@st.composite
+def hostile_decodes(draw: st.DrawFn) -> tuple[bytes, int]:
+    """A (maybe damaged) encoding — sometimes of elements large enough that the scan runs
+    without the GIL — and a count that may be anything an int64 shape product gives."""
+    buffer, count = draw(mutated_encodings())
+    if draw(st.integers(0, 9)) == 0:
+        big = enc(b"\x07" * BIG)
+        buffer, count = big + buffer, count + 1
+        if draw(st.booleans()):
+            buffer = buffer[:draw(st.integers(0, len(buffer)))]
+    return buffer, draw(st.just(count) | st.sampled_from(
+        [count + 1, len(buffer) // 4, len(buffer) // 4 + 1, 2**31, 2**62, 2**63 - 1, 2**63]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(hostile_decodes())
+def test_hostile_buffers_and_counts_agree_in_every_buffer_kind(case: tuple[bytes, int]) -> None:
+    buffer, count = case
+    want = assert_same_decode(buffer, count)
+    assert want[0] in ("ok", "ValueError")
+    for name, variant in buffer_variants(buffer):
+        assert outcome(functools.partial(native.decode_bytes, variant, count)) == want, name

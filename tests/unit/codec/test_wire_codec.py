@@ -493,3 +493,87 @@ def test_large_outputs_encode_without_the_gil_alike() -> None:
     data = NATIVE.encode_response_bytes(response, None, False)
     assert data == encode_response(response).SerializeToString()
     assert struct.unpack_from("<f", data, len(data) - 4)[0] == big[-1, -1]
+
+
+# -- hostile bytes: protobuf-shaped noise and every kind of buffer ------------------------------
+
+WIRE_TYPES = st.sampled_from([2] * 8 + [0, 0, 1, 5, 3])
+LEAVES = st.text(max_size=6).map(str.encode)
+DEFECTS = st.sampled_from(["wire type", "varint", "fixed", "length", "group", "leaf"])
+
+
+@st.composite
+def wire_noise(draw: st.DrawFn, depth: int = 0, defects: frozenset[str] | None = None) -> bytes:
+    """Protobuf-shaped bytes: the request's own field numbers at every level with any wire
+    type, and noise nested in length-delimited fields and groups, so that it reaches the
+    parsers of inputs, outputs, parameters, map entries and contents. Half the examples are
+    well-formed; the others carry defects drawn once per example: wire types 4, 6 and 7,
+    varints too long or cut short, fixed values cut short, lengths that lie (short, past the
+    end, beyond 2**31), unmatched groups and binary leaves."""
+    if defects is None:
+        defects = frozenset(draw(st.lists(DEFECTS, max_size=2)))
+    out = b""
+    for _ in range(draw(st.integers(0, 4))):
+        field = draw(st.integers(1, 8) | st.sampled_from([9, 2**29 - 1]))
+        wire_type = draw(WIRE_TYPES | st.sampled_from([4, 6, 7]) if "wire type" in defects
+                         else WIRE_TYPES)
+        if wire_type == 0:
+            value = varint(draw(st.integers(0, 2**64 - 1)))
+            if "varint" in defects:
+                value = draw(st.sampled_from([value, b"\xff" * 10 + b"\x01", b"\x80"]))
+            out += tag(field, 0) + value
+        elif wire_type in (1, 5):
+            width = 8 if wire_type == 1 else 4
+            short = width - 1 if "fixed" in defects else width
+            out += tag(field, wire_type) + draw(st.binary(min_size=short, max_size=width))
+        elif wire_type == 2:
+            nested = depth < 4 and draw(st.integers(0, 3)) > 0
+            leaves = LEAVES | st.binary(max_size=8) if "leaf" in defects else LEAVES
+            payload = draw(wire_noise(depth + 1, defects)) if nested else draw(leaves)
+            length = len(payload)
+            if "length" in defects:
+                length = draw(st.sampled_from([length, max(0, length - 1), length + 1,
+                                               2**31 - 1, 2**31, 2**32, 2**64 - 1]))
+            out += tag(field, 2) + varint(length) + payload
+        elif wire_type == 3 and depth < 4:
+            end = tag(field, 4)
+            if "group" in defects:
+                end = draw(st.sampled_from([end, tag(field + 1, 4), b""]))
+            out += tag(field, 3) + draw(wire_noise(depth + 1, defects)) + end
+        else:
+            out += tag(field, wire_type)
+    return out
+
+
+@CASES
+@given(wire_noise())
+def test_protobuf_shaped_noise_fails_alike_or_matches(data: bytes) -> None:
+    check_request(data)
+
+
+def buffers_of(data: bytes) -> list[Any]:
+    """``data`` as every kind of contiguous buffer a caller may hand the parser."""
+    padded = b"##" + data + b"#"
+    forms: list[Any] = [bytearray(data), memoryview(padded)[2:2 + len(data)],
+                        np.frombuffer(data, dtype=np.uint8)]
+    if data and len(data) % 4 == 0:
+        forms.append(np.frombuffer(data, dtype="<u4").reshape(1, -1))
+    return forms
+
+
+@CASES
+@given(infer_request() | wire_noise())
+def test_every_buffer_kind_parses_as_bytes_do(data: bytes) -> None:
+    try:
+        want: Any = parsed_form(_native.parse_infer_request(data))
+    except ValueError as exc:
+        want = str(exc)
+    for buffer in buffers_of(data):
+        try:
+            got: Any = parsed_form(_native.parse_infer_request(buffer))
+        except ValueError as exc:
+            got = str(exc)
+        assert got == want, type(buffer)
+    if len(data) > 1:
+        with pytest.raises(TypeError, match="C-contiguous"):
+            _native.parse_infer_request(memoryview(data * 2)[::2])

@@ -340,3 +340,84 @@ def test_pool_is_safe_across_threads() -> None:
         t.join()
     assert not clashes
     assert pool.free_buffers("x") == pool.allocations <= 4
+
+
+# -- hostile sizes: what a client's raw contents and shapes can make the kernels see ----------
+
+
+@settings(max_examples=300, deadline=None)
+@given(dtype=st.sampled_from(DTYPES), row_shape=row_shapes, out_rows=st.integers(0, 6),
+       data=st.data(), seed=st.integers(0, 2**32 - 1))
+def test_gather_of_raw_bytes_of_any_length_fills_out_exactly_or_refuses(
+    dtype: str, row_shape: tuple[int, ...], out_rows: int, data: st.DataObject, seed: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    dt = np.dtype(dtype)
+    row_bytes = int(np.prod(row_shape, dtype=np.int64)) * dt.itemsize
+    lengths = data.draw(st.lists(st.integers(0, 3).map(lambda r: r * row_bytes)
+                                 | st.integers(0, 40), max_size=5))
+    sources = [rng.bytes(n) for n in lengths]
+    out = np.zeros((out_rows, *row_shape), dtype=dt)
+    whole_rows = all(n % row_bytes == 0 if row_bytes else n == 0 for n in lengths)
+    if whole_rows and sum(lengths) == out.nbytes:
+        _native.gather([memoryview(s) for s in sources], out)
+        assert out.tobytes() == b"".join(sources)
+    else:
+        with pytest.raises(ValueError, match=r"rows|sources hold"):
+            _native.gather(sources, out)
+
+
+ROWS = (st.integers(-3, 8) | st.sampled_from([2**63 - 1, 2**63, 2**64, -(2**63)])
+        | st.sampled_from([1.0, "1", None]))
+
+
+def scatter_refusal(rows: list[Any], batch_rows: int) -> type[Exception] | None:
+    """What scatter raises for ``rows``, checked in order as it does, or None."""
+    total = 0
+    for r in rows:
+        if not isinstance(r, int):
+            return TypeError
+        total += r
+        if r < 0 or r >= 2**63 or total > batch_rows:
+            return ValueError
+    return None if total == batch_rows else ValueError
+
+
+@settings(max_examples=300, deadline=None)
+@given(batch_rows=st.integers(0, 8), rows=st.lists(ROWS, max_size=5))
+def test_scatter_of_any_rows_matches_slicing_or_refuses(batch_rows: int,
+                                                        rows: list[Any]) -> None:
+    batch = np.arange(batch_rows * 3, dtype=np.int16).reshape(batch_rows, 3)
+    refusal = scatter_refusal(rows, batch_rows)
+    if refusal is None:
+        starts = np.cumsum([0, *rows])
+        assert _native.scatter(batch, rows) == [batch[a:b].tobytes()
+                                                for a, b in itertools.pairwise(starts)]
+    else:
+        with pytest.raises(refusal):
+            _native.scatter(batch, rows)
+
+
+@settings(max_examples=300, deadline=None)
+@given(dtype=st.sampled_from(DTYPES),
+       out_shape=st.lists(st.integers(0, 4), max_size=3).map(tuple),
+       shapes=st.lists(st.lists(st.integers(0, 4), max_size=3).map(tuple), max_size=4),
+       seed=st.integers(0, 2**32 - 1))
+def test_gather_padded_of_any_shapes_matches_oracle_or_refuses(
+    dtype: str, out_shape: tuple[int, ...], shapes: list[tuple[int, ...]], seed: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    dt = np.dtype(dtype)
+    arrays = [random_array(rng, dt, s) for s in shapes]
+    pad = random_array(rng, dt, (1,))
+    out = np.empty(out_shape, dtype=dt)
+    fits = (len(out_shape) >= 1
+            and all(len(s) == len(out_shape) for s in shapes)
+            and all(s[k] <= out_shape[k] for s in shapes for k in range(1, len(out_shape)))
+            and sum(s[0] for s in shapes) == out_shape[0])
+    if fits:
+        _native.gather_padded(arrays, out, pad.tobytes())
+        assert as_bytes(out) == as_bytes(concat_padded(arrays, pad[0], out_shape, dt))
+    else:
+        with pytest.raises(ValueError):
+            _native.gather_padded(arrays, out, pad.tobytes())

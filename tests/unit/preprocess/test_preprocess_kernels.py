@@ -262,3 +262,35 @@ def test_axis_taps_half_pixel_centres() -> None:
     assert f.tolist() == [0.0, 0.25, 0.75, 0.25, 0.75, 0.25, 0.75, 0.0]
     i0, i1, f = axis_taps(8, 4, 1, 2)  # 2x downscale, crop offset 1
     assert i0.tolist() == [2, 4] and i1.tolist() == [3, 5] and f.tolist() == [0.5, 0.5]
+
+
+@settings(max_examples=300, deadline=None)
+@given(case=pipelines(), data=st.data(), extra_rows=st.sampled_from([0, 0, 0, -1, 1]),
+       seed=st.integers(0, 2**32 - 1))
+def test_images_of_any_shape_match_oracle_or_refuse(
+    case: tuple[ImagePreprocess, TensorSpec, list[tuple[int, int, int]]],
+    data: st.DataObject, extra_rows: int, seed: int,
+) -> None:
+    """Client images of any rank, size (empty too) and channel count, and an output with a
+    row too many or too few: the kernel refuses with ValueError or writes what the oracle
+    computes."""
+    pre, tensor, _ = case
+    rng = np.random.default_rng(seed)
+    channels = pre.geometry(tensor)[0]
+    size = st.integers(0, 40)
+    batch = st.tuples(st.integers(0, 2), size, size, st.just(channels))
+    anything = st.lists(size, min_size=2, max_size=5).map(tuple)
+    shapes: list[tuple[int, ...]] = data.draw(st.lists(batch | anything, max_size=3))
+    images = [rng.integers(0, 256, s, dtype=np.uint8) for s in shapes]
+    usable = all(len(s) == 4 and s[3] == channels and s[1] > 0 and s[2] > 0
+                 and pre.image_problem(s[1], s[2], tensor) is None for s in shapes)
+    rows = sum(s[0] for s in shapes)
+    out_rows = max(0, rows + extra_rows)
+    out = np.full((out_rows, *tensor.dims), 7, dtype=tensor.datatype.numpy_dtype)
+    native = native_preprocessor(pre, tensor)
+    if usable and out_rows == rows:
+        native.run(images, out, True)
+        assert_same_bits(out, preprocess_batch(images, pre, tensor))
+    else:
+        with pytest.raises(ValueError):
+            native.run(images, out, True)
