@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from server._pb import grpc_service_pb2 as pb
+from tests.certificates import Pki
 
 INFERENCE = "/inference.GRPCInferenceService/"
 STREAM_METHOD = INFERENCE + "ModelStreamInfer"
@@ -79,3 +80,11 @@ class RecordingServer:
 
     def __exit__(self, *exc: object) -> None:
         self._server.stop(grace=None)
+
+
+def mutual_tls_credentials(pki: Pki) -> grpc.ServerCredentials:
+    """Server credentials of ``pki``'s server certificate that require a client certificate
+    from its CA: a call that arrives came with one."""
+    return grpc.ssl_server_credentials(
+        [(pki.server_key.read_bytes(), pki.server_cert.read_bytes())],
+        root_certificates=pki.ca.read_bytes(), require_client_auth=True)

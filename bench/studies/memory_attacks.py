@@ -34,8 +34,6 @@ import argparse
 import asyncio
 import datetime as dt
 import json
-import os
-import shlex
 import sys
 import tempfile
 import time
@@ -45,11 +43,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.compare.servers import PeregrineProcess
-from bench.loadgen.cpu import pin_self
-from bench.loadgen.environment import environment, machine
 from bench.results_md import RESULTS_DIR, RESULTS_MD, replace_section, section_header
 from bench.studies import attacks
 from bench.studies.rss import MIB, ProcessSampler
+from bench.studies.study_run import start_study
 
 SECTION = "## Memory attacks"
 LARGE = 64 * MIB
@@ -181,14 +178,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = shlex.join(["python", "-m", "bench.studies.memory_attacks",
-                          *(argv if argv is not None else sys.argv[1:])])
-    multi_cpu = len(os.sched_getaffinity(0)) > 1
-    this_machine = machine()
-    load_at_start = os.getloadavg()[0]
-    server_cpus = args.server_cpus if multi_cpu else None
-    client_cpus = pin_self(args.client_cpus) if multi_cpu else sorted(os.sched_getaffinity(0))
-    started = time.monotonic()
+    study = start_study("bench.studies.memory_attacks", argv, args.server_cpus, args.client_cpus)
+    server_cpus = study.server_cpus
     results = []
     with tempfile.TemporaryDirectory(prefix="memory-attacks-") as tmp:
         root = attacks.attack_repository(Path(tmp))
@@ -201,13 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     document = {
         "kind": "memory_attacks",
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": command,
+        **study.record(),
         "settings": {"bound_mib": args.bound_mib, "settle_s": args.settle,
-                     "server_cpus": server_cpus or "any",
-                     "client_cpus": ",".join(map(str, client_cpus))},
-        "environment": {**environment(None), "machine": this_machine},
-        "loadavg": [round(load_at_start, 2), round(os.getloadavg()[0], 2)],
-        "elapsed_s": round(time.monotonic() - started, 1),
+                     **study.pinning},
         "attacks": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -43,11 +43,8 @@ import argparse
 import asyncio
 import datetime as dt
 import json
-import os
-import shlex
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,8 +54,6 @@ import numpy.typing as npt
 
 from bench.compare.model_repo import comparison_repository, ensure_examples
 from bench.compare.servers import PeregrineProcess
-from bench.loadgen.cpu import pin_self
-from bench.loadgen.environment import environment, machine
 from bench.loadgen.inputs import InputTensor
 from bench.loadgen.loops import Target
 from bench.loadgen.progress import ProgressLine
@@ -68,6 +63,7 @@ from bench.loadgen.wire import infer_request_bytes
 from bench.loadgen.workers import WorkerPool
 from bench.results_md import RESULTS_DIR, RESULTS_MD, replace_section, section_header
 from bench.studies.rss import MIB, ProcessSampler
+from bench.studies.study_run import start_study
 from bench.studies.timeline import OK, Phase, Timeline, run_phases
 
 SECTION = "## Overload"
@@ -426,14 +422,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = shlex.join(["python", "-m", "bench.studies.overload",
-                          *(argv if argv is not None else sys.argv[1:])])
-    multi_cpu = len(os.sched_getaffinity(0)) > 1
-    this_machine = machine()
-    load_at_start = os.getloadavg()[0]
-    server_cpus = args.server_cpus if multi_cpu else None
-    client_cpus = pin_self(args.client_cpus) if multi_cpu else sorted(os.sched_getaffinity(0))
-    started = time.monotonic()
+    study = start_study("bench.studies.overload", argv, args.server_cpus, args.client_cpus)
+    server_cpus = study.server_cpus
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="overload-") as tmp:
         root = comparison_repository(ensure_examples([MODEL]), Path(tmp) / "models", [MODEL],
@@ -452,18 +442,14 @@ def main(argv: list[str] | None = None) -> int:
     document = {
         "kind": "overload",
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": command,
+        **study.record(),
         "settings": {
             "model": MODEL, "inflight": args.inflight, "factor": args.factor,
             "base_share": args.base_share, "concurrency": args.concurrency,
             "sustain_seconds": args.sustain_seconds, "warmup": args.warmup,
             "before": args.before, "over": args.over, "after": args.after,
-            "timeout_s": args.timeout, "server_cpus": server_cpus or "any",
-            "client_cpus": ",".join(map(str, client_cpus)),
+            "timeout_s": args.timeout, **study.pinning,
         },
-        "environment": {**environment(None), "machine": this_machine},
-        "loadavg": [round(load_at_start, 2), round(os.getloadavg()[0], 2)],
-        "elapsed_s": round(time.monotonic() - started, 1),
         "findings": findings(runs),
         "configurations": runs,
     }

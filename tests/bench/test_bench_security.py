@@ -9,14 +9,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 
 from bench.loadgen.cli import main as bench_main
 from server.cli.connection import redact_token
 from tests import model_factory
 from tests.certificates import Pki, make_pki
-from tests.recording_server import RecordingServer
+from tests.recording_server import RecordingServer, mutual_tls_credentials
 from tests.server_harness import ServerThread
 
 pytestmark = pytest.mark.timeout(120)
@@ -31,10 +30,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 @pytest.fixture
 def recorder(pki: Pki) -> Iterator[RecordingServer]:
-    credentials = grpc.ssl_server_credentials(
-        [(pki.server_key.read_bytes(), pki.server_cert.read_bytes())],
-        root_certificates=pki.ca.read_bytes(), require_client_auth=True)
-    with RecordingServer(credentials) as running:
+    with RecordingServer(mutual_tls_credentials(pki)) as running:
         yield running
 
 

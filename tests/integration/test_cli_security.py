@@ -5,14 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import grpc
 import pytest
 
 from server.cli import main
 from server.cli.connection import TOKEN_ENV
 from tests import model_factory
 from tests.certificates import Pki, make_pki
-from tests.recording_server import RecordingServer
+from tests.recording_server import RecordingServer, mutual_tls_credentials
 from tests.server_harness import ServerThread
 
 pytestmark = pytest.mark.timeout(60)
@@ -29,10 +28,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 @pytest.fixture
 def recorder(pki: Pki) -> Iterator[RecordingServer]:
     """Mutual TLS: a call that arrives came with the client certificate."""
-    credentials = grpc.ssl_server_credentials(
-        [(pki.server_key.read_bytes(), pki.server_cert.read_bytes())],
-        root_certificates=pki.ca.read_bytes(), require_client_auth=True)
-    with RecordingServer(credentials) as running:
+    with RecordingServer(mutual_tls_credentials(pki)) as running:
         yield running
 
 

@@ -1,0 +1,55 @@
+"""What a by-hand study records of its own run: the command, where it pinned the server and
+itself, the machine, the load average at its start and end, and how long it took."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from bench.loadgen.cpu import pin_self
+from bench.loadgen.environment import environment, machine
+
+
+@dataclass
+class StudyRun:
+    command: str
+    #: None on a one-CPU machine: the server runs where the kernel puts it.
+    server_cpus: str | None
+    client_cpus: list[int]
+    machine: dict[str, Any]
+    load_at_start: float
+    started: float = field(default_factory=time.monotonic)
+
+    def record(self) -> dict[str, Any]:
+        """The run's fields of the study's JSON document."""
+        return {
+            "command": self.command,
+            "environment": {**environment(None), "machine": self.machine},
+            "loadavg": [round(self.load_at_start, 2), round(os.getloadavg()[0], 2)],
+            "elapsed_s": round(time.monotonic() - self.started, 1),
+        }
+
+    @property
+    def pinning(self) -> dict[str, str]:
+        return {"server_cpus": self.server_cpus or "any",
+                "client_cpus": ",".join(map(str, self.client_cpus))}
+
+
+def start_study(module: str, argv: Sequence[str] | None, server_cpus: str,
+                client_cpus: str) -> StudyRun:
+    """Pin this process (the load) to ``client_cpus`` and note the run's start; the server
+    goes to ``server_cpus`` (both only when there is more than one CPU)."""
+    import sys
+
+    command = shlex.join(["python", "-m", module, *(argv if argv is not None
+                                                   else sys.argv[1:])])
+    multi_cpu = len(os.sched_getaffinity(0)) > 1
+    this_machine = machine()
+    load = os.getloadavg()[0]
+    return StudyRun(command, server_cpus if multi_cpu else None,
+                    pin_self(client_cpus) if multi_cpu else sorted(os.sched_getaffinity(0)),
+                    this_machine, load)
