@@ -9,6 +9,7 @@ unload them. A failed load or warm-up leaves what was serving in place.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import enum
 import hashlib
@@ -185,6 +186,8 @@ class ModelManager:
 
     async def _load_at_start(self, name: str) -> None:
         self._source_fingerprints[name] = await asyncio.to_thread(self.source.fingerprint, name)
+        if await self._resume_interrupted(name):
+            return
         try:
             await self.load_model(name)
             return
@@ -212,6 +215,34 @@ class ModelManager:
                         f"{reason} (serving the last good versions {list(fallback)} instead)",
                     ))
                 self._publish()
+
+    async def _resume_interrupted(self, name: str) -> bool:
+        """The last run stopped while loading versions of ``name`` (the state file still says
+        so): perhaps that load is what killed it. Serve the last good versions instead; the
+        interrupted ones load again when the model's files change or on an explicit load.
+        True when the last good versions serve."""
+        interrupted = [str(v) for v in self._state.loading.get(name, [])]
+        fallback = tuple(str(v) for v in self._state.last_good.get(name, []))
+        if not interrupted or not fallback:
+            return False
+        log.warning("the last run stopped while loading these versions; serving the last "
+                    "good versions instead", extra={"model": name,
+                                                    "interrupted": ",".join(interrupted),
+                                                    "versions": ",".join(fallback)})
+        with contextlib.suppress(ModelLoadError, ModelNotFound):
+            await self.load_model(name, versions=fallback)
+        record = self._models.get(name)
+        if record is None or not record.ready_order:
+            return False
+        for version in interrupted:
+            if version not in fallback:
+                record.versions.setdefault(version, VersionEntry(
+                    version, ModelState.UNAVAILABLE,
+                    "its load was interrupted: the server stopped while loading it; serving "
+                    f"the last good versions {list(fallback)}; it loads again when the "
+                    "model's files change or on an explicit load"))
+        self._publish()
+        return True
 
     async def load_model(
         self,
@@ -420,6 +451,11 @@ class ModelManager:
         for version in to_load:
             record.versions.setdefault(version, VersionEntry(version, ModelState.LOADING))
         self._publish()
+        if to_load:
+            # On disk before the load begins: a load that kills the process is then not
+            # retried at the next start (see _load_at_start).
+            self._state.loading[record.name] = sorted(int(v) for v in to_load)
+            await asyncio.wrap_future(self._save_state())
         results = await asyncio.gather(
             *(self._build_version(record.name, plan, v, model_dir / v) for v in to_load),
             return_exceptions=True,
@@ -464,10 +500,12 @@ class ModelManager:
             self._state.last_good[record.name] = sorted(
                 int(v) for v in desired if record.versions[v].state is ModelState.READY
             )
-            self._save_state()
         elif record.spec is None:
             record.spec = plan.spec
             record.config = config_io.completed_config(plan.config, plan.spec)
+        if to_load:
+            self._state.loading.pop(record.name, None)
+        self._save_state()
         record.ready_order = sorted(
             (v for v, e in record.versions.items() if e.state is ModelState.READY),
             key=int, reverse=True,
@@ -584,14 +622,15 @@ class ModelManager:
         self._loader.shutdown(wait=False)
         await asyncio.to_thread(self._state_writer.shutdown, True)
 
-    def _save_state(self) -> None:
+    def _save_state(self) -> concurrent.futures.Future[None]:
         """Persist a snapshot from the writer thread: fsync stays off the event loop, and one
         thread keeps the writes in order."""
         snapshot = RepositoryState(
             explicit_models=set(self._state.explicit_models),
             last_good={name: list(versions) for name, versions in self._state.last_good.items()},
+            loading={name: list(versions) for name, versions in self._state.loading.items()},
         )
-        self._state_writer.submit(self._state_file.save, snapshot)
+        return self._state_writer.submit(self._state_file.save, snapshot)
 
 
 def _version_fingerprint(version_dir: Path) -> str:

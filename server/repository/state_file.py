@@ -19,6 +19,9 @@ class RepositoryState:
     explicit_models: set[str] = field(default_factory=set)
     #: model -> versions that were last ready together
     last_good: dict[str, list[int]] = field(default_factory=dict)
+    #: model -> versions whose load has begun and not ended: still here at start, the server
+    #: stopped mid-load (a crash, perhaps caused by that load)
+    loading: dict[str, list[int]] = field(default_factory=dict)
 
 
 class StateFile:
@@ -34,6 +37,8 @@ class StateFile:
                 explicit_models=set(document.get("explicit_models", [])),
                 last_good={k: [int(v) for v in vs]
                            for k, vs in document.get("last_good", {}).items()},
+                loading={k: [int(v) for v in vs]
+                         for k, vs in document.get("loading", {}).items()},
             )
         except (OSError, ValueError, TypeError, AttributeError) as exc:
             log.warning("ignoring unreadable state file",
@@ -44,10 +49,12 @@ class StateFile:
         """Atomically; a failure is logged, never raised (serving goes on without it)."""
         if self.path is None:
             return
-        document = {
+        document: dict[str, object] = {
             "explicit_models": sorted(state.explicit_models),
             "last_good": {k: sorted(v) for k, v in sorted(state.last_good.items())},
         }
+        if state.loading:
+            document["loading"] = {k: sorted(v) for k, v in sorted(state.loading.items())}
         try:
             write_atomically(self.path, json.dumps(document, indent=2))
         except OSError as exc:

@@ -1,12 +1,13 @@
 """A `peregrine serve` killed with SIGKILL in the middle of a hot swap (issue: overload and
 faults): the state file still names the last good version, whole (it is replaced atomically)
-and alone (no temporary file left beside it), and the restart never serves a broken version.
+and alone (no temporary file left beside it), with the versions whose load was under way, and
+the restart serves the last good version.
 
 The swap is held open by a version whose warm-up spins a loop for a second or two
 (:func:`tests.model_factory.stalling_scaled_version`); the kill lands while RepositoryIndex
-shows it LOADING and version 1 still answers. At restart the server loads what the repository
-asks for: a version that loads finishes the interrupted swap, one that fails leaves the server
-on the last good versions the state file recorded.
+shows it LOADING and version 1 still answers. At restart the server serves the last good
+versions the state file recorded, whatever version 2 would do (its load may be what killed the
+last run), and loads version 2 again once its files change.
 """
 
 from __future__ import annotations
@@ -61,10 +62,15 @@ def state(state_file: Path) -> Any:
     return json.loads(state_file.read_text(encoding="utf-8"))
 
 
-def assert_intact(state_file: Path, last_good: list[int]) -> None:
-    """The state file parses whole, says ``last_good`` for the model, and is alone in its
-    directory: no temporary file of a write cut short."""
-    assert state(state_file) == {"explicit_models": [], "last_good": {MODEL: last_good}}
+def assert_intact(state_file: Path, last_good: list[int],
+                  loading: list[int] | None = None) -> None:
+    """The state file parses whole, says ``last_good`` for the model (and the versions whose
+    load was under way, if any), and is alone in its directory: no temporary file of a write
+    cut short."""
+    expected: dict[str, Any] = {"explicit_models": [], "last_good": {MODEL: last_good}}
+    if loading is not None:
+        expected["loading"] = {MODEL: loading}
+    assert state(state_file) == expected
     assert [p.name for p in state_file.parent.iterdir()] == [state_file.name]
 
 
@@ -83,7 +89,7 @@ def kill_mid_swap(tmp_path: Path, broken: bool) -> tuple[Path, Path]:
         assert infer(client)[0] == 1  # mid-swap: version 1 still serves
         server.proc.send_signal(signal.SIGKILL)
         assert server.proc.wait(timeout=10) == -signal.SIGKILL
-    assert_intact(state_file, [1])
+    assert_intact(state_file, [1], loading=[2])
     # The server wrote nothing into the repository.
     assert sorted(p.name for p in repo.iterdir()) == [MODEL]
     assert sorted(p.name for p in (repo / MODEL).iterdir()) == ["1", "2", "config.pbtxt"]
@@ -105,22 +111,31 @@ def test_a_kill_mid_swap_to_a_broken_version_restarts_on_the_last_good(
         assert not client.is_model_ready(MODEL, "2")
         assert infer(client)[0] == 1
         assert answers_with_factor(client, "", 1.0)
-        state_2, reason = index(client)[(MODEL, "2")]
-        assert state_2 == "UNAVAILABLE"
-        assert "warm-up failed" in reason and "last good versions ['1']" in reason, reason
-        assert_refused(client, "2")
+        assert_interrupted(client)
     assert_intact(state_file, [1])
 
 
-def test_a_kill_mid_swap_to_a_sound_version_finishes_the_swap_at_restart(
+def assert_interrupted(client: grpcclient.InferenceServerClient) -> None:
+    state_2, reason = index(client)[(MODEL, "2")]
+    assert state_2 == "UNAVAILABLE"
+    assert "load was interrupted" in reason and "last good versions ['1']" in reason, reason
+    assert_refused(client, "2")
+
+
+def test_a_kill_mid_swap_to_a_sound_version_restarts_on_the_last_good_then_swaps_on_change(
     tmp_path: Path,
 ) -> None:
     repo, state_file = kill_mid_swap(tmp_path, broken=False)
     with serving(repo, state_file) as (_, client):
-        # "server started" comes once version 2 is loaded and warmed again.
-        assert versions_in_index(client, MODEL) == {"2"}
+        assert infer(client)[0] == 1
+        assert answers_with_factor(client, "", 1.0)
+        assert_interrupted(client)
+        # A change to the model's files is the cue to try version 2 again.
+        model_file = repo / MODEL / "2" / "model.onnx"
+        model_file.write_bytes(model_file.read_bytes())
+        wait_until(lambda: versions_in_index(client, MODEL) == {"2"}, "version 2 swapped in",
+                   timeout=60)
         assert infer(client)[0] == 2
-        assert answers_with_factor(client, "", 2.0)
         wait_until(lambda: state(state_file)["last_good"] == {MODEL: [2]},
                    "version 2 recorded as last good")
     assert_intact(state_file, [2])

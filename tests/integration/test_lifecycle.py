@@ -355,7 +355,8 @@ def test_half_copied_version_is_loaded_once_its_model_file_arrives(
     with grpcclient.InferenceServerClient(server.url) as client, \
             Traffic(server.url) as traffic:
         (repo / MODEL / "2").mkdir()  # a copy that has not got to model.onnx yet
-        wait_until(lambda: (MODEL, "2") in index(client), "version 2 in the index")
+        wait_until(lambda: index(client).get((MODEL, "2"), ("LOADING",))[0] != "LOADING",
+                   "version 2's load attempt over")
         state, reason = index(client)[(MODEL, "2")]
         assert state == "UNAVAILABLE"
         assert "model.onnx" in reason and "missing" in reason, reason
