@@ -17,6 +17,19 @@ PACKAGES = ("grpcio", "protobuf", "tritonclient", "numpy", "hdrhistogram", "uvlo
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def portable(value: str) -> str:
+    """A path as a result file records it: relative to the checkout, or only its name when it
+    lies outside (a temporary folder), so that no machine's paths land in the repository.
+    Anything that is not an absolute path is returned as it is."""
+    path = Path(value)
+    if not path.is_absolute():
+        return value
+    try:
+        return str(path.relative_to(REPO_ROOT))
+    except ValueError:
+        return path.name
+
+
 def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str]:
     versions = {}
     for name in names:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.loadgen.cpu import listening_pid, tree_cpu_s
-from bench.loadgen.environment import environment
+from bench.loadgen.environment import environment, portable
 from bench.loadgen.histogram import LatencyHistogram
 from bench.loadgen.inputs import InputTensor, TensorMeta, load_input_file, random_inputs
 from bench.loadgen.loops import StepPlan, Target
@@ -91,7 +91,7 @@ class RunConfig:
         inputs["concurrency"] = list(self.concurrency)
         inputs["rates"] = list(self.rates)
         inputs["shapes"] = {k: list(v) for k, v in self.shapes.items()}
-        inputs["input_file"] = str(self.input_file) if self.input_file else None
+        inputs["input_file"] = portable(str(self.input_file)) if self.input_file else None
         return inputs
 
 
@@ -292,7 +292,7 @@ def run(config: RunConfig, progress: ProgressLine | None = None,
         "schema": SCHEMA,
         "kind": "run",
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": command if command is not None else list(sys.argv),
+        "command": [portable(arg) for arg in (command if command is not None else sys.argv)],
         "inputs": {
             **config.as_inputs(),
             "request": {
