@@ -52,7 +52,7 @@ def mutual_server(repo: Path, pki: Pki) -> Iterator[ServerThread]:
         yield running
 
 
-def infer_add_sub(client: grpcclient.InferenceServerClient) -> None:
+def assert_add_sub_answers(client: grpcclient.InferenceServerClient) -> None:
     a = np.arange(16, dtype=np.float32).reshape(1, 16)
     b = np.ones((1, 16), dtype=np.float32)
     inputs = [grpcclient.InferInput("INPUT0", [1, 16], "FP32"),
@@ -94,7 +94,7 @@ def peer_serial(port: int, pki: Pki) -> int:
 def test_infer_over_tls(tls_server: ServerThread, pki: Pki) -> None:
     with tls_client(tls_server.url, pki) as client:
         assert client.is_server_ready()
-        infer_add_sub(client)
+        assert_add_sub_answers(client)
 
 
 def test_a_plaintext_client_is_refused(tls_server: ServerThread) -> None:
@@ -124,7 +124,7 @@ def test_mutual_tls_refuses_a_certificate_of_another_ca(mutual_server: ServerThr
 def test_mutual_tls_serves_a_client_with_a_good_certificate(mutual_server: ServerThread,
                                                             pki: Pki) -> None:
     with tls_client(mutual_server.url, pki, pki.client_cert, pki.client_key) as client:
-        infer_add_sub(client)
+        assert_add_sub_answers(client)
 
 
 # -- certificate reload ----------------------------------------------------------------------------
@@ -169,7 +169,7 @@ def test_replaced_certificate_serves_new_connections_and_open_ones_carry_on(
             requests.put(None)
             assert list(answers) == []
         with tls_client(server.url, pki) as client:
-            infer_add_sub(client)
+            assert_add_sub_answers(client)
 
 
 def test_serve_exits_1_naming_a_missing_certificate_before_loading_models(
