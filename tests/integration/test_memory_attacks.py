@@ -30,6 +30,10 @@ pytestmark = pytest.mark.timeout(120)
 
 #: Server RSS growth over its idle RSS that an attack may cause.
 GROWTH = 160 * MIB
+#: The same for six 8 MiB requests at once: gRPC holds each message being received a few times
+#: over before any bound sees it (97-180 MiB measured with the bound, the pure-Python decode
+#: the highest; 201-265 MiB without it).
+LARGE_GROWTH = 192 * MIB
 QUEUED = 16 * MIB
 FLAGS = ("--max-inflight-per-stream", "8", "--max-queued-bytes", str(QUEUED),
          "--max-request-bytes", str(QUEUED))
@@ -101,5 +105,5 @@ def test_large_requests_past_the_queued_bytes_are_refused(server: PeregrineProce
     assert outcome.codes.get("OK", 0) >= 1
     assert outcome.codes.get("RESOURCE_EXHAUSTED", 0) >= 1
     assert "--max-queued-bytes" in outcome.details["RESOURCE_EXHAUSTED"]
-    assert growth < GROWTH
+    assert growth < LARGE_GROWTH
     assert_served(served, shares_a_bound=True)
