@@ -126,6 +126,8 @@ class ServerSettings:
     shm_max_mapped_bytes: int = 4096 * MIB
     # -- bounds (docs/configuration.md, "Bounds"); None: derived, see the *_cap properties --
     max_inflight_requests: int = 4096
+    grpc_max_pending_calls: int = 128
+    max_queue_wait_ms: float = 0.0
     max_inflight_per_stream: int = 128
     max_streams: int = 1024
     max_queued_bytes: int | None = None
@@ -146,6 +148,8 @@ class ServerSettings:
             raise ValueError("exit_timeout_secs must not be negative")
         if self.execution_timeout_secs < 0:
             raise ValueError("execution_timeout_secs must not be negative")
+        if self.max_queue_wait_ms < 0:
+            raise ValueError("max_queue_wait_ms must not be negative")
         if self.repository_poll_secs <= 0:
             raise ValueError("repository_poll_secs must be positive")
         if self.grpc_header_forward_pattern:
@@ -166,7 +170,8 @@ class ServerSettings:
         self._check_bounds()
 
     def _check_bounds(self) -> None:
-        for name in ("max_inflight_requests", "max_inflight_per_stream", "max_streams",
+        for name in ("max_inflight_requests", "grpc_max_pending_calls",
+                     "max_inflight_per_stream", "max_streams",
                      "max_queued_bytes", "max_tensor_elements", "max_request_bytes",
                      "max_bytes_elements"):
             value = getattr(self, name)
@@ -354,6 +359,15 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_inflight_requests", int,
            "Inference requests in flight over the whole server (accepted, answer not sent); "
            "past it RESOURCE_EXHAUSTED. Default: 4096."),
+    Option("grpc_max_pending_calls", int,
+           "Calls that have reached the server but that its event loop has not taken yet "
+           "(it is busy); past it gRPC cancels new calls (status CANCELLED) with a "
+           "probability that reaches one at twice this, before any Python work. Default: "
+           "128."),
+    Option("max_queue_wait_ms", float,
+           "Longest predicted wait in a model's queue (rows queued ahead x the measured time "
+           "per row) a request is accepted with; past it RESOURCE_EXHAUSTED at once. A model's "
+           "max_queue_wait_ms parameter overrides it; 0: no limit. Default: 0."),
     Option("max_inflight_per_stream", int,
            "Requests in flight on one ModelStreamInfer call; past it the server stops "
            "reading the stream until answers leave (HTTP/2 flow control holds the client "

@@ -8,8 +8,8 @@ dropping.
 One ``peregrine serve`` subprocess per configuration (pinned to CPU 0 with ``taskset``)
 serves the latest example ``mlp_classifier`` with the comparison's settings (one ONNX Runtime
 intra-op thread, spinning off, the example's dynamic batching). This process is pinned to
-CPU 1. Per configuration (``--inflight``: the server's --max-inflight-requests; 4096 is the
-default):
+CPU 1. Per configuration (``--configs``: the server flags of each, ``;`` between them; an
+empty one is the defaults):
 
 1. **sustained rate** S: closed loop of ``--concurrency`` unary requests in flight through
    the load generator (``bench/loadgen``), with the server's CPU per request;
@@ -34,7 +34,8 @@ of the unloaded p99.
 Results: ``bench/results/overload.json``, ``overload.png`` (per-100 ms throughput, refusals,
 p99, server CPU and RSS) and the "Overload" section of ``bench/RESULTS.md``::
 
-    .venv/bin/python -m bench.studies.overload [--inflight 4096,8] [--factor 4]
+    .venv/bin/python -m bench.studies.overload [--configs ';--grpc-max-pending-calls 16']
+        [--factor 4] [--model mlp_classifier]
 """
 
 from __future__ import annotations
@@ -65,12 +66,23 @@ from bench.results_md import RESULTS_DIR, RESULTS_MD, replace_section, section_h
 from bench.studies.rss import MIB, ProcessSampler
 from bench.studies.study_run import start_study
 from bench.studies.timeline import OK, Phase, Timeline, run_phases
+from tests.model_factory import chain_model
 
 SECTION = "## Overload"
-MODEL = "mlp_classifier"
-DEFAULT_INFLIGHT = 4096
+DEFAULT_MODEL = "mlp_classifier"
+#: ``--model chain``: a model bound by its own work (tests/model_factory.py's chain of Sin over
+#: CHAIN_VALUES values a request, a few ms of one core whatever the batch), where the example
+#: MLP is bound by the frontend's per-call work. Its sustained rate is low enough for this
+#: process to offer 4x it, which the MLP's is not.
+CHAIN = "chain"
+CHAIN_VALUES = 4096
+CHAIN_STEPS = 400
 BIN_NS = 100_000_000
-REFUSED = "RESOURCE_EXHAUSTED"
+#: Bins (1 s) that must all be normal for the load to count as recovered.
+STEADY_BINS = 10
+#: Refusals: a bound's in Python, or gRPC's core cancelling a call past
+#: --grpc-max-pending-calls (this client never cancels a call itself).
+REFUSED = ("RESOURCE_EXHAUSTED", "CANCELLED")
 #: A tensor shape past the default --max-tensor-elements (the message carries no data).
 REFUSED_SHAPE = (1, 1 << 27)
 
@@ -88,35 +100,41 @@ class Capacity:
 # -- measuring ------------------------------------------------------------------------------
 
 
-def closed_loop(url: str, pid: int, payload: bytes, args: argparse.Namespace) -> Capacity:
+def label(flags: list[str]) -> str:
+    return " ".join(flags) or "defaults"
+
+
+def closed_loop(url: str, pid: int, payload: bytes, args: argparse.Namespace, *,
+                refusals: bool) -> Capacity:
     """``args.concurrency`` requests of ``payload`` in flight for ``args.sustain_seconds``;
-    the rate counts every answer, a refusal included."""
+    the rate counts the answers, and the refusals too when ``refusals``."""
     info = ServerInfo(url)
     try:
-        config = RunConfig(url=url, model=MODEL, concurrency=(args.concurrency,),
+        config = RunConfig(url=url, model=args.model, concurrency=(args.concurrency,),
                            duration_s=args.sustain_seconds, warmup_s=1.0, server_pid=pid)
         with WorkerPool(1, Target(url=url, payload=payload, rows=1)) as pool:
             step = StepDriver(config, pool, info, 1, ProgressLine(enabled=False)).run(
                 args.concurrency, 0.0, 0)
     finally:
         info.close()
-    answers = step["ok"] + sum(step["errors"].values())
+    answers = step["ok"] + (sum(step["errors"].values()) if refusals else 0)
     rate = answers / step["window_s"]
     cpu = step["server_cpu"]["percent"]
     return Capacity(round(rate, 1), round(cpu, 1), round(1e4 * cpu / max(rate, 1e-9), 1),
                     round(step["latency_ms"]["p99"], 3))
 
 
-def payloads(url: str) -> tuple[bytes, bytes]:
-    """The example's request (random batch-1 input) and one refused by a cap at once."""
+def payloads(url: str, model: str) -> tuple[bytes, bytes]:
+    """The model's request (random batch-1 input) and one refused by a cap at once."""
     info = ServerInfo(url)
     try:
-        info.wait_ready(MODEL)
-        tensors = request_tensors(RunConfig(url=url, model=MODEL), info)
+        info.wait_ready(model)
+        tensors = request_tensors(RunConfig(url=url, model=model, dynamic_dim=CHAIN_VALUES),
+                                  info)
     finally:
         info.close()
     refused = [InputTensor(t.name, t.datatype, REFUSED_SHAPE, b"") for t in tensors]
-    return infer_request_bytes(MODEL, "", tensors), infer_request_bytes(MODEL, "", refused)
+    return infer_request_bytes(model, "", tensors), infer_request_bytes(model, "", refused)
 
 
 def phases(sustained: float, args: argparse.Namespace) -> list[Phase]:
@@ -126,20 +144,19 @@ def phases(sustained: float, args: argparse.Namespace) -> list[Phase]:
             Phase("after", base, args.after)]
 
 
-def run_configuration(root: Path, inflight: int, sustained: float | None, server_cpus: str | None,
-                      args: argparse.Namespace) -> dict[str, Any]:
-    extra = [] if inflight == DEFAULT_INFLIGHT else ["--max-inflight-requests", str(inflight)]
-    with PeregrineProcess(root, cpus=server_cpus, name=f"peregrine-overload-{inflight}",
-                          extra_args=extra) as server:
-        payload, refused = payloads(server.url)
-        capacity = closed_loop(server.url, server.pid, payload, args)
-        refusal = closed_loop(server.url, server.pid, refused, args)
+def run_configuration(root: Path, flags: list[str], sustained: float | None,
+                      server_cpus: str | None, args: argparse.Namespace) -> dict[str, Any]:
+    with PeregrineProcess(root, cpus=server_cpus, name="peregrine-overload",
+                          extra_args=flags) as server:
+        payload, refused = payloads(server.url, args.model)
+        capacity = closed_loop(server.url, server.pid, payload, args, refusals=False)
+        refusal = closed_loop(server.url, server.pid, refused, args, refusals=True)
         rates_from = sustained if sustained is not None else capacity.rate
         plan = phases(rates_from, args)
         with ProcessSampler(server.pid) as sampler:
             timeline = asyncio.run(run_phases(server.url, payload, plan, seed=args.seed,
                                               timeout_s=args.timeout))
-    result = {"inflight": inflight, "flags": extra, "sustained": capacity.__dict__,
+    result = {"label": label(flags), "flags": flags, "sustained": capacity.__dict__,
               "refusal": refusal.__dict__, "rates_from": rates_from,
               "phases": [{"name": p.name, "rate": round(p.rate, 1), "seconds": p.seconds}
                          for p in plan]}
@@ -161,7 +178,7 @@ def figures(timeline: Timeline, sampler: ProcessSampler) -> dict[str, Any]:
     latency_ms = (cols["done"] - cols["scheduled"]) / 1e6
     lag_ms = (cols["sent"] - cols["scheduled"]) / 1e6
     ok = code == OK
-    refused = code == REFUSED
+    refused = np.isin(code, REFUSED)
     bounds = {name: (start, end) for name, _, start, end in timeline.phases}
     origin = bounds["unloaded"][0]
     per_phase: dict[str, Any] = {}
@@ -238,9 +255,12 @@ def timeline_bins(done: npt.NDArray[np.int64], latency_ms: npt.NDArray[np.float6
 
 def recovery_s(bins: dict[str, list[float | None]], drop_s: float, normal_rate: float,
                unloaded_p99_ms: float | None) -> float | None:
-    """Seconds from the load drop to the first bin from which, to the end, every bin is
-    normal: answers at >= 90 % of ``normal_rate`` (300 ms rolling mean), no failure and no
-    refusal, the p99 within 2x the unloaded p99. None when it never gets there."""
+    """Seconds from the load drop to the first bin from which a whole second of bins (or all
+    the rest, when fewer are left) is normal: answers at >= 90 % of ``normal_rate`` (300 ms
+    rolling mean), no failure and no refusal, the p99 within 2x the unloaded p99. None when it
+    never gets there. (A refusal in a burst of the normal load later on is not a failure to
+    recover: it happens in the unloaded phase as well, and its count is in the phase's
+    figures.)"""
     if unloaded_p99_ms is None:
         return None
     t, rate = bins["t_s"], bins["ok_per_s"]
@@ -256,7 +276,7 @@ def recovery_s(bins: dict[str, list[float | None]], drop_s: float, normal_rate: 
                       and not bins["failed_per_s"][i] and not bins["refused_per_s"][i]
                       and p99 is not None and p99 <= 2 * unloaded_p99_ms)
     for k in range(len(normal)):
-        if all(normal[k:]):
+        if all(normal[k:k + STEADY_BINS]):
             return round(float(t[first + k] or 0.0) - drop_s + 0.1, 1) if k else 0.0
     return None
 
@@ -283,8 +303,7 @@ def plot(document: dict[str, Any], path: Path) -> None:
         top.plot(t, bins["failed_per_s"], label="other failures/s", color="tab:gray")
         top.set_ylabel("per second")
         top.legend(fontsize=7)
-        label = "default" if run["inflight"] == DEFAULT_INFLIGHT else ""
-        top.set_title(f"--max-inflight-requests {run['inflight']} {label}".strip(), fontsize=9)
+        top.set_title(run["label"], fontsize=9)
         lat = axes[1][column]
         lat.plot(t, [v if v is not None else np.nan for v in bins["ok_p99_ms"]],
                  color="tab:blue")
@@ -305,8 +324,9 @@ def plot(document: dict[str, Any], path: Path) -> None:
             for edge in edges[1:-1]:
                 axis.axvline(edge, color="black", alpha=0.3)
             axis.grid(True, alpha=0.3)
-    figure.suptitle(f"{MODEL}: open loop at {document['settings']['base_share']}x, "
-                    f"{document['settings']['factor']}x, {document['settings']['base_share']}x"
+    settings = document["settings"]
+    figure.suptitle(f"{settings['model']}: open loop at {settings['base_share']}x, "
+                    f"{settings['factor']}x, {settings['base_share']}x"
                     " the sustained rate (100 ms bins)", fontsize=10)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -318,23 +338,30 @@ def _ms(value: float | None) -> str:
     return "—" if value is None else f"{value:,.2f}"
 
 
+def section_heading(model: str) -> str:
+    return SECTION if model == DEFAULT_MODEL else f"{SECTION} ({model})"
+
+
 def markdown(document: dict[str, Any]) -> str:
     s = document["settings"]
     lines = [
-        *section_header(SECTION, document),
+        *section_header(section_heading(s["model"]), document),
         f"`peregrine serve` on CPU {s['server_cpus']}, this process (the load) on CPU "
-        f"{s['client_cpus']}; latest example `{MODEL}`, one ONNX Runtime intra-op thread, "
+        f"{s['client_cpus']}; latest example `{s['model']}`, one ONNX Runtime intra-op thread, "
         "spinning off, the example's dynamic batching; batch-1 unary requests. Sustained "
         f"rate S: closed loop, {s['concurrency']} in flight, {s['sustain_seconds']} s. Then "
         f"open loop (Poisson): {s['before']} s at {s['base_share']} S (the unloaded p99), "
         f"{s['over']} s at {s['factor']} S, {s['after']} s at {s['base_share']} S, after "
         f"{s['warmup']} s of warm-up; rates from the first configuration's S. Latency runs "
-        "from the scheduled send. 'Refused' is RESOURCE_EXHAUSTED; its time is what the "
-        "client saw, from the scheduled send to the status (an upper bound of the time at the "
-        "server). Refusal capacity: the same closed loop of requests refused at once by a "
+        "from the scheduled send. 'Refused' is RESOURCE_EXHAUSTED (a bound in Python) or "
+        "CANCELLED (gRPC's core, past --grpc-max-pending-calls); its time is what the client "
+        "saw, from the scheduled send to the status (an upper bound of the time at the "
+        "server). The load comes from one Python process on one core: where its send lag "
+        "(scheduled to sent, p99 in the JSON) grows, part of the latency is the client's. "
+        "Refusal capacity: the same closed loop of requests refused at once by a "
         "cap (a shape past --max-tensor-elements, refused from the parsed shape).",
         "",
-        "| --max-inflight-requests | S infer/s (server µs/answer) | refusals/s at saturation "
+        "| server flags | S infer/s (server µs/answer) | refusals/s at saturation "
         "(server µs/refusal) | unloaded p99 ms | overload: offered / sent per s | answered "
         "| accepted p99 ms (x unloaded) | refused (client-seen p50 / p99 ms) | other failures "
         "| RSS start / peak / end MiB | recovery s |",
@@ -347,7 +374,7 @@ def markdown(document: dict[str, Any]) -> str:
         rss = run["rss_mib"]
         recovery = "never" if run["recovery_s"] is None else f"{run['recovery_s']:.1f}"
         lines.append(
-            f"| {run['inflight']}{' (default)' if run['inflight'] == DEFAULT_INFLIGHT else ''} "
+            f"| {run['label']} "
             f"| {run['sustained']['rate']:,.0f} ({run['sustained']['server_us_per_call']:.0f}) "
             f"| {run['refusal']['rate']:,.0f} ({run['refusal']['server_us_per_call']:.0f}) "
             f"| {_ms(run['unloaded_p99_ms'])} "
@@ -360,8 +387,8 @@ def markdown(document: dict[str, Any]) -> str:
               f"Load average (1 min) at the start and the end: {document['loadavg'][0]:.2f} and "
               f"{document['loadavg'][1]:.2f} on {document['environment']['machine']['nproc']} "
               "CPUs shared with other work: every figure here moves with it.", "",
-              "![overload](results/overload.png) · data: "
-              "[results/overload.json](results/overload.json)", ""]
+              f"![overload](results/{document['out']}.png) · data: "
+              f"[results/{document['out']}.json](results/{document['out']}.json)", ""]
     return "\n".join(lines)
 
 
@@ -376,13 +403,14 @@ def findings(runs: list[dict[str, Any]]) -> list[str]:
         need = (min(over["sent_rate"], s["rate"]) * s["server_us_per_call"]
                 + excess * r["server_us_per_call"]) / 1e4
         lines.append(
-            f"- `--max-inflight-requests {run['inflight']}`: a refusal costs the server "
+            f"- {run['label']}: a refusal in Python costs the server "
             f"{r['server_us_per_call']:.0f} µs of CPU against {s['server_us_per_call']:.0f} µs "
             f"for an answer ({r['server_us_per_call'] / max(s['server_us_per_call'], 1):.2f}x). "
             f"Answering S and refusing the overload's excess ({excess:,.0f}/s) would take "
             f"{need:.0f} % of the server's core: "
             + ("more than it has, so the excess waits in gRPC's queue of calls not yet "
-               "handed to the event loop, ahead of every bound." if need > 100
+               "handed to the event loop, ahead of every bound in Python, where "
+               "--grpc-max-pending-calls has gRPC's core cancel it." if need > 100
                else "within the core.")
             + f" In the overload phase {over['ok']:,} of {over['requests']:,} requests were "
             f"answered, {over['refused']:,} refused; the server's CPU was "
@@ -393,10 +421,21 @@ def findings(runs: list[dict[str, Any]]) -> list[str]:
 # -- main -----------------------------------------------------------------------------------
 
 
+def repository(model: str, tmp: Path) -> Path:
+    """The comparison's repository of ``model``: an example, or the chain model built here."""
+    source = ensure_examples([model]) if model != CHAIN else tmp / "source"
+    if model == CHAIN:
+        chain_model(source, CHAIN, steps=CHAIN_STEPS, max_batch_size=64)
+    return comparison_repository(source, tmp / "models", [model], batching=True)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--inflight", default=f"{DEFAULT_INFLIGHT},8",
-                        help="--max-inflight-requests of each configuration (4096: default)")
+    parser.add_argument("--configs", default=";--grpc-max-pending-calls 16",
+                        help="server flags of each configuration, ';' between them (an empty "
+                             "one: the defaults)")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"an example model, or '{CHAIN}' (bound by its own work)")
     parser.add_argument("--factor", type=float, default=4.0, help="overload, x sustained")
     parser.add_argument("--base-share", type=float, default=0.5,
                         help="the unloaded and after phases, x sustained")
@@ -411,12 +450,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--server-cpus", default="0")
     parser.add_argument("--client-cpus", default="1")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "overload.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: bench/results/overload.json (overload_<model>.json "
+                             "for another model)")
     parser.add_argument("--no-results-md", action="store_true")
     args = parser.parse_args(argv)
-    args.inflight = [int(v) for v in args.inflight.split(",") if v]
-    if not args.inflight or min(args.inflight) < 1 or args.factor <= 0 or args.base_share <= 0:
-        parser.error("--inflight takes positive integers; --factor, --base-share > 0")
+    args.configs = [config.split() for config in args.configs.split(";")]
+    if args.out is None:
+        suffix = "" if args.model == DEFAULT_MODEL else f"_{args.model}"
+        args.out = RESULTS_DIR / f"overload{suffix}.json"
+    if args.factor <= 0 or args.base_share <= 0:
+        parser.error("--factor and --base-share must be > 0")
     return args
 
 
@@ -426,14 +470,13 @@ def main(argv: list[str] | None = None) -> int:
     server_cpus = study.server_cpus
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="overload-") as tmp:
-        root = comparison_repository(ensure_examples([MODEL]), Path(tmp) / "models", [MODEL],
-                                     batching=True)
-        for inflight in args.inflight:
-            run = run_configuration(root, inflight, runs[0]["sustained"]["rate"] if runs
+        root = repository(args.model, Path(tmp))
+        for flags in args.configs:
+            run = run_configuration(root, flags, runs[0]["sustained"]["rate"] if runs
                                     else None, server_cpus, args)
             runs.append(run)
             over = run["per_phase"]["overload"]
-            print(f"inflight {inflight}: S {run['sustained']['rate']:.0f}/s, refusals "
+            print(f"{run['label']}: S {run['sustained']['rate']:.0f}/s, refusals "
                   f"{run['refusal']['rate']:.0f}/s; unloaded p99 {run['unloaded_p99_ms']} ms, "
                   f"overload p99 {run['overload_ok_p99_ms']} ms (x{run['p99_ratio']}), ok "
                   f"{over['ok']}, refused {over['refused']} (p99 {over['refused_p99_ms']} ms), "
@@ -444,12 +487,13 @@ def main(argv: list[str] | None = None) -> int:
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         **study.record(),
         "settings": {
-            "model": MODEL, "inflight": args.inflight, "factor": args.factor,
+            "model": args.model, "configs": args.configs, "factor": args.factor,
             "base_share": args.base_share, "concurrency": args.concurrency,
             "sustain_seconds": args.sustain_seconds, "warmup": args.warmup,
             "before": args.before, "over": args.over, "after": args.after,
             "timeout_s": args.timeout, **study.pinning,
         },
+        "out": args.out.stem,
         "findings": findings(runs),
         "configurations": runs,
     }

@@ -13,6 +13,7 @@ from typing import Any
 
 from server.errors import (
     BackendError,
+    BoundExceeded,
     DeadlineExceeded,
     ExecutionTimedOut,
     InvalidInput,
@@ -68,10 +69,13 @@ class DynamicBatcher:
         packer: Packer,
         metrics: ModelMetrics,
         execution_timeout_s: float = 30.0,
+        max_queue_wait_s: float = 0.0,
     ) -> None:
         """``execution_timeout_s``: the server's default (0: none), which a model's
         ``execution_timeout_ms`` overrides. A cancelled batch then has as long again (at
-        most MAX_CANCEL_GRACE_S) to stop before its instance is quarantined."""
+        most MAX_CANCEL_GRACE_S) to stop before its instance is quarantined.
+        ``max_queue_wait_s``: the server's default (0: none) of the longest predicted wait a
+        request is accepted with, which a model's ``max_queue_wait_ms`` overrides."""
         if not instances:
             raise ValueError("a batcher needs at least one backend instance")
         self._loop = asyncio.get_running_loop()
@@ -83,6 +87,10 @@ class DynamicBatcher:
         self._metrics = metrics
         batching = spec.batching
         self._queue = RequestQueue(batching, spec.default_max_queue_size)
+        wait_ms = MAX_QUEUE_WAIT_MS.value(spec.parameters, spec.name)
+        wait_s = max_queue_wait_s if wait_ms is None else wait_ms / 1000
+        self._queue_wait = (policy.QueueWait(int(wait_s * 1e9), spec.instance_count) if wait_s > 0
+                      else None)
         self._batching = spec.batches and batching.enabled
         self._max_batch = spec.max_batch_size
         self._preferred = frozenset(batching.preferred_batch_sizes)
@@ -125,11 +133,14 @@ class DynamicBatcher:
                 f"model '{self._spec.name}' version {self._version} is not accepting requests"
             )
         level = self._level(request.priority)
+        rows = self._rows(request)
+        if self._queue_wait is not None and self._queue.rows:
+            self._check_wait()
         now = _now()
         future: asyncio.Future[InferResponse] = self._loop.create_future()
         entry = PendingRequest(
             request=request,
-            rows=self._rows(request),
+            rows=rows,
             signature=self._signature(request),
             level=level,
             enqueue_ns=now,
@@ -149,6 +160,16 @@ class DynamicBatcher:
         else:
             self._schedule()
         return future
+
+    def _check_wait(self) -> None:
+        assert self._queue_wait is not None
+        predicted = self._queue_wait.predict_ns(self._queue.rows)
+        if predicted > self._queue_wait.bound_ns:
+            raise BoundExceeded(
+                "max_queue_wait_ms",
+                f"model '{self._spec.name}' version {self._version} would start this request "
+                f"in about {predicted / 1e6:.0f} ms ({self._queue.rows} rows queued ahead); "
+                f"the bound is {self._queue_wait.bound_ns / 1e6:g} ms (max_queue_wait_ms)")
 
     @property
     def executor(self) -> BatchExecutor:
@@ -429,6 +450,8 @@ class DynamicBatcher:
         for execution in run.executions:
             self._cost.observe(execution.rows, execution.cpu_ns)
         now = _now()
+        if self._queue_wait is not None:
+            self._queue_wait.observe(sum(e.rows for e in entries), now - start)
         executor = self._executor
         answered: list[int] = []
         if run.error is not None:
@@ -479,8 +502,13 @@ EXECUTION_TIMEOUT_MS = Key(
     "execution_timeout_ms", optional(integer(0)),
     "a batch running longer is cancelled and answered DEADLINE_EXCEEDED; 0: no limit; "
     "unset: the server's --execution-timeout-secs")
+MAX_QUEUE_WAIT_MS = Key(
+    "max_queue_wait_ms", optional(integer(0)),
+    "a request whose predicted wait in the queue (rows queued ahead x the measured time per "
+    "row) is longer is refused RESOURCE_EXHAUSTED at once; 0: no limit; unset: the server's "
+    "--max-queue-wait-ms")
 #: config.pbtxt ``parameters`` keys the batcher owns.
-PARAMETER_KEYS = (QUEUE_DELAY, INLINE_EXECUTION_MAX_US, EXECUTION_TIMEOUT_MS)
+PARAMETER_KEYS = (QUEUE_DELAY, INLINE_EXECUTION_MAX_US, EXECUTION_TIMEOUT_MS, MAX_QUEUE_WAIT_MS)
 
 
 def _input_bytes(requests: Sequence[InferRequest]) -> int:

@@ -159,3 +159,32 @@ class InlineCost:
             float(elapsed_ns) if previous is None
             else previous + self.SMOOTHING * (elapsed_ns - previous)
         )
+
+
+class QueueWait:
+    """The wait a new request would have before its batch starts, predicted from what is
+    queued ahead of it and how fast the version's instances have been draining rows.
+
+    The drain rate is a moving average of each batch's wall time per row (dispatch to answer,
+    the thread hand-off included) over the instances; under load, batches are full and the
+    average is the service time that matters. Before any batch has run nothing is predicted
+    (nothing is refused).
+    """
+
+    SMOOTHING = 0.2
+
+    def __init__(self, bound_ns: int, instances: int) -> None:
+        self.bound_ns = bound_ns
+        self._instances = max(1, instances)
+        self._ns_per_row: float | None = None
+
+    def observe(self, rows: int, wall_ns: int) -> None:
+        if rows <= 0:
+            return
+        sample = wall_ns / rows / self._instances
+        previous = self._ns_per_row
+        self._ns_per_row = (sample if previous is None
+                            else previous + self.SMOOTHING * (sample - previous))
+
+    def predict_ns(self, queued_rows: int) -> float:
+        return 0.0 if self._ns_per_row is None else queued_rows * self._ns_per_row

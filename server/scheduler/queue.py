@@ -46,6 +46,8 @@ class RequestQueue:
         ]
         self._queues: list[deque[PendingRequest]] = [deque() for _ in range(self._levels)]
         self._size = 0
+        #: Rows of the queued requests (a request's batch dimension; 1 when it has none).
+        self.rows = 0
 
     @property
     def levels(self) -> int:
@@ -70,6 +72,7 @@ class RequestQueue:
             )
         queue.append(entry)
         self._size += 1
+        self.rows += entry.rows
 
     def front(self) -> Iterator[PendingRequest]:
         """Queued requests in dispatch order: highest priority first, then arrival."""
@@ -89,6 +92,7 @@ class RequestQueue:
                 entry = queue.popleft()
                 entry.queued = False
                 taken.append(entry)
+                self.rows -= entry.rows
         self._size -= len(taken)
         return taken
 
@@ -98,6 +102,7 @@ class RequestQueue:
         self._queues[entry.level - 1].remove(entry)
         entry.queued = False
         self._size -= 1
+        self.rows -= entry.rows
 
     def remove_expired(self, now_ns: int) -> list[PendingRequest]:
         """Take out every request whose deadline has passed or whose caller went away."""
@@ -110,6 +115,7 @@ class RequestQueue:
                 if entry.future.done() or _expired(entry, now_ns):
                     entry.queued = False
                     dropped.append(entry)
+                    self.rows -= entry.rows
                 else:
                     kept.append(entry)
             queue.clear()

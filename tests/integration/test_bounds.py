@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -491,3 +492,91 @@ async def test_ragged_requests_of_crossed_extents_are_not_padded_together(
         np.testing.assert_array_equal(result.as_numpy("DOUBLED"), 2 * x)
         np.testing.assert_allclose(result.as_numpy("TOTAL").ravel(), [x.sum()], rtol=1e-4)
     assert batch_sizes(server) == [1, 1, 1, 2]
+
+
+# -- calls waiting for a busy event loop --------------------------------------------------------
+
+
+def test_calls_past_the_pending_bound_are_cancelled_by_grpc_while_the_loop_is_busy(
+    tmp_path: Path,
+) -> None:
+    """--grpc-max-pending-calls 2: while the server's event loop is held (a callback sleeping
+    on it), 24 calls arrive; gRPC's core cancels those past the bound at once, without the
+    loop, and answers the rest once the loop is free. Nothing else fails; the server goes
+    on answering."""
+    model_factory.identity_model(tmp_path, "identity_fp32", "FP32")
+    held_s = 1.5
+    with ServerThread(tmp_path, grpc_max_pending_calls=2) as server:
+        assert server.server is not None and server._loop is not None
+        with grpc.insecure_channel(server.url) as channel:
+            live = channel.unary_unary("/inference.GRPCInferenceService/ServerLive",
+                                       request_serializer=pb.ServerLiveRequest.SerializeToString,
+                                       response_deserializer=pb.ServerLiveResponse.FromString)
+            live(pb.ServerLiveRequest(), timeout=10)  # connected
+            server._loop.call_soon_threadsafe(time.sleep, held_s)
+            time.sleep(0.1)
+            sent = time.monotonic()
+            done_after: dict[int, float] = {}
+
+            def record(call: grpc.Future) -> None:
+                done_after[id(call)] = time.monotonic() - sent
+
+            calls = [live.future(pb.ServerLiveRequest(), timeout=30) for _ in range(24)]
+            for call in calls:
+                call.add_done_callback(record)
+            codes = [call.code() for call in calls]
+            cancelled_within = [done_after[id(call)] for call in calls
+                                if call.code() is grpc.StatusCode.CANCELLED]
+            assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.CANCELLED}
+            assert codes.count(grpc.StatusCode.OK) >= 2
+            assert cancelled_within and max(cancelled_within) < held_s - 0.3
+            assert live(pb.ServerLiveRequest(), timeout=10).live
+        with grpcclient.InferenceServerClient(server.url) as client:
+            result = client.infer("identity_fp32", fp32((1, 4)))
+            assert result.as_numpy("OUTPUT0").shape == (1, 4)
+
+
+# -- predicted queue wait ------------------------------------------------------------------------
+
+
+def test_requests_whose_predicted_wait_is_past_max_queue_wait_ms_are_refused_at_once(
+    tmp_path: Path,
+) -> None:
+    """A model taking ~40 ms a row with max_queue_wait_ms 100: after two answers have taught
+    the batcher its time per row, 12 requests sent at once are answered while the rows queued
+    ahead of them predict at most 100 ms of waiting, and refused at once beyond that (before
+    the first of them is answered), with the bound named and counted."""
+    model = model_factory.slow_model(tmp_path, "slow", delay_ms=40.0, max_batch_size=1)
+    config = model / "config.pbtxt"
+    config.write_text(config.read_text(encoding="utf-8") + 'parameters { key: '
+                      '"max_queue_wait_ms" value { string_value: "100" } }\n', encoding="utf-8")
+    x = np.arange(256, dtype=np.float32).reshape(1, 256)
+    with ServerThread(tmp_path) as server, grpcclient.InferenceServerClient(server.url) as client:
+        sent = [grpcclient.InferInput("INPUT0", [1, 256], "FP32")]
+        sent[0].set_data_from_numpy(x)
+        for _ in range(2):
+            client.infer("slow", sent)
+        outcomes: list[tuple[str, float, str]] = []
+        lock = threading.Lock()
+        start = time.monotonic()
+
+        def done(result: Any, error: InferenceServerException | None) -> None:
+            with lock:
+                outcomes.append(("OK" if error is None else str(error.status()),
+                                 time.monotonic() - start,
+                                 "" if error is None else error.message()))
+
+        for _ in range(12):
+            client.async_infer("slow", sent, done)
+        deadline = time.monotonic() + 30
+        while len(outcomes) < 12 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        answered = [o for o in outcomes if o[0] == "OK"]
+        refused_ = [o for o in outcomes if o[0] != "OK"]
+        assert len(outcomes) == 12
+        assert 2 <= len(answered) <= 6, outcomes
+        assert {o[0] for o in refused_} == {"StatusCode.RESOURCE_EXHAUSTED"}
+        assert max(o[1] for o in refused_) < min(o[1] for o in answered)
+        assert all("the bound is 100 ms (max_queue_wait_ms)" in o[2] for o in refused_)
+        assert refusals(server)["max_queue_wait_ms"] == len(refused_)
+        assert client.infer("slow", sent).as_numpy("OUTPUT0").shape == (1, 256)

@@ -15,6 +15,7 @@ from server.scheduler.policy import (
     Decision,
     Extents,
     InlineCost,
+    QueueWait,
     decide,
 )
 
@@ -403,3 +404,23 @@ def test_input_bytes_are_not_counted_for_a_batch_predicted_slow() -> None:
         raise AssertionError("counted the bytes of a batch that goes to a thread anyway")
 
     assert not InlineCost(inline_max_ns=100_000).runs_inline(1, counted)
+
+
+def test_queue_wait_predicts_nothing_before_a_batch_has_run() -> None:
+    assert QueueWait(bound_ns=1, instances=1).predict_ns(1000) == 0.0
+
+
+def test_queue_wait_is_rows_ahead_times_the_time_per_row_over_the_instances() -> None:
+    wait = QueueWait(bound_ns=10_000_000, instances=2)
+    wait.observe(rows=4, wall_ns=8_000_000)  # 2 ms a row on one instance: 1 ms with two
+    assert wait.predict_ns(10) == pytest.approx(10_000_000)
+    wait.observe(rows=0, wall_ns=50_000_000)  # no rows: nothing learnt
+    assert wait.predict_ns(10) == pytest.approx(10_000_000)
+
+
+def test_queue_wait_follows_a_model_that_slows_down() -> None:
+    wait = QueueWait(bound_ns=1, instances=1)
+    wait.observe(rows=1, wall_ns=1_000_000)
+    for _ in range(30):
+        wait.observe(rows=1, wall_ns=5_000_000)
+    assert wait.predict_ns(1) == pytest.approx(5_000_000, rel=0.01)

@@ -313,3 +313,20 @@ async def test_remove_expired_with_nothing_expired_changes_nothing() -> None:
     queue.push(entry("a", deadline_ns=10))
     assert queue.remove_expired(9) == []
     assert len(queue) == 1
+
+
+async def test_the_queue_counts_the_rows_of_its_requests_whatever_takes_them_out() -> None:
+    queue = RequestQueue(batching(levels=2))
+    first, second, third = entry("a", rows=3), entry("b", level=2, rows=2), entry("c", rows=5)
+    expiring = entry("d", rows=4, deadline_ns=10)
+    for queued in (first, second, third, expiring):
+        queue.push(queued)
+    assert queue.rows == 14
+    queue.pop(1)
+    assert queue.rows == 11
+    queue.remove(second)
+    assert queue.rows == 9
+    queue.remove_expired(now_ns=20)
+    assert queue.rows == 5
+    queue.drain_all()
+    assert queue.rows == 0
