@@ -203,7 +203,8 @@ def figures(timeline: Timeline, sampler: ProcessSampler) -> dict[str, Any]:
         }
     unloaded_p99 = per_phase["unloaded"]["ok_p99_ms"]
     over_p99 = per_phase["overload"]["ok_p99_ms"]
-    bins = timeline_bins(cols["done"], latency_ms, ok, refused, origin, sampler)
+    bins = timeline_bins(cols["done"], cols["scheduled"], latency_ms, ok, refused, origin,
+                         sampler)
     drop = bounds["after"][0]
     return {
         "per_phase": per_phase,
@@ -214,10 +215,7 @@ def figures(timeline: Timeline, sampler: ProcessSampler) -> dict[str, Any]:
         "rss_mib": {"start": round(sampler.samples[0].rss / MIB, 1),
                     "peak": round(sampler.peak() / MIB, 1),
                     "end": round(sampler.samples[-1].rss / MIB, 1)},
-        "recovery_s": recovery_s(bins, (drop - origin) / 1e9,
-                                 per_phase["unloaded"]["ok"] / ((bounds["unloaded"][1]
-                                                                 - origin) / 1e9),
-                                 unloaded_p99),
+        "recovery_s": recovery_s(bins, (drop - origin) / 1e9, unloaded_p99),
         "bins": bins,
     }
 
@@ -230,20 +228,24 @@ def _cpu_percent(sampler: ProcessSampler, start: int, end: int) -> float | None:
     return round(100 * (last.cpu_s - first.cpu_s) / ((last.at_ns - first.at_ns) / 1e9), 1)
 
 
-def timeline_bins(done: npt.NDArray[np.int64], latency_ms: npt.NDArray[np.float64],
-                  ok: npt.NDArray[np.bool_], refused: npt.NDArray[np.bool_], origin: int,
+def timeline_bins(done: npt.NDArray[np.int64], scheduled: npt.NDArray[np.int64],
+                  latency_ms: npt.NDArray[np.float64], ok: npt.NDArray[np.bool_],
+                  refused: npt.NDArray[np.bool_], origin: int,
                   sampler: ProcessSampler) -> dict[str, list[float | None]]:
     """Per 100 ms of answer time from the start of the unloaded phase: answers/s, refusals/s,
-    other failures/s, the p99 of the answers, the server's CPU % and RSS (MiB)."""
+    other failures/s, the p99 of the answers, the server's CPU % and RSS (MiB); and the
+    requests/s scheduled in the same 100 ms."""
     index = (done - origin) // BIN_NS
+    offered = (scheduled - origin) // BIN_NS
     count = int(index.max()) + 1 if index.size else 0
     bins: dict[str, list[float | None]] = {k: [] for k in (
-        "t_s", "ok_per_s", "refused_per_s", "failed_per_s", "ok_p99_ms", "cpu_percent",
-        "rss_mib")}
+        "t_s", "offered_per_s", "ok_per_s", "refused_per_s", "failed_per_s", "ok_p99_ms",
+        "cpu_percent", "rss_mib")}
     for b in range(max(count, 0)):
         here = index == b
         lo, hi = origin + b * BIN_NS, origin + (b + 1) * BIN_NS
         bins["t_s"].append(round(b * BIN_NS / 1e9, 1))
+        bins["offered_per_s"].append(float((offered == b).sum()) * 1e9 / BIN_NS)
         bins["ok_per_s"].append(float((here & ok).sum()) * 1e9 / BIN_NS)
         bins["refused_per_s"].append(float((here & refused).sum()) * 1e9 / BIN_NS)
         bins["failed_per_s"].append(float((here & ~ok & ~refused).sum()) * 1e9 / BIN_NS)
@@ -253,14 +255,14 @@ def timeline_bins(done: npt.NDArray[np.int64], latency_ms: npt.NDArray[np.float6
     return bins
 
 
-def recovery_s(bins: dict[str, list[float | None]], drop_s: float, normal_rate: float,
+def recovery_s(bins: dict[str, list[float | None]], drop_s: float,
                unloaded_p99_ms: float | None) -> float | None:
     """Seconds from the load drop to the first bin from which a whole second of bins (or all
-    the rest, when fewer are left) is normal: answers at >= 90 % of ``normal_rate`` (300 ms
-    rolling mean), no failure and no refusal, the p99 within 2x the unloaded p99. None when it
-    never gets there. (A refusal in a burst of the normal load later on is not a failure to
-    recover: it happens in the unloaded phase as well, and its count is in the phase's
-    figures.)"""
+    the rest, when fewer are left) is normal: answers at >= 90 % of the requests scheduled
+    over the 300 ms around the bin (the offered load's own randomness cancels out), no failure
+    and no refusal, the p99 within 2x the unloaded p99. None when it never gets there. (A
+    refusal in a burst of the normal load later on is not a failure to recover: it happens in
+    the unloaded phase as well, and the phase's figures count it.)"""
     if unloaded_p99_ms is None:
         return None
     t, rate = bins["t_s"], bins["ok_per_s"]
@@ -270,9 +272,10 @@ def recovery_s(bins: dict[str, list[float | None]], drop_s: float, normal_rate: 
     last = len(t) - 1  # the last bin holds the final answers only: not a full 100 ms
     normal = []
     for i in range(first, last):
-        window = [r for r in rate[max(first, i - 1):i + 2] if r is not None]
+        answered = sum(r or 0.0 for r in rate[max(first, i - 1):i + 2])
+        offered = sum(r or 0.0 for r in bins["offered_per_s"][max(first, i - 1):i + 2])
         p99 = bins["ok_p99_ms"][i]
-        normal.append(bool(window) and float(np.mean(window)) >= 0.9 * normal_rate
+        normal.append(answered >= 0.9 * offered
                       and not bins["failed_per_s"][i] and not bins["refused_per_s"][i]
                       and p99 is not None and p99 <= 2 * unloaded_p99_ms)
     for k in range(len(normal)):
@@ -364,8 +367,8 @@ def markdown(document: dict[str, Any]) -> str:
         "| server flags | S infer/s (server µs/answer) | refusals/s at saturation "
         "(server µs/refusal) | unloaded p99 ms | overload: offered / sent per s | answered "
         "| accepted p99 ms (x unloaded) | refused (client-seen p50 / p99 ms) | other failures "
-        "| RSS start / peak / end MiB | recovery s |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+        "| RSS start / peak / end MiB | recovery s | client's send lag p99 ms (overload) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for run in document["configurations"]:
         over = run["per_phase"]["overload"]
@@ -382,7 +385,8 @@ def markdown(document: dict[str, Any]) -> str:
             f"| {_ms(run['overload_ok_p99_ms'])} ({ratio}) "
             f"| {over['refused']:,} ({_ms(over['refused_p50_ms'])} / "
             f"{_ms(over['refused_p99_ms'])}) | {others} "
-            f"| {rss['start']:.0f} / {rss['peak']:.0f} / {rss['end']:.0f} | {recovery} |")
+            f"| {rss['start']:.0f} / {rss['peak']:.0f} / {rss['end']:.0f} | {recovery} "
+            f"| {_ms(over['send_lag_p99_ms'])} |")
     lines += ["", *document["findings"], "",
               f"Load average (1 min) at the start and the end: {document['loadavg'][0]:.2f} and "
               f"{document['loadavg'][1]:.2f} on {document['environment']['machine']['nproc']} "
