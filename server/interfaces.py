@@ -125,6 +125,10 @@ class ModelMetrics(Protocol):
         """Where to read the number of queued requests when the figures are read."""
         ...
 
+    def unavailable(self) -> None:
+        """The version can no longer serve (every instance quarantined): not ready."""
+        ...
+
     def batch_done(self, started_ns: int, finished_ns: int, enqueued_ns: Sequence[int],
                    answered_ns: Sequence[int], executions: Sequence[Execution]) -> None:
         """One batch ran from ``started_ns`` to ``finished_ns``: when each of its requests was

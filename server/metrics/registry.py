@@ -8,6 +8,7 @@ stay bounded however many versions come and go.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -59,12 +60,17 @@ class VersionMetrics:
     queue_seconds: LoopHistogram
     compute_seconds: LoopHistogram
     batch_size: LoopHistogram
+    #: Marks the version not ready in peregrine_model_ready (bound by the registry).
+    mark_unready: Callable[[], None]
 
     def request_failed(self, reason: str, ns: int) -> None:
         self.stats.record_failure(reason, ns)
 
     def count_pending(self, count: Callable[[], int]) -> None:
         self.stats.pending_count = count
+
+    def unavailable(self) -> None:
+        self.mark_unready()
 
     def batch_done(self, started_ns: int, finished_ns: int, enqueued_ns: Sequence[int],
                    answered_ns: Sequence[int], executions: Sequence[Execution]) -> None:
@@ -114,6 +120,7 @@ class MetricsRegistry:
         if found is None:
             found = VersionMetrics(
                 stats=VersionStats(),
+                mark_unready=functools.partial(self.set_ready, model, version, False),
                 **{field_name: LoopHistogram(buckets)
                    for _, _, field_name, buckets in HISTOGRAMS},
             )

@@ -476,6 +476,7 @@ class DynamicBatcher:
         """The batcher cannot serve any more: the model reports not ready, saying why, and
         what is queued is answered UNAVAILABLE."""
         self._problem = problem
+        self._metrics.unavailable()
         log.critical("model not ready: batcher stopped",
                      extra={"model": self._spec.name, "version": self._version,
                             "reason": problem})

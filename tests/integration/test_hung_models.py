@@ -74,6 +74,7 @@ def test_a_model_whose_run_cannot_stop_is_quarantined_and_reports_not_ready(
     caplog.set_level(logging.WARNING, logger="server.scheduler.batcher")
     with ServerThread(tmp_path) as server, \
             grpcclient.InferenceServerClient(server.url) as client:
+        assert metric(server.metrics_url, "peregrine_model_ready", "stuck") == 1.0
         with pytest.raises(InferenceServerException) as caught:
             client.infer("stuck", one_input())
         assert caught.value.status() == "StatusCode.DEADLINE_EXCEEDED"
@@ -82,6 +83,7 @@ def test_a_model_whose_run_cannot_stop_is_quarantined_and_reports_not_ready(
         assert state == "UNAVAILABLE"
         assert "every instance is quarantined" in reason
         assert not client.is_server_ready()
+        assert metric(server.metrics_url, "peregrine_model_ready", "stuck") == 0.0
         with pytest.raises(InferenceServerException) as refused:
             client.infer("stuck", one_input())
         assert refused.value.status() == "StatusCode.UNAVAILABLE"
@@ -91,10 +93,11 @@ def test_a_model_whose_run_cannot_stop_is_quarantined_and_reports_not_ready(
     assert "model not ready: batcher stopped" in messages
 
 
-def pending(metrics_url: str, model: str) -> float:
+def metric(metrics_url: str, family: str, model: str) -> float:
+    """The sample of ``family`` for version 1 of ``model`` on /metrics (0 when absent)."""
     with urllib.request.urlopen(metrics_url, timeout=10) as response:
         text = response.read().decode()
-    prefix = f'nv_inference_pending_request_count{{model="{model}",version="1"}}'
+    prefix = f'{family}{{model="{model}",version="1"}}'
     return next((float(line.split()[-1]) for line in text.splitlines()
                  if line.startswith(prefix)), 0.0)
 
@@ -138,7 +141,8 @@ def test_sigterm_stops_in_time_with_a_run_stuck_in_a_model(tmp_path: Path) -> No
             stream.async_stream_infer("chain", one_input(shape=(1, 16)), request_id=f"s{i}")
         stream.async_stream_infer("stuck", one_input(), request_id="s-stuck")
         # One stuck request runs, three wait behind it; the stream's chain requests are done.
-        wait_until(lambda: pending(metrics_url, "stuck") == 3, "3 requests queued on 'stuck'")
+        wait_until(lambda: metric(metrics_url, "nv_inference_pending_request_count",
+                                  "stuck") == 3, "3 requests queued on 'stuck'")
         with answered:
             assert answered.wait_for(lambda: len(streamed) == 3, timeout=10), streamed
 
