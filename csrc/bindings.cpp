@@ -905,6 +905,11 @@ py::tuple tuple_of(std::initializer_list<py::object> items) {
     return out;
 }
 
+// A request past wire::kMaxRequestEntries: raised as _native.TooManyEntries (a ValueError).
+struct TooManyEntries : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
 py::tuple parse_infer_request(const py::object& data) {
     const py::object view = byte_view(data);
     const Py_buffer* buffer = PyMemoryView_GET_BUFFER(view.ptr());
@@ -914,6 +919,9 @@ py::tuple parse_infer_request(const py::object& data) {
     wire::ParseError error;
     if (!wire::parse_infer_request(bytes, static_cast<std::size_t>(buffer->len), request,
                                    error)) {
+        if (error.too_many_entries) {
+            throw TooManyEntries(error.message);
+        }
         throw py::value_error(error.message + " at offset " + std::to_string(error.offset));
     }
 
@@ -1120,6 +1128,8 @@ Raises TypeError naming the index and type of the first element of any other
 type (or if ``items`` is itself a str, bytes, bytearray or memoryview), and
 ValueError if an element is longer than 4294967295 bytes.)doc");
 
+    py::register_exception<TooManyEntries>(m, "TooManyEntries", PyExc_ValueError);
+    m.attr("MAX_REQUEST_ENTRIES") = wire::kMaxRequestEntries;
     m.def("parse_infer_request", &parse_infer_request, py::arg("data"),
           R"doc(parse_infer_request(data) -> tuple
 
@@ -1136,7 +1146,10 @@ bytes when the field occurs more than once, which protobuf merges).
 Accepts and rejects exactly what the protobuf runtime does: raises ValueError naming
 the problem and its offset for malformed bytes (truncations, bad varints, lengths
 past the end, wire types 6 and 7, unmatched groups, nesting deeper than 100, invalid
-UTF-8 in a string field), TypeError for an object that is not a contiguous buffer.)doc");
+UTF-8 in a string field), TooManyEntries (a ValueError) for a request holding more than
+MAX_REQUEST_ENTRIES entries (inputs, requested outputs, raw contents, parameters, shape
+dims and typed-contents fields, counted as they occur), TypeError for an object that is
+not a contiguous buffer.)doc");
 
     m.def("encode_infer_response", &encode_infer_response, py::arg("model_name"),
           py::arg("model_version"), py::arg("id"), py::arg("parameters"), py::arg("outputs"),

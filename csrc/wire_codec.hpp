@@ -98,10 +98,19 @@ struct InferRequest {
     std::vector<Span> raw_input_contents;
 };
 
+// Entries one request may hold in all: inputs, requested outputs, raw contents,
+// parameter map entries, shape dims and typed-contents fields. Each costs the
+// parse a few tens of bytes for a few bytes of message, so without a bound a
+// message of tiny entries would cost many times its size.
+inline constexpr std::size_t kMaxRequestEntries = 65536;
+
 struct ParseError {
     bool failed = false;
+    // The request holds more than kMaxRequestEntries entries (not malformed).
+    bool too_many_entries = false;
     std::size_t offset = 0;  // where in the buffer the problem is
     std::string message;
+    std::size_t entries = 0;  // counted so far
 };
 
 // ---------------------------------------------------------------------------
@@ -157,6 +166,22 @@ inline bool valid_utf8(const std::uint8_t* p, std::size_t n) noexcept {
 }
 
 namespace detail {
+
+// Counts one more entry of the request; false (and the error set) past the bound.
+inline bool count_entry(ParseError& error, std::size_t at) {
+    if (++error.entries <= kMaxRequestEntries) {
+        return true;
+    }
+    if (!error.failed) {
+        error.failed = true;
+        error.too_many_entries = true;
+        error.offset = at;
+        error.message = "the request holds more than " + std::to_string(kMaxRequestEntries) +
+                        " entries (inputs, outputs, raw contents, parameters, shape dims); "
+                        "the server takes at most " + std::to_string(kMaxRequestEntries);
+    }
+    return false;
+}
 
 // Reads one message (or group body) of the buffer; positions are absolute.
 class Reader {
@@ -409,6 +434,9 @@ inline bool parse_map_entry(const std::uint8_t* data, Span span, int depth, Pars
                       parse_param_value(data, value, depth + 1, error, entry));
         });
     if (good && !unknown) {
+        if (!count_entry(error, span.offset)) {
+            return false;
+        }
         params.push_back(entry);
     }
     return good;
@@ -469,7 +497,7 @@ inline bool parse_input(const std::uint8_t* data, Span span, int depth, ParseErr
                 case 3: {
                     std::uint64_t dim = 0;
                     if (wt == kVarint) {
-                        if (!r.varint(dim, "shape")) {
+                        if (!r.varint(dim, "shape") || !count_entry(error, r.pos())) {
                             return -1;
                         }
                         input.shape.push_back(static_cast<std::int64_t>(dim));
@@ -483,7 +511,8 @@ inline bool parse_input(const std::uint8_t* data, Span span, int depth, ParseErr
                     }
                     Reader dims(data, sub.offset, sub.offset + sub.size, error);
                     while (!dims.done()) {
-                        if (!dims.varint(dim, "packed shape")) {
+                        if (!dims.varint(dim, "packed shape") ||
+                            !count_entry(error, dims.pos())) {
                             return -1;
                         }
                         input.shape.push_back(static_cast<std::int64_t>(dim));
@@ -501,7 +530,8 @@ inline bool parse_input(const std::uint8_t* data, Span span, int depth, ParseErr
                         return 0;
                     }
                     if (!r.length_delimited(sub, field) ||
-                        !check_contents(data, sub, depth + 1, error)) {
+                        !check_contents(data, sub, depth + 1, error) ||
+                        !count_entry(error, sub.offset)) {
                         return -1;
                     }
                     input.contents.push_back(sub);
@@ -559,21 +589,24 @@ inline bool parse_infer_request(const std::uint8_t* data, std::size_t size, Infe
                     return ok(r.length_delimited(sub, field) &&
                               detail::parse_map_entry(data, sub, 1, error, out.params));
                 case 5: {
-                    if (!r.length_delimited(sub, field)) {
+                    if (!r.length_delimited(sub, field) ||
+                        !detail::count_entry(error, sub.offset)) {
                         return -1;
                     }
                     InputTensor& input = out.inputs.emplace_back();
                     return ok(detail::parse_input(data, sub, 1, error, input));
                 }
                 case 6: {
-                    if (!r.length_delimited(sub, field)) {
+                    if (!r.length_delimited(sub, field) ||
+                        !detail::count_entry(error, sub.offset)) {
                         return -1;
                     }
                     RequestedOutput& output = out.outputs.emplace_back();
                     return ok(detail::parse_output(data, sub, 1, error, output));
                 }
                 case 7:
-                    if (!r.length_delimited(sub, field)) {
+                    if (!r.length_delimited(sub, field) ||
+                        !detail::count_entry(error, sub.offset)) {
                         return -1;
                     }
                     out.raw_input_contents.push_back(sub);

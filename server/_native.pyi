@@ -22,6 +22,10 @@ def encode_bytes(items: Iterable[bytes | bytearray | str]) -> bytes:
 
 _Param = tuple[int, bool | int | float | str | None]
 
+MAX_REQUEST_ENTRIES: int
+
+class TooManyEntries(ValueError): ...
+
 def parse_infer_request(data: Buffer) -> tuple[
     str,
     str,

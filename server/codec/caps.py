@@ -15,6 +15,7 @@ import math
 import sys
 from dataclasses import dataclass
 
+from server import _native
 from server._pb import grpc_service_pb2 as pb
 from server.codec.parsed import ParsedRequest
 from server.codec.shared_memory import BYTE_SIZE, REGION
@@ -38,6 +39,31 @@ class RequestCaps:
 
 #: For tools that decode without a server's settings (benchmarks, tests): no cap.
 NO_CAPS = RequestCaps(sys.maxsize, sys.maxsize, sys.maxsize)
+
+
+#: Entries one request may hold in all (csrc/wire_codec.hpp, kMaxRequestEntries).
+MAX_REQUEST_ENTRIES = _native.MAX_REQUEST_ENTRIES
+TOO_MANY_ENTRIES = (
+    f"the request holds more than {MAX_REQUEST_ENTRIES} entries (inputs, outputs, raw "
+    f"contents, parameters, shape dims); the server takes at most {MAX_REQUEST_ENTRIES}")
+
+
+def too_many_entries() -> BoundExceeded:
+    return BoundExceeded("max_request_entries", TOO_MANY_ENTRIES)
+
+
+def check_entries(message: pb.ModelInferRequest) -> None:
+    """The native parser's entry bound on a message the protobuf runtime parsed: the same
+    count, except that a parameter key sent several times counts once here (the runtime
+    keeps the last)."""
+    entries = (len(message.inputs) + len(message.outputs) + len(message.raw_input_contents)
+               + len(message.parameters))
+    for tensor in message.inputs:
+        entries += len(tensor.shape) + len(tensor.parameters) + tensor.HasField("contents")
+    for output in message.outputs:
+        entries += len(output.parameters)
+    if entries > MAX_REQUEST_ENTRIES:
+        raise too_many_entries()
 
 
 def decoded_bytes(parsed: ParsedRequest, caps: RequestCaps) -> int:

@@ -6,7 +6,9 @@ protobuf object on the request path). Both feed the same decoding logic (codec.d
 write the same bytes, so a server answers bit-identically on either.
 
 Malformed request bytes are InvalidInput ("malformed ModelInferRequest: ..."); the detail
-after the colon is the parser's own (the native one names the field and the offset).
+after the colon is the parser's own (the native one names the field and the offset). A
+message of more entries than codec.caps.MAX_REQUEST_ENTRIES is BoundExceeded on both paths
+(the native parser stops counting there, before it holds more).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from google.protobuf.message import DecodeError
 
 from server import _native
 from server._pb import grpc_service_pb2 as pb
-from server.codec.caps import NO_CAPS, RequestCaps
+from server.codec.caps import NO_CAPS, RequestCaps, check_entries, too_many_entries
 from server.codec.decode import decode_parsed, decode_request
 from server.codec.encode import encode_response_native, serialize_response
 from server.codec.shared_memory import SharedMemoryScope
@@ -70,6 +72,7 @@ class ProtobufWireCodec:
             message = pb.ModelInferRequest.FromString(data)
         except DecodeError as exc:
             raise InvalidInput(f"{MALFORMED}: {exc}") from None
+        check_entries(message)
         return decode_request(message, deadline_ns, shm, self.caps)
 
     def encode_response_bytes(self, response: InferResponse, shm: SharedMemoryScope | None,
@@ -103,6 +106,8 @@ class NativeWireCodec:
                              shm: SharedMemoryScope | None) -> InferRequest:
         try:
             parsed = _native.parse_infer_request(data)
+        except _native.TooManyEntries:
+            raise too_many_entries() from None
         except ValueError as exc:
             raise InvalidInput(f"{MALFORMED}: {exc}") from None
         return decode_parsed(parsed, deadline_ns, shm, self.caps)

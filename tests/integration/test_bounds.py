@@ -454,6 +454,27 @@ def test_a_64_mib_bytes_flood_is_refused_by_the_default_caps(
                 "per request (--max-bytes-elements)")
 
 
+def test_a_message_of_tiny_entries_is_refused_by_the_entry_bound(
+    standard_server: ServerThread,
+) -> None:
+    """Two million empty inputs (4 MB on the wire, hundreds of MB if each were built): refused
+    RESOURCE_EXHAUSTED naming the bound, and counted."""
+    empty_input = b"\x2a\x00"  # field 5 (inputs), length 0
+    flood = (pb.ModelInferRequest(model_name="no_such_model").SerializeToString()
+             + empty_input * 2_000_000)
+    before = refusals(standard_server).get("max_request_entries", 0.0)
+    with grpc.insecure_channel(standard_server.url) as opened:
+        infer = opened.unary_unary(INFER, request_serializer=identity,
+                                   response_deserializer=identity)
+        with pytest.raises(grpc.RpcError) as caught:
+            infer(flood, timeout=30)
+    assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert caught.value.details() == (
+        "the request holds more than 65536 entries (inputs, outputs, raw contents, "
+        "parameters, shape dims); the server takes at most 65536")
+    assert refusals(standard_server)["max_request_entries"] == before + 1
+
+
 # -- ragged padding ------------------------------------------------------------------------------
 
 

@@ -12,7 +12,7 @@ from server._pb import grpc_service_pb2 as pb
 from server.codec.caps import NO_CAPS, RequestCaps, decoded_bytes
 from server.codec.parsed import ParsedRequest, from_message
 from server.codec.wire import NativeWireCodec, ProtobufWireCodec
-from server.errors import BoundExceeded
+from server.errors import BoundExceeded, InvalidInput
 
 Parse = Callable[[pb.ModelInferRequest], ParsedRequest]
 PARSERS: dict[str, Parse] = {
@@ -100,3 +100,43 @@ def test_the_wire_codecs_check_their_caps_and_record_the_size(
     flood = message(("s", "BYTES", [11]), raw=[b"\x01\0\0\0a" * 11]).SerializeToString()
     with pytest.raises(BoundExceeded, match="--max-bytes-elements"):
         codec.decode_request_bytes(flood, None, None)
+
+
+def entries_message(inputs: int, dims: int = 0, params: int = 0) -> bytes:
+    """``inputs`` empty inputs, the first with ``dims`` dims of 1 and ``params`` parameters."""
+    built = pb.ModelInferRequest(model_name="m")
+    for _ in range(inputs):
+        built.inputs.add(name="x", datatype="FP32")
+    built.inputs[0].shape.extend([1] * dims)
+    for i in range(params):
+        built.inputs[0].parameters[f"p{i}"].int64_param = i
+    return built.SerializeToString()
+
+
+@pytest.mark.parametrize("codec", [NativeWireCodec(CAPS), ProtobufWireCodec(CAPS)],
+                         ids=["native", "protobuf"])
+@pytest.mark.parametrize("shape", [(65537, 0, 0), (1, 65536, 0), (2, 30000, 35535)],
+                         ids=["inputs", "dims", "mixed"])
+def test_a_request_of_more_entries_than_the_bound_is_refused_by_both_codecs_alike(
+    codec: NativeWireCodec | ProtobufWireCodec, shape: tuple[int, int, int],
+) -> None:
+    """65,536 entries in all (inputs, outputs, raw contents, parameters, shape dims): one more
+    is refused with the bound named, before the decoder builds anything, on either path."""
+    assert _native.MAX_REQUEST_ENTRIES == 65536
+    with pytest.raises(BoundExceeded) as caught:
+        codec.decode_request_bytes(entries_message(*shape), None, None)
+    assert caught.value.bound == "max_request_entries"
+    assert str(caught.value) == (
+        "the request holds more than 65536 entries (inputs, outputs, raw contents, "
+        "parameters, shape dims); the server takes at most 65536")
+
+
+@pytest.mark.parametrize("codec", [NativeWireCodec(CAPS), ProtobufWireCodec(CAPS)],
+                         ids=["native", "protobuf"])
+def test_a_request_of_exactly_the_bound_of_entries_gets_past_it(
+    codec: NativeWireCodec | ProtobufWireCodec,
+) -> None:
+    """65,535 dims and one input: 65,536 entries; what refuses it is the decoder (numpy takes
+    64 dims at most), not the entry bound."""
+    with pytest.raises(InvalidInput, match="input 'x' carries no data"):
+        codec.decode_request_bytes(entries_message(1, 65535), None, None)
