@@ -23,7 +23,6 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from server._pb import admin_pb2
-from server._pb import grpc_service_pb2 as pb
 from server._pb._pool import POOL
 from server.admission import Admission, Bounds
 from server.backends.onnxruntime import OnnxRuntimeFactory
@@ -54,6 +53,8 @@ from server.metrics.drift import DriftCounts, DriftMetrics
 from server.metrics.loop_lag import LoopLag
 from server.metrics.routing import RoutingMetrics
 from server.metrics.security import SecurityMetrics
+from server.multiproc.engine import HandlerTable
+from server.multiproc.supervisor import Frontends
 from server.packing import select_packer
 from server.repository import model_config as config_io
 from server.repository.manager import ControlMode, ModelManager
@@ -68,6 +69,13 @@ from server.security.authenticator import Authenticator
 from server.security.ratelimit import RateLimit, RateLimiter, parse_limit, parse_model_limits
 from server.security.redact import redact_uri
 from server.security.rules import parse_restrictions
+from server.services import (
+    ADMIN_DESCRIPTOR,
+    ADMIN_SERVICE,
+    HEALTH_DESCRIPTOR,
+    INFERENCE_DESCRIPTOR,
+    INFERENCE_SERVICE,
+)
 from server.settings import ServerSettings
 from server.shm import RegistrationGate, SharedMemoryRegistry
 from server.spec import ModelSpec
@@ -77,10 +85,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-INFERENCE_DESCRIPTOR = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
-ADMIN_DESCRIPTOR = admin_pb2.DESCRIPTOR.services_by_name["PeregrineAdmin"]
-INFERENCE_SERVICE = INFERENCE_DESCRIPTOR.full_name
-ADMIN_SERVICE = ADMIN_DESCRIPTOR.full_name
 
 
 def backend_factories() -> dict[str, BackendFactory]:
@@ -213,6 +217,8 @@ class PeregrineServer:
         self.grpc_port = 0
         self.metrics_port = 0
         self._grpc: grpc.aio.Server | None = None
+        #: The frontend processes, with --frontends above 1 (then there is no _grpc).
+        self._frontends: Frontends | None = None
         self._metrics_http: Any = None
         self.drift: DriftAnalyser | None = None
         #: Client-registered system shared-memory regions; closed at stop.
@@ -234,7 +240,9 @@ class PeregrineServer:
             self.repository, self.router, self.mode,
             self.drift.reports if self.drift is not None else None)
         limit = settings.grpc_max_message_bytes
-        server = grpc.aio.server(
+        # With frontends, the same services are registered on the engine's table, and the
+        # frontend processes take the calls (server/multiproc).
+        server: grpc.aio.Server = HandlerTable() if settings.frontends > 1 else grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
@@ -262,21 +270,24 @@ class PeregrineServer:
         add_service(server, ADMIN_DESCRIPTOR, admin)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if settings.reflection:
-            services = (INFERENCE_SERVICE, ADMIN_SERVICE,
-                        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            services = (INFERENCE_SERVICE, ADMIN_SERVICE, HEALTH_DESCRIPTOR.full_name,
                         reflection.SERVICE_NAME)
             if guard is not None and settings.auth_file is not None:
                 FilteredReflection(guard, services, _merged_pool()).add_to(server)
             else:
                 reflection.enable_server_reflection(services, server, pool=_merged_pool())
-        address = _address(settings.host, settings.grpc_port)
-        try:
-            self.grpc_port = (server.add_insecure_port(address) if credentials is None
-                              else server.add_secure_port(address, credentials))
-        except RuntimeError as exc:
-            raise OSError(f"cannot bind gRPC to {address}: {exc}") from exc
-        await server.start()
-        self._grpc = server
+        if isinstance(server, HandlerTable):
+            self._frontends = Frontends(settings.frontends, settings, server)
+            self.grpc_port = await self._frontends.start()
+        else:
+            address = _address(settings.host, settings.grpc_port)
+            try:
+                self.grpc_port = (server.add_insecure_port(address) if credentials is None
+                                  else server.add_secure_port(address, credentials))
+            except RuntimeError as exc:
+                raise OSError(f"cannot bind gRPC to {address}: {exc}") from exc
+            await server.start()
+            self._grpc = server
         if settings.allow_metrics:
             httpd, _thread = start_http_server(
                 settings.metrics_port, addr=settings.metrics_address,
@@ -363,7 +374,11 @@ class PeregrineServer:
                 await asyncio.gather(task, return_exceptions=True)
         await self.health.enter_graceful_shutdown()
         await self.router.close()
-        await self.repository.close(left())
+        # The frontends finish their calls while the models drain and answer them.
+        await asyncio.gather(
+            self.repository.close(left()),
+            self._frontends.stop(left()) if self._frontends is not None
+            else asyncio.sleep(0))
         # The metrics endpoint stops beside the transport: its shutdown polls every 0.5 s.
         await asyncio.gather(
             self._grpc.stop(left()) if self._grpc is not None else asyncio.sleep(0),

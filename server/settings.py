@@ -59,6 +59,13 @@ def parse_names(text: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
+def parse_frontends(text: str) -> int:
+    """A count, or ``auto``: a frontend per core but one, kept for the engine."""
+    if text.strip().lower() == "auto":
+        return max(1, (os.cpu_count() or 1) - 1)
+    return int(text)
+
+
 def parse_specs(text: str) -> tuple[str, ...]:
     """Semicolon-separated items (a repeatable flag's values are joined with ';')."""
     return tuple(item.strip() for item in text.split(";") if item.strip())
@@ -127,6 +134,8 @@ class ServerSettings:
     # -- bounds (docs/configuration.md, "Bounds"); None: derived, see the *_cap properties --
     max_inflight_requests: int = 4096
     grpc_max_pending_calls: int = 128
+    #: gRPC frontend processes; 1: one process serves everything (see server/multiproc).
+    frontends: int = 1
     max_queue_wait_ms: float = 0.0
     max_inflight_per_stream: int = 128
     max_streams: int = 1024
@@ -170,7 +179,7 @@ class ServerSettings:
         self._check_bounds()
 
     def _check_bounds(self) -> None:
-        for name in ("max_inflight_requests", "grpc_max_pending_calls",
+        for name in ("max_inflight_requests", "grpc_max_pending_calls", "frontends",
                      "max_inflight_per_stream", "max_streams",
                      "max_queued_bytes", "max_tensor_elements", "max_request_bytes",
                      "max_bytes_elements"):
@@ -359,6 +368,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_inflight_requests", int,
            "Inference requests in flight over the whole server (accepted, answer not sent); "
            "past it RESOURCE_EXHAUSTED. Default: 4096."),
+    Option("frontends", parse_frontends,
+           "gRPC frontend processes sharing the port (SO_REUSEPORT) in front of one engine "
+           "process that owns the models; a number, or auto (a frontend per core but one). "
+           "Default: 1 (one process)."),
     Option("grpc_max_pending_calls", int,
            "Calls that have reached the server but that its event loop has not taken yet "
            "(it is busy); past it gRPC cancels new calls (status CANCELLED) with a "

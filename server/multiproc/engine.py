@@ -1,0 +1,284 @@
+"""The engine's side of the frontends' sockets: every call a frontend forwards runs here, on
+the same method handlers a single-process server registers with gRPC.
+
+``HandlerTable`` stands in for the gRPC server when the server runs with frontends: the
+composition root registers its services on it exactly as on a grpc.aio server, and each
+forwarded call finds its handler the way gRPC would. ``ForwardedContext`` gives the handler
+what a grpc.aio servicer context gives ours (metadata, peer, deadline, the client
+certificate's properties, abort and trailing metadata), from the frontend's CALL frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, NoReturn
+
+import grpc
+
+from server.multiproc.frames import (
+    WINDOW,
+    CallOpening,
+    CallStatus,
+    FrameError,
+    Kind,
+    Metadata,
+    credit,
+    credit_count,
+    frame,
+    read_frame,
+)
+
+log = logging.getLogger(__name__)
+
+_END = object()
+
+
+class HandlerTable(grpc.aio.Server):  # type: ignore[misc]
+    """The services the engine serves, registered as on a grpc.aio server (so each helper
+    that picks its asyncio flavour for a grpc.aio.Server does so here too); it listens on
+    nothing."""
+
+    def __init__(self) -> None:
+        self._generic: list[grpc.GenericRpcHandler] = []
+
+    def add_generic_rpc_handlers(
+        self, generic_rpc_handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._generic.extend(generic_rpc_handlers)
+
+    def add_registered_method_handlers(self, service_name: str,
+                                       method_handlers: dict[str, grpc.RpcMethodHandler]
+                                       ) -> None:
+        """The generic handlers registered beside these find the same methods."""
+
+    def find(self, method: str) -> grpc.RpcMethodHandler | None:
+        details = _CallDetails(method, ())
+        for generic in self._generic:
+            found = generic.service(details)
+            if found is not None:
+                return found
+        return None
+
+    def add_insecure_port(self, address: str) -> int:
+        raise NotImplementedError("the engine listens on nothing: its frontends do")
+
+    def add_secure_port(self, address: str, server_credentials: grpc.ServerCredentials) -> int:
+        raise NotImplementedError("the engine listens on nothing: its frontends do")
+
+    async def start(self) -> None:
+        """Nothing to start: calls arrive through EngineLink."""
+
+    async def stop(self, grace: float | None) -> None:
+        """Nothing to stop: the frontends hold the calls."""
+
+    async def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return True
+
+
+class _CallDetails(grpc.HandlerCallDetails):  # type: ignore[misc]
+    def __init__(self, method: str, invocation_metadata: Metadata) -> None:
+        self.method = method
+        self.invocation_metadata = invocation_metadata
+
+
+class _Aborted(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+class ForwardedContext:
+    """A servicer context for a call a frontend took (the part of grpc.aio's our handlers,
+    gRPC's health servicer and reflection use)."""
+
+    def __init__(self, opening: CallOpening) -> None:
+        self._opening = opening
+        self._deadline = (None if opening.time_remaining is None
+                          else time.monotonic() + opening.time_remaining)
+        self._code: grpc.StatusCode | None = None
+        self._details = ""
+        self.trailing: Metadata = ()
+
+    def invocation_metadata(self) -> Metadata:
+        return self._opening.metadata
+
+    def peer(self) -> str:
+        return self._opening.peer
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return self._opening.auth
+
+    def time_remaining(self) -> float | None:
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+
+    def set_trailing_metadata(self, trailing_metadata: Metadata) -> None:
+        self.trailing = tuple(trailing_metadata)
+
+    async def abort(self, code: grpc.StatusCode, details: str = "",
+                    trailing_metadata: Metadata = ()) -> NoReturn:
+        if trailing_metadata:
+            self.trailing = tuple(trailing_metadata)
+        self._code, self._details = code, details
+        raise _Aborted(code, details)
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self._code = code
+
+    def set_details(self, details: str) -> None:
+        self._details = details
+
+    def code(self) -> grpc.StatusCode | None:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def status(self) -> CallStatus:
+        return CallStatus(self._code or grpc.StatusCode.OK, self._details, self.trailing)
+
+
+class _Call:
+    """One forwarded call in the engine: its task, the request messages the frontend sent
+    and the handler has not read, and how many more replies it may send."""
+
+    __slots__ = ("credit_granted", "reply_credit", "requests", "task")
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task[None] | None = None
+        self.requests: asyncio.Queue[bytes | object] = asyncio.Queue()
+        self.reply_credit = WINDOW
+        self.credit_granted = asyncio.Event()
+
+
+class EngineLink:
+    """One frontend's socket: reads its frames, runs its calls, writes their answers."""
+
+    def __init__(self, table: HandlerTable, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter, frame_limit: int,
+                 on_ready: Callable[[], None]) -> None:
+        self._table = table
+        self._on_ready = on_ready
+        self._reader = reader
+        self._writer = writer
+        self._limit = frame_limit
+        self._calls: dict[int, _Call] = {}
+
+    async def serve(self) -> None:
+        """Until the frontend closes its socket (or dies); then its calls are cancelled."""
+        try:
+            while True:
+                kind, number, body = await read_frame(self._reader, self._limit)
+                self._receive(kind, number, body)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        except FrameError as exc:
+            log.error("frontend sent a bad frame: closing its socket",
+                      extra={"error": str(exc)})
+        finally:
+            calls = [c.task for c in self._calls.values() if c.task is not None]
+            for task in calls:
+                task.cancel()
+            await asyncio.gather(*calls, return_exceptions=True)
+            self._writer.close()
+            with contextlib.suppress(ConnectionError):
+                await self._writer.wait_closed()
+
+    def _receive(self, kind: Kind, number: int, body: bytes) -> None:
+        if kind is Kind.READY:
+            self._on_ready()
+            return
+        if kind is Kind.CALL:
+            if number in self._calls:
+                raise FrameError(f"call {number} opened twice")
+            call = self._calls[number] = _Call()
+            call.task = asyncio.get_running_loop().create_task(
+                self._run(number, call, CallOpening.decode(body)))
+            return
+        call_or_none = self._calls.get(number)
+        if call_or_none is None:
+            return  # the call has ended; a late frame of it means nothing
+        if kind is Kind.MESSAGE:
+            if call_or_none.requests.qsize() >= WINDOW:
+                raise FrameError(f"call {number}: more messages than its window")
+            call_or_none.requests.put_nowait(body)
+        elif kind is Kind.HALF_CLOSE:
+            call_or_none.requests.put_nowait(_END)
+        elif kind is Kind.CANCEL:
+            if call_or_none.task is not None:
+                call_or_none.task.cancel()
+        elif kind is Kind.CREDIT:
+            call_or_none.reply_credit += credit_count(body)
+            call_or_none.credit_granted.set()
+        else:
+            raise FrameError(f"a frontend does not send {kind.name}")
+
+    def _send(self, kind: Kind, number: int, body: bytes = b"") -> None:
+        if not self._writer.is_closing():
+            self._writer.write(frame(kind, number, body))
+
+    async def _requests(self, number: int, call: _Call,
+                        decode: Callable[[bytes], Any] | None) -> AsyncIterator[Any]:
+        while True:
+            message = await call.requests.get()
+            if message is _END:
+                return
+            self._send(Kind.CREDIT, number, credit(1))
+            assert isinstance(message, bytes)
+            yield message if decode is None else decode(message)
+
+    async def _reply(self, number: int, call: _Call, message: bytes) -> None:
+        while call.reply_credit <= 0:
+            call.credit_granted.clear()
+            await call.credit_granted.wait()
+        call.reply_credit -= 1
+        self._send(Kind.REPLY, number, message)
+
+    async def _run(self, number: int, call: _Call, opening: CallOpening) -> None:
+        context = ForwardedContext(opening)
+        try:
+            handler = self._table.find(opening.method)
+            if handler is None:
+                status = CallStatus(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+            else:
+                await self._handle(number, call, handler, opening, context)
+                status = context.status()
+        except _Aborted as aborted:
+            status = CallStatus(aborted.code, aborted.details, context.trailing)
+        except asyncio.CancelledError:
+            self._calls.pop(number, None)
+            return
+        except Exception as exc:
+            log.exception("forwarded call failed", extra={"method": opening.method})
+            status = CallStatus(grpc.StatusCode.UNKNOWN, f"Unexpected {type(exc)}: {exc}")
+        self._calls.pop(number, None)
+        self._send(Kind.STATUS, number, status.encode())
+
+    async def _handle(self, number: int, call: _Call, handler: grpc.RpcMethodHandler,
+                      opening: CallOpening, context: ForwardedContext) -> None:
+        decode = handler.request_deserializer
+        encode = handler.response_serializer
+        request: Any
+        if handler.request_streaming:
+            request = self._requests(number, call, decode)
+        else:
+            if opening.message is None:
+                raise FrameError(f"{opening.method} takes one request and the call has none")
+            request = opening.message if decode is None else decode(opening.message)
+        if not handler.response_streaming:
+            behaviour = handler.stream_unary if handler.request_streaming \
+                else handler.unary_unary
+            response = behaviour(request, context)
+            if inspect.isawaitable(response):
+                response = await response
+            if context.code() in (None, grpc.StatusCode.OK):
+                self._send(Kind.REPLY, number, response if encode is None else encode(response))
+            return
+        behaviour = handler.stream_stream if handler.request_streaming \
+            else handler.unary_stream
+        async for response in behaviour(request, context):
+            await self._reply(number, call, response if encode is None else encode(response))

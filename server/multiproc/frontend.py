@@ -1,0 +1,356 @@
+"""A frontend process (``peregrine serve --frontends N``): a grpc.aio server on the server's
+port, shared with the other frontends (SO_REUSEPORT), that forwards every call to the engine
+over its socket and relays the answers.
+
+The frontend takes gRPC's per-call work (HTTP/2, TLS, the calls' own Python) off the engine:
+that is most of a small request's cost on one core. Everything else — authentication, bounds,
+decoding, models — runs in the engine, once for the whole server.
+
+Run by the engine (server/multiproc/supervisor.py) as
+``python -m server.multiproc.frontend --engine SOCKET --settings JSON``; it exits 0 after
+SIGTERM (calls in flight finish within the exit timeout) and 1 when the engine goes away.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+
+from server.logs import configure_logging
+from server.multiproc.frames import (
+    WINDOW,
+    CallOpening,
+    CallStatus,
+    FrameError,
+    Kind,
+    credit,
+    credit_count,
+    frame,
+    read_frame,
+)
+from server.security import tls
+from server.services import served_services
+from server.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+#: Settings a frontend needs (the rest is the engine's).
+FRONTEND_SETTINGS = (
+    "host", "grpc_port", "grpc_max_message_bytes", "grpc_max_pending_calls", "grpc_use_ssl",
+    "grpc_server_cert", "grpc_server_key", "grpc_root_cert", "grpc_use_ssl_mutual",
+    "uvloop", "exit_timeout_secs", "log_level", "log_format",
+)
+ENGINE_GONE = "the server's engine is not running"
+#: Room for a frame's header and call opening beside the largest message.
+FRAME_OVERHEAD = 1 << 20
+
+
+def frame_limit(settings: ServerSettings) -> int:
+    return settings.grpc_max_message_bytes + FRAME_OVERHEAD
+
+
+def settings_json(settings: ServerSettings) -> str:
+    values = {name: getattr(settings, name) for name in FRONTEND_SETTINGS}
+    return json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in values.items()})
+
+
+def settings_from_json(text: str) -> ServerSettings:
+    values: dict[str, Any] = json.loads(text)
+    for name in ("grpc_server_cert", "grpc_server_key", "grpc_root_cert"):
+        if values.get(name) is not None:
+            values[name] = Path(values[name])
+    # The repository is the engine's: any path passes the settings' checks.
+    return ServerSettings(model_repository=Path("."), metrics_port=0, **values)
+
+
+class EngineGone(Exception):
+    """The engine's socket closed: no call can be answered any more."""
+
+
+class _Forwarded:
+    """One call forwarded to the engine: its answers as they come, then its status."""
+
+    __slots__ = ("credit_granted", "replies", "request_credit", "status")
+
+    def __init__(self) -> None:
+        #: Reply messages, then None when the status has come.
+        self.replies: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.status: CallStatus | None = None
+        self.request_credit = WINDOW
+        self.credit_granted = asyncio.Event()
+
+
+class EngineClient:
+    """The frontend's end of its socket: opens calls, sends their messages, routes the
+    engine's frames to them."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 limit: int) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._limit = limit
+        self._calls: dict[int, _Forwarded] = {}
+        self._next = 1
+        self.gone = asyncio.Event()
+
+    def send(self, kind: Kind, number: int, body: bytes = b"") -> None:
+        if self.gone.is_set():
+            raise EngineGone
+        self._writer.write(frame(kind, number, body))
+
+    def open(self, opening: CallOpening) -> tuple[int, _Forwarded]:
+        number = self._next
+        self._next += 1
+        self.send(Kind.CALL, number, opening.encode())
+        call = self._calls[number] = _Forwarded()
+        return number, call
+
+    def close_call(self, number: int) -> None:
+        """The call ended here; a CANCEL tells the engine when it had not ended there."""
+        call = self._calls.pop(number, None)
+        if call is not None and call.status is None and not self.gone.is_set():
+            self.send(Kind.CANCEL, number)
+
+    async def message(self, number: int, call: _Forwarded, data: bytes) -> None:
+        """One more request message of a client-streaming call, within its window."""
+        while call.request_credit <= 0:
+            call.credit_granted.clear()
+            await call.credit_granted.wait()
+        call.request_credit -= 1
+        self.send(Kind.MESSAGE, number, data)
+
+    async def run(self) -> None:
+        try:
+            while True:
+                kind, number, body = await read_frame(self._reader, self._limit)
+                call = self._calls.get(number)
+                if call is None:
+                    continue
+                if kind is Kind.REPLY:
+                    call.replies.put_nowait(body)
+                elif kind is Kind.STATUS:
+                    call.status = CallStatus.decode(body)
+                    call.replies.put_nowait(None)
+                elif kind is Kind.CREDIT:
+                    call.request_credit += credit_count(body)
+                    call.credit_granted.set()
+                else:
+                    raise FrameError(f"the engine does not send {kind.name}")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            log.error("the engine closed its socket")
+        except FrameError as exc:
+            log.error("the engine sent a bad frame", extra={"error": str(exc)})
+        finally:
+            self.gone.set()
+            gone = CallStatus(grpc.StatusCode.UNAVAILABLE, ENGINE_GONE)
+            for call in self._calls.values():
+                if call.status is None:
+                    call.status = gone
+                    call.replies.put_nowait(None)
+                    call.credit_granted.set()
+
+
+async def _open(client: EngineClient, method: str, context: grpc.aio.ServicerContext,
+                message: bytes | None) -> tuple[int, _Forwarded]:
+    """Forward the call's opening; UNAVAILABLE when the engine is gone."""
+    auth = context.auth_context() or {}
+    opening = CallOpening(
+        method=method, time_remaining=context.time_remaining(), peer=str(context.peer()),
+        metadata=tuple((m.key, m.value) for m in context.invocation_metadata() or ()),
+        auth={str(k): [bytes(v) for v in values] for k, values in auth.items()},
+        message=message)
+    try:
+        return client.open(opening)
+    except EngineGone:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, ENGINE_GONE)
+        raise
+
+
+async def _end(call: _Forwarded, context: grpc.aio.ServicerContext) -> None:
+    status = call.status
+    assert status is not None
+    if status.trailing:
+        context.set_trailing_metadata(status.trailing)
+    if status.code is not grpc.StatusCode.OK:
+        await context.abort(status.code, status.details)
+
+
+def forwarding_handlers(client: EngineClient, service: ServiceDescriptor
+                        ) -> dict[str, grpc.RpcMethodHandler]:
+    """A handler per method of ``service`` that forwards the call's raw bytes."""
+    handlers = {}
+    for method in service.methods:
+        path = f"/{service.full_name}/{method.name}"
+        if method.client_streaming and method.server_streaming:
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                _stream_stream(client, path))
+        elif method.client_streaming:
+            handlers[method.name] = grpc.stream_unary_rpc_method_handler(
+                _stream_unary(client, path))
+        elif method.server_streaming:
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                _unary_stream(client, path))
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                _unary_unary(client, path))
+    return handlers
+
+
+Unary = Callable[[Any, grpc.aio.ServicerContext], Any]
+Streaming = Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[bytes]]
+
+
+def _unary_unary(client: EngineClient, path: str) -> Unary:
+    async def forward(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        number, call = await _open(client, path, context, request)
+        try:
+            reply = await call.replies.get()
+            if reply is not None:
+                await call.replies.get()  # the status follows the one reply
+        finally:
+            client.close_call(number)
+        await _end(call, context)
+        assert reply is not None
+        return reply
+
+    return forward
+
+
+def _stream_unary(client: EngineClient, path: str) -> Unary:
+    async def forward(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+                      ) -> bytes:
+        number, call = await _open(client, path, context, None)
+        pump = asyncio.get_running_loop().create_task(_pump(client, number, call, requests))
+        try:
+            reply = await call.replies.get()
+            if reply is not None:
+                await call.replies.get()
+        finally:
+            pump.cancel()
+            client.close_call(number)
+        await _end(call, context)
+        assert reply is not None
+        return reply
+
+    return forward
+
+
+def _unary_stream(client: EngineClient, path: str) -> Streaming:
+    async def forward(request: bytes, context: grpc.aio.ServicerContext
+                      ) -> AsyncIterator[bytes]:
+        number, call = await _open(client, path, context, request)
+        try:
+            async for reply in _replies(client, number, call):
+                yield reply
+        finally:
+            client.close_call(number)
+        await _end(call, context)
+
+    return forward
+
+
+def _stream_stream(client: EngineClient, path: str) -> Streaming:
+    async def forward(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+                      ) -> AsyncIterator[bytes]:
+        number, call = await _open(client, path, context, None)
+        pump = asyncio.get_running_loop().create_task(_pump(client, number, call, requests))
+        try:
+            async for reply in _replies(client, number, call):
+                yield reply
+        finally:
+            pump.cancel()
+            client.close_call(number)
+        await _end(call, context)
+
+    return forward
+
+
+async def _replies(client: EngineClient, number: int, call: _Forwarded
+                   ) -> AsyncIterator[bytes]:
+    """The engine's replies as gRPC takes them; each one taken returns a credit."""
+    while (reply := await call.replies.get()) is not None:
+        yield reply
+        if call.status is None and not client.gone.is_set():
+            client.send(Kind.CREDIT, number, credit(1))
+
+
+async def _pump(client: EngineClient, number: int, call: _Forwarded,
+                requests: AsyncIterator[bytes]) -> None:
+    """The client's messages to the engine, as its window allows; then the half-close."""
+    with contextlib.suppress(EngineGone):
+        async for message in requests:
+            if call.status is not None:
+                return
+            await client.message(number, call, message)
+        if call.status is None:
+            client.send(Kind.HALF_CLOSE, number)
+
+
+async def serve_frontend(settings: ServerSettings, engine: Path,
+                         services: Iterable[ServiceDescriptor]) -> int:
+    limit = frame_limit(settings)
+    reader, writer = await asyncio.open_unix_connection(str(engine), limit=limit)
+    client = EngineClient(reader, writer, limit)
+    receiving = asyncio.get_running_loop().create_task(client.run())
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
+        ("grpc.max_send_message_length", settings.grpc_max_message_bytes),
+        ("grpc.so_reuseport", 1),
+        ("grpc.server.max_pending_requests", settings.grpc_max_pending_calls),
+        ("grpc.server.max_pending_requests_hard_limit", 2 * settings.grpc_max_pending_calls),
+    ])
+    for service in services:
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            service.full_name, forwarding_handlers(client, service)),))
+    address = f"[{settings.host}]:{settings.grpc_port}" if ":" in settings.host \
+        else f"{settings.host}:{settings.grpc_port}"
+    credentials = tls.server_credentials(settings)
+    if credentials is None:
+        server.add_insecure_port(address)
+    else:
+        server.add_secure_port(address, credentials)
+    await server.start()
+    client.send(Kind.READY, 0)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    waiting = [loop.create_task(stop.wait()), loop.create_task(client.gone.wait())]
+    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+    engine_gone = client.gone.is_set()
+    await server.stop(0 if engine_gone else settings.exit_timeout_secs)
+    for task in (*waiting, receiving):
+        task.cancel()
+    writer.close()
+    return 1 if engine_gone else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="a Peregrine frontend process")
+    parser.add_argument("--engine", type=Path, required=True, help="the engine's socket")
+    parser.add_argument("--settings", required=True, help="settings_json() of the server")
+    args = parser.parse_args(argv)
+    settings = settings_from_json(args.settings)
+    configure_logging(settings.log_level, settings.log_format)
+    run = serve_frontend(settings, args.engine, served_services())
+    if settings.uvloop:
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(run)
+    return asyncio.run(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
