@@ -36,6 +36,7 @@ from server.frontend.admin import AdminServicer
 from server.frontend.guard import FilteredReflection, Guard
 from server.frontend.handlers import add_service, method_handlers
 from server.frontend.inference import InferenceServicer, ServerState, inference_handlers
+from server.grpc_options import server_options
 from server.interfaces import (
     Backend,
     BackendFactory,
@@ -239,17 +240,10 @@ class PeregrineServer:
         self.control = control = ControlPlane(
             self.repository, self.router, self.mode,
             self.drift.reports if self.drift is not None else None)
-        limit = settings.grpc_max_message_bytes
         # With frontends, the same services are registered on the engine's table, and the
         # frontend processes take the calls (server/multiproc).
         server: grpc.aio.Server = HandlerTable() if settings.frontends > 1 else grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.max_send_message_length", limit),
-                ("grpc.so_reuseport", 0),
-                *pending_call_options(settings.grpc_max_pending_calls),
-            ]
-        )
+            options=server_options(settings, reuse_port=False))
         guard = self.guard
         servicer = InferenceServicer(
             control, dataplane, self.state, self.codec,
@@ -493,13 +487,3 @@ async def serve(settings: ServerSettings) -> None:
     gc.freeze()
     await stop.wait()
     await server.stop()
-
-
-def pending_call_options(pending: int) -> list[tuple[str, int]]:
-    """gRPC core's bound on calls that have arrived but that the event loop has not taken
-    yet. When the loop is saturated the excess is cancelled there (status CANCELLED), without
-    any Python work: the only refusal cheap enough to keep up with a load several times what
-    the server sustains. Past ``pending`` calls gRPC refuses with a probability that rises to
-    one at twice ``pending``."""
-    return [("grpc.server.max_pending_requests", pending),
-            ("grpc.server.max_pending_requests_hard_limit", 2 * pending)]

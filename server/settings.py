@@ -133,7 +133,7 @@ class ServerSettings:
     shm_max_mapped_bytes: int = 4096 * MIB
     # -- bounds (docs/configuration.md, "Bounds"); None: derived, see the *_cap properties --
     max_inflight_requests: int = 4096
-    grpc_max_pending_calls: int = 128
+    grpc_max_pending_calls: int = 256
     #: gRPC frontend processes; 1: one process serves everything (see server/multiproc).
     frontends: int = 1
     max_queue_wait_ms: float = 0.0
@@ -376,7 +376,7 @@ OPTIONS: tuple[Option, ...] = (
            "Calls that have reached the server but that its event loop has not taken yet "
            "(it is busy); past it gRPC cancels new calls (status CANCELLED) with a "
            "probability that reaches one at twice this, before any Python work. Default: "
-           "128."),
+           "256."),
     Option("max_queue_wait_ms", float,
            "Longest predicted wait in a model's queue (rows queued ahead x the measured time "
            "per row) a request is accepted with; past it RESOURCE_EXHAUSTED at once. A model's "

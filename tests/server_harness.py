@@ -1,13 +1,17 @@
 """A real Peregrine server on a free loopback port, run in a background thread.
 
 The server gets its own event loop (uvloop) in its own thread, so tests can drive it with
-blocking clients (tritonclient.grpc) or with their own asyncio clients.
+blocking clients (tritonclient.grpc) or with their own asyncio clients. With
+PEREGRINE_FRONTENDS set (as tests/integration/test_frontends_mode.py sets it for a second run
+of the integration suite), the thread is the engine and that many frontend processes take
+the calls, unless a test names its own ``frontends``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,7 @@ from server.settings import ServerSettings
 
 class ServerThread:
     def __init__(self, repository: Path, **overrides: Any) -> None:
+        overrides.setdefault("frontends", int(os.environ.get("PEREGRINE_FRONTENDS", "1")))
         settings = ServerSettings(
             model_repository=repository, grpc_port=0, metrics_port=0, **overrides
         )

@@ -253,8 +253,11 @@ class EngineLink:
             self._calls.pop(number, None)
             return
         except Exception as exc:
-            log.exception("forwarded call failed", extra={"method": opening.method})
-            status = CallStatus(grpc.StatusCode.UNKNOWN, f"Unexpected {type(exc)}: {exc}")
+            if context.code() not in (None, grpc.StatusCode.OK):
+                status = context.status()  # set_code, then raised (gRPC's generated stubs)
+            else:
+                log.exception("forwarded call failed", extra={"method": opening.method})
+                status = CallStatus(grpc.StatusCode.UNKNOWN, f"Unexpected {type(exc)}: {exc}")
         self._calls.pop(number, None)
         self._send(Kind.STATUS, number, status.encode())
 

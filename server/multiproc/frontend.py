@@ -27,6 +27,7 @@ from typing import Any
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 
+from server.grpc_options import server_options
 from server.logs import configure_logging
 from server.multiproc.frames import (
     WINDOW,
@@ -303,13 +304,7 @@ async def serve_frontend(settings: ServerSettings, engine: Path,
     reader, writer = await asyncio.open_unix_connection(str(engine), limit=limit)
     client = EngineClient(reader, writer, limit)
     receiving = asyncio.get_running_loop().create_task(client.run())
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
-        ("grpc.max_send_message_length", settings.grpc_max_message_bytes),
-        ("grpc.so_reuseport", 1),
-        ("grpc.server.max_pending_requests", settings.grpc_max_pending_calls),
-        ("grpc.server.max_pending_requests_hard_limit", 2 * settings.grpc_max_pending_calls),
-    ])
+    server = grpc.aio.server(options=server_options(settings, reuse_port=True))
     for service in services:
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
             service.full_name, forwarding_handlers(client, service)),))

@@ -527,7 +527,8 @@ def test_calls_past_the_pending_bound_are_cancelled_by_grpc_while_the_loop_is_bu
     on answering."""
     model_factory.identity_model(tmp_path, "identity_fp32", "FP32")
     held_s = 1.5
-    with ServerThread(tmp_path, grpc_max_pending_calls=2) as server:
+    # One process: the loop held is the one gRPC hands calls to (a frontend's is not held).
+    with ServerThread(tmp_path, grpc_max_pending_calls=2, frontends=1) as server:
         assert server.server is not None and server._loop is not None
         with grpc.insecure_channel(server.url) as channel:
             live = channel.unary_unary("/inference.GRPCInferenceService/ServerLive",

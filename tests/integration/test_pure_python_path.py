@@ -13,9 +13,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 NESTED = os.environ.get("PEREGRINE_NATIVE") == "0"
+#: The run with frontend processes (tests/integration/test_frontends_mode.py).
+WITH_FRONTENDS = int(os.environ.get("PEREGRINE_FRONTENDS", "1")) > 1
 
 
 @pytest.mark.skipif(NESTED, reason="this is the pure-Python run itself")
+@pytest.mark.skipif(WITH_FRONTENDS, reason="this is the run with frontends")
 @pytest.mark.timeout(1200)
 def test_the_integration_suite_passes_with_native_code_off() -> None:
     result = subprocess.run(
