@@ -316,6 +316,11 @@ class PeregrineServer:
             "ready_versions": len(ready),
         })
 
+    @property
+    def frontends(self) -> Frontends | None:
+        """The frontend processes (--frontends above 1), else None."""
+        return self._frontends
+
     async def _poll_forever(self, interval: float) -> None:
         """Poll mode: apply repository changes, then routing files that changed.
 

@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
@@ -298,10 +299,12 @@ async def _pump(client: EngineClient, number: int, call: _Forwarded,
             client.send(Kind.HALF_CLOSE, number)
 
 
-async def serve_frontend(settings: ServerSettings, engine: Path,
+async def serve_frontend(settings: ServerSettings, engine: str,
                          services: Iterable[ServiceDescriptor]) -> int:
     limit = frame_limit(settings)
-    reader, writer = await asyncio.open_unix_connection(str(engine), limit=limit)
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    connection.connect("\0" + engine)  # uvloop takes no abstract name: a socket it takes
+    reader, writer = await asyncio.open_unix_connection(sock=connection, limit=limit)
     client = EngineClient(reader, writer, limit)
     receiving = asyncio.get_running_loop().create_task(client.run())
     server = grpc.aio.server(options=server_options(settings, reuse_port=True))
@@ -333,7 +336,8 @@ async def serve_frontend(settings: ServerSettings, engine: Path,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="a Peregrine frontend process")
-    parser.add_argument("--engine", type=Path, required=True, help="the engine's socket")
+    parser.add_argument("--engine", required=True,
+                        help="the engine's socket, a name in the abstract namespace")
     parser.add_argument("--settings", required=True, help="settings_json() of the server")
     args = parser.parse_args(argv)
     settings = settings_from_json(args.settings)

@@ -4,7 +4,11 @@ first at shutdown.
 The port is reserved by the engine with SO_REUSEPORT before any frontend starts (so port 0
 picks one port for all of them, and nothing else takes it while a frontend restarts); the
 reserving socket never listens, so only the frontends receive connections. Each frontend
-connects to the engine's Unix socket in a private directory (mode 0700), removed at stop.
+connects to the engine's Unix socket, in the abstract namespace (nothing on disk to leave
+behind, whatever kills the engine). Any local process could connect to such a socket, so the
+engine takes a connection only from a process it started: the kernel's peer credentials
+(SO_PEERCRED) must name one of its frontends' pids. (A frontend asserts each call's peer and
+client certificate, which the engine's security checks then trust.)
 """
 
 from __future__ import annotations
@@ -13,13 +17,13 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import shutil
+import os
+import secrets
 import signal
 import socket
+import struct
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 from server.multiproc.engine import EngineLink, HandlerTable
 from server.multiproc.frontend import frame_limit, settings_json
@@ -41,6 +45,17 @@ def _stop_process(process: subprocess.Popen[bytes], grace: float) -> None:
         process.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=5)
+
+
+def _peer_pid(writer: asyncio.StreamWriter) -> int | None:
+    """The connecting process's pid, from the kernel (SO_PEERCRED: pid, uid, gid)."""
+    connection = writer.get_extra_info("socket")
+    if connection is None:
+        return None
+    credentials = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                        struct.calcsize("3i"))
+    pid: int = struct.unpack("3i", credentials)[0]
+    return pid
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -72,7 +87,7 @@ class Frontends:
         self._all_ready = asyncio.Event()
         self._stopping = False
         self._reserved: socket.socket | None = None
-        self._directory: Path | None = None
+        self._address = ""
         self._unix: asyncio.Server | None = None
         self._watcher: asyncio.Task[None] | None = None
         self.port = 0
@@ -83,29 +98,43 @@ class Frontends:
     def pids(self) -> list[int]:
         return [p.pid for p in self._processes]
 
+    @property
+    def address(self) -> str:
+        """The engine's socket: a name in the abstract namespace (it starts with a NUL)."""
+        return self._address
+
     async def start(self) -> int:
         """Start the frontends; returns the port they listen on once every one listens."""
         settings = self._settings
         self._reserved = reserve_port(settings.host, settings.grpc_port)
         self.port = int(self._reserved.getsockname()[1])
-        self._directory = Path(tempfile.mkdtemp(prefix="peregrine-engine-"))
-        path = self._directory / "engine.sock"
-        self._unix = await asyncio.start_unix_server(self._accept, str(path), limit=self._limit)
-        self._processes = [self._spawn(path) for _ in range(self._count)]
-        try:
-            await asyncio.wait_for(self._all_ready.wait(), START_TIMEOUT_S)
-        except TimeoutError:
+        self._address = f"\0peregrine-engine-{os.getpid()}-{secrets.token_hex(8)}"
+        listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listening.bind(self._address)  # uvloop takes no abstract name: a socket it takes
+        self._unix = await asyncio.start_unix_server(self._accept, sock=listening,
+                                                     limit=self._limit)
+        self._processes = [self._spawn() for _ in range(self._count)]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + START_TIMEOUT_S
+        problem = ""
+        while not self._all_ready.is_set() and not problem:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_ready.wait(), WATCH_INTERVAL_S)
+            if any(p.poll() is not None for p in self._processes):
+                problem = "a frontend exited at start"
+            elif loop.time() > deadline:
+                problem = f"the frontends did not listen within {START_TIMEOUT_S:g} s"
+        if problem:
             await self.stop(0.0)
-            raise OSError(f"the frontends did not listen on port {self.port} within "
-                          f"{START_TIMEOUT_S:g} s (see their log lines)") from None
-        self._watcher = asyncio.get_running_loop().create_task(self._watch(path))
+            raise OSError(f"{problem} (port {self.port}; see their log lines)")
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
         return self.port
 
-    def _spawn(self, path: Path) -> subprocess.Popen[bytes]:
+    def _spawn(self) -> subprocess.Popen[bytes]:
         settings = settings_json(self._with_port())
         return subprocess.Popen(
-            [sys.executable, "-m", "server.multiproc.frontend", "--engine", str(path),
-             "--settings", settings])
+            [sys.executable, "-m", "server.multiproc.frontend",
+             "--engine", self._address[1:], "--settings", settings])
 
     def _with_port(self) -> ServerSettings:
         return dataclasses.replace(self._settings, grpc_port=self.port)
@@ -116,6 +145,12 @@ class Frontends:
             self._all_ready.set()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer_pid = _peer_pid(writer)
+        if peer_pid not in self.pids:
+            log.error("refused a connection to the engine's socket from a process that is "
+                      "not one of its frontends", extra={"pid": peer_pid})
+            writer.close()
+            return
         link = EngineLink(self._table, reader, writer, self._limit, self._frontend_ready)
         task = asyncio.current_task()
         assert task is not None
@@ -125,7 +160,7 @@ class Frontends:
         finally:
             self._links.discard(task)
 
-    async def _watch(self, path: Path) -> None:
+    async def _watch(self) -> None:
         while not self._stopping:
             await asyncio.sleep(WATCH_INTERVAL_S)
             for index, process in enumerate(self._processes):
@@ -133,8 +168,8 @@ class Frontends:
                     continue
                 log.error("frontend process died: starting another",
                           extra={"pid": process.pid, "returncode": process.returncode})
+                self._processes[index] = self._spawn()
                 self.restarts += 1
-                self._processes[index] = self._spawn(path)
 
     async def stop(self, grace: float) -> None:
         """SIGTERM every frontend (each finishes its calls within ``grace``), then SIGKILL
@@ -155,5 +190,3 @@ class Frontends:
         await asyncio.gather(*self._links, return_exceptions=True)
         if self._reserved is not None:
             self._reserved.close()
-        if self._directory is not None:
-            shutil.rmtree(self._directory, ignore_errors=True)
