@@ -42,11 +42,12 @@ from typing import Any
 import numpy as np
 
 from bench.compare.model_repo import comparison_repository, ensure_examples
-from bench.compare.servers import PeregrineProcess, pinned
+from bench.compare.servers import PeregrineProcess
 from bench.loadgen.environment import REPO_ROOT, environment
 from bench.micro._report import paired
 from bench.results_md import RESULTS_DIR, replace_section, section_header
 from bench.studies.bar_chart import grouped_bars
+from bench.studies.bench_run import drive
 
 SECTION = "## Security overhead: token authentication and TLS against plaintext"
 RESULTS_JSON = RESULTS_DIR / "security_overhead.json"
@@ -170,24 +171,6 @@ def make_token(folder: Path) -> tuple[Path, str]:
     return auth_file, done.stdout.strip()
 
 
-def drive(server: PeregrineProcess, rpc: str, seconds: float, warmup: float,
-          client_args: Sequence[str], out: Path) -> dict[str, Any]:
-    argv = pinned([sys.executable, "-m", "bench", "run", "--url", server.url, "--model", MODEL,
-                   "--rpc", rpc, "--concurrency", str(CONCURRENCY), "--duration", str(seconds),
-                   "--warmup", str(warmup), "--repeats", "1", "--server-pid", str(server.pid),
-                   "--json", str(out), "--no-plot", "--progress", "never", *client_args], "1")
-    done = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"bench run failed ({rpc}):\n{done.stderr[-2000:]}")
-    step = json.loads(out.read_text(encoding="utf-8"))["steps"][-1]
-    cpu = step["server_cpu"] or {}
-    return {"throughput_rps": round(step["throughput_rps"], 1),
-            "p50_ms": round(step["latency_ms"]["p50"], 3),
-            "p99_ms": round(step["latency_ms"]["p99"], 3),
-            "server_cpu_us_per_request": cpu.get("us_per_request"),
-            "errors": sum(step["errors"].values())}
-
-
 def end_to_end(seconds: float, warmup: float, repeats: int) -> list[dict[str, Any]]:
     folder = Path(tempfile.mkdtemp(prefix="security-bench-"))
     try:
@@ -210,8 +193,8 @@ def end_to_end(seconds: float, warmup: float, repeats: int) -> list[dict[str, An
                 with PeregrineProcess(repo, cpus="0", extra_args=server_args,
                                       root_cert=root) as server:
                     for rpc in RPCS:
-                        figures = drive(server, rpc, seconds, warmup, client_args,
-                                        folder / f"{setup}-{rpc}.json")
+                        figures = drive(server, MODEL, rpc, CONCURRENCY, seconds, warmup,
+                                        folder / f"{setup}-{rpc}.json", client_args)
                         run = {"setup": setup, "rpc": rpc, "repeat": repeat + 1, **figures}
                         runs.append(run)
                         print(f"{setup:>10} {rpc:>6} #{repeat + 1}: "

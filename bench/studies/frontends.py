@@ -1,0 +1,202 @@
+"""Several frontends (``--frontends N``): what the process boundary costs and what batches form.
+
+``peregrine serve`` on the example ``mlp_classifier`` (one ONNX Runtime thread, spinning off,
+the example's batching), one process (``--frontends 1``) or an engine with N frontend
+processes, all of the server pinned to ``--server-cpus``; ``peregrine bench run`` with
+``--client-processes`` load processes (each its own connection, so the kernel spreads them
+over the frontends) pinned to ``--client-cpus``, 64 requests in flight, unary and streaming.
+Reported per set-up and RPC: infer/s, p50/p99, the server's CPU per request summed over its
+process tree (engine and frontends, from /proc), and the batch sizes the engine formed
+(ModelStatistics' batch statistics over the step: with several frontends, batches that hold
+requests from more than one of them).
+
+Goal (issue 15): the process boundary adds at most 25 us of CPU per request over one
+process. On a 2-core machine nothing runs in parallel (the server has one core); the
+throughput goal (0.8 x N x one frontend) needs a machine with more cores than frontends.
+
+    python -m bench.studies.frontends [--frontends 1,2] [--seconds 4] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import tritonclient.grpc as grpcclient
+
+from bench.compare.model_repo import comparison_repository, ensure_examples
+from bench.compare.servers import PeregrineProcess, ServerProcess
+from bench.loadgen.environment import environment
+from bench.results_md import RESULTS_DIR, replace_section, section_header
+from bench.studies.bar_chart import grouped_bars
+from bench.studies.bench_run import drive
+
+SECTION = "## Frontend processes: the cost of the process boundary"
+RESULTS_JSON = RESULTS_DIR / "frontends.json"
+RESULTS_PNG = RESULTS_DIR / "frontends.png"
+MODEL = "mlp_classifier"
+RPCS = ("unary", "stream")
+CONCURRENCY = 64
+IPC_GOAL_US = 25.0
+
+
+def batch_counts(url: str) -> dict[int, int]:
+    """Executions per batch size so far (ModelStatistics, every version of the model)."""
+    with grpcclient.InferenceServerClient(url) as client:
+        stats = client.get_inference_statistics(MODEL)
+    counts: dict[int, int] = {}
+    for model in stats.model_stats:
+        for batch in model.batch_stats:
+            counts[batch.batch_size] = counts.get(batch.batch_size, 0) + batch.compute_infer.count
+    return counts
+
+
+def step(server: ServerProcess, rpc: str, args: argparse.Namespace,
+         out: Path) -> dict[str, Any]:
+    before = batch_counts(server.url)
+    figures = drive(server, MODEL, rpc, CONCURRENCY, args.seconds, args.warmup, out,
+                    ("--processes", str(args.client_processes)), args.client_cpus)
+    after = batch_counts(server.url)
+    batches = {size: after.get(size, 0) - before.get(size, 0) for size in after}
+    executions = sum(batches.values())
+    rows = sum(size * count for size, count in batches.items())
+    figures["batches"] = {str(k): v for k, v in sorted(batches.items()) if v}
+    figures["mean_batch"] = round(rows / executions, 2) if executions else None
+    return figures
+
+
+def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
+    folder = Path(tempfile.mkdtemp(prefix="frontends-bench-"))
+    try:
+        repo = comparison_repository(ensure_examples([MODEL]), folder / "models", [MODEL],
+                                     batching=True)
+        runs: list[dict[str, Any]] = []
+        for repeat in range(args.repeats):
+            order = args.frontends[repeat % len(args.frontends):] \
+                + args.frontends[:repeat % len(args.frontends)]
+            for count in order:
+                with PeregrineProcess(repo, cpus=args.server_cpus,
+                                      extra_args=("--frontends", str(count))) as server:
+                    for rpc in RPCS:
+                        figures = step(server, rpc, args, folder / f"{count}-{rpc}.json")
+                        run = {"frontends": count, "rpc": rpc, "repeat": repeat + 1, **figures}
+                        runs.append(run)
+                        print(f"frontends {count} {rpc:>6} #{repeat + 1}: "
+                              f"{run['throughput_rps']:,.0f} infer/s, server CPU "
+                              f"{run['server_cpu_us_per_request']} us/req, mean batch "
+                              f"{run['mean_batch']}, errors {run['errors']}",
+                              file=sys.stderr, flush=True)
+        return runs
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def summarise(runs: list[dict[str, Any]], counts: Sequence[int]) -> list[dict[str, Any]]:
+    rows = []
+    for rpc in RPCS:
+        base: float | None = None
+        for count in counts:
+            mine = [r for r in runs if r["rpc"] == rpc and r["frontends"] == count]
+
+            def median(key: str, mine: list[dict[str, Any]] = mine) -> float:
+                return float(statistics.median(r[key] for r in mine if r[key] is not None))
+
+            cpu = median("server_cpu_us_per_request")
+            base = cpu if base is None else base
+            batches: dict[str, int] = {}
+            for run in mine:
+                for size, n in run["batches"].items():
+                    batches[size] = batches.get(size, 0) + n
+            rows.append({
+                "rpc": rpc, "frontends": count, "throughput_rps": median("throughput_rps"),
+                "p50_ms": median("p50_ms"), "p99_ms": median("p99_ms"),
+                "server_cpu_us_per_request": cpu, "extra_cpu_us": cpu - base,
+                "mean_batch": median("mean_batch"), "batches": batches,
+                "errors": sum(r["errors"] for r in mine)})
+    return rows
+
+
+def write_section(document: dict[str, Any]) -> None:
+    lines = section_header(SECTION, document)
+    lines += [
+        f"All of the server on CPU {document['server_cpus']} (one ONNX Runtime thread), "
+        f"`peregrine bench run` with {document['client_processes']} load processes on CPU "
+        f"{document['client_cpus']}, {CONCURRENCY} requests in flight, "
+        f"{document['seconds']} s per step after {document['warmup']} s warm-up, medians of "
+        f"{document['repeats']} runs in rotating order; model {MODEL}. Server CPU per request: "
+        "the CPU of the server's whole process tree (engine and frontends) over the step, "
+        "divided by the requests answered. `--frontends 1` is the single process.", "",
+        "| rpc | --frontends | infer/s | p50 ms | p99 ms | server CPU us/req | "
+        "vs one process | mean batch | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in document["rows"]:
+        lines.append(
+            f"| {row['rpc']} | {row['frontends']} | {row['throughput_rps']:,.0f} | "
+            f"{row['p50_ms']:.2f} | {row['p99_ms']:.2f} | "
+            f"{row['server_cpu_us_per_request']:.1f} | {row['extra_cpu_us']:+.1f} | "
+            f"{row['mean_batch']} | {row['errors']} |")
+    worst = max((r["extra_cpu_us"] for r in document["rows"]), default=0.0)
+    lines += [
+        "", f"Goal: the process boundary adds at most {IPC_GOAL_US:g} us of CPU per request — "
+        + ("met" if worst <= IPC_GOAL_US else f"**not met** (up to {worst:+.0f} us)")
+        + ". With one core for the whole server, the frontends cannot add throughput here; "
+        "the throughput goal needs a host with a core per frontend and one for the engine.",
+        "", "Batch sizes the engine formed (executions per size, all runs): "
+        + "; ".join(f"{r['rpc']} --frontends {r['frontends']}: {r['batches']}"
+                    for r in document["rows"]), "",
+        f"Chart: [frontends.png](results/{RESULTS_PNG.name})", "",
+    ]
+    replace_section("\n".join(lines))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--frontends", default="1,2",
+                        help="the --frontends of each set-up (1: one process)")
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--client-processes", type=int, default=2)
+    parser.add_argument("--server-cpus", default="0")
+    parser.add_argument("--client-cpus", default="1")
+    parser.add_argument("--no-results-md", action="store_true")
+    args = parser.parse_args(argv)
+    args.frontends = [int(v) for v in args.frontends.split(",") if v]
+    started = time.monotonic()
+    runs = measure(args)
+    rows = summarise(runs, args.frontends)
+    document = {
+        "benchmark": "frontends",
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": "python -m bench.studies.frontends "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "environment": environment(None),
+        "seconds": args.seconds, "warmup": args.warmup, "repeats": args.repeats,
+        "client_processes": args.client_processes, "server_cpus": args.server_cpus,
+        "client_cpus": args.client_cpus, "rows": rows, "runs": runs,
+        "wall_s": round(time.monotonic() - started, 1),
+    }
+    RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS_JSON.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
+    groups = [f"{r['rpc']}\n--frontends {r['frontends']}" for r in rows]
+    grouped_bars(RESULTS_PNG, groups,
+                 {"server CPU us/req": [r["server_cpu_us_per_request"] for r in rows]},
+                 "server CPU us per request", f"{MODEL}, {CONCURRENCY} in flight")
+    if not args.no_results_md:
+        write_section(document)
+    print(f"wrote {RESULTS_JSON}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
