@@ -245,8 +245,14 @@ class EngineLink:
             if handler is None:
                 status = CallStatus(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
             else:
-                await self._handle(number, call, handler, opening, context)
+                reply = await self._handle(number, call, handler, opening, context)
                 status = context.status()
+                if reply is not None and status.code is grpc.StatusCode.OK:
+                    self._calls.pop(number, None)
+                    if not status.trailing:
+                        self._send(Kind.ANSWER, number, reply)
+                        return
+                    self._send(Kind.REPLY, number, reply)
         except _Aborted as aborted:
             status = CallStatus(aborted.code, aborted.details, context.trailing)
         except asyncio.CancelledError:
@@ -262,7 +268,9 @@ class EngineLink:
         self._send(Kind.STATUS, number, status.encode())
 
     async def _handle(self, number: int, call: _Call, handler: grpc.RpcMethodHandler,
-                      opening: CallOpening, context: ForwardedContext) -> None:
+                      opening: CallOpening, context: ForwardedContext) -> bytes | None:
+        """Run the call's handler; a streaming answer's replies are sent as they come, a
+        unary answer is returned."""
         decode = handler.request_deserializer
         encode = handler.response_serializer
         request: Any
@@ -278,10 +286,10 @@ class EngineLink:
             response = behaviour(request, context)
             if inspect.isawaitable(response):
                 response = await response
-            if context.code() in (None, grpc.StatusCode.OK):
-                self._send(Kind.REPLY, number, response if encode is None else encode(response))
-            return
+            message: bytes = response if encode is None else encode(response)
+            return message
         behaviour = handler.stream_stream if handler.request_streaming \
             else handler.unary_stream
         async for response in behaviour(request, context):
             await self._reply(number, call, response if encode is None else encode(response))
+        return None

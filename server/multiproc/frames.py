@@ -45,6 +45,8 @@ class Kind(enum.IntEnum):
     STATUS = 7
     #: A frontend's first frame: its gRPC server is listening.
     READY = 8
+    #: A unary answer: the one REPLY and an OK STATUS without trailing metadata, in one.
+    ANSWER = 9
 
 
 class FrameError(Exception):

@@ -54,6 +54,7 @@ FRONTEND_SETTINGS = (
     "uvloop", "exit_timeout_secs", "log_level", "log_format",
 )
 ENGINE_GONE = "the server's engine is not running"
+ANSWERED = CallStatus(grpc.StatusCode.OK)
 #: Room for a frame's header and call opening beside the largest message.
 FRAME_OVERHEAD = 1 << 20
 
@@ -139,7 +140,11 @@ class EngineClient:
                 call = self._calls.get(number)
                 if call is None:
                     continue
-                if kind is Kind.REPLY:
+                if kind is Kind.ANSWER:
+                    call.status = ANSWERED
+                    call.replies.put_nowait(body)
+                    call.replies.put_nowait(None)
+                elif kind is Kind.REPLY:
                     call.replies.put_nowait(body)
                 elif kind is Kind.STATUS:
                     call.status = CallStatus.decode(body)
