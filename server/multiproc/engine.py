@@ -36,6 +36,8 @@ from server.multiproc.frames import (
 log = logging.getLogger(__name__)
 
 _END = object()
+#: Method names a client may make the engine remember (unknown ones included) at most.
+MAX_UNKNOWN_METHODS = 1024
 
 
 class HandlerTable(grpc.aio.Server):  # type: ignore[misc]
@@ -45,6 +47,8 @@ class HandlerTable(grpc.aio.Server):  # type: ignore[misc]
 
     def __init__(self) -> None:
         self._generic: list[grpc.GenericRpcHandler] = []
+        #: Handlers found so far, by method (a service's handlers never change once served).
+        self._found: dict[str, grpc.RpcMethodHandler | None] = {}
 
     def add_generic_rpc_handlers(
         self, generic_rpc_handlers: Sequence[grpc.GenericRpcHandler]) -> None:
@@ -56,12 +60,13 @@ class HandlerTable(grpc.aio.Server):  # type: ignore[misc]
         """The generic handlers registered beside these find the same methods."""
 
     def find(self, method: str) -> grpc.RpcMethodHandler | None:
+        if method in self._found:
+            return self._found[method]
         details = _CallDetails(method, ())
-        for generic in self._generic:
-            found = generic.service(details)
-            if found is not None:
-                return found
-        return None
+        found = next((h for g in self._generic if (h := g.service(details)) is not None), None)
+        if found is not None or len(self._found) < MAX_UNKNOWN_METHODS:
+            self._found[method] = found
+        return found
 
     def add_insecure_port(self, address: str) -> int:
         raise NotImplementedError("the engine listens on nothing: its frontends do")
