@@ -39,6 +39,7 @@ class Served:
     version: str
     scheduler: AnsweringScheduler
     metrics: object = None
+    cache: None = None
 
 
 @dataclass
