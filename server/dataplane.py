@@ -144,8 +144,11 @@ def _through_cache(
     except BaseException:
         model.metrics.cache_miss(done - looked_up)
         raise
-    future.add_done_callback(
-        functools.partial(_store, cache, key, model.metrics, done - looked_up))
+    store = functools.partial(_store, cache, key, model.metrics, done - looked_up)
+    if future.done():
+        store(future)  # answered inline: stored before the caller or a callback sees it
+    else:
+        future.add_done_callback(store)
     return future
 
 

@@ -28,7 +28,7 @@ class VersionShare:
         if entry is None:
             return None
         return InferResponse(entry.model_name, entry.model_version, request_id,
-                             list(entry.outputs), dict(entry.parameters))
+                             list(entry.outputs))
 
     def put(self, key: Hashable, response: InferResponse) -> None:
         if self._open:
@@ -47,5 +47,4 @@ def _entry(owner: int, key: Hashable, response: InferResponse) -> Entry:
                     for t in response.outputs)
     nbytes = (ENTRY_OVERHEAD + TENSOR_OVERHEAD * (key_inputs(key) + len(outputs))
               + sum(len(t.raw) for t in outputs if t.raw is not None))
-    return Entry(owner, response.model_name, response.model_version, outputs,
-                 dict(response.parameters), nbytes)
+    return Entry(owner, response.model_name, response.model_version, outputs, nbytes)

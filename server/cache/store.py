@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Hashable
 
-from server.types import OutputTensor, ParamValue
+from server.types import OutputTensor
 
 #: What an entry costs beside its tensors' bytes, counted against the bound: the dictionary
 #: slot, the key (its tuples, the shapes, the digest) and the entry object; and per tensor
@@ -20,19 +20,18 @@ TENSOR_OVERHEAD = 256
 
 
 class Entry:
-    """One stored answer; immutable once stored (responses made from it copy the lists)."""
+    """One stored answer: its outputs, immutable once stored. Response parameters are not
+    kept: the only ones the server sets (the router's variant) belong to each request."""
 
-    __slots__ = ("model_name", "model_version", "nbytes", "outputs", "owner", "parameters")
+    __slots__ = ("model_name", "model_version", "nbytes", "outputs", "owner")
 
     def __init__(self, owner: int, model_name: str, model_version: str,
-                 outputs: tuple[OutputTensor, ...], parameters: dict[str, ParamValue],
-                 nbytes: int) -> None:
+                 outputs: tuple[OutputTensor, ...], nbytes: int) -> None:
         #: The share that stored it.
         self.owner = owner
         self.model_name = model_name
         self.model_version = model_version
         self.outputs = outputs
-        self.parameters = parameters
         self.nbytes = nbytes
 
 

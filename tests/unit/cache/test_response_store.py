@@ -17,7 +17,7 @@ SPEC = ModelSpec("m", "onnxruntime_onnx", "onnxruntime", 8,
 
 
 def entry(nbytes: int, owner: int = 1) -> Entry:
-    return Entry(owner, "m", "1", (), {}, nbytes)
+    return Entry(owner, "m", "1", (), nbytes)
 
 
 def test_the_least_recently_used_entry_goes_first() -> None:
