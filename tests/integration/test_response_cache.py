@@ -22,7 +22,7 @@ import tritonclient.grpc as grpcclient
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from tests import model_factory
+from tests import model_factory, triton_shm
 from tests.server_harness import ServerThread
 
 StartServer = Callable[..., ServerThread]
@@ -217,6 +217,45 @@ def test_without_cache_config_a_model_asking_for_the_cache_runs_every_request(
     assert stats.execution_count == 3
     assert stats.inference_stats.cache_miss.count == 0
     assert metric(server, "peregrine_response_cache_entries") is None
+
+
+def test_shared_memory_inputs_are_keyed_by_what_the_region_holds(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """The same region, offset and size with new contents is a new request; the answer of a
+    hit is written to the output region like a computed one."""
+    shm = triton_shm.load()
+    model_factory.scaled_model_version(tmp_path, "shm", 1, 2.0, with_config=True,
+                                       response_cache=True)
+    server = start_server(tmp_path, cache_config=CACHE, allow_client_shm=True)
+    size = WIDTH * 4
+    key = f"/peregrine-cache-test-{threading.get_ident()}"
+    inputs = shm.create_shared_memory_region("cache-in", key + "-in", size)
+    outputs = shm.create_shared_memory_region("cache-out", key + "-out", size)
+    try:
+        with grpcclient.InferenceServerClient(server.url) as client:
+            client.register_system_shared_memory("in", key + "-in", size)
+            client.register_system_shared_memory("out", key + "-out", size)
+
+            def infer(data: npt.NDArray[np.float32]) -> npt.NDArray[Any]:
+                shm.set_shared_memory_region(inputs, [data])
+                shm.set_shared_memory_region(outputs, [np.zeros_like(data)])
+                tensor = grpcclient.InferInput("INPUT0", [1, WIDTH], "FP32")
+                tensor.set_shared_memory("in", size)
+                output = grpcclient.InferRequestedOutput("OUTPUT0")
+                output.set_shared_memory("out", size)
+                client.infer("shm", [tensor], outputs=[output])
+                return np.array(shm.get_contents_as_numpy(outputs, np.float32, [1, WIDTH]))
+
+            first, second = rows(20), rows(21)
+            for data in (first, first, second, first):
+                np.testing.assert_array_equal(infer(data), data * 2.0)
+            stats = statistics(client, "shm").inference_stats
+            client.unregister_system_shared_memory()
+    finally:
+        shm.destroy_shared_memory_region(inputs)
+        shm.destroy_shared_memory_region(outputs)
+    assert (stats.cache_miss.count, stats.cache_hit.count) == (2, 2)
 
 
 # -- the bound --------------------------------------------------------------------------------
