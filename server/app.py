@@ -27,6 +27,7 @@ from server._pb._pool import POOL
 from server.admission import Admission, Bounds
 from server.backends.onnxruntime import OnnxRuntimeFactory
 from server.backends.tensorrt import TensorRtFactory
+from server.cache import ServerCache
 from server.codec.caps import RequestCaps
 from server.codec.wire import select_wire_codec
 from server.control import ControlPlane
@@ -50,6 +51,7 @@ from server.interfaces import (
 )
 from server.metrics import MetricsRegistry
 from server.metrics.admission import AdmissionMetrics
+from server.metrics.cache import CacheMetrics
 from server.metrics.drift import DriftCounts, DriftMetrics
 from server.metrics.loop_lag import LoopLag
 from server.metrics.routing import RoutingMetrics
@@ -165,6 +167,15 @@ def build_admission(settings: ServerSettings, metrics: MetricsRegistry) -> Admis
     return admission
 
 
+def build_cache(settings: ServerSettings, metrics: MetricsRegistry) -> ServerCache | None:
+    """The response cache --cache-config asks for, and its gauges; None without the flag."""
+    if not settings.response_cache_bytes:
+        return None
+    cache = ServerCache(settings.response_cache_bytes)
+    CacheMetrics(metrics.registry, cache.store)
+    return cache
+
+
 def _loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -189,6 +200,8 @@ class PeregrineServer:
             settings.tensor_elements_cap, settings.request_bytes_cap,
             settings.bytes_elements_cap))
         self.admission = build_admission(settings, self.metrics)
+        #: The response cache (--cache-config); None without the flag.
+        self.cache = build_cache(settings, self.metrics)
         self.repository = ModelManager(
             model_source(settings),
             backend_factories(),
@@ -200,6 +213,7 @@ class PeregrineServer:
             drain_timeout=settings.exit_timeout_secs,
             parameter_keys=PARAMETER_KEYS,
             parameter_checks=PARAMETER_CHECKS,
+            response_cache=self.cache,
         )
         self.mode = ControlMode(settings.model_control_mode)
         routing_metrics = RoutingMetrics(self.metrics.registry)

@@ -5,10 +5,19 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+from collections.abc import Hashable
 
 from server.codec.validate import validate_request
 from server.errors import ModelNotReady, PeregrineError
-from server.interfaces import DriftSample, DriftSink, LoadedModel, ModelCatalog, Router
+from server.interfaces import (
+    DriftSample,
+    DriftSink,
+    LoadedModel,
+    ModelCatalog,
+    ModelMetrics,
+    ResponseCache,
+    Router,
+)
 from server.security.names import check_model_name
 from server.types import InferRequest, InferResponse, RouteDecision
 
@@ -64,7 +73,11 @@ class DataPlane:
             raise
         try:
             validate_request(request, model.spec)
-            future = model.scheduler.submit(request, lone)
+            cache = model.cache
+            if cache is None:
+                future = model.scheduler.submit(request, lone)
+            else:
+                future = _through_cache(model, cache, request, lone, start)
         except Exception as exc:
             model.metrics.request_failed(_reason(exc), _now() - start)
             self._finish_route(decision, request, exc, start)
@@ -108,3 +121,43 @@ class DataPlane:
     ) -> None:
         if decision is not None and self._router is not None:
             self._router.finish(decision, request, result, (_now() - start) / 1e9)
+
+
+def _through_cache(
+    model: LoadedModel, cache: ResponseCache, request: InferRequest, lone: bool, start: int
+) -> asyncio.Future[InferResponse]:
+    """A hit is answered here, already done: no queue, no batch, no backend call. A miss goes
+    to the scheduler, and its answer is stored once it succeeds (a failed or cancelled
+    request stores nothing). Two identical requests in flight at once both miss and both
+    run; the later answer replaces the earlier one."""
+    looked_up = _now()
+    key = cache.key(request)
+    response = cache.get(key, request.id)
+    done = _now()
+    if response is not None:
+        model.metrics.cache_hit(done - looked_up, done - start)
+        future: asyncio.Future[InferResponse] = asyncio.get_running_loop().create_future()
+        future.set_result(response)
+        return future
+    try:
+        future = model.scheduler.submit(request, lone)
+    except BaseException:
+        model.metrics.cache_miss(done - looked_up)
+        raise
+    store = functools.partial(_store, cache, key, model.metrics, done - looked_up)
+    if future.done():
+        store(future)  # answered inline: stored before the caller or a callback sees it
+    else:
+        future.add_done_callback(store)
+    return future
+
+
+def _store(cache: ResponseCache, key: Hashable, metrics: ModelMetrics, lookup_ns: int,
+           future: asyncio.Future[InferResponse]) -> None:
+    """Runs before the waiter resumes: the miss's answer is stored before anyone sees it."""
+    if future.cancelled() or future.exception() is not None:
+        metrics.cache_miss(lookup_ns)
+        return
+    started = _now()
+    cache.put(key, future.result())
+    metrics.cache_miss(lookup_ns + _now() - started)

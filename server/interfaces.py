@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import NamedTuple, Protocol, runtime_checkable
@@ -136,6 +136,17 @@ class ModelMetrics(Protocol):
         backend calls."""
         ...
 
+    def cache_hit(self, lookup_ns: int, total_ns: int) -> None:
+        """A request answered from the response cache: ``lookup_ns`` to find and copy out
+        its answer, ``total_ns`` since the data plane took it (a success, as Triton counts
+        hits; never an inference or an execution)."""
+        ...
+
+    def cache_miss(self, ns: int) -> None:
+        """A request the response cache could not answer, once it is done: ``ns`` spent
+        looking it up and storing its answer (when it succeeded)."""
+        ...
+
 
 #: Makes the scheduler of one loaded model version (injected by the composition root, so the
 #: repository never builds batchers itself). Called on the event loop thread.
@@ -239,6 +250,39 @@ class Router(Protocol):
         ...
 
 
+class ResponseCache(Protocol):
+    """One loaded version's share of the server's response cache (--cache-config), for a
+    model with ``response_cache { enable: true }``.
+
+    On the event loop thread only, no lock. A reload of the same version number gets a
+    share of its own, so an answer of one load is never served by another.
+    """
+
+    def key(self, request: InferRequest) -> Hashable:
+        """What identifies ``request``'s answer: its inputs (names, datatypes, shapes and
+        bytes), requested outputs and the parameters that may change the answer."""
+        ...
+
+    def get(self, key: Hashable, request_id: str) -> InferResponse | None:
+        """The stored answer under ``key`` as a response to request ``request_id``, or None."""
+        ...
+
+    def put(self, key: Hashable, response: InferResponse) -> None:
+        """Store a successful answer (nothing once the share is dropped)."""
+        ...
+
+    def drop(self) -> None:
+        """Forget every answer of this share and store no more: its version is unloaded."""
+        ...
+
+
+class ResponseCacheFactory(Protocol):
+    """The server's response cache, handing each loaded version its share (injected into the
+    repository manager by the composition root)."""
+
+    def for_version(self, spec: ModelSpec, version: str) -> ResponseCache: ...
+
+
 class LoadedModel(Protocol):
     @property
     def spec(self) -> ModelSpec: ...
@@ -251,6 +295,11 @@ class LoadedModel(Protocol):
 
     @property
     def metrics(self) -> ModelMetrics: ...
+
+    @property
+    def cache(self) -> ResponseCache | None:
+        """The version's response cache; None when its model does not use one."""
+        ...
 
 
 class DriftSample(NamedTuple):

@@ -55,6 +55,34 @@ MLFLOW_SCHEMES = {"mlflow://": "http://", "mlflow+http://": "http://",
                   "mlflow+https://": "https://"}
 
 
+def parse_cache_config(text: str) -> int:
+    """Triton's ``--cache-config`` value, ``local,size=<bytes>``: the local cache's size."""
+    kind, _, rest = text.partition(",")
+    if kind.strip() != "local":
+        raise ValueError(f"only the local cache is offered (local,size=<bytes>), got '{text}'")
+    values: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, equals, value = item.partition("=")
+        if not equals or key.strip() != "size":
+            raise ValueError(f"the local cache takes size=<bytes> only, got '{item}'")
+        values["size"] = value.strip()
+    if "size" not in values:
+        raise ValueError(f"the local cache needs size=<bytes>, got '{text}'")
+    try:
+        size = int(values["size"])
+    except ValueError:
+        raise ValueError(f"cache size must be a number of bytes, got '{values['size']}'") from None
+    if size <= 0:
+        raise ValueError(f"cache size must be positive, got {size}")
+    return size
+
+
+def checked_cache_config(text: str) -> str:
+    """The --cache-config value, once it parses (the settings keep the text)."""
+    parse_cache_config(text)
+    return text
+
+
 def parse_names(text: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in text.split(",") if name.strip())
 
@@ -113,6 +141,8 @@ class ServerSettings:
     model_source: str = ""
     mlflow_models: tuple[str, ...] = ()
     model_cache_dir: Path = dataclasses.field(default_factory=default_model_cache)
+    #: Triton's ``local,size=<bytes>``; empty: no response cache.
+    cache_config: str = ""
     # -- security (docs/security.md) --
     grpc_use_ssl: bool = False
     grpc_server_cert: Path | None = None
@@ -175,6 +205,11 @@ class ServerSettings:
             raise ValueError("an MLflow model_source needs mlflow_models (e.g. digits@champion)")
         if self.mlflow_models and self.mlflow_tracking_uri is None:
             raise ValueError("mlflow_models needs an MLflow model_source (mlflow://HOST:PORT)")
+        if self.cache_config:
+            try:
+                parse_cache_config(self.cache_config)
+            except ValueError as exc:
+                raise ValueError(f"cache_config: {exc}") from None
         self._check_security()
         self._check_bounds()
 
@@ -190,6 +225,11 @@ class ServerSettings:
             raise ValueError(f"max_queued_bytes ({self.queued_bytes_bound}) must be at least "
                              f"max_request_bytes ({self.request_bytes_cap}): a request that "
                              "large could never be accepted")
+
+    @property
+    def response_cache_bytes(self) -> int:
+        """The response cache's size from --cache-config; 0 without one."""
+        return parse_cache_config(self.cache_config) if self.cache_config else 0
 
     @property
     def tensor_elements_cap(self) -> int:
@@ -320,6 +360,10 @@ OPTIONS: tuple[Option, ...] = (
            "Where a remote model source downloads versions (<dir>/<model>/<version>/"
            "model.onnx); cached versions are reused. One server per directory. Default: "
            "$XDG_CACHE_HOME/peregrine/models (~/.cache/peregrine/models)."),
+    Option("cache_config", checked_cache_config,
+           "The response cache, as Triton's: local,size=<bytes> (entries bounded in bytes, "
+           "least recently used evicted first). Only models whose config.pbtxt has "
+           "response_cache { enable: true } use it. Default: none (no cache)."),
     Option("grpc_use_ssl", parse_bool,
            "Serve gRPC over TLS; needs --grpc-server-cert and --grpc-server-key. "
            "Default: false."),

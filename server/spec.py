@@ -255,6 +255,9 @@ class ModelSpec:
     default_model_filename: str = "model.onnx"
     #: Raw-image preprocessing in front of one input (config ``preprocess.*``), or None.
     preprocess: ImagePreprocess | None = None
+    #: Config ``response_cache { enable: true }``: repeated requests may be answered from
+    #: the server's response cache (when --cache-config gives it one).
+    response_cache: bool = False
     #: The inputs as clients send them: ``inputs`` with a preprocessed input replaced by its
     #: raw-image form. Derived; ModelMetadata and request validation read it.
     client_inputs: tuple[TensorSpec, ...] = field(init=False, compare=False, repr=False)

@@ -123,6 +123,8 @@ class ConfigOptions(TypedDict, total=False):
     version_policy: str
     #: > 0: a ``model_warmup`` entry of zeros (one row, ``-1`` dims as 1) run this many times
     warmup_count: int
+    #: ``response_cache { enable: true }``: answers may come from the server's response cache
+    response_cache: bool
 
 
 @dataclass(frozen=True)
@@ -230,6 +232,8 @@ def render_config(
         lines.append(f"version_policy: {{ {options['version_policy']} }}")
     if options.get("warmup_count", 0) > 0:
         lines += _warmup_block(inputs, options["warmup_count"])
+    if options.get("response_cache", False):
+        lines.append("response_cache { enable: true }")
     parameters = dict(parameters or {})
     if "queue_delay" in options:
         parameters["queue_delay"] = options["queue_delay"]

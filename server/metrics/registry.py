@@ -72,6 +72,13 @@ class VersionMetrics:
     def unavailable(self) -> None:
         self.mark_unready()
 
+    def cache_hit(self, lookup_ns: int, total_ns: int) -> None:
+        self.stats.record_hit(lookup_ns, total_ns)
+        self.request_seconds.observe(total_ns / 1e9)
+
+    def cache_miss(self, ns: int) -> None:
+        self.stats.cache_miss.add(ns)
+
     def batch_done(self, started_ns: int, finished_ns: int, enqueued_ns: Sequence[int],
                    answered_ns: Sequence[int], executions: Sequence[Execution]) -> None:
         stats = self.stats
@@ -189,6 +196,20 @@ class _StatsCollector(Collector):
          lambda s: s.compute_output.ns // 1000),
     )
 
+    #: Only for versions with a response cache, as Triton exports them.
+    _CACHE_COUNTERS: tuple[tuple[str, str, Callable[[VersionStats], int]], ...] = (
+        ("nv_cache_num_hits_per_model", "Requests answered from the response cache",
+         lambda s: s.cache_hit.count),
+        ("nv_cache_num_misses_per_model", "Requests the response cache could not answer",
+         lambda s: s.cache_miss.count),
+        ("nv_cache_hit_duration_per_model",
+         "Cumulative time to find and copy out cached answers, in microseconds",
+         lambda s: s.cache_hit.ns // 1000),
+        ("nv_cache_miss_duration_per_model",
+         "Cumulative time to look up missed requests and store their answers, in "
+         "microseconds", lambda s: s.cache_miss.ns // 1000),
+    )
+
     def __init__(self, snapshot: Callable[[], list[tuple[str, str, VersionStats]]]) -> None:
         self._snapshot = snapshot
 
@@ -222,3 +243,10 @@ class _StatsCollector(Collector):
                 {"model": model, "version": version}, stats.pending,
             )
         yield pending
+        cached = [(model, version, stats) for model, version, stats in versions
+                  if stats.response_cache]
+        for name, doc, read in self._CACHE_COUNTERS:
+            family = _family(name, doc, "counter")
+            for model, version, stats in cached:
+                family.add_sample(name, {"model": model, "version": version}, read(stats))
+            yield family

@@ -40,6 +40,13 @@ class VersionStats:
     compute_input: Duration = field(default_factory=Duration)
     compute_infer: Duration = field(default_factory=Duration)
     compute_output: Duration = field(default_factory=Duration)
+    #: Requests answered from the response cache: the time to find and copy out each answer.
+    cache_hit: Duration = field(default_factory=Duration)
+    #: Requests the response cache could not answer: the time to look each up and to store
+    #: its answer.
+    cache_miss: Duration = field(default_factory=Duration)
+    #: The version has a response cache (its nv_cache_* series are exported).
+    response_cache: bool = False
     inference_count: int = 0
     execution_count: int = 0
     #: Wall-clock milliseconds since the epoch of the last inference (a timestamp, not a timer).
@@ -70,6 +77,14 @@ class VersionStats:
         per_size.compute_input.add(input_ns)
         per_size.compute_infer.add(infer_ns)
         per_size.compute_output.add(output_ns)
+
+    def record_hit(self, lookup_ns: int, total_ns: int) -> None:
+        """As Triton counts a hit: a success and a queue entry (of no wait), never an
+        inference, an execution or compute time."""
+        self.cache_hit.add(lookup_ns)
+        self.success.add(total_ns)
+        self.queue.count += 1
+        self.last_inference_ms = time.time_ns() // 1_000_000
 
     def record_failure(self, reason: str, ns: int) -> None:
         self.fail.add(ns)

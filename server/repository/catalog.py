@@ -13,7 +13,7 @@ from types import MappingProxyType
 
 from server._pb import model_config_pb2 as mc
 from server.errors import ModelNotFound, ModelNotReady
-from server.interfaces import Scheduler
+from server.interfaces import ResponseCache, Scheduler
 from server.metrics import VersionMetrics
 from server.spec import ModelSpec
 
@@ -37,6 +37,9 @@ class ServedVersion:
     description: str
     #: The version's model card (where it came from), shown in ModelMetadata and ModelConfig.
     card: Mapping[str, str] = field(default_factory=dict)
+    #: The version's share of the response cache; None when its model does not use one
+    #: (then the data plane does no cache work for it at all).
+    cache: ResponseCache | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,13 @@ from pathlib import Path
 
 from server._pb import model_config_pb2 as mc
 from server.errors import InvalidInput, ModelLoadError, ModelNotFound
-from server.interfaces import Backend, BackendFactory, ModelSource, SchedulerFactory
+from server.interfaces import (
+    Backend,
+    BackendFactory,
+    ModelSource,
+    ResponseCacheFactory,
+    SchedulerFactory,
+)
 from server.metrics import MetricsRegistry
 from server.parameters import Key, ModelCheck
 from server.repository import model_config as config_io
@@ -113,16 +119,19 @@ class ModelManager:
         drain_timeout: float = 30.0,
         parameter_keys: Sequence[Key[object]] = (),
         parameter_checks: Sequence[ModelCheck] = (),
+        response_cache: ResponseCacheFactory | None = None,
     ) -> None:
         """``parameter_keys`` and ``parameter_checks``: what the composed components (the
         scheduler, drift monitoring) own of a model's parameters, beside the repository's own
-        and each backend's."""
+        and each backend's. ``response_cache``: the server's (--cache-config), which gives
+        each loaded version of a model with ``response_cache { enable: true }`` its share."""
         self.source = source
         self._backends = backends
         self._scheduler_factory = scheduler_factory
         self._parameter_keys = tuple(parameter_keys)
         self._parameter_checks = tuple(parameter_checks)
         self._metrics = metrics
+        self._response_cache = response_cache
         self._models: dict[str, ModelRecord] = {}
         self._loader = ThreadPoolExecutor(max_workers=load_threads, thread_name_prefix="load")
         self._state_file = StateFile(state_file)
@@ -529,9 +538,18 @@ class ModelManager:
         )
         metrics = self._metrics.version(name, version)
         scheduler = self._scheduler_factory(plan.spec, version, instances, metrics)
+        cache = None
+        if plan.spec.response_cache:
+            if self._response_cache is None:
+                log.warning("the model enables response_cache but the server has no cache "
+                            "(--cache-config): it serves uncached",
+                            extra={"model": name, "version": version})
+            else:
+                cache = self._response_cache.for_version(plan.spec, version)
+        metrics.stats.response_cache = cache is not None
         return ServedVersion(
             spec=plan.spec, version=version, scheduler=scheduler, metrics=metrics,
-            description=instances[0].description, card=card,
+            description=instances[0].description, card=card, cache=cache,
         )
 
     def _factory(self, spec: ModelSpec) -> BackendFactory:
@@ -588,6 +606,8 @@ class ModelManager:
             self._metrics.set_ready(name, version, False)
         finished = await served.scheduler.drain(self._drain_timeout)
         await served.scheduler.close()
+        if served.cache is not None:
+            served.cache.drop()
         if not self._holds(name, version):
             self._metrics.forget(name, version)
         log.info("model version unloaded", extra={

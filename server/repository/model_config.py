@@ -261,6 +261,7 @@ def to_spec(config: mc.ModelConfig, model_dir: Path) -> ModelSpec:
             config.default_model_filename or _default_model_filename(backend, parameters, name),
             f"model '{name}' default_model_filename"),
         preprocess=preprocess_config.parse_preprocess(parameters, name),
+        response_cache=config.response_cache.enable,
     )
 
 

@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from server.cache import ServerCache, VersionShare
 from server.dataplane import DataPlane
+from server.metrics import MetricsRegistry
 from server.spec import ModelSpec, TensorSpec
 from server.types import DataType, InferRequest, InferResponse, RouteDecision
 
@@ -39,6 +41,7 @@ class Served:
     version: str
     scheduler: AnsweringScheduler
     metrics: object = None
+    cache: VersionShare | None = None
 
 
 @dataclass
@@ -73,3 +76,30 @@ async def test_an_answer_ready_at_submit_carries_the_routing_verdict() -> None:
     assert future.result().parameters["routing_variant"] == "b"
     assert router.verdicts == [("b", True)]
     assert scheduler.lone == [True]
+
+
+async def test_a_hit_skips_the_scheduler_and_carries_only_its_own_routing_verdict() -> None:
+    scheduler = AnsweringScheduler()
+    router = AlwaysB()
+    metrics = MetricsRegistry().version("m", "2")
+    served = Served(SPEC, "2", scheduler, metrics,
+                    ServerCache(1 << 20).for_version(SPEC, "2"))  # type: ignore[arg-type]
+    routed = DataPlane(OneModel(served), router)  # type: ignore[arg-type]
+    plain = DataPlane(OneModel(served))  # type: ignore[arg-type]
+
+    def request(request_id: str) -> InferRequest:
+        return InferRequest(model_name="m", model_version="", id=request_id,
+                            inputs={"x": np.ones((1, 4), np.float32)},
+                            input_types={"x": DataType.FP32})
+
+    first = routed.submit(request("r1"), lone=True)  # answered inline, then stored
+    assert first.result().parameters == {"routing_variant": "b"}
+    hit = routed.submit(request("r2"))
+    assert hit.done() and hit.result().id == "r2"
+    assert hit.result().parameters == {"routing_variant": "b"}
+    unrouted = plain.submit(request("r3"))
+    assert unrouted.result().id == "r3" and unrouted.result().parameters == {}
+    assert scheduler.lone == [True]  # only the first request reached the scheduler
+    assert router.verdicts == [("b", True), ("b", True)]
+    stats = metrics.stats
+    assert (stats.cache_miss.count, stats.cache_hit.count, stats.success.count) == (1, 2, 2)

@@ -296,3 +296,26 @@ def test_queued_bytes_must_hold_one_request_of_the_largest_size() -> None:
     with pytest.raises(ValueError, match=r"max_queued_bytes \(1000\) must be at least "
                                          r"max_request_bytes \(2000\)"):
         ServerSettings(max_queued_bytes=1000, max_request_bytes=2000)
+
+
+# -- response cache ----------------------------------------------------------------------------
+
+
+def test_the_response_cache_is_off_unless_cache_config_is_given() -> None:
+    assert load_settings(no_flags(), environ={}).response_cache_bytes == 0
+    settings = load_settings({"cache_config": "local,size=1048576"}, environ={})
+    assert settings.response_cache_bytes == 1048576
+    from_env = load_settings({}, environ={"PEREGRINE_CACHE_CONFIG": "local, size = 4096"})
+    assert from_env.response_cache_bytes == 4096
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("redis,host=localhost", "only the local cache"),
+    ("local", "needs size"),
+    ("local,size=big", "number of bytes"),
+    ("local,size=0", "must be positive"),
+    ("local,size=10,eviction=lru", "takes size=<bytes> only"),
+])
+def test_a_bad_cache_config_names_the_flag(value: str, message: str) -> None:
+    with pytest.raises(ValueError, match=f"--cache-config: .*{message}"):
+        load_settings({"cache_config": value}, environ={})

@@ -242,10 +242,17 @@ def test_misspelled_nested_field_names_its_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("field", ["optimization { }", "ensemble_scheduling { }",
-                                   "response_cache { enable: true }"])
+                                   "model_metrics { }"])
 def test_other_unsupported_triton_features_are_rejected(tmp_path: Path, field: str) -> None:
     with pytest.raises(ModelLoadError, match=field.split()[0]):
         read_config(model_dir(tmp_path, "unsupported", minimal("unsupported", field + "\n")))
+
+
+def test_response_cache_is_read_into_the_spec(tmp_path: Path) -> None:
+    cached = model_dir(tmp_path, "cached", minimal("cached", "response_cache { enable: true }\n"))
+    assert to_spec(read_config(cached), cached).response_cache
+    plain = model_dir(tmp_path, "plain", minimal("plain"))
+    assert not to_spec(read_config(plain), plain).response_cache
 
 
 def test_syntax_error_names_the_file(tmp_path: Path) -> None:
