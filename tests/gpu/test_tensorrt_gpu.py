@@ -28,6 +28,7 @@ import tritonclient.grpc as grpcclient  # noqa: E402
 from onnx import TensorProto, helper  # noqa: E402
 from tritonclient.grpc import service_pb2, service_pb2_grpc  # noqa: E402
 
+from server.accelerator_options import FP32_ATOL  # noqa: E402
 from tests.gpu.gpu_env import ROOT, cpu_reference, gpu_config, images, write_cnn  # noqa: E402
 from tests.server_harness import ServerThread  # noqa: E402
 
@@ -63,7 +64,8 @@ def ready(client: grpcclient.InferenceServerClient, model: str) -> None:
     assert states[model][0] == "READY", states[model]
 
 
-@pytest.mark.parametrize(("precision", "atol"), [("fp32", 1e-4), ("fp16", FP16_ATOL),
+# fp32 engines are built without TF32 (the precision contract), so FP32_ATOL holds for them.
+@pytest.mark.parametrize(("precision", "atol"), [("fp32", FP32_ATOL), ("fp16", FP16_ATOL),
                                                  ("bf16", BF16_ATOL)])
 def test_engine_matches_onnxruntime_at_varying_batch_sizes(
     tmp_path: Path, precision: str, atol: float
@@ -119,13 +121,19 @@ def test_cuda_graphs_give_the_same_results(tmp_path: Path) -> None:
     with ServerThread(repo) as server, grpcclient.InferenceServerClient(server.url) as client:
         assert "cuda graphs" in runtime_of(client, "graphs")
         assert "cuda graphs" not in runtime_of(client, "plain")
-        # Repeated sizes: the second of each replays the graph captured by the first.
+        # Repeated sizes: the second of each replays the graph captured by the first. The two
+        # models' engines are separate builds (their tactics may differ): each is held to the
+        # precision contract against the CPU, never one to the other bit for bit.
+        captured: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         for step, rows in enumerate([1, 8, 3, 1, 8, 3, 32, 32, 5, 1]):
-            x = images(rows, step)
+            x = captured[rows][0] if rows in captured else images(rows, step)
             plain, graphs = infer(client, "plain", x), infer(client, "graphs", x)
-            np.testing.assert_allclose(graphs, plain, rtol=0, atol=1e-6,
-                                       err_msg=f"step {step}, batch {rows}")
-            np.testing.assert_allclose(graphs, reference(x), atol=1e-4)
+            for out in (plain, graphs):
+                np.testing.assert_allclose(out, reference(x), rtol=0, atol=FP32_ATOL,
+                                           err_msg=f"step {step}, batch {rows}")
+            if rows in captured:  # a replay of one engine's graph: the same numbers
+                np.testing.assert_array_equal(graphs, captured[rows][1])
+            captured.setdefault(rows, (x, graphs))
     # CUDA graphs are a runtime choice: both engines have the same cache key.
     plans = [sorted(p.name for p in (repo / m / ENGINES / m).glob("*.plan"))
              for m in ("plain", "graphs")]
@@ -240,4 +248,4 @@ def test_two_instances_each_with_their_own_engine(tmp_path: Path) -> None:
         with ThreadPoolExecutor(16) as pool:
             outputs = list(pool.map(lambda x: infer(client, "cnn", x), inputs))
         for x, out in zip(inputs, outputs, strict=True):
-            np.testing.assert_allclose(out, reference(x), atol=1e-4)
+            np.testing.assert_allclose(out, reference(x), atol=FP32_ATOL)
