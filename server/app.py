@@ -27,6 +27,7 @@ from server._pb import grpc_service_pb2 as pb
 from server._pb._pool import POOL
 from server.admission import Admission, Bounds
 from server.backends.onnxruntime import OnnxRuntimeFactory
+from server.backends.pytorch import PyTorchFactory
 from server.backends.tensorrt import TensorRtFactory
 from server.codec.caps import RequestCaps
 from server.codec.wire import select_wire_codec
@@ -84,9 +85,11 @@ ADMIN_SERVICE = ADMIN_DESCRIPTOR.full_name
 
 
 def backend_factories() -> dict[str, BackendFactory]:
-    """Every backend by its config name. TensorRT registers even on CPU machines: it imports
-    tensorrt and cuda-python only when one of its models loads, and fails that load clearly."""
-    return {"onnxruntime": OnnxRuntimeFactory(), "tensorrt": TensorRtFactory()}
+    """Every backend by its config name. TensorRT and PyTorch register even where their
+    libraries are missing: they import tensorrt and cuda-python, or torch, only when one of
+    their models loads, and fail that load clearly."""
+    return {"onnxruntime": OnnxRuntimeFactory(), "tensorrt": TensorRtFactory(),
+            "pytorch": PyTorchFactory()}
 
 
 #: The model parameters the components composed here own (beside the repository's own and
