@@ -95,6 +95,19 @@ def tensorrt_problem() -> str | None:
     return None
 
 
+def torch_cuda_problem() -> str | None:
+    """Why the PyTorch backend cannot run on CUDA here (it needs neither onnxruntime-gpu nor
+    TensorRT), or None when it can."""
+    try:
+        import torch
+    except ImportError as exc:
+        return f"torch is not installed (the 'torch' extra): {exc}"
+    if not torch.cuda.is_available():
+        return (f"torch {torch.__version__} sees no CUDA device (a CPU-only build, or no GPU "
+                "here)")
+    return None
+
+
 def require_gpu() -> None:
     problem = gpu_problem()
     if problem is not None:
