@@ -1,8 +1,8 @@
 """The GPU dependency set is one CUDA major version: the `gpu` extra's packages (pyproject.toml)
 and Dockerfile.gpu's base image, each read for the CUDA version it is built for; the image
 puts the pip wheel's libnvinfer on the dynamic loader's path (ONNX Runtime's TensorRT provider
-dlopens it by name); and the test extra's torch is PyTorch's CPU build, from the index the
-README's test command (which .ci/run runs) names, so CI never pulls CUDA wheels."""
+dlopens it by name); and the test extra's torch is PyTorch's CPU build, from the page of wheels
+the README's test command (which .ci/run runs) names, so CI never pulls CUDA wheels."""
 
 from __future__ import annotations
 
@@ -20,7 +20,10 @@ ROOT = Path(__file__).resolve().parents[2]
 #: onnxruntime-gpu has no CUDA version in its name: the first release of the series built for
 #: each CUDA major (1.31.1's wheel requires nvidia-cuda-runtime~=13.0).
 ORT_GPU_SINCE = {13: Version("1.31")}
-CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
+#: PyTorch's page of torch wheels, the +cpu builds among them: a --find-links page is read
+#: once (an --extra-index-url is asked about every package, each lookup retried where the
+#: host cannot be reached).
+TORCH_WHEELS = "https://download.pytorch.org/whl/torch/"
 
 
 def _extra(name: str) -> dict[str, Requirement]:
@@ -103,6 +106,6 @@ def test_ci_installs_the_cpu_build_of_torch() -> None:
     [pin] = list(torch.specifier)
     assert pin.operator == "==" and Version(pin.version).local == "cpu", torch
     command = _readme_test_command()
-    assert f"--extra-index-url {CPU_TORCH_INDEX}" in command
+    assert f"--find-links {TORCH_WHEELS}" in command
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert command in ci, ".ci/run no longer runs the README's test command"
