@@ -283,7 +283,8 @@ def test_tensorrt_platform_and_backend_are_accepted(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("text", "message"), [
     ('name: "t" platform: "tensorrt_plan" backend: "onnxruntime"',
      "platform 'tensorrt_plan' is run by backend 'tensorrt', not 'onnxruntime'"),
-    ('name: "t" platform: "pytorch_libtorch"', "platform 'pytorch_libtorch' is not supported"),
+    ('name: "t" platform: "tensorflow_savedmodel"',
+     "platform 'tensorflow_savedmodel' is not supported"),
     ('name: "t" backend: "python"', "backend 'python' is not supported"),
     (TRT_CONFIG.format(extra="instance_group [ { kind: KIND_CPU } ]"),
      "TensorRT runs on GPUs"),
