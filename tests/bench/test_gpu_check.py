@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-torch = pytest.importorskip("torch", reason="torch is not installed (the test extra's CPU "
-                            "build, from the page the README's test command names)")
+torch = pytest.importorskip("torch", reason="torch is not installed (the README's test "
+                            "command installs its CPU build where one is offered)")
 
 from bench.studies import torch_repository  # noqa: E402
 from server.backends.pytorch import PyTorchFactory  # noqa: E402

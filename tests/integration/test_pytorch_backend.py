@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip(
-    "torch", reason="torch is not installed (the test extra's CPU build, torch==…+cpu from "
-    "PyTorch's CPU index, as the README's test command installs it)")
+    "torch", reason="torch is not installed (the README's test command installs its CPU "
+    "build where PyTorch's page of wheels, or a local wheel, offers it)")
 
 import tritonclient.grpc as grpcclient  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
