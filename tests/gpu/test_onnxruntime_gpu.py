@@ -76,7 +76,8 @@ def test_execution_accelerator_tensorrt_runs_on_the_tensorrt_provider(
         "trt_engine_cache_path": cache.name, "trt_timing_cache_path": cache.name,
     }))
     reference = cpu_reference()
-    with ServerThread(tmp_path / "repo") as server, \
+    # The provider builds its engines while the model loads: minutes.
+    with ServerThread(tmp_path / "repo", start_timeout_s=900) as server, \
             grpcclient.InferenceServerClient(server.url) as client:
         runtime = runtime_of(client, "cnn")
         assert runtime.startswith("onnxruntime TensorrtExecutionProvider"), runtime
