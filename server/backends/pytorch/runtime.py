@@ -157,7 +157,9 @@ class PyTorchInstance:
         static = [device_inputs[t.name].clone() for t in self._inputs]
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, stream=self._stream):
+            # Thread-local: other instances' threads go on with their CUDA work meanwhile.
+            with torch.cuda.graph(graph, stream=self._stream,
+                                  capture_error_mode="thread_local"):
                 outputs = self._checked(self._module(*self._binding.arguments(
                     {t.name: s for t, s in zip(self._inputs, static, strict=True)})))
         except Exception as exc:
