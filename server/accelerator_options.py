@@ -342,8 +342,7 @@ def ort_gpu_providers(
             trt["trt_max_workspace_size"] = options.trt_workspace_mb << 20
         if options.trt_builder_optimization_level is not None:
             trt["trt_builder_optimization_level"] = options.trt_builder_optimization_level
-        if options.trt_cuda_graphs:
-            require_fixed_shapes(spec)
+        if options.trt_cuda_graphs:  # shapes checked by the backend: require_fixed_shapes
             trt["trt_cuda_graph_enable"] = True
         profile = _explicit_profile(spec, options.shapes)
         if profile:
@@ -359,12 +358,13 @@ def require_fixed_shapes(spec: ModelSpec) -> None:
     """``trt_cuda_graphs`` on ONNX Runtime's TensorRT provider captures one CUDA graph and
     replays it for every run: with other shapes it would give stale or wrong outputs. So it
     is refused unless every run has the same shapes: no batching (max_batch_size 0: requests
-    of a batching model carry 1..max_batch_size rows) and no -1 dim. (The native TensorRT
+    of a batching model carry 1..max_batch_size rows) and no -1 dim, outputs included (their
+    buffers are allocated once: server/backends/fixed_binding.py). (The native TensorRT
     backend captures one graph per batch shape and needs neither.)"""
-    varying = [t.name for t in spec.inputs if any(d < 0 for d in t.dims)]
+    varying = [t.name for t in (*spec.inputs, *spec.outputs) if any(d < 0 for d in t.dims)]
     if spec.max_batch_size > 0 or varying:
         why = (f"max_batch_size is {spec.max_batch_size} (batches of 1..{spec.max_batch_size} "
-               "rows)" if spec.max_batch_size > 0 else f"inputs {varying} have -1 dims")
+               "rows)" if spec.max_batch_size > 0 else f"tensors {varying} have -1 dims")
         raise ModelLoadError(
             f"model '{spec.name}' parameter '{TRT_CUDA_GRAPHS.name}': ONNX Runtime's TensorRT "
             "provider replays one captured CUDA graph, so every run must have the same shapes, "

@@ -19,6 +19,7 @@ from server.accelerator_options import (
     parse_shape_range,
     parse_trt_options,
     profile_text,
+    require_fixed_shapes,
 )
 from server.errors import ModelLoadError
 from server.repository.model_config import to_spec
@@ -190,19 +191,20 @@ def test_tensorrt_provider_options_with_an_explicit_profile() -> None:
     assert [p if isinstance(p, str) else p[0] for p in providers] == WITH_TRT
 
 
-def test_tensorrt_provider_cuda_graphs_only_for_fixed_shapes() -> None:
+def test_cuda_graphs_of_one_replayed_graph_need_fixed_shapes() -> None:
     options = parse_ort_gpu_options(
         {"execution_accelerator": "tensorrt", "trt_cuda_graphs": "true"}, "m")
     fixed = spec(max_batch_size=0)
+    require_fixed_shapes(fixed)
     trt = ort_gpu_providers(fixed, options, 0, WITH_TRT, MODEL_DIR)[0][1]  # type: ignore[index]
     assert trt["trt_cuda_graph_enable"] is True
     # One captured graph replayed for every run: varying shapes would give stale outputs.
     with pytest.raises(ModelLoadError, match=r"'trt_cuda_graphs'.*same shapes.*max_batch_size "
                                              r"is 8 \(batches of 1..8 rows\)"):
-        ort_gpu_providers(spec(max_batch_size=8), options, 0, WITH_TRT, MODEL_DIR)
+        require_fixed_shapes(spec(max_batch_size=8))
     open_dims = spec(TensorSpec("x", DataType.FP32, (-1, 4)), max_batch_size=0)
-    with pytest.raises(ModelLoadError, match=r"inputs \['x'\] have -1 dims"):
-        ort_gpu_providers(open_dims, options, 0, WITH_TRT, MODEL_DIR)
+    with pytest.raises(ModelLoadError, match=r"tensors \['x'\] have -1 dims"):
+        require_fixed_shapes(open_dims)
 
 
 def test_tensorrt_provider_caches_stay_inside_the_model_directory(tmp_path: Path) -> None:
