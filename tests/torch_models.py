@@ -54,14 +54,18 @@ def module(name: str) -> nn.Module:
     return network.eval()
 
 
-def _config(name: str, platform: str, max_batch_size: int, inputs: list[tuple[str, str, str]],
+def _config(name: str, which: str, max_batch_size: int, inputs: list[tuple[str, str, str]],
             outputs: list[tuple[str, str, str]], extra: str = "") -> str:
+    """``which``: the lines that say which backend (platform, or backend and file name)."""
     def tensors(items: list[tuple[str, str, str]]) -> str:
         return ", ".join(f'{{ name: "{n}" data_type: {t} dims: [ {d} ] }}' for n, t, d in items)
 
-    return (f'name: "{name}"\nplatform: "{platform}"\nmax_batch_size: {max_batch_size}\n'
+    return (f'name: "{name}"\n{which}\nmax_batch_size: {max_batch_size}\n'
             f"input [ {tensors(inputs)} ]\noutput [ {tensors(outputs)} ]\n"
             "dynamic_batching { max_queue_delay_microseconds: 2000 }\n" + extra)
+
+
+SCRIPTED = 'platform: "pytorch_libtorch"'
 
 
 def _write(repo: Path, name: str, config: str, save: object, filename: str) -> Path:
@@ -78,7 +82,7 @@ def scripted_mlp(repo: Path, name: str = "mlp", kind: str = "KIND_CPU", gpus: st
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         scripted = torch.jit.script(module("mlp"))
-    config = _config(name, "pytorch_libtorch", 16,
+    config = _config(name, SCRIPTED, 16,
                      [("INPUT__0", "TYPE_FP32", "8"), ("INPUT__1", "TYPE_FP32", "3")],
                      [("OUTPUT__0", "TYPE_FP32", "3"), ("OUTPUT__1", "TYPE_FP32", "8")],
                      f"instance_group [ {{ kind: {kind} {gpus} }} ]\n")
@@ -94,10 +98,9 @@ def exported_cnn(repo: Path, name: str = "cnn", kind: str = "KIND_CPU", gpus: st
     extra = f"instance_group [ {{ kind: {kind} {gpus} }} ]\n" + "".join(
         f'parameters {{ key: "{k}" value {{ string_value: "{v}" }} }}\n'
         for k, v in (parameters or {}).items())
-    config = _config(name, "", 32, [("image", "TYPE_FP32", "3, 16, 16")],
-                     [("scores", "TYPE_FP32", "10"), ("features", "TYPE_FP32", "4")],
-                     'backend: "pytorch"\ndefault_model_filename: "model.pt2"\n' + extra)
-    config = config.replace('platform: ""\n', "")
+    config = _config(name, 'backend: "pytorch"\ndefault_model_filename: "model.pt2"', 32,
+                     [("image", "TYPE_FP32", "3, 16, 16")],
+                     [("scores", "TYPE_FP32", "10"), ("features", "TYPE_FP32", "4")], extra)
     return _write(repo, name, config, lambda path: torch.export.save(program, str(path)),
                   "model.pt2")
 
@@ -106,7 +109,7 @@ def scripted_half(repo: Path, name: str = "half") -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         scripted = torch.jit.script(module("half"))
-    config = _config(name, "pytorch_libtorch", 8,
+    config = _config(name, SCRIPTED, 8,
                      [("x", "TYPE_FP16", "4"), ("y", "TYPE_BF16", "4")],
                      [("x2", "TYPE_FP16", "4"), ("y1", "TYPE_BF16", "4")],
                      "instance_group [ { kind: KIND_CPU } ]\n")
