@@ -2,7 +2,7 @@
 
 Usage::
 
-    python examples/build_models.py [--out DIR]
+    python examples/build_models.py [--out DIR] [--with-torch]
 
 ``DIR`` defaults to ``examples/models`` next to this script. The result is a
 Triton-layout repository::
@@ -12,6 +12,7 @@ Triton-layout repository::
       cnn/{config.pbtxt, 1/model.onnx}
       image_classifier/{config.pbtxt, 1/model.onnx}
       text_encoder/{config.pbtxt, 1/model.onnx}
+      cnn_torch/{config.pbtxt, 1/model.pt2}       (only with --with-torch)
 
 Models:
 
@@ -28,6 +29,9 @@ Models:
   raw ``image`` UINT8 [N, H, W, 3] of any size; the server resizes the shorter side
   to 36 (bilinear), crops the centre 32x32, scales to [0, 1] and normalises with the
   ImageNet mean/std into the model's FP32 [N, 3, 32, 32].
+* ``cnn_torch`` (``--with-torch``, needs torch) -- ``cnn``'s network and weights as a
+  ``torch.export`` program for the PyTorch backend (``platform: "pytorch_libtorch"``,
+  ``KIND_AUTO``: a GPU where torch sees one), checked against ``cnn``.
 * ``text_encoder`` -- string model: input ``text`` BYTES [N, 1]; outputs
   ``token_id`` INT64 [N, 1] (vocabulary lookup, -1 when unknown) and ``text_out``
   BYTES [N, 1] (echo).
@@ -435,13 +439,14 @@ def build_image_classifier(out_dir: Path, version: int = 1, seed: int = 0) -> No
     write_model(out_dir, "image_classifier", version, _cnn_model(seed), IMAGE_CLASSIFIER_CONFIG)
 
 
-def _cnn_model(seed: int) -> onnx.ModelProto:
+def _cnn_weights(seed: int) -> dict[str, npt.NDArray[np.float32]]:
+    """The ``cnn`` network's weights (seeded): the ONNX and the PyTorch builds share them."""
     rng = np.random.default_rng(seed)
 
     def he(shape: tuple[int, ...], fan_in: int) -> npt.NDArray[np.float32]:
         return np.asarray(rng.standard_normal(shape) * np.sqrt(2.0 / fan_in), dtype=np.float32)
 
-    weights = {
+    return {
         "conv1_w": he((8, 3, 3, 3), 3 * 9),
         "conv1_b": np.zeros(8, dtype=np.float32),
         "conv2_w": he((16, 8, 3, 3), 8 * 9),
@@ -449,6 +454,10 @@ def _cnn_model(seed: int) -> onnx.ModelProto:
         "fc_w": he((CNN_CLASSES, 16), 16),
         "fc_b": (rng.standard_normal(CNN_CLASSES) * 0.01).astype(np.float32),
     }
+
+
+def _cnn_model(seed: int) -> onnx.ModelProto:
+    weights = _cnn_weights(seed)
     nodes = [
         helper.make_node(
             "Conv",
@@ -486,6 +495,76 @@ def _cnn_model(seed: int) -> onnx.ModelProto:
     model = _make_model(graph)
     model.doc_string = f"small random-weight CNN, seed={seed}"
     return model
+
+
+CNN_TORCH_CONFIG = """\
+name: "cnn_torch"
+platform: "pytorch_libtorch"
+default_model_filename: "model.pt2"
+max_batch_size: 32
+input [
+  {
+    name: "image"
+    data_type: TYPE_FP32
+    dims: [ 3, 32, 32 ]
+  }
+]
+output [
+  {
+    name: "scores"
+    data_type: TYPE_FP32
+    dims: [ 10 ]
+  }
+]
+dynamic_batching {
+  preferred_batch_size: [ 8, 16 ]
+  max_queue_delay_microseconds: 200
+}
+instance_group [
+  {
+    count: 1
+    kind: KIND_AUTO
+  }
+]
+"""
+
+
+def build_cnn_torch(out_dir: Path, version: int = 1, seed: int = 0) -> None:
+    """Write ``cnn_torch``: ``cnn``'s network and weights as a torch.export program
+    (``model.pt2``, batch 1..32) for the PyTorch backend, checked against the ONNX ``cnn``."""
+    import torch
+    from torch import nn
+
+    weights = {k: torch.from_numpy(v) for k, v in _cnn_weights(seed).items()}
+
+    class Cnn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            for name, value in weights.items():
+                self.register_buffer(name, value)
+
+        def forward(self, image: torch.Tensor) -> torch.Tensor:
+            nf = nn.functional
+            x = torch.relu(nf.conv2d(image, self.conv1_w, self.conv1_b, padding=1))
+            x = torch.relu(nf.conv2d(nf.max_pool2d(x, 2), self.conv2_w, self.conv2_b, padding=1))
+            logits = nf.linear(x.mean(dim=(2, 3)), self.fc_w, self.fc_b)
+            return torch.softmax(logits, dim=1)
+
+    batch = torch.export.Dim("batch", min=1, max=32)
+    program = torch.export.export(Cnn().eval(), (torch.zeros(2, 3, 32, 32),),
+                                  dynamic_shapes=({0: batch},))
+    model_dir = out_dir / "cnn_torch"
+    (model_dir / str(version)).mkdir(parents=True, exist_ok=True)
+    torch.export.save(program, str(model_dir / str(version) / "model.pt2"))
+    (model_dir / "config.pbtxt").write_text(CNN_TORCH_CONFIG)
+    x = _sample("image", (3, 32, 32), 3)
+    [want] = _session(_cnn_model(seed)).run(["scores"], {"image": x})
+    with torch.inference_mode():
+        got = torch.export.load(str(model_dir / str(version) / "model.pt2")).module()(
+            torch.from_numpy(x)).numpy()
+    if not np.allclose(got, want, atol=1e-5):
+        raise RuntimeError("cnn_torch: the PyTorch program does not compute cnn's scores")
+    print(f"  verified cnn_torch/{version} against cnn: image {x.shape} -> scores {got.shape}")
 
 
 TEXT_CONFIG = """\
@@ -633,7 +712,7 @@ def verify_model(repo: Path, name: str) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def build_all(out: Path) -> None:
+def build_all(out: Path, with_torch: bool = False) -> None:
     start = time.perf_counter()
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -649,12 +728,16 @@ def build_all(out: Path) -> None:
 
         for name in EXPECTED:
             verify_model(staging, name)
-        for name in EXPECTED:
+        names = list(EXPECTED)
+        if with_torch:
+            build_cnn_torch(staging, version=1, seed=0)
+            names.append("cnn_torch")
+        for name in names:
             changed = publish(staging, out, name)
             print(f"{'wrote' if changed else 'unchanged'} {out / name}")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    print(f"built {len(EXPECTED)} models in {time.perf_counter() - start:.1f} s")
+    print(f"built {len(names)} models in {time.perf_counter() - start:.1f} s")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -665,8 +748,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=DEFAULT_OUT,
         help=f"repository directory (default {DEFAULT_OUT})",
     )
+    parser.add_argument(
+        "--with-torch",
+        action="store_true",
+        help="also build cnn_torch, cnn as a torch.export program for the PyTorch backend "
+        "(needs torch; left out by default: ONNX-only tools serve the default repository)",
+    )
     args = parser.parse_args(argv)
-    build_all(args.out)
+    build_all(args.out, args.with_torch)
     return 0
 
 

@@ -8,6 +8,18 @@ execution provider and need ``execution_accelerator: "tensorrt"``. ``trt_workspa
 same on both; ``trt_shape_<input>`` gives the range of an input's -1 dims (batch dim
 excluded) as ``"MIN:OPT:MAX"``, each ``AxBxC``, or one shape for all three.
 
+The precision contract: "fp32" means IEEE FP32 arithmetic, never TF32 (whose 10-bit mantissa
+NVIDIA libraries use for FP32 matrix products and convolutions by default on Ampere and
+later). So an fp32 native TensorRT engine is built with TensorRT's TF32 builder flag cleared
+(server/backends/tensorrt/builder.py), ONNX Runtime's CUDA provider gets ``use_tf32: 0``
+(its cuBLAS GEMMs and cuDNN convolutions; onnxruntime-gpu 1.18 and later), and the PyTorch
+backend turns TF32 off in cuBLAS and cuDNN. Such outputs agree with the CPU within
+:data:`FP32_ATOL`. Two paths keep TF32 and are documented as such: reduced-precision engines
+(fp16, bf16, int8: their layers left in FP32 may use TF32; the reduced precision bounds the
+error anyway) and ONNX Runtime's TensorRT provider, which has no per-session switch (only
+``NVIDIA_TF32_OVERRIDE=0`` in the server's environment, for the whole process): its FP32
+outputs agree within :data:`TF32_ATOL`.
+
 Pure (no GPU, TensorRT or cuda-python needed) and outside server/backends on purpose: the
 repository checks these parameters when it reads config.pbtxt, and ``peregrine trt build``
 reads them, and neither may import a concrete backend (tests/test_code_quality.py). Both
@@ -29,6 +41,12 @@ from server.security.paths import confined, relative_path
 from server.spec import InstanceSpec, ModelSpec
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+#: Largest absolute difference from the CPU expected of an FP32 (no TF32) GPU output on
+#: probabilities in 0..1 (different kernels sum in another order).
+FP32_ATOL = 1e-4
+#: The same where TF32 may be used: inputs of products rounded to 10 mantissa bits (a
+#: simulation of that rounding on the example CNN gave errors up to 3.2e-4).
+TF32_ATOL = 1e-3
 MAX_OPTIMIZATION_LEVEL = 5
 ACCELERATORS = ("cuda", "tensorrt")
 CONV_ALGO_SEARCH = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
@@ -291,7 +309,8 @@ def ort_gpu_providers(
     Raises ModelLoadError when the accelerator asked for is not in ``available``, or a cache
     path leads out of the model directory.
     """
-    cuda: dict[str, Any] = {"device_id": device}
+    # use_tf32 0: the precision contract (module docstring), an FP32 model computes in FP32.
+    cuda: dict[str, Any] = {"device_id": device, "use_tf32": 0}
     if options.gpu_mem_limit is not None:
         cuda["gpu_mem_limit"] = options.gpu_mem_limit
     if options.cudnn_conv_algo_search is not None:
@@ -323,7 +342,7 @@ def ort_gpu_providers(
             trt["trt_max_workspace_size"] = options.trt_workspace_mb << 20
         if options.trt_builder_optimization_level is not None:
             trt["trt_builder_optimization_level"] = options.trt_builder_optimization_level
-        if options.trt_cuda_graphs:
+        if options.trt_cuda_graphs:  # shapes checked by the backend: require_fixed_shapes
             trt["trt_cuda_graph_enable"] = True
         profile = _explicit_profile(spec, options.shapes)
         if profile:
@@ -333,6 +352,25 @@ def ort_gpu_providers(
     providers.append(("CUDAExecutionProvider", cuda))
     providers.append("CPUExecutionProvider")
     return providers
+
+
+def require_fixed_shapes(spec: ModelSpec) -> None:
+    """``trt_cuda_graphs`` on ONNX Runtime's TensorRT provider captures one CUDA graph and
+    replays it for every run: with other shapes it would give stale or wrong outputs. So it
+    is refused unless every run has the same shapes: no batching (max_batch_size 0: requests
+    of a batching model carry 1..max_batch_size rows) and no -1 dim, outputs included (their
+    buffers are allocated once: server/backends/fixed_binding.py). (The native TensorRT
+    backend captures one graph per batch shape and needs neither.)"""
+    varying = [t.name for t in (*spec.inputs, *spec.outputs) if any(d < 0 for d in t.dims)]
+    if spec.max_batch_size > 0 or varying:
+        why = (f"max_batch_size is {spec.max_batch_size} (batches of 1..{spec.max_batch_size} "
+               "rows)" if spec.max_batch_size > 0 else f"tensors {varying} have -1 dims")
+        raise ModelLoadError(
+            f"model '{spec.name}' parameter '{TRT_CUDA_GRAPHS.name}': ONNX Runtime's TensorRT "
+            "provider replays one captured CUDA graph, so every run must have the same shapes, "
+            f"but {why}; use max_batch_size 0 and fixed dims, or platform tensorrt_plan (one "
+            "graph per batch shape), or leave CUDA graphs off"
+        )
 
 
 def _explicit_profile(spec: ModelSpec, shapes: Mapping[str, ShapeRange]) -> dict[str, ShapeRange]:

@@ -23,7 +23,11 @@ from server.settings import ServerSettings
 
 
 class ServerThread:
-    def __init__(self, repository: Path, **overrides: Any) -> None:
+    def __init__(self, repository: Path, start_timeout_s: float = 60.0,
+                 **overrides: Any) -> None:
+        """``start_timeout_s``: how long the models may take to load (TensorRT engine builds
+        take minutes)."""
+        self._start_timeout_s = start_timeout_s
         overrides.setdefault("frontends", int(os.environ.get("PEREGRINE_FRONTENDS", "1")))
         settings = ServerSettings(
             model_repository=repository, grpc_port=0, metrics_port=0, **overrides
@@ -57,8 +61,8 @@ class ServerThread:
 
     def start(self) -> ServerThread:
         self._thread.start()
-        if not self._started.wait(timeout=60):
-            raise TimeoutError("server did not start within 60 s")
+        if not self._started.wait(timeout=self._start_timeout_s):
+            raise TimeoutError(f"server did not start within {self._start_timeout_s:g} s")
         if self._error is not None:
             raise RuntimeError(f"server failed to start: {self._error!r}") from self._error
         return self

@@ -1,8 +1,12 @@
-"""GPU backends on one example model: ONNX Runtime's CUDA provider, ONNX Runtime's TensorRT
-provider and the native TensorRT backend, in-process and through a Peregrine server.
+"""GPU backends on one model: ONNX Runtime's CUDA provider, ONNX Runtime's TensorRT provider,
+the native TensorRT backend and the PyTorch backend (without and with CUDA graphs), in-process
+and through a Peregrine server.
 
 In-process (the ceiling): the backend instance the server would load, ``execute`` called back
-to back from one thread at each batch size. Through the server: a fresh ``peregrine serve``
+to back from one thread at each batch size; for PyTorch, the program run by PyTorch alone
+(bench/studies/torch_repository.py). Models: the examples (cnn, mlp_classifier) for ONNX
+Runtime and TensorRT; cnn and resnet50 (a ResNet-50-sized network written there) for
+PyTorch. Through the server: a fresh ``peregrine serve``
 per runtime (KIND_GPU, GPU 0, the example's batching), closed loop at each concurrency with
 requests of each batch size (bench.loadgen.runner, the same load generator as every comparison).
 Writes bench/results/gpu_backends.json and gpu_backends.png; the headline is the server's
@@ -11,9 +15,9 @@ samples/s at the highest concurrency as a share of the in-process figure.
     python -m bench.studies.gpu_backends [--model cnn] [--batch-sizes 1,8,32] \\
         [--concurrency 1,16,64] [--precision fp16] [--seconds 10] [--runtimes ort_cuda,...]
 
-Without a GPU (nvidia-smi, onnxruntime's CUDA provider) it prints why and exits 0 without
-writing anything; a runtime whose pieces are missing (tensorrt, the TensorRT provider) is
-skipped with a message and the others still run.
+Without a GPU (nvidia-smi) it prints why and exits 0 without writing anything; a runtime
+whose pieces are missing (onnxruntime-gpu, tensorrt, torch with CUDA) or that has no such
+model is skipped with a message and the others still run.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +40,14 @@ import numpy as np
 from bench.compare.model_repo import ensure_examples, latest_version, set_parameters
 from bench.loadgen.environment import git_revision, machine, package_versions
 from bench.results_md import RESULTS_DIR
+from bench.studies import torch_repository
 
 RESULTS_JSON = RESULTS_DIR / "gpu_backends.json"
 RESULTS_PNG = RESULTS_DIR / "gpu_backends.png"
-RUNTIMES = ("ort_cuda", "ort_trt", "trt")
-LABELS = {"ort_cuda": "ORT CUDA EP", "ort_trt": "ORT TensorRT EP", "trt": "TensorRT (native)"}
+RUNTIMES = ("ort_cuda", "ort_trt", "trt", "torch", "torch_graphs")
+LABELS = {"ort_cuda": "ORT CUDA EP", "ort_trt": "ORT TensorRT EP", "trt": "TensorRT (native)",
+          "torch": "PyTorch", "torch_graphs": "PyTorch, CUDA graphs"}
+TORCH_RUNTIMES = ("torch", "torch_graphs")
 
 
 def gpu_problem() -> str | None:
@@ -50,19 +57,27 @@ def gpu_problem() -> str | None:
     listed = subprocess.run([smi, "-L"], capture_output=True, text=True, check=False)
     if listed.returncode != 0 or "GPU" not in listed.stdout:
         return f"nvidia-smi -L: {(listed.stdout or listed.stderr).strip()!r}"
-    import onnxruntime as ort
-
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return "onnxruntime has no CUDAExecutionProvider (install the 'gpu' extra)"
     return None
 
 
-def runtime_problem(runtime: str) -> str | None:
-    if runtime == "ort_trt":
-        import onnxruntime as ort
+def runtime_problem(runtime: str, model: str) -> str | None:
+    if runtime in TORCH_RUNTIMES:
+        if model not in torch_repository.SHAPES:
+            return f"no PyTorch build of {model} (there are {sorted(torch_repository.SHAPES)})"
+        try:
+            import torch
+        except ImportError as exc:
+            return f"torch is not installed: {exc}"
+        return None if torch.cuda.is_available() else "torch sees no CUDA device"
+    if model not in ("cnn", "mlp_classifier"):
+        return f"{model} is not an example ONNX model"
+    import onnxruntime as ort
 
-        if "TensorrtExecutionProvider" not in ort.get_available_providers():
-            return "onnxruntime has no TensorrtExecutionProvider"
+    providers = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in providers:
+        return "onnxruntime has no CUDAExecutionProvider (install the 'gpu' extra)"
+    if runtime == "ort_trt" and "TensorrtExecutionProvider" not in providers:
+        return "onnxruntime has no TensorrtExecutionProvider"
     if runtime == "trt":
         try:
             import tensorrt  # noqa: F401
@@ -103,6 +118,9 @@ def config_for(example: str, runtime: str, precision: str) -> str:
 
 
 def make_repository(root: Path, model: str, runtime: str, precision: str) -> Path:
+    if runtime in TORCH_RUNTIMES:
+        return torch_repository.make_repository(root / runtime, model,
+                                                cuda_graphs=runtime == "torch_graphs")
     source = ensure_examples([model]) / model
     repo = root / runtime
     target = repo / model / "1"
@@ -114,25 +132,32 @@ def make_repository(root: Path, model: str, runtime: str, precision: str) -> Pat
 
 
 def in_process(repo: Path, model: str, batch_sizes: Sequence[int], seconds: float,
-               repeats: int) -> dict[str, Any]:
-    """Samples/s of the backend instance itself (median of ``repeats``) per batch size."""
+               repeats: int, runtime: str) -> dict[str, Any]:
+    """Samples/s of the backend instance itself (median of ``repeats``) per batch size; for
+    PyTorch, of the program run by PyTorch alone."""
     from server.app import open_model_offline
 
     spec, load = open_model_offline(repo, model)
-    instance = load("1")
+    if runtime in TORCH_RUNTIMES:
+        execute: Callable[[dict[str, Any]], object] = torch_repository.plain_pytorch(repo,
+                                                                                     model)
+        description, close = "pytorch alone, in process", lambda: None
+    else:
+        instance = load("1")
+        execute, description, close = instance.execute, instance.description, instance.close
     try:
-        results: dict[str, Any] = {"runtime": instance.description}
+        results: dict[str, Any] = {"runtime": description}
         rng = np.random.default_rng(0)
         for batch in batch_sizes:
             feeds = {t.name: rng.standard_normal((batch, *t.dims)).astype(t.datatype.numpy_dtype)
                      for t in spec.inputs}
             for _ in range(20):
-                instance.execute(feeds)
+                execute(feeds)
             rates, latencies = [], []
             for _ in range(repeats):
                 runs, start = 0, time.perf_counter()
                 while (elapsed := time.perf_counter() - start) < seconds:
-                    instance.execute(feeds)
+                    execute(feeds)
                     runs += 1
                 rates.append(runs * batch / elapsed)
                 latencies.append(elapsed / runs * 1e6)
@@ -141,7 +166,7 @@ def in_process(repo: Path, model: str, batch_sizes: Sequence[int], seconds: floa
             print(f"  in-process batch {batch}: {results[str(batch)]['samples_per_s']:.0f} "
                   "samples/s", file=sys.stderr)
     finally:
-        instance.close()
+        close()
     return results
 
 
@@ -228,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": machine(),
         "gpu": gpu_name(),
         "versions": package_versions(("onnxruntime", "onnxruntime-gpu", "tensorrt",
-                                      "cuda-python", "grpcio")),
+                                      "cuda-python", "torch", "grpcio")),
         "model": args.model,
         "precision": args.precision,
         "batch_sizes": batch_sizes,
@@ -239,14 +264,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as folder:
         root = Path(folder)
         for runtime in args.runtimes.split(","):
-            missing = runtime_problem(runtime)
+            missing = runtime_problem(runtime, args.model)
             if missing is not None:
                 print(f"{runtime}: skipped: {missing}", file=sys.stderr)
                 document["skipped"][runtime] = missing
                 continue
             print(f"{runtime}: {LABELS[runtime]}", file=sys.stderr)
             repo = make_repository(root, args.model, runtime, args.precision)
-            ceiling = in_process(repo, args.model, batch_sizes, args.seconds / 2, args.repeats)
+            ceiling = in_process(repo, args.model, batch_sizes, args.seconds / 2, args.repeats,
+                                 runtime)
             served = through_server(repo, args.model, batch_sizes, concurrency, args.seconds)
             document["in_process"][runtime] = ceiling
             document["server"][runtime] = served
@@ -258,7 +284,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
     if document["in_process"]:
-        plot(document, args.output.with_suffix(".png"))
+        try:
+            plot(document, args.output.with_suffix(".png"))
+        except ImportError as exc:  # matplotlib (the bench extra) is not on every GPU machine
+            print(f"no chart: {exc}", file=sys.stderr)
     print(f"wrote {args.output}", file=sys.stderr)
     return 0
 

@@ -15,11 +15,14 @@ import onnxruntime as ort
 
 from server.accelerator_options import (
     ORT_GPU_KEYS,
+    TRT_CUDA_GRAPHS,
     instance_device,
     instance_group,
     ort_gpu_providers,
     parse_ort_gpu_options,
+    require_fixed_shapes,
 )
+from server.backends.fixed_binding import FixedBinding
 from server.backends.shapes import check_dims
 from server.errors import InvalidInput, ModelLoadError
 from server.parameters import Key, boolean, choice, integer, optional
@@ -183,6 +186,16 @@ class OnnxRuntimeInstance:
         self._bind_gpu = (device is not None and not self._bf16_inputs
                           and not self._bf16_outputs and not self._string_inputs
                           and not self._string_outputs)
+        # trt_cuda_graphs: the TensorRT provider replays one graph over the addresses it was
+        # captured with, so the IO stays in buffers allocated once (fixed shapes only).
+        self._fixed: FixedBinding | None = None
+        if TRT_CUDA_GRAPHS.value(spec.parameters, spec.name):
+            if self._bf16_inputs or self._bf16_outputs or self._string_inputs \
+                    or self._string_outputs:
+                raise ModelLoadError(f"model '{spec.name}': trt_cuda_graphs needs tensors of "
+                                     "numpy types (no BF16 or BYTES)")
+            self._fixed = FixedBinding(session, spec, "cpu" if device is None else "cuda",
+                                       device or 0)
 
     @property
     def description(self) -> str:
@@ -197,6 +210,8 @@ class OnnxRuntimeInstance:
     def execute(self, inputs: Mapping[str, Array]) -> dict[str, Array]:
         # A cancel that came after the previous run ended must not stop this one.
         self._run_options.terminate = False
+        if self._fixed is not None:
+            return self._fixed.run(inputs, self._run_options)
         if self._bind_gpu:
             return self._execute_gpu(inputs)
         if self._bf16_inputs or self._bf16_outputs:
@@ -298,6 +313,9 @@ class OnnxRuntimeFactory:
         self, spec: ModelSpec, version_dir: str, instance_index: int
     ) -> tuple[ort.InferenceSession, int | None]:
         path = self.model_path(spec, version_dir)
+        if TRT_CUDA_GRAPHS.value(spec.parameters, spec.name):
+            # One graph replayed over fixed buffers, wherever the session ends up running.
+            require_fixed_shapes(spec)
         providers = choose_providers(spec, instance_index, Path(version_dir).parent)
         try:
             session = ort.InferenceSession(

@@ -39,7 +39,8 @@ CONFIG_FILE = "config.pbtxt"
 ONNX_PLATFORMS = frozenset({"onnxruntime_onnx"})
 ONNX_BACKENDS = frozenset({"onnxruntime"})
 #: platform -> the backend that runs it (Triton's pairs).
-PLATFORM_BACKENDS = {"onnxruntime_onnx": "onnxruntime", "tensorrt_plan": "tensorrt"}
+PLATFORM_BACKENDS = {"onnxruntime_onnx": "onnxruntime", "tensorrt_plan": "tensorrt",
+                     "pytorch_libtorch": "pytorch"}
 BACKEND_PLATFORMS = {backend: platform for platform, backend in PLATFORM_BACKENDS.items()}
 _KINDS = {
     mc.ModelInstanceGroup.KIND_AUTO: "AUTO",
@@ -308,9 +309,12 @@ def _scatter_outputs(config: mc.ModelConfig, inputs: list[TensorSpec],
 
 
 def _default_model_filename(backend: str, parameters: dict[str, str], model: str) -> str:
-    """model.onnx, or for TensorRT model.plan unless the engine is built from model.onnx."""
+    """model.onnx; for TensorRT model.plan unless the engine is built from model.onnx; for
+    PyTorch model.pt (Triton's; a torch.export program, model.pt2, is named explicitly)."""
     if backend == "tensorrt" and not TRT_BUILD_FROM_ONNX.value(parameters, model):
         return "model.plan"
+    if backend == "pytorch":
+        return "model.pt"
     return "model.onnx"
 
 

@@ -7,6 +7,7 @@ GPU-specific is imported. CI and CPU-only machines therefore skip them cleanly.
 
 from __future__ import annotations
 
+import ctypes
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 CNN_ONNX = ROOT / "examples" / "models" / "cnn" / "1" / "model.onnx"
+#: The TensorRT major version the `gpu` extra installs (tensorrt-cu13 10.x).
+NVINFER_MAJOR = 10
 
 
 def cnn_onnx() -> Path:
@@ -27,8 +30,8 @@ def cnn_onnx() -> Path:
     return CNN_ONNX
 
 
-def gpu_problem() -> str | None:
-    """Why the GPU tests cannot run here, or None when they can."""
+def device_problem() -> str | None:
+    """Why this machine has no usable NVIDIA GPU, or None when it has one."""
     smi = shutil.which("nvidia-smi")
     if smi is None:
         return "no GPU: nvidia-smi is not installed"
@@ -39,6 +42,14 @@ def gpu_problem() -> str | None:
         return f"no GPU: nvidia-smi failed ({exc})"
     if listed.returncode != 0 or "GPU" not in listed.stdout:
         return f"no GPU: nvidia-smi -L says {listed.stdout.strip() or listed.stderr.strip()!r}"
+    return None
+
+
+def gpu_problem() -> str | None:
+    """Why ONNX Runtime cannot run on a GPU here, or None when it can."""
+    problem = device_problem()
+    if problem is not None:
+        return problem
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -47,8 +58,28 @@ def gpu_problem() -> str | None:
     return None
 
 
-def tensorrt_problem() -> str | None:
+def ort_tensorrt_problem() -> str | None:
+    """Why ONNX Runtime's TensorRT provider cannot start here: onnxruntime-gpu lists it
+    whether or not TensorRT's libraries can be loaded, and then runs on CUDA instead."""
     problem = gpu_problem()
+    if problem is not None:
+        return problem
+    import onnxruntime as ort
+
+    if "TensorrtExecutionProvider" not in ort.get_available_providers():
+        return "onnxruntime here has no TensorrtExecutionProvider"
+    try:
+        ctypes.CDLL(f"libnvinfer.so.{NVINFER_MAJOR}")
+    except OSError as exc:
+        return (f"TensorRT's libnvinfer.so.{NVINFER_MAJOR} cannot be loaded (install "
+                "tensorrt-cu13 and put its tensorrt_libs directory on LD_LIBRARY_PATH, as "
+                f"Dockerfile.gpu does): {exc}")
+    return None
+
+
+def tensorrt_problem() -> str | None:
+    """Why the native TensorRT backend cannot run here (it needs no onnxruntime-gpu)."""
+    problem = device_problem()
     if problem is not None:
         return problem
     try:
@@ -61,6 +92,19 @@ def tensorrt_problem() -> str | None:
         cuda.runtime()
     except Exception as exc:
         return str(exc)
+    return None
+
+
+def torch_cuda_problem() -> str | None:
+    """Why the PyTorch backend cannot run on CUDA here (it needs neither onnxruntime-gpu nor
+    TensorRT), or None when it can."""
+    try:
+        import torch
+    except ImportError as exc:
+        return f"torch is not installed (the 'torch' extra): {exc}"
+    if not torch.cuda.is_available():
+        return (f"torch {torch.__version__} sees no CUDA device (a CPU-only build, or no GPU "
+                "here)")
     return None
 
 
@@ -110,7 +154,8 @@ def write_cnn(repo: Path, name: str, config: str, model: Path | None = None,
 
 
 def cpu_reference(model: Path | None = None):  # type: ignore[no-untyped-def]
-    """onnxruntime on the CPU: the oracle the GPU outputs are compared with."""
+    """onnxruntime on the CPU: the oracle the GPU outputs are compared with (within
+    FP32_ATOL, or TF32_ATOL where TF32 is allowed: server/accelerator_options.py)."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(model or cnn_onnx()), providers=["CPUExecutionProvider"])

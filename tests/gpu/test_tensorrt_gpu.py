@@ -19,7 +19,9 @@ import pytest
 
 from tests.gpu.gpu_env import require_tensorrt
 
-pytestmark = pytest.mark.gpu
+#: Engine builds take minutes: the server's start and each test may wait that long.
+BUILD_S = 900
+pytestmark = [pytest.mark.gpu, pytest.mark.timeout(2 * BUILD_S)]
 require_tensorrt()
 
 import numpy as np  # noqa: E402
@@ -28,6 +30,7 @@ import tritonclient.grpc as grpcclient  # noqa: E402
 from onnx import TensorProto, helper  # noqa: E402
 from tritonclient.grpc import service_pb2, service_pb2_grpc  # noqa: E402
 
+from server.accelerator_options import FP32_ATOL  # noqa: E402
 from tests.gpu.gpu_env import ROOT, cpu_reference, gpu_config, images, write_cnn  # noqa: E402
 from tests.server_harness import ServerThread  # noqa: E402
 
@@ -63,7 +66,8 @@ def ready(client: grpcclient.InferenceServerClient, model: str) -> None:
     assert states[model][0] == "READY", states[model]
 
 
-@pytest.mark.parametrize(("precision", "atol"), [("fp32", 1e-4), ("fp16", FP16_ATOL),
+# fp32 engines are built without TF32 (the precision contract), so FP32_ATOL holds for them.
+@pytest.mark.parametrize(("precision", "atol"), [("fp32", FP32_ATOL), ("fp16", FP16_ATOL),
                                                  ("bf16", BF16_ATOL)])
 def test_engine_matches_onnxruntime_at_varying_batch_sizes(
     tmp_path: Path, precision: str, atol: float
@@ -73,7 +77,8 @@ def test_engine_matches_onnxruntime_at_varying_batch_sizes(
     write_cnn(repo, name, gpu_config(name, platform="tensorrt_plan", parameters=trt_params(
         trt_precision=precision)))
     reference = cpu_reference()
-    with ServerThread(repo) as server, grpcclient.InferenceServerClient(server.url) as client:
+    with ServerThread(repo, BUILD_S) as server, \
+            grpcclient.InferenceServerClient(server.url) as client:
         ready(client, name)
         runtime = runtime_of(client, name)
         assert runtime.startswith("tensorrt ") and "on cuda:0" in runtime, runtime
@@ -96,7 +101,8 @@ def test_the_engine_cache_survives_a_restart(tmp_path: Path) -> None:
     write_cnn(repo, "cnn", gpu_config("cnn", platform="tensorrt_plan",
                                       parameters=trt_params(trt_precision="fp16")))
     x = images(5, 0)
-    with ServerThread(repo) as server, grpcclient.InferenceServerClient(server.url) as client:
+    with ServerThread(repo, BUILD_S) as server, \
+            grpcclient.InferenceServerClient(server.url) as client:
         first = infer(client, "cnn", x)
     plans = sorted((cache / "cnn").glob("*.plan"))
     assert len(plans) == 1
@@ -104,7 +110,8 @@ def test_the_engine_cache_survives_a_restart(tmp_path: Path) -> None:
     meta = json.loads(plans[0].with_suffix(".json").read_text())
     assert meta["build"]["precision_flags"] == ["fp16"] and meta["build_seconds"] > 0
     assert list((cache / "timing").glob("*.cache")), "the timing cache was not saved"
-    with ServerThread(repo) as server, grpcclient.InferenceServerClient(server.url) as client:
+    with ServerThread(repo, BUILD_S) as server, \
+            grpcclient.InferenceServerClient(server.url) as client:
         np.testing.assert_array_equal(infer(client, "cnn", x), first)
     # No rebuild: the same files, untouched, and nothing new.
     assert {p: p.stat().st_mtime_ns for p in (cache / "cnn").iterdir()} == built
@@ -116,16 +123,23 @@ def test_cuda_graphs_give_the_same_results(tmp_path: Path) -> None:
         write_cnn(repo, name, gpu_config(name, platform="tensorrt_plan", parameters=trt_params(
             trt_cuda_graphs=on)))
     reference = cpu_reference()
-    with ServerThread(repo) as server, grpcclient.InferenceServerClient(server.url) as client:
+    with ServerThread(repo, BUILD_S) as server, \
+            grpcclient.InferenceServerClient(server.url) as client:
         assert "cuda graphs" in runtime_of(client, "graphs")
         assert "cuda graphs" not in runtime_of(client, "plain")
-        # Repeated sizes: the second of each replays the graph captured by the first.
+        # Repeated sizes: the second of each replays the graph captured by the first. The two
+        # models' engines are separate builds (their tactics may differ): each is held to the
+        # precision contract against the CPU, never one to the other bit for bit.
+        captured: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         for step, rows in enumerate([1, 8, 3, 1, 8, 3, 32, 32, 5, 1]):
-            x = images(rows, step)
+            x = captured[rows][0] if rows in captured else images(rows, step)
             plain, graphs = infer(client, "plain", x), infer(client, "graphs", x)
-            np.testing.assert_allclose(graphs, plain, rtol=0, atol=1e-6,
-                                       err_msg=f"step {step}, batch {rows}")
-            np.testing.assert_allclose(graphs, reference(x), atol=1e-4)
+            for out in (plain, graphs):
+                np.testing.assert_allclose(out, reference(x), rtol=0, atol=FP32_ATOL,
+                                           err_msg=f"step {step}, batch {rows}")
+            if rows in captured:  # a replay of one engine's graph: the same numbers
+                np.testing.assert_array_equal(graphs, captured[rows][1])
+            captured.setdefault(rows, (x, graphs))
     # CUDA graphs are a runtime choice: both engines have the same cache key.
     plans = [sorted(p.name for p in (repo / m / ENGINES / m).glob("*.plan"))
              for m in ("plain", "graphs")]
@@ -175,7 +189,7 @@ def test_bf16_tensors_travel_as_raw_words(tmp_path: Path) -> None:
     ]) + "\n")
     import grpc
 
-    with ServerThread(repo) as server, grpc.insecure_channel(server.url) as channel:
+    with ServerThread(repo, BUILD_S) as server, grpc.insecure_channel(server.url) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         for rows in (1, 5, 16):
             values = np.random.default_rng(rows).uniform(-4, 4, (rows, 8)).astype(np.float32)
@@ -219,7 +233,8 @@ def test_trt_build_then_serve_the_plan_with_an_autocompleted_config(tmp_path: Pa
     (served / "cnn_plan" / "config.pbtxt").write_text(gpu_config(
         "cnn_plan", platform="tensorrt_plan", parameters={}, inputs=False))
     reference = cpu_reference()
-    with ServerThread(served) as server, grpcclient.InferenceServerClient(server.url) as client:
+    with ServerThread(served, BUILD_S) as server, \
+            grpcclient.InferenceServerClient(server.url) as client:
         ready(client, "cnn_plan")
         config = client.get_model_config("cnn_plan").config
         assert [(t.name, list(t.dims)) for t in config.input] == [("image", [3, 32, 32])]
@@ -235,9 +250,10 @@ def test_two_instances_each_with_their_own_engine(tmp_path: Path) -> None:
     write_cnn(repo, "cnn", gpu_config("cnn", platform="tensorrt_plan", count=2,
                                       parameters=trt_params(trt_cuda_graphs="true")))
     reference = cpu_reference()
-    with ServerThread(repo) as server, grpcclient.InferenceServerClient(server.url) as client:
+    with ServerThread(repo, BUILD_S) as server, \
+            grpcclient.InferenceServerClient(server.url) as client:
         inputs = [images(1 + i % 4, i) for i in range(64)]
         with ThreadPoolExecutor(16) as pool:
             outputs = list(pool.map(lambda x: infer(client, "cnn", x), inputs))
         for x, out in zip(inputs, outputs, strict=True):
-            np.testing.assert_allclose(out, reference(x), atol=1e-4)
+            np.testing.assert_allclose(out, reference(x), atol=FP32_ATOL)

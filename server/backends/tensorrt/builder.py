@@ -133,15 +133,7 @@ def build_engine(trt: Any, onnx_path: Path, settings: BuildSettings, timing_path
     config = builder.create_builder_config()
     if settings.workspace_mb is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_mb << 20)
-    for precision in settings.precision_flags:
-        flag = getattr(trt.BuilderFlag, _BUILDER_FLAGS[precision], None)
-        if flag is None:
-            raise ModelLoadError(
-                f"TensorRT {trt.__version__} has no {_BUILDER_FLAGS[precision]} builder flag "
-                "(TensorRT 11 builds strongly typed networks only): give an ONNX model already "
-                f"in {precision} with trt_precision fp32, or install tensorrt 10 (the 'gpu' extra)"
-            )
-        config.set_flag(flag)
+    set_precision(trt, config, settings.precision_flags)
     if settings.builder_optimization_level is not None:
         config.builder_optimization_level = settings.builder_optimization_level
     profile = builder.create_optimization_profile()
@@ -178,6 +170,26 @@ def build_engine(trt: Any, onnx_path: Path, settings: BuildSettings, timing_path
     if timing is not None:
         save_timing_cache(config, timing_path)
     return bytes(memoryview(serialized))
+
+
+def set_precision(trt: Any, config: Any, precision_flags: tuple[str, ...]) -> None:
+    """The builder flags of ``trt_precision`` (the precision contract, server/
+    accelerator_options.py): each reduced precision's flag; for plain fp32 (no flag) TF32 is
+    cleared, which TensorRT sets by default, so an "fp32" engine computes in IEEE FP32."""
+    if not precision_flags:
+        tf32 = getattr(trt.BuilderFlag, "TF32", None)
+        if tf32 is not None:  # a TensorRT without the flag has no TF32 to turn off
+            config.clear_flag(tf32)
+        return
+    for precision in precision_flags:
+        flag = getattr(trt.BuilderFlag, _BUILDER_FLAGS[precision], None)
+        if flag is None:
+            raise ModelLoadError(
+                f"TensorRT {trt.__version__} has no {_BUILDER_FLAGS[precision]} builder flag "
+                "(TensorRT 11 builds strongly typed networks only): give an ONNX model already "
+                f"in {precision} with trt_precision fp32, or install tensorrt 10 (the 'gpu' extra)"
+            )
+        config.set_flag(flag)
 
 
 def require_quantized(trt: Any, network: Any, onnx_path: Path) -> None:

@@ -34,8 +34,9 @@ from server.accelerator_options import ShapeRange
 from server.security.paths import confined
 
 CACHE_ENV = "PEREGRINE_TRT_CACHE_DIR"
-#: Bump when the key's recipe changes, so old entries are not mistaken for new ones.
-KEY_SCHEMA = 1
+#: Bump when the key's recipe or what a build makes of the same settings changes, so old
+#: entries are not mistaken for new ones. 2: fp32 engines are built without TF32.
+KEY_SCHEMA = 2
 
 
 def default_cache_dir(environ: Mapping[str, str] | None = None) -> Path:

@@ -19,6 +19,7 @@ from server.accelerator_options import (
     parse_shape_range,
     parse_trt_options,
     profile_text,
+    require_fixed_shapes,
 )
 from server.errors import ModelLoadError
 from server.repository.model_config import to_spec
@@ -159,13 +160,14 @@ def test_cuda_provider_options_from_parameters() -> None:
     assert options.accelerator == "cuda"
     providers = ort_gpu_providers(spec(), options, 1, CUDA_ONLY, MODEL_DIR)
     assert providers == [
-        ("CUDAExecutionProvider", {"device_id": 1, "gpu_mem_limit": 2147483648,
+        ("CUDAExecutionProvider", {"device_id": 1, "use_tf32": 0, "gpu_mem_limit": 2147483648,
                                    "cudnn_conv_algo_search": "HEURISTIC",
                                    "arena_extend_strategy": "kSameAsRequested"}),
         "CPUExecutionProvider",
     ]
+    # The precision contract: the CUDA provider never rounds FP32 products to TF32.
     assert ort_gpu_providers(spec(), OrtGpuOptions(), 0, CUDA_ONLY, MODEL_DIR)[0] == (
-        "CUDAExecutionProvider", {"device_id": 0})
+        "CUDAExecutionProvider", {"device_id": 0, "use_tf32": 0})
 
 
 def test_tensorrt_provider_options_with_an_explicit_profile() -> None:
@@ -173,7 +175,6 @@ def test_tensorrt_provider_options_with_an_explicit_profile() -> None:
         "execution_accelerator": "TensorRT", "trt_fp16": "true",
         "trt_engine_cache_path": "cache/ort", "trt_timing_cache_path": "cache/timing",
         "trt_workspace_mb": "1024", "trt_builder_optimization_level": "3",
-        "trt_cuda_graphs": "1",
     }, "m")
     providers = ort_gpu_providers(spec(max_batch_size=8, preferred=(4,)), options, 0, WITH_TRT,
                                   MODEL_DIR)
@@ -184,11 +185,26 @@ def test_tensorrt_provider_options_with_an_explicit_profile() -> None:
         "trt_engine_cache_enable": True, "trt_engine_cache_path": f"{MODEL_DIR}/cache/ort",
         "trt_timing_cache_enable": True, "trt_timing_cache_path": f"{MODEL_DIR}/cache/timing",
         "trt_max_workspace_size": 1024 << 20, "trt_builder_optimization_level": 3,
-        "trt_cuda_graph_enable": True,
         "trt_profile_min_shapes": "x:1x3x32x32", "trt_profile_opt_shapes": "x:4x3x32x32",
         "trt_profile_max_shapes": "x:8x3x32x32",
     }
     assert [p if isinstance(p, str) else p[0] for p in providers] == WITH_TRT
+
+
+def test_cuda_graphs_of_one_replayed_graph_need_fixed_shapes() -> None:
+    options = parse_ort_gpu_options(
+        {"execution_accelerator": "tensorrt", "trt_cuda_graphs": "true"}, "m")
+    fixed = spec(max_batch_size=0)
+    require_fixed_shapes(fixed)
+    trt = ort_gpu_providers(fixed, options, 0, WITH_TRT, MODEL_DIR)[0][1]  # type: ignore[index]
+    assert trt["trt_cuda_graph_enable"] is True
+    # One captured graph replayed for every run: varying shapes would give stale outputs.
+    with pytest.raises(ModelLoadError, match=r"'trt_cuda_graphs'.*same shapes.*max_batch_size "
+                                             r"is 8 \(batches of 1..8 rows\)"):
+        require_fixed_shapes(spec(max_batch_size=8))
+    open_dims = spec(TensorSpec("x", DataType.FP32, (-1, 4)), max_batch_size=0)
+    with pytest.raises(ModelLoadError, match=r"tensors \['x'\] have -1 dims"):
+        require_fixed_shapes(open_dims)
 
 
 def test_tensorrt_provider_caches_stay_inside_the_model_directory(tmp_path: Path) -> None:
@@ -269,7 +285,8 @@ def test_tensorrt_platform_and_backend_are_accepted(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("text", "message"), [
     ('name: "t" platform: "tensorrt_plan" backend: "onnxruntime"',
      "platform 'tensorrt_plan' is run by backend 'tensorrt', not 'onnxruntime'"),
-    ('name: "t" platform: "pytorch_libtorch"', "platform 'pytorch_libtorch' is not supported"),
+    ('name: "t" platform: "tensorflow_savedmodel"',
+     "platform 'tensorflow_savedmodel' is not supported"),
     ('name: "t" backend: "python"', "backend 'python' is not supported"),
     (TRT_CONFIG.format(extra="instance_group [ { kind: KIND_CPU } ]"),
      "TensorRT runs on GPUs"),

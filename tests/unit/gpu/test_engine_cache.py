@@ -210,3 +210,47 @@ def test_int8_is_refused_for_a_model_without_quantize_nodes(tmp_path: Path) -> N
     with pytest.raises(ModelLoadError, match=r"trt_precision int8 needs a quantised model.*"
                                              r"QuantizeLinear/DequantizeLinear"):
         require_quantized(FAKE_TRT, FakeNetwork("CONV", "MATMUL"), tmp_path / "m.onnx")
+
+
+class FakeFlagConfig:
+    """The flag calls of TensorRT's IBuilderConfig: which flags are set, TF32 on by default
+    as TensorRT has it."""
+
+    def __init__(self) -> None:
+        self.flags = {"TF32"}
+
+    def set_flag(self, flag: str) -> None:
+        self.flags.add(flag)
+
+    def clear_flag(self, flag: str) -> None:
+        self.flags.discard(flag)
+
+
+FLAGS_TRT = SimpleNamespace(__version__="10.16", BuilderFlag=SimpleNamespace(
+    FP16="FP16", BF16="BF16", INT8="INT8", TF32="TF32"))
+
+
+@pytest.mark.parametrize(("precision", "flags"), [
+    ("fp32", set()),  # the precision contract: an fp32 engine computes in FP32, not TF32
+    ("fp16", {"FP16", "TF32"}),
+    ("bf16", {"BF16", "TF32"}),
+    ("int8,fp16", {"INT8", "FP16", "TF32"}),
+])
+def test_builder_flags_follow_the_precision_contract(precision: str, flags: set[str]) -> None:
+    from server.accelerator_options import parse_trt_options
+    from server.backends.tensorrt.builder import set_precision
+
+    config = FakeFlagConfig()
+    options = parse_trt_options({"trt_precision": precision}, "m")
+    set_precision(FLAGS_TRT, config, options.precision_flags)
+    assert config.flags == flags
+
+
+def test_a_tensorrt_without_reduced_precision_flags_says_so() -> None:
+    from server.backends.tensorrt.builder import set_precision
+
+    strongly_typed = SimpleNamespace(__version__="11.4", BuilderFlag=SimpleNamespace())
+    config = FakeFlagConfig()
+    set_precision(strongly_typed, config, ())  # no TF32 flag to clear: nothing to do
+    with pytest.raises(ModelLoadError, match=r"TensorRT 11\.4 has no FP16 builder flag"):
+        set_precision(strongly_typed, config, ("fp16",))

@@ -10,6 +10,7 @@ import pytest
 
 from server.app import PARAMETER_KEYS, backend_factories, check_model_parameters
 from server.backends.onnxruntime import OnnxRuntimeFactory
+from server.backends.pytorch import PyTorchFactory
 from server.backends.tensorrt import TensorRtFactory
 from server.errors import ModelLoadError
 from server.interfaces import BackendFactory
@@ -21,11 +22,13 @@ from tests import model_factory
 
 ORT_KEYS = OnnxRuntimeFactory.parameter_keys
 TRT_KEYS = TensorRtFactory.parameter_keys
+TORCH_KEYS = PyTorchFactory.parameter_keys
 #: Every key but the backends': the repository's and those of the components the app composes.
 COMPONENT_KEYS = (*REPOSITORY_KEYS, *PARAMETER_KEYS)
-EVERY_KEY = tuple(dict.fromkeys((*COMPONENT_KEYS, *ORT_KEYS, *TRT_KEYS)))
+EVERY_KEY = tuple(dict.fromkeys((*COMPONENT_KEYS, *ORT_KEYS, *TRT_KEYS, *TORCH_KEYS)))
 FACTORIES: dict[object, BackendFactory] = {ORT_KEYS: OnnxRuntimeFactory(),
-                                           TRT_KEYS: TensorRtFactory()}
+                                           TRT_KEYS: TensorRtFactory(),
+                                           TORCH_KEYS: PyTorchFactory()}
 
 
 def check_parameters(checked: ModelSpec, backend_keys: tuple[Key[object], ...]) -> None:
@@ -68,6 +71,9 @@ def test_the_backend_decides_which_backend_keys_exist() -> None:
         check_parameters(spec(trt_precision="fp16"), ORT_KEYS)
     with pytest.raises(ModelLoadError, match="'intra_op_thread_count' is not a key"):
         check_parameters(spec("tensorrt", intra_op_thread_count="1"), TRT_KEYS)
+    check_parameters(spec("pytorch", cuda_graphs="true"), TORCH_KEYS)
+    with pytest.raises(ModelLoadError, match="'trt_cuda_graphs' is not a key"):
+        check_parameters(spec("pytorch", trt_cuda_graphs="true"), TORCH_KEYS)
 
 
 @pytest.mark.parametrize(("key", "value", "expected"), [
@@ -165,7 +171,8 @@ def test_every_declared_key_parses_its_documented_default(key: Key[object]) -> N
         key.parse(key.default)
 
 
-@pytest.mark.parametrize("backend_keys", [ORT_KEYS, TRT_KEYS], ids=["onnxruntime", "tensorrt"])
+@pytest.mark.parametrize("backend_keys", [ORT_KEYS, TRT_KEYS, TORCH_KEYS],
+                         ids=["onnxruntime", "tensorrt", "pytorch"])
 def test_no_key_has_two_owners(backend_keys: tuple[Key[object], ...]) -> None:
     labels = [k.label for k in (*COMPONENT_KEYS, *backend_keys)]
     assert len(labels) == len(set(labels))
@@ -177,9 +184,10 @@ def test_no_key_has_two_owners(backend_keys: tuple[Key[object], ...]) -> None:
 
 def test_every_registered_backend_declares_its_keys() -> None:
     factories = backend_factories()
-    assert set(factories) == {"onnxruntime", "tensorrt"}
+    assert set(factories) == {"onnxruntime", "tensorrt", "pytorch"}
     assert factories["onnxruntime"].parameter_keys == ORT_KEYS
     assert factories["tensorrt"].parameter_keys == TRT_KEYS
+    assert factories["pytorch"].parameter_keys == TORCH_KEYS
 
 
 # -- configs this project writes stay valid --------------------------------------------------
