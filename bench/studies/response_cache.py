@@ -29,7 +29,6 @@ import argparse
 import datetime as dt
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -39,10 +38,10 @@ from typing import Any
 import numpy as np
 
 from bench.compare.model_repo import comparison_repository, ensure_examples
-from bench.compare.servers import PeregrineProcess, pinned
-from bench.loadgen.environment import REPO_ROOT
+from bench.compare.servers import PeregrineProcess
 from bench.results_md import RESULTS_DIR, replace_section, section_header
 from bench.studies.bar_chart import grouped_bars
+from bench.studies.bench_run import drive
 from bench.studies.study_run import start_study
 
 SECTION = "## Response cache: hits against misses"
@@ -72,24 +71,6 @@ def repository(folder: Path) -> Path:
     return root
 
 
-def drive(server: PeregrineProcess, model: str, rpc: str, seconds: float, warmup: float,
-          client_cpus: str, out: Path) -> dict[str, Any]:
-    argv = pinned([sys.executable, "-m", "bench", "run", "--url", server.url, "--model", model,
-                   "--rpc", rpc, "--concurrency", str(CONCURRENCY), "--duration", str(seconds),
-                   "--warmup", str(warmup), "--repeats", "1", "--server-pid", str(server.pid),
-                   "--json", str(out), "--no-plot", "--progress", "never"], client_cpus)
-    done = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"bench run failed ({model}, {rpc}):\n{done.stderr[-2000:]}")
-    step = json.loads(out.read_text(encoding="utf-8"))["steps"][-1]
-    cpu = step["server_cpu"] or {}
-    return {"throughput_rps": round(step["throughput_rps"], 1),
-            "p50_ms": round(step["latency_ms"]["p50"], 3),
-            "p99_ms": round(step["latency_ms"]["p99"], 3),
-            "server_cpu_us_per_request": cpu.get("us_per_request"),
-            "errors": sum(step["errors"].values())}
-
-
 def measure(seconds: float, warmup: float, repeats: int, server_cpus: str | None,
             client_cpus: str) -> list[dict[str, Any]]:
     folder = Path(tempfile.mkdtemp(prefix="response-cache-bench-"))
@@ -104,8 +85,8 @@ def measure(seconds: float, warmup: float, repeats: int, server_cpus: str | None
                                       extra_args=SETUPS[setup]) as server:
                     for model in MODELS:
                         for rpc in RPCS:
-                            figures = drive(server, model, rpc, seconds, warmup, client_cpus,
-                                            folder / f"{model}-{rpc}.json")
+                            figures = drive(server, model, rpc, CONCURRENCY, seconds, warmup,
+                                            folder / f"{model}-{rpc}.json", client_cpus=client_cpus)
                             run = {"model": model, "rpc": rpc, "setup": setup,
                                    "repeat": repeat + 1, **figures}
                             runs.append(run)
