@@ -21,15 +21,16 @@ from typing import Any, NoReturn
 import grpc
 
 from server.multiproc.frames import (
+    CREDIT_BATCH,
     WINDOW,
     CallOpening,
     CallStatus,
     FrameError,
+    FrameWriter,
     Kind,
     Metadata,
     credit,
     credit_count,
-    frame,
     read_frame,
 )
 
@@ -170,6 +171,7 @@ class EngineLink:
         self._on_ready = on_ready
         self._reader = reader
         self._writer = writer
+        self._frames = FrameWriter(writer)
         self._limit = frame_limit
         self._calls: dict[int, _Call] = {}
 
@@ -223,16 +225,19 @@ class EngineLink:
             raise FrameError(f"a frontend does not send {kind.name}")
 
     def _send(self, kind: Kind, number: int, body: bytes = b"") -> None:
-        if not self._writer.is_closing():
-            self._writer.write(frame(kind, number, body))
+        self._frames.send(kind, number, body)
 
     async def _requests(self, number: int, call: _Call,
                         decode: Callable[[bytes], Any] | None) -> AsyncIterator[Any]:
+        consumed = 0
         while True:
             message = await call.requests.get()
             if message is _END:
                 return
-            self._send(Kind.CREDIT, number, credit(1))
+            consumed += 1
+            if consumed == CREDIT_BATCH:
+                self._send(Kind.CREDIT, number, credit(consumed))
+                consumed = 0
             assert isinstance(message, bytes)
             yield message if decode is None else decode(message)
 

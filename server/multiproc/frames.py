@@ -5,9 +5,10 @@ frontend took: it opens with CALL (method, deadline, peer, metadata, the client'
 properties and, for a unary request, the message), goes on with MESSAGE frames for a
 client-streaming call (ended by HALF_CLOSE), and ends with the engine's STATUS; the engine's
 answers are REPLY frames. CANCEL says the client went away. CREDIT lets the other side send
-that many more messages of a stream: each side holds at most WINDOW messages the other has
-not consumed, so a stream that is not read holds back its sender, never the socket's other
-calls. READY, a frontend's first frame, says that its gRPC server listens.
+that many more messages of a stream (returned CREDIT_BATCH at a time): each side holds at
+most WINDOW messages the other has not consumed, so a stream that is not read holds back its
+sender, never the socket's other calls. READY, a frontend's first frame, says that its gRPC
+server listens.
 
 Strings and byte strings are u32-length-prefixed; nothing is pickled.
 """
@@ -27,6 +28,10 @@ _U32 = struct.Struct("<I")
 _F64 = struct.Struct("<d")
 #: Messages of one stream sent and not yet consumed by the other side.
 WINDOW = 16
+#: Consumed messages returned in one CREDIT frame. Half the window: the sender is never left
+#: waiting on credits the receiver holds back, since a receiver that consumed fewer still
+#: holds over half the window of unread messages, and that is backpressure meant.
+CREDIT_BATCH = WINDOW // 2
 #: A value in metadata: str, or bytes for a binary ("-bin") key.
 MetadataValue = str | bytes
 Metadata = tuple[tuple[str, MetadataValue], ...]
@@ -124,8 +129,25 @@ class _Reader:
         return bytes(self._body[self._at:])
 
 
-def frame(kind: Kind, call: int, body: bytes = b"") -> bytes:
-    return HEADER.pack(len(body), kind, call) + body
+class FrameWriter:
+    """Frames for one socket, written together once per turn of the event loop: under load a
+    turn produces many (answers of a batch, a stream's replies), and one write of them all
+    costs one system call instead of one each."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+        self._pending: list[bytes] = []
+        self._loop = asyncio.get_running_loop()
+
+    def send(self, kind: Kind, call: int, body: bytes = b"") -> None:
+        if not self._pending:
+            self._loop.call_soon(self._flush)
+        self._pending += (HEADER.pack(len(body), kind, call), body)
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        if not self._writer.is_closing():
+            self._writer.write(b"".join(pending))
 
 
 async def read_frame(reader: asyncio.StreamReader, limit: int) -> tuple[Kind, int, bytes]:

@@ -31,14 +31,15 @@ from google.protobuf.descriptor import ServiceDescriptor
 from server.grpc_options import server_options
 from server.logs import configure_logging
 from server.multiproc.frames import (
+    CREDIT_BATCH,
     WINDOW,
     CallOpening,
     CallStatus,
     FrameError,
+    FrameWriter,
     Kind,
     credit,
     credit_count,
-    frame,
     read_frame,
 )
 from server.security import tls
@@ -101,7 +102,7 @@ class EngineClient:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  limit: int) -> None:
         self._reader = reader
-        self._writer = writer
+        self._frames = FrameWriter(writer)
         self._limit = limit
         self._calls: dict[int, _Forwarded] = {}
         self._next = 1
@@ -110,7 +111,7 @@ class EngineClient:
     def send(self, kind: Kind, number: int, body: bytes = b"") -> None:
         if self.gone.is_set():
             raise EngineGone
-        self._writer.write(frame(kind, number, body))
+        self._frames.send(kind, number, body)
 
     def open(self, opening: CallOpening) -> tuple[int, _Forwarded]:
         number = self._next
@@ -285,11 +286,14 @@ def _stream_stream(client: EngineClient, path: str) -> Streaming:
 
 async def _replies(client: EngineClient, number: int, call: _Forwarded
                    ) -> AsyncIterator[bytes]:
-    """The engine's replies as gRPC takes them; each one taken returns a credit."""
+    """The engine's replies as gRPC takes them; what gRPC took returns as credit."""
+    taken = 0
     while (reply := await call.replies.get()) is not None:
         yield reply
-        if call.status is None and not client.gone.is_set():
-            client.send(Kind.CREDIT, number, credit(1))
+        taken += 1
+        if taken == CREDIT_BATCH and call.status is None and not client.gone.is_set():
+            client.send(Kind.CREDIT, number, credit(taken))
+            taken = 0
 
 
 async def _pump(client: EngineClient, number: int, call: _Forwarded,

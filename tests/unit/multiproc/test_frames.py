@@ -15,10 +15,10 @@ from server.multiproc.frames import (
     CallOpening,
     CallStatus,
     FrameError,
+    FrameWriter,
     Kind,
     credit,
     credit_count,
-    frame,
     read_frame,
 )
 
@@ -49,9 +49,29 @@ def test_a_credit_carries_its_count() -> None:
     assert credit_count(credit(7)) == 7
 
 
-async def test_frames_read_back_in_order_from_a_stream() -> None:
+class _Sink:
+    """A StreamWriter's part FrameWriter uses."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def is_closing(self) -> bool:
+        return False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+
+async def test_frames_sent_in_one_turn_go_out_in_one_write_and_read_back_in_order() -> None:
+    sink = _Sink()
+    frames = FrameWriter(sink)  # type: ignore[arg-type]
+    frames.send(Kind.CALL, 1, b"abc")
+    frames.send(Kind.CANCEL, 2)
+    assert sink.written == []
+    await asyncio.sleep(0)
+    assert len(sink.written) == 1
     reader = asyncio.StreamReader()
-    reader.feed_data(frame(Kind.CALL, 1, b"abc") + frame(Kind.CANCEL, 2))
+    reader.feed_data(sink.written[0])
     reader.feed_eof()
     assert await read_frame(reader, 100) == (Kind.CALL, 1, b"abc")
     assert await read_frame(reader, 100) == (Kind.CANCEL, 2, b"")
