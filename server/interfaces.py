@@ -47,6 +47,16 @@ class Backend(Protocol):
 
 
 @runtime_checkable
+class DeviceBackend(Protocol):
+    """A Backend that copies each batch to a device: the version's batch buffers come from
+    its ``host_allocator`` (page-locked host memory), so they need no staging copy and no
+    per-batch question of where they live."""
+
+    def host_allocator(self, nbytes: int) -> Array:
+        ...
+
+
+@runtime_checkable
 class CancellableBackend(Protocol):
     """A Backend whose running ``execute`` can be interrupted (ONNX Runtime's terminate
     flag): the scheduler calls it when a batch overruns its execution timeout."""
@@ -185,8 +195,10 @@ class ModelPacker(Protocol):
 class Packer(Protocol):
     """Makes the packing of each model version; shared by the repository. Thread-safe."""
 
-    def for_model(self, spec: ModelSpec, version: str) -> ModelPacker:
-        """Called once per loaded version, by its scheduler's constructor."""
+    def for_model(self, spec: ModelSpec, version: str,
+                  allocator: Callable[[int], Array] | None = None) -> ModelPacker:
+        """Called once per loaded version, by its scheduler's constructor; ``allocator``
+        (its backend's, when it has one) makes the version's batch buffers."""
         ...
 
 

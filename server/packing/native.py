@@ -188,6 +188,7 @@ class NativePacker:
     def __init__(self, allocator: Allocator = host_allocator) -> None:
         self._allocator = allocator
 
-    def for_model(self, spec: ModelSpec, version: str) -> ModelPacker:
-        return NativeModelPacker(spec, self._allocator)
+    def for_model(self, spec: ModelSpec, version: str,
+                  allocator: Allocator | None = None) -> ModelPacker:
+        return NativeModelPacker(spec, allocator or self._allocator)
 

@@ -8,6 +8,7 @@ from contextlib import nullcontext
 import numpy as np
 
 from server.interfaces import ModelPacker
+from server.packing.pool import Allocator
 from server.preprocess.reference import preprocess_batch, preprocess_image, to_bfloat16_bits
 from server.spec import ModelSpec, TensorSpec
 from server.types import Array, DataType, InferRequest, OutputTensor
@@ -100,7 +101,10 @@ class ReferencePacker:
 
     native = False
 
-    def for_model(self, spec: ModelSpec, version: str) -> ModelPacker:
+    def for_model(self, spec: ModelSpec, version: str,
+                  allocator: Allocator | None = None) -> ModelPacker:
+        """The oracle builds each batch with numpy and pools nothing: ``allocator`` is not
+        used (a GPU backend stages what it gets)."""
         return ReferenceModelPacker(spec)
 
 

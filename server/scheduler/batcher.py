@@ -20,7 +20,7 @@ from server.errors import (
     ModelNotReady,
     PeregrineError,
 )
-from server.interfaces import Backend, ModelMetrics, Packer
+from server.interfaces import Backend, DeviceBackend, ModelMetrics, Packer
 from server.parameters import Key, choice, integer, optional
 from server.scheduler import policy
 from server.scheduler.executor import BatchExecutor, BatchRun
@@ -83,7 +83,9 @@ class DynamicBatcher:
         self._version = version
         timeout_ms = EXECUTION_TIMEOUT_MS.value(spec.parameters, spec.name)
         self._timeout_s = execution_timeout_s if timeout_ms is None else timeout_ms / 1000
-        self._executor = BatchExecutor(spec, version, packer.for_model(spec, version))
+        first = instances[0]
+        self._executor = BatchExecutor(spec, version, packer.for_model(
+            spec, version, first.host_allocator if isinstance(first, DeviceBackend) else None))
         self._metrics = metrics
         batching = spec.batching
         self._queue = RequestQueue(batching, spec.default_max_queue_size)

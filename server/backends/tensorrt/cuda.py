@@ -9,6 +9,7 @@ Every cuda-python call returns ``(error, *values)``; ``check`` turns an error in
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import ctypes
 import threading
@@ -148,12 +149,24 @@ class PinnedBuffer:
             check(runtime().cudaFreeHost(ptr))
 
 
+#: The page-locked blocks pinned_allocator made and not yet freed: start -> end, and the
+#: starts in order (several instances' threads allocate and look up at once).
+_PINNED: dict[int, int] = {}
+_PINNED_STARTS: list[int] = []
+_PINNED_LOCK = threading.Lock()
+
+
 def pinned_allocator(nbytes: int) -> Array:
     """A packing-pool Allocator (server.packing.pool) of page-locked memory: the memory is
-    freed when the last numpy view of it is gone."""
+    freed when the last numpy view of it is gone. A GPU backend's versions get their batch
+    buffers from it (Backend.host_allocator), so their batches copy to the device without
+    staging."""
     cudart = runtime()
     nbytes = max(1, nbytes)
     ptr = int(check(cudart.cudaMallocHost(nbytes)))
+    with _PINNED_LOCK:
+        bisect.insort(_PINNED_STARTS, ptr)
+        _PINNED[ptr] = ptr + nbytes
     holder = (ctypes.c_ubyte * nbytes).from_address(ptr)
     weakref.finalize(holder, _free_host, ptr)
     array: Array = np.ctypeslib.as_array(holder)
@@ -161,19 +174,21 @@ def pinned_allocator(nbytes: int) -> Array:
 
 
 def _free_host(ptr: int) -> None:
+    with _PINNED_LOCK:
+        if _PINNED.pop(ptr, None) is not None:
+            del _PINNED_STARTS[bisect.bisect_left(_PINNED_STARTS, ptr)]
     with contextlib.suppress(Exception):  # interpreter shutdown: the process is going anyway
         runtime().cudaFreeHost(ptr)
 
 
 def is_pinned(array: Array) -> bool:
-    """True when ``array``'s memory is page-locked host memory CUDA can copy from async."""
-    cudart = runtime()
-    result = cudart.cudaPointerGetAttributes(int(array.ctypes.data))
-    if _code(result[0]) != 0:
-        cudart.cudaGetLastError()  # clear it: an unknown pointer is not an error for us
-        return False
-    kind = getattr(result[1], "type", None)
-    return kind is not None and int(getattr(kind, "value", kind)) == 1  # cudaMemoryTypeHost
+    """True when ``array`` lies in a block pinned_allocator made (a GPU version's batch
+    buffers): a lookup, no CUDA call per batch. Memory page-locked some other way is staged
+    like pageable memory: correct, one copy more."""
+    start = int(array.ctypes.data)
+    with _PINNED_LOCK:
+        index = bisect.bisect_right(_PINNED_STARTS, start) - 1
+        return index >= 0 and start + array.nbytes <= _PINNED[_PINNED_STARTS[index]]
 
 
 # -- streams and graphs ----------------------------------------------------------------------

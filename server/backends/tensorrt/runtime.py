@@ -144,6 +144,10 @@ class TensorRtInstance:
     def description(self) -> str:
         return self._description
 
+    def host_allocator(self, nbytes: int) -> Array:
+        """The version's batch buffers: page-locked, so they copy to the device unstaged."""
+        return cuda.pinned_allocator(nbytes)
+
     def warmup(self, inputs: Mapping[str, Array]) -> None:
         self.execute(inputs)
 

@@ -30,8 +30,9 @@ from server.backends.tensorrt.library import datatype_of
 from server.backends.tensorrt.progress import BuildProgress
 from server.backends.tensorrt.runtime import TensorRtInstance, check_engine_against_spec
 from server.errors import InvalidInput, ModelLoadError
+from server.interfaces import DeviceBackend
 from server.spec import BatchingSpec, InstanceSpec, ModelSpec, TensorSpec
-from server.types import DataType
+from server.types import DataType, InferRequest
 from tests import model_factory
 
 # -- load errors without TensorRT / CUDA -----------------------------------------------------
@@ -428,3 +429,71 @@ def _fields(spec: ModelSpec) -> dict[str, Any]:
     return {f: getattr(spec, f) for f in (
         "name", "platform", "backend", "max_batch_size", "inputs", "outputs", "batching",
         "instances", "parameters", "default_model_filename")}
+
+
+# -- the pool's page-locked buffers ----------------------------------------------------------
+
+
+class _HostOnlyRuntime:
+    """cudaMallocHost/cudaFreeHost over plain memory: enough for the allocator's bookkeeping."""
+
+    def __init__(self) -> None:
+        self.blocks: dict[int, Any] = {}
+        self.queries = 0
+
+    def cudaMallocHost(self, nbytes: int) -> tuple[int, int]:
+        block = (ctypes.c_ubyte * nbytes)()
+        self.blocks[ctypes.addressof(block)] = block
+        return 0, ctypes.addressof(block)
+
+    def cudaFreeHost(self, ptr: int) -> tuple[int]:
+        del self.blocks[ptr]
+        return (0,)
+
+    def cudaPointerGetAttributes(self, ptr: int) -> tuple[int, Any]:
+        self.queries += 1
+        raise AssertionError("is_pinned asks CUDA nothing")
+
+
+def test_the_pools_pinned_buffers_are_known_without_asking_cuda(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake = _HostOnlyRuntime()
+    monkeypatch.setattr(cuda, "runtime", lambda: fake)
+    monkeypatch.setattr(cuda, "check", lambda result: result[1])
+    block = cuda.pinned_allocator(4096)
+    assert cuda.is_pinned(block) and cuda.is_pinned(block[100:200])
+    assert not cuda.is_pinned(np.ones(8))
+    address = int(block.ctypes.data)
+    del block
+    import gc
+
+    gc.collect()
+    assert address not in fake.blocks  # freed with its last view
+    assert not cuda._PINNED and not cuda._PINNED_STARTS
+
+
+def test_a_tensorrt_versions_batches_come_from_page_locked_memory(
+    fake_cuda: None, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The batcher hands the packer the instance's allocator: the version's batch buffers are
+    the instance's page-locked memory, so its inputs are copied to the device unstaged."""
+    from server.packing.native import NativePacker
+
+    made: list[int] = []
+
+    def allocator(nbytes: int) -> np.ndarray[Any, Any]:
+        made.append(nbytes)
+        return np.zeros(nbytes, np.uint8)
+
+    inst, _ = instance(graphs=False)
+    assert isinstance(inst, DeviceBackend)  # what the batcher asks before choosing
+    monkeypatch.setattr(inst, "host_allocator", allocator)
+    packer = NativePacker().for_model(trt_spec(), "1", inst.host_allocator)
+    x = batch(4, 3)
+    requests = [InferRequest(model_name="m", model_version="1", id=str(i),
+                             inputs={"x": x[2 * i:2 * i + 2]}, input_types={"x": DataType.FP32})
+                for i in range(2)]  # two requests: gathered into a pooled buffer
+    with packer.pack(requests, [2, 2]) as inputs:
+        np.testing.assert_array_equal(inst.execute(dict(inputs))["y"], 2 * x + 1)
+    assert made
