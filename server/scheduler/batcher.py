@@ -193,7 +193,7 @@ class DynamicBatcher:
         return self._problem
 
     def inflight(self) -> int:
-        return len(self._queue) + len(self._runs)
+        return len(self._queue) + sum(len(run.entries) for run in self._runs)
 
     async def drain(self, timeout: float) -> bool:
         self._accepting = False
