@@ -200,18 +200,15 @@ def forwarding_handlers(client: EngineClient, service: ServiceDescriptor
     handlers = {}
     for method in service.methods:
         path = f"/{service.full_name}/{method.name}"
-        if method.client_streaming and method.server_streaming:
-            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
-                _stream_stream(client, path))
-        elif method.client_streaming:
-            handlers[method.name] = grpc.stream_unary_rpc_method_handler(
-                _stream_unary(client, path))
-        elif method.server_streaming:
-            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
-                _unary_stream(client, path))
+        streaming = method.client_streaming
+        if method.server_streaming:
+            make = grpc.stream_stream_rpc_method_handler if streaming \
+                else grpc.unary_stream_rpc_method_handler
+            handlers[method.name] = make(_streamed_replies(client, path, streaming))
         else:
-            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                _unary_unary(client, path))
+            make = grpc.stream_unary_rpc_method_handler if streaming \
+                else grpc.unary_unary_rpc_method_handler
+            handlers[method.name] = make(_one_reply(client, path, streaming))
     return handlers
 
 
@@ -219,15 +216,32 @@ Unary = Callable[[Any, grpc.aio.ServicerContext], Any]
 Streaming = Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[bytes]]
 
 
-def _unary_unary(client: EngineClient, path: str) -> Unary:
-    async def forward(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        number, call = await _open(client, path, context, request)
+async def _forward(client: EngineClient, path: str, context: grpc.aio.ServicerContext,
+                   request: Any, streaming: bool
+                   ) -> tuple[int, _Forwarded, asyncio.Task[None] | None]:
+    """Open the call in the engine; a client-streaming call's messages follow from a pump
+    task (``request`` is then the request iterator, else the request's bytes)."""
+    number, call = await _open(client, path, context, None if streaming else request)
+    pump = asyncio.get_running_loop().create_task(_pump(client, number, call, request)) \
+        if streaming else None
+    return number, call, pump
+
+
+def _close(client: EngineClient, number: int, pump: asyncio.Task[None] | None) -> None:
+    if pump is not None:
+        pump.cancel()
+    client.close_call(number)
+
+
+def _one_reply(client: EngineClient, path: str, streaming: bool) -> Unary:
+    async def forward(request: Any, context: grpc.aio.ServicerContext) -> bytes:
+        number, call, pump = await _forward(client, path, context, request, streaming)
         try:
             reply = await call.replies.get()
             if reply is not None:
                 await call.replies.get()  # the status follows the one reply
         finally:
-            client.close_call(number)
+            _close(client, number, pump)
         await _end(call, context)
         assert reply is not None
         return reply
@@ -235,50 +249,15 @@ def _unary_unary(client: EngineClient, path: str) -> Unary:
     return forward
 
 
-def _stream_unary(client: EngineClient, path: str) -> Unary:
-    async def forward(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
-                      ) -> bytes:
-        number, call = await _open(client, path, context, None)
-        pump = asyncio.get_running_loop().create_task(_pump(client, number, call, requests))
-        try:
-            reply = await call.replies.get()
-            if reply is not None:
-                await call.replies.get()
-        finally:
-            pump.cancel()
-            client.close_call(number)
-        await _end(call, context)
-        assert reply is not None
-        return reply
-
-    return forward
-
-
-def _unary_stream(client: EngineClient, path: str) -> Streaming:
-    async def forward(request: bytes, context: grpc.aio.ServicerContext
+def _streamed_replies(client: EngineClient, path: str, streaming: bool) -> Streaming:
+    async def forward(request: Any, context: grpc.aio.ServicerContext
                       ) -> AsyncIterator[bytes]:
-        number, call = await _open(client, path, context, request)
+        number, call, pump = await _forward(client, path, context, request, streaming)
         try:
             async for reply in _replies(client, number, call):
                 yield reply
         finally:
-            client.close_call(number)
-        await _end(call, context)
-
-    return forward
-
-
-def _stream_stream(client: EngineClient, path: str) -> Streaming:
-    async def forward(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
-                      ) -> AsyncIterator[bytes]:
-        number, call = await _open(client, path, context, None)
-        pump = asyncio.get_running_loop().create_task(_pump(client, number, call, requests))
-        try:
-            async for reply in _replies(client, number, call):
-                yield reply
-        finally:
-            pump.cancel()
-            client.close_call(number)
+            _close(client, number, pump)
         await _end(call, context)
 
     return forward
