@@ -137,8 +137,9 @@ def engine_inflight(server: ServerThread) -> int:
 
 
 def test_a_call_the_client_cancels_ends_in_the_engine(served: ServerThread) -> None:
-    tensor = grpcclient.InferInput("INPUT0", [1, 256], "FP32")
-    tensor.set_data_from_numpy(np.ones((1, 256), np.float32))
+    """Four 300 ms requests to a one-instance model: one runs, three queue. Cancelled by the
+    client, the queued three leave the engine's queue at once (the frontend's CANCEL reaches
+    the engine) and never run: the model executes only what was running."""
     with grpc.insecure_channel(served.url) as channel:
         request = pb.ModelInferRequest(model_name="slow")
         request.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 256])
@@ -151,7 +152,13 @@ def test_a_call_the_client_cancels_ends_in_the_engine(served: ServerThread) -> N
         wait_for(lambda: engine_inflight(served) == 4, "4 requests in the engine")
         for call in calls:
             call.cancel()
+        assert all(call.cancelled() for call in calls)
     wait_for(lambda: engine_inflight(served) == 0, "the cancelled requests to end")
+    time.sleep(0.5)  # past the running batch: a request left queued would have started
+    with grpcclient.InferenceServerClient(served.url) as client:
+        (stats,) = client.get_inference_statistics("slow", "1").model_stats
+    assert stats.execution_count <= 2 < 4  # the running batch (at most one more had begun)
+    assert stats.inference_stats.success.count == 0
 
 
 def unix_sockets() -> set[str]:
