@@ -11,7 +11,6 @@ certificate's properties, abort and trailing metadata), from the frontend's CALL
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 import time
@@ -26,12 +25,12 @@ from server.multiproc.frames import (
     CallOpening,
     CallStatus,
     FrameError,
+    FrameReceiver,
     FrameWriter,
     Kind,
     Metadata,
     credit,
     credit_count,
-    read_frame,
 )
 
 log = logging.getLogger(__name__)
@@ -149,89 +148,94 @@ class ForwardedContext:
 
 
 class _Call:
-    """One forwarded call in the engine: its task, the request messages the frontend sent
-    and the handler has not read, and how many more replies it may send."""
+    """One forwarded call in the engine: its task and, for a streaming call, the request
+    messages the frontend sent that the handler has not read and how many more replies it
+    may send (a unary call needs none of that, and builds none)."""
 
     __slots__ = ("credit_granted", "reply_credit", "requests", "task")
 
-    def __init__(self) -> None:
+    def __init__(self, handler: grpc.RpcMethodHandler | None) -> None:
         self.task: asyncio.Task[None] | None = None
-        self.requests: asyncio.Queue[bytes | object] = asyncio.Queue()
+        self.requests: asyncio.Queue[bytes | object] | None = \
+            asyncio.Queue() if handler is not None and handler.request_streaming else None
         self.reply_credit = WINDOW
-        self.credit_granted = asyncio.Event()
+        self.credit_granted: asyncio.Event | None = None
 
 
 class EngineLink:
-    """One frontend's socket: reads its frames, runs its calls, writes their answers."""
+    """One frontend's socket: its frames, as they arrive, open and feed its calls; their
+    answers go back in one write per turn."""
 
-    def __init__(self, table: HandlerTable, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter, frame_limit: int,
-                 on_ready: Callable[[], None]) -> None:
+    def __init__(self, table: HandlerTable, limit: int, on_ready: Callable[[], None]) -> None:
         self._table = table
         self._on_ready = on_ready
-        self._reader = reader
-        self._writer = writer
-        self._frames = FrameWriter(writer)
-        self._limit = frame_limit
+        self.receiver = FrameReceiver(limit, self._receive)
+        self._frames: FrameWriter | None = None
         self._calls: dict[int, _Call] = {}
 
-    async def serve(self) -> None:
+    async def serve(self, transport: asyncio.WriteTransport) -> None:
         """Until the frontend closes its socket (or dies); then its calls are cancelled."""
+        receiver = self.receiver
+        self._frames = FrameWriter(transport)
         try:
-            while True:
-                kind, number, body = await read_frame(self._reader, self._limit)
-                self._receive(kind, number, body)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        except FrameError as exc:
-            log.error("frontend sent a bad frame: closing its socket",
-                      extra={"error": str(exc)})
+            error = await receiver.closed
+            if error is not None:
+                log.error("frontend sent a bad frame: closing its socket",
+                          extra={"error": str(error)})
         finally:
             calls = [c.task for c in self._calls.values() if c.task is not None]
             for task in calls:
                 task.cancel()
             await asyncio.gather(*calls, return_exceptions=True)
-            self._writer.close()
-            with contextlib.suppress(ConnectionError):
-                await self._writer.wait_closed()
+            transport.close()
 
-    def _receive(self, kind: Kind, number: int, body: bytes) -> None:
-        if kind is Kind.READY:
-            self._on_ready()
-            return
-        if kind is Kind.CALL:
+    def _receive(self, kind: int, number: int, body: bytes) -> None:
+        if kind == Kind.CALL:
             if number in self._calls:
                 raise FrameError(f"call {number} opened twice")
-            call = self._calls[number] = _Call()
+            opening = CallOpening.decode(body)
+            handler = self._table.find(opening.method)
+            call = self._calls[number] = _Call(handler)
             call.task = asyncio.get_running_loop().create_task(
-                self._run(number, call, CallOpening.decode(body)))
+                self._run(number, call, opening, handler))
+            return
+        if kind == Kind.READY:
+            self._on_ready()
             return
         call_or_none = self._calls.get(number)
         if call_or_none is None:
             return  # the call has ended; a late frame of it means nothing
-        if kind is Kind.MESSAGE:
-            if call_or_none.requests.qsize() >= WINDOW:
-                raise FrameError(f"call {number}: more messages than its window")
-            call_or_none.requests.put_nowait(body)
-        elif kind is Kind.HALF_CLOSE:
-            call_or_none.requests.put_nowait(_END)
-        elif kind is Kind.CANCEL:
+        if kind == Kind.CANCEL:
             if call_or_none.task is not None:
                 call_or_none.task.cancel()
-        elif kind is Kind.CREDIT:
+        elif kind == Kind.CREDIT:
             call_or_none.reply_credit += credit_count(body)
-            call_or_none.credit_granted.set()
+            if call_or_none.credit_granted is not None:
+                call_or_none.credit_granted.set()
+        elif kind in (Kind.MESSAGE, Kind.HALF_CLOSE):
+            requests = call_or_none.requests
+            if requests is None:
+                raise FrameError(f"call {number} takes one request, and got {Kind(kind).name}")
+            if kind == Kind.HALF_CLOSE:
+                requests.put_nowait(_END)
+            elif requests.qsize() >= WINDOW:
+                raise FrameError(f"call {number}: more messages than its window")
+            else:
+                requests.put_nowait(body)
         else:
-            raise FrameError(f"a frontend does not send {kind.name}")
+            raise FrameError(f"a frontend does not send {Kind(kind).name}")
 
     def _send(self, kind: Kind, number: int, body: bytes = b"") -> None:
+        assert self._frames is not None
         self._frames.send(kind, number, body)
 
     async def _requests(self, number: int, call: _Call,
                         decode: Callable[[bytes], Any] | None) -> AsyncIterator[Any]:
+        requests = call.requests
+        assert requests is not None
         consumed = 0
         while True:
-            message = await call.requests.get()
+            message = await requests.get()
             if message is _END:
                 return
             consumed += 1
@@ -243,15 +247,17 @@ class EngineLink:
 
     async def _reply(self, number: int, call: _Call, message: bytes) -> None:
         while call.reply_credit <= 0:
+            if call.credit_granted is None:
+                call.credit_granted = asyncio.Event()
             call.credit_granted.clear()
             await call.credit_granted.wait()
         call.reply_credit -= 1
         self._send(Kind.REPLY, number, message)
 
-    async def _run(self, number: int, call: _Call, opening: CallOpening) -> None:
+    async def _run(self, number: int, call: _Call, opening: CallOpening,
+                   handler: grpc.RpcMethodHandler | None) -> None:
         context = ForwardedContext(opening)
         try:
-            handler = self._table.find(opening.method)
             if handler is None:
                 status = CallStatus(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
             else:

@@ -10,22 +10,27 @@ most WINDOW messages the other has not consumed, so a stream that is not read ho
 sender, never the socket's other calls. READY, a frontend's first frame, says that its gRPC
 server listens.
 
-Strings and byte strings are u32-length-prefixed; nothing is pickled.
+A CALL or STATUS body is a u32-length-prefixed ``marshal`` head (strings, bytes, numbers and
+tuples of them: no objects are built from it, and both ends are the same interpreter: the
+engine and the frontends it started, checked by the kernel's peer credentials), then, for a
+CALL, the request message's bytes. Frames are read by a protocol that parses them in the turn
+their bytes arrive.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import marshal
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, cast
 
 import grpc
 
 HEADER = struct.Struct("<IBQ")
 _U32 = struct.Struct("<I")
-_F64 = struct.Struct("<d")
 #: Messages of one stream sent and not yet consumed by the other side.
 WINDOW = 16
 #: Consumed messages returned in one CREDIT frame. Half the window: the sender is never left
@@ -54,79 +59,11 @@ class Kind(enum.IntEnum):
     ANSWER = 9
 
 
+_KINDS = frozenset(Kind)
+
+
 class FrameError(Exception):
     """A frame that does not parse: the other process is broken, not a client."""
-
-
-class _Writer:
-    def __init__(self) -> None:
-        self.parts: list[bytes] = []
-
-    def data(self, value: bytes) -> None:
-        self.parts += (_U32.pack(len(value)), value)
-
-    def text(self, value: str) -> None:
-        self.data(value.encode())
-
-    def u32(self, value: int) -> None:
-        self.parts.append(_U32.pack(value))
-
-    def f64(self, value: float) -> None:
-        self.parts.append(_F64.pack(value))
-
-    def metadata(self, pairs: Sequence[tuple[str, MetadataValue]]) -> None:
-        self.u32(len(pairs))
-        for key, value in pairs:
-            self.text(key)
-            binary = isinstance(value, bytes)
-            self.parts.append(b"\x01" if binary else b"\x00")
-            self.data(value if isinstance(value, bytes) else value.encode())
-
-    def body(self) -> bytes:
-        return b"".join(self.parts)
-
-
-class _Reader:
-    def __init__(self, body: bytes | memoryview) -> None:
-        self._body = memoryview(body)
-        self._at = 0
-
-    def _take(self, size: int) -> memoryview:
-        end = self._at + size
-        if end > len(self._body):
-            raise FrameError("frame body ends early")
-        piece = self._body[self._at:end]
-        self._at = end
-        return piece
-
-    def data(self) -> bytes:
-        return bytes(self._take(self.u32()))
-
-    def text(self) -> str:
-        return self.data().decode()
-
-    def u32(self) -> int:
-        value: int = _U32.unpack(self._take(4))[0]
-        return value
-
-    def f64(self) -> float:
-        value: float = _F64.unpack(self._take(8))[0]
-        return value
-
-    def metadata(self) -> Metadata:
-        pairs = []
-        for _ in range(self.u32()):
-            key = self.text()
-            binary = self.flag()
-            value = self.data()
-            pairs.append((key, value if binary else value.decode()))
-        return tuple(pairs)
-
-    def flag(self) -> bool:
-        return bytes(self._take(1)) == b"\x01"
-
-    def rest(self) -> bytes:
-        return bytes(self._body[self._at:])
 
 
 class FrameWriter:
@@ -134,8 +71,8 @@ class FrameWriter:
     turn produces many (answers of a batch, a stream's replies), and one write of them all
     costs one system call instead of one each."""
 
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self._writer = writer
+    def __init__(self, transport: asyncio.WriteTransport) -> None:
+        self._transport = transport
         self._pending: list[bytes] = []
         self._loop = asyncio.get_running_loop()
 
@@ -146,19 +83,60 @@ class FrameWriter:
 
     def _flush(self) -> None:
         pending, self._pending = self._pending, []
-        if not self._writer.is_closing():
-            self._writer.write(b"".join(pending))
+        if not self._transport.is_closing():
+            self._transport.write(b"".join(pending))
 
 
-async def read_frame(reader: asyncio.StreamReader, limit: int) -> tuple[Kind, int, bytes]:
-    """The next frame; IncompleteReadError at the end of the stream."""
-    length, kind, call = HEADER.unpack(await reader.readexactly(HEADER.size))
-    if length > limit:
-        raise FrameError(f"a frame of {length} bytes is past the limit of {limit}")
-    try:
-        return Kind(kind), call, await reader.readexactly(length)
-    except ValueError:
-        raise FrameError(f"unknown frame kind {kind}") from None
+class FrameReceiver(asyncio.Protocol):
+    """A socket's frames, handed to ``on_frame(kind, call, body)`` as they complete, in the
+    turn their last bytes arrive (no task, no await per frame). A frame that does not parse
+    closes the socket; ``closed`` is done when the socket is, with the FrameError if one
+    closed it."""
+
+    def __init__(self, limit: int, on_frame: Callable[[int, int, bytes], None]) -> None:
+        self._limit = limit
+        self._on_frame = on_frame
+        self._buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.closed: asyncio.Future[FrameError | None] = \
+            asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        at, size = 0, len(buffer)
+        try:
+            while size - at >= HEADER.size:
+                length, kind, call = HEADER.unpack_from(buffer, at)
+                if length > self._limit:
+                    raise FrameError(
+                        f"a frame of {length} bytes is past the limit of {self._limit}")
+                if kind not in _KINDS:
+                    raise FrameError(f"unknown frame kind {kind}")
+                end = at + HEADER.size + length
+                if end > size:
+                    break
+                with memoryview(buffer) as view:
+                    body = bytes(view[at + HEADER.size:end])
+                at = end
+                self._on_frame(kind, call, body)
+        except FrameError as exc:
+            self._close(exc)
+            return
+        del buffer[:at]
+
+    def _close(self, error: FrameError) -> None:
+        if not self.closed.done():
+            self.closed.set_result(error)
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,36 +153,16 @@ class CallOpening:
     message: bytes | None
 
     def encode(self) -> bytes:
-        out = _Writer()
-        out.text(self.method)
-        out.f64(-1.0 if self.time_remaining is None else max(self.time_remaining, 0.0))
-        out.text(self.peer)
-        out.metadata(self.metadata)
-        out.u32(len(self.auth))
-        for key, values in self.auth.items():
-            out.text(key)
-            out.u32(len(values))
-            for value in values:
-                out.data(value)
-        out.parts.append(b"\x00" if self.message is None else b"\x01")
-        if self.message is not None:
-            out.parts.append(self.message)
-        return out.body()
+        head = marshal.dumps((self.method, self.time_remaining, self.peer, self.metadata,
+                              self.auth, self.message is not None))
+        return b"".join((_U32.pack(len(head)), head, self.message or b""))
 
     @classmethod
     def decode(cls, body: bytes) -> CallOpening:
-        read = _Reader(body)
-        method = read.text()
-        remaining = read.f64()
-        peer = read.text()
-        metadata = read.metadata()
-        auth: AuthContext = {}
-        for _ in range(read.u32()):
-            key = read.text()
-            auth[key] = [read.data() for _ in range(read.u32())]
-        has_message = read.flag()
-        return cls(method, None if remaining < 0 else remaining, peer, metadata, auth,
-                   read.rest() if has_message else None)
+        method, remaining, peer, metadata, auth, has_message = _unmarshal(body, 6)
+        size = _U32.unpack_from(body)[0]
+        return cls(method, remaining, peer, metadata, auth,
+                   body[_U32.size + size:] if has_message else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,17 +174,29 @@ class CallStatus:
     trailing: Metadata = ()
 
     def encode(self) -> bytes:
-        out = _Writer()
-        out.u32(self.code.value[0])
-        out.text(self.details)
-        out.metadata(self.trailing)
-        return out.body()
+        head = marshal.dumps((self.code.value[0], self.details, self.trailing))
+        return _U32.pack(len(head)) + head
 
     @classmethod
     def decode(cls, body: bytes) -> CallStatus:
-        read = _Reader(body)
-        code = _CODES.get(read.u32(), grpc.StatusCode.UNKNOWN)
-        return cls(code, read.text(), read.metadata())
+        code, details, trailing = _unmarshal(body, 3)
+        return cls(_CODES.get(code, grpc.StatusCode.UNKNOWN), details, trailing)
+
+
+def _unmarshal(body: bytes, fields: int) -> tuple[Any, ...]:
+    """The length-prefixed marshal head of a CALL or STATUS body, as a tuple of ``fields``."""
+    if len(body) < _U32.size:
+        raise FrameError("frame body ends early")
+    size = _U32.unpack_from(body)[0]
+    if _U32.size + size > len(body):
+        raise FrameError("frame body ends early")
+    try:
+        head = marshal.loads(memoryview(body)[_U32.size:_U32.size + size])
+    except (EOFError, ValueError, TypeError) as exc:
+        raise FrameError(f"a frame head that does not parse: {exc}") from None
+    if not isinstance(head, tuple) or len(head) != fields:
+        raise FrameError("a frame head of the wrong form")
+    return head
 
 
 def credit(count: int) -> bytes:
@@ -234,4 +204,7 @@ def credit(count: int) -> bytes:
 
 
 def credit_count(body: bytes) -> int:
-    return _Reader(body).u32()
+    if len(body) != _U32.size:
+        raise FrameError("a CREDIT frame carries one u32")
+    count: int = _U32.unpack(body)[0]
+    return count

@@ -36,11 +36,11 @@ from server.multiproc.frames import (
     CallOpening,
     CallStatus,
     FrameError,
+    FrameReceiver,
     FrameWriter,
     Kind,
     credit,
     credit_count,
-    read_frame,
 )
 from server.security import tls
 from server.services import served_services
@@ -83,41 +83,73 @@ class EngineGone(Exception):
 
 
 class _Forwarded:
-    """One call forwarded to the engine: its answers as they come, then its status."""
+    """One call forwarded to the engine: its answer (a unary reply) or its replies as they
+    come (a streamed one), then its status."""
 
-    __slots__ = ("credit_granted", "replies", "request_credit", "status")
+    __slots__ = ("credit_granted", "done", "replies", "reply", "request_credit", "status")
 
-    def __init__(self) -> None:
-        #: Reply messages, then None when the status has come.
-        self.replies: asyncio.Queue[bytes | None] = asyncio.Queue()
+    def __init__(self, streamed: bool) -> None:
+        #: A streamed answer's messages, then None when the status has come.
+        self.replies: asyncio.Queue[bytes | None] | None = \
+            asyncio.Queue() if streamed else None
+        #: A unary answer's message, once it came.
+        self.reply: bytes | None = None
+        #: Done when a unary call's status has come.
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.status: CallStatus | None = None
         self.request_credit = WINDOW
-        self.credit_granted = asyncio.Event()
+        self.credit_granted: asyncio.Event | None = None
+
+    def answer(self, message: bytes) -> None:
+        if self.replies is None:
+            self.reply = message
+        else:
+            self.replies.put_nowait(message)
+
+    def end(self, status: CallStatus) -> None:
+        self.status = status
+        if self.replies is not None:
+            self.replies.put_nowait(None)
+        if not self.done.done():
+            self.done.set_result(None)
+        if self.credit_granted is not None:
+            self.credit_granted.set()
 
 
 class EngineClient:
     """The frontend's end of its socket: opens calls, sends their messages, routes the
-    engine's frames to them."""
+    engine's frames to them as they arrive."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 limit: int) -> None:
-        self._reader = reader
-        self._frames = FrameWriter(writer)
-        self._limit = limit
+    def __init__(self, limit: int, tls: bool) -> None:
+        self.receiver = FrameReceiver(limit, self._receive)
+        #: Whether calls come over TLS (only then do they carry a client certificate).
+        self.tls = tls
+        self._transport: asyncio.WriteTransport | None = None
+        self._frames: FrameWriter | None = None
         self._calls: dict[int, _Forwarded] = {}
         self._next = 1
         self.gone = asyncio.Event()
 
+    def attach(self, transport: asyncio.WriteTransport) -> None:
+        """The socket's transport, once connected: frames go out through it."""
+        self._transport = transport
+        self._frames = FrameWriter(transport)
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
     def send(self, kind: Kind, number: int, body: bytes = b"") -> None:
         if self.gone.is_set():
             raise EngineGone
+        assert self._frames is not None
         self._frames.send(kind, number, body)
 
-    def open(self, opening: CallOpening) -> tuple[int, _Forwarded]:
+    def open(self, opening: CallOpening, streamed: bool) -> tuple[int, _Forwarded]:
         number = self._next
         self._next += 1
         self.send(Kind.CALL, number, opening.encode())
-        call = self._calls[number] = _Forwarded()
+        call = self._calls[number] = _Forwarded(streamed)
         return number, call
 
     def close_call(self, number: int) -> None:
@@ -129,57 +161,58 @@ class EngineClient:
     async def message(self, number: int, call: _Forwarded, data: bytes) -> None:
         """One more request message of a client-streaming call, within its window."""
         while call.request_credit <= 0:
+            if call.credit_granted is None:
+                call.credit_granted = asyncio.Event()
             call.credit_granted.clear()
             await call.credit_granted.wait()
         call.request_credit -= 1
         self.send(Kind.MESSAGE, number, data)
 
+    def _receive(self, kind: int, number: int, body: bytes) -> None:
+        call = self._calls.get(number)
+        if call is None:
+            return
+        if kind == Kind.ANSWER:
+            call.answer(body)
+            call.end(ANSWERED)
+        elif kind == Kind.REPLY:
+            call.answer(body)
+        elif kind == Kind.STATUS:
+            call.end(CallStatus.decode(body))
+        elif kind == Kind.CREDIT:
+            call.request_credit += credit_count(body)
+            if call.credit_granted is not None:
+                call.credit_granted.set()
+        else:
+            raise FrameError(f"the engine does not send {Kind(kind).name}")
+
     async def run(self) -> None:
+        """Until the engine's socket closes; then every open call ends UNAVAILABLE."""
         try:
-            while True:
-                kind, number, body = await read_frame(self._reader, self._limit)
-                call = self._calls.get(number)
-                if call is None:
-                    continue
-                if kind is Kind.ANSWER:
-                    call.status = ANSWERED
-                    call.replies.put_nowait(body)
-                    call.replies.put_nowait(None)
-                elif kind is Kind.REPLY:
-                    call.replies.put_nowait(body)
-                elif kind is Kind.STATUS:
-                    call.status = CallStatus.decode(body)
-                    call.replies.put_nowait(None)
-                elif kind is Kind.CREDIT:
-                    call.request_credit += credit_count(body)
-                    call.credit_granted.set()
-                else:
-                    raise FrameError(f"the engine does not send {kind.name}")
-        except (asyncio.IncompleteReadError, ConnectionError):
-            log.error("the engine closed its socket")
-        except FrameError as exc:
-            log.error("the engine sent a bad frame", extra={"error": str(exc)})
+            error = await self.receiver.closed
+            if error is None:
+                log.error("the engine closed its socket")
+            else:
+                log.error("the engine sent a bad frame", extra={"error": str(error)})
         finally:
             self.gone.set()
             gone = CallStatus(grpc.StatusCode.UNAVAILABLE, ENGINE_GONE)
             for call in self._calls.values():
                 if call.status is None:
-                    call.status = gone
-                    call.replies.put_nowait(None)
-                    call.credit_granted.set()
+                    call.end(gone)
 
 
 async def _open(client: EngineClient, method: str, context: grpc.aio.ServicerContext,
-                message: bytes | None) -> tuple[int, _Forwarded]:
+                message: bytes | None, streamed: bool) -> tuple[int, _Forwarded]:
     """Forward the call's opening; UNAVAILABLE when the engine is gone."""
-    auth = context.auth_context() or {}
+    auth = context.auth_context() if client.tls else None
     opening = CallOpening(
         method=method, time_remaining=context.time_remaining(), peer=str(context.peer()),
         metadata=tuple((m.key, m.value) for m in context.invocation_metadata() or ()),
-        auth={str(k): [bytes(v) for v in values] for k, values in auth.items()},
+        auth={str(k): [bytes(v) for v in values] for k, values in auth.items()} if auth else {},
         message=message)
     try:
-        return client.open(opening)
+        return client.open(opening, streamed)
     except EngineGone:
         await context.abort(grpc.StatusCode.UNAVAILABLE, ENGINE_GONE)
         raise
@@ -217,11 +250,12 @@ Streaming = Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[bytes]]
 
 
 async def _forward(client: EngineClient, path: str, context: grpc.aio.ServicerContext,
-                   request: Any, streaming: bool
+                   request: Any, streaming: bool, streamed: bool
                    ) -> tuple[int, _Forwarded, asyncio.Task[None] | None]:
     """Open the call in the engine; a client-streaming call's messages follow from a pump
     task (``request`` is then the request iterator, else the request's bytes)."""
-    number, call = await _open(client, path, context, None if streaming else request)
+    number, call = await _open(client, path, context, None if streaming else request,
+                               streamed)
     pump = asyncio.get_running_loop().create_task(_pump(client, number, call, request)) \
         if streaming else None
     return number, call, pump
@@ -235,16 +269,14 @@ def _close(client: EngineClient, number: int, pump: asyncio.Task[None] | None) -
 
 def _one_reply(client: EngineClient, path: str, streaming: bool) -> Unary:
     async def forward(request: Any, context: grpc.aio.ServicerContext) -> bytes:
-        number, call, pump = await _forward(client, path, context, request, streaming)
+        number, call, pump = await _forward(client, path, context, request, streaming, False)
         try:
-            reply = await call.replies.get()
-            if reply is not None:
-                await call.replies.get()  # the status follows the one reply
+            await call.done
         finally:
             _close(client, number, pump)
         await _end(call, context)
-        assert reply is not None
-        return reply
+        assert call.reply is not None
+        return call.reply
 
     return forward
 
@@ -252,7 +284,7 @@ def _one_reply(client: EngineClient, path: str, streaming: bool) -> Unary:
 def _streamed_replies(client: EngineClient, path: str, streaming: bool) -> Streaming:
     async def forward(request: Any, context: grpc.aio.ServicerContext
                       ) -> AsyncIterator[bytes]:
-        number, call, pump = await _forward(client, path, context, request, streaming)
+        number, call, pump = await _forward(client, path, context, request, streaming, True)
         try:
             async for reply in _replies(client, number, call):
                 yield reply
@@ -266,8 +298,10 @@ def _streamed_replies(client: EngineClient, path: str, streaming: bool) -> Strea
 async def _replies(client: EngineClient, number: int, call: _Forwarded
                    ) -> AsyncIterator[bytes]:
     """The engine's replies as gRPC takes them; what gRPC took returns as credit."""
+    replies = call.replies
+    assert replies is not None
     taken = 0
-    while (reply := await call.replies.get()) is not None:
+    while (reply := await replies.get()) is not None:
         yield reply
         taken += 1
         if taken == CREDIT_BATCH and call.status is None and not client.gone.is_set():
@@ -292,9 +326,11 @@ async def serve_frontend(settings: ServerSettings, engine: str,
     limit = frame_limit(settings)
     connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     connection.connect("\0" + engine)  # uvloop takes no abstract name: a socket it takes
-    reader, writer = await asyncio.open_unix_connection(sock=connection, limit=limit)
-    client = EngineClient(reader, writer, limit)
-    receiving = asyncio.get_running_loop().create_task(client.run())
+    client = EngineClient(limit, tls=settings.grpc_use_ssl)
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.connect_accepted_socket(lambda: client.receiver, connection)
+    client.attach(transport)
+    receiving = loop.create_task(client.run())
     server = grpc.aio.server(options=server_options(settings, reuse_port=True))
     for service in services:
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
@@ -309,7 +345,6 @@ async def serve_frontend(settings: ServerSettings, engine: str,
     await server.start()
     client.send(Kind.READY, 0)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     waiting = [loop.create_task(stop.wait()), loop.create_task(client.gone.wait())]
@@ -318,7 +353,7 @@ async def serve_frontend(settings: ServerSettings, engine: str,
     await server.stop(0 if engine_gone else settings.exit_timeout_secs)
     for task in (*waiting, receiving):
         task.cancel()
-    writer.close()
+    client.close()
     return 1 if engine_gone else 0
 
 

@@ -47,11 +47,8 @@ def _stop_process(process: subprocess.Popen[bytes], grace: float) -> None:
             process.wait(timeout=5)
 
 
-def _peer_pid(writer: asyncio.StreamWriter) -> int | None:
+def _peer_pid(connection: socket.socket) -> int:
     """The connecting process's pid, from the kernel (SO_PEERCRED: pid, uid, gid)."""
-    connection = writer.get_extra_info("socket")
-    if connection is None:
-        return None
     credentials = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                         struct.calcsize("3i"))
     pid: int = struct.unpack("3i", credentials)[0]
@@ -88,7 +85,8 @@ class Frontends:
         self._stopping = False
         self._reserved: socket.socket | None = None
         self._address = ""
-        self._unix: asyncio.Server | None = None
+        self._listening: socket.socket | None = None
+        self._acceptor: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self.port = 0
         #: Frontends restarted after dying (for tests and logs).
@@ -109,10 +107,11 @@ class Frontends:
         self._reserved = reserve_port(settings.host, settings.grpc_port)
         self.port = int(self._reserved.getsockname()[1])
         self._address = f"\0peregrine-engine-{os.getpid()}-{secrets.token_hex(8)}"
-        listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listening = self._listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listening.bind(self._address)  # uvloop takes no abstract name: a socket it takes
-        self._unix = await asyncio.start_unix_server(self._accept, sock=listening,
-                                                     limit=self._limit)
+        listening.listen()
+        listening.setblocking(False)
+        self._acceptor = asyncio.get_running_loop().create_task(self._accept(listening))
         self._processes = [self._spawn() for _ in range(self._count)]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + START_TIMEOUT_S
@@ -144,21 +143,23 @@ class Frontends:
         if self._ready >= self._count:
             self._all_ready.set()
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer_pid = _peer_pid(writer)
-        if peer_pid not in self.pids:
-            log.error("refused a connection to the engine's socket from a process that is "
-                      "not one of its frontends", extra={"pid": peer_pid})
-            writer.close()
-            return
-        link = EngineLink(self._table, reader, writer, self._limit, self._frontend_ready)
-        task = asyncio.current_task()
-        assert task is not None
-        self._links.add(task)
-        try:
-            await link.serve()
-        finally:
-            self._links.discard(task)
+    async def _accept(self, listening: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            connection, _ = await loop.sock_accept(listening)
+            peer_pid = _peer_pid(connection)
+            if peer_pid not in self.pids:
+                log.error("refused a connection to the engine's socket from a process that "
+                          "is not one of its frontends", extra={"pid": peer_pid})
+                connection.close()
+                continue
+            link = EngineLink(self._table, self._limit, self._frontend_ready)
+            receiver = link.receiver
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: receiver, connection)  # noqa: B023
+            task = loop.create_task(link.serve(transport))
+            self._links.add(task)
+            task.add_done_callback(self._links.discard)
 
     async def _watch(self) -> None:
         while not self._stopping:
@@ -183,8 +184,11 @@ class Frontends:
                 process.send_signal(signal.SIGTERM)
         await asyncio.gather(*(asyncio.to_thread(_stop_process, p, grace + 1.0)
                                for p in self._processes))
-        if self._unix is not None:
-            self._unix.close()
+        if self._acceptor is not None:
+            self._acceptor.cancel()
+            await asyncio.gather(self._acceptor, return_exceptions=True)
+        if self._listening is not None:
+            self._listening.close()
         for task in list(self._links):
             task.cancel()
         await asyncio.gather(*self._links, return_exceptions=True)

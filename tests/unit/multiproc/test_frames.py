@@ -15,11 +15,11 @@ from server.multiproc.frames import (
     CallOpening,
     CallStatus,
     FrameError,
+    FrameReceiver,
     FrameWriter,
     Kind,
     credit,
     credit_count,
-    read_frame,
 )
 
 texts = st.text(max_size=40)
@@ -49,49 +49,94 @@ def test_a_credit_carries_its_count() -> None:
     assert credit_count(credit(7)) == 7
 
 
-class _Sink:
-    """A StreamWriter's part FrameWriter uses."""
+class _Transport:
+    """The part of a transport that FrameWriter and FrameReceiver use."""
 
     def __init__(self) -> None:
         self.written: list[bytes] = []
+        self.closed = False
 
     def is_closing(self) -> bool:
-        return False
+        return self.closed
 
     def write(self, data: bytes) -> None:
         self.written.append(data)
 
+    def close(self) -> None:
+        self.closed = True
+
+
+def _receiver(limit: int) -> tuple[FrameReceiver, list[tuple[int, int, bytes]], _Transport]:
+    frames: list[tuple[int, int, bytes]] = []
+    receiver = FrameReceiver(limit, lambda *frame: frames.append(frame))
+    transport = _Transport()
+    receiver.transport = transport  # type: ignore[assignment]
+    return receiver, frames, transport
+
 
 async def test_frames_sent_in_one_turn_go_out_in_one_write_and_read_back_in_order() -> None:
-    sink = _Sink()
+    sink = _Transport()
     frames = FrameWriter(sink)  # type: ignore[arg-type]
     frames.send(Kind.CALL, 1, b"abc")
     frames.send(Kind.CANCEL, 2)
     assert sink.written == []
     await asyncio.sleep(0)
     assert len(sink.written) == 1
-    reader = asyncio.StreamReader()
-    reader.feed_data(sink.written[0])
-    reader.feed_eof()
-    assert await read_frame(reader, 100) == (Kind.CALL, 1, b"abc")
-    assert await read_frame(reader, 100) == (Kind.CANCEL, 2, b"")
-    with pytest.raises(asyncio.IncompleteReadError):
-        await read_frame(reader, 100)
+    receiver, received, _ = _receiver(100)
+    receiver.data_received(sink.written[0])
+    assert received == [(Kind.CALL, 1, b"abc"), (Kind.CANCEL, 2, b"")]
+
+
+@given(cuts=st.lists(st.integers(0, 60), max_size=6))
+def test_frames_split_anywhere_across_reads_arrive_whole_and_in_order(cuts: list[int]) -> None:
+    data = b"".join(HEADER.pack(len(body), Kind.REPLY, n) + body
+                    for n, body in enumerate((b"first", b"", b"x" * 20)))
+
+    async def feed() -> list[tuple[int, int, bytes]]:
+        receiver, received, transport = _receiver(100)
+        at = 0
+        for cut in sorted(c for c in cuts if c < len(data)):
+            receiver.data_received(data[at:cut])
+            at = cut
+        receiver.data_received(data[at:])
+        assert not transport.closed
+        return received
+
+    assert asyncio.run(feed()) == [(Kind.REPLY, 0, b"first"), (Kind.REPLY, 1, b""),
+                                   (Kind.REPLY, 2, b"x" * 20)]
 
 
 @pytest.mark.parametrize("data", [
     HEADER.pack(101, Kind.REPLY, 1) + b"x" * 101,  # past the limit
     HEADER.pack(0, 99, 1),  # no such kind
 ], ids=["too-long", "unknown-kind"])
-async def test_a_bad_frame_is_a_frame_error(data: bytes) -> None:
-    reader = asyncio.StreamReader()
-    reader.feed_data(data)
-    reader.feed_eof()
-    with pytest.raises(FrameError):
-        await read_frame(reader, 100)
+async def test_a_bad_frame_closes_the_socket_with_a_frame_error(data: bytes) -> None:
+    receiver, received, transport = _receiver(100)
+    receiver.data_received(data)
+    assert received == []
+    assert transport.closed
+    assert isinstance(receiver.closed.result(), FrameError)
 
 
-def test_a_truncated_opening_is_a_frame_error() -> None:
+async def test_a_frame_the_handler_refuses_closes_the_socket() -> None:
+    def refuse(kind: int, call: int, body: bytes) -> None:
+        raise FrameError("call 1 opened twice")
+
+    receiver = FrameReceiver(100, refuse)
+    transport = _Transport()
+    receiver.transport = transport  # type: ignore[assignment]
+    receiver.data_received(HEADER.pack(0, Kind.CALL, 1))
+    assert transport.closed
+    assert str(receiver.closed.result()) == "call 1 opened twice"
+
+
+@pytest.mark.parametrize("cut", [2, 10], ids=["in-the-length", "in-the-head"])
+def test_a_truncated_opening_is_a_frame_error(cut: int) -> None:
     body = CallOpening("/a/b", None, "peer", (("k", "v"),), {}, b"m").encode()
     with pytest.raises(FrameError):
-        CallOpening.decode(body[:10])
+        CallOpening.decode(body[:cut])
+
+
+def test_a_head_that_is_not_marshal_is_a_frame_error() -> None:
+    with pytest.raises(FrameError):
+        CallStatus.decode(b"\x03\x00\x00\x00\xff\xff\xff")
