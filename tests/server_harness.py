@@ -21,6 +21,12 @@ import uvloop
 from server.app import PeregrineServer
 from server.settings import ServerSettings
 
+#: This is one of the integration suite's reruns (the pure-Python codec and packer,
+#: tests/integration/test_pure_python_path.py, or frontend processes,
+#: tests/integration/test_frontends_mode.py), not its first run.
+RERUN = os.environ.get("PEREGRINE_NATIVE") == "0" \
+    or int(os.environ.get("PEREGRINE_FRONTENDS", "1")) > 1
+
 
 class ServerThread:
     def __init__(self, repository: Path, start_timeout_s: float = 60.0,
