@@ -54,6 +54,7 @@ from server.metrics import MetricsRegistry
 from server.metrics.admission import AdmissionMetrics
 from server.metrics.cache import CacheMetrics
 from server.metrics.drift import DriftCounts, DriftMetrics
+from server.metrics.frontends import FrontendMetrics
 from server.metrics.loop_lag import LoopLag
 from server.metrics.routing import RoutingMetrics
 from server.metrics.security import SecurityMetrics
@@ -288,8 +289,10 @@ class PeregrineServer:
             else:
                 reflection.enable_server_reflection(services, server, pool=_merged_pool())
         if isinstance(server, HandlerTable):
-            self._frontends = Frontends(settings.frontends, settings, server)
-            self.grpc_port = await self._frontends.start()
+            frontends = self._frontends = Frontends(settings.frontends, settings, server)
+            FrontendMetrics(self.metrics.registry, lambda: frontends.stats,
+                            lambda: frontends.restarts)
+            self.grpc_port = await frontends.start()
         else:
             address = _address(settings.host, settings.grpc_port)
             try:

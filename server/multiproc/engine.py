@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 
 import grpc
 
+from server.metrics.frontends import FrontendStats
 from server.multiproc.frames import (
     CREDIT_BATCH,
     WINDOW,
@@ -31,6 +32,7 @@ from server.multiproc.frames import (
     Metadata,
     credit,
     credit_count,
+    decode_head,
 )
 
 log = logging.getLogger(__name__)
@@ -166,9 +168,11 @@ class EngineLink:
     """One frontend's socket: its frames, as they arrive, open and feed its calls; their
     answers go back in one write per turn."""
 
-    def __init__(self, table: HandlerTable, limit: int, on_ready: Callable[[], None]) -> None:
+    def __init__(self, table: HandlerTable, limit: int, on_ready: Callable[[], None],
+                 on_stats: Callable[[FrontendStats], None]) -> None:
         self._table = table
         self._on_ready = on_ready
+        self._on_stats = on_stats
         self.receiver = FrameReceiver(limit, self._receive)
         self._frames: FrameWriter | None = None
         self._calls: dict[int, _Call] = {}
@@ -198,6 +202,12 @@ class EngineLink:
             call = self._calls[number] = _Call(handler)
             call.task = asyncio.get_running_loop().create_task(
                 self._run(number, call, opening, handler))
+            return
+        if kind == Kind.STATS:
+            try:
+                self._on_stats(FrontendStats.from_tuple(decode_head(body, 5)))
+            except ValueError as exc:
+                raise FrameError(f"a STATS frame that does not parse: {exc}") from None
             return
         if kind == Kind.READY:
             self._on_ready()

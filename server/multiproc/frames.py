@@ -57,6 +57,8 @@ class Kind(enum.IntEnum):
     READY = 8
     #: A unary answer: the one REPLY and an OK STATUS without trailing metadata, in one.
     ANSWER = 9
+    #: A frontend's own figures (server/metrics/frontends.py), every second.
+    STATS = 10
 
 
 _KINDS = frozenset(Kind)
@@ -153,13 +155,13 @@ class CallOpening:
     message: bytes | None
 
     def encode(self) -> bytes:
-        head = marshal.dumps((self.method, self.time_remaining, self.peer, self.metadata,
-                              self.auth, self.message is not None))
-        return b"".join((_U32.pack(len(head)), head, self.message or b""))
+        head = encode_head((self.method, self.time_remaining, self.peer, self.metadata,
+                            self.auth, self.message is not None))
+        return head + self.message if self.message else head
 
     @classmethod
     def decode(cls, body: bytes) -> CallOpening:
-        method, remaining, peer, metadata, auth, has_message = _unmarshal(body, 6)
+        method, remaining, peer, metadata, auth, has_message = decode_head(body, 6)
         size = _U32.unpack_from(body)[0]
         return cls(method, remaining, peer, metadata, auth,
                    body[_U32.size + size:] if has_message else None)
@@ -174,17 +176,23 @@ class CallStatus:
     trailing: Metadata = ()
 
     def encode(self) -> bytes:
-        head = marshal.dumps((self.code.value[0], self.details, self.trailing))
-        return _U32.pack(len(head)) + head
+        return encode_head((self.code.value[0], self.details, self.trailing))
 
     @classmethod
     def decode(cls, body: bytes) -> CallStatus:
-        code, details, trailing = _unmarshal(body, 3)
+        code, details, trailing = decode_head(body, 3)
         return cls(_CODES.get(code, grpc.StatusCode.UNKNOWN), details, trailing)
 
 
-def _unmarshal(body: bytes, fields: int) -> tuple[Any, ...]:
-    """The length-prefixed marshal head of a CALL or STATUS body, as a tuple of ``fields``."""
+def encode_head(values: tuple[Any, ...]) -> bytes:
+    """A frame body's head: plain values (str, bytes, numbers, None, and tuples, lists and
+    dicts of them) in marshal, length-prefixed."""
+    head = marshal.dumps(values)
+    return _U32.pack(len(head)) + head
+
+
+def decode_head(body: bytes, fields: int) -> tuple[Any, ...]:
+    """The head of a frame body, a tuple of ``fields`` values (FrameError if it is not)."""
     if len(body) < _U32.size:
         raise FrameError("frame body ends early")
     size = _U32.unpack_from(body)[0]

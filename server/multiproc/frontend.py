@@ -27,9 +27,12 @@ from typing import Any
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
+from prometheus_client import CollectorRegistry
 
 from server.grpc_options import server_options
 from server.logs import configure_logging
+from server.metrics.frontends import STATS_INTERVAL_S, FrontendStats
+from server.metrics.loop_lag import LoopLag
 from server.multiproc.frames import (
     CREDIT_BATCH,
     WINDOW,
@@ -41,6 +44,7 @@ from server.multiproc.frames import (
     Kind,
     credit,
     credit_count,
+    encode_head,
 )
 from server.security import tls
 from server.services import served_services
@@ -321,6 +325,21 @@ async def _pump(client: EngineClient, number: int, call: _Forwarded,
             client.send(Kind.HALF_CLOSE, number)
 
 
+async def _report(client: EngineClient) -> None:
+    """This process's figures to the engine every STATS_INTERVAL_S, for its /metrics."""
+    lag = LoopLag(CollectorRegistry())
+    lag.start(asyncio.get_running_loop())
+    try:
+        while not client.gone.is_set():
+            client.send(Kind.STATS, 0,
+                        encode_head(FrontendStats.of_this_process(lag.histogram).as_tuple()))
+            await asyncio.sleep(STATS_INTERVAL_S)
+    except EngineGone:
+        pass
+    finally:
+        lag.stop()
+
+
 async def serve_frontend(settings: ServerSettings, engine: str,
                          services: Iterable[ServiceDescriptor]) -> int:
     limit = frame_limit(settings)
@@ -344,6 +363,7 @@ async def serve_frontend(settings: ServerSettings, engine: str,
         server.add_secure_port(address, credentials)
     await server.start()
     client.send(Kind.READY, 0)
+    reporting = loop.create_task(_report(client))
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -351,7 +371,7 @@ async def serve_frontend(settings: ServerSettings, engine: str,
     await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
     engine_gone = client.gone.is_set()
     await server.stop(0 if engine_gone else settings.exit_timeout_secs)
-    for task in (*waiting, receiving):
+    for task in (*waiting, receiving, reporting):
         task.cancel()
     client.close()
     return 1 if engine_gone else 0

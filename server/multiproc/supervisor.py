@@ -24,7 +24,9 @@ import socket
 import struct
 import subprocess
 import sys
+from collections.abc import Callable
 
+from server.metrics.frontends import FrontendStats
 from server.multiproc.engine import EngineLink, HandlerTable
 from server.multiproc.frontend import frame_limit, settings_json
 from server.settings import ServerSettings
@@ -89,8 +91,10 @@ class Frontends:
         self._acceptor: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self.port = 0
-        #: Frontends restarted after dying (for tests and logs).
+        #: Frontends restarted after dying.
         self.restarts = 0
+        #: The latest figures of each frontend, by slot (1..count).
+        self.stats: dict[int, FrontendStats] = {}
 
     @property
     def pids(self) -> list[int]:
@@ -153,13 +157,21 @@ class Frontends:
                           "is not one of its frontends", extra={"pid": peer_pid})
                 connection.close()
                 continue
-            link = EngineLink(self._table, self._limit, self._frontend_ready)
+            link = EngineLink(self._table, self._limit, self._frontend_ready,
+                              self._stats_of(peer_pid))
             receiver = link.receiver
             transport, _ = await loop.connect_accepted_socket(
                 lambda: receiver, connection)  # noqa: B023
             task = loop.create_task(link.serve(transport))
             self._links.add(task)
             task.add_done_callback(self._links.discard)
+
+    def _stats_of(self, pid: int) -> Callable[[FrontendStats], None]:
+        def keep(stats: FrontendStats) -> None:
+            if stats.pid == pid and pid in self.pids:
+                self.stats[self.pids.index(pid) + 1] = stats
+
+        return keep
 
     async def _watch(self) -> None:
         while not self._stopping:
@@ -170,6 +182,7 @@ class Frontends:
                 log.error("frontend process died: starting another",
                           extra={"pid": process.pid, "returncode": process.returncode})
                 self._processes[index] = self._spawn()
+                self.stats.pop(index + 1, None)
                 self.restarts += 1
 
     async def stop(self, grace: float) -> None:

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,8 +19,10 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from prometheus_client.parser import text_string_to_metric_families
 
 from server._pb import grpc_service_pb2 as pb
+from server.metrics.frontends import STATS_INTERVAL_S
 from server.multiproc.frames import WINDOW
 from server.multiproc.supervisor import Frontends
 from tests import model_factory
@@ -83,6 +86,16 @@ def test_the_frontends_are_processes_of_their_own_on_one_port(served: ServerThre
         np.testing.assert_array_equal(infer(served.url, i), np.full((1, 4), i, np.float32))
 
 
+def frontend_samples(server: ServerThread) -> dict[tuple[str, str], float]:
+    """(sample name, frontend label) -> value of every peregrine_frontend_* sample."""
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    return {(sample.name, sample.labels.get("frontend", "")): sample.value
+            for family in text_string_to_metric_families(text)
+            if family.name.startswith("peregrine_frontend")
+            for sample in family.samples if "le" not in sample.labels}
+
+
 def test_a_frontend_that_dies_is_replaced_and_the_server_goes_on(served: ServerThread) -> None:
     frontends = frontends_of(served)
     victim, survivor = frontends.pids
@@ -92,6 +105,35 @@ def test_a_frontend_that_dies_is_replaced_and_the_server_goes_on(served: ServerT
     wait_for(lambda: all(alive(p) for p in frontends.pids), "the new frontend")
     for i in range(8):
         np.testing.assert_array_equal(infer(served.url, i), np.full((1, 4), i, np.float32))
+    # The new process reports in its predecessor's slot: still one series per frontend.
+    wait_for(lambda: len(frontends.stats) == 2
+             and {s.pid for s in frontends.stats.values()} == set(frontends.pids),
+             "both frontends' figures")
+    samples = frontend_samples(served)
+    assert samples[("peregrine_frontend_restarts_total", "")] == 1
+    assert {label for name, label in samples if name.startswith(
+        "peregrine_frontend_resident")} == {"1", "2"}
+
+
+def test_each_frontends_own_figures_are_on_the_engines_metrics(served: ServerThread) -> None:
+    frontends = frontends_of(served)
+    wait_for(lambda: len(frontends.stats) == 2, "both frontends' figures")
+    for pid, slot in ((s.pid, slot) for slot, s in frontends.stats.items()):
+        assert frontends.pids[slot - 1] == pid
+    before = frontend_samples(served)
+    for i in range(50):
+        infer(served.url, i)
+    time.sleep(STATS_INTERVAL_S * 1.5)
+    after = frontend_samples(served)
+    for slot in ("1", "2"):
+        assert after[("peregrine_frontend_resident_memory_bytes", slot)] > 10 * 2**20
+        assert after[("peregrine_frontend_event_loop_lag_seconds_count", slot)] > 0
+        assert after[("peregrine_frontend_cpu_seconds_total", slot)] \
+            >= before[("peregrine_frontend_cpu_seconds_total", slot)]
+    # The calls' work shows in the frontends' CPU (each took some of the 50 connections).
+    assert sum(after[("peregrine_frontend_cpu_seconds_total", s)] for s in ("1", "2")) \
+        > sum(before[("peregrine_frontend_cpu_seconds_total", s)] for s in ("1", "2"))
+    assert after[("peregrine_frontend_restarts_total", "")] == 0
 
 
 def stream_request(value: float, request_id: str) -> pb.ModelInferRequest:
