@@ -794,7 +794,8 @@ def test_peregrine_route_commands(server: ServerThread, caplog: pytest.LogCaptur
 
     done = route_cli(server, "set", "m", "--variant", "a=1:90", "--variant", "b=7:10")
     assert done.returncode == 1
-    assert "INVALID_ARGUMENT: variant 'b': Request for unknown model: 'm' version 7 is not found" in done.stderr
+    assert ("INVALID_ARGUMENT: variant 'b': Request for unknown model: 'm' version 7 is not "
+            "found") in done.stderr
     assert weights(get_route(server, "m")) == {"a": 90, "b": 10}
     done = route_cli(server, "promote", "m")
     assert done.returncode == 1 and "FAILED_PRECONDITION" in done.stderr
