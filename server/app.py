@@ -50,6 +50,7 @@ from server.interfaces import (
     SchedulerFactory,
     WatchableSource,
 )
+from server.logs import LogSettings
 from server.metrics import MetricsRegistry
 from server.metrics.admission import AdmissionMetrics
 from server.metrics.cache import CacheMetrics
@@ -84,6 +85,7 @@ from server.services import (
 from server.settings import ServerSettings
 from server.shm import RegistrationGate, SharedMemoryRegistry
 from server.spec import ModelSpec
+from server.trace_settings import TracingOff
 
 if TYPE_CHECKING:
     from server.drift.analyser import DriftAnalyser
@@ -245,6 +247,8 @@ class PeregrineServer:
                                                   settings.shm_max_mapped_bytes)
         self.guard = build_guard(settings, self.metrics)
         self._auth_watcher: asyncio.Task[None] | None = None
+        #: What LogSettings reads and changes; the logging is put back at stop.
+        self.log_settings = LogSettings(settings.log_level, settings.log_format)
 
     async def start(self) -> None:
         settings = self.settings
@@ -272,6 +276,8 @@ class PeregrineServer:
             shm_gate=RegistrationGate(settings.allow_client_shm,
                                       settings.shm_remote_registration),
             admission=self.admission,
+            trace=TracingOff(),
+            logging_settings=self.log_settings,
         )
         inference = inference_handlers(servicer)
         admin = method_handlers(AdminServicer(control), ADMIN_DESCRIPTOR, admin_pb2)
@@ -405,6 +411,7 @@ class PeregrineServer:
         if self.drift is not None:
             await loop.run_in_executor(None, self.drift.stop)
         self.shared_memory.close()
+        self.log_settings.close()
         if self.guard is not None:
             self.guard.close()
         self.state.live = False

@@ -17,7 +17,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from server._pb import model_config_pb2 as mc
-from server.errors import InvalidInput, LoadFailed, ModelLoadError, ModelNotFound, NotAllowed
+from server.errors import (
+    InvalidInput,
+    ModelLoadError,
+    ModelNotFound,
+    NotAllowed,
+    load_failed,
+    no_available_version,
+    not_in_repository,
+)
 from server.metrics.statistics import VersionStats
 from server.repository.cards import RUNTIME
 from server.repository.catalog import IndexEntry, ModelState, ModelView
@@ -101,7 +109,7 @@ class ControlPlane:
         check_model_name(name)
         model = self._manager.catalog.version_of(name, version)
         if model.spec is None or model.config is None:
-            raise ModelNotFound(f"model '{name}' failed to load: {model.reason}")
+            raise no_available_version(name, f"it failed to load: {model.reason}", ModelNotFound)
         return model
 
     def metadata(self, name: str, version: str) -> ModelMetadata:
@@ -166,14 +174,16 @@ class ControlPlane:
         for key, value in parameters.items():
             if key != CONFIG_OVERRIDE_PARAMETER:
                 raise InvalidInput(
-                    f"load parameter '{key}' is not supported (only "
-                    f"'{CONFIG_OVERRIDE_PARAMETER}', a ModelConfig as JSON)"
+                    f"Unrecognized load parameter '{key}' (only "
+                    f"'{CONFIG_OVERRIDE_PARAMETER}', a ModelConfig as JSON, is supported)"
                 )
             override = parse_override(value)
         try:
             await self._manager.load_model(name, config_override=override, explicit=True)
+        except ModelNotFound as exc:
+            raise not_in_repository(name, exc.message) from None
         except ModelLoadError as exc:
-            raise LoadFailed(str(exc)) from None
+            raise load_failed(name, str(exc)) from None
 
     async def unload(self, name: str) -> None:
         check_model_name(name)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import secrets
+from typing import TYPE_CHECKING
 
 import grpc
+
+if TYPE_CHECKING:
+    from server.types import DataType
 
 
 def correlation_id() -> str:
@@ -88,6 +92,59 @@ class LoadFailed(PeregrineError):
 
 class ModelLoadError(Exception):
     """A model or version could not be loaded; the reason is shown in RepositoryIndex."""
+
+
+# -- Triton's wording ------------------------------------------------------------------------
+# Programs written against Triton test some errors by their text, so these start with the
+# phrase Triton answers (its core prefixes every failed model lookup with "Request for
+# unknown model: ", then says "'<name>' is not found", "'<name>' version <n> is not found",
+# "... has no available versions" or "... version <n> is not at ready state"; a failed load
+# is "load failed for model '<name>': <reason>"). Peregrine's own detail follows the phrase.
+
+UNKNOWN_MODEL = "Request for unknown model: "
+
+
+def _detail(why: str) -> str:
+    return f": {why}" if why else ""
+
+
+def unknown_model(name: str) -> ModelNotFound:
+    return ModelNotFound(f"{UNKNOWN_MODEL}'{name}' is not found")
+
+
+def unknown_version(name: str, version: str) -> ModelNotFound:
+    return ModelNotFound(f"{UNKNOWN_MODEL}'{name}' version {version} is not found")
+
+
+def no_available_version(name: str, why: str = "",
+                         error: type[PeregrineError] = ModelNotReady) -> PeregrineError:
+    """UNAVAILABLE by default; ``error`` ModelNotFound for a model that never loaded."""
+    return error(f"{UNKNOWN_MODEL}'{name}' has no available versions{_detail(why)}")
+
+
+def version_not_ready(name: str, version: str, why: str = "") -> ModelNotReady:
+    return ModelNotReady(
+        f"{UNKNOWN_MODEL}'{name}' version {version} is not at ready state{_detail(why)}")
+
+
+def byte_size_mismatch(model: str, name: str, datatype: DataType, shape: tuple[int, ...],
+                       expected: int, got: int, where: str) -> InvalidInput:
+    """An input whose bytes (``where``: raw content, shared_memory_byte_size) are not what its
+    shape and datatype need."""
+    return InvalidInput(
+        f"input byte size mismatch for input '{name}' for model '{model}'. Expected "
+        f"{expected}, got {got} ({where} of {got} bytes; shape {list(shape)} of "
+        f"{datatype.wire} needs {expected})")
+
+
+def load_failed(name: str, why: str) -> LoadFailed:
+    """A RepositoryModelLoad that left the model without what it asked."""
+    return LoadFailed(f"load failed for model '{name}': {why}")
+
+
+def not_in_repository(name: str, why: str) -> ModelNotFound:
+    """A RepositoryModelLoad of a model the repository does not hold."""
+    return ModelNotFound(f"failed to load '{name}', failed to poll from model repository: {why}")
 
 
 class Unauthenticated(PeregrineError):

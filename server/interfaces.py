@@ -333,3 +333,17 @@ class DriftSink(Protocol):
     """
 
     def offer(self, sample: DriftSample) -> bool: ...
+
+
+class TraceSettings(Protocol):
+    """What Triton's TraceSetting RPC reads and changes: setting name -> its values (strings,
+    as the protocol carries them), server-wide (``model`` empty) or for one model. The
+    tracing component implements it; ``server/trace_settings.TracingOff`` stands in while
+    tracing is not built. On the event loop."""
+
+    def settings(self, model: str) -> dict[str, list[str]]: ...
+
+    def update(self, model: str, changes: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
+        """Apply ``changes`` (an empty list: back to the server's setting) and answer the
+        settings now; raises a typed error naming what it refuses."""
+        ...

@@ -83,3 +83,118 @@ def configure_logging(level: str, fmt: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("grpc").setLevel(logging.WARNING)
+
+
+#: What LogSettings reports and takes (Triton's keys); log_file is reported, never taken.
+LOG_FORMATS = ("text", "json")
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+           "error": logging.ERROR}
+
+
+class _Toggles(logging.Filter):
+    """Drops the records of the kinds switched off (info, warning, error, verbose)."""
+
+    def __init__(self, settings: LogSettings) -> None:
+        super().__init__()
+        self._settings = settings
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        s = self._settings
+        if record.levelno < logging.INFO:
+            return s.verbose_level > 0
+        if record.levelno < logging.WARNING:
+            return s.info
+        if record.levelno < logging.ERROR:
+            return s.warning
+        return s.error
+
+
+class LogSettings:
+    """The server's logging as Triton's LogSettings RPC reads and changes it.
+
+    ``log_info``, ``log_warning``, ``log_error`` switch those records on and off, and
+    ``log_verbose_level`` above 0 lets debug records through: the root logger's level and a
+    filter on its handlers apply them for real. ``log_format`` is ``text`` or ``json``
+    (Peregrine's two formats, applied to the handlers that use one of them). ``log_file``
+    is always "" (the server logs to stderr) and cannot be set: a client must never name a
+    file the server would write. Changes hold until the server stops (``close`` restores the
+    logging as it was) and apply to this process only.
+    """
+
+    def __init__(self, level: str, fmt: str) -> None:
+        start = _LEVELS.get(level.lower(), logging.INFO)
+        self.verbose_level = 1 if start <= logging.DEBUG else 0
+        self.info = start <= logging.INFO
+        self.warning = start <= logging.WARNING
+        self.error = True
+        self.format = fmt
+        self._start = self.current()
+        self._toggles = _Toggles(self)
+        self._root_level: int | None = None
+        #: The handlers given the filter, with the formatter each had then.
+        self._handlers: dict[logging.Handler, logging.Formatter | None] = {}
+
+    def current(self) -> dict[str, bool | int | str]:
+        return {"log_file": "", "log_info": self.info, "log_warning": self.warning,
+                "log_error": self.error, "log_verbose_level": self.verbose_level,
+                "log_format": self.format}
+
+    def update(self, changes: dict[str, bool | int | str | None]) -> dict[str, bool | int | str]:
+        """Apply ``changes`` (a value of None: back to how the server started) all or none;
+        ValueError names the first bad one. Returns the settings now."""
+        wanted = self.current()
+        for key, value in changes.items():
+            if key not in wanted:
+                raise ValueError(f"unknown log setting '{key}'; the settings are "
+                                 f"{sorted(wanted)}")
+            wanted[key] = self._start[key] if value is None else _checked(key, value)
+        self.info, self.warning, self.error = (bool(wanted["log_info"]),
+                                               bool(wanted["log_warning"]),
+                                               bool(wanted["log_error"]))
+        self.verbose_level = int(wanted["log_verbose_level"])
+        self.format = str(wanted["log_format"])
+        self._apply()
+        return self.current()
+
+    def _apply(self) -> None:
+        root = logging.getLogger()
+        if self._root_level is None:
+            self._root_level = root.level
+        root.setLevel(logging.DEBUG if self.verbose_level > 0 else logging.INFO)
+        formatter: logging.Formatter = (JsonFormatter() if self.format == "json"
+                                        else TextFormatter())
+        for handler in root.handlers:
+            if handler not in self._handlers:
+                self._handlers[handler] = handler.formatter
+                handler.addFilter(self._toggles)
+            if isinstance(handler.formatter, (JsonFormatter, TextFormatter)):
+                handler.setFormatter(formatter)
+
+    def close(self) -> None:
+        """Put the logging back as it was before the first change."""
+        for handler, formatter in self._handlers.items():
+            handler.removeFilter(self._toggles)
+            handler.setFormatter(formatter)
+        self._handlers.clear()
+        if self._root_level is not None:
+            logging.getLogger().setLevel(self._root_level)
+            self._root_level = None
+
+
+def _checked(key: str, value: bool | int | str) -> bool | int | str:
+    if key == "log_file":
+        if value != "":
+            raise ValueError("log_file cannot be set over the protocol: the server logs to "
+                             "stderr, which its supervisor (systemd, Kubernetes) collects")
+        return value
+    if key == "log_format":
+        if value not in LOG_FORMATS:
+            raise ValueError(f"log_format {value!r} is not one of {list(LOG_FORMATS)}")
+        return value
+    if key == "log_verbose_level":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"log_verbose_level must be an unsigned integer, got {value!r}")
+        return value
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be a boolean, got {value!r}")
+    return value

@@ -30,6 +30,9 @@ class TensorSpec:
     #: Outputs (config ``batch_output`` BATCH_SCATTER_WITH_INPUT_SHAPE): each request gets its
     #: rows cut back to its own extents of this (ragged) input, trailing dims kept whole.
     scatter_like: str = ""
+    #: Outputs (config ``label_filename``): the file in the model's directory whose lines
+    #: name the classes of this output (read at load into ``ModelSpec.labels``).
+    label_filename: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,6 +261,10 @@ class ModelSpec:
     #: Config ``response_cache { enable: true }``: repeated requests may be answered from
     #: the server's response cache (when --cache-config gives it one).
     response_cache: bool = False
+    #: Classification labels by output name: the lines of each output's ``label_filename``
+    #: (as bytes), read by the repository at load.
+    labels: Mapping[str, tuple[bytes, ...]] = field(
+        default_factory=lambda: MappingProxyType({}))
     #: The inputs as clients send them: ``inputs`` with a preprocessed input replaced by its
     #: raw-image form. Derived; ModelMetadata and request validation read it.
     client_inputs: tuple[TensorSpec, ...] = field(init=False, compare=False, repr=False)

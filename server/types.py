@@ -79,6 +79,9 @@ class InferRequest:
     deadline_ns: int | None = None
     #: The bytes the inputs decoded into (codec.caps), counted against --max-queued-bytes.
     nbytes: int = 0
+    #: Requested outputs to answer as their top classes (Triton's classification
+    #: extension): output name -> how many classes; None when none is asked.
+    classification: dict[str, int] | None = None
 
 
 class OutputTensor:

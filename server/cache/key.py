@@ -1,7 +1,8 @@
 """What identifies a request's answer within one loaded version.
 
 A key is a tuple: the share's owner number, each input's name, datatype and shape, the
-requested outputs, the request parameters that may change the answer, and one BLAKE2b digest
+requested outputs, the request parameters that may change the answer, the classes asked of
+requested outputs (their ``classification`` parameters), and one BLAKE2b digest
 (256 bits) of every input's bytes in order. The shapes and datatypes fix where one input's
 bytes end and the next begin (a BYTES input is digested in its length-prefixed wire form), so
 two requests share a key only when their inputs are equal byte for byte, barring a BLAKE2b
@@ -40,8 +41,10 @@ def request_key(owner: int, request: InferRequest) -> RequestKey:
         else:
             digest.update(array.data)
     parameters = request.parameters
+    classes = request.classification
     return (owner, tuple(tensors), request.requested_outputs,
-            _answer_parameters(parameters) if parameters else (), digest.digest())
+            _answer_parameters(parameters) if parameters else (),
+            tuple(sorted(classes.items())) if classes else (), digest.digest())
 
 
 def key_inputs(key: Hashable) -> int:

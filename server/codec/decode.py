@@ -12,11 +12,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from server import _native
+from server import _native, classification
 from server._pb import grpc_service_pb2 as pb
 from server.codec import shared_memory
 from server.codec.caps import NO_CAPS, RequestCaps, decoded_bytes
 from server.codec.parsed import (
+    INT64,
     Parameters,
     ParsedInput,
     ParsedRequest,
@@ -24,7 +25,7 @@ from server.codec.parsed import (
     from_message,
 )
 from server.codec.shared_memory import SharedMemoryScope, ShmRef
-from server.errors import InvalidInput, Unsupported
+from server.errors import InvalidInput, Unsupported, byte_size_mismatch
 from server.types import Array, DataType, InferRequest, ParamValue
 
 #: The typed ``contents`` field that carries each datatype, and that field's numpy type.
@@ -73,7 +74,7 @@ def _shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _from_raw(
-    name: str, datatype: DataType, shape: tuple[int, ...], raw: bytes | memoryview,
+    model: str, name: str, datatype: DataType, shape: tuple[int, ...], raw: bytes | memoryview,
     shm_ref: ShmRef | None = None,
 ) -> Array:
     """``shm_ref``: where ``raw`` was read from, when it comes from shared memory."""
@@ -96,10 +97,8 @@ def _from_raw(
         return array.reshape(shape)
     expected = count * datatype.itemsize
     if len(raw) != expected:
-        raise InvalidInput(
-            f"input '{name}' raw content has {len(raw)} bytes; shape {list(shape)} of "
-            f"{datatype.wire} needs {expected}"
-        )
+        raise byte_size_mismatch(model, name, datatype, shape, expected, len(raw),
+                                 "raw content")
     if datatype is DataType.BOOL:
         as_bytes = np.frombuffer(raw, dtype=np.uint8)
         if as_bytes.max(initial=0) > 1:
@@ -193,8 +192,8 @@ def decode_parsed(
                 raise InvalidInput(
                     f"input '{name}': contents must not be set for an input in shared memory"
                 )
-            buffer = shared_memory.input_buffer(shm, name, datatype, shape, shm_ref)
-            inputs[name] = _from_raw(name, datatype, shape, buffer, shm_ref)
+            buffer = shared_memory.input_buffer(shm, model_name, name, datatype, shape, shm_ref)
+            inputs[name] = _from_raw(model_name, name, datatype, shape, buffer, shm_ref)
         elif use_raw:
             if contents is not None:
                 raise InvalidInput(
@@ -202,7 +201,7 @@ def decode_parsed(
                 )
             if raw_index >= len(raw_contents):
                 raise _raw_count_error(tensors, len(raw_contents))
-            inputs[name] = _from_raw(name, datatype, shape, raw_contents[raw_index])
+            inputs[name] = _from_raw(model_name, name, datatype, shape, raw_contents[raw_index])
             raw_index += 1
         else:
             if contents is None:
@@ -217,14 +216,15 @@ def decode_parsed(
         if parameters.get(key):
             raise Unsupported(f"parameter '{key}': sequence batching is not supported")
     requested: tuple[str, ...] | None = None
+    classes: dict[str, int] | None = None
     if outputs:
         names = []
         for output_name, output_params in outputs:
-            if "classification" in output_params:
-                raise Unsupported(
-                    f"output '{output_name}': the classification extension is not supported"
-                )
             if output_params:
+                if classification.PARAMETER in output_params:
+                    if classes is None:
+                        classes = {}
+                    classes[output_name] = _class_count(output_name, output_params)
                 out_ref = shared_memory.tensor_reference(output_name, output_params)
                 if out_ref is not None:
                     shared_memory.bind_output(shm, output_name, out_ref)
@@ -244,7 +244,24 @@ def decode_parsed(
         timeout_us=_int_parameter(parameters, "timeout"),
         deadline_ns=deadline_ns,
         nbytes=nbytes,
+        classification=classes,
     )
+
+
+def _class_count(output: str, params: Parameters) -> int:
+    """The requested output's ``classification`` parameter: how many classes (int64, > 0)."""
+    member, value = params[classification.PARAMETER]
+    if member != INT64 or not isinstance(value, int):
+        raise InvalidInput(
+            f"invalid value type for '{classification.PARAMETER}' parameter for tensor "
+            f"'{output}', expected int64_param."
+        )
+    if value <= 0:
+        raise InvalidInput(
+            f"'{classification.PARAMETER}' for tensor '{output}' must be a positive class "
+            f"count, got {value}"
+        )
+    return value
 
 
 def _raw_count_error(inputs: Sequence[ParsedInput], entries: int) -> InvalidInput:

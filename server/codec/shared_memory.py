@@ -33,8 +33,8 @@ import numpy as np
 
 from server import _native
 from server.codec.parsed import INT64, STRING, Parameter, Parameters
-from server.errors import InvalidInput
-from server.shm.registry import Region, SharedMemoryRegistry
+from server.errors import InvalidInput, byte_size_mismatch
+from server.shm.registry import Region, SharedMemoryRegistry, region_not_found
 from server.types import DataType, OutputTensor
 
 REGION = "shared_memory_region"
@@ -121,23 +121,31 @@ class SharedMemoryScope:
 
 
 def _window(scope: SharedMemoryScope | None, what: str, ref: ShmRef) -> Region:
-    """Lease the region of ``ref`` and check that ``ref`` lies inside it."""
+    """Lease the region of ``ref`` and check that ``ref`` lies inside it. The messages start
+    with Triton's (its shared-memory manager's lookups), then say which tensor and how."""
     if scope is None:
-        raise InvalidInput(f"{what}: shared memory region '{ref.region}' is not registered")
+        raise InvalidInput(f"{region_not_found(ref.region)} ({what})")
     try:
         region = scope.lease(ref.region)
     except InvalidInput as exc:
-        raise InvalidInput(f"{what}: {exc.message}") from None
+        raise InvalidInput(f"{exc.message} ({what})") from None
+    if ref.offset >= region.byte_size:
+        raise InvalidInput(
+            f"Invalid offset for shared memory region: '{ref.region}' ({what}: offset "
+            f"{ref.offset} is not inside its {region.byte_size} bytes)"
+        )
     if ref.offset + ref.byte_size > region.byte_size:
         raise InvalidInput(
-            f"{what}: offset {ref.offset} + byte size {ref.byte_size} is outside shared memory "
-            f"region '{ref.region}' of {region.byte_size} bytes"
+            f"Invalid offset + byte size for shared memory region: '{ref.region}' ({what}: "
+            f"offset {ref.offset} + byte size {ref.byte_size} is past its "
+            f"{region.byte_size} bytes)"
         )
     return region
 
 
 def input_buffer(
     scope: SharedMemoryScope | None,
+    model: str,
     name: str,
     datatype: DataType,
     shape: tuple[int, ...],
@@ -153,10 +161,8 @@ def input_buffer(
     if datatype is not DataType.BYTES:
         expected = math.prod(shape) * datatype.itemsize
         if ref.byte_size != expected:
-            raise InvalidInput(
-                f"input '{name}' shared_memory_byte_size is {ref.byte_size}; shape "
-                f"{list(shape)} of {datatype.wire} needs {expected}"
-            )
+            raise byte_size_mismatch(model, name, datatype, shape, expected, ref.byte_size,
+                                     "shared_memory_byte_size")
     return region.read(ref.offset, ref.byte_size)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from server.classification import CLASSIFIABLE, unsupported_type
 from server.errors import InvalidInput
 from server.spec import ModelSpec
 from server.types import InferRequest
@@ -68,9 +69,14 @@ def validate_request(request: InferRequest, spec: ModelSpec) -> None:
                 raise InvalidInput(f"input '{name}': {problem} for {model}")
     if request.requested_outputs:
         for name in request.requested_outputs:
-            if spec.output(name) is None:
+            output = spec.output(name)
+            if output is None:
                 expected = [t.name for t in spec.outputs]
                 raise InvalidInput(
                     f"requested output '{name}' is not an output of {model}; "
                     f"its outputs are {expected}"
                 )
+            if (request.classification and name in request.classification
+                    and output.datatype not in CLASSIFIABLE):
+                raise InvalidInput(
+                    f"{unsupported_type(output.datatype)} (output '{name}' of {model})")

@@ -22,11 +22,15 @@ from server.control import ControlPlane, TensorInfo
 from server.dataplane import DataPlane
 from server.errors import BoundExceeded, Cancelled, ModelNotReady
 from server.frontend.handlers import method_handlers
+from server.frontend.server_settings import ServerSettingsRpcs
 from server.frontend.shared_memory import SystemSharedMemoryRpcs
 from server.frontend.statistics import statistics_response
 from server.frontend.status import abort_with, mapped, status_of
+from server.interfaces import TraceSettings
+from server.logs import LogSettings
 from server.security.identity import caller
 from server.shm import RegistrationGate, SharedMemoryRegistry
+from server.trace_settings import TracingOff
 from server.types import InferRequest, InferResponse
 
 log = logging.getLogger(__name__)
@@ -34,6 +38,8 @@ log = logging.getLogger(__name__)
 SERVER_NAME = "peregrine"
 #: Protocol extensions this server implements, as ServerMetadata reports them.
 EXTENSIONS = (
+    "classification",
+    "logging",
     "model_configuration",
     "model_repository",
     "model_repository(unload_dependents)",
@@ -62,7 +68,8 @@ def _deadline_ns(context: grpc.aio.ServicerContext) -> int | None:
 
 
 class InferenceServicer(
-    SystemSharedMemoryRpcs, pb_grpc.GRPCInferenceServiceServicer  # type: ignore[misc]
+    SystemSharedMemoryRpcs, ServerSettingsRpcs,
+    pb_grpc.GRPCInferenceServiceServicer,  # type: ignore[misc]
 ):
     """Translates the protocol to and from the data plane (inference) and the control plane
     (everything else)."""
@@ -79,9 +86,16 @@ class InferenceServicer(
         shm_gate: RegistrationGate | None = None,
         *,
         admission: Admission,
+        trace: TraceSettings | None = None,
+        logging_settings: LogSettings | None = None,
     ) -> None:
-        #: System shared-memory regions (SystemSharedMemoryRpcs); CUDA ones are UNIMPLEMENTED.
-        #: Without a registry and a gate, none can be registered.
+        #: TraceSetting and LogSettings (ServerSettingsRpcs): tracing off unless the app
+        #: gives the tracer's settings; logging as --log-level / --log-format start it.
+        self._trace = TracingOff() if trace is None else trace
+        self._logging = LogSettings("info", "text") if logging_settings is None \
+            else logging_settings
+        #: System shared-memory regions (SystemSharedMemoryRpcs); CUDA ones cannot be
+        #: registered. Without a registry and a gate, none can be registered.
         self._shm = SharedMemoryRegistry(0, 0) if shared_memory is None else shared_memory
         self._shm_gate = RegistrationGate() if shm_gate is None else shm_gate
         self._control = control

@@ -12,7 +12,14 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from server._pb import model_config_pb2 as mc
-from server.errors import ModelNotFound, ModelNotReady
+from server.errors import (
+    ModelNotFound,
+    ModelNotReady,
+    no_available_version,
+    unknown_model,
+    unknown_version,
+    version_not_ready,
+)
 from server.interfaces import ResponseCache, Scheduler
 from server.metrics import VersionMetrics
 from server.spec import ModelSpec
@@ -99,33 +106,31 @@ class Catalog:
             self._refuse(name, version)
         assert served is not None
         if not served.scheduler.healthy:
-            raise ModelNotReady(f"model '{name}' version {served.version} is not ready: "
-                                f"{served.scheduler.problem}")
+            raise version_not_ready(name, served.version, served.scheduler.problem)
         return served
 
     def _refuse(self, name: str, version: str) -> None:
-        """Raise the error that says why (name, version) is not served."""
+        """Raise the error that says why (name, version) is not served (Triton's wording,
+        server/errors.py)."""
         model = self.model(name)
         if not version:
-            reason = f": {model.reason}" if model.reason else ""
-            raise ModelNotReady(f"model '{name}' has no ready version{reason}")
+            raise no_available_version(name, model.reason)
         view = model.versions.get(version)
         if view is None:
-            raise ModelNotFound(f"unknown version '{version}' of model '{name}'")
-        reason = f": {view.reason}" if view.reason else ""
-        raise ModelNotReady(f"model '{name}' version {version} is {view.state.value}{reason}")
+            raise unknown_version(name, version)
+        raise version_not_ready(name, version, view.state.value + _reason(view.reason))
 
     def model(self, name: str) -> ModelView:
         model = self.models.get(name)
         if model is None:
-            raise ModelNotFound(f"unknown model '{name}'")
+            raise unknown_model(name)
         return model
 
     def version_of(self, name: str, version: str) -> ModelView:
         """The model, checking that ``version`` (if any) is one of its versions."""
         model = self.model(name)
         if version and version not in model.versions:
-            raise ModelNotFound(f"unknown version '{version}' of model '{name}'")
+            raise unknown_version(name, version)
         return model
 
     def is_ready(self, name: str, version: str) -> bool:
@@ -172,6 +177,10 @@ class Catalog:
                     continue
                 entries.append(IndexEntry(name, version, state.value, reason))
         return entries
+
+
+def _reason(reason: str) -> str:
+    return f" ({reason})" if reason else ""
 
 
 def _live_state(view: VersionView) -> tuple[ModelState, str]:

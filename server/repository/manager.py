@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from server._pb import model_config_pb2 as mc
-from server.errors import InvalidInput, ModelLoadError, ModelNotFound
+from server.errors import InvalidInput, ModelLoadError, ModelNotFound, unknown_model
 from server.interfaces import (
     Backend,
     BackendFactory,
@@ -40,6 +40,7 @@ from server.repository.catalog import (
     ServedVersion,
     VersionView,
 )
+from server.repository.labels import with_labels
 from server.repository.state_file import RepositoryState, StateFile
 from server.repository.versions import select_versions
 from server.repository.warmup import warmup_inputs
@@ -300,9 +301,9 @@ class ModelManager:
         for served in retired:
             self._retire_later(served)
         if record.state is not ModelState.READY:
-            raise ModelLoadError(f"failed to load '{name}': {record.reason}")
+            raise ModelLoadError(record.reason)
         if record.reason:
-            raise ModelLoadError(f"model '{name}' kept its serving versions: {record.reason}")
+            raise ModelLoadError(f"{record.reason} (its serving versions are kept)")
 
     async def unload_model(self, name: str, forget: bool = False, explicit: bool = False) -> None:
         """Stop routing to every version of ``name``, let them finish, then unload them.
@@ -313,7 +314,7 @@ class ModelManager:
         check_model_name(name)
         record = self._models.get(name)
         if record is None:
-            raise ModelNotFound(f"unknown model '{name}'")
+            raise unknown_model(name)
         async with record.lock:
             retired = [e.served for e in record.versions.values() if e.served is not None]
             for entry in record.versions.values():
@@ -412,6 +413,7 @@ class ModelManager:
             raise ModelLoadError(f"model '{spec.name}' declares no inputs or no outputs")
         if config_override is None and not (model_dir / config_io.CONFIG_FILE).exists():
             spec = config_io.with_default_batching(spec)
+        spec = with_labels(spec, model_dir)
         fingerprints = {str(v): _version_fingerprint(model_dir / str(v)) for v in chosen}
         cards: dict[str, Mapping[str, str]] = {}
         for v in chosen:

@@ -231,9 +231,12 @@ def to_spec(config: mc.ModelConfig, model_dir: Path) -> ModelSpec:
         where = f"model '{name}' output '{tensor.name}'"
         if tensor.HasField("reshape") or tensor.is_shape_tensor:
             raise ModelLoadError(f"{where}: reshape and shape tensors are not supported")
+        labels = "" if not tensor.label_filename else check_relative(
+            tensor.label_filename, f"{where} label_filename")
         outputs.append(TensorSpec(tensor.name, _datatype(tensor.data_type, where),
                                   _dims(tensor.dims, where),
-                                  scatter_like=scatter.pop(tensor.name, "")))
+                                  scatter_like=scatter.pop(tensor.name, ""),
+                                  label_filename=labels))
     if scatter:
         raise ModelLoadError(f"model '{name}': batch_output names outputs the model does not "
                              f"declare: {sorted(scatter)}")

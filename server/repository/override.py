@@ -16,6 +16,8 @@ from google.protobuf import json_format
 from server._pb import model_config_pb2 as mc
 from server.errors import InvalidInput
 
+#: Triton's phrase for an override it cannot take (programs test for it).
+INVALID = "Invalid config override: "
 #: Instances of one version, over every instance group.
 MAX_INSTANCES = 64
 MAX_BATCH_SIZE = 1 << 16
@@ -39,14 +41,14 @@ def parse_override(text: str) -> mc.ModelConfig:
     try:
         json_format.Parse(text, config)
     except json_format.ParseError as exc:
-        raise InvalidInput(f"config override is not a valid ModelConfig: {exc}") from None
+        raise InvalidInput(f"{INVALID}{exc} (not a valid ModelConfig)") from None
     _check_limits(config)
     return config
 
 
 def _cap(value: int, limit: int, what: str) -> None:
     if value > limit:
-        raise InvalidInput(f"config override: {what} is {value}; the limit is {limit}")
+        raise InvalidInput(f"{INVALID}{what} is {value}; the limit is {limit}")
 
 
 def _check_dims(dims: list[int], where: str) -> None:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from server.classification import classify
 from server.errors import BackendError, InvalidInput, PeregrineError, correlation_id
 from server.interfaces import Backend, ModelPacker
 from server.spec import ModelSpec
@@ -114,6 +115,12 @@ class BatchExecutor:
             tensors = [outputs[n] for n in names]
         except KeyError as missing:
             raise BackendError(f"the backend returned no output {missing}") from None
+        classes = request.classification
+        if classes is not None:
+            spec = self._spec
+            tensors = [t if t.name not in classes else
+                       classify(t, classes[t.name], spec.labels.get(t.name, ()), spec.batches)
+                       for t in tensors]
         return InferResponse(
             model_name=self._spec.name,
             model_version=self._version,

@@ -18,10 +18,12 @@ Why it is built this way:
   of a mapping would. ``multiprocessing.shared_memory`` is not used either: on Python 3.11 it
   registers the segment with the resource tracker, which would unlink the *client's* object
   when this process exits. We never create, resize or unlink an object.
-* Lifetime is reference-counted. A request holds a lease on every region it uses from decode
-  to encode; unregistering a region drops its name at once (new requests no longer find it)
-  but its descriptor is only closed when the last lease is returned, so a request never reads
-  through a descriptor number that has since been reused for another file.
+* Lifetime is reference-counted, as in Triton. A request holds a lease on every region it
+  uses from decode to encode. Unregistering a region no request holds removes it at once;
+  one that requests hold is marked *pending*: it stays listed (Status shows it, its name
+  cannot be registered again, requests may still lease it) and is removed, its descriptor
+  closed, when the last lease is returned. So a request never reads through a descriptor
+  number that has since been reused for another file.
 * Two caps bound what clients can make the server hold: regions per owner and registered
   bytes over all owners (one descriptor per region).
 * All state sits behind one lock, so the registry may be used from the event loop and from
@@ -54,6 +56,11 @@ class RegionExists(PeregrineError):
     """A register request for a name already in use (Triton answers ALREADY_EXISTS)."""
 
     code = grpc.StatusCode.ALREADY_EXISTS
+
+
+def region_not_found(name: str) -> InvalidInput:
+    """A request naming a region its caller has not registered (Triton's wording)."""
+    return InvalidInput(f"Unable to find shared memory region: '{name}'")
 
 
 class RegionLimit(PeregrineError):
@@ -91,24 +98,26 @@ class Region:
     """One registered window ``[offset, offset + byte_size)`` of one shared-memory object,
     held as an open descriptor (see the module's docstring for why it is not mapped)."""
 
-    __slots__ = ("_fd", "_leases", "_retired", "byte_size", "key", "name", "offset")
+    __slots__ = ("_fd", "_leases", "_owner", "_pending", "byte_size", "key", "name", "offset")
 
     def __init__(self, name: str, key: str, offset: int, byte_size: int) -> None:
         if byte_size <= 0:
             raise InvalidInput(
-                f"failed to register shared memory region '{name}': byte_size must be positive"
+                f"failed to register shared memory region '{name}': invalid args (byte_size "
+                "must be positive)"
             )
         if offset < 0:
             raise InvalidInput(
-                f"failed to register shared memory region '{name}': offset must not be negative"
+                f"failed to register shared memory region '{name}': invalid args (offset "
+                "must not be negative)"
             )
         path = object_path(key)
         try:
             fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
             raise InvalidInput(
-                f"failed to register shared memory region '{name}': unable to open shared "
-                f"memory object '{key}': {exc.strerror or exc}"
+                f"failed to register shared memory region '{name}': Unable to open shared "
+                f"memory region: '{key}' ({exc.strerror or exc})"
             ) from None
         try:
             info = os.fstat(fd)
@@ -119,8 +128,9 @@ class Region:
                 )
             if offset + byte_size > info.st_size:
                 raise InvalidInput(
-                    f"failed to register shared memory region '{name}': offset {offset} + "
-                    f"byte_size {byte_size} exceeds the {info.st_size} bytes of object '{key}'"
+                    f"failed to register shared memory region '{name}': invalid args (offset "
+                    f"{offset} + byte_size {byte_size} exceeds the {info.st_size} bytes of "
+                    f"object '{key}')"
                 )
         except BaseException:
             os.close(fd)
@@ -131,7 +141,10 @@ class Region:
         self.offset = offset
         self.byte_size = byte_size
         self._leases = 0
-        self._retired = False
+        #: Who registered it (set by the registry).
+        self._owner = ""
+        #: Unregistered while leased: removed when the last lease is returned.
+        self._pending = False
 
     def status(self) -> RegionStatus:
         return RegionStatus(self.name, self.key, self.offset, self.byte_size)
@@ -193,10 +206,10 @@ class Region:
 
 
 class SharedMemoryRegistry:
-    """Registered regions by owner and name, with leases that keep in-use regions open.
+    """Registered regions by owner and name, with leases that keep in-use regions registered.
 
     ``max_regions`` bounds the regions of one owner, ``max_bytes`` the registered bytes of
-    all owners together.
+    all owners together; a region pending removal still counts against both.
     """
 
     def __init__(self, max_regions: int, max_bytes: int) -> None:
@@ -208,16 +221,19 @@ class SharedMemoryRegistry:
         self.max_bytes = max_bytes
 
     def __len__(self) -> int:
-        """How many regions are registered over all owners (cheap: the request path asks
-        before each infer)."""
+        """How many regions are registered over all owners, pending ones included (cheap:
+        the request path asks before each infer)."""
         return self._count
 
     def _admit(self, owner: str, name: str, byte_size: int) -> None:
-        """Refuse a registration that would take a name in use or pass a cap (under the
-        lock)."""
+        """Refuse a registration that would take a name in use (pending removal or not) or
+        pass a cap (under the lock)."""
         held = self._owners.get(owner, {})
-        if name in held:
-            raise RegionExists(f"shared memory region '{name}' already in manager")
+        region = held.get(name)
+        if region is not None:
+            pending = (" (unregistered, removed once the requests using it finish)"
+                       if region._pending else "")
+            raise RegionExists(f"shared memory region '{name}' already in manager{pending}")
         if len(held) >= self.max_regions:
             raise RegionLimit(
                 f"failed to register shared memory region '{name}': the caller already holds "
@@ -238,6 +254,7 @@ class SharedMemoryRegistry:
         # Open the object outside the lock (a syscall or two), then admit again: another
         # registration may have taken the name or the room meanwhile.
         region = Region(name, key, offset, byte_size)
+        region._owner = owner
         try:
             with self._lock:
                 self._admit(owner, name, byte_size)
@@ -249,8 +266,8 @@ class SharedMemoryRegistry:
             raise
 
     def status(self, owner: str, name: str = "") -> list[RegionStatus]:
-        """Every region of ``owner`` (``name`` empty) or the one named; NOT_FOUND for a name
-        ``owner`` has not registered."""
+        """Every region of ``owner`` (``name`` empty) or the one named, pending ones included
+        (as Triton lists them); NOT_FOUND for a name ``owner`` has not registered."""
         with self._lock:
             held = self._owners.get(owner, {})
             if not name:
@@ -261,56 +278,66 @@ class SharedMemoryRegistry:
         return [region.status()]
 
     def unregister(self, owner: str, name: str = "") -> None:
-        """Drop one region of ``owner`` (``name``) or all of them (empty). A name ``owner``
-        has not registered is not an error, as in Triton. Regions leased by in-flight
-        requests are closed when those requests end."""
+        """Remove one region of ``owner`` (``name``) or all of them (empty). A name ``owner``
+        has not registered is not an error, as in Triton. A region that requests hold is
+        marked pending and removed when the last of them returns its lease."""
         with self._lock:
             held = self._owners.get(owner, {})
             if name:
-                region = held.pop(name, None)
-                dropped = [] if region is None else [region]
+                region = held.get(name)
+                chosen = [] if region is None else [region]
             else:
-                dropped = list(held.values())
-                held.clear()
-            if not held:
-                self._owners.pop(owner, None)
-            idle = self._retire(dropped)
+                chosen = list(held.values())
+            idle = []
+            for region in chosen:
+                if region._leases:
+                    region._pending = True
+                else:
+                    idle.append(self._remove(region))
         for region in idle:
             region.close()
 
     def close(self) -> None:
-        """Drop every owner's regions (the server is stopping)."""
+        """Remove every owner's regions (the server is stopping); leased ones are closed when
+        their requests return them."""
         with self._lock:
             dropped = [r for held in self._owners.values() for r in held.values()]
             self._owners.clear()
-            idle = self._retire(dropped)
+            self._count = self._bytes = 0
+            idle = []
+            for region in dropped:
+                region._pending = True
+                if region._leases == 0:
+                    idle.append(region)
         for region in idle:
             region.close()
 
-    def _retire(self, dropped: list[Region]) -> list[Region]:
-        """Account for unregistered regions (under the lock); returns those no request
-        holds, to close now."""
-        idle = []
-        for region in dropped:
-            region._retired = True
+    def _remove(self, region: Region) -> Region:
+        """Take ``region`` out of its owner's regions and the caps' counts (under the lock);
+        returns it, for the caller to close once the lock is released."""
+        held = self._owners.get(region._owner)
+        if held is not None and held.get(region.name) is region:
+            del held[region.name]
+            if not held:
+                del self._owners[region._owner]
             self._count -= 1
             self._bytes -= region.byte_size
-            if region._leases == 0:
-                idle.append(region)
-        return idle
+        return region
 
     def acquire(self, owner: str, name: str) -> Region:
         """Lease ``owner``'s region ``name`` for one request; pair with :meth:`release`."""
         with self._lock:
             region = self._owners.get(owner, {}).get(name)
             if region is None:
-                raise InvalidInput(f"shared memory region '{name}' is not registered")
+                raise region_not_found(name)
             region._leases += 1
         return region
 
     def release(self, region: Region) -> None:
         with self._lock:
             region._leases -= 1
-            close = region._retired and region._leases == 0
-        if close:
+            done = region._pending and region._leases == 0
+            if done:
+                self._remove(region)
+        if done:
             region.close()

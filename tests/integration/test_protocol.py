@@ -381,33 +381,15 @@ def test_reflection_unknown_symbol(channel: grpc.Channel) -> None:
 
 
 # -- unimplemented extensions ------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "call",
-    [
-        # system shared memory is implemented: tests/integration/test_shared_memory.py
-        pytest.param(lambda c: c.register_cuda_shared_memory("region", b"AAAA", 0, 64),
-                     id="cuda_shared_memory_register"),
-        pytest.param(lambda c: c.get_cuda_shared_memory_status(), id="cuda_shared_memory_status"),
-        pytest.param(lambda c: c.update_log_settings({"log_info": True}), id="log_settings"),
-        pytest.param(lambda c: c.get_trace_settings(), id="trace_setting"),
-    ],
-)
-def test_unimplemented_rpcs(
-    client: grpcclient.InferenceServerClient,
-    call: Callable[[grpcclient.InferenceServerClient], object],
-) -> None:
-    with pytest.raises(InferenceServerException) as err:
-        call(client)
-    assert status_of(err.value) == "StatusCode.UNIMPLEMENTED"
-    assert client.is_server_live() is True
+# (system shared memory: test_shared_memory.py; CUDA shared memory's Status and Unregister,
+# TraceSetting, LogSettings: test_triton_surface.py)
 
 
 def test_unimplemented_rpc_raw_stub(channel: grpc.Channel) -> None:
     stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
     with pytest.raises(grpc.RpcError) as err:
-        stub.LogSettings(service_pb2.LogSettingsRequest(), timeout=10)
+        stub.CudaSharedMemoryRegister(
+            service_pb2.CudaSharedMemoryRegisterRequest(name="r", byte_size=64), timeout=10)
     assert err.value.code() is grpc.StatusCode.UNIMPLEMENTED
 
 

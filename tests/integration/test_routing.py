@@ -326,8 +326,8 @@ def test_bad_tables_are_rejected_with_a_clear_message_and_the_old_table_stays(
     shadow_fraction.shadow.fraction = 2.0
     cases = [
         (route_table("m", variant("a", "1", 50), variant("b", "9", 50)),
-         "variant 'b': unknown version '9' of model 'm'"),
-        (route_table("nope", variant("a", "1", 1)), "unknown model 'nope'"),
+         "variant 'b': Request for unknown model: 'm' version 9 is not found"),
+        (route_table("nope", variant("a", "1", 1)), "Request for unknown model: 'nope'"),
         (route_table("m", variant("a", "1", 1), variant("a", "2", 1)), "'a' appears twice"),
         (route_table("m", variant("a", "1", 1), variant("b", "2", -5)),
          "weight must be a finite number >= 0"),
@@ -419,7 +419,7 @@ def test_poll_mode_applies_an_edited_routing_file_and_rejects_a_bad_one(
 
     for bad, reason in (
         ({**edited, "variants": [{"name": "a", "version": "9", "weight": 1}]},
-         "unknown version '9'"),
+         "version 9 is not found"),
         ("{ not json", ROUTING_FILE),
     ):
         count = rejections()
@@ -794,7 +794,8 @@ def test_peregrine_route_commands(server: ServerThread, caplog: pytest.LogCaptur
 
     done = route_cli(server, "set", "m", "--variant", "a=1:90", "--variant", "b=7:10")
     assert done.returncode == 1
-    assert "INVALID_ARGUMENT: variant 'b': unknown version '7' of model 'm'" in done.stderr
+    assert ("INVALID_ARGUMENT: variant 'b': Request for unknown model: 'm' version 7 is not "
+            "found") in done.stderr
     assert weights(get_route(server, "m")) == {"a": 90, "b": 10}
     done = route_cli(server, "promote", "m")
     assert done.returncode == 1 and "FAILED_PRECONDITION" in done.stderr

@@ -364,13 +364,16 @@ BAD_REQUESTS: dict[str, tuple[Callable[[], Any], str]] = {
         [shm_output("OUTPUT0", "nowhere", 128)]), "nowhere"),
     "input-past-region-end": (lambda: (
         [shm_input("INPUT0", [2, 16], "FP32", "in", 128, 200),
-         shm_input("INPUT1", [2, 16], "FP32", "in", 128)], None), "outside"),
+         shm_input("INPUT1", [2, 16], "FP32", "in", 128)], None),
+        "Invalid offset + byte size for shared memory region: 'in'"),
     "input-offset-past-region": (lambda: (
         [shm_input("INPUT0", [2, 16], "FP32", "in", 128, 4096),
-         shm_input("INPUT1", [2, 16], "FP32", "in", 128)], None), "outside"),
+         shm_input("INPUT1", [2, 16], "FP32", "in", 128)], None),
+        "Invalid offset for shared memory region: 'in'"),
     "byte-size-not-shape": (lambda: (
         [shm_input("INPUT0", [2, 16], "FP32", "in", 124),
-         shm_input("INPUT1", [2, 16], "FP32", "in", 128, 128)], None), "needs 128"),
+         shm_input("INPUT1", [2, 16], "FP32", "in", 128, 128)], None),
+        "input byte size mismatch for input 'INPUT0' for model 'add_sub'. Expected 128, got 124"),
     "output-region-too-small": (lambda: (
         [shm_input("INPUT0", [2, 16], "FP32", "in", 128),
          shm_input("INPUT1", [2, 16], "FP32", "in", 128, 128)],
@@ -378,7 +381,8 @@ BAD_REQUESTS: dict[str, tuple[Callable[[], Any], str]] = {
     "output-past-region-end": (lambda: (
         [shm_input("INPUT0", [2, 16], "FP32", "in", 128),
          shm_input("INPUT1", [2, 16], "FP32", "in", 128, 128)],
-        [shm_output("OUTPUT0", "out", 128, 64)]), "outside"),
+        [shm_output("OUTPUT0", "out", 128, 64)]),
+        "Invalid offset + byte size for shared memory region: 'out'"),
 }
 
 
@@ -519,7 +523,8 @@ def test_unregistered_region_cannot_be_used(
 def test_unregister_while_in_flight(
     server: ServerThread, client: grpcclient.InferenceServerClient, regions: Regions
 ) -> None:
-    """The request that holds the region finishes correctly; the mapping goes after it."""
+    """As in Triton: regions unregistered while a request uses them stay listed, their names
+    taken, until it finishes (correctly); then they are gone without another unregister."""
     x = np.random.default_rng(7).standard_normal((1, model_factory.SLOW_WIDTH),
                                                  dtype=np.float32)
     in_handle, in_key = regions.create(x.nbytes)
@@ -549,9 +554,16 @@ def test_unregister_while_in_flight(
     while region._leases == 0 and time.monotonic() < deadline:
         time.sleep(0.002)
     assert region._leases == 1, "the request never took its lease"
+    # A second user of 'in' (standing for another request in flight) keeps it pending
+    # however fast the slow request ends.
+    held = registry.acquire(ANONYMOUS.name, "in")
     client.unregister_system_shared_memory()
-    assert not client.get_system_shared_memory_status().regions
     assert region.open  # still in use
+    assert set(client.get_system_shared_memory_status().regions) == {"in", "out"}
+    err = error_of(lambda: client.register_system_shared_memory("in", in_key, x.nbytes))
+    assert str(err.status()) == "StatusCode.ALREADY_EXISTS"
+    assert "shared memory region 'in' already in manager" in err.message()
+    registry.release(held)
 
     assert done.wait(10)
     assert not isinstance(results[0], InferenceServerException), results[0]
@@ -561,6 +573,8 @@ def test_unregister_while_in_flight(
     while (descriptors_of(in_key), descriptors_of(out_key)) != (0, 0):
         assert time.monotonic() < deadline, "the server kept its regions after the request"
         time.sleep(0.01)
+    assert not client.get_system_shared_memory_status().regions
+    client.register_system_shared_memory("in", in_key, x.nbytes)  # the name is free again
     assert_still_serves(client)
 
 
@@ -687,5 +701,5 @@ def test_client_shared_memory_is_off_by_default(tmp_path: Path, regions: Regions
             "add_sub", [shm_input("INPUT0", [2, 16], "FP32", "in", 128),
                         shm_input("INPUT1", [2, 16], "FP32", "in", 128, 128)]))
         assert str(err.status()) == "StatusCode.INVALID_ARGUMENT"
-        assert "shared memory region 'in' is not registered" in err.message()
+        assert "Unable to find shared memory region: 'in'" in err.message()
         assert_still_serves(c)

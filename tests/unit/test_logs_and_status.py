@@ -13,7 +13,7 @@ import pytest
 
 from server.errors import BackendError, InvalidInput
 from server.frontend.status import status_of
-from server.logs import JsonFormatter, TextFormatter
+from server.logs import JsonFormatter, LogSettings, TextFormatter
 
 FORGED = "abc\ninfo fake line"
 
@@ -75,3 +75,28 @@ def test_typed_errors_keep_their_message(caplog: pytest.LogCaptureFixture) -> No
     assert status_of(BackendError("model 'm' version 1 failed"), "ModelInfer")[1] == \
         "model 'm' version 1 failed"
     assert [r.getMessage() for r in caplog.records] == ["request failed"]
+
+
+def test_log_settings_apply_all_or_nothing_and_close_puts_the_logging_back() -> None:
+    root = logging.getLogger()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(TextFormatter())
+    level = root.level
+    root.addHandler(handler)
+    settings = LogSettings("warning", "text")
+    try:
+        assert settings.current()["log_info"] is False
+        with pytest.raises(ValueError, match="log_file cannot be set"):
+            settings.update({"log_info": True, "log_file": "/etc/passwd"})
+        assert settings.current()["log_info"] is False  # nothing applied
+        settings.update({"log_format": "json", "log_error": False})
+        assert isinstance(handler.formatter, JsonFormatter)
+        record = logging.LogRecord("x", logging.ERROR, "", 0, "boom", None, None)
+        assert not handler.filter(record)
+        settings.update({"log_error": None})  # back to how it started
+        assert handler.filter(record)
+    finally:
+        settings.close()
+        root.removeHandler(handler)
+    assert isinstance(handler.formatter, TextFormatter) and not handler.filters
+    assert root.level == level

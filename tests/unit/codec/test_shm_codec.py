@@ -85,17 +85,28 @@ def scope_of(registry: SharedMemoryRegistry, owner: str = OWNER) -> SharedMemory
 
 
 def test_input_buffer_is_a_read_only_copy(registry: SharedMemoryRegistry) -> None:
+    """And the refusals start with Triton's wording."""
     scope = scope_of(registry)
-    buffer = shared_memory.input_buffer(scope, "x", DataType.UINT8, (2, 8), ShmRef("r", 300, 16))
+
+    def read(dtype: DataType, shape: tuple[int, ...], ref: ShmRef,
+             in_scope: SharedMemoryScope | None = scope) -> memoryview:
+        return shared_memory.input_buffer(in_scope, "m", "x", dtype, shape, ref)
+
+    buffer = read(DataType.UINT8, (2, 8), ShmRef("r", 300, 16))
     assert buffer.readonly and bytes(buffer) == bytes(range(44, 60))
-    with pytest.raises(InvalidInput, match="needs 64"):
-        shared_memory.input_buffer(scope, "x", DataType.FP32, (2, 8), ShmRef("r", 0, 16))
-    with pytest.raises(InvalidInput, match="outside shared memory region 'r' of 4096"):
-        shared_memory.input_buffer(scope, "x", DataType.UINT8, (16,), ShmRef("r", 4090, 16))
-    with pytest.raises(InvalidInput, match=r"input 'x': .*'nope' is not registered"):
-        shared_memory.input_buffer(scope, "x", DataType.UINT8, (16,), ShmRef("nope", 0, 16))
-    with pytest.raises(InvalidInput, match="'r' is not registered"):
-        shared_memory.input_buffer(None, "x", DataType.UINT8, (16,), ShmRef("r", 0, 16))
+    with pytest.raises(InvalidInput, match=r"^input byte size mismatch for input 'x' for "
+                                           r"model 'm'\. Expected 64, got 16 "):
+        read(DataType.FP32, (2, 8), ShmRef("r", 0, 16))
+    with pytest.raises(InvalidInput, match=r"^Invalid offset \+ byte size for shared memory "
+                                           r"region: 'r' "):
+        read(DataType.UINT8, (16,), ShmRef("r", 4090, 16))
+    with pytest.raises(InvalidInput, match=r"^Invalid offset for shared memory region: 'r' "):
+        read(DataType.UINT8, (16,), ShmRef("r", 4096, 1))
+    with pytest.raises(InvalidInput,
+                       match=r"^Unable to find shared memory region: 'nope' \(input 'x'\)"):
+        read(DataType.UINT8, (16,), ShmRef("nope", 0, 16))
+    with pytest.raises(InvalidInput, match=r"^Unable to find shared memory region: 'r'"):
+        read(DataType.UINT8, (16,), ShmRef("r", 0, 16), None)
     scope.release()
 
 
@@ -111,10 +122,10 @@ def test_scope_takes_one_lease_per_region(registry: SharedMemoryRegistry) -> Non
 
 
 def test_scope_resolves_names_for_its_owner_only(registry: SharedMemoryRegistry) -> None:
-    with pytest.raises(InvalidInput, match=r"input 'x': shared memory region 'r' is not "):
-        shared_memory.input_buffer(scope_of(registry, "mallory"), "x", DataType.UINT8, (16,),
-                                   ShmRef("r", 0, 16))
-    with pytest.raises(InvalidInput, match=r"output 'y': shared memory region 'r' is not "):
+    with pytest.raises(InvalidInput, match=r"region: 'r' \(input 'x'\)"):
+        shared_memory.input_buffer(scope_of(registry, "mallory"), "m", "x", DataType.UINT8,
+                                   (16,), ShmRef("r", 0, 16))
+    with pytest.raises(InvalidInput, match=r"region: 'r' \(output 'y'\)"):
         shared_memory.bind_output(scope_of(registry, "mallory"), "y", ShmRef("r", 0, 16))
 
 
@@ -226,7 +237,7 @@ def test_output_larger_than_its_window(registry: SharedMemoryRegistry) -> None:
         OutputTensor("F", DataType.FP32, np.zeros(4, dtype=np.float32))])
     with pytest.raises(InvalidInput, match=r"output 'F' \(12 bytes\) should be at least 16"):
         encode_response(response, scope)
-    with pytest.raises(InvalidInput, match="outside"):
+    with pytest.raises(InvalidInput, match=r"Invalid offset \+ byte size"):
         shared_memory.bind_output(scope, "G", ShmRef("r", 4000, 200))
     scope.release()
 

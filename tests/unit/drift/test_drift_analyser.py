@@ -234,3 +234,18 @@ def test_a_version_no_longer_served_loses_its_sampler_and_its_gauges(
     # A request of version 1 still in flight at the unload does not bring it back.
     assert not offer("1")
     assert [s.version for s in sink.samplers()] == ["2"]
+
+
+def test_an_output_answered_as_classes_is_not_sampled(rng: np.random.Generator) -> None:
+    """Triton's classification extension turns an output into strings: the sample leaves it
+    out (the window marks it absent), as an output the client did not ask for."""
+    model = FakeModel(make_spec(inputs=(TensorSpec("x", DataType.FP32, (8,)),)))
+    sink = DriftSampler()
+    version = sink.register(model.spec, "1")
+    version.activate(frozenset({"x"}), frozenset({"label"}))
+    x = rng.normal(size=(1, 8)).astype(np.float32)
+    plain = sample(model, {"x": x}, {"label": np.array([[2]])})
+    classified = sample(model, {"x": x}, {"label": np.array([[2]])})
+    classified.request.classification = {"label": 1}
+    assert sink.offer(plain) and sink.offer(classified)
+    assert [sorted(s.outputs) for s in version.ring.drain()] == [["label"], []]

@@ -140,7 +140,7 @@ def test_full_triton_config_parses_to_the_expected_spec(tmp_path: Path) -> None:
         TensorSpec("MASK", DataType.BOOL, (4,), optional=True),
     )
     assert spec.outputs == (
-        TensorSpec("OUTPUT0", DataType.INT64, (1,)),
+        TensorSpec("OUTPUT0", DataType.INT64, (1,), label_filename="labels.txt"),
         TensorSpec("TEXT", DataType.BYTES, (-1,)),
     )
     batching = spec.batching
