@@ -238,6 +238,8 @@ class PeregrineServer:
         self.http_port = 0
         self.metrics_port = 0
         self._grpc: grpc.aio.Server | None = None
+        #: Every service's method handlers, once started (a gRPC call's path -> handler).
+        self.handlers = HandlerTable()
         #: The REST server of a single process (with frontends, theirs).
         self._http: HttpServer | None = None
         #: The frontend processes, with --frontends above 1 (then there is no _grpc).
@@ -265,7 +267,7 @@ class PeregrineServer:
         # The services are registered on one table: a single process's gRPC server serves
         # them, and so do the engine's links to its frontend processes (server/multiproc) and
         # the REST gateway, which calls the same handlers (server/rest).
-        server = HandlerTable()
+        server = self.handlers
         guard = self.guard
         servicer = InferenceServicer(
             control, dataplane, self.state, self.codec,
