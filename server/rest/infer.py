@@ -186,23 +186,44 @@ def _json_tensor(name: str, datatype: str, shape: list[int], data: Any) -> bytes
                          "different lengths)") from None
     _check_count(name, parsed.size, count, shape)
     if kind is DataType.BF16:
-        floats = _checked(name, parsed, np.dtype(np.float32), datatype)
+        floats = _checked(name, data, parsed, np.dtype(np.float32), datatype)
         return (floats.view(np.uint32) >> 16).astype("<u2").tobytes()
-    return _checked(name, parsed, kind.numpy_dtype, datatype).tobytes()
+    return _checked(name, data, parsed, kind.numpy_dtype, datatype).tobytes()
 
 
-def _checked(name: str, parsed: np.ndarray[Any, Any], target: np.dtype[Any],
+def _checked(name: str, data: list[Any], parsed: np.ndarray[Any, Any], target: np.dtype[Any],
              datatype: str) -> np.ndarray[Any, Any]:
+    """``parsed`` (numpy's reading of ``data``) as ``target``, refusing elements of the wrong
+    kind and integers out of the target's range."""
     accepted = _ACCEPTED_KINDS[target.kind]
     if parsed.size and parsed.dtype.kind not in accepted:
+        if target.kind in "iu" and parsed.dtype.kind in "fO":
+            # Integers past int64 mixed with others read as float64 (or objects): take the
+            # elements themselves, if they are all integers.
+            return _wide_integers(name, _flatten(data, name), target, datatype)
         wanted = {"iu": "integers", "iuf": "numbers", "b": "booleans"}[accepted]
         raise BadRequest(f"input '{name}' is {datatype}: its 'data' must hold {wanted}")
     if target.kind in "iu" and parsed.size:
         info = np.iinfo(target)
-        if parsed.dtype.kind == "O" or parsed.min() < info.min or parsed.max() > info.max:
-            raise BadRequest(f"input '{name}' holds values outside the {datatype} range "
-                             f"[{info.min}, {info.max}]")
+        if parsed.min() < info.min or parsed.max() > info.max:
+            raise _out_of_range(name, datatype, target)
     return parsed.astype(target, copy=False).ravel()
+
+
+def _wide_integers(name: str, items: list[Any], target: np.dtype[Any],
+                   datatype: str) -> np.ndarray[Any, Any]:
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+        raise BadRequest(f"input '{name}' is {datatype}: its 'data' must hold integers")
+    try:
+        return np.array(items, dtype=target)
+    except OverflowError:
+        raise _out_of_range(name, datatype, target) from None
+
+
+def _out_of_range(name: str, datatype: str, target: np.dtype[Any]) -> BadRequest:
+    info = np.iinfo(target)
+    return BadRequest(f"input '{name}' holds values outside the {datatype} range "
+                      f"[{info.min}, {info.max}]")
 
 
 def _flatten(data: list[Any], name: str, depth: int = 0) -> list[Any]:

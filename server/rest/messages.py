@@ -55,11 +55,11 @@ class BadRequest(Exception):
 
 def to_json(message: Message) -> dict[str, Any]:
     """Every field of ``message`` by its proto name, defaults included (as Triton writes its
-    JSON): 64-bit integers as JSON numbers, enums by name, maps as objects, oneofs as the
-    member set."""
+    JSON: the fields without presence always, a message field or a oneof's member when it is
+    set), 64-bit integers as JSON numbers, enums by name, maps as objects."""
     out: dict[str, Any] = {}
     for field in message.DESCRIPTOR.fields:
-        if field.containing_oneof is not None and not message.HasField(field.name):
+        if field.has_presence and not message.HasField(field.name):
             continue
         out[field.name] = _field_json(field, getattr(message, field.name))
     return out

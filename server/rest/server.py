@@ -51,6 +51,9 @@ MAX_HEAD_BYTES = 64 * 1024
 KEEPALIVE_TIMEOUT_S = 75.0
 #: Seconds a request may take to arrive whole, from its first byte.
 REQUEST_TIMEOUT_S = 60.0
+#: Seconds a connection refused while its request's body still arrives is read (and the
+#: rest dropped) after the answer, before it is closed.
+LINGER_S = 2.0
 #: How often idle and slow connections are looked for.
 SWEEP_INTERVAL_S = 1.0
 _REASONS = {status.value: status.phrase for status in http.HTTPStatus}
@@ -119,6 +122,7 @@ class _Connection(asyncio.Protocol):
         self._paused_reading = False
         self._paused_writing = False
         self._closing = False
+        self._lingering = False
         #: When the connection is closed as idle or slow (loop time), if nothing happens.
         self.deadline = 0.0
 
@@ -151,7 +155,7 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
-            return
+            return  # refused: what the client still sends is dropped until it closes
         try:
             self._parser.feed_data(data)
         except _Refusal as refusal:
@@ -275,7 +279,15 @@ class _Connection(asyncio.Protocol):
         transport.write(_encode(reply, keep_alive))
         if not keep_alive:
             self._closing = True
-            transport.close()
+            if self._reading and transport.can_write_eof():
+                # Refused while its body still arrives: end our side and drop the rest of
+                # it for a moment, so that the client, still sending, reads the answer
+                # instead of a reset; the sweep closes the connection after LINGER_S.
+                transport.write_eof()
+                self.deadline = self._loop.time() + LINGER_S
+                self._lingering = True
+            else:
+                transport.close()
             return
         if self._paused_reading and not self._pending:
             self._paused_reading = False
@@ -292,9 +304,9 @@ class _Connection(asyncio.Protocol):
 
     def expire(self) -> None:
         """Past its deadline: a slow request is answered 408, an idle connection closed."""
-        if self.busy or self._transport is None:
+        if self._transport is None or (self.busy and not self._lingering):
             return
-        if self._reading:
+        if self._reading and not self._lingering:
             self._closing = True
             self._transport.write(_encode(error_reply(
                 408, f"the request did not arrive within {REQUEST_TIMEOUT_S:g} s"), False))
