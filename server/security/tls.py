@@ -153,8 +153,9 @@ class CertificateFiles:
         return True
 
     def ssl_context(self) -> ssl.SSLContext | None:
-        """An SSL context of the files as loaded now (None if they changed meanwhile); a
-        client certificate is required (mutual TLS) or, with a root, verified if sent."""
+        """An SSL context of the files as loaded now (None if they changed meanwhile). As on
+        the gRPC listener, a client certificate is asked for only under mutual TLS, and then
+        required."""
         with self._lock:
             loaded = self._loaded
             (cert, _), (key, _) = self._files[:2]
@@ -163,9 +164,9 @@ class CertificateFiles:
                 context.load_cert_chain(cert, key, password=lambda: _encrypted(key))
             except (OSError, ssl.SSLError):
                 return None  # replaced since they were checked: the next handshake retries
-            if loaded.root is not None:
+            if self.mutual and loaded.root is not None:
                 context.load_verify_locations(cadata=loaded.root.decode("ascii"))
-                context.verify_mode = ssl.CERT_REQUIRED if self.mutual else ssl.CERT_OPTIONAL
+                context.verify_mode = ssl.CERT_REQUIRED
             return context if self._signatures() == loaded.signatures else None
 
     def _reject(self, seen: tuple[Signature, ...] | None, problem: str) -> None:
@@ -217,7 +218,7 @@ def https_context(settings: ServerSettings) -> ssl.SSLContext | None:
             if newer is not None:
                 current = newer
                 root = files.root
-                if root is not None:
+                if files.mutual and root is not None:
                     listener.load_verify_locations(cadata=root.decode("ascii"))
         if current is not listener:
             connection.context = current

@@ -1,6 +1,6 @@
-"""HTTP/REST under the server's security: HTTPS with the gRPC listener's certificates,
-bearer tokens and client certificates as identities, roles, Triton's restricted protocol and
-the audit log, all applied by the same guard as to gRPC."""
+"""HTTP/REST under the server's security: HTTPS (mutual TLS) with the gRPC listener's
+certificates, bearer tokens and client certificates as identities, roles, Triton's restricted
+protocol and the audit log, all applied by the same guard as to gRPC."""
 
 from __future__ import annotations
 
@@ -55,15 +55,23 @@ def secured(tmp_path_factory: pytest.TempPathFactory, pki: Pki
     with ServerThread(root / "models", allow_http=True, auth_file=auth_file, audit_log=audit,
                       grpc_use_ssl=True, grpc_server_cert=pki.server_cert,
                       grpc_server_key=pki.server_key, grpc_root_cert=pki.ca,
+                      grpc_use_ssl_mutual=True,
                       grpc_restricted_protocol=("model-repository:admin-key=s3cret",),
                       model_control_mode="explicit", load_model=("*",)) as server:
         yield server, tokens, audit
 
 
 def context(pki: Pki, client_certificate: bool = False) -> ssl.SSLContext:
+    """Mutual TLS: a certificate of the server's CA, naming an identity of the auth file
+    (``client``) or not (``nobody``: the connection is accepted, the caller unknown)."""
     made = ssl.create_default_context(cafile=str(pki.ca))
     if client_certificate:
         made.load_cert_chain(pki.client_cert, pki.client_key)
+    else:
+        nobody = pki.client_cert.parent / "nobody.crt"
+        if not nobody.exists():
+            pki.authority.issue("nobody", client=True).write(nobody.parent, "nobody")
+        made.load_cert_chain(nobody, nobody.with_suffix(".key"))
     return made
 
 
@@ -135,13 +143,19 @@ def test_restricted_protocol_and_the_audit_log(
     assert done[0]["peer"].startswith("ipv4:127.0.0.1:")
 
 
-def test_plain_http_is_not_served_on_the_https_port(
-        secured: tuple[ServerThread, dict[str, str], Path]) -> None:
+def test_plain_http_and_clients_without_a_certificate_are_refused(
+        secured: tuple[ServerThread, dict[str, str], Path], pki: Pki) -> None:
     server, _, _ = secured
     assert server.server is not None
     with pytest.raises((urllib.error.URLError, ConnectionError)):
         urllib.request.urlopen(f"http://127.0.0.1:{server.server.http_port}/v2/health/live",
                                timeout=10)
+    with pytest.raises((urllib.error.URLError, ConnectionError, ssl.SSLError)):
+        call(server, ssl.create_default_context(cafile=str(pki.ca)), "GET", "/v2/health/live")
+    stranger = ssl.create_default_context(cafile=str(pki.ca))
+    stranger.load_cert_chain(pki.stranger_cert, pki.stranger_key)
+    with pytest.raises((urllib.error.URLError, ConnectionError, ssl.SSLError)):
+        call(server, stranger, "GET", "/v2/health/live")
 
 
 async def test_the_asyncio_client_over_https(
