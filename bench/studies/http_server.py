@@ -140,9 +140,10 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def report(run: dict[str, Any]) -> None:
+    cpu = run["server_cpu_us_per_request"]
     print(f"{run['server']:>9} {run['body']:>10} #{run['repeat']}: "
           f"{run['throughput_rps']:,.0f} infer/s, p50 {run['p50_ms']} ms, server CPU "
-          f"{run['server_cpu_us_per_request']} us/req, errors {run['errors']}",
+          f"{'n/a' if cpu is None else f'{cpu:.0f}'} us/req, errors {run['errors']}",
           file=sys.stderr, flush=True)
 
 
