@@ -67,6 +67,12 @@ class Gateway:
         try:
             body = self._decompressed(request.body, headers.get("content-encoding"))
             call = exchange(request.method, request.path, headers, body)
+            if len(call.message) > self._max_body:
+                # JSON data can translate to more bytes than it took (BYTES, small numbers as
+                # FP64): the message is held to the limit a gRPC message is.
+                raise BadRequest(f"the request translates to a message of {len(call.message)} "
+                                 f"bytes, over the limit of {self._max_body} bytes "
+                                 "(--grpc-max-message-bytes)", 413)
         except BadRequest as exc:
             reply = error_reply(exc.status, exc.message)
             if exc.status == 415:

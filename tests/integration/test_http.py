@@ -28,7 +28,7 @@ from tests.triton_shm import load as load_shared_memory
 
 pytestmark = pytest.mark.timeout(60)
 
-DATATYPES = ("FP32", "FP16", "BYTES", "INT8", "BOOL", "UINT64", "BF16")
+DATATYPES = ("FP32", "FP16", "BYTES", "INT8", "BOOL", "UINT64", "BF16", "FP64")
 MESSAGE_LIMIT = 4 << 20
 SAMPLES: dict[str, np.ndarray[Any, Any]] = {
     "FP32": np.arange(6, dtype=np.float32).reshape(2, 3) / 4,
@@ -38,6 +38,7 @@ SAMPLES: dict[str, np.ndarray[Any, Any]] = {
     "BOOL": np.array([[True, False, True]]),
     "UINT64": np.array([[0, 2**63 + 5, 2**64 - 1]], dtype=np.uint64),
     "BF16": np.array([[1.0, -2.5, 3.0]], dtype=np.float32),
+    "FP64": np.array([[1e300, -0.0]], dtype=np.float64),
 }
 
 
@@ -318,6 +319,12 @@ def test_malformed_requests_get_400_and_a_clear_error(server: ServerThread) -> N
     assert error_of(request(server, "GET", "/v2/nothing/here")) == (404, "Not Found")
     status, message = error_of(request(server, "POST", infer, bytes(MESSAGE_LIMIT + 1)))
     assert status == 413 and "limit" in message
+    count = MESSAGE_LIMIT // 3  # '0,' in JSON, 8 bytes as FP64: a message over the limit
+    status, message = error_of(request(server, "POST", "/v2/models/identity_fp64/infer",
+                                       b'{"inputs":[{"name":"INPUT0","datatype":"FP64","shape":'
+                                       + f"[1,{count}]".encode() + b',"data":['
+                                       + b"0," * (count - 1) + b"0]}]}"))
+    assert status == 413 and "translates to a message" in message
 
 
 def test_an_unknown_model_is_404_with_the_grpc_message(
