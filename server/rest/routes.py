@@ -123,18 +123,15 @@ def _unary(name: str, request: Message, response_type: type[Message],
 
 
 def _health(kind: str) -> Exchange:
-    if kind == "live":
-        request: Message = pb.ServerLiveRequest()
+    """200 when live (ready), else 400, no body (the protocol's health answers)."""
+    request: Message = pb.ServerLiveRequest() if kind == "live" else pb.ServerReadyRequest()
+    response_type = pb.ServerLiveResponse if kind == "live" else pb.ServerReadyResponse
 
-        def live(reply: bytes) -> Reply:
-            return Reply(200 if pb.ServerLiveResponse.FromString(reply).live else 400)
+    def answer(reply: bytes) -> Reply:
+        return Reply(200 if getattr(response_type.FromString(reply), kind) else 400)
 
-        return Exchange(rpc("ServerLive"), request.SerializeToString(), live)
-
-    def ready(reply: bytes) -> Reply:
-        return Reply(200 if pb.ServerReadyResponse.FromString(reply).ready else 400)
-
-    return Exchange(rpc("ServerReady"), pb.ServerReadyRequest().SerializeToString(), ready)
+    return Exchange(rpc("ServerLive" if kind == "live" else "ServerReady"),
+                    request.SerializeToString(), answer)
 
 
 def _model_route(method: str, rest: list[str], headers: dict[str, str],

@@ -158,12 +158,14 @@ class _Connection(asyncio.Protocol):
             return  # refused: what the client still sends is dropped until it closes
         try:
             self._parser.feed_data(data)
-        except _Refusal as refusal:
-            self._refuse(refusal.reply)
         except httptools.HttpParserCallbackError as exc:
-            context = exc.__context__
-            self._refuse(context.reply if isinstance(context, _Refusal)
-                         else error_reply(400, "malformed HTTP request"))
+            # What a callback raised, wrapped by httptools.
+            refusal = exc.__context__
+            if isinstance(refusal, _Refusal):
+                self._refuse(refusal.reply)
+            else:
+                log.error("HTTP request not parsed", exc_info=refusal)
+                self._refuse(error_reply(500, "internal error"))
         except httptools.HttpParserUpgrade:
             self._refuse(error_reply(400, "protocol upgrades are not supported"))
         except httptools.HttpParserError as exc:
