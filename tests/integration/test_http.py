@@ -159,11 +159,10 @@ def test_each_requested_output_is_binary_or_json_as_asked(
     assert [o["name"] for o in only.get_response()["outputs"]] == ["OUTPUT1"]
 
 
-def test_request_id_and_compression(server: ServerThread) -> None:
-    with httpclient.InferenceServerClient(server.http_url) as compressing:
-        result = compressing.infer("add_sub", add_sub_inputs(httpclient), request_id="r-7",
-                                   request_compression_algorithm="gzip",
-                                   response_compression_algorithm="deflate")
+def test_request_id_and_compression(client: httpclient.InferenceServerClient) -> None:
+    result = client.infer("add_sub", add_sub_inputs(httpclient), request_id="r-7",
+                          request_compression_algorithm="gzip",
+                          response_compression_algorithm="deflate")
     assert result.get_response()["id"] == "r-7"
     assert np.array_equal(result.as_numpy("OUTPUT1"), np.arange(16).reshape(1, 16) - 1.0)
 
@@ -345,6 +344,10 @@ def test_gzip_request_and_pipelined_requests_on_one_connection(server: ServerThr
     status, _, answer = request(server, "POST", "/v2/models/identity_int8/infer", body,
                                 {"Content-Encoding": "gzip"})
     assert status == 200 and json.loads(answer)["outputs"][0]["data"] == [3, 4]
+    status, headers, answer = request(server, "POST", "/v2/models/identity_int8/infer", body, {
+        "Content-Encoding": "gzip", "Accept-Encoding": "deflate;q=0.5, gzip"})
+    assert headers["content-encoding"] == "gzip"
+    assert json.loads(gzip.decompress(answer))["outputs"][0]["data"] == [3, 4]
     host, port = server.http_url.split(":")
     with socket.create_connection((host, int(port)), timeout=10) as connection:
         connection.sendall(b"GET /v2/models/add_sub/ready HTTP/1.1\r\nHost: x\r\n\r\n"
