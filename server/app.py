@@ -65,6 +65,7 @@ from server.packing import select_packer
 from server.repository import model_config as config_io
 from server.repository.manager import ControlMode, ModelManager
 from server.repository.source import FilesystemSource
+from server.rest.server import HttpServer, start_http
 from server.routing.router import Router
 from server.routing.shadow import ShadowMirror
 from server.routing.store import RouteStore
@@ -236,8 +237,14 @@ class PeregrineServer:
         self.state = ServerState(strict_readiness=settings.strict_readiness)
         self.health = HealthServicer()
         self.grpc_port = 0
+        #: The HTTP/REST port (--allow-http), else 0.
+        self.http_port = 0
         self.metrics_port = 0
         self._grpc: grpc.aio.Server | None = None
+        #: Every service's method handlers, once started (a gRPC call's path -> handler).
+        self.handlers = HandlerTable()
+        #: The REST server of a single process (with frontends, theirs).
+        self._http: HttpServer | None = None
         #: The frontend processes, with --frontends above 1 (then there is no _grpc).
         self._frontends: Frontends | None = None
         self._metrics_http: Any = None
@@ -262,10 +269,10 @@ class PeregrineServer:
         self.control = control = ControlPlane(
             self.repository, self.router, self.mode,
             self.drift.reports if self.drift is not None else None)
-        # With frontends, the same services are registered on the engine's table, and the
-        # frontend processes take the calls (server/multiproc).
-        server: grpc.aio.Server = HandlerTable() if settings.frontends > 1 else grpc.aio.server(
-            options=server_options(settings, reuse_port=False))
+        # The services are registered on one table: a single process's gRPC server serves
+        # them, and so do the engine's links to its frontend processes (server/multiproc) and
+        # the REST gateway, which calls the same handlers (server/rest).
+        server = self.handlers
         guard = self.guard
         servicer = InferenceServicer(
             control, dataplane, self.state, self.codec,
@@ -294,20 +301,26 @@ class PeregrineServer:
                 FilteredReflection(guard, services, _merged_pool()).add_to(server)
             else:
                 reflection.enable_server_reflection(services, server, pool=_merged_pool())
-        if isinstance(server, HandlerTable):
+        if settings.frontends > 1:
             frontends = self._frontends = Frontends(settings.frontends, settings, server)
             FrontendMetrics(self.metrics.registry, lambda: frontends.stats,
                             lambda: frontends.restarts)
             self.grpc_port = await frontends.start()
+            self.http_port = frontends.http_port
         else:
+            grpc_server = grpc.aio.server(options=server_options(settings, reuse_port=False))
+            server.register_on(grpc_server)
             address = _address(settings.host, settings.grpc_port)
             try:
-                self.grpc_port = (server.add_insecure_port(address) if credentials is None
-                                  else server.add_secure_port(address, credentials))
+                self.grpc_port = (grpc_server.add_insecure_port(address) if credentials is None
+                                  else grpc_server.add_secure_port(address, credentials))
             except RuntimeError as exc:
                 raise OSError(f"cannot bind gRPC to {address}: {exc}") from exc
-            await server.start()
-            self._grpc = server
+            await grpc_server.start()
+            self._grpc = grpc_server
+            if settings.allow_http:
+                self._http, self.http_port = await start_http(settings, server.call,
+                                                              reuse_port=False)
         if settings.allow_metrics:
             httpd, _thread = start_http_server(
                 settings.metrics_port, addr=settings.metrics_address,
@@ -334,6 +347,7 @@ class PeregrineServer:
         ready = self.repository.catalog.index(ready_only=True)
         log.info("server started", extra={
             "grpc": f"{settings.host}:{self.grpc_port}",
+            "http": f"{settings.http_host}:{self.http_port}" if settings.allow_http else "off",
             "tls": "mutual" if settings.grpc_use_ssl_mutual else
             "on" if settings.grpc_use_ssl else "off",
             "metrics": f"{settings.metrics_address}:{self.metrics_port}"
@@ -407,6 +421,7 @@ class PeregrineServer:
         # The metrics endpoint stops beside the transport: its shutdown polls every 0.5 s.
         await asyncio.gather(
             self._grpc.stop(left()) if self._grpc is not None else asyncio.sleep(0),
+            self._http.stop(left()) if self._http is not None else asyncio.sleep(0),
             asyncio.to_thread(self._stop_metrics_http))
         if self.drift is not None:
             await loop.run_in_executor(None, self.drift.stop)

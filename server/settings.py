@@ -122,6 +122,12 @@ class ServerSettings:
     model_repository: Path = dataclasses.field(default_factory=default_repository)
     host: str = "127.0.0.1"
     grpc_port: int = 8001
+    #: HTTP/REST (the Open Inference Protocol's REST surface); off unless asked for.
+    allow_http: bool = False
+    http_port: int = 8000
+    #: Empty: --host.
+    http_address: str = ""
+    http_max_connections: int = 1024
     metrics_port: int = 8002
     allow_metrics: bool = True
     log_level: str = "info"
@@ -175,7 +181,7 @@ class ServerSettings:
     max_bytes_elements: int | None = None
 
     def __post_init__(self) -> None:
-        for port_name in ("grpc_port", "metrics_port"):
+        for port_name in ("grpc_port", "metrics_port", "http_port"):
             port = getattr(self, port_name)
             if not 0 <= port <= 65535:
                 raise ValueError(f"{port_name} must be within 0..65535, got {port}")
@@ -215,6 +221,7 @@ class ServerSettings:
 
     def _check_bounds(self) -> None:
         for name in ("max_inflight_requests", "grpc_max_pending_calls", "frontends",
+                     "http_max_connections",
                      "max_inflight_per_stream", "max_streams",
                      "max_queued_bytes", "max_tensor_elements", "max_request_bytes",
                      "max_bytes_elements"):
@@ -225,6 +232,11 @@ class ServerSettings:
             raise ValueError(f"max_queued_bytes ({self.queued_bytes_bound}) must be at least "
                              f"max_request_bytes ({self.request_bytes_cap}): a request that "
                              "large could never be accepted")
+
+    @property
+    def http_host(self) -> str:
+        """The address HTTP binds: --http-address, else --host."""
+        return self.http_address or self.host
 
     @property
     def response_cache_bytes(self) -> int:
@@ -306,6 +318,15 @@ OPTIONS: tuple[Option, ...] = (
     Option("grpc_port", int, "gRPC port (0 picks a free one). Default: 8001."),
     Option("metrics_port", int, "Prometheus /metrics HTTP port (0 picks a free one). "
            "Default: 8002."),
+    Option("allow_http", parse_bool,
+           "Serve the Open Inference Protocol over HTTP/REST too (Triton's REST API, on "
+           "--http-port), with the same TLS, tokens, roles, limits and audit as gRPC. "
+           "Default: false."),
+    Option("http_port", int, "HTTP/REST port (0 picks a free one). Default: 8000."),
+    Option("http_address", str, "Address the HTTP/REST server binds to. Default: --host."),
+    Option("http_max_connections", int,
+           "HTTP/REST connections open at once (each has at most one request in flight); "
+           "one more is answered 503 and closed. Default: 1024."),
     Option("allow_metrics", parse_bool, "Serve Prometheus metrics (true/false). Default: true."),
     Option("log_level", str, "Log level. Default: info.",
            ("debug", "info", "warning", "error")),

@@ -35,6 +35,7 @@ class ServerThread:
         take minutes)."""
         self._start_timeout_s = start_timeout_s
         overrides.setdefault("frontends", int(os.environ.get("PEREGRINE_FRONTENDS", "1")))
+        overrides.setdefault("http_port", 0)
         settings = ServerSettings(
             model_repository=repository, grpc_port=0, metrics_port=0, **overrides
         )
@@ -87,6 +88,12 @@ class ServerThread:
     def url(self) -> str:
         assert self.server is not None
         return f"127.0.0.1:{self.server.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        """host:port of the HTTP/REST server (with allow_http)."""
+        assert self.server is not None and self.server.http_port
+        return f"127.0.0.1:{self.server.http_port}"
 
     @property
     def metrics_url(self) -> str:

@@ -194,3 +194,13 @@ def test_interfaces_and_the_data_plane_depend_on_no_implementation() -> None:
         and not any(within(target, a) for a in allowed)
     ]
     assert not found, "\n".join(found)
+
+
+def test_the_rest_frontend_only_translates() -> None:
+    """REST requests become gRPC calls on the server's own handlers: server/rest reaches
+    nothing else of the server (and a frontend process imports it)."""
+    found = violations("server.rest", ("server.frontend", "server.control", "server.dataplane",
+                                       "server.admission", "server.codec", "server.repository",
+                                       "server.scheduler", "server.backends", "server.routing",
+                                       "server.shm", "server.app"))
+    assert not found, "\n".join(found)

@@ -1,5 +1,6 @@
 """The engine's side of the frontends' sockets: every call a frontend forwards runs here, on
-the same method handlers a single-process server registers with gRPC.
+the same method handlers a single-process server registers with gRPC (and the REST
+gateway calls, through :meth:`HandlerTable.call`).
 
 ``HandlerTable`` stands in for the gRPC server when the server runs with frontends: the
 composition root registers its services on it exactly as on a grpc.aio server, and each
@@ -43,12 +44,14 @@ MAX_UNKNOWN_METHODS = 1024
 
 
 class HandlerTable(grpc.aio.Server):  # type: ignore[misc]
-    """The services the engine serves, registered as on a grpc.aio server (so each helper
+    """The services the server serves, registered as on a grpc.aio server (so each helper
     that picks its asyncio flavour for a grpc.aio.Server does so here too); it listens on
-    nothing."""
+    nothing. A single process's gRPC server takes them from it (:meth:`register_on`); the
+    engine's links and the REST gateway find their handlers in it."""
 
     def __init__(self) -> None:
         self._generic: list[grpc.GenericRpcHandler] = []
+        self._registered: list[tuple[str, dict[str, grpc.RpcMethodHandler]]] = []
         #: Handlers found so far, by method (a service's handlers never change once served).
         self._found: dict[str, grpc.RpcMethodHandler | None] = {}
 
@@ -59,7 +62,34 @@ class HandlerTable(grpc.aio.Server):  # type: ignore[misc]
     def add_registered_method_handlers(self, service_name: str,
                                        method_handlers: dict[str, grpc.RpcMethodHandler]
                                        ) -> None:
-        """The generic handlers registered beside these find the same methods."""
+        """Kept for a gRPC server (:meth:`register_on`); :meth:`find` looks among the
+        generic handlers registered beside these, which find the same methods."""
+        self._registered.append((service_name, method_handlers))
+
+    def register_on(self, server: grpc.aio.Server) -> None:
+        """Register every service registered here on a real gRPC server."""
+        server.add_generic_rpc_handlers(tuple(self._generic))
+        for service_name, method_handlers in self._registered:
+            server.add_registered_method_handlers(service_name, method_handlers)
+
+    async def call(self, opening: CallOpening) -> tuple[bytes | None, CallStatus]:
+        """A unary call run here, as gRPC would run it: its reply (None when it failed) and
+        its status. The REST gateway's calls in a single process."""
+        context = ForwardedContext(opening)
+        handler = self.find(opening.method)
+        if handler is None or handler.unary_unary is None or opening.message is None:
+            return None, CallStatus(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+        try:
+            decode, encode = handler.request_deserializer, handler.response_serializer
+            response = handler.unary_unary(
+                opening.message if decode is None else decode(opening.message), context)
+            if inspect.isawaitable(response):
+                response = await response
+            reply: bytes = response if encode is None else encode(response)
+        except Exception as exc:
+            return None, _failed(exc, context, opening.method)
+        status = context.status()
+        return (reply if status.code is grpc.StatusCode.OK else None), status
 
     def find(self, method: str) -> grpc.RpcMethodHandler | None:
         if method in self._found:
@@ -147,6 +177,17 @@ class ForwardedContext:
 
     def status(self) -> CallStatus:
         return CallStatus(self._code or grpc.StatusCode.OK, self._details, self.trailing)
+
+
+def _failed(exc: Exception, context: ForwardedContext, method: str) -> CallStatus:
+    """How a call whose handler raised ends: its abort's status, the status it set before
+    raising (gRPC's generated stubs do), else UNKNOWN as gRPC answers it."""
+    if isinstance(exc, _Aborted):
+        return CallStatus(exc.code, exc.details, context.trailing)
+    if context.code() not in (None, grpc.StatusCode.OK):
+        return context.status()
+    log.exception("forwarded call failed", extra={"method": method})
+    return CallStatus(grpc.StatusCode.UNKNOWN, f"Unexpected {type(exc)}: {exc}")
 
 
 class _Call:
@@ -279,17 +320,11 @@ class EngineLink:
                         self._send(Kind.ANSWER, number, reply)
                         return
                     self._send(Kind.REPLY, number, reply)
-        except _Aborted as aborted:
-            status = CallStatus(aborted.code, aborted.details, context.trailing)
         except asyncio.CancelledError:
             self._calls.pop(number, None)
             return
         except Exception as exc:
-            if context.code() not in (None, grpc.StatusCode.OK):
-                status = context.status()  # set_code, then raised (gRPC's generated stubs)
-            else:
-                log.exception("forwarded call failed", extra={"method": opening.method})
-                status = CallStatus(grpc.StatusCode.UNKNOWN, f"Unexpected {type(exc)}: {exc}")
+            status = _failed(exc, context, opening.method)
         self._calls.pop(number, None)
         self._send(Kind.STATUS, number, status.encode())
 

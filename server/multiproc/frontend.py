@@ -1,6 +1,7 @@
 """A frontend process (``peregrine serve --frontends N``): a grpc.aio server on the server's
 port, shared with the other frontends (SO_REUSEPORT), that forwards every call to the engine
-over its socket and relays the answers.
+over its socket and relays the answers; with --allow-http, the REST server on the HTTP port
+(shared likewise), whose requests go to the engine as the gRPC calls they translate to.
 
 The frontend takes gRPC's per-call work (HTTP/2, TLS, the calls' own Python) off the engine:
 that is most of a small request's cost on one core. Everything else — authentication, bounds,
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import signal
@@ -46,6 +48,7 @@ from server.multiproc.frames import (
     credit_count,
     encode_head,
 )
+from server.rest.server import start_http
 from server.security import tls
 from server.services import served_services
 from server.settings import ServerSettings
@@ -55,6 +58,7 @@ log = logging.getLogger(__name__)
 #: Settings a frontend needs (the rest is the engine's).
 FRONTEND_SETTINGS = (
     "host", "grpc_port", "grpc_max_message_bytes", "grpc_max_pending_calls", "grpc_use_ssl",
+    "allow_http", "http_port", "http_address", "http_max_connections",
     "grpc_server_cert", "grpc_server_key", "grpc_root_cert", "grpc_use_ssl_mutual",
     "uvloop", "exit_timeout_secs", "log_level", "log_format",
 )
@@ -285,6 +289,23 @@ def _one_reply(client: EngineClient, path: str, streaming: bool) -> Unary:
     return forward
 
 
+async def forward_unary(client: EngineClient, opening: CallOpening
+                        ) -> tuple[bytes | None, CallStatus]:
+    """A unary call forwarded to the engine: its reply (None when it failed) and its status.
+    The REST gateway's calls in a frontend process; a call whose HTTP client goes away is
+    cancelled in the engine."""
+    try:
+        number, call = client.open(opening, streamed=False)
+    except EngineGone:
+        return None, CallStatus(grpc.StatusCode.UNAVAILABLE, ENGINE_GONE)
+    try:
+        await call.done
+    finally:
+        client.close_call(number)
+    assert call.status is not None
+    return (call.reply if call.status.code is grpc.StatusCode.OK else None), call.status
+
+
 def _streamed_replies(client: EngineClient, path: str, streaming: bool) -> Streaming:
     async def forward(request: Any, context: grpc.aio.ServicerContext
                       ) -> AsyncIterator[bytes]:
@@ -362,6 +383,8 @@ async def serve_frontend(settings: ServerSettings, engine: str,
     else:
         server.add_secure_port(address, credentials)
     await server.start()
+    http = (await start_http(settings, functools.partial(forward_unary, client),
+                             reuse_port=True))[0] if settings.allow_http else None
     client.send(Kind.READY, 0)
     reporting = loop.create_task(_report(client))
     stop = asyncio.Event()
@@ -370,7 +393,9 @@ async def serve_frontend(settings: ServerSettings, engine: str,
     waiting = [loop.create_task(stop.wait()), loop.create_task(client.gone.wait())]
     await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
     engine_gone = client.gone.is_set()
-    await server.stop(0 if engine_gone else settings.exit_timeout_secs)
+    grace = 0 if engine_gone else settings.exit_timeout_secs
+    await asyncio.gather(server.stop(grace),
+                         http.stop(grace) if http is not None else asyncio.sleep(0))
     for task in (*waiting, receiving, reporting):
         task.cancel()
     client.close()

@@ -1,9 +1,9 @@
-"""The engine's frontend processes: started on one port, restarted when one dies, stopped
-first at shutdown.
+"""The engine's frontend processes: started on one port (and the HTTP port, with
+--allow-http), restarted when one dies, stopped first at shutdown.
 
-The port is reserved by the engine with SO_REUSEPORT before any frontend starts (so port 0
+The ports are reserved by the engine with SO_REUSEPORT before any frontend starts (so port 0
 picks one port for all of them, and nothing else takes it while a frontend restarts); the
-reserving socket never listens, so only the frontends receive connections. Each frontend
+reserving sockets never listen, so only the frontends receive connections. Each frontend
 connects to the engine's Unix socket, in the abstract namespace (nothing on disk to leave
 behind, whatever kills the engine). Any local process could connect to such a socket, so the
 engine takes a connection only from a process it started: the kernel's peer credentials
@@ -57,9 +57,9 @@ def _peer_pid(connection: socket.socket) -> int:
     return pid
 
 
-def reserve_port(host: str, port: int) -> socket.socket:
+def reserve_port(host: str, port: int, what: str = "gRPC") -> socket.socket:
     """A bound, non-listening socket holding ``host:port`` (port 0: a free one) for sockets
-    that set SO_REUSEPORT, as grpc.so_reuseport does."""
+    that set SO_REUSEPORT, as grpc.so_reuseport does and the HTTP server does."""
     family, kind, proto, _, address = socket.getaddrinfo(
         host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     reserved = socket.socket(family, kind, proto)
@@ -68,7 +68,7 @@ def reserve_port(host: str, port: int) -> socket.socket:
         reserved.bind(address)
     except OSError as exc:
         reserved.close()
-        raise OSError(f"cannot bind gRPC to {host}:{port}: {exc}") from exc
+        raise OSError(f"cannot bind {what} to {host}:{port}: {exc}") from exc
     return reserved
 
 
@@ -85,12 +85,14 @@ class Frontends:
         self._ready = 0
         self._all_ready = asyncio.Event()
         self._stopping = False
-        self._reserved: socket.socket | None = None
+        self._reserved: list[socket.socket] = []
         self._address = ""
         self._listening: socket.socket | None = None
         self._acceptor: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self.port = 0
+        #: The HTTP/REST port every frontend serves (--allow-http), else 0.
+        self.http_port = 0
         #: Frontends restarted after dying.
         self.restarts = 0
         #: The latest figures of each frontend, by slot (1..count).
@@ -108,8 +110,16 @@ class Frontends:
     async def start(self) -> int:
         """Start the frontends; returns the port they listen on once every one listens."""
         settings = self._settings
-        self._reserved = reserve_port(settings.host, settings.grpc_port)
-        self.port = int(self._reserved.getsockname()[1])
+        self._reserved.append(reserve_port(settings.host, settings.grpc_port))
+        self.port = int(self._reserved[0].getsockname()[1])
+        if settings.allow_http:
+            try:
+                self._reserved.append(reserve_port(settings.http_host, settings.http_port,
+                                                   "HTTP"))
+            except OSError:
+                self._reserved.pop().close()
+                raise
+            self.http_port = int(self._reserved[1].getsockname()[1])
         self._address = f"\0peregrine-engine-{os.getpid()}-{secrets.token_hex(8)}"
         listening = self._listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listening.bind(self._address)  # uvloop takes no abstract name: a socket it takes
@@ -140,7 +150,8 @@ class Frontends:
              "--engine", self._address[1:], "--settings", settings])
 
     def _with_port(self) -> ServerSettings:
-        return dataclasses.replace(self._settings, grpc_port=self.port)
+        return dataclasses.replace(self._settings, grpc_port=self.port,
+                                   http_port=self.http_port or self._settings.http_port)
 
     def _frontend_ready(self) -> None:
         self._ready += 1
@@ -205,5 +216,6 @@ class Frontends:
         for task in list(self._links):
             task.cancel()
         await asyncio.gather(*self._links, return_exceptions=True)
-        if self._reserved is not None:
-            self._reserved.close()
+        for reserved in self._reserved:
+            reserved.close()
+        self._reserved = []
