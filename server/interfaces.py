@@ -158,6 +158,28 @@ class ModelMetrics(Protocol):
         ...
 
 
+class QueuedRequest(Protocol):
+    """What a batch tracer reads of a request the batch answered (the batcher's entry)."""
+
+    @property
+    def request(self) -> InferRequest: ...
+
+    @property
+    def enqueue_ns(self) -> int: ...
+
+    @property
+    def rows(self) -> int: ...
+
+
+class BatchTracer(Protocol):
+    """Tells tracing of every batch (server/tracing's Tracer). Given to the batchers only
+    when tracing is configured; called once per batch on the event loop thread, after the
+    batch's requests were answered; never blocks."""
+
+    def batch_done(self, entries: Sequence[QueuedRequest], start_ns: int, end_ns: int,
+                   executions: Sequence[Execution]) -> None: ...
+
+
 #: Makes the scheduler of one loaded model version (injected by the composition root, so the
 #: repository never builds batchers itself). Called on the event loop thread.
 SchedulerFactory = Callable[[ModelSpec, str, Sequence["Backend"], ModelMetrics], Scheduler]

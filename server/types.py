@@ -79,6 +79,10 @@ class InferRequest:
     deadline_ns: int | None = None
     #: The bytes the inputs decoded into (codec.caps), counted against --max-queued-bytes.
     nbytes: int = 0
+    #: With tracing on, set on every decoded request (server/tracing: a sampled request's
+    #: record, else None) and read only by tracing; without, never set (not even a default,
+    #: so a server that does not trace writes nothing for it per request).
+    trace: Any = field(init=False, repr=False, compare=False)
 
 
 class OutputTensor:
@@ -168,7 +172,8 @@ class RouteDecision:
 class Execution(NamedTuple):
     """One backend call of a batch: its rows and requests, the nanoseconds spent packing the
     inputs, running the model and unpacking the outputs (wall clock, as Triton's statistics
-    count them), and the CPU time the calling thread spent on all three."""
+    count them), the CPU time the calling thread spent on all three, and when packing began
+    (perf_counter_ns; tracing places the call's span with it)."""
 
     rows: int
     requests: int
@@ -176,3 +181,4 @@ class Execution(NamedTuple):
     infer_ns: int
     output_ns: int
     cpu_ns: int = 0
+    start_ns: int = 0

@@ -41,6 +41,7 @@ EXTENSIONS = (
     "statistics",
     "parameters",
     "system_shared_memory",
+    "trace",
 )
 
 
@@ -175,6 +176,17 @@ class InferenceServicer(
                 for e in await self._control.index(ready_only=request.ready)
             ]
         )
+
+    @mapped
+    async def TraceSetting(
+        self, request: pb.TraceSettingRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TraceSettingResponse:
+        settings = self._control.trace_settings(
+            request.model_name,
+            {key: list(value.value) for key, value in request.settings.items()})
+        value = pb.TraceSettingResponse.SettingValue
+        return pb.TraceSettingResponse(
+            settings={key: value(value=values) for key, values in settings.items()})
 
     # -- model control (explicit mode) ---------------------------------------------------------
 

@@ -1,0 +1,168 @@
+"""What is recorded of a traced request, and the tracer that samples and fills the records.
+
+Everything here runs on the event loop thread and records only integers and references: a
+sampled request costs a small object and a few clock reads; the spans are built from it by
+the exporter's thread (server/tracing/spans.py). Where each piece comes from:
+
+- the frontend's wrapper (server/frontend/tracing.py) opens a ``CallTrace`` per gRPC call,
+  with the caller's context from its metadata, and ends a unary call's request;
+- the wrapped codec (server/tracing/codec.py) samples each request as it decodes it (a stream
+  decides per request), times its encoding and ends a streamed request's trace;
+- the batcher (``Tracer.batch_done``, once per batch) gives its enqueue time, the batch's
+  start and end, its size and its backend calls.
+
+The call and the request travel in context variables: grpc.aio runs each call in its own task,
+a stream's reader task inherits the call's, and a stream's answer callback runs in the context
+its request was decoded in. Only these modules read them, and only when tracing is on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from contextvars import ContextVar
+from typing import NamedTuple
+
+import grpc
+
+from server.interfaces import QueuedRequest
+from server.tracing.context import RemoteParent, remote_parent
+from server.tracing.settings import TraceSettings
+from server.types import Execution, InferRequest, InferResponse
+
+_now = time.perf_counter_ns
+
+
+class CallTrace:
+    """One call's tracing state: the caller's context, and its requests' traces not ended."""
+
+    __slots__ = ("live", "method", "parent", "start_ns", "trace")
+
+    def __init__(self, method: str, parent: RemoteParent | None, stream: bool) -> None:
+        self.method = method
+        self.parent = parent
+        #: A unary call's request starts with the call; a streamed one when it is decoded.
+        self.start_ns = 0 if stream else _now()
+        #: A unary call's request trace, once sampled.
+        self.trace: RequestTrace | None = None
+        #: A stream's sampled requests not answered yet (ended CANCELLED with the stream).
+        self.live: set[RequestTrace] | None = set() if stream else None
+
+
+class BatchRecord(NamedTuple):
+    """The batch a traced request ran in (shared by the batch's traced requests)."""
+
+    start_ns: int
+    end_ns: int
+    #: Rows, and requests, in the batch.
+    rows: int
+    requests: int
+    executions: tuple[Execution, ...]
+
+
+class RequestTrace:
+    """One sampled request. Ended once (``finish``), then handed to the exporter."""
+
+    __slots__ = ("batch", "call", "code", "encode_end_ns", "encode_start_ns", "end_ns",
+                 "enqueue_ns", "message", "model", "request_id", "sink", "start_ns", "version")
+
+    def __init__(self, call: CallTrace, sink: Callable[[RequestTrace], None],
+                 start_ns: int) -> None:
+        self.call = call
+        self.sink = sink
+        self.start_ns = start_ns
+        self.end_ns = 0
+        self.model = self.version = self.request_id = ""
+        self.enqueue_ns = 0
+        self.batch: BatchRecord | None = None
+        self.encode_start_ns = self.encode_end_ns = 0
+        self.code = grpc.StatusCode.OK
+        self.message = ""
+
+    def named(self, request: InferRequest) -> None:
+        self.model, self.version, self.request_id = (request.model_name, request.model_version,
+                                                     request.id)
+
+    def encoded(self, response: InferResponse, start_ns: int, end_ns: int) -> None:
+        """Its answer was written: the version that served it is known now."""
+        self.model, self.version = response.model_name, response.model_version
+        self.encode_start_ns, self.encode_end_ns = start_ns, end_ns
+
+    def finish(self, code: grpc.StatusCode, message: str = "") -> None:
+        """End the request's span with its status; later calls do nothing."""
+        if self.end_ns:
+            return
+        self.end_ns = _now()
+        self.code, self.message = code, message
+        live = self.call.live
+        if live is not None:
+            live.discard(self)
+        self.sink(self)
+
+    @property
+    def span_count(self) -> int:
+        """The spans this trace becomes (spans.py): the request, and the queue, the batch and
+        one compute per backend call, and the encoding, where they happened."""
+        count = 1 + (self.encode_end_ns > 0)
+        if self.batch is not None:
+            count += 2 + len(self.batch.executions)
+        return count
+
+
+_CALL: ContextVar[CallTrace | None] = ContextVar("peregrine_trace_call", default=None)
+_REQUEST: ContextVar[RequestTrace | None] = ContextVar("peregrine_trace_request", default=None)
+
+
+def current_request() -> RequestTrace | None:
+    """The trace of the request being answered in this context (None: not sampled)."""
+    return _REQUEST.get()
+
+
+class Tracer:
+    """Samples requests (the caller's sampled flag, else the rate) and fills their records;
+    ``sink`` takes each ended trace (the exporter's queue)."""
+
+    def __init__(self, settings: TraceSettings, sink: Callable[[RequestTrace], None]) -> None:
+        self.settings = settings
+        self._sink = sink
+
+    def enter_call(self, metadata: Iterable[tuple[str, str | bytes]] | None, method: str,
+                   stream: bool) -> CallTrace:
+        """A call begins in this task: its caller's context is read once."""
+        call = CallTrace(method, remote_parent(metadata), stream)
+        _CALL.set(call)
+        return call
+
+    def begin_request(self) -> RequestTrace | None:
+        """A request is about to be decoded in this context: traced or not, from now on."""
+        call = _CALL.get()
+        trace = None
+        if call is not None:
+            parent = call.parent
+            if parent is not None and parent.sampled:
+                traced = self.settings.timestamps
+            else:
+                traced = self.settings.by_rate()
+            if traced:
+                trace = RequestTrace(call, self._sink, call.start_ns or _now())
+                if call.live is None:
+                    call.trace = trace
+                else:
+                    call.live.add(trace)
+        _REQUEST.set(trace)
+        return trace
+
+    def batch_done(self, entries: Sequence[QueuedRequest], start_ns: int, end_ns: int,
+                   executions: Sequence[Execution]) -> None:
+        """A batch answered ``entries`` (once per batch, on the loop): its traced requests
+        get their queue time and the batch."""
+        record: BatchRecord | None = None
+        for entry in entries:
+            trace = getattr(entry.request, "trace", None)
+            if trace is None:
+                continue
+            if record is None:
+                record = BatchRecord(start_ns, end_ns, sum(e.rows for e in entries),
+                                     len(entries), tuple(executions))
+            trace.enqueue_ns = entry.enqueue_ns
+            trace.batch = record
