@@ -391,7 +391,7 @@ def test_reflection_unknown_symbol(channel: grpc.Channel) -> None:
                      id="cuda_shared_memory_register"),
         pytest.param(lambda c: c.get_cuda_shared_memory_status(), id="cuda_shared_memory_status"),
         pytest.param(lambda c: c.update_log_settings({"log_info": True}), id="log_settings"),
-        pytest.param(lambda c: c.get_trace_settings(), id="trace_setting"),
+        # TraceSetting is implemented: tests/integration/test_tracing.py
     ],
 )
 def test_unimplemented_rpcs(
