@@ -91,7 +91,7 @@ class SpanExporter:
         self._max_traces = max(1, config.max_queue_size // SPANS_PER_REQUEST)
         self._batch_traces = max(1, config.max_export_batch_size // SPANS_PER_REQUEST)
         self._delay_s = config.schedule_delay_ms / 1000
-        self._resource = Resource(attributes=attributes(config.resource))
+        self._resource = Resource(attributes=attributes(config.resource))  # type: ignore[arg-type]
         self._scope = InstrumentationScope(name="peregrine", version=__version__)
         self._transport = transport_for(config.endpoint)
         self._wake = threading.Event()
@@ -144,8 +144,8 @@ class SpanExporter:
             for trace in batch:
                 spans.extend(builder.spans(trace))
             self._transport.send(trace_service_pb2.ExportTraceServiceRequest(resource_spans=[
-                ResourceSpans(resource=self._resource,
-                              scope_spans=[ScopeSpans(scope=self._scope, spans=spans)])]))
+                ResourceSpans(resource=self._resource, scope_spans=[
+                    ScopeSpans(scope=self._scope, spans=spans)])]))  # type: ignore[arg-type]
         except Exception as exc:  # the thread outlives any one export
             self.failed_spans += sum(trace.span_count for trace in batch)
             if not self._failing:

@@ -17,6 +17,10 @@ size, so every trace reads whole on its own)::
 Attributes use Triton's names (``model_name``, ``model_version``, ``request_id``) and
 OpenTelemetry's RPC conventions (``rpc.system``, ``rpc.method``, ``rpc.grpc.status_code``); a
 request that failed has status ERROR with the message its caller got.
+
+Spans are built as plain dicts in the OTLP message layout and made into messages once per
+export batch (``ScopeSpans(spans=...)``): the protobuf runtime then builds the nested messages
+in C, about five times faster than building each message from Python.
 """
 
 from __future__ import annotations
@@ -25,10 +29,9 @@ import os
 import random
 import time
 from collections.abc import Iterable
+from typing import Any
 
 import grpc
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
-from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from server.tracing.trace import RequestTrace
 
@@ -37,12 +40,17 @@ SERVICE = "inference.GRPCInferenceService"
 _SAMPLED = 0x01
 _HAS_IS_REMOTE = 0x100
 _IS_REMOTE = 0x200
+#: OTLP's SpanKind and Status.StatusCode values.
+_INTERNAL, _SERVER = 1, 2
+_ERROR = 2
+
+SpanDict = dict[str, Any]
 
 
-def attributes(pairs: Iterable[tuple[str, str | int]]) -> list[KeyValue]:
-    return [KeyValue(key=key, value=AnyValue(int_value=value) if isinstance(value, int)
-                     else AnyValue(string_value=value))
-            for key, value in pairs]
+def attributes(pairs: Iterable[tuple[str, str | int]]) -> list[dict[str, Any]]:
+    """KeyValue messages, as dicts."""
+    return [{"key": key, "value": {"int_value": value} if isinstance(value, int)
+             else {"string_value": value}} for key, value in pairs]
 
 
 class SpanBuilder:
@@ -59,7 +67,7 @@ class SpanBuilder:
             value = self._random.getrandbits(bits)
         return value.to_bytes(bits // 8, "big")
 
-    def spans(self, trace: RequestTrace) -> list[Span]:
+    def spans(self, trace: RequestTrace) -> list[SpanDict]:
         offset = self._offset
         parent = trace.call.parent
         if parent is not None:
@@ -72,29 +80,27 @@ class SpanBuilder:
         root_id = self._id(64)
 
         def child(name: str, parent_id: bytes, start: int, end: int,
-                  pairs: Iterable[tuple[str, str | int]] = (),
-                  events: Iterable[tuple[str, int]] = ()) -> Span:
-            return Span(trace_id=trace_id, span_id=self._id(64), trace_state=state,
-                        parent_span_id=parent_id, flags=_SAMPLED | _HAS_IS_REMOTE, name=name,
-                        kind=Span.SPAN_KIND_INTERNAL, start_time_unix_nano=start + offset,
-                        end_time_unix_nano=end + offset, attributes=attributes(pairs),
-                        events=[Span.Event(name=event, time_unix_nano=at + offset)
-                                for event, at in events])
+                  pairs: Iterable[tuple[str, str | int]] = ()) -> SpanDict:
+            return {"trace_id": trace_id, "span_id": self._id(64), "trace_state": state,
+                    "parent_span_id": parent_id, "flags": _SAMPLED | _HAS_IS_REMOTE,
+                    "name": name, "kind": _INTERNAL, "start_time_unix_nano": start + offset,
+                    "end_time_unix_nano": end + offset, "attributes": attributes(pairs)}
 
         code: grpc.StatusCode = trace.code
-        root = Span(
-            trace_id=trace_id, span_id=root_id, trace_state=state, parent_span_id=remote_span,
-            flags=_SAMPLED | _HAS_IS_REMOTE | (_IS_REMOTE if parent is not None else 0),
-            name="InferRequest", kind=Span.SPAN_KIND_SERVER,
-            start_time_unix_nano=trace.start_ns + offset,
-            end_time_unix_nano=trace.end_ns + offset,
-            attributes=attributes((*model, ("request_id", trace.request_id),
-                                   ("rpc.system", "grpc"), ("rpc.service", SERVICE),
-                                   ("rpc.method", trace.call.method),
-                                   ("rpc.grpc.status_code", code.value[0]))),
-            status=Status(code=Status.STATUS_CODE_ERROR, message=trace.message)
-            if code is not grpc.StatusCode.OK else None,
-        )
+        root: SpanDict = {
+            "trace_id": trace_id, "span_id": root_id, "trace_state": state,
+            "parent_span_id": remote_span,
+            "flags": _SAMPLED | _HAS_IS_REMOTE | (_IS_REMOTE if parent is not None else 0),
+            "name": "InferRequest", "kind": _SERVER,
+            "start_time_unix_nano": trace.start_ns + offset,
+            "end_time_unix_nano": trace.end_ns + offset,
+            "attributes": attributes((*model, ("request_id", trace.request_id),
+                                      ("rpc.system", "grpc"), ("rpc.service", SERVICE),
+                                      ("rpc.method", trace.call.method),
+                                      ("rpc.grpc.status_code", code.value[0]))),
+        }
+        if code is not grpc.StatusCode.OK:
+            root["status"] = {"code": _ERROR, "message": trace.message}
         spans = [root]
         batch = trace.batch
         if batch is not None:
@@ -107,11 +113,15 @@ class SpanBuilder:
                 inputs_end = call.start_ns + call.input_ns
                 outputs_start = inputs_end + call.infer_ns
                 end = outputs_start + call.output_ns
-                spans.append(child(
-                    "compute", batch_span.span_id, call.start_ns, end,
-                    (*model, ("batch_size", call.rows)),
-                    (("COMPUTE_START", call.start_ns), ("COMPUTE_INPUT_END", inputs_end),
-                     ("COMPUTE_OUTPUT_START", outputs_start), ("COMPUTE_END", end))))
+                compute = child("compute", batch_span["span_id"], call.start_ns, end,
+                                (*model, ("batch_size", call.rows)))
+                compute["events"] = [
+                    {"name": event, "time_unix_nano": at + offset}
+                    for event, at in (("COMPUTE_START", call.start_ns),
+                                      ("COMPUTE_INPUT_END", inputs_end),
+                                      ("COMPUTE_OUTPUT_START", outputs_start),
+                                      ("COMPUTE_END", end))]
+                spans.append(compute)
         if trace.encode_end_ns:
             spans.append(child("encode", root_id, trace.encode_start_ns, trace.encode_end_ns))
         return spans

@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import grpc
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.trace.v1.trace_pb2 import Span
+from opentelemetry.proto.trace.v1.trace_pb2 import ScopeSpans, Span
 
 from server.tracing.config import parse_trace_config
 from server.tracing.exporter import SpanExporter
@@ -106,7 +106,7 @@ def test_a_request_without_a_caller_starts_its_own_trace() -> None:
     trace = record(batched=False)
     trace.end_ns = 5_000
     trace.code, trace.message = grpc.StatusCode.NOT_FOUND, "no model 'm'"
-    spans = SpanBuilder().spans(trace)
+    spans = ScopeSpans(spans=SpanBuilder().spans(trace)).spans
     assert [s.name for s in spans] == ["InferRequest"]
     root = spans[0]
     assert len(root.trace_id) == 16 and any(root.trace_id)
