@@ -118,6 +118,11 @@ def current_request() -> RequestTrace | None:
     return _REQUEST.get()
 
 
+def forget_request() -> None:
+    """No request is being answered in this context any more (a stream's next one comes)."""
+    _REQUEST.set(None)
+
+
 class Tracer:
     """Samples requests (the caller's sampled flag, else the rate) and fills their records;
     ``sink`` takes each ended trace (the exporter's queue)."""
