@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 
-from server.tracing.trace import Tracer, forget_request
+from server.tracing.trace import Tracer
 
 UNARY, STREAM = "ModelInfer", "ModelStreamInfer"
 
@@ -69,7 +69,7 @@ def _stream(tracer: Tracer,
     async def traced(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         call = tracer.enter_call(context.invocation_metadata(), STREAM, stream=True)
         try:
-            async for reply in behaviour(_Messages(requests), context):
+            async for reply in behaviour(requests, context):
                 yield reply
         finally:
             assert call.live is not None
@@ -79,20 +79,3 @@ def _stream(tracer: Tracer,
 
     return traced
 
-
-class _Messages:
-    """A stream's requests, as the servicer's reader takes them: taking one clears the last
-    one's trace from the reader's context, so a request refused before it is decoded is never
-    answered on the trace of the one before it (still in flight, maybe)."""
-
-    __slots__ = ("_requests",)
-
-    def __init__(self, requests: AsyncIterator[Any]) -> None:
-        self._requests = requests.__aiter__()
-
-    def __aiter__(self) -> _Messages:
-        return self
-
-    def __anext__(self) -> Awaitable[Any]:
-        forget_request()
-        return self._requests.__anext__()

@@ -14,7 +14,7 @@ import grpc
 
 from server.codec.shared_memory import SharedMemoryScope
 from server.codec.wire import WireCodec
-from server.tracing.trace import Tracer, current_request
+from server.tracing.trace import Tracer, current_request, forget_request_unless
 from server.types import InferRequest, InferResponse
 
 _now = time.perf_counter_ns
@@ -29,6 +29,8 @@ class TracedCodec:
                              shm: SharedMemoryScope | None) -> InferRequest:
         # Sampled before decoding, so a request that fails to decode is traced too.
         trace = self._tracer.begin_request()
+        if trace is not None:
+            trace.data = data
         request = self._inner.decode_request_bytes(data, deadline_ns, shm)
         request.trace = trace
         if trace is not None:
@@ -59,6 +61,10 @@ class TracedCodec:
                                                      message)
 
     def identify(self, data: bytes) -> tuple[str, str, str]:
+        """The servicer names a request it answers with an error from its bytes (it failed
+        before or while decoding, or was refused right after): its error answer follows in
+        this context, and must end its own trace only."""
+        forget_request_unless(data)
         return self._inner.identify(data)
 
 

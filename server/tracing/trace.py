@@ -63,8 +63,9 @@ class BatchRecord(NamedTuple):
 class RequestTrace:
     """One sampled request. Ended once (``finish``), then handed to the exporter."""
 
-    __slots__ = ("batch", "call", "code", "encode_end_ns", "encode_start_ns", "end_ns",
-                 "enqueue_ns", "message", "model", "request_id", "sink", "start_ns", "version")
+    __slots__ = ("batch", "call", "code", "data", "encode_end_ns", "encode_start_ns",
+                 "end_ns", "enqueue_ns", "message", "model", "request_id", "sink", "start_ns",
+                 "version")
 
     def __init__(self, call: CallTrace, sink: Callable[[RequestTrace], None],
                  start_ns: int) -> None:
@@ -78,6 +79,8 @@ class RequestTrace:
         self.encode_start_ns = self.encode_end_ns = 0
         self.code = grpc.StatusCode.OK
         self.message = ""
+        #: The request's message until the trace ends: which message an error answer is for.
+        self.data: bytes | None = None
 
     def named(self, request: InferRequest) -> None:
         self.model, self.version, self.request_id = (request.model_name, request.model_version,
@@ -94,6 +97,7 @@ class RequestTrace:
             return
         self.end_ns = _now()
         self.code, self.message = code, message
+        self.data = None
         live = self.call.live
         if live is not None:
             live.discard(self)
@@ -118,9 +122,14 @@ def current_request() -> RequestTrace | None:
     return _REQUEST.get()
 
 
-def forget_request() -> None:
-    """No request is being answered in this context any more (a stream's next one comes)."""
-    _REQUEST.set(None)
+def forget_request_unless(data: bytes) -> None:
+    """A request (message ``data``) is answered before it was decoded, or without its
+    decoded form: the trace in this context is its own only if its decoding began with
+    ``data``. Otherwise it is a stream's previous request's (the reader's context keeps it
+    until the next decoding), which this answer must not end."""
+    trace = _REQUEST.get()
+    if trace is not None and trace.data is not data:
+        _REQUEST.set(None)
 
 
 class Tracer:

@@ -64,33 +64,39 @@ def traced(servicer_unary: Any, servicer_stream: Any, rate: int = 0
     return traced_handlers(handlers, tracer), ended, codec
 
 
-def test_a_stream_refusal_before_decoding_is_not_put_on_the_last_request() -> None:
+def test_a_stream_refusal_ends_its_own_request_only() -> None:
     def stream(codec: TracedCodec) -> Any:
         async def model_stream_infer(requests: AsyncIterator[bytes], context: Any
                                      ) -> AsyncIterator[bytes]:
+            """As the servicer's reader: a refusal is answered after naming the request
+            from its bytes (it may not have been decoded)."""
             async for data in requests:
-                if data == b"refused":  # refused before decoding, like a bound
-                    yield codec.encode_stream_error_bytes("m", "", "refused",
-                                                          "[RESOURCE_EXHAUSTED] full")
-                else:
-                    codec.decode_request_bytes(data, None, None)  # left unanswered
+                if data != b"early":  # b"early" is refused before decoding, like a bound
+                    codec.decode_request_bytes(data, None, None)
+                if data in (b"early", b"late"):  # b"late" is refused once decoded
+                    named = codec.identify(data)
+                    yield codec.encode_stream_error_bytes(*named, "[RESOURCE_EXHAUSTED] full")
+                # b"first" is queued and left unanswered
 
         return model_stream_infer
 
-    handlers, ended, _ = traced(lambda codec: None, stream)
+    handlers, ended, _ = traced(lambda codec: None, stream, rate=1)
 
     async def requests() -> AsyncIterator[bytes]:
         yield b"first"
-        yield b"refused"
+        yield b"early"
+        yield b"late"
 
     async def run() -> list[bytes]:
         behaviour = handlers["ModelStreamInfer"].stream_stream
         return [reply async for reply in behaviour(requests(), _Context())]
 
-    assert asyncio.run(run()) == [b"[RESOURCE_EXHAUSTED] full"]
-    # The first request was never answered: ended with the stream, CANCELLED, not
-    # RESOURCE_EXHAUSTED; the refused one was not decoded, so not sampled.
-    assert [(t.request_id, t.code) for t in ended] == [("first", grpc.StatusCode.CANCELLED)]
+    assert len(asyncio.run(run())) == 2
+    # The early refusal was not decoded, so not sampled, and did not end the first request's
+    # trace; the late one ended its own; the first, never answered, ended with the stream.
+    assert [(t.request_id, t.code) for t in ended] == [
+        ("late", grpc.StatusCode.RESOURCE_EXHAUSTED), ("first", grpc.StatusCode.CANCELLED)]
+    assert all(t.data is None for t in ended)
 
 
 def test_a_unary_call_ends_its_request_with_the_calls_status() -> None:
