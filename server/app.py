@@ -308,7 +308,8 @@ class PeregrineServer:
             inference = guard.wrap(INFERENCE_SERVICE, inference)
             admin = guard.wrap(ADMIN_SERVICE, admin)
         if self.tracer is not None:
-            # Outermost: a unary request's span covers the guard's checks too.
+            # Outermost: a unary request's span covers the guard's checks, and a call the
+            # guard refuses is traced with its status.
             inference = traced_handlers(inference, self.tracer)
         add_service(server, INFERENCE_DESCRIPTOR, inference)
         add_service(server, ADMIN_DESCRIPTOR, admin)

@@ -1,10 +1,11 @@
 """Tracing at the call: the inference handlers wrapped once, at start, when tracing is on.
 
 Each ModelInfer or ModelStreamInfer call reads its caller's trace context (``traceparent``,
-``tracestate``) from its metadata once and opens the call's trace (server/tracing/trace.py);
-the requests are sampled as the (wrapped) codec decodes them. A unary call's request span
-ends here with the call's status; a stream's requests end as their answers are written, and
-those still unanswered when the stream ends are ended CANCELLED. Without tracing nothing here
+``tracestate``) from its metadata once (server/tracing/trace.py). A unary call's request is
+sampled here, and its span ends here with the call's status (a refusal before decoding
+included); a stream's requests are sampled one by one as the (wrapped) codec decodes them,
+end as their answers are written, and those still unanswered when the stream ends are ended
+CANCELLED. Without tracing nothing here
 is built: the handlers are registered unwrapped.
 """
 
@@ -49,15 +50,15 @@ def _status(exc: BaseException, context: grpc.aio.ServicerContext
 def _unary(tracer: Tracer, behaviour: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
            ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
     async def traced(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        call = tracer.enter_call(context.invocation_metadata(), UNARY, stream=False)
+        trace = tracer.enter_unary(context.invocation_metadata(), UNARY)
+        if trace is None:
+            return await behaviour(request, context)
         try:
             reply = await behaviour(request, context)
         except BaseException as exc:
-            if call.trace is not None:
-                call.trace.finish(*_status(exc, context))
+            trace.finish(*_status(exc, context))
             raise
-        if call.trace is not None:
-            call.trace.finish(grpc.StatusCode.OK)
+        trace.finish(grpc.StatusCode.OK)
         return reply
 
     return traced
@@ -67,7 +68,7 @@ def _stream(tracer: Tracer,
             behaviour: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
             ) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
     async def traced(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        call = tracer.enter_call(context.invocation_metadata(), STREAM, stream=True)
+        call = tracer.enter_stream(context.invocation_metadata(), STREAM)
         try:
             async for reply in behaviour(requests, context):
                 yield reply

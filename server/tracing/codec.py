@@ -1,4 +1,5 @@
-"""The wire codec with tracing: decoding samples the request, encoding is timed.
+"""The wire codec with tracing: decoding samples a streamed request (a unary call's was
+sampled when the call began) and marks the request traced or not; encoding is timed.
 
 ``app.py`` gives the inference servicer this in place of its codec only when tracing is on,
 so the servicer itself knows nothing of tracing. A streamed request's trace ends here, when

@@ -4,10 +4,11 @@ Everything here runs on the event loop thread and records only integers and refe
 sampled request costs a small object and a few clock reads; the spans are built from it by
 the exporter's thread (server/tracing/spans.py). Where each piece comes from:
 
-- the frontend's wrapper (server/frontend/tracing.py) opens a ``CallTrace`` per gRPC call,
-  with the caller's context from its metadata, and ends a unary call's request;
-- the wrapped codec (server/tracing/codec.py) samples each request as it decodes it (a stream
-  decides per request), times its encoding and ends a streamed request's trace;
+- the frontend's wrapper (server/frontend/tracing.py) reads the caller's context from a
+  call's metadata, samples a unary call's request and ends its trace; a stream gets a
+  ``CallTrace``;
+- the wrapped codec (server/tracing/codec.py) samples each streamed request as it decodes
+  it, times every traced request's encoding and ends a streamed request's trace;
 - the batcher (``Tracer.batch_done``, once per batch) gives its enqueue time, the batch's
   start and end, its size and its backend calls.
 
@@ -140,10 +141,29 @@ class Tracer:
         self.settings = settings
         self._sink = sink
 
-    def enter_call(self, metadata: Iterable[tuple[str, str | bytes]] | None, method: str,
-                   stream: bool) -> CallTrace:
-        """A call begins in this task: its caller's context is read once."""
-        call = CallTrace(method, remote_parent(metadata), stream)
+    def _sampled(self, parent: RemoteParent | None) -> bool:
+        if parent is not None and parent.sampled:
+            return self.settings.timestamps
+        return self.settings.by_rate()
+
+    def enter_unary(self, metadata: Iterable[tuple[str, str | bytes]] | None,
+                    method: str) -> RequestTrace | None:
+        """A unary call begins in this task: its one request is sampled now (so a refusal
+        before decoding is traced too); None when it is not."""
+        parent = remote_parent(metadata)
+        if not self._sampled(parent):
+            _CALL.set(None)
+            return None
+        call = CallTrace(method, parent, stream=False)
+        call.trace = RequestTrace(call, self._sink, call.start_ns)
+        _CALL.set(call)
+        return call.trace
+
+    def enter_stream(self, metadata: Iterable[tuple[str, str | bytes]] | None,
+                     method: str) -> CallTrace:
+        """A stream begins in this task: its caller's context is read once; its requests
+        are sampled one by one as they are decoded."""
+        call = CallTrace(method, remote_parent(metadata), stream=True)
         _CALL.set(call)
         return call
 
@@ -152,17 +172,12 @@ class Tracer:
         call = _CALL.get()
         trace = None
         if call is not None:
-            parent = call.parent
-            if parent is not None and parent.sampled:
-                traced = self.settings.timestamps
-            else:
-                traced = self.settings.by_rate()
-            if traced:
-                trace = RequestTrace(call, self._sink, call.start_ns or _now())
-                if call.live is None:
-                    call.trace = trace
-                else:
-                    call.live.add(trace)
+            live = call.live
+            if live is None:
+                trace = call.trace  # a unary call's, sampled when it began
+            elif self._sampled(call.parent):
+                trace = RequestTrace(call, self._sink, _now())
+                live.add(trace)
         _REQUEST.set(trace)
         return trace
 

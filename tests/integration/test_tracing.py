@@ -329,7 +329,8 @@ def test_without_tracing_no_tracing_code_runs(tmp_path: Path,
     def sentinel(*args: object, **kwargs: object) -> Any:
         raise AssertionError("tracing code ran on a server without tracing")
 
-    for owner, name in ((trace.Tracer, "enter_call"), (trace.Tracer, "begin_request"),
+    for owner, name in ((trace.Tracer, "enter_unary"), (trace.Tracer, "enter_stream"),
+                        (trace.Tracer, "begin_request"),
                         (trace.Tracer, "batch_done"), (trace, "current_request"),
                         (codec.TracedCodec, "decode_request_bytes"),
                         (codec.TracedCodec, "encode_response_bytes"),
