@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
@@ -251,6 +252,15 @@ def test_a_failed_request_has_an_error_status(server: ServerThread, receiver: Ot
     assert [s.name for s in spans] == ["InferRequest"]
     assert attributes(spans[0])["rpc.grpc.status_code"] == 5  # NOT_FOUND
     assert spans[0].status.code == Status.STATUS_CODE_ERROR
+    # Bytes that do not decode: sampled when the call began, so traced all the same.
+    header, trace_id, _ = traceparent()
+    with grpc.insecure_channel(server.url) as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        with pytest.raises(grpc.RpcError):
+            call(b"\xff\xff\xff", metadata=(("traceparent", header),), timeout=10)
+    request = one(wait_for_trace(receiver, trace_id), "InferRequest")
+    assert attributes(request)["rpc.grpc.status_code"] == 3  # INVALID_ARGUMENT
+    assert "malformed" in request.status.message
 
 
 def test_streamed_requests_are_traced_one_by_one(server: ServerThread, receiver: OtlpReceiver,
