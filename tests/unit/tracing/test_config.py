@@ -146,3 +146,12 @@ def test_stream_status_reads_the_servicers_form() -> None:
                                                          "no model 'x'")
     assert stream_status("[BOGUS] x") == (grpc.StatusCode.UNKNOWN, "[BOGUS] x")
     assert stream_status("plain") == (grpc.StatusCode.UNKNOWN, "plain")
+
+
+def test_without_the_extra_the_flag_says_what_to_install(monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match=r"pip install 'peregrine\[tracing\]'"):
+        ServerSettings(trace_config=OTEL)
