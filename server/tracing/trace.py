@@ -188,8 +188,8 @@ class Tracer:
         record: BatchRecord | None = None
         for entry in entries:
             trace = getattr(entry.request, "trace", None)
-            if trace is None:
-                continue
+            if trace is None or trace.end_ns:
+                continue  # not traced, or ended already (its caller went away): exported as is
             if record is None:
                 record = BatchRecord(start_ns, end_ns, sum(e.rows for e in entries),
                                      len(entries), tuple(executions))
