@@ -38,10 +38,12 @@ from server.frontend.admin import AdminServicer
 from server.frontend.guard import FilteredReflection, Guard
 from server.frontend.handlers import add_service, method_handlers
 from server.frontend.inference import InferenceServicer, ServerState, inference_handlers
+from server.frontend.tracing import traced_handlers
 from server.grpc_options import server_options
 from server.interfaces import (
     Backend,
     BackendFactory,
+    BatchTracer,
     DriftSink,
     ModelMetrics,
     ModelSource,
@@ -59,6 +61,7 @@ from server.metrics.frontends import FrontendMetrics
 from server.metrics.loop_lag import LoopLag
 from server.metrics.routing import RoutingMetrics
 from server.metrics.security import SecurityMetrics
+from server.metrics.tracing import TracingMetrics
 from server.multiproc.engine import HandlerTable
 from server.multiproc.supervisor import Frontends
 from server.packing import select_packer
@@ -86,10 +89,14 @@ from server.services import (
 from server.settings import ServerSettings
 from server.shm import RegistrationGate, SharedMemoryRegistry
 from server.spec import ModelSpec
-from server.trace_settings import TracingOff
+from server.tracing.codec import TracedCodec
+from server.tracing.config import TraceConfig
+from server.tracing.settings import TraceSettings
+from server.tracing.trace import Tracer
 
 if TYPE_CHECKING:
     from server.drift.analyser import DriftAnalyser
+    from server.tracing.exporter import SpanExporter
 
 log = logging.getLogger(__name__)
 
@@ -116,15 +123,16 @@ def check_model_parameters(spec: ModelSpec, factory: BackendFactory) -> None:
 
 
 def batcher_factory(packer: Packer, execution_timeout_s: float,
-                    max_queue_wait_s: float = 0.0) -> SchedulerFactory:
+                    max_queue_wait_s: float = 0.0,
+                    tracer: BatchTracer | None = None) -> SchedulerFactory:
     """Every loaded version gets a dynamic batcher over the chosen packing, with the server's
-    default execution timeout and queue-wait bound."""
+    default execution timeout and queue-wait bound (and the tracer, when tracing is on)."""
 
     def make(spec: ModelSpec, version: str, instances: Sequence[Backend],
              metrics: ModelMetrics) -> Scheduler:
         return batcher.DynamicBatcher(spec, version, instances, packer, metrics,
                                       execution_timeout_s=execution_timeout_s,
-                                      max_queue_wait_s=max_queue_wait_s)
+                                      max_queue_wait_s=max_queue_wait_s, tracer=tracer)
 
     return make
 
@@ -183,6 +191,21 @@ def build_cache(settings: ServerSettings, metrics: MetricsRegistry) -> ServerCac
     return cache
 
 
+def build_tracing(config: TraceConfig | None, settings: TraceSettings,
+                  metrics: MetricsRegistry) -> tuple[Tracer | None, SpanExporter | None]:
+    """The tracer and its exporter --trace-config asks for, and the exporter's counters;
+    (None, None) without the flag: then no handler, codec or batcher is wrapped and nothing
+    is done per request."""
+    if config is None:
+        return None, None
+    from server.tracing.exporter import SpanExporter  # the tracing extra: imported only now
+
+    exporter = SpanExporter(config)
+    TracingMetrics(metrics.registry, lambda: (exporter.exported_spans, exporter.dropped_spans,
+                                              exporter.failed_spans))
+    return Tracer(settings, exporter.offer), exporter
+
+
 def _loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -201,11 +224,17 @@ class PeregrineServer:
         self.loop_lag = LoopLag(self.metrics.registry)
         #: Compiled packing unless PEREGRINE_NATIVE=0 (read now, at start: not at import).
         self.packer = select_packer()
+        #: What TraceSetting reads and changes; the tracer and its exporter only with
+        #: --trace-config.
+        self.trace_settings = TraceSettings(settings.tracing)
+        self.tracer, self.trace_exporter = build_tracing(settings.tracing, self.trace_settings,
+                                                         self.metrics)
         #: The native wire codec unless PEREGRINE_NATIVE=0 (likewise read at start), checking
-        #: the request caps before decoding.
-        self.codec = select_wire_codec(caps=RequestCaps(
+        #: the request caps before decoding; with tracing, wrapped to sample and time requests.
+        codec = select_wire_codec(caps=RequestCaps(
             settings.tensor_elements_cap, settings.request_bytes_cap,
             settings.bytes_elements_cap))
+        self.codec = codec if self.tracer is None else TracedCodec(codec, self.tracer)
         self.admission = build_admission(settings, self.metrics)
         #: The response cache (--cache-config); None without the flag.
         self.cache = build_cache(settings, self.metrics)
@@ -213,7 +242,7 @@ class PeregrineServer:
             model_source(settings),
             backend_factories(),
             batcher_factory(self.packer, settings.execution_timeout_secs,
-                            settings.max_queue_wait_ms / 1000),
+                            settings.max_queue_wait_ms / 1000, self.tracer),
             self.metrics,
             load_threads=settings.model_load_thread_count,
             state_file=settings.resolved_state_file,
@@ -268,7 +297,7 @@ class PeregrineServer:
         self.mirror.connect(dataplane.submit)
         self.control = control = ControlPlane(
             self.repository, self.router, self.mode,
-            self.drift.reports if self.drift is not None else None)
+            self.drift.reports if self.drift is not None else None, self.trace_settings)
         # The services are registered on one table: a single process's gRPC server serves
         # them, and so do the engine's links to its frontend processes (server/multiproc) and
         # the REST gateway, which calls the same handlers (server/rest).
@@ -283,7 +312,6 @@ class PeregrineServer:
             shm_gate=RegistrationGate(settings.allow_client_shm,
                                       settings.shm_remote_registration),
             admission=self.admission,
-            trace=TracingOff(),
             logging_settings=self.log_settings,
         )
         inference = inference_handlers(servicer)
@@ -291,6 +319,10 @@ class PeregrineServer:
         if guard is not None:
             inference = guard.wrap(INFERENCE_SERVICE, inference)
             admin = guard.wrap(ADMIN_SERVICE, admin)
+        if self.tracer is not None:
+            # Outermost: a unary request's span covers the guard's checks, and a call the
+            # guard refuses is traced with its status.
+            inference = traced_handlers(inference, self.tracer)
         add_service(server, INFERENCE_DESCRIPTOR, inference)
         add_service(server, ADMIN_DESCRIPTOR, admin)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -328,6 +360,7 @@ class PeregrineServer:
             )
             self._metrics_http = httpd
             self.metrics_port = int(httpd.server_address[1])
+        self._start_tracing()
         self.state.accepting = True
         self.loop_lag.start(asyncio.get_running_loop())
         if guard is not None and settings.auth_file is not None:
@@ -355,6 +388,19 @@ class PeregrineServer:
             "repository": redact_uri(settings.model_source) or str(settings.model_repository),
             "ready_versions": len(ready),
         })
+
+    def _start_tracing(self) -> None:
+        config = self.settings.tracing
+        if self.trace_exporter is None or config is None:
+            return
+        self.trace_exporter.start()
+        log.info("tracing", extra={
+            "endpoint": str(config.endpoint), "level": "TIMESTAMPS" if config.timestamps
+            else "OFF", "rate": config.rate, "count": config.count})
+        if not config.timestamps:
+            log.warning("tracing is configured with level OFF (Triton's default): no request "
+                        "is traced until --trace-config level=TIMESTAMPS, or TraceSetting "
+                        "sets trace_level TIMESTAMPS")
 
     @property
     def frontends(self) -> Frontends | None:
@@ -423,6 +469,8 @@ class PeregrineServer:
             self._grpc.stop(left()) if self._grpc is not None else asyncio.sleep(0),
             self._http.stop(left()) if self._http is not None else asyncio.sleep(0),
             asyncio.to_thread(self._stop_metrics_http))
+        if self.trace_exporter is not None:
+            await asyncio.to_thread(self.trace_exporter.close, left())
         if self.drift is not None:
             await loop.run_in_executor(None, self.drift.stop)
         self.shared_memory.close()

@@ -12,7 +12,7 @@ could be a path answers INVALID_ARGUMENT before anything looks it up or touches 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -34,6 +34,7 @@ from server.repository.override import parse_override
 from server.routing.router import Router, RouteStatus
 from server.routing.table import RouteTable
 from server.security.names import check_model_name
+from server.tracing.settings import TraceSettings
 from server.types import DataType
 
 if TYPE_CHECKING:
@@ -76,11 +77,14 @@ class ControlPlane:
         router: Router,
         mode: ControlMode,
         drift_reports: Callable[[], list[WindowReport]] | None = None,
+        tracing: TraceSettings | None = None,
     ) -> None:
         self._manager = manager
         self._router = router
         self._mode = mode
         self._drift_reports = drift_reports
+        #: What TraceSetting reads and changes (without --trace-config: level OFF, fixed).
+        self._tracing = tracing if tracing is not None else TraceSettings(None)
 
     # -- readiness and the index -----------------------------------------------------------------
 
@@ -236,6 +240,17 @@ class ControlPlane:
         ]
         reports.sort(key=lambda r: (r.model, int(r.version), r.window))
         return reports
+
+    # -- tracing ---------------------------------------------------------------------------------
+
+    def trace_settings(self, model: str, changes: Mapping[str, Sequence[str]]
+                       ) -> dict[str, list[str]]:
+        """Triton's TraceSetting: apply ``changes`` (none: only read) and answer the settings
+        in effect. There are global settings only: a model reads them too."""
+        if model:
+            check_model_name(model)
+        self._tracing.update(model, changes)
+        return self._tracing.report()
 
 
 def _card(model: ModelView, version: str) -> dict[str, str]:

@@ -158,6 +158,28 @@ class ModelMetrics(Protocol):
         ...
 
 
+class QueuedRequest(Protocol):
+    """What a batch tracer reads of a request the batch answered (the batcher's entry)."""
+
+    @property
+    def request(self) -> InferRequest: ...
+
+    @property
+    def enqueue_ns(self) -> int: ...
+
+    @property
+    def rows(self) -> int: ...
+
+
+class BatchTracer(Protocol):
+    """Tells tracing of every batch (server/tracing's Tracer). Given to the batchers only
+    when tracing is configured; called once per batch on the event loop thread, after the
+    batch's requests were answered; never blocks."""
+
+    def batch_done(self, entries: Sequence[QueuedRequest], start_ns: int, end_ns: int,
+                   executions: Sequence[Execution]) -> None: ...
+
+
 #: Makes the scheduler of one loaded model version (injected by the composition root, so the
 #: repository never builds batchers itself). Called on the event loop thread.
 SchedulerFactory = Callable[[ModelSpec, str, Sequence["Backend"], ModelMetrics], Scheduler]
@@ -333,17 +355,3 @@ class DriftSink(Protocol):
     """
 
     def offer(self, sample: DriftSample) -> bool: ...
-
-
-class TraceSettings(Protocol):
-    """What Triton's TraceSetting RPC reads and changes: setting name -> its values (strings,
-    as the protocol carries them), server-wide (``model`` empty) or for one model. The
-    tracing component implements it; ``server/trace_settings.TracingOff`` stands in while
-    tracing is not built. On the event loop."""
-
-    def settings(self, model: str) -> dict[str, list[str]]: ...
-
-    def update(self, model: str, changes: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
-        """Apply ``changes`` (an empty list: back to the server's setting) and answer the
-        settings now; raises a typed error naming what it refuses."""
-        ...

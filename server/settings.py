@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from server.tracing.config import TraceConfig, check_extra, parse_trace_config
+
 ENV_PREFIX = "PEREGRINE_"
 MIB = 1024 * 1024
 #: Bytes of message a BYTES element takes at the least (a 4-byte length prefix and a little
@@ -149,6 +151,8 @@ class ServerSettings:
     model_cache_dir: Path = dataclasses.field(default_factory=default_model_cache)
     #: Triton's ``local,size=<bytes>``; empty: no response cache.
     cache_config: str = ""
+    #: Triton's ``--trace-config`` entries (server/tracing/config.py); empty: no tracing.
+    trace_config: tuple[str, ...] = ()
     # -- security (docs/security.md) --
     grpc_use_ssl: bool = False
     grpc_server_cert: Path | None = None
@@ -216,6 +220,12 @@ class ServerSettings:
                 parse_cache_config(self.cache_config)
             except ValueError as exc:
                 raise ValueError(f"cache_config: {exc}") from None
+        if self.trace_config:
+            try:
+                parse_trace_config(self.trace_config)
+                check_extra()
+            except ValueError as exc:
+                raise ValueError(f"trace_config: {exc}") from None
         self._check_security()
         self._check_bounds()
 
@@ -242,6 +252,11 @@ class ServerSettings:
     def response_cache_bytes(self) -> int:
         """The response cache's size from --cache-config; 0 without one."""
         return parse_cache_config(self.cache_config) if self.cache_config else 0
+
+    @property
+    def tracing(self) -> TraceConfig | None:
+        """The parsed --trace-config; None without the flag (no tracing)."""
+        return parse_trace_config(self.trace_config) if self.trace_config else None
 
     @property
     def tensor_elements_cap(self) -> int:
@@ -385,6 +400,14 @@ OPTIONS: tuple[Option, ...] = (
            "The response cache, as Triton's: local,size=<bytes> (entries bounded in bytes, "
            "least recently used evicted first). Only models whose config.pbtxt has "
            "response_cache { enable: true } use it. Default: none (no cache)."),
+    Option("trace_config", parse_specs,
+           "OpenTelemetry tracing, as Triton's: mode=opentelemetry, level=TIMESTAMPS, "
+           "rate=N (1 in N requests; 0: only those the caller sampled), count=N (-1: no end), "
+           "opentelemetry,url=HOST:PORT (OTLP/gRPC) or http://HOST:PORT/v1/traces "
+           "(OTLP/HTTP), opentelemetry,resource=KEY=VALUE, opentelemetry,bsp_max_queue_size=N, "
+           "opentelemetry,bsp_schedule_delay=MS, opentelemetry,bsp_max_export_batch_size=N. "
+           "May be repeated. Needs the tracing extra (pip install 'peregrine[tracing]'). "
+           "Default: none (no tracing).", repeatable=True),
     Option("grpc_use_ssl", parse_bool,
            "Serve gRPC over TLS; needs --grpc-server-cert and --grpc-server-key. "
            "Default: false."),

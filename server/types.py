@@ -82,6 +82,10 @@ class InferRequest:
     #: Requested outputs to answer as their top classes (Triton's classification
     #: extension): output name -> how many classes; None when none is asked.
     classification: dict[str, int] | None = None
+    #: With tracing on, set on every decoded request (server/tracing: a sampled request's
+    #: record, else None) and read only by tracing; without, never set (not even a default,
+    #: so a server that does not trace writes nothing for it per request).
+    trace: Any = field(init=False, repr=False, compare=False)
 
 
 class OutputTensor:
@@ -171,7 +175,8 @@ class RouteDecision:
 class Execution(NamedTuple):
     """One backend call of a batch: its rows and requests, the nanoseconds spent packing the
     inputs, running the model and unpacking the outputs (wall clock, as Triton's statistics
-    count them), and the CPU time the calling thread spent on all three."""
+    count them), the CPU time the calling thread spent on all three, and when packing began
+    (perf_counter_ns; tracing places the call's span with it)."""
 
     rows: int
     requests: int
@@ -179,3 +184,4 @@ class Execution(NamedTuple):
     infer_ns: int
     output_ns: int
     cpu_ns: int = 0
+    start_ns: int = 0

@@ -170,6 +170,16 @@ def test_the_frontend_reaches_models_only_through_the_planes() -> None:
     assert not found, "\n".join(found)
 
 
+def test_tracing_knows_nothing_of_the_planes_or_what_they_reach() -> None:
+    """Tracing is handed its hooks by the composition root: the frontend wraps handlers with
+    it, the batchers call it through an interface."""
+    found = violations("server.tracing", ("server.frontend", "server.dataplane",
+                                          "server.control", "server.repository",
+                                          "server.scheduler", "server.backends",
+                                          "server.routing", "server.drift"))
+    assert not found, "\n".join(found)
+
+
 def test_routing_speaks_no_wire_format() -> None:
     found = violations("server.routing", ("server._pb", "server.frontend", "server.codec"))
     assert not found, "\n".join(found)

@@ -26,11 +26,9 @@ from server.frontend.server_settings import ServerSettingsRpcs
 from server.frontend.shared_memory import SystemSharedMemoryRpcs
 from server.frontend.statistics import statistics_response
 from server.frontend.status import abort_with, mapped, status_of
-from server.interfaces import TraceSettings
 from server.logs import LogSettings
 from server.security.identity import caller
 from server.shm import RegistrationGate, SharedMemoryRegistry
-from server.trace_settings import TracingOff
 from server.types import InferRequest, InferResponse
 
 log = logging.getLogger(__name__)
@@ -47,6 +45,7 @@ EXTENSIONS = (
     "statistics",
     "parameters",
     "system_shared_memory",
+    "trace",
 )
 
 
@@ -86,12 +85,10 @@ class InferenceServicer(
         shm_gate: RegistrationGate | None = None,
         *,
         admission: Admission,
-        trace: TraceSettings | None = None,
         logging_settings: LogSettings | None = None,
     ) -> None:
-        #: TraceSetting and LogSettings (ServerSettingsRpcs): tracing off unless the app
-        #: gives the tracer's settings; logging as --log-level / --log-format start it.
-        self._trace = TracingOff() if trace is None else trace
+        #: LogSettings (ServerSettingsRpcs): logging as --log-level / --log-format start it;
+        #: TraceSetting asks the control plane.
         self._logging = LogSettings("info", "text") if logging_settings is None \
             else logging_settings
         #: System shared-memory regions (SystemSharedMemoryRpcs); CUDA ones cannot be

@@ -1,9 +1,9 @@
 """Triton's TraceSetting and LogSettings RPCs of GRPCInferenceService.
 
 A mixin of the inference servicer that translates only: the trace settings belong to the
-``TraceSettings`` it is given (the tracing component, or ``TracingOff``), the log settings to
-``logs.LogSettings``. Both answer every setting with its current value, after applying the
-request's changes (an empty request only reads them).
+control plane (``ControlPlane.trace_settings``, over server/tracing's settings), the log
+settings to ``logs.LogSettings``. Both answer every setting with its current value, after
+applying the request's changes (an empty request only reads them).
 """
 
 from __future__ import annotations
@@ -11,27 +11,23 @@ from __future__ import annotations
 import grpc
 
 from server._pb import grpc_service_pb2 as pb
+from server.control import ControlPlane
 from server.errors import InvalidInput
 from server.frontend.status import mapped
-from server.interfaces import TraceSettings
 from server.logs import LogSettings
-from server.security.names import check_model_name
 
 
 class ServerSettingsRpcs:
-    _trace: TraceSettings
+    _control: ControlPlane
     _logging: LogSettings
 
     @mapped
     async def TraceSetting(
         self, request: pb.TraceSettingRequest, context: grpc.aio.ServicerContext
     ) -> pb.TraceSettingResponse:
-        model = request.model_name
-        if model:
-            check_model_name(model)
-        changes = {key: list(value.value) for key, value in request.settings.items()}
-        now = (self._trace.update(model, changes) if changes
-               else self._trace.settings(model))
+        now = self._control.trace_settings(
+            request.model_name,
+            {key: list(value.value) for key, value in request.settings.items()})
         value = pb.TraceSettingResponse.SettingValue
         return pb.TraceSettingResponse(
             settings={key: value(value=values) for key, values in now.items()})

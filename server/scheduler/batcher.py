@@ -20,7 +20,7 @@ from server.errors import (
     ModelNotReady,
     PeregrineError,
 )
-from server.interfaces import Backend, DeviceBackend, ModelMetrics, Packer
+from server.interfaces import Backend, BatchTracer, DeviceBackend, ModelMetrics, Packer
 from server.parameters import Key, choice, integer, optional
 from server.scheduler import policy
 from server.scheduler.executor import BatchExecutor, BatchRun
@@ -70,12 +70,14 @@ class DynamicBatcher:
         metrics: ModelMetrics,
         execution_timeout_s: float = 30.0,
         max_queue_wait_s: float = 0.0,
+        tracer: BatchTracer | None = None,
     ) -> None:
         """``execution_timeout_s``: the server's default (0: none), which a model's
         ``execution_timeout_ms`` overrides. A cancelled batch then has as long again (at
         most MAX_CANCEL_GRACE_S) to stop before its instance is quarantined.
         ``max_queue_wait_s``: the server's default (0: none) of the longest predicted wait a
-        request is accepted with, which a model's ``max_queue_wait_ms`` overrides."""
+        request is accepted with, which a model's ``max_queue_wait_ms`` overrides.
+        ``tracer``: told of every batch when tracing is configured (None: nothing is)."""
         if not instances:
             raise ValueError("a batcher needs at least one backend instance")
         self._loop = asyncio.get_running_loop()
@@ -87,6 +89,7 @@ class DynamicBatcher:
         self._executor = BatchExecutor(spec, version, packer.for_model(
             spec, version, first.host_allocator if isinstance(first, DeviceBackend) else None))
         self._metrics = metrics
+        self._tracer = tracer
         batching = spec.batching
         self._queue = RequestQueue(batching, spec.default_max_queue_size)
         wait_ms = MAX_QUEUE_WAIT_MS.value(spec.parameters, spec.name)
@@ -472,6 +475,8 @@ class DynamicBatcher:
                     answered.append(entry.enqueue_ns)
         self._metrics.batch_done(start, now, [e.enqueue_ns for e in entries], answered,
                                  run.executions)
+        if self._tracer is not None:
+            self._tracer.batch_done(entries, start, now, run.executions)
         self._check_idle()
 
     def _fail_batcher(self, problem: str) -> None:

@@ -102,7 +102,7 @@ class BatchExecutor:
             per_request = self._packer.unpack(outputs, requests, rows)
         t3 = _now()
         run.executions.append(Execution(sum(rows), len(requests), t1 - t0, t2 - t1, t3 - t2,
-                                        _cpu() - cpu0))
+                                        _cpu() - cpu0, t0))
         for request, tensors in zip(requests, per_request, strict=True):
             try:
                 run.outcomes.append(self._response(request, tensors))
