@@ -8,6 +8,7 @@ tracing runs no tracing code at all.
 from __future__ import annotations
 
 import asyncio
+import json
 import queue
 import secrets
 import urllib.request
@@ -51,7 +52,7 @@ def server(tmp_path_factory: pytest.TempPathFactory,
     trace_config = ("mode=opentelemetry", "level=TIMESTAMPS", "rate=0",
                     f"opentelemetry,url={receiver.url}", "opentelemetry,resource=team=search",
                     "opentelemetry,bsp_max_export_batch_size=1")
-    with ServerThread(repo, trace_config=trace_config) as running:
+    with ServerThread(repo, trace_config=trace_config, allow_http=True) as running:
         yield running
 
 
@@ -166,6 +167,23 @@ def test_a_request_continues_its_callers_trace(server: ServerThread, receiver: O
     assert batch.end_time_unix_nano <= encode.start_time_unix_nano
     assert encode.end_time_unix_nano <= request.end_time_unix_nano
     assert {"service.name": "peregrine", "team": "search"} in receiver.resources
+
+
+def test_a_rest_request_continues_its_callers_trace_from_its_headers(
+        server: ServerThread, receiver: OtlpReceiver) -> None:
+    header, trace_id, caller_span = traceparent()
+    body = json.dumps({"id": "rest-1", "inputs": [
+        {"name": name, "shape": [1, 16], "datatype": "FP32", "data": [1.0] * 16}
+        for name in ("INPUT0", "INPUT1")]}).encode()
+    request = urllib.request.Request(
+        f"http://{server.http_url}/v2/models/add_sub/infer", data=body, method="POST",
+        headers={"Content-Type": "application/json", "traceparent": header})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert json.loads(response.read())["outputs"][0]["data"] == [2.0] * 16
+    spans = wait_for_trace(receiver, trace_id, spans=5)
+    request_span = one(spans, "InferRequest")
+    assert request_span.parent_span_id == caller_span
+    assert attributes(request_span)["request_id"] == "rest-1"
 
 
 def test_each_request_of_a_batch_gets_the_batch_in_its_own_trace(
