@@ -287,7 +287,7 @@ def test_tensorrt_platform_and_backend_are_accepted(tmp_path: Path) -> None:
      "platform 'tensorrt_plan' is run by backend 'tensorrt', not 'onnxruntime'"),
     ('name: "t" platform: "tensorflow_savedmodel"',
      "platform 'tensorflow_savedmodel' is not supported"),
-    ('name: "t" backend: "python"', "backend 'python' is not supported"),
+    ('name: "t" backend: "tensorflow"', "backend 'tensorflow' is not supported"),
     (TRT_CONFIG.format(extra="instance_group [ { kind: KIND_CPU } ]"),
      "TensorRT runs on GPUs"),
     (TRT_CONFIG.format(extra='parameters { key: "trt_precision" value { string_value: "fp64" } }'),
