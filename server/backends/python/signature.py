@@ -82,9 +82,6 @@ def read_signature(version_dir: Path) -> Signature:
                              "are served from; log it with one (signature="
                              "mlflow.models.infer_signature(X, model.predict(X)))")
     inputs, columns = _fields(signature.get("inputs"), "input")
-    if not signature.get("outputs"):
-        raise SignatureError("the MLflow model's signature has no outputs; log it with "
-                             "signature=mlflow.models.infer_signature(X, model.predict(X))")
     outputs, _ = _fields(signature.get("outputs"), "output")
     if columns and any(f.source is None for f in inputs):
         raise SignatureError("the MLflow model's signature has unnamed input columns; log it "
@@ -97,8 +94,11 @@ def _fields(text: Any, kind: str) -> tuple[tuple[Field, ...], bool]:
         entries = json.loads(text) if isinstance(text, str) else text
     except ValueError:
         raise SignatureError(f"the MLflow model's {kind} signature is not JSON") from None
-    if not isinstance(entries, list) or not entries:
-        raise SignatureError(f"the MLflow model's {kind} signature is empty")
+    if not entries:
+        raise SignatureError(f"the MLflow model's signature has no {kind}s; log it with "
+                             "signature=mlflow.models.infer_signature(X, model.predict(X))")
+    if not isinstance(entries, list):
+        raise SignatureError(f"the MLflow model's {kind} signature is not a list")
     kinds = {entry.get("type") == "tensor" for entry in entries if isinstance(entry, dict)}
     if len(kinds) != 1 or len(entries) != sum(isinstance(e, dict) for e in entries):
         raise SignatureError(f"the MLflow model's {kind} signature mixes tensors and columns")
