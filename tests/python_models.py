@@ -31,13 +31,14 @@ DATATYPES = {
 }
 
 
-def python_model(repo: Path, name: str, config_body: str, source: str) -> Path:
+def python_model(repo: Path, name: str, config_body: str, source: str,
+                 version: int = 1) -> Path:
     """``config_body``: the config after ``name`` and ``backend``."""
     model_dir = repo / name
-    (model_dir / "1").mkdir(parents=True, exist_ok=True)
+    (model_dir / str(version)).mkdir(parents=True, exist_ok=True)
     (model_dir / "config.pbtxt").write_text(
         f'name: "{name}"\nbackend: "python"\n' + textwrap.dedent(config_body))
-    (model_dir / "1" / "model.py").write_text(textwrap.dedent(source))
+    (model_dir / str(version) / "model.py").write_text(textwrap.dedent(source))
     return model_dir
 
 
@@ -94,7 +95,8 @@ class TritonPythonModel:
 
 
 def counting_model(repo: Path, name: str, execution_timeout_ms: int = 1500,
-                   max_queue_delay_us: int = 300_000, instances: int = 1) -> Path:
+                   max_queue_delay_us: int = 200_000, instances: int = 1,
+                   version: int = 1) -> Path:
     """Batches up to 8 requests (fixed queue delay, preferred batch 4)."""
     return python_model(repo, name, f"""\
         max_batch_size: 8
@@ -113,7 +115,7 @@ def counting_model(repo: Path, name: str, execution_timeout_ms: int = 1500,
         parameters {{
           key: "execution_timeout_ms" value {{ string_value: "{execution_timeout_ms}" }}
         }}
-        """, COUNTING_SOURCE)
+        """, COUNTING_SOURCE, version)
 
 
 DATATYPES_SOURCE = """\

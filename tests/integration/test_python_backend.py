@@ -11,9 +11,11 @@ initialize that raises.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -128,7 +130,7 @@ async def test_a_batch_of_concurrent_requests_reaches_execute_as_several_request
         np.testing.assert_array_equal(result.as_numpy("OUTPUT0"),
                                       counting_data(float(10 * i + 1), n) * 2)
     seen = [int(r.as_numpy("REQUESTS")[0, 0]) for r in results]
-    # The fixed 300 ms queue delay holds the batch for its 4 requests: one execute call.
+    # The fixed 200 ms queue delay holds the batch for its 4 requests: one execute call.
     assert max(seen) > 1, seen
 
 
@@ -270,7 +272,7 @@ def _answers_from_another(client: grpcclient.InferenceServerClient, victim: int)
 
 
 def test_stopping_the_server_finalizes_and_leaves_nothing(tmp_path: Path) -> None:
-    python_models.counting_model(tmp_path, "counting", instances=2)
+    python_models.counting_model(tmp_path, "counting", instances=2, max_queue_delay_us=0)
     shm_before = shm_entries()
     mapped = mapped_model_memory()
     with ServerThread(tmp_path) as running, \
@@ -282,3 +284,38 @@ def test_stopping_the_server_finalizes_and_leaves_nothing(tmp_path: Path) -> Non
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_a_new_version_swaps_in_under_load_without_a_failure(tmp_path: Path) -> None:
+    """Poll mode: version 2 appears; its process starts and initializes beside version 1's,
+    the swap happens, version 1 drains and its process is finalized."""
+    python_models.counting_model(tmp_path, "swapped", max_queue_delay_us=0)
+    answered: list[int] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def traffic(url: str) -> None:
+        with grpcclient.InferenceServerClient(url) as own:
+            while not stop.is_set():
+                try:
+                    result = own.infer("swapped", counting_inputs(2.0))
+                except InferenceServerException as exc:
+                    failures.append(exc.message())
+                    continue
+                assert result.as_numpy("OUTPUT0")[0, 0] == 4.0
+                answered.append(int(result.get_response().model_version))
+
+    with ServerThread(tmp_path, model_control_mode="poll", repository_poll_secs=0.2) as running:
+        sender = threading.Thread(target=traffic, args=(running.url,), daemon=True)
+        sender.start()
+        wait_until(lambda: len(answered) > 5, "answers from version 1")
+        python_models.counting_model(tmp_path, "swapped", max_queue_delay_us=0, version=2)
+        wait_until(lambda: answered[-1:] == [2], "answers from version 2")
+        count = len(answered)
+        wait_until(lambda: len(answered) > count + 5, "more answers")
+        stop.set()
+        sender.join(timeout=30)
+    assert failures == []
+    assert answered[0] == 1 and set(answered) == {1, 2}
+    switches = [b for a, b in itertools.pairwise(answered) if a != b]
+    assert switches == [2]
