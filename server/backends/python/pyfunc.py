@@ -32,7 +32,7 @@ class PyfuncModel:
         except ImportError as exc:
             raise pb_utils.TritonModelException(
                 f"the mlflow_pyfunc backend needs mlflow in the server's Python environment "
-                f"(pip install 'peregrine[mlflow]'): {exc}") from None
+                f"(pip install 'peregrine[pyfunc]'): {exc}") from None
         try:
             self._model = mlflow.pyfunc.load_model(str(version_dir))
         except ImportError as exc:

@@ -65,7 +65,7 @@ def read_signature(version_dir: Path) -> Signature:
         import yaml
     except ImportError:
         raise SignatureError("reading an MLmodel file needs PyYAML (installed with mlflow: "
-                             "pip install 'peregrine[mlflow]')") from None
+                             "pip install 'peregrine[pyfunc]')") from None
     try:
         mlmodel = yaml.safe_load((version_dir / MLMODEL_FILE).read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
