@@ -136,13 +136,15 @@ class TritonPythonModel:
 """
 
 
-def datatypes_model(repo: Path, name: str) -> Path:
-    """Not batching; every input optional, [-1] each."""
+def datatypes_model(repo: Path, name: str, shm_bytes: int = 1 << 20) -> Path:
+    """Not batching; every input optional, [-1] each; ``shm_bytes`` per shared-memory
+    region."""
     inputs = ",\n".join(
         f'  {{ name: "IN_{t}" data_type: TYPE_{"STRING" if t == "BYTES" else t} dims: [ -1 ] '
         "optional: true }" for t in DATATYPES)
     outputs = ",\n".join(
         f'  {{ name: "OUT_{t}" data_type: TYPE_{"STRING" if t == "BYTES" else t} dims: [ -1 ] }}'
         for t in DATATYPES)
+    region = f'parameters {{ key: "python_shm_bytes" value {{ string_value: "{shm_bytes}" }} }}\n'
     return python_model(repo, name, f"max_batch_size: 0\ninput [\n{inputs}\n]\n"
-                                    f"output [\n{outputs}\n]\n", DATATYPES_SOURCE)
+                                    f"output [\n{outputs}\n]\n{region}", DATATYPES_SOURCE)

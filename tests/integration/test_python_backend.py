@@ -52,7 +52,7 @@ def mapped_model_memory() -> int:
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("python_models")
     python_models.counting_model(repo, "counting")
-    python_models.datatypes_model(repo, "datatypes")
+    python_models.datatypes_model(repo, "datatypes", shm_bytes=8192)
     python_models.python_model(repo, "completed", "max_batch_size: 0\n", """\
         import triton_python_backend_utils as pb_utils
 
@@ -158,6 +158,25 @@ def test_every_datatype_round_trips(client: grpcclient.InferenceServerClient) ->
     [one] = [t for t in inputs if t.name() == "IN_INT8"]
     only = client.infer("datatypes", [one], outputs=[grpcclient.InferRequestedOutput("OUT_INT8")])
     assert [o.name for o in only.get_response().outputs] == ["OUT_INT8"]
+
+
+def test_a_request_larger_than_the_shared_memory_is_refused_naming_the_bound(
+    client: grpcclient.InferenceServerClient,
+) -> None:
+    def uint8(name: str, count: int) -> grpcclient.InferInput:
+        tensor = grpcclient.InferInput(name, [count], "UINT8")
+        tensor.set_data_from_numpy(np.full(count, 7, np.uint8))
+        return tensor
+
+    flags = grpcclient.InferInput("IN_BOOL", [6000], "BOOL")
+    flags.set_data_from_numpy(np.ones(6000, np.bool_))
+
+    alone = client.infer("datatypes", [uint8("IN_UINT8", 6000)])
+    assert alone.as_numpy("OUT_UINT8").sum() == 42000
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer("datatypes", [uint8("IN_UINT8", 6000), flags])
+    assert caught.value.status() == "StatusCode.RESOURCE_EXHAUSTED", caught.value.message()
+    assert "python_shm_bytes" in caught.value.message()
 
 
 def test_auto_complete_config_gives_the_tensors(client: grpcclient.InferenceServerClient) -> None:
