@@ -705,18 +705,28 @@ class TritonPythonModel:
         self.model = joblib.load(version_dir / "model.joblib")
 
     def execute(self, requests):
-        # The batch's requests in one predict call: their rows together, then cut back.
         inputs = [pb_utils.get_input_tensor_by_name(r, "input").as_numpy() for r in requests]
-        probabilities = self.model.predict_proba(np.concatenate(inputs)).astype(np.float32)
-        labels = self.model.classes_[probabilities.argmax(axis=1)].astype(np.int64)
-        responses, start = [], 0
-        for rows in inputs:
-            end = start + len(rows)
-            responses.append(pb_utils.InferenceResponse([
-                pb_utils.Tensor("label", labels[start:end].reshape(-1, 1)),
-                pb_utils.Tensor("probabilities", probabilities[start:end]),
-            ]))
-            start = end
+        responses = [None] * len(requests)
+        valid = []
+        for i, rows in enumerate(inputs):
+            if np.isfinite(rows).all():
+                valid.append(i)
+            else:  # that request alone fails, INVALID_ARGUMENT with this text
+                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                    "input holds NaN or infinity", pb_utils.TritonError.INVALID_ARG))
+        if valid:
+            # The batch's requests in one predict call: their rows together, then cut back.
+            batch = np.concatenate([inputs[i] for i in valid])
+            probabilities = self.model.predict_proba(batch).astype(np.float32)
+            labels = self.model.classes_[probabilities.argmax(axis=1)].astype(np.int64)
+            start = 0
+            for i in valid:
+                end = start + len(inputs[i])
+                responses[i] = pb_utils.InferenceResponse([
+                    pb_utils.Tensor("label", labels[start:end].reshape(-1, 1)),
+                    pb_utils.Tensor("probabilities", probabilities[start:end]),
+                ])
+                start = end
         return responses
 '''
 

@@ -426,6 +426,12 @@ def test_digits_gbm_answers_as_its_scikit_learn_model(
     assert np.array_equal(result.as_numpy("label")[:, 0], model.predict(x))
     np.testing.assert_allclose(result.as_numpy("probabilities"), model.predict_proba(x),
                                atol=1e-6)
+    x[2, 5] = np.nan
+    inp.set_data_from_numpy(x)
+    with pytest.raises(InferenceServerException) as caught:
+        examples_client.infer("digits_gbm", [inp])
+    assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert caught.value.message() == "input holds NaN or infinity"
 
 
 def test_text_normalizer_feeds_text_encoder(
