@@ -14,6 +14,7 @@ import asyncio
 import itertools
 import logging
 import os
+import re
 import signal
 import threading
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException
 
 from tests import python_models
+from tests.integration.test_cli import Served, environment, free_port
 from tests.integration.test_lifecycle import index, wait_until
 from tests.server_harness import ServerThread
 
@@ -33,10 +35,15 @@ WIDTH = python_models.WIDTH
 PROCESS_LOG = "server.backends.python.process"
 
 
+#: /dev/shm files other tests of this project make as clients (named with their pid): test
+#: runs beside this one may add or leave them while it runs.
+CLIENT_REGION = re.compile(r"(peregrine-(test|codec|unit)|sigbus)-\d+")
+
+
 def shm_entries() -> set[str]:
-    """What of /dev/shm the server could have left: files named after it, and files this
-    process (the server's) maps. Other programs on the machine use /dev/shm too."""
-    named = {n for n in os.listdir("/dev/shm") if "peregrine" in n} \
+    """What the server could leave in /dev/shm: its files there (whatever their names, but
+    the client regions of other tests), and the ones this process (the server's) maps."""
+    named = {n for n in os.listdir("/dev/shm") if not CLIENT_REGION.match(n)} \
         if os.path.isdir("/dev/shm") else set()
     with open("/proc/self/maps", encoding="utf-8") as maps:
         return named | {line.split(None, 5)[-1].strip() for line in maps if "/dev/shm/" in line}
@@ -338,3 +345,32 @@ def test_a_new_version_swaps_in_under_load_without_a_failure(tmp_path: Path) -> 
     assert answered[0] == 1 and set(answered) == {1, 2}
     switches = [b for a, b in itertools.pairwise(answered) if a != b]
     assert switches == [2]
+
+
+def _gone(pid: int) -> bool:
+    """Exited (a zombie counts: whoever adopted it may not reap)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_a_killed_server_takes_its_model_processes_with_it(tmp_path: Path) -> None:
+    """`peregrine serve` killed -9 (no stop, no finalize): its model process goes within
+    about a second (it watches its parent) and no shared memory is left."""
+    python_models.counting_model(tmp_path, "counting", max_queue_delay_us=0)
+    before = shm_entries()
+    served = Served(["--model-repository", str(tmp_path), "--grpc-port", str(free_port()),
+                     "--metrics-port", "0", "--log-format", "json"], environment())
+    try:
+        loaded = served.wait_for_event("python instance loaded")
+        served.wait_for_event("server started")
+        model = int(loaded["pid"])
+        assert not _gone(model)
+        served.proc.kill()
+        served.proc.wait(timeout=10)
+        wait_until(lambda: _gone(model), "the model process to exit", timeout=10)
+    finally:
+        served.stop()
+    assert shm_entries() == before
