@@ -10,6 +10,7 @@ server.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,12 @@ class PyfuncModel:
         version_dir = Path(args["model_repository"]) / args["model_version"]
         self._batches = int(config.get("max_batch_size", 0)) > 0
         self._signature = read_signature(version_dir)
+        package = self._signature.loader_module.partition(".")[0]
+        if package and importlib.util.find_spec(package) is None:  # said before mlflow loads
+            raise pb_utils.TritonModelException(
+                f"the MLflow model needs a package that is not installed here: its loader "
+                f"module {self._signature.loader_module} (no module named '{package}'); "
+                "install what its requirements.txt lists")
         try:
             import mlflow.pyfunc
         except ImportError as exc:

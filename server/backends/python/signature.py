@@ -56,6 +56,8 @@ class Signature:
     outputs: tuple[Field, ...]
     #: The inputs are a DataFrame's columns (else numpy tensors).
     columns: bool
+    #: The module that loads the model (the pyfunc flavour's ``loader_module``), "" if none.
+    loader_module: str = ""
 
 
 def read_signature(version_dir: Path) -> Signature:
@@ -86,7 +88,9 @@ def read_signature(version_dir: Path) -> Signature:
     if columns and any(f.source is None for f in inputs):
         raise SignatureError("the MLflow model's signature has unnamed input columns; log it "
                              "with a DataFrame of named columns or with numpy arrays")
-    return Signature(inputs, outputs, columns)
+    loader = flavors["python_function"] or {}
+    return Signature(inputs, outputs, columns,
+                     str(loader.get("loader_module") or "") if isinstance(loader, dict) else "")
 
 
 def _fields(text: Any, kind: str) -> tuple[tuple[Field, ...], bool]:

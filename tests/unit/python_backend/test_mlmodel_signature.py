@@ -27,7 +27,7 @@ def test_a_tensor_signature(tmp_path: Path) -> None:
         [{"type": "tensor", "tensor-spec": {"dtype": "int64", "shape": [-1]}},
          {"type": "tensor", "name": "proba",
           "tensor-spec": {"dtype": "float64", "shape": [-1, 3]}}]))
-    assert not signature.columns
+    assert not signature.columns and signature.loader_module == "mlflow.sklearn"
     assert signature.inputs == (Field("input", DataType.FP32, (-1, 4), None),)
     assert signature.outputs == (Field("output_0", DataType.INT64, (-1,), None),
                                  Field("proba", DataType.FP64, (-1, 3), "proba"))
