@@ -54,7 +54,9 @@ def _launch(spec: ModelSpec, version_dir: str, index: int, kind: str,
             model_file: Path) -> Launch:
     """A process's start, and the ``args`` initialize gets, as Triton names them."""
     group, within = instance_group(spec, index)
-    directory = Path(version_dir)
+    # Absolute: the model process runs in the version directory (and model.py builds its
+    # paths from these, as in Triton), whatever --model-repository was given as.
+    directory = Path(version_dir).resolve()
     args = {
         "model_config": json.dumps(model_config(spec)),
         "model_instance_kind": "GPU" if group.kind == "GPU" else "CPU",
@@ -65,7 +67,8 @@ def _launch(spec: ModelSpec, version_dir: str, index: int, kind: str,
         "model_name": spec.name,
     }
     return Launch(model=spec.name, version=directory.name, instance=index, kind=kind,
-                  version_dir=directory, model_file=model_file, args=MappingProxyType(args),
+                  version_dir=directory, model_file=model_file.resolve(),
+                  args=MappingProxyType(args),
                   region_bytes=REGION_BYTES.value(spec.parameters, spec.name),
                   startup_timeout_s=STARTUP_TIMEOUT_S.value(spec.parameters, spec.name))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -112,11 +113,14 @@ def test_initialize_gets_triton_s_args(tmp_path: Path) -> None:
                    'instance_group [ { count: 1 kind: KIND_CPU }, { count: 2 kind: KIND_GPU '
                    'gpus: [ 1 ] } ]\ndynamic_batching { max_queue_delay_microseconds: 50 }\n'
                    'parameters { key: "k" value { string_value: "v" } }\n')
-    launch = _launch(spec, str(tmp_path / "m" / "1"), 2, "python", tmp_path / "m/1/model.py")
+    relative = os.path.relpath(tmp_path / "m" / "1")  # as --model-repository may give it
+    launch = _launch(spec, relative, 2, "python", Path(relative) / "model.py")
+    assert launch.model_file == tmp_path.resolve() / "m" / "1" / "model.py"
     args = dict(launch.args)
     config = json.loads(args.pop("model_config"))
     assert args == {"model_instance_kind": "GPU", "model_instance_device_id": "1",
-                    "model_instance_name": "m_1_1", "model_repository": str(tmp_path / "m"),
+                    "model_instance_name": "m_1_1",
+                    "model_repository": str(tmp_path.resolve() / "m"),
                     "model_version": "1", "model_name": "m"}
     assert config == model_config(spec)
     assert config["input"] == [{"name": "X", "data_type": "TYPE_FP32", "dims": [2],
