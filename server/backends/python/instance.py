@@ -142,6 +142,8 @@ class PythonInstance:
         finally:
             with self._lock:
                 self._running = False
+            if process.exited.is_set():
+                process.close()
         return [r if r is not None else BackendError(f"{self._where} gave no answer")
                 for r in results]
 
@@ -171,11 +173,13 @@ class PythonInstance:
         with self._lock:
             self._restarting = False
             self._lock.notify_all()
-            if self._closed:
-                process.stop(FINALIZE_TIMEOUT_S)
-                raise ModelNotReady(f"{self._where} was closed")
-            self._process = process
-            self._running = True
+            closed = self._closed
+            if not closed:
+                self._process = process
+                self._running = True
+        if closed:
+            process.stop(FINALIZE_TIMEOUT_S)
+            raise ModelNotReady(f"{self._where} was closed")
         return process
 
     def _chunks(self, process: ModelProcess, requests: Sequence[InferRequest],
@@ -284,12 +288,14 @@ class PythonInstance:
         with self._lock:
             if self._closed or process is not self._process:
                 return
-            self._restarting = True
+            self._restarting = True  # no batch takes the dead process from now on
+            in_use = self._running
         log.error("model process exited", extra={
             "model": self._spec.name, "version": self._launch.version,
             "instance": self._launch.instance, "pid": process.pid,
             "how": process.exit_description()})
-        process.close()
+        if not in_use:  # else the batch it ran releases its memory when it ends
+            process.close()
         try:
             replacement: ModelProcess | None = self._start()
         except ModelLoadError as exc:
