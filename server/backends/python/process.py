@@ -81,7 +81,7 @@ class ModelProcess:
         self._on_exit = on_exit
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL)
         size = 2 * launch.region_bytes
-        memfd = os.memfd_create(f"peregrine-{launch.model}-{launch.instance}"[:200])
+        memfd = os.memfd_create("peregrine-model")  # a name for /proc only (a model's may be long)
         try:
             os.ftruncate(memfd, size)
             self._memory = mmap.mmap(memfd, size)
