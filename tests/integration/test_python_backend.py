@@ -76,6 +76,23 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
                     "Y", pb_utils.get_input_tensor_by_name(r, "X").as_numpy() + 1)])
                     for r in requests]
         """)
+    python_models.python_model(repo, "chunked", """\
+        max_batch_size: 8
+        input [ { name: "X" data_type: TYPE_UINT8 dims: [ -1 ] } ]
+        output [ { name: "REQUESTS" data_type: TYPE_INT64 dims: [ 1 ] } ]
+        dynamic_batching { preferred_batch_size: [ 4 ] max_queue_delay_microseconds: 200000 }
+        parameters { key: "queue_delay" value { string_value: "fixed" } }
+        parameters { key: "python_shm_bytes" value { string_value: "8192" } }
+        """, """\
+        import numpy as np
+        import triton_python_backend_utils as pb_utils
+
+
+        class TritonPythonModel:
+            def execute(self, requests):
+                return [pb_utils.InferenceResponse([pb_utils.Tensor(
+                    "REQUESTS", np.full((1, 1), len(requests), np.int64))]) for _ in requests]
+        """)
     tensors = ('max_batch_size: 0\ninput [ { name: "X" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
                'output [ { name: "Y" data_type: TYPE_FP32 dims: [ 1 ] } ]\n')
     never_runs = "class TritonPythonModel:\n    def execute(self, requests):\n        return []\n"
@@ -184,6 +201,21 @@ def test_a_request_larger_than_the_shared_memory_is_refused_naming_the_bound(
         client.infer("datatypes", [uint8("IN_UINT8", 6000), flags])
     assert caught.value.status() == "StatusCode.RESOURCE_EXHAUSTED", caught.value.message()
     assert "python_shm_bytes" in caught.value.message()
+
+
+async def test_a_batch_larger_than_the_shared_memory_goes_in_several_calls(
+    server: ServerThread,
+) -> None:
+    """3000 bytes per request, an 8 KiB inputs region: at most two requests per call."""
+    def request() -> list[grpcclient.InferInput]:
+        tensor = grpcclient.InferInput("X", [1, 3000], "UINT8")
+        tensor.set_data_from_numpy(np.zeros((1, 3000), np.uint8))
+        return [tensor]
+
+    async with aioclient.InferenceServerClient(server.url) as aio:
+        results = await asyncio.gather(*(aio.infer("chunked", request()) for _ in range(4)))
+    seen = [int(r.as_numpy("REQUESTS")[0, 0]) for r in results]
+    assert max(seen) <= 2, seen
 
 
 def test_auto_complete_config_gives_the_tensors(client: grpcclient.InferenceServerClient) -> None:
