@@ -12,6 +12,8 @@ Triton-layout repository::
       cnn/{config.pbtxt, 1/model.onnx}
       image_classifier/{config.pbtxt, 1/model.onnx}
       text_encoder/{config.pbtxt, 1/model.onnx}
+      digits_gbm/{config.pbtxt, 1/model.py, 1/model.joblib}
+      text_normalizer/{config.pbtxt, 1/model.py}
       cnn_torch/{config.pbtxt, 1/model.pt2}       (only with --with-torch)
 
 Models:
@@ -35,10 +37,18 @@ Models:
 * ``text_encoder`` -- string model: input ``text`` BYTES [N, 1]; outputs
   ``token_id`` INT64 [N, 1] (vocabulary lookup, -1 when unknown) and ``text_out``
   BYTES [N, 1] (echo).
+* ``digits_gbm`` -- Python backend (``backend: "python"``): a scikit-learn
+  ``GradientBoostingClassifier`` trained on ``load_digits``, pickled with joblib
+  beside a Triton ``model.py`` that predicts a whole batch of requests at once.
+  The inputs and outputs of ``mlp_classifier``.
+* ``text_normalizer`` -- Python backend: pre-processing for ``text_encoder``.
+  Input ``raw_text`` BYTES [N, 1]; output ``text`` BYTES [N, 1], the text folded
+  to lower-case ASCII words (" Pérégrine! " -> "peregrine"), ``text_encoder``'s input.
 
 The build is deterministic (fixed seeds), takes a few seconds and is idempotent.
 Every model is built into a staging directory next to ``DIR``, loaded and run in
-onnxruntime, and only then moved into place, one whole model directory at a time,
+onnxruntime (a Python model's model.py here, with Peregrine's model API), and only
+then moved into place, one whole model directory at a time,
 so a half-written model never appears in ``DIR``. A model whose files are
 byte-identical to what is already in ``DIR`` is left untouched (no spurious
 reload by a server polling the repository). Other directories in ``DIR`` are
@@ -48,6 +58,7 @@ never touched.
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import shutil
 import sys
@@ -133,12 +144,22 @@ def write_model(
     Returns the version directory.
     """
     onnx.checker.check_model(onnx_model, full_check=True)
+    return write_version(repo, name, version, {"model.onnx": onnx_model.SerializeToString()},
+                         config_text)
+
+
+def write_version(
+    repo: Path, name: str, version: int, files: dict[str, bytes], config_text: str
+) -> Path:
+    """Write ``files`` into ``repo/name/version/`` (replacing the version directory in one
+    step, as write_model describes) and ``repo/name/config.pbtxt``."""
     model_dir = repo / name
     model_dir.mkdir(parents=True, exist_ok=True)
     final = model_dir / str(version)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-v{version}-", dir=model_dir))
     try:
-        (tmp / "model.onnx").write_bytes(onnx_model.SerializeToString())
+        for file_name, data in files.items():
+            (tmp / file_name).write_bytes(data)
         _remove_tree(final)
         tmp.rename(final)
     finally:
@@ -630,6 +651,214 @@ def build_text_encoder(out_dir: Path, version: int = 1) -> None:
 
 
 # --------------------------------------------------------------------------------------
+# Python models (backend "python": a model.py run in a model process of its own)
+# --------------------------------------------------------------------------------------
+
+GBM_CONFIG = """\
+name: "digits_gbm"
+backend: "python"
+max_batch_size: 64
+input [
+  {
+    name: "input"
+    data_type: TYPE_FP32
+    dims: [ 64 ]
+  }
+]
+output [
+  {
+    name: "label"
+    data_type: TYPE_INT64
+    dims: [ 1 ]
+  },
+  {
+    name: "probabilities"
+    data_type: TYPE_FP32
+    dims: [ 10 ]
+  }
+]
+dynamic_batching {
+  max_queue_delay_microseconds: 500
+}
+instance_group [
+  {
+    count: 1
+    kind: KIND_CPU
+  }
+]
+"""
+
+GBM_MODEL_PY = '''\
+"""digits_gbm: a scikit-learn gradient-boosting classifier (model.joblib beside this file)
+served by Peregrine's Python backend, as a Triton model.py."""
+
+from pathlib import Path
+
+import joblib
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        self.model = joblib.load(version_dir / "model.joblib")
+
+    def execute(self, requests):
+        inputs = [pb_utils.get_input_tensor_by_name(r, "input").as_numpy() for r in requests]
+        responses = [None] * len(requests)
+        valid = []
+        for i, rows in enumerate(inputs):
+            if np.isfinite(rows).all():
+                valid.append(i)
+            else:  # that request alone fails, INVALID_ARGUMENT with this text
+                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                    "input holds NaN or infinity", pb_utils.TritonError.INVALID_ARG))
+        if valid:
+            # The batch's requests in one predict call: their rows together, then cut back.
+            batch = np.concatenate([inputs[i] for i in valid])
+            probabilities = self.model.predict_proba(batch).astype(np.float32)
+            labels = self.model.classes_[probabilities.argmax(axis=1)].astype(np.int64)
+            start = 0
+            for i in valid:
+                end = start + len(inputs[i])
+                responses[i] = pb_utils.InferenceResponse([
+                    pb_utils.Tensor("label", labels[start:end].reshape(-1, 1)),
+                    pb_utils.Tensor("probabilities", probabilities[start:end]),
+                ])
+                start = end
+        return responses
+'''
+
+
+def build_digits_gbm(out_dir: Path, digits: Digits, version: int = 1) -> float:
+    """Train ``digits_gbm`` (GradientBoostingClassifier on load_digits, the inputs and outputs
+    of ``mlp_classifier``) and write it with its model.py; returns its test accuracy."""
+    import joblib
+    from sklearn.ensemble import GradientBoostingClassifier
+
+    model = GradientBoostingClassifier(n_estimators=25, max_depth=3, random_state=0)
+    model.fit(digits.x_train, digits.y_train)
+    accuracy = float(model.score(digits.x_test, digits.y_test))
+    buffer = io.BytesIO()
+    joblib.dump(model, buffer)
+    write_version(out_dir, "digits_gbm", version,
+                  {"model.py": GBM_MODEL_PY.encode(), "model.joblib": buffer.getvalue()},
+                  GBM_CONFIG)
+    [labels, probabilities] = run_python_model(
+        out_dir, "digits_gbm", {"input": digits.x_test}, ["label", "probabilities"])
+    if not np.array_equal(labels[:, 0], model.predict(digits.x_test)) or \
+            not np.allclose(probabilities, model.predict_proba(digits.x_test), atol=1e-6):
+        raise RuntimeError("digits_gbm: model.py disagrees with scikit-learn")
+    return accuracy
+
+
+NORMALIZER_CONFIG = """\
+name: "text_normalizer"
+backend: "python"
+max_batch_size: 16
+input [
+  {
+    name: "raw_text"
+    data_type: TYPE_STRING
+    dims: [ 1 ]
+  }
+]
+output [
+  {
+    name: "text"
+    data_type: TYPE_STRING
+    dims: [ 1 ]
+  }
+]
+dynamic_batching { }
+instance_group [
+  {
+    count: 1
+    kind: KIND_CPU
+  }
+]
+"""
+
+NORMALIZER_MODEL_PY = '''\
+"""text_normalizer: the pre-processing in front of text_encoder, in Python. Each raw text
+becomes text_encoder's input: Unicode compatibility forms folded, accents dropped, lower case,
+everything but letters and digits a single space (" Pér\u00e9grine! " -> "peregrine")."""
+
+import re
+import unicodedata
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+NOT_A_WORD = re.compile(r"[^0-9a-z]+")
+
+
+def normalise(raw):
+    text = unicodedata.normalize("NFKD", raw.decode("utf-8", errors="replace"))
+    text = "".join(c for c in text if not unicodedata.combining(c)).casefold()
+    return " ".join(w for w in NOT_A_WORD.split(text) if w).encode()
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            raw = pb_utils.get_input_tensor_by_name(request, "raw_text").as_numpy()
+            text = np.array([normalise(item) for item in raw.reshape(-1)], dtype=object)
+            responses.append(pb_utils.InferenceResponse(
+                [pb_utils.Tensor("text", text.reshape(raw.shape))]))
+        return responses
+'''
+
+
+def build_text_normalizer(out_dir: Path, version: int = 1) -> None:
+    """Write ``text_normalizer`` (model.py only) and check it feeds ``text_encoder``."""
+    write_version(out_dir, "text_normalizer", version,
+                  {"model.py": NORMALIZER_MODEL_PY.encode()}, NORMALIZER_CONFIG)
+    raw = np.array([[" P\u00e9r\u00c9grine! ".encode()], [b"GRPC"], [b"??"]], dtype=object)
+    [text] = run_python_model(out_dir, "text_normalizer", {"raw_text": raw}, ["text"])
+    if text[:, 0].tolist() != [b"peregrine", b"grpc", b""]:
+        raise RuntimeError(f"text_normalizer: {text[:, 0].tolist()}")
+    [ids, _] = _session(out_dir / "text_encoder" / "1" / "model.onnx").run(
+        None, {"text": np.array([[t.decode()] for t in text[:, 0]], dtype=object)})
+    shown = [[t.decode() for t in column] for column in (raw[:, 0], text[:, 0])]
+    print(f"  verified text_normalizer/{version} -> text_encoder: {shown[0]} -> {shown[1]} "
+          f"-> token_id {ids[:, 0].tolist()}")
+
+
+def run_python_model(repo: Path, name: str, inputs: dict[str, npt.NDArray[Any]],
+                     outputs: Sequence[str]) -> list[npt.NDArray[Any]]:
+    """Run ``repo/name/1/model.py`` here, in one request, with Peregrine's model API, as the
+    server would (the model's own check before it is published)."""
+    import importlib.util
+    import json
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's server
+    from server.backends.python import triton_python_backend_utils as pb_utils
+
+    sys.modules["triton_python_backend_utils"] = pb_utils
+    path = repo / name / "1" / "model.py"
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.TritonPythonModel()
+    if hasattr(model, "initialize"):
+        model.initialize({"model_config": json.dumps({"name": name}), "model_name": name,
+                          "model_repository": str(repo / name), "model_version": "1",
+                          "model_instance_kind": "CPU", "model_instance_device_id": "0",
+                          "model_instance_name": f"{name}_0_0"})
+    request = pb_utils.InferenceRequest(
+        requested_output_names=list(outputs),
+        inputs=[pb_utils.Tensor(n, v) for n, v in inputs.items()])
+    [response] = model.execute([request])
+    if response.has_error():
+        raise RuntimeError(f"{name}: {response.error()}")
+    return [pb_utils.get_output_tensor_by_name(response, n).as_numpy() for n in outputs]
+
+
+# --------------------------------------------------------------------------------------
 # Verification
 # --------------------------------------------------------------------------------------
 
@@ -663,6 +892,10 @@ EXPECTED: dict[str, tuple[Signature, Signature]] = {
         (("token_id", "tensor(int64)", (1,)), ("text_out", "tensor(string)", (1,))),
     ),
 }
+
+
+#: The Python-backend models (their own checks run when they are built).
+PYTHON_MODELS = ("digits_gbm", "text_normalizer")
 
 
 def _sample(name: str, shape: tuple[int, ...], batch: int) -> npt.NDArray[Any]:
@@ -728,7 +961,10 @@ def build_all(out: Path, with_torch: bool = False) -> None:
 
         for name in EXPECTED:
             verify_model(staging, name)
-        names = list(EXPECTED)
+        accuracy = build_digits_gbm(staging, digits)
+        print(f"digits_gbm v1 (python backend): test accuracy {accuracy:.4f}")
+        build_text_normalizer(staging)
+        names = [*EXPECTED, *PYTHON_MODELS]
         if with_torch:
             build_cnn_torch(staging, version=1, seed=0)
             names.append("cnn_torch")

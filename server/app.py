@@ -26,6 +26,7 @@ from server._pb import admin_pb2
 from server._pb._pool import POOL
 from server.admission import Admission, Bounds
 from server.backends.onnxruntime import OnnxRuntimeFactory
+from server.backends.python.factory import MlflowPyfuncFactory, PythonFactory
 from server.backends.pytorch import PyTorchFactory
 from server.backends.tensorrt import TensorRtFactory
 from server.cache import ServerCache
@@ -105,9 +106,11 @@ log = logging.getLogger(__name__)
 def backend_factories() -> dict[str, BackendFactory]:
     """Every backend by its config name. TensorRT and PyTorch register even where their
     libraries are missing: they import tensorrt and cuda-python, or torch, only when one of
-    their models loads, and fail that load clearly."""
+    their models loads, and fail that load clearly. Python and MLflow pyfunc models run in
+    model processes (mlflow imported there only)."""
     return {"onnxruntime": OnnxRuntimeFactory(), "tensorrt": TensorRtFactory(),
-            "pytorch": PyTorchFactory()}
+            "pytorch": PyTorchFactory(), "python": PythonFactory(),
+            "mlflow_pyfunc": MlflowPyfuncFactory()}
 
 
 #: The model parameters the components composed here own (beside the repository's own and

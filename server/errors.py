@@ -76,6 +76,26 @@ class BackendError(PeregrineError):
     reason = "BACKEND"
 
 
+class ModelError(PeregrineError):
+    """An error a model's own code reported (a Python model's TritonError, or what its execute
+    raised): its message is the model author's, answered as is, with the status the model
+    chose (INTERNAL unless it said otherwise)."""
+
+    reason = "BACKEND"
+
+    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.INTERNAL) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class InstanceUnavailable(PeregrineError):
+    """The model instance that ran the request cannot serve right now (its model process died
+    and is being replaced): UNAVAILABLE, so a client may retry."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "BACKEND"
+
+
 class Unsupported(PeregrineError):
     code = grpc.StatusCode.UNIMPLEMENTED
 

@@ -8,6 +8,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import NamedTuple, Protocol, runtime_checkable
 
+from server.errors import PeregrineError
 from server.parameters import Key
 from server.spec import ModelSpec
 from server.types import (
@@ -64,6 +65,21 @@ class CancellableBackend(Protocol):
     def cancel(self) -> None:
         """Ask the ``execute`` running now on another thread to stop soon; it then raises.
         Thread-safe; does nothing when no ``execute`` runs. The next one is unaffected."""
+        ...
+
+
+@runtime_checkable
+class RequestBackend(Protocol):
+    """A Backend that takes a batch as its requests, one per client request, not as packed
+    batch tensors (Triton's Python backend: ``execute`` gets a list of requests). Its batches
+    never run on the event loop (it waits on a model process)."""
+
+    def execute_requests(
+        self, requests: Sequence[InferRequest]
+    ) -> list[dict[str, OutputTensor] | PeregrineError]:
+        """Per request, in order: the outputs it produced (declared outputs only, each as the
+        config types it), or the error that request alone failed with. Raises for a failure of
+        the whole batch. Blocking."""
         ...
 
 

@@ -95,9 +95,17 @@ class Model:
             self.run_batch()
 
 
+def onnx_configs(repository: Path) -> dict[str, Any]:
+    """The configs of the ONNX models: the yardstick runs ONNX Runtime only (the example
+    repository's Python models are left out)."""
+    return {name: config for name, config in read_configs(repository).items()
+            if config.backend in ("", "onnxruntime")
+            and config.platform in ("", "onnxruntime_onnx")}
+
+
 def load_models(repository: Path) -> dict[str, Model]:
     models = {}
-    for name, config in read_configs(repository).items():
+    for name, config in onnx_configs(repository).items():
         versions = sorted(int(p.name) for p in (repository / name).iterdir() if p.name.isdigit())
         models[name] = Model(repository / name / str(versions[-1]) / "model.onnx",
                              config.max_batch_size)
@@ -183,7 +191,7 @@ async def serve(host: str, port: int, repository: Path) -> None:
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20),
                                       ("grpc.so_reuseport", 0)])
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-        PlainServicer(load_models(repository), read_configs(repository)), server)
+        PlainServicer(load_models(repository), onnx_configs(repository)), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
     print(f"plain batching server listening on {host}:{bound}", flush=True)

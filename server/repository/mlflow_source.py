@@ -2,12 +2,15 @@
 
 Registered model versions are referenced as ``name@alias`` (follows the alias) or
 ``name/version`` (pinned), optionally ``served=ref`` to serve under another name. ``fetch``
-resolves the references, downloads each version's ONNX file into a local cache in Triton's
-layout and returns the model's directory there::
+resolves the references, downloads each version's ONNX file (or, for a version without
+one, its MLflow model: the MLmodel file and the files around it, served by the
+``mlflow_pyfunc`` backend) into a local cache in Triton's layout and returns the model's
+directory there::
 
     <cache>/<served>/config.pbtxt                 only when an artifact brings one (or several
                                                   versions are served side by side)
     <cache>/<served>/<version>/model.onnx         the registry version number is the served one
+                            or MLmodel, model.pkl... an MLflow model's files as logged
     <cache>/<served>/<version>/model_card.json    MLflow metadata -> card.mlflow.* parameters
     <cache>/<served>/.stash/<version>/            versions no ref resolves to any more, kept
                                                   for reuse (an alias moved back is no download)
@@ -62,9 +65,10 @@ MODEL_FILE = "model.onnx"
 STASH_DIR = ".stash"
 #: Retired versions kept in the stash per model (the most recently retired ones).
 STASH_KEEP = 3
-#: How deep below a version's artifact root the search for the ONNX file goes.
+#: How deep below a version's artifact root the search for the model files goes.
 SEARCH_DEPTH = 4
-#: The most one version's files (the ONNX file, its external weights, a config) may weigh.
+#: The most one version's files (the ONNX file, its external weights, a config; an MLflow
+#: model's files) may weigh.
 MAX_DOWNLOAD_BYTES = 2 << 30
 #: MLflow client settings for a server: fail within seconds when the registry is unreachable
 #: (MLflow's defaults retry for about four minutes, which would stall start-up and every poll),
@@ -298,7 +302,8 @@ class MlflowSource:
 
     def _download(self, version: ModelVersion, into: Path) -> None:
         """The ONNX file (as model.onnx) with the files beside it (external weights), and the
-        version's config.pbtxt wherever it sits in the artifact tree."""
+        version's config.pbtxt wherever it sits in the artifact tree; without an ONNX file,
+        the MLflow model's directory tree."""
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
         what = f"registered model '{version.name}' version {version.version}"
@@ -313,16 +318,11 @@ class MlflowSource:
                            lambda: _artifact_files(repo))
         files = list(sizes)
         onnx = _pick_onnx(files, what, shown)
-        folder, _, _ = onnx.rpartition("/")
-        wanted = {onnx: MODEL_FILE}
-        for path in files:
-            parent, _, local = path.rpartition("/")
-            if parent == folder and local not in (MODEL_FILE, CARD_FILE) \
-                    and not local.lower().endswith(".onnx"):
-                wanted[path] = local
-        configs = [p for p in files if p.rpartition("/")[2] == config_io.CONFIG_FILE]
-        if configs and config_io.CONFIG_FILE not in wanted.values():
-            wanted[min(configs, key=lambda p: p.count("/"))] = config_io.CONFIG_FILE
+        wanted = _onnx_files(files, onnx) if onnx is not None else _mlflow_model_files(files)
+        if wanted is None:
+            raise ModelLoadError(f"{what} has no .onnx artifact and no MLflow model (an "
+                                 f"{config_io.MLMODEL_FILE} file) at {shown} (found: "
+                                 f"{', '.join(files[:10]) or 'nothing'})")
         for path in wanted:
             _check_artifact_path(path, what)
         _check_size(sum(sizes[path] or 0 for path in wanted), what, "listed")
@@ -334,6 +334,7 @@ class MlflowSource:
                                     partial(repo.download_artifacts, path, str(staging)))
             received += os.path.getsize(downloaded)
             _check_size(received, what, "downloaded")
+            (into / local).parent.mkdir(parents=True, exist_ok=True)
             os.replace(downloaded, into / local)
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -413,20 +414,46 @@ def _check_size(total: int, what: str, how: str) -> None:
                              f"{MAX_DOWNLOAD_BYTES >> 20} MiB ({total >> 20} MiB {how})")
 
 
-def _pick_onnx(files: Sequence[str], what: str, uri: str) -> str:
+def _pick_onnx(files: Sequence[str], what: str, uri: str) -> str | None:
     """The shallowest ``model.onnx``, else the only ``.onnx`` file (logged with mlflow.onnx or
-    as a plain artifact)."""
+    as a plain artifact); None when there is none."""
     candidates = [p for p in files if p.lower().endswith(".onnx")]
     named = [p for p in candidates if p.rpartition("/")[2] == MODEL_FILE]
     if named:
         return min(named, key=lambda p: p.count("/"))
-    if len(candidates) == 1:
-        return candidates[0]
-    if not candidates:
-        raise ModelLoadError(f"{what} has no .onnx artifact at {uri} (found: "
-                             f"{', '.join(files[:10]) or 'nothing'})")
+    if len(candidates) <= 1:
+        return candidates[0] if candidates else None
     raise ModelLoadError(f"{what} has several .onnx artifacts ({', '.join(candidates)}); "
                          f"name the one to serve '{MODEL_FILE}'")
+
+
+def _onnx_files(files: Sequence[str], onnx: str) -> dict[str, str]:
+    """Artifact path -> local name: the ONNX file as model.onnx, the files beside it
+    (external weights), and the shallowest config.pbtxt."""
+    folder, _, _ = onnx.rpartition("/")
+    wanted = {onnx: MODEL_FILE}
+    for path in files:
+        parent, _, local = path.rpartition("/")
+        if parent == folder and local not in (MODEL_FILE, CARD_FILE) \
+                and not local.lower().endswith(".onnx"):
+            wanted[path] = local
+    configs = [p for p in files if p.rpartition("/")[2] == config_io.CONFIG_FILE]
+    if configs and config_io.CONFIG_FILE not in wanted.values():
+        wanted[min(configs, key=lambda p: p.count("/"))] = config_io.CONFIG_FILE
+    return wanted
+
+
+def _mlflow_model_files(files: Sequence[str]) -> dict[str, str] | None:
+    """Artifact path -> local path: the MLflow model (pyfunc) whose MLmodel file is shallowest,
+    every file of its directory tree kept where it is relative to the MLmodel file (its
+    flavour loads them from there); None without an MLmodel file."""
+    mlmodels = [p for p in files if p.rpartition("/")[2] == config_io.MLMODEL_FILE]
+    if not mlmodels:
+        return None
+    folder = min(mlmodels, key=lambda p: p.count("/")).rpartition("/")[0]
+    prefix = f"{folder}/" if folder else ""
+    return {path: path[len(prefix):] for path in files
+            if path.startswith(prefix) and path[len(prefix):] != CARD_FILE}
 
 
 def _identity(card: dict[str, Any]) -> tuple[str, ...]:
@@ -443,8 +470,9 @@ def _holds(version_dir: Path, card: dict[str, Any]) -> bool:
         cached = json.loads((version_dir / CARD_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return (version_dir / MODEL_FILE).is_file() and isinstance(cached, dict) \
-        and _identity(cached) == _identity(card)
+    has_model = (version_dir / MODEL_FILE).is_file() \
+        or (version_dir / config_io.MLMODEL_FILE).is_file()
+    return has_model and isinstance(cached, dict) and _identity(cached) == _identity(card)
 
 
 def _card_text(card: dict[str, Any]) -> str:

@@ -42,6 +42,10 @@ ONNX_BACKENDS = frozenset({"onnxruntime"})
 PLATFORM_BACKENDS = {"onnxruntime_onnx": "onnxruntime", "tensorrt_plan": "tensorrt",
                      "pytorch_libtorch": "pytorch"}
 BACKEND_PLATFORMS = {backend: platform for platform, backend in PLATFORM_BACKENDS.items()}
+#: Backends named without a platform (Triton's Python backend sets none).
+PYTHON_BACKENDS = frozenset({"python", "mlflow_pyfunc"})
+#: The file an MLflow model directory holds.
+MLMODEL_FILE = "MLmodel"
 _KINDS = {
     mc.ModelInstanceGroup.KIND_AUTO: "AUTO",
     mc.ModelInstanceGroup.KIND_CPU: "CPU",
@@ -192,21 +196,23 @@ def to_spec(config: mc.ModelConfig, model_dir: Path) -> ModelSpec:
     if platform and platform not in PLATFORM_BACKENDS:
         raise ModelLoadError(f"model '{name}': platform '{platform}' is not supported; "
                              f"supported: {sorted(PLATFORM_BACKENDS)}")
-    if backend and backend not in BACKEND_PLATFORMS:
+    if backend and backend not in BACKEND_PLATFORMS and backend not in PYTHON_BACKENDS:
         raise ModelLoadError(f"model '{name}': backend '{backend}' is not supported; "
-                             f"supported: {sorted(BACKEND_PLATFORMS)}")
+                             f"supported: {sorted({*BACKEND_PLATFORMS, *PYTHON_BACKENDS})}")
     if platform and backend and PLATFORM_BACKENDS[platform] != backend:
         raise ModelLoadError(f"model '{name}': platform '{platform}' is run by backend "
                              f"'{PLATFORM_BACKENDS[platform]}', not '{backend}'")
-    backend = backend or PLATFORM_BACKENDS.get(platform, "onnxruntime")
-    platform = platform or BACKEND_PLATFORMS[backend]
+    backend = backend or PLATFORM_BACKENDS.get(platform) or _detect_backend(model_dir)
+    platform = platform or BACKEND_PLATFORMS.get(backend, "")
     if config.max_batch_size < 0:
         raise ModelLoadError(f"model '{name}': max_batch_size must not be negative")
     if config.batch_input:
         raise ModelLoadError(f"model '{name}': batch_input is not supported (ragged inputs are "
                              "padded into a dense batch instead)")
     if config.model_transaction_policy.decoupled:
-        raise ModelLoadError(f"model '{name}': decoupled models are not supported")
+        raise ModelLoadError(f"model '{name}': decoupled models (model_transaction_policy "
+                             "decoupled: responses sent through a response sender) are not "
+                             "supported")
     parameters = {key: value.string_value for key, value in config.parameters.items()}
     inputs = []
     for tensor in config.input:
@@ -313,12 +319,29 @@ def _scatter_outputs(config: mc.ModelConfig, inputs: list[TensorSpec],
 
 def _default_model_filename(backend: str, parameters: dict[str, str], model: str) -> str:
     """model.onnx; for TensorRT model.plan unless the engine is built from model.onnx; for
-    PyTorch model.pt (Triton's; a torch.export program, model.pt2, is named explicitly)."""
+    PyTorch model.pt (Triton's; a torch.export program, model.pt2, is named explicitly); for
+    Python model.py; for an MLflow pyfunc model its MLmodel file."""
     if backend == "tensorrt" and not TRT_BUILD_FROM_ONNX.value(parameters, model):
         return "model.plan"
-    if backend == "pytorch":
-        return "model.pt"
-    return "model.onnx"
+    return {"pytorch": "model.pt", "python": "model.py",
+            "mlflow_pyfunc": MLMODEL_FILE}.get(backend, "model.onnx")
+
+
+def _detect_backend(model_dir: Path) -> str:
+    """The backend of a config that names none: ``mlflow_pyfunc`` when the newest version
+    directory holding a model holds an MLflow model (an MLmodel file) and no model.onnx (an
+    MLflow model of the ONNX flavour is served as ONNX), else ``onnxruntime``."""
+    try:
+        versions = sorted((p for p in model_dir.iterdir() if p.name.isdigit() and p.is_dir()),
+                          key=lambda p: int(p.name), reverse=True)
+    except OSError:
+        return "onnxruntime"
+    for version in versions:
+        if (version / "model.onnx").is_file():
+            return "onnxruntime"
+        if (version / MLMODEL_FILE).is_file():
+            return "mlflow_pyfunc"
+    return "onnxruntime"
 
 
 #: The keys any model may have, whatever its backend, as their owners declare them.

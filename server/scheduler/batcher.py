@@ -20,7 +20,14 @@ from server.errors import (
     ModelNotReady,
     PeregrineError,
 )
-from server.interfaces import Backend, BatchTracer, DeviceBackend, ModelMetrics, Packer
+from server.interfaces import (
+    Backend,
+    BatchTracer,
+    DeviceBackend,
+    ModelMetrics,
+    Packer,
+    RequestBackend,
+)
 from server.parameters import Key, choice, integer, optional
 from server.scheduler import policy
 from server.scheduler.executor import BatchExecutor, BatchRun
@@ -86,7 +93,9 @@ class DynamicBatcher:
         timeout_ms = EXECUTION_TIMEOUT_MS.value(spec.parameters, spec.name)
         self._timeout_s = execution_timeout_s if timeout_ms is None else timeout_ms / 1000
         first = instances[0]
-        self._executor = BatchExecutor(spec, version, packer.for_model(
+        #: The backend takes requests, not packed batches (a Python model's process).
+        by_request = isinstance(first, RequestBackend)
+        self._executor = BatchExecutor(spec, version, None if by_request else packer.for_model(
             spec, version, first.host_allocator if isinstance(first, DeviceBackend) else None))
         self._metrics = metrics
         self._tracer = tracer
@@ -103,7 +112,7 @@ class DynamicBatcher:
         self._adaptive_delay = QUEUE_DELAY.value(spec.parameters, spec.name) == ADAPTIVE
         inline_max_us = INLINE_EXECUTION_MAX_US.value(spec.parameters, spec.name)
         self._cost = policy.InlineCost(
-            inline_max_ns=inline_max_us * 1000 if len(instances) == 1 else 0
+            inline_max_ns=inline_max_us * 1000 if len(instances) == 1 and not by_request else 0
         )
         #: An input fed by image preprocessing: any image size batches with any other.
         self._size_free = spec.preprocess.input if spec.preprocess is not None else None

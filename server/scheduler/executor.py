@@ -11,10 +11,11 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from server.classification import classify
 from server.errors import BackendError, InvalidInput, PeregrineError, correlation_id
-from server.interfaces import Backend, ModelPacker
+from server.interfaces import Backend, ModelPacker, RequestBackend
 from server.spec import ModelSpec
 from server.types import Execution, InferRequest, InferResponse, OutputTensor
 
@@ -37,7 +38,8 @@ class BatchRun:
 class BatchExecutor:
     """The execution of one model version's batches. Thread-safe: holds no per-batch state."""
 
-    def __init__(self, spec: ModelSpec, version: str, packer: ModelPacker) -> None:
+    def __init__(self, spec: ModelSpec, version: str, packer: ModelPacker | None) -> None:
+        """``packer``: None for a version whose backend takes requests (a RequestBackend)."""
         self._spec = spec
         self._version = version
         self._packer = packer
@@ -48,6 +50,12 @@ class BatchExecutor:
         """Run a batch; when the backend refuses one request's data (BYTES that are not UTF-8,
         say), run the batch's requests one by one so that only the offending ones fail."""
         run = BatchRun()
+        if self._packer is None:
+            try:
+                self._execute_requests(cast(RequestBackend, backend), requests, rows, run)
+            except Exception as exc:
+                run.error = exc
+            return run
         try:
             self._execute(backend, requests, rows, run)
         except InvalidInput as exc:
@@ -84,6 +92,7 @@ class BatchExecutor:
                  rows: Sequence[int], run: BatchRun) -> None:
         """Pack, execute, check, unpack; appends the call's timings and a response or error
         per request to ``run``."""
+        assert self._packer is not None
         cpu0 = _cpu()
         t0 = _now()
         # The batch's buffers may be pooled: unpack (which copies) before the context exits.
@@ -105,16 +114,39 @@ class BatchExecutor:
                                         _cpu() - cpu0, t0))
         for request, tensors in zip(requests, per_request, strict=True):
             try:
-                run.outcomes.append(self._response(request, tensors))
+                run.outcomes.append(self._response(
+                    request, tensors, request.requested_outputs or self._all_outputs))
             except BackendError as exc:  # this request's failure, never the batch's
                 run.outcomes.append(exc)
 
-    def _response(self, request: InferRequest, outputs: dict[str, OutputTensor]) -> InferResponse:
-        names = request.requested_outputs or self._all_outputs
+    def _execute_requests(self, backend: RequestBackend, requests: Sequence[InferRequest],
+                          rows: Sequence[int], run: BatchRun) -> None:
+        """The backend takes the requests as they are (no packing): each comes back with its
+        outputs or its own error."""
+        cpu0 = _cpu()
+        t0 = _now()
+        results = backend.execute_requests(requests)
+        t1 = _now()
+        for request, result in zip(requests, results, strict=True):
+            if isinstance(result, PeregrineError):
+                run.outcomes.append(result)
+                continue
+            try:
+                run.outcomes.append(self._response(request, result, request.requested_outputs
+                                                   or [n for n in self._all_outputs
+                                                       if n in result]))
+            except BackendError as exc:
+                run.outcomes.append(exc)
+        run.executions.append(Execution(sum(rows), len(requests), 0, t1 - t0, _now() - t1,
+                                        _cpu() - cpu0))
+
+    def _response(self, request: InferRequest, outputs: dict[str, OutputTensor],
+                  names: Sequence[str]) -> InferResponse:
         try:
             tensors = [outputs[n] for n in names]
         except KeyError as missing:
-            raise BackendError(f"the backend returned no output {missing}") from None
+            raise BackendError(f"model '{self._spec.name}' returned no output {missing}") \
+                from None
         classes = request.classification
         if classes is not None:
             spec = self._spec

@@ -410,3 +410,40 @@ def test_text_encoder_matches_onnxruntime(
     assert ids[:, 0].tolist() == [0, -1, 6, 3, -1, -1]
     assert echoed is not None
     assert [v.decode() for v in echoed[:, 0]] == [str(v) for v in want_text[:, 0]] == words
+
+
+def test_digits_gbm_answers_as_its_scikit_learn_model(
+    examples_client: grpcclient.InferenceServerClient, examples_repo: Path
+) -> None:
+    """The Python-backend example: model.py around a joblib-pickled gradient boosting."""
+    import joblib
+
+    model = joblib.load(examples_repo / "digits_gbm" / "1" / "model.joblib")
+    x = np.random.default_rng(7).uniform(0, 16, (5, 64)).astype(np.float32)
+    inp = grpcclient.InferInput("input", [5, 64], "FP32")
+    inp.set_data_from_numpy(x)
+    result = examples_client.infer("digits_gbm", [inp])
+    assert np.array_equal(result.as_numpy("label")[:, 0], model.predict(x))
+    np.testing.assert_allclose(result.as_numpy("probabilities"), model.predict_proba(x),
+                               atol=1e-6)
+    x[2, 5] = np.nan
+    inp.set_data_from_numpy(x)
+    with pytest.raises(InferenceServerException) as caught:
+        examples_client.infer("digits_gbm", [inp])
+    assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert caught.value.message() == "input holds NaN or infinity"
+
+
+def test_text_normalizer_feeds_text_encoder(
+    examples_client: grpcclient.InferenceServerClient,
+) -> None:
+    raw = np.array([[" P\u00e9r\u00e9grine! ".encode()], [b"gRPC\n"], [b"\xff"]],
+                   dtype=np.object_)
+    inp = grpcclient.InferInput("raw_text", [3, 1], "BYTES")
+    inp.set_data_from_numpy(raw)
+    text = examples_client.infer("text_normalizer", [inp]).as_numpy("text")
+    assert text[:, 0].tolist() == [b"peregrine", b"grpc", b""]
+    words = grpcclient.InferInput("text", [3, 1], "BYTES")
+    words.set_data_from_numpy(text)
+    ids = examples_client.infer("text_encoder", [words]).as_numpy("token_id")
+    assert ids[:, 0].tolist() == [2, 6, -1]

@@ -154,7 +154,25 @@ def registry(mlflow_uri: str, tmp_path_factory: pytest.TempPathFactory) -> dict[
         client.create_model_version("empty", source=mlflow.get_artifact_uri("docs"),
                                     run_id=run.info.run_id)
     client.set_registered_model_alias("scaled", "champion", "1")
-    return {"client": client, "runs": runs}
+    return {"client": client, "runs": runs, "gbm": register_gbm()}
+
+
+def register_gbm() -> Any:
+    """Registered model ``gbm`` v1: a scikit-learn gradient-boosting classifier logged with
+    the sklearn flavour (no ONNX file: served by the mlflow_pyfunc backend). Returns it."""
+    import mlflow.sklearn
+    from mlflow.models import infer_signature
+    from sklearn.datasets import load_iris
+    from sklearn.ensemble import GradientBoostingClassifier
+
+    x, y = load_iris(return_X_y=True)
+    model = GradientBoostingClassifier(n_estimators=10, random_state=0).fit(x, y)
+    with mlflow.start_run():
+        mlflow.sklearn.log_model(model, name="model", registered_model_name="gbm",
+                                 signature=infer_signature(x, model.predict(x)),
+                                 skops_trusted_types=["sklearn.tree._tree.Tree"],
+                                 pip_requirements=["scikit-learn"])
+    return model
 
 
 def infer(client: grpcclient.InferenceServerClient, model: str,
@@ -202,7 +220,7 @@ class Traffic:
 def server(registry: dict[str, Any], mlflow_uri: str,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     cache = tmp_path_factory.mktemp("cache")
-    refs = ("scaled@champion", "pinned=scaled/2", "lost=scaled@nope", "empty/1")
+    refs = ("scaled@champion", "pinned=scaled/2", "lost=scaled@nope", "empty/1", "gbm/1")
     with ServerThread(
         cache, model_source=mlflow_uri.replace("http://", "mlflow://"), mlflow_models=refs,
         model_cache_dir=cache, model_control_mode="poll", repository_poll_secs=POLL_SECS,
@@ -260,6 +278,24 @@ def test_pinned_version_with_its_config_under_another_name(server: ServerThread)
     assert properties(server.url, "pinned")["card.mlflow.registry.name"] == "scaled"
 
 
+def test_a_scikit_learn_version_is_served_by_the_pyfunc_backend(
+    server: ServerThread, registry: dict[str, Any]
+) -> None:
+    from sklearn.datasets import load_iris
+
+    x = load_iris(return_X_y=True)[0][[0, 55, 110, 149]]
+    with grpcclient.InferenceServerClient(server.url) as client:
+        tensor = grpcclient.InferInput("input", list(x.shape), "FP64")
+        tensor.set_data_from_numpy(x)
+        result = client.infer("gbm", [tensor])
+        config = client.get_model_config("gbm").config
+    np.testing.assert_array_equal(result.as_numpy("output"), registry["gbm"].predict(x))
+    assert result.get_response().model_version == "1"
+    assert config.backend == "mlflow_pyfunc"
+    assert properties(server.url, "gbm")["card.mlflow.registry.name"] == "gbm"
+    assert (server.settings.model_cache_dir / "gbm" / "1" / "MLmodel").is_file()
+
+
 def test_failures_are_clear_in_the_repository_index(server: ServerThread) -> None:
     with grpcclient.InferenceServerClient(server.url) as client:
         index = {(m.name, m.version): (m.state, m.reason)
@@ -269,7 +305,7 @@ def test_failures_are_clear_in_the_repository_index(server: ServerThread) -> Non
     assert "alias 'nope'" in reason and "'scaled'" in reason, reason
     state, reason = index[("empty", "")]
     assert state == "UNAVAILABLE"
-    assert "no .onnx artifact" in reason and "README.txt" in reason, reason
+    assert "no .onnx artifact and no MLflow model" in reason and "README.txt" in reason, reason
 
 
 def test_moving_the_alias_hot_swaps_without_errors(

@@ -287,7 +287,7 @@ def test_tensorrt_platform_and_backend_are_accepted(tmp_path: Path) -> None:
      "platform 'tensorrt_plan' is run by backend 'tensorrt', not 'onnxruntime'"),
     ('name: "t" platform: "tensorflow_savedmodel"',
      "platform 'tensorflow_savedmodel' is not supported"),
-    ('name: "t" backend: "python"', "backend 'python' is not supported"),
+    ('name: "t" backend: "tensorflow"', "backend 'tensorflow' is not supported"),
     (TRT_CONFIG.format(extra="instance_group [ { kind: KIND_CPU } ]"),
      "TensorRT runs on GPUs"),
     (TRT_CONFIG.format(extra='parameters { key: "trt_precision" value { string_value: "fp64" } }'),
@@ -307,7 +307,8 @@ def test_existing_example_configs_still_parse(tmp_path: Path, examples_repo: Pat
     assert model_dirs
     for model_dir in model_dirs:
         parsed = to_spec(read_config(model_dir), model_dir)
-        assert parsed.backend == "onnxruntime"
+        python = (model_dir / "1" / "model.py").is_file()
+        assert parsed.backend == ("python" if python else "onnxruntime")
     model_factory.add_sub_model(tmp_path, "add_sub")
     assert to_spec(read_config(tmp_path / "add_sub"), tmp_path / "add_sub").platform == \
         "onnxruntime_onnx"

@@ -328,9 +328,9 @@ def test_timeout_action_delay_in_a_priority_policy_is_rejected(tmp_path: Path) -
     ("extra", "message"),
     [
         ('platform: "tensorflow_savedmodel"\n', "platform 'tensorflow_savedmodel' is not"),
-        ('backend: "python"\n', "backend 'python' is not supported"),
+        ('backend: "tensorflow"\n', "backend 'tensorflow' is not supported"),
         ("instance_group [ { kind: KIND_MODEL } ]\n", "KIND_MODEL is not supported"),
-        ("model_transaction_policy { decoupled: true }\n", "decoupled models are not supported"),
+        ("model_transaction_policy { decoupled: true }\n", "decoupled models .* are not supported"),
     ],
 )
 def test_unsupported_settings_are_rejected(tmp_path: Path, extra: str, message: str) -> None:

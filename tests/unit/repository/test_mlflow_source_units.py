@@ -15,6 +15,7 @@ from server.repository.mlflow_source import (
     MlflowSource,
     ModelRef,
     _holds,
+    _mlflow_model_files,
     _pick_onnx,
     _stash_others,
     _write_config,
@@ -150,10 +151,20 @@ def test_pick_onnx_prefers_the_shallowest_model_onnx() -> None:
 
 
 def test_pick_onnx_errors() -> None:
-    with pytest.raises(ModelLoadError, match=r"no \.onnx artifact at uri \(found: README"):
-        _pick_onnx(["README.txt"], "v", "uri")
+    assert _pick_onnx(["README.txt"], "v", "uri") is None
     with pytest.raises(ModelLoadError, match=r"several \.onnx artifacts"):
         _pick_onnx(["a.onnx", "b.onnx"], "v", "uri")
+
+
+def test_an_mlflow_model_is_taken_whole_from_its_shallowest_mlmodel() -> None:
+    files = ["model/MLmodel", "model/model.skops", "model/code/helpers.py",
+             "model/model_card.json", "deeper/x/MLmodel", "README.txt"]
+    assert _mlflow_model_files(files) == {
+        "model/MLmodel": "MLmodel", "model/model.skops": "model.skops",
+        "model/code/helpers.py": "code/helpers.py"}
+    assert _mlflow_model_files(["MLmodel", "model.pkl"]) == {"MLmodel": "MLmodel",
+                                                            "model.pkl": "model.pkl"}
+    assert _mlflow_model_files(["README.txt"]) is None
 
 
 def test_config_is_left_out_for_one_version_without_one(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import pytest
 
 from server.app import PARAMETER_KEYS, backend_factories, check_model_parameters
 from server.backends.onnxruntime import OnnxRuntimeFactory
+from server.backends.python.factory import MODELS_OWN, MlflowPyfuncFactory, PythonFactory
 from server.backends.pytorch import PyTorchFactory
 from server.backends.tensorrt import TensorRtFactory
 from server.errors import ModelLoadError
@@ -23,12 +24,18 @@ from tests import model_factory
 ORT_KEYS = OnnxRuntimeFactory.parameter_keys
 TRT_KEYS = TensorRtFactory.parameter_keys
 TORCH_KEYS = PyTorchFactory.parameter_keys
+PYTHON_KEYS = PythonFactory.parameter_keys
+PYFUNC_KEYS = MlflowPyfuncFactory.parameter_keys
 #: Every key but the backends': the repository's and those of the components the app composes.
 COMPONENT_KEYS = (*REPOSITORY_KEYS, *PARAMETER_KEYS)
-EVERY_KEY = tuple(dict.fromkeys((*COMPONENT_KEYS, *ORT_KEYS, *TRT_KEYS, *TORCH_KEYS)))
+#: Every declared key but the Python backend's own catch-all (a model.py's own settings).
+EVERY_KEY = tuple(dict.fromkeys((*COMPONENT_KEYS, *ORT_KEYS, *TRT_KEYS, *TORCH_KEYS,
+                                 *PYFUNC_KEYS)))
 FACTORIES: dict[object, BackendFactory] = {ORT_KEYS: OnnxRuntimeFactory(),
                                            TRT_KEYS: TensorRtFactory(),
-                                           TORCH_KEYS: PyTorchFactory()}
+                                           TORCH_KEYS: PyTorchFactory(),
+                                           PYTHON_KEYS: PythonFactory(),
+                                           PYFUNC_KEYS: MlflowPyfuncFactory()}
 
 
 def check_parameters(checked: ModelSpec, backend_keys: tuple[Key[object], ...]) -> None:
@@ -74,6 +81,13 @@ def test_the_backend_decides_which_backend_keys_exist() -> None:
     check_parameters(spec("pytorch", cuda_graphs="true"), TORCH_KEYS)
     with pytest.raises(ModelLoadError, match="'trt_cuda_graphs' is not a key"):
         check_parameters(spec("pytorch", trt_cuda_graphs="true"), TORCH_KEYS)
+    # A Python model's other keys are its own (model.py reads them), as in Triton; the keys
+    # of the server's components are still checked.
+    check_parameters(spec("python", tokenizer="bpe.json", trt_precision="x"), PYTHON_KEYS)
+    with pytest.raises(ModelLoadError, match="'queue_delay' must be one of"):
+        check_parameters(spec("python", queue_delay="lazy"), PYTHON_KEYS)
+    with pytest.raises(ModelLoadError, match="'tokenizer' is not a key"):
+        check_parameters(spec("mlflow_pyfunc", tokenizer="bpe.json"), PYFUNC_KEYS)
 
 
 @pytest.mark.parametrize(("key", "value", "expected"), [
@@ -88,6 +102,7 @@ def test_the_backend_decides_which_backend_keys_exist() -> None:
     ("trt_shape_x", "1:2", r"MIN:OPT:MAX \(.*\) or one shape"),
     ("ragged_pad.X", "zero", "a number"),
     ("preprocess.crop", "32", r'"H,W" with sizes in 1\.\.16384'),
+    ("python_shm_bytes", "1k", r"an integer in 4096\.\.\d+"),
 ])
 def test_a_bad_value_names_the_key_the_value_and_what_was_expected(
     key: str, value: str, expected: str,
@@ -171,12 +186,14 @@ def test_every_declared_key_parses_its_documented_default(key: Key[object]) -> N
         key.parse(key.default)
 
 
-@pytest.mark.parametrize("backend_keys", [ORT_KEYS, TRT_KEYS, TORCH_KEYS],
-                         ids=["onnxruntime", "tensorrt", "pytorch"])
+@pytest.mark.parametrize("backend_keys", [ORT_KEYS, TRT_KEYS, TORCH_KEYS, PYTHON_KEYS,
+                                          PYFUNC_KEYS],
+                         ids=["onnxruntime", "tensorrt", "pytorch", "python", "mlflow_pyfunc"])
 def test_no_key_has_two_owners(backend_keys: tuple[Key[object], ...]) -> None:
     labels = [k.label for k in (*COMPONENT_KEYS, *backend_keys)]
     assert len(labels) == len(set(labels))
-    families = [k for k in (*COMPONENT_KEYS, *backend_keys) if k.member]
+    # The Python backend's catch-all owns what no one else does (it is checked last).
+    families = [k for k in (*COMPONENT_KEYS, *backend_keys) if k.member and k is not MODELS_OWN]
     for family in families:
         assert not [k.label for k in (*COMPONENT_KEYS, *backend_keys)
                     if k is not family and family.owns(k.name)]
@@ -184,10 +201,13 @@ def test_no_key_has_two_owners(backend_keys: tuple[Key[object], ...]) -> None:
 
 def test_every_registered_backend_declares_its_keys() -> None:
     factories = backend_factories()
-    assert set(factories) == {"onnxruntime", "tensorrt", "pytorch"}
+    assert set(factories) == {"onnxruntime", "tensorrt", "pytorch", "python", "mlflow_pyfunc"}
     assert factories["onnxruntime"].parameter_keys == ORT_KEYS
     assert factories["tensorrt"].parameter_keys == TRT_KEYS
     assert factories["pytorch"].parameter_keys == TORCH_KEYS
+    assert factories["python"].parameter_keys == PYTHON_KEYS
+    assert factories["mlflow_pyfunc"].parameter_keys == PYFUNC_KEYS
+    assert PYTHON_KEYS[-1] is MODELS_OWN  # last: every declared key is found before it
 
 
 # -- configs this project writes stay valid --------------------------------------------------
