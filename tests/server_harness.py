@@ -2,7 +2,7 @@
 
 The server gets its own event loop (uvloop) in its own thread, so tests can drive it with
 blocking clients (tritonclient.grpc) or with their own asyncio clients. With
-PEREGRINE_FRONTENDS set (as tests/integration/test_frontends_mode.py sets it for a second run
+PEREGRINE_FRONTENDS set (as tests/integration/test_reruns.py sets it for a rerun
 of the integration suite), the thread is the engine and that many frontend processes take
 the calls, unless a test names its own ``frontends``.
 """
@@ -22,8 +22,7 @@ from server.app import PeregrineServer
 from server.settings import ServerSettings
 
 #: This is one of the integration suite's reruns (the pure-Python codec and packer,
-#: tests/integration/test_pure_python_path.py, or frontend processes,
-#: tests/integration/test_frontends_mode.py), not its first run.
+#: or frontend processes: tests/integration/test_reruns.py), not its first run.
 RERUN = os.environ.get("PEREGRINE_NATIVE") == "0" \
     or int(os.environ.get("PEREGRINE_FRONTENDS", "1")) > 1
 

@@ -36,7 +36,7 @@ GROWTH = 160 * MIB
 #: the highest; 201-265 MiB without it).
 LARGE_GROWTH = 192 * MIB
 QUEUED = 16 * MIB
-#: The run with frontend processes (tests/integration/test_frontends_mode.py): the server's
+#: The run with frontend processes (tests/integration/test_reruns.py): the server's
 #: RSS is then the engine's; each frontend holds the messages it receives.
 WITH_FRONTENDS = int(os.environ.get("PEREGRINE_FRONTENDS", "1")) > 1
 FLAGS = ("--max-inflight-per-stream", "8", "--max-queued-bytes", str(QUEUED),
