@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import shutil
 import statistics
 import sys
@@ -39,6 +38,7 @@ from bench.loadgen.environment import environment
 from bench.results_md import RESULTS_DIR, replace_section, section_header
 from bench.studies.bar_chart import grouped_bars
 from bench.studies.bench_run import drive
+from bench.studies.study_run import study_arguments, write_document
 
 SECTION = "## Frontend processes: the cost of the process boundary"
 RESULTS_JSON = RESULTS_DIR / "frontends.json"
@@ -160,16 +160,10 @@ def write_section(document: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = study_arguments(__doc__, repeats=2)
     parser.add_argument("--frontends", default="1,2",
                         help="the --frontends of each set-up (1: one process)")
-    parser.add_argument("--seconds", type=float, default=4.0)
-    parser.add_argument("--warmup", type=float, default=1.0)
-    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--client-processes", type=int, default=2)
-    parser.add_argument("--server-cpus", default="0")
-    parser.add_argument("--client-cpus", default="1")
-    parser.add_argument("--no-results-md", action="store_true")
     args = parser.parse_args(argv)
     args.frontends = [int(v) for v in args.frontends.split(",") if v]
     started = time.monotonic()
@@ -186,8 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "client_cpus": args.client_cpus, "rows": rows, "runs": runs,
         "wall_s": round(time.monotonic() - started, 1),
     }
-    RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_JSON.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
+    write_document(RESULTS_JSON, document)
     groups = [f"{r['rpc']}\n--frontends {r['frontends']}" for r in rows]
     grouped_bars(RESULTS_PNG, groups,
                  {"server CPU us/req": [r["server_cpu_us_per_request"] for r in rows]},

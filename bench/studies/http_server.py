@@ -45,6 +45,7 @@ from bench.results_md import RESULTS_DIR, replace_section, section_header
 from bench.studies.bar_chart import grouped_bars
 from bench.studies.bench_run import drive
 from bench.studies.http_candidates import CANDIDATES
+from bench.studies.study_run import study_arguments, write_document
 
 SECTION = "## HTTP server candidates (REST surface)"
 RESULTS_JSON = RESULTS_DIR / "http_server.json"
@@ -194,14 +195,8 @@ def write_section(document: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = study_arguments(__doc__, repeats=2)
     parser.add_argument("--candidates", default=",".join(CANDIDATES))
-    parser.add_argument("--seconds", type=float, default=4.0)
-    parser.add_argument("--warmup", type=float, default=1.0)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--server-cpus", default="0")
-    parser.add_argument("--client-cpus", default="1")
-    parser.add_argument("--no-results-md", action="store_true")
     args = parser.parse_args(argv)
     args.candidates = [c for c in args.candidates.split(",") if c]
     started = time.monotonic()
@@ -219,8 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "load_average_start": load_start, "load_average_end": round(os.getloadavg()[0], 2),
         "rows": rows, "runs": runs, "wall_s": round(time.monotonic() - started, 1),
     }
-    RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_JSON.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
+    write_document(RESULTS_JSON, document)
     servers = [s for s in dict.fromkeys(r["server"] for r in rows) if s != "grpc"]
     series = {body: [next((r["server_cpu_us_per_request"] or 0.0 for r in rows
                            if r["server"] == s and r["body"] == body), 0.0) for s in servers]

@@ -24,9 +24,7 @@ bench/RESULTS.md.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
-import json
 import os
 import shutil
 import sys
@@ -42,7 +40,7 @@ from bench.compare.model_repo import ORT_PARAMETERS, ensure_examples, set_parame
 from bench.compare.servers import PeregrineProcess
 from bench.results_md import RESULTS_DIR, replace_section, section_header
 from bench.studies.bench_run import drive
-from bench.studies.study_run import start_study
+from bench.studies.study_run import start_study, study_arguments, write_document
 
 SECTION = "## Python backend: the scikit-learn example and the process boundary"
 RESULTS_JSON = RESULTS_DIR / "python_backend.json"
@@ -212,13 +210,7 @@ def write_section(document: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--seconds", type=float, default=4.0)
-    parser.add_argument("--warmup", type=float, default=1.0)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--server-cpus", default="0")
-    parser.add_argument("--client-cpus", default="1")
-    parser.add_argument("--no-results-md", action="store_true")
+    parser = study_arguments(__doc__)
     args = parser.parse_args(argv)
     study = start_study("bench.studies.python_backend", argv, args.server_cpus,
                         args.client_cpus)
@@ -234,8 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rows": rows, "runs": runs, "boundary": boundary(rows),
         "in_process": in_process(args.seconds, study.server_cpus),
     }
-    RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_JSON.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
+    write_document(RESULTS_JSON, document)
     if not args.no_results_md:
         write_section(document)
     print(f"wrote {RESULTS_JSON}", file=sys.stderr)

@@ -25,9 +25,7 @@ Writes bench/results/response_cache.json, bench/results/response_cache.png and t
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
-import json
 import shutil
 import sys
 import tempfile
@@ -42,7 +40,7 @@ from bench.compare.servers import PeregrineProcess
 from bench.results_md import RESULTS_DIR, replace_section, section_header
 from bench.studies.bar_chart import grouped_bars
 from bench.studies.bench_run import drive
-from bench.studies.study_run import start_study
+from bench.studies.study_run import start_study, study_arguments, write_document
 
 SECTION = "## Response cache: hits against misses"
 RESULTS_JSON = RESULTS_DIR / "response_cache.json"
@@ -174,13 +172,7 @@ def write_section(document: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--seconds", type=float, default=4.0)
-    parser.add_argument("--warmup", type=float, default=1.0)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--server-cpus", default="0")
-    parser.add_argument("--client-cpus", default="1")
-    parser.add_argument("--no-results-md", action="store_true")
+    parser = study_arguments(__doc__)
     args = parser.parse_args(argv)
     study = start_study("bench.studies.response_cache", argv, args.server_cpus,
                         args.client_cpus)
@@ -195,8 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "seconds": args.seconds, "warmup": args.warmup, "repeats": args.repeats,
         "rows": rows, "runs": runs, "goal_met": goal_met(rows),
     }
-    RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_JSON.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
+    write_document(RESULTS_JSON, document)
     groups = [f"{r['model']}\n{r['rpc']}\n{r['setup']}" for r in rows]
     grouped_bars(RESULTS_PNG, groups,
                  {"server CPU us/req": [r["server_cpu_us_per_request"] for r in rows]},

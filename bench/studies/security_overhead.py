@@ -26,10 +26,8 @@ Writes bench/results/security_overhead.json, bench/results/security_overhead.png
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import datetime as dt
-import json
 import shutil
 import subprocess
 import sys
@@ -48,6 +46,7 @@ from bench.micro._report import paired
 from bench.results_md import RESULTS_DIR, replace_section, section_header
 from bench.studies.bar_chart import grouped_bars
 from bench.studies.bench_run import drive
+from bench.studies.study_run import study_arguments, write_document
 
 SECTION = "## Security overhead: token authentication and TLS against plaintext"
 RESULTS_JSON = RESULTS_DIR / "security_overhead.json"
@@ -270,11 +269,7 @@ def write_section(document: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--seconds", type=float, default=4.0)
-    parser.add_argument("--warmup", type=float, default=1.0)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--no-results-md", action="store_true")
+    parser = study_arguments(__doc__, pinned=False)
     args = parser.parse_args(argv)
     started = time.monotonic()
     guard = guard_cost(repeat=9, min_time=0.05)
@@ -293,8 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "auth_goal_met": guard["unary_us"] <= AUTH_GOAL_US,
         "wall_s": round(time.monotonic() - started, 1),
     }
-    RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_JSON.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
+    write_document(RESULTS_JSON, document)
     groups = [f"{r['rpc']} {r['setup']}" for r in rows]
     grouped_bars(RESULTS_PNG, [g.replace(" ", "\n") for g in groups],
                  {"infer/s": [r["throughput_rps"] for r in rows]}, "infer/s",

@@ -3,11 +3,14 @@ itself, the machine, the load average at its start and end, and how long it took
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import shlex
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from bench.loadgen.cpu import pin_self
@@ -53,3 +56,25 @@ def start_study(module: str, argv: Sequence[str] | None, server_cpus: str,
     return StudyRun(command, server_cpus if multi_cpu else None,
                     pin_self(client_cpus) if multi_cpu else sorted(os.sched_getaffinity(0)),
                     this_machine, load)
+
+
+def study_arguments(doc: str | None, repeats: int = 3, pinned: bool = True
+                    ) -> argparse.ArgumentParser:
+    """A study's parser with the options every study takes (its docstring's first line as
+    the description): --seconds and --warmup per step, --repeats, --no-results-md and, for a
+    study that pins, --server-cpus and --client-cpus. The study adds its own."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    if pinned:
+        parser.add_argument("--server-cpus", default="0")
+        parser.add_argument("--client-cpus", default="1")
+    parser.add_argument("--no-results-md", action="store_true")
+    return parser
+
+
+def write_document(path: Path, document: dict[str, Any]) -> None:
+    """The study's JSON document, under bench/results."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")

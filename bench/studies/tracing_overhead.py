@@ -32,7 +32,6 @@ beside the figures (on a shared machine they are indicative).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import datetime as dt
 import json
@@ -59,6 +58,7 @@ from bench.micro._report import paired
 from bench.results_md import RESULTS_DIR, replace_section, section_header
 from bench.studies.bar_chart import grouped_bars
 from bench.studies.bench_run import drive
+from bench.studies.study_run import study_arguments, write_document
 
 SECTION = "## Tracing overhead: OpenTelemetry off, 1 % and 100 % sampled"
 RESULTS_JSON = RESULTS_DIR / "tracing_overhead.json"
@@ -380,11 +380,7 @@ def _load() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--seconds", type=float, default=4.0)
-    parser.add_argument("--warmup", type=float, default=1.0)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--no-results-md", action="store_true")
+    parser = study_arguments(__doc__, pinned=False)
     args = parser.parse_args(argv)
     started = time.monotonic()
     load_start = _load()
@@ -425,8 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  f"{spread(rows):.0f} % here"),
         "wall_s": round(time.monotonic() - started, 1),
     }
-    RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_JSON.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
+    write_document(RESULTS_JSON, document)
     groups = [f"{r['rpc']}\n{r['setup']}" for r in rows]
     grouped_bars(RESULTS_PNG, groups,
                  {"infer/s": [r["throughput_rps"] for r in rows]}, "infer/s",
