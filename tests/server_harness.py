@@ -13,10 +13,12 @@ import asyncio
 import dataclasses
 import os
 import threading
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import uvloop
+from prometheus_client.parser import text_string_to_metric_families
 
 from server.app import PeregrineServer
 from server.settings import ServerSettings
@@ -93,6 +95,17 @@ class ServerThread:
         """host:port of the HTTP/REST server (with allow_http)."""
         assert self.server is not None and self.server.http_port
         return f"127.0.0.1:{self.server.http_port}"
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        """The value of one sample on /metrics (its name, and exactly these labels); None
+        when the series is not exported."""
+        with urllib.request.urlopen(self.metrics_url, timeout=10) as response:
+            text = response.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and sample.labels == labels:
+                    return float(sample.value)
+        return None
 
     @property
     def metrics_url(self) -> str:

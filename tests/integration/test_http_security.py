@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import socket
 import ssl
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -22,19 +20,13 @@ from tritonclient.utils import InferenceServerException
 
 from tests import model_factory
 from tests.certificates import Pki, make_pki, serial_of
+from tests.integration.test_auth import add_identity
 from tests.server_harness import ServerThread
 
 pytestmark = pytest.mark.timeout(60)
 
 INFER = json.dumps({"inputs": [{"name": "INPUT0", "shape": [1, 2], "datatype": "FP32",
                                 "data": [1.0, 2.0]}]}).encode()
-
-
-def add_identity(auth_file: Path, name: str, *options: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "server.cli", "auth", "add", name, "--auth-file",
-         str(auth_file), *options], capture_output=True, text=True, check=True, timeout=60)
-    return done.stdout.strip()
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import queue
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,6 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 import tritonclient.grpc as grpcclient
-from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from tests import model_factory, triton_shm
@@ -31,17 +29,6 @@ CACHE = "local,size=1048576"
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-def metric(server: ServerThread, name: str, **labels: str) -> float | None:
-    """One sample's value; None when the series is not exported."""
-    with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
-        text = response.read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return float(sample.value)
-    return None
 
 
 def statistics(client: grpcclient.InferenceServerClient, model: str,
@@ -108,11 +95,11 @@ def test_hits_and_misses_are_counted_exactly(cached_server: ServerThread) -> Non
     assert stats.inference_count == 3 and stats.execution_count == 3
     assert inference.compute_infer.count == 3
     labels = {"model": "counted", "version": "1"}
-    assert metric(cached_server, "nv_cache_num_hits_per_model", **labels) == 6
-    assert metric(cached_server, "nv_cache_num_misses_per_model", **labels) == 3
-    assert metric(cached_server, "nv_cache_hit_duration_per_model", **labels) == \
+    assert cached_server.metric("nv_cache_num_hits_per_model", **labels) == 6
+    assert cached_server.metric("nv_cache_num_misses_per_model", **labels) == 3
+    assert cached_server.metric("nv_cache_hit_duration_per_model", **labels) == \
         inference.cache_hit.ns // 1000
-    assert metric(cached_server, "nv_cache_miss_duration_per_model", **labels) == \
+    assert cached_server.metric("nv_cache_miss_duration_per_model", **labels) == \
         inference.cache_miss.ns // 1000
 
 
@@ -196,7 +183,7 @@ def test_a_model_without_the_cache_does_no_cache_work(cached_server: ServerThrea
     assert stats.inference_stats.cache_hit.count == 0
     assert stats.inference_stats.cache_miss.count == 0
     assert stats.execution_count == 3
-    assert metric(cached_server, "nv_cache_num_hits_per_model",
+    assert cached_server.metric("nv_cache_num_hits_per_model",
                   model="add_sub", version="1") is None
 
 
@@ -216,7 +203,7 @@ def test_without_cache_config_a_model_asking_for_the_cache_runs_every_request(
         stats = statistics(client, "asks")
     assert stats.execution_count == 3
     assert stats.inference_stats.cache_miss.count == 0
-    assert metric(server, "peregrine_response_cache_entries") is None
+    assert server.metric("peregrine_response_cache_entries") is None
 
 
 def test_shared_memory_inputs_are_keyed_by_what_the_region_holds(
@@ -274,10 +261,10 @@ def test_the_size_bound_holds_under_a_stream_of_distinct_requests(
             np.testing.assert_array_equal(
                 infer_fp32(client, "wide", data).as_numpy("OUTPUT0"), data)
             if index % 10 == 9:
-                used = metric(server, "peregrine_response_cache_bytes")
+                used = server.metric("peregrine_response_cache_bytes")
                 assert used is not None and 0 < used <= capacity
-        entries = metric(server, "peregrine_response_cache_entries")
-        evictions = metric(server, "peregrine_response_cache_evictions_total")
+        entries = server.metric("peregrine_response_cache_entries")
+        evictions = server.metric("peregrine_response_cache_evictions_total")
         assert entries is not None and evictions is not None
         assert 1 < entries < len(sent)
         assert entries + evictions == len(sent)
@@ -288,7 +275,7 @@ def test_the_size_bound_holds_under_a_stream_of_distinct_requests(
         infer_fp32(client, "wide", sent[0])
         stats = statistics(client, "wide").inference_stats
         assert stats.cache_hit.count == 1 and stats.cache_miss.count == misses + 1
-    assert metric(server, "peregrine_response_cache_capacity_bytes") == capacity
+    assert server.metric("peregrine_response_cache_capacity_bytes") == capacity
 
 
 # -- versions ---------------------------------------------------------------------------------
@@ -391,10 +378,10 @@ def test_unloading_a_model_drops_its_answers(tmp_path: Path, start_server: Start
     with grpcclient.InferenceServerClient(server.url) as client:
         for seed in range(4):
             infer_fp32(client, "dropped", rows(seed))
-        assert metric(server, "peregrine_response_cache_entries") == 4
+        assert server.metric("peregrine_response_cache_entries") == 4
         client.unload_model("dropped")
-        assert metric(server, "peregrine_response_cache_entries") == 0
-        assert metric(server, "peregrine_response_cache_bytes") == 0
+        assert server.metric("peregrine_response_cache_entries") == 0
+        assert server.metric("peregrine_response_cache_bytes") == 0
         client.load_model("dropped")
         infer_fp32(client, "dropped", rows(0))
         stats = statistics(client, "dropped").inference_stats

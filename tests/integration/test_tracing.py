@@ -22,7 +22,6 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
-from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from tests import model_factory
@@ -116,16 +115,6 @@ def wait_for_trace(receiver: OtlpReceiver, trace_id: bytes, requests: int = 1,
         return len(requests_of(mine)) >= requests and len(mine) >= spans
 
     return of_trace(receiver.wait_for(found, f"trace {trace_id.hex()}"), trace_id)
-
-
-def metric(server: ServerThread, name: str, **labels: str) -> float | None:
-    with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
-        text = response.read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return float(sample.value)
-    return None
 
 
 # -- the spans of a request -------------------------------------------------------------------
@@ -338,9 +327,9 @@ def test_exported_spans_are_counted(server: ServerThread, receiver: OtlpReceiver
     header, trace_id, _ = traceparent()
     client.infer("add_sub", add_sub_inputs(), headers={"traceparent": header})
     wait_for_trace(receiver, trace_id, spans=5)
-    exported = metric(server, "peregrine_trace_spans_total", outcome="exported")
+    exported = server.metric("peregrine_trace_spans_total", outcome="exported")
     assert exported is not None and exported >= 5
-    assert metric(server, "peregrine_trace_spans_total", outcome="dropped") == 0
+    assert server.metric("peregrine_trace_spans_total", outcome="dropped") == 0
 
 
 # -- tracing off ------------------------------------------------------------------------------
