@@ -12,6 +12,7 @@ from server import __version__
 from server.cli.auth import add_auth_parser, run_auth
 from server.cli.drift import add_drift_parser
 from server.cli.health import add_health_parser, run_health
+from server.cli.optimize import add_optimize_parser
 from server.cli.repo import add_repo_parser, run_repo
 from server.cli.route import add_route_parser, run_route
 from server.cli.trt import add_trt_parser, run_trt
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_health_parser(commands)
     add_drift_parser(commands)
     add_trt_parser(commands)
+    add_optimize_parser(commands)
     add_auth_parser(commands)
     _bench_parser(commands)
     return parser
@@ -133,6 +135,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from server.cli.drift import run_drift
 
         return run_drift(args, open_model_offline)
+    if args.command == "optimize":
+        from server.app import open_model_offline
+        from server.cli.optimize import run_optimize
+
+        return run_optimize(args, open_model_offline)
     if args.command == "trt":
         configure_logging("WARNING", "text")  # stderr is the progress bar's
         from server.app import backend_factories

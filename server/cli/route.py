@@ -82,19 +82,7 @@ def add_route_parser(commands: Any) -> None:
                      "counted (default 67108864, 64 MiB)")
     put.add_argument("--canary", metavar="BASELINE:CANDIDATE",
                      help="run a guarded rollout from variant BASELINE to variant CANDIDATE")
-    put.add_argument("--steps", metavar="P1,P2,...",
-                     help="candidate weight in percent at each step (default 1,10,50,100)")
-    put.add_argument("--step-interval", type=float, default=0.0, metavar="SECS",
-                     help="seconds per step before it may advance (default 60)")
-    put.add_argument("--max-p99-ratio", type=float, default=0.0, metavar="R",
-                     help="roll back when the candidate's p99 exceeds R x the baseline's "
-                     "(default 1.5)")
-    put.add_argument("--max-error-rate-increase", type=float, default=0.0, metavar="D",
-                     help="roll back when the candidate's error rate exceeds the baseline's "
-                     "+ D (absolute, default 0.01)")
-    put.add_argument("--min-requests", type=int, default=0, metavar="N",
-                     help="requests the candidate must serve in a step before it is judged "
-                     "(default 20)")
+    add_canary_arguments(put)
     put.add_argument("--sticky-parameter", default="", metavar="NAME",
                      help="request parameter holding the routing key (default routing_key; "
                      "a header reaches the parameters through --grpc-header-forward-pattern)")
@@ -117,6 +105,39 @@ def add_route_parser(commands: Any) -> None:
         action = actions.add_parser(name, help=text, description=text)
         _common(action, defaults=False)
         action.add_argument("model")
+
+
+def add_canary_arguments(parser: argparse._ActionsContainer) -> None:
+    """A canary's steps and guard rails (``route set`` and ``optimize --rollout``); 0 or
+    absent: the server's default."""
+    parser.add_argument("--steps", metavar="P1,P2,...",
+                        help="candidate weight in percent at each step (default 1,10,50,100)")
+    parser.add_argument("--step-interval", type=float, default=0.0, metavar="SECS",
+                        help="seconds per step before it may advance (default 60)")
+    parser.add_argument("--max-p99-ratio", type=float, default=0.0, metavar="R",
+                        help="roll back when the candidate's p99 exceeds R x the baseline's "
+                        "(default 1.5)")
+    parser.add_argument("--max-error-rate-increase", type=float, default=0.0, metavar="D",
+                        help="roll back when the candidate's error rate exceeds the "
+                        "baseline's + D (absolute, default 0.01)")
+    parser.add_argument("--min-requests", type=int, default=0, metavar="N",
+                        help="requests the candidate must serve in a step before it is "
+                        "judged (default 20)")
+
+
+def apply_canary_arguments(canary: admin.Canary, args: argparse.Namespace) -> None:
+    """The steps and guard rails given by :func:`add_canary_arguments`' flags."""
+    if args.steps:
+        del canary.steps[:]
+        canary.steps.extend(_steps(args.steps))
+    if args.step_interval:
+        canary.step_interval_secs = args.step_interval
+    if args.max_p99_ratio:
+        canary.max_p99_ratio = args.max_p99_ratio
+    if args.max_error_rate_increase:
+        canary.max_error_rate_increase = args.max_error_rate_increase
+    if args.min_requests:
+        canary.min_requests = args.min_requests
 
 
 # -- building a table from the flags ----------------------------------------------------------
@@ -205,17 +226,8 @@ def build_table(args: argparse.Namespace) -> admin.RouteTable:
         table.canary.candidate = candidate
     elif any(canary_flags) and not table.HasField("canary"):
         raise UsageError("--steps, --step-interval, --max-* and --min-requests need --canary")
-    if args.steps:
-        del table.canary.steps[:]
-        table.canary.steps.extend(_steps(args.steps))
-    if args.step_interval:
-        table.canary.step_interval_secs = args.step_interval
-    if args.max_p99_ratio:
-        table.canary.max_p99_ratio = args.max_p99_ratio
-    if args.max_error_rate_increase:
-        table.canary.max_error_rate_increase = args.max_error_rate_increase
-    if args.min_requests:
-        table.canary.min_requests = args.min_requests
+    if any(canary_flags):
+        apply_canary_arguments(table.canary, args)
     if args.sticky_parameter:
         table.sticky_parameter = args.sticky_parameter
     if not table.variants:
