@@ -185,8 +185,8 @@ class Rollout:
             status = self._get(plan.model)
         self._say(format_status(status))
         if status.canary_state == "promoted":
-            return Outcome(True, f"version {plan.candidate} serves all of '{plan.model}''s "
-                           "unversioned traffic")
+            return Outcome(True, f"version {plan.candidate} serves all unversioned traffic "
+                           f"of '{plan.model}'")
         return Outcome(False, f"canary {status.canary_state}: {status.canary_reason}")
 
 
