@@ -14,10 +14,10 @@ from typing import Any
 from server.cli.connection import add_connection_arguments, client_security
 from server.cli.route import USER_HEADER, add_canary_arguments, apply_canary_arguments
 from server.interfaces import Backend
+from server.optimize import METHODS
 from server.spec import ModelSpec
 
 ModelOpener = Callable[[Path, str], tuple[ModelSpec, Callable[[str], Backend]]]
-METHODS = ("graph", "dynamic-int8", "static-int8", "fp16")
 
 
 def add_optimize_parser(commands: Any) -> None:

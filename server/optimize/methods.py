@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from server.optimize import METHODS
 from server.types import Array
 
-METHODS = ("graph", "dynamic-int8", "static-int8", "fp16")
 #: Rows per calibration batch handed to the static quantiser.
 CALIBRATION_BATCH = 32
 #: Calibration rows used at most (the MinMax ranges settle long before).
