@@ -38,8 +38,19 @@ def produce(method: str, source: Path, target: Path,
     if method not in METHODS:
         raise ValueError(f"unknown method '{method}'; methods: {', '.join(METHODS)}")
     require_onnx()
-    # The quantiser logs its advice (pre-processing, per-channel) on the root logger.
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
+    # The quantiser logs its advice (pre-processing, per-channel) on the root logger: quiet
+    # while it runs, the level restored after.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    try:
+        _produce(method, source, target, calibration)
+    finally:
+        root.setLevel(level)
+
+
+def _produce(method: str, source: Path, target: Path,
+             calibration: Mapping[str, Array] | None) -> None:
     if method == "graph":
         _graph(source, target)
     elif method == "dynamic-int8":
