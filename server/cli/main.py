@@ -10,6 +10,7 @@ from pathlib import Path
 
 from server import __version__
 from server.cli.auth import add_auth_parser, run_auth
+from server.cli.batch import add_batch_parser
 from server.cli.drift import add_drift_parser
 from server.cli.health import add_health_parser, run_health
 from server.cli.repo import add_repo_parser, run_repo
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_drift_parser(commands)
     add_trt_parser(commands)
     add_auth_parser(commands)
+    add_batch_parser(commands)
     _bench_parser(commands)
     return parser
 
@@ -133,6 +135,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from server.cli.drift import run_drift
 
         return run_drift(args, open_model_offline)
+    if args.command == "batch":
+        configure_logging("WARNING", "text")  # stderr is the progress bar's
+        from server.app import open_offline
+        from server.cli.batch import run_batch
+
+        return run_batch(args, open_offline)
     if args.command == "trt":
         configure_logging("WARNING", "text")  # stderr is the progress bar's
         from server.app import backend_factories
