@@ -154,7 +154,8 @@ async def _score_rows(scorer: Scorer, inputs: Mapping[str, Array], first: int, l
 
     for begin in range(first, last, step):
         if spec.batches:
-            request_inputs = {name: value[begin:begin + step] for name, value in inputs.items()}
+            end = min(begin + step, last)
+            request_inputs = {name: value[begin:end] for name, value in inputs.items()}
         else:
             request_inputs = {name: value[begin] for name, value in inputs.items()}
         request = InferRequest(spec.name, scorer.version, str(begin), request_inputs,
