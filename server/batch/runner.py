@@ -43,6 +43,8 @@ class Scorer(Protocol):
 
     def submit(self, request: InferRequest) -> asyncio.Future[InferResponse]: ...
 
+    async def close(self) -> None: ...
+
 
 @dataclass(frozen=True, slots=True)
 class Options:

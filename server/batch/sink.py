@@ -24,13 +24,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import sqlalchemy as sa  # the batch extra: `peregrine batch` says so when it is missing
+
 from server.spec import ModelSpec, TensorSpec
 from server.types import Array, DataType
-
-try:
-    import sqlalchemy as sa
-except ImportError:  # pragma: no cover - the CLI says which extra to install
-    sa = None
 
 #: Outputs with at most this many elements per row get a column per element.
 WIDE_LIMIT = 64
@@ -91,9 +88,6 @@ class Sink:
     """One output database. ``write_chunk`` is called from one writer thread at a time."""
 
     def __init__(self, url: str, table: str, spec: ModelSpec) -> None:
-        if sa is None:
-            raise SinkError("writing predictions needs SQLAlchemy: pip install "
-                            "'peregrine[batch]'")
         try:
             self.engine = sa.create_engine(url)
         except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as exc:
@@ -166,7 +160,9 @@ class Sink:
                 result = conn.execute(self.runs.insert().values(
                     digest=digest, source=source, model=self.model, model_version=version,
                     chunk_rows=chunk_rows, rows=rows, started_at=_now()))
-                run_id = int(result.inserted_primary_key[0])
+                key = result.inserted_primary_key
+                assert key is not None
+                run_id = int(key[0])
         except sa.exc.SQLAlchemyError as exc:
             raise SinkError(f"cannot record the run: {_reason(exc)}") from None
         return Run(run_id, chunk_rows, frozenset(), False)

@@ -104,6 +104,9 @@ def _stack(names: list[str], columns: Mapping[str, Array]) -> Array:
 def _ids(id_column: str, values: Array | None, rows: int) -> list[str]:
     if values is None:
         return [str(i) for i in range(rows)]
+    if values.dtype.kind == "f" and np.isfinite(values).all() \
+            and (values == np.round(values)).all():
+        values = values.astype(np.int64)  # a CSV's numbers are read as floats: 7, not 7.0
     ids = [str(v) for v in values.tolist()]
     seen: dict[str, int] = {}
     for row, value in enumerate(ids):
@@ -161,14 +164,14 @@ def _conform(where: str, value: Array, tensor: TensorSpec) -> Array:
     if value.ndim == 1 and dims not in ((), (1,)):
         width = math.prod(dims)
         raise TableError(f"input '{tensor.name}' takes {width} values per row "
-                         f"(dims {list(dims)}); {quoted} gives 1")
+                         f"(dims {list(dims)}); the file gives 1 ({quoted})")
     if value.ndim == 1:
         value = value.reshape((-1, *dims))
     if all(d > 0 for d in dims) and value.shape[1:] != tuple(dims):
         if math.prod(value.shape[1:]) != math.prod(dims):
             raise TableError(
                 f"input '{tensor.name}' takes {math.prod(dims)} values per row (dims "
-                f"{list(dims)}); {quoted} gives {math.prod(value.shape[1:])}")
+                f"{list(dims)}); the file gives {math.prod(value.shape[1:])} ({quoted})")
         value = value.reshape((value.shape[0], *dims))
     return np.ascontiguousarray(value)
 

@@ -17,10 +17,7 @@ if TYPE_CHECKING:
     from server.batch.runner import Outcome, Scorer
 
     #: (repository, model, version) -> the model served without a transport
-    ModelOpener = Callable[[Path, str, str], Awaitable["OfflineScorer"]]
-
-    class OfflineScorer(Scorer):
-        async def close(self) -> None: ...
+    ModelOpener = Callable[[Path, str, str], Awaitable[Scorer]]
 
 
 def add_batch_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

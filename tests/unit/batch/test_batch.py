@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import os
 import signal
 import sqlite3
 import subprocess
@@ -23,7 +22,7 @@ import sqlalchemy as sa
 
 from server.app import open_offline
 from server.batch import cron
-from server.batch.runner import Options, score_file
+from server.batch.runner import Options
 from server.batch.sink import Sink
 from server.batch.watch import run_schedule
 from server.cli.main import main
@@ -196,3 +195,118 @@ def test_a_database_that_refuses_writes_stops_and_keeps_finished_chunks(
         conn.execute("DROP TRIGGER quota")
     assert main(args) == 0
     check_scores(url, mlp, features, [str(i) for i in range(ROWS)])
+
+
+def test_resumes_after_a_kill_without_duplicates_or_gaps(tmp_path: Path) -> None:
+    """kill -9 in the middle, then the same command again: every row once."""
+    repo = tmp_path / "repo"
+    model_factory.slow_model(repo, "slow", delay_ms=30.0, max_batch_size=8)
+    rows = 160
+    x = np.random.default_rng(3).random((rows, model_factory.SLOW_WIDTH), dtype=np.float32)
+    np.savez(tmp_path / "rows.npz", INPUT0=x)
+    db = tmp_path / "out.db"
+    command = [sys.executable, "-m", "server.cli", "batch", "--model", "slow", "--repository",
+               str(repo), "--input", str(tmp_path / "rows.npz"), "--output",
+               f"sqlite:///{db}", "--batch-size", "8", "--chunk-rows", "8", "--no-progress"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    done = 0
+    deadline = time.monotonic() + 60
+    while done < 3 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+        if db.exists():
+            try:
+                with sqlite3.connect(db) as conn:
+                    done = conn.execute("SELECT count(*) FROM predictions_chunks").fetchone()[0]
+            except sqlite3.OperationalError:
+                pass  # the tables are not there yet
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=30)
+    assert done >= 3
+    with sqlite3.connect(db) as conn:
+        partial = conn.execute("SELECT count(*) FROM predictions").fetchone()[0]
+    assert 0 < partial < rows
+    resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                             check=False)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"scored {rows - partial} rows" in resumed.stdout
+    with sqlite3.connect(db) as conn:
+        ids = [int(r[0]) for r in conn.execute("SELECT row_id FROM predictions")]
+        outputs = dict(conn.execute("SELECT row_id, OUTPUT0 FROM predictions").fetchall())
+    assert sorted(ids) == list(range(rows))
+    want = model_factory.slow_model_expected(x, 30.0)
+    for row in (0, rows // 2, rows - 1):
+        np.testing.assert_array_equal(np.asarray(eval(outputs[str(row)]), np.float32), want[row])
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("short.csv", "f0,f1\n1,2\n3,4\n", "input 'input' takes 64 values per row (dims [64]); "
+     "the file gives 2 (columns f0..f1)"),
+    ("word.csv", "id," + ",".join(f"f{i}" for i in range(64)) + "\n"
+     + "7," + ",".join(["0.5"] * 64) + "\n" + "8," + ",".join(["0.5"] * 30 + ["abc"]
+                                                              + ["0.5"] * 33) + "\n",
+     "column 'f30', row 1: 'abc' is not a number"),
+    ("ragged.csv", "a,b\n1,2\n3\n", "row 1 (line 3) has 1 cells; the header names 2 columns"),
+    ("other.npz", None, "missing array for input(s) ['input']; the file has ['features']"),
+    ("dup.csv", "id," + ",".join(f"f{i}" for i in range(64)) + "\n"
+     + "\n".join("7," + ",".join(["0.5"] * 64) for _ in range(2)) + "\n",
+     "column 'id', row 1: id '7' repeats row 0"),
+    ("rows.txt", "", "unsupported input file"),
+])
+def test_bad_files_name_the_row_or_column(mlp: Path, tmp_path: Path, name: str,
+                                          content: str | None, message: str,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / name
+    if content is None:
+        np.savez(path, features=np.zeros((3, 64), np.float32))
+    else:
+        path.write_text(content)
+    code = main(["batch", "--model", "mlp_classifier", "--repository", str(mlp), "--input",
+                 str(path), "--output", f"sqlite:///{tmp_path / 'out.db'}", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert message in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_cron_syntax() -> None:
+    schedule = cron.parse("*/15 9-17 * * 1-5")
+    import datetime
+
+    monday = datetime.datetime(2026, 12, 7, 17, 50, 3)
+    assert schedule.next_after(monday) == datetime.datetime(2026, 12, 8, 9, 0, 0)
+    assert cron.parse("*/10 * * * * *").next_after(monday) == monday.replace(second=10)
+    with pytest.raises(ValueError, match="minute field '61'"):
+        cron.parse("61 * * * *")
+
+
+def test_watch_scores_a_new_file_once(mlp: Path, features: np.ndarray,
+                                      tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    url = f"sqlite:///{tmp_path / 'out.db'}"
+    reported: list[Path] = []
+
+    async def run() -> None:
+        scored = asyncio.Event()
+        model = await open_offline(mlp, "mlp_classifier", "2")
+        sink = Sink(url, "predictions", model.spec)
+        sink.create()
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_schedule(
+            model, sink, cron.parse("* * * * * *"), folder, None,
+            Options(batch_size=64, chunk_rows=128, progress=False), stop,
+            lambda path, outcome: (reported.append(path), scored.set())))
+        np.savez(folder / "a.npz", input=features[:100])
+        await asyncio.wait_for(scored.wait(), 30)
+        # The same rows under another name, and a later tick: nothing scored again.
+        (folder / "copy.npz").write_bytes((folder / "a.npz").read_bytes())
+        await asyncio.sleep(2.2)
+        stop.set()
+        await task
+        sink.close()
+        await model.close()
+
+    asyncio.run(run())
+    assert reported == [folder / "a.npz"]
+    assert len(read_predictions(url)) == 100
