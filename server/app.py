@@ -94,6 +94,7 @@ from server.tracing.codec import TracedCodec
 from server.tracing.config import TraceConfig
 from server.tracing.settings import TraceSettings
 from server.tracing.trace import Tracer
+from server.types import InferRequest, InferResponse
 
 if TYPE_CHECKING:
     from server.drift.analyser import DriftAnalyser
@@ -543,6 +544,46 @@ def open_model_offline(repository: Path, model: str) -> tuple[ModelSpec, Callabl
         return factory.load(spec, str(model_dir / version), 0)
 
     return spec, load
+
+
+class OfflineModel:
+    """One model served by the server's own pieces (repository manager, backends,
+    preprocessing, dynamic batcher, data plane) without a transport: ``peregrine batch``
+    submits its InferRequests here as the gRPC servicer does."""
+
+    def __init__(self, manager: ModelManager, dataplane: DataPlane, spec: ModelSpec,
+                 version: str) -> None:
+        self._manager = manager
+        self._dataplane = dataplane
+        self.spec = spec
+        self.version = version
+
+    def submit(self, request: InferRequest) -> asyncio.Future[InferResponse]:
+        return self._dataplane.submit(request)
+
+    async def close(self) -> None:
+        await self._manager.close(30.0)
+
+
+async def open_offline(repository: Path, model: str, version: str = "") -> OfflineModel:
+    """Load ``model`` (``version``, else what its version policy serves, the highest then
+    chosen) from a filesystem repository as ``peregrine serve`` would, explicit control mode,
+    no state file. Raises ModelLoadError or ModelNotFound as a server load does."""
+    manager = ModelManager(
+        FilesystemSource(repository), backend_factories(),
+        batcher_factory(select_packer(), ServerSettings().execution_timeout_secs),
+        MetricsRegistry(), load_threads=1, parameter_keys=PARAMETER_KEYS,
+        parameter_checks=PARAMETER_CHECKS)
+    await manager.start(ControlMode.EXPLICIT)
+    try:
+        await manager.load_model(model, versions=(version,) if version else None)
+        served = manager.catalog.get(model, version)
+    except BaseException:
+        await manager.close(0.0)
+        raise
+    dataplane = DataPlane(manager.catalog)
+    manager.subscribe(dataplane.use_catalog)
+    return OfflineModel(manager, dataplane, served.spec, served.version)
 
 
 def _merged_pool() -> descriptor_pool.DescriptorPool:

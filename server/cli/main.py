@@ -10,6 +10,7 @@ from pathlib import Path
 
 from server import __version__
 from server.cli.auth import add_auth_parser, run_auth
+from server.cli.batch import add_batch_parser
 from server.cli.drift import add_drift_parser
 from server.cli.health import add_health_parser, run_health
 from server.cli.optimize import add_optimize_parser
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_trt_parser(commands)
     add_optimize_parser(commands)
     add_auth_parser(commands)
+    add_batch_parser(commands)
     _bench_parser(commands)
     return parser
 
@@ -140,6 +142,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from server.cli.optimize import run_optimize
 
         return run_optimize(args, open_model_offline)
+    if args.command == "batch":
+        configure_logging("WARNING", "text")  # stderr is the progress bar's
+        from server.app import open_offline
+        from server.cli.batch import run_batch
+
+        return run_batch(args, open_offline)
     if args.command == "trt":
         configure_logging("WARNING", "text")  # stderr is the progress bar's
         from server.app import backend_factories
