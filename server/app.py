@@ -98,6 +98,7 @@ from server.types import InferRequest, InferResponse
 
 if TYPE_CHECKING:
     from server.drift.analyser import DriftAnalyser
+    from server.drift.retrain import RetrainHook, Run
     from server.tracing.exporter import SpanExporter
 
 log = logging.getLogger(__name__)
@@ -152,15 +153,19 @@ def model_source(settings: ServerSettings) -> ModelSource:
     return FilesystemSource(settings.model_repository)
 
 
-def build_guard(settings: ServerSettings, metrics: MetricsRegistry) -> Guard | None:
+def open_audit(settings: ServerSettings) -> AuditLog | None:
+    return AuditLog(settings.audit_log, settings.audit_log_max_bytes,
+                    settings.audit_log_backups) if settings.audit_log else None
+
+
+def build_guard(settings: ServerSettings, metrics: MetricsRegistry,
+                audit: AuditLog | None) -> Guard | None:
     """The authorization guard the security options ask for; None when none is set (then no
-    handler is wrapped and nothing is checked per request)."""
+    handler is wrapped and nothing is checked per request). It closes ``audit`` at stop."""
     restrictions = parse_restrictions(settings.grpc_restricted_protocol)
     default_limit = parse_limit(settings.rate_limit) if settings.rate_limit else None
     model_limits = parse_model_limits(settings.model_rate_limit)
     authenticator = Authenticator(settings.auth_file) if settings.auth_file else None
-    audit = AuditLog(settings.audit_log, settings.audit_log_max_bytes,
-                     settings.audit_log_backups) if settings.audit_log else None
     if not (restrictions or default_limit or model_limits or authenticator or audit):
         return None
     counters = SecurityMetrics(metrics.registry)
@@ -282,10 +287,13 @@ class PeregrineServer:
         self._frontends: Frontends | None = None
         self._metrics_http: Any = None
         self.drift: DriftAnalyser | None = None
+        self.retrain: RetrainHook | None = None
         #: Client-registered system shared-memory regions; closed at stop.
         self.shared_memory = SharedMemoryRegistry(settings.shm_max_regions,
                                                   settings.shm_max_mapped_bytes)
-        self.guard = build_guard(settings, self.metrics)
+        #: Control actions, refusals and retrain hook runs (--audit-log); None without it.
+        self.audit = open_audit(settings)
+        self.guard = build_guard(settings, self.metrics, self.audit)
         self._auth_watcher: asyncio.Task[None] | None = None
         #: What LogSettings reads and changes; the logging is put back at stop.
         self.log_settings = LogSettings(settings.log_level, settings.log_format)
@@ -477,6 +485,8 @@ class PeregrineServer:
             await asyncio.to_thread(self.trace_exporter.close, left())
         if self.drift is not None:
             await loop.run_in_executor(None, self.drift.stop)
+        if self.retrain is not None:
+            await loop.run_in_executor(None, self.retrain.close)
         self.shared_memory.close()
         self.log_settings.close()
         if self.guard is not None:
@@ -509,7 +519,9 @@ class PeregrineServer:
         self.repository.subscribe(lambda catalog: sampler.retain(frozenset(
             (s.spec.name, s.version) for s in catalog.served_versions())))
         gauges = DriftMetrics(self.metrics.registry)
-        analyser = DriftAnalyser(sampler, self.settings.models_root, gauges)
+        self.retrain = self._retrain_hook(gauges)
+        analyser = DriftAnalyser(sampler, self.settings.models_root, gauges,
+                                 retrain=self.retrain)
         gauges.count_from(lambda: [
             DriftCounts(s.model, s.version, s.ring.pushed, s.ring.dropped, s.unprofiled)
             for s in sampler.samplers()
@@ -519,6 +531,26 @@ class PeregrineServer:
         analyser.start()
         self.drift = analyser
         return sampler
+
+    def _retrain_hook(self, gauges: DriftMetrics) -> RetrainHook | None:
+        """The continuous-training hook (--retrain-command / --retrain-url), if configured:
+        each run counted, and audited when there is an audit log."""
+        settings = self.settings.retrain
+        if not settings.enabled:
+            return None
+        from server.drift.retrain import RetrainHook
+
+        audit = self.audit
+
+        def record(run: Run) -> None:
+            gauges.retrain_run(run.model, run.version, run.outcome)
+            if audit is not None:
+                audit.record(identity="peregrine", source="server", peer="",
+                             rpc="RetrainHook", target=run.model,
+                             outcome="OK" if run.outcome == "ok" else run.outcome.upper(),
+                             detail=f"version {run.version}, {run.reason}: {run.detail}")
+
+        return RetrainHook(settings, self.settings.models_root, record)
 
 
 def _wants_drift(spec: ModelSpec) -> bool:

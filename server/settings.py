@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from server.drift.retrain_options import RetrainSettings
 from server.tracing.config import TraceConfig, check_extra, parse_trace_config
 
 ENV_PREFIX = "PEREGRINE_"
@@ -167,6 +168,13 @@ class ServerSettings:
     audit_log: Path | None = None
     audit_log_max_bytes: int = 64 * MIB
     audit_log_backups: int = 5
+    # -- the continuous-training hook (server/drift/retrain.py) --
+    retrain_command: str = ""
+    retrain_url: str = ""
+    retrain_cooldown_secs: float = 3600.0
+    retrain_timeout_secs: float = 300.0
+    retrain_every_rows: int = 0
+    retrain_every_secs: float = 0.0
     allow_client_shm: bool = False
     shm_remote_registration: bool = False
     shm_max_regions: int = 64
@@ -228,6 +236,13 @@ class ServerSettings:
                 raise ValueError(f"trace_config: {exc}") from None
         self._check_security()
         self._check_bounds()
+        self.retrain.check()
+
+    @property
+    def retrain(self) -> RetrainSettings:
+        return RetrainSettings(self.retrain_command, self.retrain_url,
+                               self.retrain_cooldown_secs, self.retrain_timeout_secs,
+                               self.retrain_every_rows, self.retrain_every_secs)
 
     def _check_bounds(self) -> None:
         for name in ("max_inflight_requests", "grpc_max_pending_calls", "frontends",
@@ -443,6 +458,24 @@ OPTIONS: tuple[Option, ...] = (
     Option("audit_log_max_bytes", int,
            "Size at which the audit log rotates. Default: 67108864 (64 MiB)."),
     Option("audit_log_backups", int, "Rotated audit logs kept. Default: 5."),
+    Option("retrain_command", str,
+           "Command run when a drift-monitored version's fixed window is at alert (and see "
+           "--retrain-every-*), at most once per cool-down per version: split like a shell "
+           "line, run without a shell, the JSON payload on stdin and in the file "
+           "$PEREGRINE_RETRAIN_PAYLOAD. Default: none."),
+    Option("retrain_url", str,
+           "http(s) URL the same JSON payload is POSTed to instead of a command. "
+           "Default: none."),
+    Option("retrain_cooldown_secs", float,
+           "Shortest time between two retrain runs of one model version. Default: 3600."),
+    Option("retrain_timeout_secs", float,
+           "A retrain command is killed (with what it started), or a POST abandoned, after "
+           "this. Default: 300."),
+    Option("retrain_every_rows", int,
+           "Also run the retrain hook after this many newly sampled rows. Default: 0 (never)."),
+    Option("retrain_every_secs", float,
+           "Also run the retrain hook this long after its last run (or after monitoring "
+           "began). Default: 0 (never)."),
     Option("allow_client_shm", parse_bool,
            "Let clients register system shared-memory regions. Default: false."),
     Option("shm_remote_registration", parse_bool,

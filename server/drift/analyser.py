@@ -3,7 +3,8 @@
 Every ``interval`` seconds it drains each drift-enabled version's ring, turns the samples into
 feature rows, feeds the sliding and fixed windows, evaluates them against the version's
 reference profile, sets the gauges, logs level changes and writes completed fixed windows to
-the sample store. It loads a version's profile on first sight (and retries while there is
+the sample store, and asks the retrain hook (server/drift/retrain.py) whether a run is due.
+It loads a version's profile on first sight (and retries while there is
 none, so profiling a live version needs no restart) and only then lets its sampler copy.
 An error in one version is logged once and does not stop the others or the thread.
 
@@ -31,6 +32,7 @@ from server.drift import profile as profiles
 from server.drift.detect import Level, WindowReport, evaluate
 from server.drift.features import Kind, Role, TensorLayout, layouts
 from server.drift.profile import ReferenceProfile
+from server.drift.retrain import RetrainHook
 from server.drift.sampler import DriftSampler, VersionSampler
 from server.drift.store import SampleStore
 from server.drift.window import Block, Windows, assemble
@@ -88,6 +90,7 @@ class DriftAnalyser:
         interval: float = 0.25,
         sliding_every: float = 2.0,
         profile_retry: float = 10.0,
+        retrain: RetrainHook | None = None,
     ) -> None:
         self._sampler = sampler
         self._repository = repository
@@ -95,6 +98,7 @@ class DriftAnalyser:
         self._interval = interval
         self._sliding_every = sliding_every
         self._profile_retry = profile_retry
+        self._retrain = retrain
         self._states: dict[VersionSampler, _VersionState] = {}
         #: CPU seconds this analyser has used (its whole cost, as the hot path's is measured
         #: apart): exported as peregrine_drift_analyser_cpu_seconds_total.
@@ -171,6 +175,8 @@ class DriftAnalyser:
                 (s.model, s.version) == (gone.model, gone.version) for s in live
             ):
                 self._gauges.forget(gone.model, gone.version)
+            if self._retrain is not None:
+                self._retrain.forget(gone.model, gone.version)
         produced: list[WindowReport] = []
         for sampler in live:
             state = self._states.get(sampler)
@@ -178,6 +184,7 @@ class DriftAnalyser:
                 state = self._states[sampler] = _VersionState(sampler)
             try:
                 produced += self._pass(state, now)
+                self._consider_retraining(state, now)
             except Exception as exc:
                 message = repr(exc)
                 if message != state.last_error:
@@ -221,6 +228,17 @@ class DriftAnalyser:
             self._publish(state, report)
             produced.append(report)
         return produced
+
+    def _consider_retraining(self, state: _VersionState, now: float) -> None:
+        """Every pass (not only when a window closes), so a version that stays at alert is
+        retrained again once the cool-down has passed."""
+        report = state.latest.get(FIXED)
+        if self._retrain is None or report is None or state.windows is None:
+            return
+        store = state.store
+        self._retrain.consider(report, state.windows.total_rows,
+                               store.directory if store is not None else None,
+                               store.format if store is not None else "", now)
 
     def _fixed(self, state: _VersionState, block: Block, partial: bool) -> WindowReport:
         assert state.profile is not None

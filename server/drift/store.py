@@ -108,6 +108,11 @@ def _listing(directory: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def window_files(directory: Path) -> list[Path]:
+    """The window files of one version's store, oldest first (what a retrain script reads)."""
+    return [path for _, path in _listing(directory)]
+
+
 def to_columns(block: Block, profile: ReferenceProfile) -> dict[str, Array]:
     columns: dict[str, Array] = {"request_id": block.request_ids.astype(str)}
     for tensor in profile.tensors:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
@@ -76,6 +76,12 @@ class DriftMetrics:
                             MODEL_LABELS)
         self._rows = gauge("peregrine_drift_window_rows", "Rows in the evaluated window.",
                            MODEL_LABELS)
+        self._retrain = Counter(
+            "peregrine_retrain_hook_runs",
+            "Runs of the retrain hook (--retrain-command / --retrain-url) by outcome: ok, "
+            "failed (non-zero exit or HTTP status), timeout, error (could not start or "
+            "connect), dropped (too many waiting).",
+            ("model", "version", "outcome"), registry=registry)
         self._counts = _CountsCollector()
         registry.register(self._counts)
         #: The (feature, window) and window labels set per (model, version), to forget them.
@@ -103,6 +109,9 @@ class DriftMetrics:
         self._score.labels(model, version, window).set(score)
         self._level.labels(model, version, window).set(level)
         self._rows.labels(model, version, window).set(rows)
+
+    def retrain_run(self, model: str, version: str, outcome: str) -> None:
+        self._retrain.labels(model, version, outcome).inc()
 
     def forget(self, model: str, version: str) -> None:
         """Drop every gauge of a version no longer monitored (no longer served)."""
