@@ -153,6 +153,14 @@ def write_version(
 ) -> Path:
     """Write ``files`` into ``repo/name/version/`` (replacing the version directory in one
     step, as write_model describes) and ``repo/name/config.pbtxt``."""
+    final = write_version_dir(repo, name, version, files)
+    _atomic_write_bytes(repo / name / "config.pbtxt", config_text.encode())
+    return final
+
+
+def write_version_dir(repo: Path, name: str, version: int, files: dict[str, bytes]) -> Path:
+    """Write ``files`` into ``repo/name/version/`` through a hidden temporary directory
+    renamed into place in one step; the model's config is left alone."""
     model_dir = repo / name
     model_dir.mkdir(parents=True, exist_ok=True)
     final = model_dir / str(version)
@@ -165,7 +173,6 @@ def write_version(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    _atomic_write_bytes(model_dir / "config.pbtxt", config_text.encode())
     return final
 
 
@@ -284,6 +291,19 @@ def build_mlp(
 
     Returns the test accuracy of the scikit-learn model.
     """
+    model, accuracy = train_mlp(version, seed, hidden, digits)
+    write_model(out_dir, "mlp_classifier", version, model, MLP_CONFIG)
+    return accuracy
+
+
+def train_mlp(
+    version: int,
+    seed: int,
+    hidden: Sequence[int] = (32,),
+    digits: Digits | None = None,
+) -> tuple[onnx.ModelProto, float]:
+    """Train ``mlp_classifier`` on ``digits`` and convert it (checked against scikit-learn);
+    returns the ONNX model and the scikit-learn model's test accuracy."""
     data = digits if digits is not None else load_digits_split()
     clf = MLPClassifier(hidden_layer_sizes=tuple(hidden), max_iter=400, random_state=seed)
     pipe = Pipeline([("scale", StandardScaler()), ("mlp", clf)])
@@ -323,8 +343,7 @@ def build_mlp(
         f"load_digits MLP, hidden={tuple(hidden)}, seed={seed}, test accuracy {accuracy:.4f}"
     )
     _check_mlp_against_sklearn(model, pipe, data)
-    write_model(out_dir, "mlp_classifier", version, model, MLP_CONFIG)
-    return accuracy
+    return model, accuracy
 
 
 def _free_name(graph: onnx.GraphProto, name: str) -> None:
