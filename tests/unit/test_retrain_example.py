@@ -19,7 +19,7 @@ from server.drift import profile as profiles
 from server.drift.store import SampleStore
 from server.drift.window import Block
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_example_publishes_a_loadable_next_version(examples_repo: Path,
