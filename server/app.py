@@ -504,6 +504,9 @@ class PeregrineServer:
         0 in its config); versions loaded later are picked up on their first request."""
         served = self.repository.catalog.served_versions()
         if not any(_wants_drift(s.spec) for s in served):
+            if self.settings.retrain.enabled:
+                log.warning("the retrain hook never runs: no model loaded at start monitors "
+                            "drift (drift_sample_rate above 0 in its config)")
             return None
         try:
             from server.drift.analyser import DriftAnalyser

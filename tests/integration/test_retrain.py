@@ -24,6 +24,7 @@ from server.cli import main
 from server.drift.detect import Level, WindowReport
 from server.drift.retrain import FAILED, RetrainHook, Run
 from server.drift.retrain_options import RetrainSettings
+from tests import model_factory
 from tests.integration.test_drift import CLASSES, DRIFTED, FEATURES, classifier
 from tests.model_factory import TensorSpec, render_config, write_model
 from tests.server_harness import ServerThread
@@ -196,3 +197,11 @@ def test_a_failing_command_is_recorded_with_its_exit_status_and_output(tmp_path:
     (run,) = runs
     assert (run.model, run.version, run.outcome, run.detail) == ("m", "2", FAILED, "exit 3")
     assert "no data" in run.tail
+
+
+def test_a_hook_with_no_drift_monitoring_says_it_never_runs(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    model_factory.identity_model(tmp_path, "plain", "FP32")  # no drift_sample_rate
+    with ServerThread(tmp_path, retrain_command="true"):
+        pass
+    assert any("the retrain hook never runs" in r.getMessage() for r in caplog.records)
