@@ -239,6 +239,33 @@ def test_resumes_after_a_kill_without_duplicates_or_gaps(tmp_path: Path) -> None
         np.testing.assert_array_equal(np.asarray(eval(outputs[str(row)]), np.float32), want[row])
 
 
+def test_two_instances_score_through_the_data_plane(tmp_path: Path) -> None:
+    """One instance: whole chunks go to the version's executor directly (run_alone); two:
+    requests go through the data plane's queue to keep both busy. Both write every row."""
+    repo = tmp_path / "repo"
+    model_factory.identity_model(repo, "one", "FP32", max_batch_size=8)
+    model_factory.identity_model(repo, "two", "FP32", max_batch_size=8, instance_count=2)
+    x = np.random.default_rng(5).random((50, 3), dtype=np.float32)
+    np.savez(tmp_path / "rows.npz", INPUT0=x)
+
+    async def runs_direct(name: str) -> bool:
+        model = await open_offline(repo, name)
+        direct = model.runs_direct
+        await model.close()
+        return direct
+
+    assert asyncio.run(runs_direct("one")) and not asyncio.run(runs_direct("two"))
+    for name in ("one", "two"):
+        url = f"sqlite:///{tmp_path / name}.db"
+        assert main(["batch", "--model", name, "--repository", str(repo), "--input",
+                     str(tmp_path / "rows.npz"), "--output", url, "--batch-size", "8",
+                     "--chunk-rows", "20", "--no-progress"]) == 0
+        got = {row.row_id: row.OUTPUT0 for row in read_predictions(url)}
+        assert sorted(got, key=int) == [str(i) for i in range(50)]
+        np.testing.assert_array_equal(np.array([eval(got[str(i)]) for i in range(50)],
+                                               np.float32), x)
+
+
 @pytest.mark.parametrize(("name", "content", "message"), [
     ("short.csv", "f0,f1\n1,2\n3,4\n", "input 'input' takes 64 values per row (dims [64]); "
      "the file gives 2 (columns f0..f1)"),
