@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,8 +35,8 @@ from typing import Any
 import tritonclient.grpc as grpcclient
 
 from bench.compare.model_repo import comparison_repository, ensure_examples
-from bench.compare.servers import PeregrineProcess, ServerProcess
-from bench.loadgen.environment import environment
+from bench.compare.servers import PeregrineProcess, ServerProcess, pinned
+from bench.loadgen.environment import REPO_ROOT, environment
 from bench.results_md import RESULTS_DIR, replace_section, section_header
 from bench.studies.bar_chart import grouped_bars
 from bench.studies.bench_run import drive
@@ -44,7 +46,9 @@ SECTION = "## Frontend processes: the cost of the process boundary"
 RESULTS_JSON = RESULTS_DIR / "frontends.json"
 RESULTS_PNG = RESULTS_DIR / "frontends.png"
 MODEL = "mlp_classifier"
-RPCS = ("unary", "stream")
+#: ModelInfer unary and streaming, and ModelReady (bench/studies/ready_load.py): no batching
+#: and no model, so its CPU per call is the per-call path alone, the boundary's cost included.
+RPCS = ("unary", "stream", "ready")
 CONCURRENCY = 64
 IPC_GOAL_US = 25.0
 
@@ -60,8 +64,25 @@ def batch_counts(url: str) -> dict[int, int]:
     return counts
 
 
+def ready_step(server: ServerProcess, args: argparse.Namespace) -> dict[str, Any]:
+    """ModelReady in a closed loop at CONCURRENCY, from the client CPUs."""
+    argv = pinned([sys.executable, "-m", "bench.studies.ready_load", "--url", server.url,
+                   "--model", MODEL, "--server-pid", str(server.pid),
+                   "--concurrency", str(CONCURRENCY), "--seconds", str(args.seconds),
+                   "--warmup", str(args.warmup)], args.client_cpus)
+    done = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"ModelReady load failed:\n{done.stderr[-2000:]}")
+    figures = json.loads(done.stdout)
+    return {"throughput_rps": round(figures["calls_per_s"], 1), "p50_ms": None,
+            "p99_ms": None, "server_cpu_us_per_request": figures["server_cpu_us_per_call"],
+            "errors": 0, "batches": {}, "mean_batch": None}
+
+
 def step(server: ServerProcess, rpc: str, args: argparse.Namespace,
          out: Path) -> dict[str, Any]:
+    if rpc == "ready":
+        return ready_step(server, args)
     before = batch_counts(server.url)
     figures = drive(server, MODEL, rpc, CONCURRENCY, args.seconds, args.warmup, out,
                     ("--processes", str(args.client_processes)), args.client_cpus)
@@ -107,10 +128,12 @@ def summarise(runs: list[dict[str, Any]], counts: Sequence[int]) -> list[dict[st
         for count in counts:
             mine = [r for r in runs if r["rpc"] == rpc and r["frontends"] == count]
 
-            def median(key: str, mine: list[dict[str, Any]] = mine) -> float:
-                return float(statistics.median(r[key] for r in mine if r[key] is not None))
+            def median(key: str, mine: list[dict[str, Any]] = mine) -> float | None:
+                values = [r[key] for r in mine if r[key] is not None]
+                return float(statistics.median(values)) if values else None
 
             cpu = median("server_cpu_us_per_request")
+            assert cpu is not None
             base = cpu if base is None else base
             batches: dict[str, int] = {}
             for run in mine:
@@ -123,6 +146,10 @@ def summarise(runs: list[dict[str, Any]], counts: Sequence[int]) -> list[dict[st
                 "mean_batch": median("mean_batch"), "batches": batches,
                 "errors": sum(r["errors"] for r in mine)})
     return rows
+
+
+def _ms(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
 
 
 def write_section(document: dict[str, Any]) -> None:
@@ -142,9 +169,9 @@ def write_section(document: dict[str, Any]) -> None:
     for row in document["rows"]:
         lines.append(
             f"| {row['rpc']} | {row['frontends']} | {row['throughput_rps']:,.0f} | "
-            f"{row['p50_ms']:.2f} | {row['p99_ms']:.2f} | "
+            f"{_ms(row['p50_ms'])} | {_ms(row['p99_ms'])} | "
             f"{row['server_cpu_us_per_request']:.1f} | {row['extra_cpu_us']:+.1f} | "
-            f"{row['mean_batch']} | {row['errors']} |")
+            f"{row['mean_batch'] or '—'} | {row['errors']} |")
     worst = max((r["extra_cpu_us"] for r in document["rows"]), default=0.0)
     lines += [
         "", f"Goal: the process boundary adds at most {IPC_GOAL_US:g} us of CPU per request — "

@@ -175,6 +175,10 @@ class ForwardedContext:
     def details(self) -> str:
         return self._details
 
+    def answered(self) -> bool:
+        """Whether the handler set no status but OK."""
+        return self._code is None or self._code is grpc.StatusCode.OK
+
     def status(self) -> CallStatus:
         return CallStatus(self._code or grpc.StatusCode.OK, self._details, self.trailing)
 
@@ -313,13 +317,13 @@ class EngineLink:
                 status = CallStatus(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
             else:
                 reply = await self._handle(number, call, handler, opening, context)
-                status = context.status()
-                if reply is not None and status.code is grpc.StatusCode.OK:
+                if reply is not None and context.answered():
                     self._calls.pop(number, None)
-                    if not status.trailing:
+                    if not context.trailing:  # the common case: one frame, no status built
                         self._send(Kind.ANSWER, number, reply)
                         return
                     self._send(Kind.REPLY, number, reply)
+                status = context.status()
         except asyncio.CancelledError:
             self._calls.pop(number, None)
             return
