@@ -23,10 +23,12 @@ def test_a_mistake_is_refused_naming_the_option(settings: RetrainSettings, named
         settings.check()
 
 
-@pytest.mark.parametrize("settings", [
-    RetrainSettings(),
-    RetrainSettings(command="python retrain.py --fast", every_rows=1000),
-    RetrainSettings(url="https://127.0.0.1:8443/retrain", every_s=3600),
+@pytest.mark.parametrize(("settings", "enabled"), [
+    (RetrainSettings(), False),
+    (RetrainSettings(command="python retrain.py --fast", every_rows=1000), True),
+    (RetrainSettings(url="https://127.0.0.1:8443/retrain", every_s=3600), True),
 ])
-def test_a_sound_setting_passes(settings: RetrainSettings) -> None:
-    settings.check()
+def test_a_sound_setting_passes_and_is_on_when_it_names_a_hook(
+        settings: RetrainSettings, enabled: bool) -> None:
+    settings.check()  # raises on a mistake
+    assert settings.enabled is enabled

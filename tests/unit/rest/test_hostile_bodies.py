@@ -9,8 +9,9 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from server._pb import grpc_service_pb2 as pb
 from server.rest.messages import BadRequest
-from server.rest.routes import exchange
+from server.rest.routes import exchange, rpc
 
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
                     st.floats(allow_nan=True), st.text(max_size=8))
@@ -33,17 +34,29 @@ DOCUMENTS = st.fixed_dictionaries({}, optional={
     "outputs": st.one_of(st.lists(st.fixed_dictionaries({}, optional={
         "name": JSON_VALUES, "parameters": JSON_VALUES}), max_size=2), JSON_VALUES),
 })
-PATHS = st.sampled_from([
-    "/v2/models/m/infer", "/v2/repository/index", "/v2/repository/models/m/load",
-    "/v2/repository/models/m/unload", "/v2/systemsharedmemory/region/r/register",
-    "/v2/cudasharedmemory/region/r/register", "/v2/trace/setting", "/v2/logging"])
+#: Each route and the gRPC method its requests become.
+METHODS = {
+    "/v2/models/m/infer": "ModelInfer", "/v2/repository/index": "RepositoryIndex",
+    "/v2/repository/models/m/load": "RepositoryModelLoad",
+    "/v2/repository/models/m/unload": "RepositoryModelUnload",
+    "/v2/systemsharedmemory/region/r/register": "SystemSharedMemoryRegister",
+    "/v2/cudasharedmemory/region/r/register": "CudaSharedMemoryRegister",
+    "/v2/trace/setting": "TraceSetting", "/v2/logging": "LogSettings",
+}
+PATHS = st.sampled_from(sorted(METHODS))
 
 
 def translate(path: str, body: bytes, headers: dict[str, str] | None = None) -> None:
+    """The body becomes the route's own gRPC call (an infer request a ModelInferRequest that
+    parses), or is refused 4xx with a message; any other exception fails the test."""
     try:
-        exchange("POST", path, headers or {}, body)
+        call = exchange("POST", path, headers or {}, body)
     except BadRequest as refused:
         assert 400 <= refused.status < 500 and refused.message
+        return
+    assert call.method == rpc(METHODS[path])
+    if METHODS[path] == "ModelInfer":
+        assert pb.ModelInferRequest.FromString(call.message).model_name == "m"
 
 
 @settings(max_examples=150, deadline=None, derandomize=True)
