@@ -248,6 +248,9 @@ class PeregrineServer:
         self.admission = build_admission(settings, self.metrics)
         #: The response cache (--cache-config); None without the flag.
         self.cache = build_cache(settings, self.metrics)
+        #: The codec the servicer parses with before looking a request up in the cache: only
+        #: with a cache, and untraced (a traced request is sampled as it is decoded).
+        self._cache_codec = codec if self.cache is not None and self.tracer is None else None
         self.repository = ModelManager(
             model_source(settings),
             backend_factories(),
@@ -326,6 +329,7 @@ class PeregrineServer:
                                       settings.shm_remote_registration),
             admission=self.admission,
             logging_settings=self.log_settings,
+            cache_codec=self._cache_codec,
         )
         inference = inference_handlers(servicer)
         admin = method_handlers(AdminServicer(control), ADMIN_DESCRIPTOR, admin_pb2)

@@ -19,7 +19,7 @@ from server.interfaces import (
     Router,
 )
 from server.security.names import check_model_name
-from server.types import InferRequest, InferResponse, RouteDecision
+from server.types import InferRequest, InferResponse, ParsedRequest, RouteDecision
 
 _now = time.perf_counter_ns
 
@@ -92,6 +92,36 @@ class DataPlane:
                 future.add_done_callback(finished)
         return future
 
+    def cached(self, parsed: ParsedRequest) -> tuple[InferResponse | None, Hashable | None]:
+        """The stored answer to a request still in its parsed form, counted as a cache hit,
+        and its key; or no answer: then the request is decoded and submitted as any other,
+        with the key when there is one (set as its ``cache_key``), and the miss is counted
+        there. Before decoding, so a hit skips decoding, validation and the queue; only for
+        a request that no routing table steers and no drift monitor samples (those need the
+        decoded request), and whose key the parsed form gives (cache/key.py)."""
+        model_name, model_version = parsed[0], parsed[1]
+        if self._drift is not None or (
+                not model_version and self._router is not None
+                and self._router.has_route(model_name)):
+            return None, None
+        start = _now()
+        try:
+            model = self._catalog.get(model_name, model_version)
+        except PeregrineError:
+            return None, None  # decoding and submitting answer with the reason
+        cache = model.cache
+        if cache is None:
+            return None, None
+        looked_up = _now()
+        key = cache.parsed_key(parsed)
+        if key is None:
+            return None, None
+        response = cache.get(key, parsed[2])
+        if response is not None:
+            done = _now()
+            model.metrics.cache_hit(done - looked_up, done - start)
+        return response, key
+
     def _finished(
         self,
         model: LoadedModel,
@@ -131,7 +161,9 @@ def _through_cache(
     request stores nothing). Two identical requests in flight at once both miss and both
     run; the later answer replaces the earlier one."""
     looked_up = _now()
-    key = cache.key(request)
+    key = getattr(request, "cache_key", None)
+    if key is None:
+        key = cache.key(request)
     response = cache.get(key, request.id)
     done = _now()
     if response is not None:

@@ -17,6 +17,7 @@ from server.types import (
     InferRequest,
     InferResponse,
     OutputTensor,
+    ParsedRequest,
     RouteDecision,
 )
 
@@ -288,6 +289,10 @@ class Router(Protocol):
         """None when the model has no table or the request names a version."""
         ...
 
+    def has_route(self, model: str) -> bool:
+        """Whether ``model`` has a routing table (its requests naming no version are routed)."""
+        ...
+
     def finish(
         self,
         decision: RouteDecision,
@@ -311,6 +316,11 @@ class ResponseCache(Protocol):
     def key(self, request: InferRequest) -> Hashable:
         """What identifies ``request``'s answer: its inputs (names, datatypes, shapes and
         bytes), requested outputs and the parameters that may change the answer."""
+        ...
+
+    def parsed_key(self, parsed: ParsedRequest) -> Hashable | None:
+        """The key of the request ``parsed`` decodes to, taken before decoding; None when the
+        request must be decoded and validated to be sure of it (cache/key.py)."""
         ...
 
     def get(self, key: Hashable, request_id: str) -> InferResponse | None:

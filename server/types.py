@@ -3,13 +3,34 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
 
+if TYPE_CHECKING:
+    from server._pb import grpc_service_pb2 as pb
+
 ParamValue = bool | int | float | str
+
+# The parsed form of a ModelInferRequest (server/codec/parsed.py fills it).
+#: ``(oneof field number, value)``: the number keeps int64_param and uint64_param apart.
+Parameter = tuple[int, ParamValue | None]
+Parameters = Mapping[str, Parameter]
+#: An input's typed contents: the message (protobuf path) or its serialized bytes (native
+#: path: a view of the request, parsed by the protobuf runtime only on this rare path).
+TypedContents: TypeAlias = "pb.InferTensorContents | memoryview | bytes"
+#: ``(name, datatype, shape, parameters, contents or None)``
+ParsedInput = tuple[str, str, tuple[int, ...], Parameters, "TypedContents | None"]
+#: ``(name, parameters)``
+ParsedOutput = tuple[str, Parameters]
+#: ``(model_name, model_version, id, parameters, inputs, outputs, raw_input_contents)``
+ParsedRequest = tuple[
+    str, str, str, Parameters, Sequence[ParsedInput], Sequence[ParsedOutput],
+    Sequence[bytes | memoryview],
+]
 
 
 class DataType(enum.Enum):
@@ -86,6 +107,9 @@ class InferRequest:
     #: record, else None) and read only by tracing; without, never set (not even a default,
     #: so a server that does not trace writes nothing for it per request).
     trace: Any = field(init=False, repr=False, compare=False)
+    #: Its response-cache key, when the key was taken from the parsed request before decoding
+    #: (DataPlane.cached, on a miss): set only then, so it is not taken twice.
+    cache_key: Hashable = field(init=False, repr=False, compare=False)
 
 
 class OutputTensor:

@@ -11,15 +11,23 @@ collision. The digest keeps a key small however large the inputs are.
 The inputs are the decoded arrays: views over the request's raw bytes, the bytes read from a
 client's shared-memory region, or arrays built from typed contents (so the same values sent
 raw or typed share a key). Each is C-contiguous by construction (codec.decode).
+
+:func:`parsed_key` gives the same key from the parsed form of a request, before any array is
+built (a hit then skips decoding and validation): only for requests whose inputs are all raw
+contents of fixed-size datatypes, each exactly its shape's length, and whose parameters are all
+in the key. Two such requests with one key are then equal in every field that decoding and
+validation look at, so a request that finds an answer is the twin of one that was decoded,
+validated and answered. Any other request gets None and takes the decoding path.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable
 from hashlib import blake2b
 
 from server import _native
-from server.types import DataType, InferRequest, ParamValue
+from server.types import DataType, InferRequest, ParamValue, ParsedRequest
 
 #: Request parameters that only steer scheduling and never change an answer; every other one
 #: is part of the key (the server passes parameters on unread, so a model could read any).
@@ -27,6 +35,8 @@ SCHEDULING_PARAMETERS = frozenset({"priority", "timeout"})
 DIGEST_BYTES = 32
 
 RequestKey = tuple[object, ...]
+#: Wire datatype -> element size, for the datatypes whose element size is fixed.
+_FIXED_ITEMSIZE = {d.wire: d.itemsize for d in DataType if d is not DataType.BYTES}
 
 
 def request_key(owner: int, request: InferRequest) -> RequestKey:
@@ -45,6 +55,37 @@ def request_key(owner: int, request: InferRequest) -> RequestKey:
     return (owner, tuple(tensors), request.requested_outputs,
             _answer_parameters(parameters) if parameters else (),
             tuple(sorted(classes.items())) if classes else (), digest.digest())
+
+
+def parsed_key(owner: int, parsed: ParsedRequest) -> RequestKey | None:
+    """:func:`request_key` of the request ``parsed`` decodes to, or None where the parsed form
+    alone cannot vouch for it (see the module's docstring)."""
+    _model, _version, _id, params, tensors, outputs, raw_contents = parsed
+    if len(raw_contents) != len(tensors):
+        return None
+    digest = blake2b(digest_size=DIGEST_BYTES)
+    described = []
+    for tensor, data in zip(tensors, raw_contents, strict=True):
+        name, wire, dims, tensor_params, contents = tensor
+        itemsize = _FIXED_ITEMSIZE.get(wire)
+        if (itemsize is None or tensor_params or contents is not None
+                or len(data) != math.prod(dims) * itemsize):
+            return None
+        described.append((name, wire, dims))
+        digest.update(data)
+    requested = None
+    if outputs:
+        if any(output_params for _, output_params in outputs):
+            return None  # shared-memory outputs, classification
+        requested = tuple(name for name, _ in outputs)
+    answer: tuple[tuple[str, str, object], ...] = ()
+    if params:
+        if not SCHEDULING_PARAMETERS.isdisjoint(params) or any(
+                value is None for _, value in params.values()):
+            return None  # decoding checks these, and they are not in the key
+        answer = tuple(sorted((key, type(value).__name__, value)
+                              for key, (_, value) in params.items()))
+    return (owner, tuple(described), requested, answer, (), digest.digest())
 
 
 def key_inputs(key: Hashable) -> int:

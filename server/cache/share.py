@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 
-from server.cache.key import key_inputs, request_key
+from server.cache.key import key_inputs, parsed_key, request_key
 from server.cache.store import ENTRY_OVERHEAD, TENSOR_OVERHEAD, CacheStore, Entry
 from server.codec.encode import raw_bytes
-from server.types import InferRequest, InferResponse, OutputTensor
+from server.types import InferRequest, InferResponse, OutputTensor, ParsedRequest
 
 
 class VersionShare:
@@ -22,6 +22,9 @@ class VersionShare:
 
     def key(self, request: InferRequest) -> Hashable:
         return request_key(self.owner, request)
+
+    def parsed_key(self, parsed: ParsedRequest) -> Hashable | None:
+        return parsed_key(self.owner, parsed)
 
     def get(self, key: Hashable, request_id: str) -> InferResponse | None:
         entry = self._store.get(key)

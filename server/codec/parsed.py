@@ -5,36 +5,32 @@ from the wire bytes, no protobuf object) and :func:`from_message` (a message the
 runtime parsed: the pure-Python path, PEREGRINE_NATIVE=0). Decoding runs the same code on
 either, so the two paths give bit-identical requests and errors by construction.
 
-Plain tuples, not classes: the native parser builds them at the cost of a tuple each.
+Plain tuples, not classes: the native parser builds them at the cost of a tuple each. Their
+types are in server.types, where the data plane and the cache's interface see them too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 from server._pb import grpc_service_pb2 as pb
-from server.types import ParamValue
+from server.types import (
+    Parameter,
+    Parameters,
+    ParsedInput,
+    ParsedOutput,
+    ParsedRequest,
+    TypedContents,
+)
+
+__all__ = ["Parameter", "Parameters", "ParsedInput", "ParsedOutput", "ParsedRequest",
+           "TypedContents", "from_message", "from_parameters"]
 
 #: InferParameter's oneof members by field number; NONE when the parameter has no value.
 NONE, BOOL, INT64, STRING, DOUBLE, UINT64 = range(6)
 _MEMBERS = {"bool_param": BOOL, "int64_param": INT64, "string_param": STRING,
             "double_param": DOUBLE, "uint64_param": UINT64}
 
-#: ``(oneof field number, value)``: the number keeps int64_param and uint64_param apart.
-Parameter = tuple[int, ParamValue | None]
-Parameters = Mapping[str, Parameter]
-#: An input's typed contents: the message (protobuf path) or its serialized bytes (native
-#: path: a view of the request, parsed by the protobuf runtime only on this rare path).
-TypedContents = pb.InferTensorContents | memoryview | bytes
-#: ``(name, datatype, shape, parameters, contents or None)``
-ParsedInput = tuple[str, str, tuple[int, ...], Parameters, TypedContents | None]
-#: ``(name, parameters)``
-ParsedOutput = tuple[str, Parameters]
-#: ``(model_name, model_version, id, parameters, inputs, outputs, raw_input_contents)``
-ParsedRequest = tuple[
-    str, str, str, Parameters, Sequence[ParsedInput], Sequence[ParsedOutput],
-    Sequence[bytes | memoryview],
-]
 
 
 def from_parameters(params: Mapping[str, pb.InferParameter]) -> dict[str, Parameter]:

@@ -21,12 +21,13 @@ from google.protobuf.message import DecodeError
 from server import _native
 from server._pb import grpc_service_pb2 as pb
 from server.codec.caps import NO_CAPS, RequestCaps, check_entries, too_many_entries
-from server.codec.decode import decode_parsed, decode_request
+from server.codec.decode import decode_parsed
 from server.codec.encode import encode_response_native, serialize_response
+from server.codec.parsed import from_message
 from server.codec.shared_memory import SharedMemoryScope
 from server.errors import InvalidInput
 from server.packing import native_enabled
-from server.types import InferRequest, InferResponse
+from server.types import InferRequest, InferResponse, ParsedRequest
 
 MALFORMED = "malformed ModelInferRequest"
 
@@ -60,6 +61,20 @@ class WireCodec(Protocol):
         ...
 
 
+class ParsingCodec(WireCodec, Protocol):
+    """A codec that parses and decodes in two steps, so a request can be looked up in the
+    response cache between them (DataPlane.cached) and decoded only on a miss."""
+
+    def parse(self, data: bytes) -> ParsedRequest:
+        """The parsed form of the bytes; InvalidInput or BoundExceeded as decoding raises."""
+        ...
+
+    def decode(self, parsed: ParsedRequest, deadline_ns: int | None,
+               shm: SharedMemoryScope | None) -> InferRequest:
+        """Decode what ``parse`` gave, as decode_request_bytes does."""
+        ...
+
+
 class ProtobufWireCodec:
     """The protobuf runtime parses and serializes (the reference path)."""
 
@@ -68,12 +83,19 @@ class ProtobufWireCodec:
 
     def decode_request_bytes(self, data: bytes, deadline_ns: int | None,
                              shm: SharedMemoryScope | None) -> InferRequest:
+        return self.decode(self.parse(data), deadline_ns, shm)
+
+    def parse(self, data: bytes) -> ParsedRequest:
         try:
             message = pb.ModelInferRequest.FromString(data)
         except DecodeError as exc:
             raise InvalidInput(f"{MALFORMED}: {exc}") from None
         check_entries(message)
-        return decode_request(message, deadline_ns, shm, self.caps)
+        return from_message(message)
+
+    def decode(self, parsed: ParsedRequest, deadline_ns: int | None,
+               shm: SharedMemoryScope | None) -> InferRequest:
+        return decode_parsed(parsed, deadline_ns, shm, self.caps)
 
     def encode_response_bytes(self, response: InferResponse, shm: SharedMemoryScope | None,
                               stream: bool) -> bytes:
@@ -104,12 +126,19 @@ class NativeWireCodec:
 
     def decode_request_bytes(self, data: bytes, deadline_ns: int | None,
                              shm: SharedMemoryScope | None) -> InferRequest:
+        return self.decode(self.parse(data), deadline_ns, shm)
+
+    def parse(self, data: bytes) -> ParsedRequest:
         try:
-            parsed = _native.parse_infer_request(data)
+            parsed: ParsedRequest = _native.parse_infer_request(data)
         except _native.TooManyEntries:
             raise too_many_entries() from None
         except ValueError as exc:
             raise InvalidInput(f"{MALFORMED}: {exc}") from None
+        return parsed
+
+    def decode(self, parsed: ParsedRequest, deadline_ns: int | None,
+               shm: SharedMemoryScope | None) -> InferRequest:
         return decode_parsed(parsed, deadline_ns, shm, self.caps)
 
     def encode_response_bytes(self, response: InferResponse, shm: SharedMemoryScope | None,
@@ -130,7 +159,7 @@ class NativeWireCodec:
 
 
 def select_wire_codec(environ: Mapping[str, str] | None = None,
-                      caps: RequestCaps = NO_CAPS) -> WireCodec:
+                      caps: RequestCaps = NO_CAPS) -> ParsingCodec:
     """The codec a starting server uses: native unless PEREGRINE_NATIVE=0 (read at start,
     not import, like select_packer, so two servers in one process can run one path each)."""
     return NativeWireCodec(caps) if native_enabled(environ) else ProtobufWireCodec(caps)

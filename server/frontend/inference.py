@@ -8,7 +8,7 @@ import logging
 import re
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Hashable
 
 import grpc
 
@@ -17,7 +17,7 @@ from server._pb import grpc_service_pb2 as pb
 from server._pb import grpc_service_pb2_grpc as pb_grpc
 from server.admission import Admission
 from server.codec.shared_memory import SharedMemoryScope
-from server.codec.wire import WireCodec
+from server.codec.wire import ParsingCodec, WireCodec
 from server.control import ControlPlane, TensorInfo
 from server.dataplane import DataPlane
 from server.errors import BoundExceeded, Cancelled, ModelNotReady
@@ -29,7 +29,7 @@ from server.frontend.status import abort_with, mapped, status_of
 from server.logs import LogSettings
 from server.security.identity import caller
 from server.shm import RegistrationGate, SharedMemoryRegistry
-from server.types import InferRequest, InferResponse
+from server.types import InferRequest, InferResponse, ParsedRequest
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,11 @@ class ServerState:
         self.strict_readiness = strict_readiness
 
 
+#: A request parsed before the response cache was asked, and its key (None: no key can be taken
+#: before decoding).
+CacheLookup = tuple[ParsedRequest, Hashable | None]
+
+
 def _deadline_ns(context: grpc.aio.ServicerContext) -> int | None:
     remaining = context.time_remaining()
     if remaining is None:
@@ -86,6 +91,7 @@ class InferenceServicer(
         *,
         admission: Admission,
         logging_settings: LogSettings | None = None,
+        cache_codec: ParsingCodec | None = None,
     ) -> None:
         #: LogSettings (ServerSettingsRpcs): logging as --log-level / --log-format start it;
         #: TraceSetting asks the control plane.
@@ -105,6 +111,10 @@ class InferenceServicer(
         self._admit = admit
         #: The server-wide bounds on requests in flight, streams and queued bytes.
         self._admission = admission
+        #: With a response cache: the codec (``codec`` itself, untraced) that parses a request
+        #: first, so a hit is answered before decoding. Forwarded headers become parameters
+        #: while decoding, so with them every request is decoded first.
+        self._cache_codec = None if header_pattern else cache_codec
 
     def _forwarded(self, context: grpc.aio.ServicerContext) -> dict[str, str] | None:
         """Request headers to pass on as string parameters (--grpc-header-forward-pattern);
@@ -212,9 +222,27 @@ class InferenceServicer(
     # ModelInfer and ModelStreamInfer take and give the raw message bytes (see
     # RAW_RPCS): the wire codec parses and writes them, no protobuf object on the way.
 
+    def _check_accepting(self) -> None:
+        if not self._state.accepting:
+            raise ModelNotReady("the server is not accepting requests")
+
+    def _cached(self, data: bytes) -> tuple[CacheLookup | None, InferResponse | None]:
+        """With a response cache: the request parsed and its key, and its stored answer when
+        it has one (the guard admits the caller as for any request; the server's bounds do
+        not count a request answered at once). Without one: nothing, and ``_start`` parses."""
+        codec = self._cache_codec
+        if codec is None:
+            return None, None
+        self._check_accepting()
+        parsed = codec.parse(data)
+        hit, key = self._dataplane.cached(parsed)
+        if hit is not None and self._admit is not None:
+            self._admit(parsed[0])
+        return (parsed, key), hit
+
     def _start(
         self, data: bytes, deadline_ns: int | None, headers: dict[str, str] | None,
-        lone: bool = False,
+        lone: bool = False, looked_up: CacheLookup | None = None,
     ) -> tuple[InferRequest, asyncio.Future[InferResponse], SharedMemoryScope | None]:
         """Decode, admit and queue one request; ``headers`` (forwarded request headers, None
         when none are) become string parameters the request does not set itself; ``lone`` for
@@ -222,14 +250,20 @@ class InferenceServicer(
         returned shared-memory scope (leases on the regions the request uses, which are
         the caller's own) and then releases it, and releases the admission's counts of the
         request (``release_bytes`` once the answer is computed, ``release_requests`` once it
-        is handed to gRPC)."""
-        if not self._state.accepting:
-            raise ModelNotReady("the server is not accepting requests")
+        is handed to gRPC). ``looked_up``: what ``_cached`` parsed of ``data``, and the key."""
+        self._check_accepting()
         admission = self._admission
         shm = SharedMemoryScope(self._shm, caller().name) if len(self._shm) else None
         try:
             admission.check_room()
-            decoded = self._codec.decode_request_bytes(data, deadline_ns, shm)
+            if looked_up is None:
+                decoded = self._codec.decode_request_bytes(data, deadline_ns, shm)
+            else:
+                assert self._cache_codec is not None
+                parsed, key = looked_up
+                decoded = self._cache_codec.decode(parsed, deadline_ns, shm)
+                if key is not None:
+                    decoded.cache_key = key
             if self._admit is not None:
                 self._admit(decoded.model_name)
             if headers:
@@ -257,8 +291,12 @@ class InferenceServicer(
         shm: SharedMemoryScope | None = None
         request: InferRequest | None = None
         try:
+            looked_up, hit = self._cached(data)
+            if hit is not None:
+                return self._codec.encode_response_bytes(hit, None, False)
             request, answer, shm = self._start(data, _deadline_ns(context),
-                                               self._forwarded(context), lone=True)
+                                               self._forwarded(context), lone=True,
+                                               looked_up=looked_up)
             return self._codec.encode_response_bytes(await answer, shm, False)
         except Exception as exc:
             await abort_with(context, exc, "ModelInfer")
@@ -295,9 +333,10 @@ class InferenceServicer(
         deadline = _deadline_ns(context)
         headers = self._forwarded(context)
         per_stream = admission.bounds.max_inflight_per_stream
-        #: Answers of accepted requests, and of requests refused before acceptance.
+        #: Answers of accepted requests, and of requests never admitted (refused, or answered
+        #: from the response cache at once).
         ready: deque[bytes] = deque()
-        refusals: deque[bytes] = deque()
+        unadmitted: deque[bytes] = deque()
         inflight: set[asyncio.Future[InferResponse]] = set()
         #: Requests read whose answers have not been handed to gRPC.
         unanswered = 0
@@ -343,13 +382,18 @@ class InferenceServicer(
             async for data in request_iterator:
                 unanswered += 1
                 try:
-                    request, answer, shm = self._start(data, deadline, headers)
+                    looked_up, hit = self._cached(data)
+                    if hit is not None:
+                        unadmitted.append(codec.encode_response_bytes(hit, None, True))
+                        wake()
+                    else:
+                        request, answer, shm = self._start(data, deadline, headers,
+                                                           looked_up=looked_up)
+                        inflight.add(answer)
+                        answer.add_done_callback(functools.partial(answered, request, shm))
                 except Exception as exc:
-                    refusals.append(failed(None, data, exc))
+                    unadmitted.append(failed(None, data, exc))
                     wake()
-                else:
-                    inflight.add(answer)
-                    answer.add_done_callback(functools.partial(answered, request, shm))
                 if unanswered >= per_stream:
                     room = loop.create_future()
                     await room
@@ -365,13 +409,13 @@ class InferenceServicer(
         reader.add_done_callback(lambda _task: wake())
         try:
             while True:
-                while ready or refusals:
+                while ready or unadmitted:
                     sent()
                     if ready:
                         admission.release_requests(1)
                         yield ready.popleft()
                     else:
-                        yield refusals.popleft()
+                        yield unadmitted.popleft()
                 if reader.done() and not inflight:
                     break
                 waiter = loop.create_future()

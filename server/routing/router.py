@@ -210,6 +210,9 @@ class Router:
     def routes(self) -> list[str]:
         return sorted(self._routes)
 
+    def has_route(self, model: str) -> bool:
+        return model in self._routes
+
     async def close(self) -> None:
         for run in self._canaries.values():
             if run.task is not None:

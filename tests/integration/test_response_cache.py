@@ -14,12 +14,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import numpy.typing as npt
 import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from server._pb import admin_pb2 as admin
+from server._pb import admin_pb2_grpc as admin_grpc
+from server._pb import grpc_service_pb2 as pb
 from tests import model_factory, triton_shm
 from tests.server_harness import ServerThread
 
@@ -70,6 +74,10 @@ def cached_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerTh
     model_factory.scaled_model_version(repo, "counted", 1, 2.0, with_config=True,
                                        response_cache=True)
     model_factory.failing_model(repo, "failing", response_cache=True)
+    model_factory.add_sub_model(repo, "add_sub_cached", width=2, response_cache=True)
+    model_factory.scaled_model_version(repo, "routed", 1, 1.0, with_config=True,
+                                       response_cache=True, version_policy="all { }")
+    model_factory.scaled_model_version(repo, "routed", 2, 2.0)
     with ServerThread(repo, cache_config=CACHE) as running:
         yield running
 
@@ -147,6 +155,73 @@ def test_a_hit_answers_exactly_what_was_computed_for_every_datatype(
     else:
         answer = cached.as_numpy("OUTPUT0")
     np.testing.assert_array_equal(answer, data)
+
+
+def test_a_request_twin_in_bytes_to_a_stored_one_but_invalid_is_refused_not_answered(
+    cached_server: ServerThread
+) -> None:
+    """A hit is found before decoding; a request whose inputs hold the stored request's
+    bytes split at another place, or which adds an invalid scheduling parameter, is still
+    decoded and refused, never answered from the cache."""
+    values = np.arange(4, dtype=np.float32).tobytes()
+
+    def add_sub(first: bytes, second: bytes, priority: str = "") -> Any:
+        request = pb.ModelInferRequest(model_name="add_sub_cached", id="twin")
+        for name, data in (("INPUT0", first), ("INPUT1", second)):
+            request.inputs.add(name=name, datatype="FP32", shape=[1, 2])
+            request.raw_input_contents.append(data)
+        if priority:
+            request.parameters["priority"].string_param = priority
+        with grpc.insecure_channel(cached_server.url) as channel:
+            infer = channel.unary_unary(
+                "/inference.GRPCInferenceService/ModelInfer",
+                request_serializer=pb.ModelInferRequest.SerializeToString,
+                response_deserializer=pb.ModelInferResponse.FromString)
+            return infer(request, timeout=20)
+
+    for _ in range(2):  # a miss, then a hit
+        answer = add_sub(values[:8], values[8:])
+        assert answer.id == "twin"
+        np.testing.assert_array_equal(
+            np.frombuffer(answer.raw_output_contents[0], np.float32), [2.0, 4.0])
+    for first, second, priority in ((values[:4], values[4:], ""),
+                                    (values[:8], values[8:], "high")):
+        with pytest.raises(grpc.RpcError) as refused:
+            add_sub(first, second, priority)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with grpcclient.InferenceServerClient(cached_server.url) as client:
+        stats = statistics(client, "add_sub_cached")
+    # Refused while decoding: neither a hit nor a miss (nor a model failure).
+    assert stats.inference_stats.cache_hit.count == 1
+    assert stats.inference_stats.cache_miss.count == 1
+
+
+def test_a_routing_table_set_after_answers_were_stored_steers_the_next_identical_request(
+    cached_server: ServerThread
+) -> None:
+    """The latest version's answer is stored; once a table sends the model's traffic to
+    version 1, the same request (naming no version) is routed, never answered with version
+    2's stored answer."""
+    data = rows(11)
+    with grpcclient.InferenceServerClient(cached_server.url) as client:
+        for _ in range(2):
+            np.testing.assert_array_equal(
+                infer_fp32(client, "routed", data).as_numpy("OUTPUT0"), data * 2.0)
+        with grpc.insecure_channel(cached_server.url) as channel:
+            routes = admin_grpc.PeregrineAdminStub(channel)
+            routes.SetRoute(admin.SetRouteRequest(table=admin.RouteTable(
+                model="routed", variants=[admin.Variant(name="one", version="1", weight=100)])),
+                timeout=10)
+            try:
+                for _ in range(2):
+                    result = infer_fp32(client, "routed", data)
+                    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), data * 1.0)
+                    assert result.get_response().parameters["routing_variant"].string_param \
+                        == "one"
+            finally:
+                routes.ClearRoute(admin.RouteRequest(model="routed"), timeout=10)
+        assert statistics(client, "routed", "2").inference_stats.cache_hit.count == 1
+        assert statistics(client, "routed", "1").inference_stats.cache_hit.count == 1
 
 
 def test_failed_requests_are_not_stored(cached_server: ServerThread) -> None:

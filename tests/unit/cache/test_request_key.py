@@ -8,9 +8,13 @@ import numpy as np
 import pytest
 
 from server._pb import grpc_service_pb2 as pb
-from server.cache.key import key_inputs, request_key
+from server.cache.key import key_inputs, parsed_key, request_key
 from server.codec.decode import decode_request
+from server.codec.wire import NativeWireCodec, ProtobufWireCodec
 from server.types import DataType, InferRequest, ParamValue
+
+NATIVE = NativeWireCodec()
+PROTOBUF = ProtobufWireCodec()
 
 
 def request(
@@ -88,3 +92,95 @@ def test_a_key_counts_its_inputs() -> None:
     two = InferRequest("m", "1", "", {"A": np.zeros(2, np.int8), "B": np.ones(3, np.int8)},
                        {"A": DataType.INT8, "B": DataType.INT8})
     assert key_inputs(request_key(1, two)) == 2
+
+
+# -- the key taken from the parsed form (a hit answered before decoding) ------------------------
+
+
+def message(*tensors: tuple[str, str, list[int], bytes], **fields: Any) -> pb.ModelInferRequest:
+    built = pb.ModelInferRequest(model_name="m", id="x", **fields)
+    for name, datatype, shape, data in tensors:
+        built.inputs.add(name=name, datatype=datatype, shape=shape)
+        built.raw_input_contents.append(data)
+    return built
+
+
+FLOATS = np.arange(4, dtype=np.float32).tobytes()
+PARSERS = {"native": NATIVE.parse, "protobuf": PROTOBUF.parse}
+
+
+def sample_messages() -> list[pb.ModelInferRequest]:
+    with_outputs = message(("A", "FP32", [1, 4], FLOATS))
+    with_outputs.outputs.add(name="OUT1")
+    with_outputs.outputs.add(name="OUT0")
+    with_parameters = message(("A", "INT8", [2, 2], b"\x01\x02\x03\x04"))
+    with_parameters.parameters["flag"].bool_param = True
+    with_parameters.parameters["n"].int64_param = 7
+    with_parameters.parameters["big"].uint64_param = 2**63
+    with_parameters.parameters["s"].string_param = "x"
+    with_parameters.parameters["f"].double_param = 0.5
+    return [
+        message(("A", "FP32", [1, 4], FLOATS)),
+        message(("A", "FP32", [1, 4], FLOATS), ("B", "BOOL", [1, 3], b"\x01\x00\x01")),
+        message(("A", "BF16", [2], b"\x01\x02\x03\x04"), model_version="3"),
+        with_outputs,
+        with_parameters,
+    ]
+
+
+@pytest.mark.parametrize("parser", sorted(PARSERS))
+@pytest.mark.parametrize("index", range(len(sample_messages())))
+def test_the_parsed_form_gives_the_key_decoding_gives(parser: str, index: int) -> None:
+    data = sample_messages()[index].SerializeToString()
+    parsed = PARSERS[parser](data)
+    assert parsed_key(1, parsed) is not None
+    assert parsed_key(1, parsed) == request_key(1, NATIVE.decode(parsed, None, None))
+
+
+def _shm_input() -> pb.ModelInferRequest:
+    built = pb.ModelInferRequest(model_name="m")
+    tensor = built.inputs.add(name="A", datatype="FP32", shape=[1, 4])
+    tensor.parameters["shared_memory_region"].string_param = "r"
+    tensor.parameters["shared_memory_byte_size"].int64_param = 16
+    return built
+
+
+def _typed_input() -> pb.ModelInferRequest:
+    built = pb.ModelInferRequest(model_name="m")
+    built.inputs.add(name="A", datatype="FP32", shape=[1, 2]).contents.fp32_contents[:] = [1, 2]
+    return built
+
+
+def _with_output_parameter() -> pb.ModelInferRequest:
+    built = message(("A", "FP32", [1, 4], FLOATS))
+    built.outputs.add(name="OUT").parameters["classification"].int64_param = 2
+    return built
+
+
+def _with_scheduling_parameter() -> pb.ModelInferRequest:
+    built = message(("A", "FP32", [1, 4], FLOATS))
+    built.parameters["priority"].string_param = "high"  # decoding refuses it; not in the key
+    return built
+
+
+@pytest.mark.parametrize("built", [
+    message(("A", "BYTES", [1], b"\x01\x00\x00\x00a")),              # element boundaries
+    message(("A", "FP32", [1, 4], FLOATS[:-4])),                     # too few bytes
+    _shm_input(),
+    _typed_input(),
+    _with_output_parameter(),
+    _with_scheduling_parameter(),
+], ids=["bytes", "short", "shared-memory", "typed", "output-parameter",
+        "scheduling-parameter"])
+def test_requests_the_parsed_form_cannot_vouch_for_get_no_key(
+        built: pb.ModelInferRequest) -> None:
+    assert parsed_key(1, NATIVE.parse(built.SerializeToString())) is None
+
+
+def test_inputs_whose_bytes_are_split_otherwise_are_not_keyed_as_the_valid_request() -> None:
+    """The same concatenated bytes, split at another place between two inputs: the valid
+    request has a key, the shifted one none (decoding refuses it)."""
+    valid = message(("A", "FP32", [1, 2], FLOATS[:8]), ("B", "FP32", [1, 2], FLOATS[8:]))
+    shifted = message(("A", "FP32", [1, 2], FLOATS[:4]), ("B", "FP32", [1, 2], FLOATS[4:]))
+    assert parsed_key(1, NATIVE.parse(valid.SerializeToString())) is not None
+    assert parsed_key(1, NATIVE.parse(shifted.SerializeToString())) is None
