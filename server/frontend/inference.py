@@ -234,7 +234,11 @@ class InferenceServicer(
         if codec is None:
             return None, None
         self._check_accepting()
-        parsed = codec.parse(data)
+        try:
+            parsed = codec.parse(data)
+        except BoundExceeded as exc:  # past the entries a message may hold
+            self._admission.refused(exc.bound)
+            raise
         hit, key = self._dataplane.cached(parsed)
         if hit is not None and self._admit is not None:
             self._admit(parsed[0])

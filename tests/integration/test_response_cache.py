@@ -224,6 +224,23 @@ def test_a_routing_table_set_after_answers_were_stored_steers_the_next_identical
         assert statistics(client, "routed", "1").inference_stats.cache_hit.count == 1
 
 
+def test_a_message_past_the_entry_bound_is_refused_and_counted_before_any_lookup(
+    cached_server: ServerThread
+) -> None:
+    """With a cache the request is parsed before the lookup: the entry bound still refuses
+    it RESOURCE_EXHAUSTED and counts the refusal."""
+    flood = (pb.ModelInferRequest(model_name="counted").SerializeToString()
+             + b"\x2a\x00" * 70_000)  # empty inputs, past the 65,536 entries a message may hold
+    before = cached_server.metric("peregrine_refused_total", bound="max_request_entries") or 0
+    with grpc.insecure_channel(cached_server.url) as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        with pytest.raises(grpc.RpcError) as refused:
+            infer(flood, timeout=20)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert cached_server.metric("peregrine_refused_total",
+                                bound="max_request_entries") == before + 1
+
+
 def test_failed_requests_are_not_stored(cached_server: ServerThread) -> None:
     data = rows(1)
     with grpcclient.InferenceServerClient(cached_server.url) as client:
