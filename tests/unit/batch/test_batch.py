@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,8 +24,9 @@ import sqlalchemy as sa
 from server.app import open_offline
 from server.batch import cron
 from server.batch.runner import Options
-from server.batch.sink import Sink
+from server.batch.sink import Sink, SinkError
 from server.batch.watch import run_schedule
+from server.batch.writer import ChunkWriter
 from server.cli.main import main
 from server.types import DataType, InferRequest
 from tests import model_factory
@@ -366,3 +368,31 @@ def test_watch_scores_a_new_file_once(mlp: Path, features: np.ndarray,
     asyncio.run(run())
     assert reported == [folder / "a.npz"]
     assert len(read_predictions(url)) == 100
+
+
+def test_the_writer_stops_at_the_first_refusal_and_unblocks_the_scorer() -> None:
+    """Chunks are written in order; after a refused one, the waiting ones are dropped and
+    the scoring side's next put (even one blocked on the full queue) raises the refusal."""
+    written: list[int] = []
+    release = threading.Event()
+
+    def write(chunk: int) -> None:
+        release.wait(10)
+        if chunk == 1:
+            raise SinkError("quota reached")
+        written.append(chunk)
+
+    writer: ChunkWriter[int] = ChunkWriter(write, depth=2)
+    for chunk in range(4):  # 0 is being written, 1 and 2 wait, 3 would block
+        if chunk == 3:
+            threading.Timer(0.2, release.set).start()
+        try:
+            writer.put(chunk)
+        except SinkError:
+            break
+    with pytest.raises(SinkError, match="quota reached"):
+        for chunk in range(4, 50):  # the refusal reaches the scoring side within a few puts
+            writer.put(chunk)
+    with pytest.raises(SinkError, match="quota reached"):
+        writer.close()
+    assert written == [0]
