@@ -115,9 +115,9 @@ class NativeModelPacker:
     def pack_rows(self, inputs: Mapping[str, Array]) -> AbstractContextManager[Mapping[str, Array]]:
         pre = self._pre_name
         if pre is None or pre not in inputs:
-            # The arrays are the batch (zero-copy views over the wire bytes or a file's rows).
-            return nullcontext({name: inputs[name] for name, _, _ in self._inputs
-                                if name in inputs})
+            # The arrays are the batch (zero-copy views over the wire bytes or a file's rows;
+            # validated, so only declared inputs).
+            return nullcontext(inputs)
         images = inputs[pre]
         shape = (len(images), *self._pre_shape) if self._batches else self._pre_shape
         buffer, out = self._pool.take(pre, self._pre_dtype, shape)

@@ -221,4 +221,4 @@ def _joined(name: str, parts: Sequence[Array], dtype: np.dtype[Any], batches: bo
         if part.shape[1:] != shape:
             raise BackendError(f"output '{name}' has shape {list(part.shape)} in one batch "
                                f"and {list(parts[0].shape)} in another")
-    return np.concatenate(parts, dtype=dtype)
+    return np.concatenate(parts, dtype=dtype, casting="unsafe")  # as unpack converts
