@@ -14,7 +14,7 @@ load_digits training set, trains a new MLP with examples/build_models.py's ``tra
 writes ``<repository>/mlp_classifier/<next>/model.onnx`` through a hidden temporary directory
 renamed into place, so a server polling the repository loads it whole. Labels come from
 ``--labels`` (a CSV of ``request_id,label``, e.g. from a feedback system); without it the
-served model's own answers (the stored ``label[0]`` column) stand in, which only shows the
+served model's own answers (the stored ``label`` column) stand in, which only shows the
 loop: real retraining needs real labels. The new version is then compared before rollout
 (``peregrine optimize --rollout`` or ``peregrine route``: see docs/operations.md).
 """
@@ -58,7 +58,7 @@ def stored_rows(store: Path, labels: dict[str, int] | None) -> tuple[np.ndarray,
             y = np.asarray([labels[i] for i in ids if i in labels], dtype=np.int64)
             x = x[keep]
         else:
-            y = np.asarray(columns["label[0]"], dtype=np.int64)
+            y = np.asarray(columns["label"], dtype=np.int64)
         xs.append(x)
         ys.append(y)
     if not xs:

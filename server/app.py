@@ -11,7 +11,7 @@ import gc
 import ipaddress
 import logging
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -95,7 +95,7 @@ from server.tracing.codec import TracedCodec
 from server.tracing.config import TraceConfig
 from server.tracing.settings import TraceSettings
 from server.tracing.trace import Tracer
-from server.types import InferRequest, InferResponse
+from server.types import Array, InferRequest, InferResponse
 
 if TYPE_CHECKING:
     from server.drift.analyser import DriftAnalyser
@@ -603,20 +603,34 @@ class OfflineModel:
 
     @property
     def runs_direct(self) -> bool:
-        """Whether ``run_batches`` may be used: the version is served by a dynamic batcher
-        (not a sequence batcher or an ensemble) with one instance."""
+        """Whether ``score_chunks`` may be used: the version is served by a dynamic batcher
+        (not a sequence batcher or an ensemble) with one instance whose backend takes packed
+        batches (not a Python model's process)."""
         scheduler = self._manager.catalog.get(self.spec.name, self.version).scheduler
-        return isinstance(scheduler, batcher.DynamicBatcher) and len(scheduler.instances) == 1
+        return (isinstance(scheduler, batcher.DynamicBatcher) and len(scheduler.instances) == 1
+                and scheduler.executor.takes_rows)
 
-    async def run_batches(self, requests: Sequence[InferRequest]) -> list[InferResponse]:
-        """Each request as one batch, in order, skipping the queue (DynamicBatcher.run_alone):
-        the batcher's hop to the instance's thread and back per batch costs about as much as
-        a small batch runs. Requests are validated as the data plane does."""
-        scheduler = self._manager.catalog.get(self.spec.name, self.version).scheduler
+    async def score_chunks(self, inputs: Mapping[str, Array], spans: Sequence[tuple[int, int]],
+                           batch_size: int, deliver: Callable[[dict[str, Array]], None]) -> None:
+        """Each span [first, last) of the rows of ``inputs`` (arrays of one datatype and shape
+        per row, rows first) in batches of ``batch_size``, skipping the queue
+        (DynamicBatcher.run_rows); ``deliver`` gets each span's declared outputs (one array
+        of its rows each) on the instance's thread. The first batch is validated as the data
+        plane validates a request: every other batch is a row slice of the same arrays, so it
+        differs only in its row count."""
+        spec = self.spec
+        scheduler = self._manager.catalog.get(spec.name, self.version).scheduler
         assert isinstance(scheduler, batcher.DynamicBatcher)
-        for request in requests:
-            validate_request(request, self.spec)
-        return await scheduler.run_alone(requests)
+        if not spans:
+            return
+        start = spans[0][0]
+        first = {name: value[start:start + batch_size] if spec.batches else value[start]
+                 for name, value in inputs.items()}
+        types = {t.name: t.datatype for t in spec.client_inputs}
+        validate_request(InferRequest(spec.name, self.version, str(start), first,
+                                      {name: types[name] for name in first if name in types}),
+                         spec)
+        await scheduler.run_rows(inputs, spans, batch_size, deliver)
 
     async def close(self) -> None:
         await self._manager.close(30.0)

@@ -221,6 +221,12 @@ class ModelPacker(Protocol):
         """
         ...
 
+    def pack_rows(self, inputs: Mapping[str, Array]) -> AbstractContextManager[Mapping[str, Array]]:
+        """One batch given as whole arrays (what ``pack`` does with a single request: the
+        arrays themselves, or the declared preprocessing into a pooled buffer), valid until
+        the context exits. For offline scoring, which cuts a file's rows into batches."""
+        ...
+
     def unpack(
         self, outputs: Mapping[str, Array], requests: Sequence[InferRequest], rows: Sequence[int]
     ) -> list[dict[str, OutputTensor]]:

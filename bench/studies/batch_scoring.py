@@ -3,11 +3,12 @@
 Three ways to score the same rows of random features at ``--batch-size`` rows per call, each
 in this process, medians of ``--repeats`` runs in rotating order: ``in-process backend`` (the
 server's ONNX Runtime backend instance called directly, as a loop over the rows: the
-ceiling), ``scoring (no database)`` (what ``peregrine batch`` does per chunk, without the
-writes: for this one-instance model, requests of that size run one after another through the
-version's executor on its instance's thread, DynamicBatcher.run_alone) and ``peregrine batch
-(SQLite)`` (``score_file`` end to end: reading the .npz, scoring, writing every prediction
-into a fresh SQLite file in the writer thread). The goal: scoring at least 90% of the
+ceiling), ``scoring (no database)`` (what ``peregrine batch`` does with the file's chunks,
+without the writes: for this one-instance model, every chunk of 16 batches scored in one hop
+on the instance's thread, each batch a row slice through the version's packing and backend
+call, OfflineModel.score_chunks) and ``peregrine batch (SQLite)`` (``score_file`` end to
+end: reading the .npz, scoring, writing every prediction into a fresh SQLite file in the
+writer thread). The goal: scoring at least 90% of the
 backend; the end-to-end figure shows what reading the file and the database add.
 
     python -m bench.studies.batch_scoring [--rows 100000] [--batch-size 64] [--repeats 3]
@@ -59,10 +60,9 @@ async def _scoring(repo: Path, x: np.ndarray, batch: int) -> float:
     model = await open_offline(repo, MODEL, "2")
     try:
         chunk = 16 * batch
+        spans = [(begin, min(begin + chunk, len(x))) for begin in range(0, len(x), chunk)]
         start = time.perf_counter()
-        for begin in range(0, len(x), chunk):
-            await runner._score_rows(model, {"input": x}, begin, min(begin + chunk, len(x)),
-                                     batch)
+        await model.score_chunks({"input": x}, spans, batch, lambda outputs: None)
         return len(x) / (time.perf_counter() - start)
     finally:
         await model.close()

@@ -1,26 +1,28 @@
 """Score one input file chunk by chunk into the sink, resuming a run the sink remembers.
 
-A chunk (``chunk_rows`` rows) is cut into requests of ``batch_size`` rows each (one row per
-request for a model without batching). A version with one instance (``runs_direct``) runs
-the chunk's requests as batches one after another on its instance's thread in one hop
-(DynamicBatcher.run_alone: the same executor, packing and preprocessing, without the queue
-whose hop to that thread and back per batch cost as much as a 64-row MLP batch runs);
-otherwise they go to the data plane a few at a time so every instance always has the next
-request queued. The chunk's outputs go to the writer thread, which
-writes the chunk's predictions and its mark in one transaction while the next chunk is
-scored. At most two chunks wait for the writer. A write the database refuses stops the run
-with its reason; the chunks written before it stay, and a rerun scores the rest.
+A chunk (``chunk_rows`` rows) is cut into batches of ``batch_size`` rows each (one row at a
+time for a model without batching). A version with one instance whose backend takes packed
+batches (``runs_direct``) scores every chunk still to do on its instance's thread in one hop
+(DynamicBatcher.run_rows): each batch a row slice of the file's arrays through the same
+packing, preprocessing and backend call as a served batch, the file validated once (every
+batch is a slice of the same arrays), the outputs kept as arrays, without the queue (whose
+hop to that thread and back per batch cost as much as a 64-row MLP batch runs), requests or
+per-request responses; that thread hands each scored chunk straight to the writer thread.
+Otherwise the chunk's batches go to the data plane as requests a few at a time so every
+instance always has the next request queued. The writer thread (``writer.ChunkWriter``)
+writes a chunk's predictions and its mark in one transaction while the next chunks are
+scored, at most two chunks behind. A write the database refuses stops the run with its
+reason; the chunks written before it stay, and a rerun scores the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import hashlib
 import math
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -30,12 +32,13 @@ import numpy as np
 from server.batch.progress import Progress
 from server.batch.sink import Sink
 from server.batch.table import InputTable, read
+from server.batch.writer import ChunkWriter
 from server.spec import ModelSpec
 from server.types import Array, InferRequest, InferResponse
 
 #: Requests in flight per model instance: one running, one queued behind it.
 IN_FLIGHT_PER_INSTANCE = 2
-#: Chunks scored but not yet written.
+#: Chunks scored but not yet written (the writer's queue).
 WRITE_AHEAD = 2
 
 
@@ -50,7 +53,9 @@ class Scorer(Protocol):
     @property
     def runs_direct(self) -> bool: ...
 
-    async def run_batches(self, requests: Sequence[InferRequest]) -> list[InferResponse]: ...
+    async def score_chunks(self, inputs: Mapping[str, Array], spans: Sequence[tuple[int, int]],
+                           batch_size: int, deliver: Callable[[dict[str, Array]], None]) -> None:
+        ...
 
     async def close(self) -> None: ...
 
@@ -108,35 +113,43 @@ async def score_file(scorer: Scorer, sink: Sink, path: Path, options: Options) -
         return Outcome(run.run_id, table.rows, 0, 0.0, True)
     chunk_rows = run.chunk_rows  # a resumed run keeps its chunks
     todo = [c for c in range(math.ceil(table.rows / chunk_rows)) if c not in run.done]
-    done_rows = table.rows - sum(_chunk_size(table, c, chunk_rows) for c in todo)
+    spans = [(c * chunk_rows, c * chunk_rows + _chunk_size(table, c, chunk_rows))
+             for c in todo]
+    done_rows = table.rows - sum(last - first for first, last in spans)
     progress = Progress(table.rows, done_rows, path.name) if options.progress else None
-    writes: deque[concurrent.futures.Future[None]] = deque()
+
+    span_of = dict(zip(todo, spans, strict=True))
+
+    def write(scored: tuple[int, str, dict[str, Array]]) -> None:
+        chunk, version, outputs = scored
+        first, last = span_of[chunk]
+        sink.write_chunk(run.run_id, chunk, version, table.ids[first:last], outputs)
+        if progress is not None:
+            progress.update(last - first)
+
+    writer: ChunkWriter[tuple[int, str, dict[str, Array]]] = ChunkWriter(write, WRITE_AHEAD)
     start = time.perf_counter()
-    scored = 0
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batch-write") as writer:
-        try:
-            for chunk in todo:
-                first = chunk * chunk_rows
-                last = min(first + chunk_rows, table.rows)
+    try:
+        if scorer.runs_direct:
+            chunks = iter(todo)
+            await scorer.score_chunks(table.inputs, spans, options.batch_size,
+                                      lambda outputs: writer.put(
+                                          (next(chunks), scorer.version, outputs)))
+        else:
+            for chunk, (first, last) in zip(todo, spans, strict=True):
                 outputs, version = await _score_rows(scorer, table.inputs, first, last,
                                                      options.batch_size)
-                while len(writes) >= WRITE_AHEAD or (writes and writes[0].done()):
-                    await asyncio.wrap_future(writes.popleft())  # raises a refused write
-                writes.append(writer.submit(sink.write_chunk, run.run_id, chunk, version,
-                                            table.ids[first:last], outputs))
-                scored += last - first
-                if progress is not None:
-                    progress.update(last - first)
-            while writes:
-                await asyncio.wrap_future(writes.popleft())
-        finally:
-            for pending in writes:  # a refused write: the ones after it never start
-                pending.cancel()
-            if progress is not None:
-                progress.close()
+                await asyncio.to_thread(writer.put, (chunk, version, outputs))
+        await asyncio.to_thread(writer.close)
+    except BaseException:
+        await asyncio.shield(asyncio.to_thread(writer.abandon))
+        raise
+    finally:
+        if progress is not None:
+            progress.close()
     seconds = time.perf_counter() - start
     sink.finish_run(run.run_id)
-    return Outcome(run.run_id, table.rows, scored, seconds, False)
+    return Outcome(run.run_id, table.rows, table.rows - done_rows, seconds, False)
 
 
 def _chunk_size(table: InputTable, chunk: int, chunk_rows: int) -> int:
@@ -145,8 +158,9 @@ def _chunk_size(table: InputTable, chunk: int, chunk_rows: int) -> int:
 
 async def _score_rows(scorer: Scorer, inputs: Mapping[str, Array], first: int, last: int,
                       batch_size: int) -> tuple[dict[str, Array], str]:
-    """Rows [first, last) through the version's executor (or the data plane), in order; their
-    outputs and the version that answered."""
+    """Rows [first, last) through the data plane as requests, in order; their outputs and
+    the version that answered."""
+    rows = {name: value[first:last] for name, value in inputs.items()}  # views, no copy
     spec = scorer.spec
     types = {t.name: t.datatype for t in spec.client_inputs}
     window = IN_FLIGHT_PER_INSTANCE * max(1, spec.instance_count)
@@ -163,23 +177,16 @@ async def _score_rows(scorer: Scorer, inputs: Mapping[str, Array], first: int, l
             parts.setdefault(output.name, []).append(
                 data if spec.batches else data[np.newaxis])
 
-    requests = []
-    for begin in range(first, last, step):
+    for begin in range(0, last - first, step):
         if spec.batches:
-            end = min(begin + step, last)
-            request_inputs = {name: value[begin:end] for name, value in inputs.items()}
+            request_inputs = {name: value[begin:begin + step] for name, value in rows.items()}
         else:
-            request_inputs = {name: value[begin] for name, value in inputs.items()}
-        requests.append(InferRequest(spec.name, scorer.version, str(begin), request_inputs,
-                                     {name: types[name] for name in request_inputs}))
-    if scorer.runs_direct:
-        for response in await scorer.run_batches(requests):
-            collect(response)
-    else:
-        for request in requests:
-            in_flight.append(scorer.submit(request))
-            if len(in_flight) >= window:
-                collect(await in_flight.popleft())
-        while in_flight:
+            request_inputs = {name: value[begin] for name, value in rows.items()}
+        in_flight.append(scorer.submit(InferRequest(
+            spec.name, scorer.version, str(first + begin), request_inputs,
+            {name: types[name] for name in request_inputs})))
+        if len(in_flight) >= window:
             collect(await in_flight.popleft())
+    while in_flight:
+        collect(await in_flight.popleft())
     return {name: np.concatenate(values) for name, values in parts.items()}, version

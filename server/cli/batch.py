@@ -79,6 +79,10 @@ def run_batch(args: argparse.Namespace, open_model: ModelOpener) -> int:
     except (SinkError, ValueError, OSError, PeregrineError) as exc:
         print(f"peregrine batch: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the chunks written stay marked
+        print("peregrine batch: interrupted; the same command resumes the run",
+              file=sys.stderr)
+        return 130
 
 
 async def _run(args: argparse.Namespace, open_model: ModelOpener) -> int:

@@ -4,6 +4,10 @@ then a guarded canary, over the PeregrineAdmin calls ``peregrine route`` makes.
 The new version must be served beside the source: a polling server picks it up at its next
 poll, an explicit one is asked to load the model again (RepositoryModelLoad), and the model's
 version policy must keep both (``all`` or ``specific``, or ``latest`` of 2 or more).
+
+A rollout that stops (agreement short, a guard rail broken, a phase out of time) leaves a
+table that sends all the model's traffic to the source, never a cleared one: without a table
+unversioned requests go to the highest ready version, the candidate.
 """
 
 from __future__ import annotations
@@ -117,9 +121,12 @@ class Rollout:
             metadata=self._metadata)
         return status
 
-    def _clear(self, model: str) -> None:
-        self._admin.ClearRoute(admin.RouteRequest(model=model), timeout=self._rpc_timeout,
-                               metadata=self._metadata)
+    def _keep_source(self, plan: Plan) -> None:
+        """A table that sends all traffic to the source. Not a cleared table: without one,
+        unversioned requests go to the highest ready version, which is the candidate."""
+        self._set(admin.RouteTable(
+            model=plan.model,
+            variants=[admin.Variant(name=SOURCE, version=plan.source, weight=100)]))
 
     def _shadow(self, plan: Plan) -> Outcome | None:
         table = admin.RouteTable(
@@ -135,10 +142,10 @@ class Rollout:
         status = self._get(plan.model)
         while status.shadow.compared < plan.comparisons:
             if time.monotonic() > deadline:
-                self._clear(plan.model)
+                self._keep_source(plan)
                 return Outcome(False, f"shadow: {status.shadow.compared} of "
                                f"{plan.comparisons} comparisons in {plan.timeout:g} s (is "
-                               f"traffic reaching '{plan.model}'?); routing table cleared")
+                               f"traffic reaching '{plan.model}'?); {_kept(plan)}")
             time.sleep(plan.poll_secs)
             status = self._get(plan.model)
         self._say(format_status(status))
@@ -151,9 +158,8 @@ class Rollout:
             problem = (f"shadow relative difference {live.max_rel_diff:.6g} exceeds "
                        f"{plan.max_rel_error:g} over {live.compared} comparisons")
         if problem:
-            self._clear(plan.model)
-            return Outcome(False, f"{problem}; routing table cleared, version "
-                           f"{plan.source} serves all traffic")
+            self._keep_source(plan)
+            return Outcome(False, f"{problem}; {_kept(plan)}")
         return None
 
     def _canary(self, plan: Plan) -> Outcome:
@@ -180,14 +186,24 @@ class Rollout:
                 self._admin.Rollback(admin.RouteRequest(model=plan.model),
                                      timeout=self._rpc_timeout, metadata=self._metadata)
                 return Outcome(False, f"canary step {step + 1} did not end within "
-                               f"{plan.timeout:g} s; rolled back")
+                               f"{plan.timeout:g} s; rolled back: {_kept(plan)}")
             time.sleep(plan.poll_secs)
             status = self._get(plan.model)
         self._say(format_status(status))
         if status.canary_state == "promoted":
             return Outcome(True, f"version {plan.candidate} serves all unversioned traffic "
                            f"of '{plan.model}'")
-        return Outcome(False, f"canary {status.canary_state}: {status.canary_reason}")
+        if status.canary_state == "rolled_back":  # the server left the source at 100
+            return Outcome(False, f"canary rolled back: {status.canary_reason}; "
+                           f"{_kept(plan)}")
+        self._keep_source(plan)
+        return Outcome(False, f"canary {status.canary_state}: {status.canary_reason}; "
+                       f"{_kept(plan)}")
+
+
+def _kept(plan: Plan) -> str:
+    return (f"the routing table sends all unversioned traffic of '{plan.model}' to version "
+            f"{plan.source}")
 
 
 class Replay:

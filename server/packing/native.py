@@ -75,10 +75,9 @@ class NativeModelPacker:
     def pack(
         self, requests: Sequence[InferRequest], rows: Sequence[int]
     ) -> AbstractContextManager[Mapping[str, Array]]:
+        if len(requests) == 1:
+            return self.pack_rows(requests[0].inputs)
         first = requests[0].inputs
-        if len(requests) == 1 and self._pre_name is None:
-            # One request: its own arrays are the batch (zero-copy views over the wire bytes).
-            return nullcontext({name: first[name] for name, _, _ in self._inputs if name in first})
         pool = self._pool
         taken: list[tuple[str, Array]] = []
         batch: dict[str, Array] = {}
@@ -94,8 +93,6 @@ class NativeModelPacker:
                     taken.append((name, buffer))
                     self._preprocessor.run([r.inputs[name] for r in requests], out,
                                            self._batches)
-                elif len(requests) == 1:
-                    out = value
                 elif name in self._pads and (inner := padded_inner(
                         [r.inputs[name] for r in requests])) is not None:
                     buffer, out = pool.take(name, dtype, (total, *inner))
@@ -114,6 +111,24 @@ class NativeModelPacker:
                 pool.give(key, buffer)
             raise
         return PackedBatch(batch, pool, taken)
+
+    def pack_rows(self, inputs: Mapping[str, Array]) -> AbstractContextManager[Mapping[str, Array]]:
+        pre = self._pre_name
+        if pre is None or pre not in inputs:
+            # The arrays are the batch (zero-copy views over the wire bytes or a file's rows;
+            # validated, so only declared inputs).
+            return nullcontext(inputs)
+        images = inputs[pre]
+        shape = (len(images), *self._pre_shape) if self._batches else self._pre_shape
+        buffer, out = self._pool.take(pre, self._pre_dtype, shape)
+        try:
+            self._preprocessor.run([images], out, self._batches)
+        except BaseException:
+            self._pool.give(pre, buffer)
+            raise
+        batch = {name: out if name == pre else inputs[name] for name, _, _ in self._inputs
+                 if name in inputs}
+        return PackedBatch(batch, self._pool, [(pre, buffer)])
 
     def unpack(
         self, outputs: Mapping[str, Array], requests: Sequence[InferRequest], rows: Sequence[int]

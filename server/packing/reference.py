@@ -56,24 +56,33 @@ class ReferenceModelPacker:
     def pack(
         self, requests: Sequence[InferRequest], rows: Sequence[int]
     ) -> nullcontext[dict[str, Array]]:
+        if len(requests) == 1:
+            return self.pack_rows(requests[0].inputs)
         first = requests[0].inputs
         batch: dict[str, Array] = {}
         for name in self._names:
             if name not in first:
                 continue
+            arrays = [r.inputs[name] for r in requests]
             if self._pre is not None and self._pre_input is not None and name == self._pre.input:
-                images = [r.inputs[name] for r in requests]
-                if self._batches:
-                    batch[name] = preprocess_batch(images, self._pre, self._pre_input)
-                else:
-                    batch[name] = preprocess_image(images[0], self._pre, self._pre_input)
-            elif len(requests) == 1:
-                batch[name] = first[name]
+                batch[name] = preprocess_batch(arrays, self._pre, self._pre_input)
             elif name in self._pads:
-                arrays = [r.inputs[name] for r in requests]
                 batch[name] = concat_padded(arrays, self._pads[name])
             else:
-                batch[name] = np.concatenate([r.inputs[name] for r in requests], axis=0)
+                batch[name] = np.concatenate(arrays, axis=0)
+        return nullcontext(batch)
+
+    def pack_rows(self, inputs: Mapping[str, Array]) -> nullcontext[dict[str, Array]]:
+        batch: dict[str, Array] = {}
+        for name in self._names:
+            if name not in inputs:
+                continue
+            if self._pre is not None and self._pre_input is not None and name == self._pre.input:
+                batch[name] = (preprocess_batch([inputs[name]], self._pre, self._pre_input)
+                               if self._batches else
+                               preprocess_image(inputs[name], self._pre, self._pre_input))
+            else:
+                batch[name] = inputs[name]
         return nullcontext(batch)
 
     def unpack(

@@ -7,7 +7,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +34,7 @@ from server.scheduler.executor import BatchExecutor, BatchRun
 from server.scheduler.instances import InstanceSet
 from server.scheduler.queue import PendingRequest, RequestQueue
 from server.spec import ModelSpec
-from server.types import InferRequest, InferResponse
+from server.types import Array, InferRequest, InferResponse
 
 log = logging.getLogger(__name__)
 _now = time.perf_counter_ns
@@ -194,35 +194,33 @@ class DynamicBatcher:
     def instances(self) -> Sequence[Backend]:
         return self._instances.backends
 
-    async def run_alone(self, requests: Sequence[InferRequest]) -> list[InferResponse]:
-        """Each (validated) request as one batch, in order, on an idle instance's own thread,
-        in one hop: the executor, packing and preprocessing of ``submit`` without the queue,
-        a hop per batch, metrics or the execution timeout. For offline scoring
-        (``peregrine batch``), where one hop per batch costs about as much as a small batch
-        runs. The instance is taken meanwhile, so the queue cannot use it. A failure raises
-        its typed error."""
+    async def run_rows(self, inputs: Mapping[str, Array], spans: Sequence[tuple[int, int]],
+                       batch_size: int, deliver: Callable[[dict[str, Array]], None]) -> None:
+        """Offline scoring (``peregrine batch``): each span [first, last) of the (validated)
+        rows of ``inputs``, in order, as batches of ``batch_size`` on an idle instance's own
+        thread, all in one hop (BatchExecutor.run_rows: the packing, preprocessing and
+        backend call of ``submit`` without the queue, requests, a hop per batch, metrics or
+        the execution timeout; a hop per batch costs about as much as a small batch runs).
+        ``deliver`` gets each span's outputs on that thread, and may block; what it raises
+        stops the run and is raised here. The instance is taken meanwhile, so the queue
+        cannot use it. A failure of the model raises its typed error."""
         if not self._instances.has_idle:
             raise ModelNotReady(f"model '{self._spec.name}' version {self._version} has no "
                                 "idle instance")
         instance = self._instances.take()
+        backend = self._instances.backends[instance]
+        run_rows = self._executor.run_rows
+
+        def job() -> None:
+            for first, last in spans:
+                deliver(run_rows(backend, {name: value[first:last]
+                                           for name, value in inputs.items()}, batch_size))
+
         try:
-            return await self._instances.run(instance, functools.partial(
-                self._run_in_order, self._instances.backends[instance], requests))
+            await self._instances.run(instance, job)
         finally:
             self._instances.returned(instance)
             self._schedule()
-
-    def _run_in_order(self, backend: Backend,
-                      requests: Sequence[InferRequest]) -> list[InferResponse]:
-        executor = self._executor
-        responses: list[InferResponse] = []
-        for request in requests:
-            run = executor.run(backend, [request], [self._rows(request)])
-            outcome = run.error if run.error is not None else run.outcomes[0]
-            if isinstance(outcome, Exception):
-                raise executor.typed_error(outcome, [request])
-            responses.append(outcome)
-        return responses
 
     @property
     def healthy(self) -> bool:

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
+
+import numpy as np
 
 from server.classification import classify
 from server.errors import BackendError, InvalidInput, PeregrineError, correlation_id
 from server.interfaces import Backend, ModelPacker, RequestBackend
 from server.spec import ModelSpec
-from server.types import Execution, InferRequest, InferResponse, OutputTensor
+from server.types import Array, Execution, InferRequest, InferResponse, OutputTensor
 
 log = logging.getLogger(__name__)
 _now = time.perf_counter_ns
@@ -44,6 +46,8 @@ class BatchExecutor:
         self._version = version
         self._packer = packer
         self._all_outputs = tuple(t.name for t in spec.outputs)
+        #: (name, numpy dtype) of every declared output, for ``run_rows``.
+        self._declared = tuple((t.name, t.datatype.numpy_dtype) for t in spec.outputs)
 
     def run(self, backend: Backend, requests: Sequence[InferRequest],
             rows: Sequence[int]) -> BatchRun:
@@ -98,16 +102,8 @@ class BatchExecutor:
         # The batch's buffers may be pooled: unpack (which copies) before the context exits.
         with self._packer.pack(requests, rows) as batch:
             t1 = _now()
-            outputs = backend.execute(batch)
+            outputs = self._execute_checked(backend, batch, sum(rows))
             t2 = _now()
-            if self._spec.batches:
-                produced = sum(rows)
-                for name, value in outputs.items():
-                    if value.ndim == 0 or value.shape[0] != produced:
-                        raise BackendError(
-                            f"output '{name}' has shape {list(value.shape)}; expected "
-                            f"{produced} rows for the batch"
-                        )
             per_request = self._packer.unpack(outputs, requests, rows)
         t3 = _now()
         run.executions.append(Execution(sum(rows), len(requests), t1 - t0, t2 - t1, t3 - t2,
@@ -118,6 +114,61 @@ class BatchExecutor:
                     request, tensors, request.requested_outputs or self._all_outputs))
             except BackendError as exc:  # this request's failure, never the batch's
                 run.outcomes.append(exc)
+
+    def _execute_checked(self, backend: Backend, batch: Mapping[str, Array],
+                         produced: int) -> dict[str, Array]:
+        """The backend's outputs for a packed batch of ``produced`` rows, each output checked
+        to have one row per input row (a batching model)."""
+        outputs = backend.execute(batch)
+        if self._spec.batches:
+            for name, value in outputs.items():
+                if value.ndim == 0 or value.shape[0] != produced:
+                    raise BackendError(
+                        f"output '{name}' has shape {list(value.shape)}; expected "
+                        f"{produced} rows for the batch"
+                    )
+        return outputs
+
+    @property
+    def takes_rows(self) -> bool:
+        """Whether ``run_rows`` may be used: the backend takes packed batches."""
+        return self._packer is not None
+
+    def run_rows(self, backend: Backend, inputs: Mapping[str, Array],
+                 batch_size: int) -> dict[str, Array]:
+        """Offline scoring (``peregrine batch``): the rows of ``inputs`` (whole arrays, rows
+        first, already validated) run as batches of ``batch_size`` rows (one row at a time
+        for a model without batching) through the same packing, preprocessing and backend
+        call as ``run``, without requests, per-request responses or timings: each batch is a
+        row slice of the arrays (no copy), and each declared output comes back as one array
+        of every row (the batches' outputs concatenated once). The first failure raises,
+        typed."""
+        assert self._packer is not None
+        rows = len(next(iter(inputs.values())))
+        batches = self._spec.batches
+        step = batch_size if batches else 1
+        # A preprocessed batch is a pooled buffer: an output that views it (a model returning
+        # its input) is copied before the buffer goes back. Otherwise the outputs are the
+        # backend's own arrays or views of the caller's rows.
+        pooled = self._spec.preprocess is not None
+        parts: dict[str, list[Array]] = {name: [] for name, _ in self._declared}
+        try:
+            for begin in range(0, rows, step):
+                end = min(begin + step, rows)
+                part = {name: value[begin:end] if batches else value[begin]
+                        for name, value in inputs.items()}
+                with self._packer.pack_rows(part) as batch:
+                    produced = self._execute_checked(backend, batch, end - begin)
+                    for name, values in parts.items():
+                        value = produced.get(name)
+                        if value is None:
+                            raise BackendError(
+                                f"model '{self._spec.name}' returned no output '{name}'")
+                        values.append(value.copy() if pooled else value)
+            return {name: _joined(name, parts[name], dtype, batches)
+                    for name, dtype in self._declared}
+        except Exception as exc:
+            raise self.typed_error(exc, []) from None
 
     def _execute_requests(self, backend: RequestBackend, requests: Sequence[InferRequest],
                           rows: Sequence[int], run: BatchRun) -> None:
@@ -159,3 +210,15 @@ class BatchExecutor:
             id=request.id,
             outputs=tensors,
         )
+
+
+def _joined(name: str, parts: Sequence[Array], dtype: np.dtype[Any], batches: bool) -> Array:
+    """One output's batches as one array of every row, in the spec's datatype."""
+    if not batches:
+        return np.stack(parts).astype(dtype, copy=False)
+    shape = parts[0].shape[1:]
+    for part in parts:
+        if part.shape[1:] != shape:
+            raise BackendError(f"output '{name}' has shape {list(part.shape)} in one batch "
+                               f"and {list(parts[0].shape)} in another")
+    return np.concatenate(parts, dtype=dtype, casting="unsafe")  # as unpack converts

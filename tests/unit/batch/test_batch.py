@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,9 +24,11 @@ import sqlalchemy as sa
 from server.app import open_offline
 from server.batch import cron
 from server.batch.runner import Options
-from server.batch.sink import Sink
+from server.batch.sink import Sink, SinkError
 from server.batch.watch import run_schedule
+from server.batch.writer import ChunkWriter
 from server.cli.main import main
+from server.types import DataType, InferRequest
 from tests import model_factory
 from tests.postgres import postgres_url
 
@@ -240,7 +243,7 @@ def test_resumes_after_a_kill_without_duplicates_or_gaps(tmp_path: Path) -> None
 
 
 def test_two_instances_score_through_the_data_plane(tmp_path: Path) -> None:
-    """One instance: whole chunks go to the version's executor directly (run_alone); two:
+    """One instance: the chunks go to the version's executor directly (run_rows); two:
     requests go through the data plane's queue to keep both busy. Both write every row."""
     repo = tmp_path / "repo"
     model_factory.identity_model(repo, "one", "FP32", max_batch_size=8)
@@ -264,6 +267,34 @@ def test_two_instances_score_through_the_data_plane(tmp_path: Path) -> None:
         assert sorted(got, key=int) == [str(i) for i in range(50)]
         np.testing.assert_array_equal(np.array([eval(got[str(i)]) for i in range(50)],
                                                np.float32), x)
+
+
+def test_direct_scoring_preprocesses_as_the_data_plane(mlp: Path) -> None:
+    """The image model's declared preprocessing runs on the direct path: every row's scores
+    equal the answers of the same rows submitted as requests through the data plane."""
+    images = np.random.default_rng(11).integers(0, 256, (20, 40, 40, 3), dtype=np.uint8)
+
+    async def both() -> tuple[list[dict[str, np.ndarray]], list[np.ndarray]]:
+        model = await open_offline(mlp, "image_classifier")
+        try:
+            assert model.runs_direct
+            delivered: list[dict[str, np.ndarray]] = []
+            await model.score_chunks({"image": images}, [(0, 12), (12, 20)], 8,
+                                     delivered.append)
+            served = []
+            for begin in range(0, 20, 8):
+                response = await model.submit(InferRequest(
+                    "image_classifier", model.version, str(begin),
+                    {"image": images[begin:begin + 8]}, {"image": DataType.UINT8}))
+                served.append(response.outputs[0].data)
+            return delivered, served
+        finally:
+            await model.close()
+
+    delivered, served = asyncio.run(both())
+    assert [len(chunk["scores"]) for chunk in delivered] == [12, 8]
+    np.testing.assert_allclose(np.concatenate([c["scores"] for c in delivered]),
+                               np.concatenate(served), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(("name", "content", "message"), [
@@ -337,3 +368,31 @@ def test_watch_scores_a_new_file_once(mlp: Path, features: np.ndarray,
     asyncio.run(run())
     assert reported == [folder / "a.npz"]
     assert len(read_predictions(url)) == 100
+
+
+def test_the_writer_stops_at_the_first_refusal_and_unblocks_the_scorer() -> None:
+    """Chunks are written in order; after a refused one, the waiting ones are dropped and
+    the scoring side's next put (even one blocked on the full queue) raises the refusal."""
+    written: list[int] = []
+    release = threading.Event()
+
+    def write(chunk: int) -> None:
+        release.wait(10)
+        if chunk == 1:
+            raise SinkError("quota reached")
+        written.append(chunk)
+
+    writer: ChunkWriter[int] = ChunkWriter(write, depth=2)
+    for chunk in range(4):  # 0 is being written, 1 and 2 wait, 3 would block
+        if chunk == 3:
+            threading.Timer(0.2, release.set).start()
+        try:
+            writer.put(chunk)
+        except SinkError:
+            break
+    with pytest.raises(SinkError, match="quota reached"):
+        for chunk in range(4, 50):  # the refusal reaches the scoring side within a few puts
+            writer.put(chunk)
+    with pytest.raises(SinkError, match="quota reached"):
+        writer.close()
+    assert written == [0]
