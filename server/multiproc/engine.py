@@ -21,7 +21,6 @@ from typing import Any, NoReturn
 import grpc
 
 from server.metrics.frontends import FrontendStats
-from server.multiproc.eager import start_eagerly
 from server.multiproc.frames import (
     CREDIT_BATCH,
     WINDOW,
@@ -246,8 +245,8 @@ class EngineLink:
             opening = CallOpening.decode(body)
             handler = self._table.find(opening.method)
             call = self._calls[number] = _Call(handler)
-            # A call answered without waiting (a cache hit, an inline batch) costs no task.
-            call.task = start_eagerly(self._run(number, call, opening, handler))
+            call.task = asyncio.get_running_loop().create_task(
+                self._run(number, call, opening, handler))
             return
         if kind == Kind.STATS:
             try:
