@@ -46,17 +46,27 @@ METHODS = {
 PATHS = st.sampled_from(sorted(METHODS))
 
 
-def translate(path: str, body: bytes, headers: dict[str, str] | None = None) -> None:
-    """The body becomes the route's own gRPC call (an infer request a ModelInferRequest that
-    parses), or is refused 4xx with a message; any other exception fails the test."""
+def translate(path: str, body: bytes, headers: dict[str, str] | None = None) -> str:
+    """What translation made of the body: the gRPC method of the call it became, or
+    ``refused <status>: <message>``; any other exception fails the test."""
     try:
         call = exchange("POST", path, headers or {}, body)
     except BadRequest as refused:
-        assert 400 <= refused.status < 500 and refused.message
-        return
-    assert call.method == rpc(METHODS[path])
+        return f"refused {refused.status}: {refused.message}"
+    if call.method == rpc("ModelInfer"):
+        # The call's message must be the request it names, one the gRPC side parses.
+        return f"{call.method} of {pb.ModelInferRequest.FromString(call.message).model_name}"
+    return str(call.method)
+
+
+def proper(path: str, outcome: str) -> bool:
+    """The route's own call (an infer request for model m), or a 4xx with a message."""
+    if outcome.startswith("refused "):
+        status, _, message = outcome[len("refused "):].partition(": ")
+        return 400 <= int(status) < 500 and bool(message)
     if METHODS[path] == "ModelInfer":
-        assert pb.ModelInferRequest.FromString(call.message).model_name == "m"
+        return outcome == f"{rpc('ModelInfer')} of m"
+    return outcome == str(rpc(METHODS[path]))
 
 
 @settings(max_examples=150, deadline=None, derandomize=True)
@@ -64,12 +74,27 @@ def translate(path: str, body: bytes, headers: dict[str, str] | None = None) -> 
 def test_any_json_document_translates_or_is_refused(path: str, document: dict[str, Any],
                                                     tail: bytes, length: int) -> None:
     header = json.dumps(document).encode()
-    translate(path, header)
-    translate(path, header + tail, {"inference-header-content-length": str(length)})
-    translate(path, header + tail, {"inference-header-content-length": str(len(header))})
+    for body, headers in ((header, {}),
+                          (header + tail, {"inference-header-content-length": str(length)}),
+                          (header + tail,
+                           {"inference-header-content-length": str(len(header))})):
+        outcome = translate(path, body, headers)
+        assert proper(path, outcome), outcome
 
 
 @settings(max_examples=100, deadline=None, derandomize=True)
 @given(PATHS, st.binary(max_size=64))
 def test_any_bytes_translate_or_are_refused(path: str, body: bytes) -> None:
-    translate(path, body)
+    outcome = translate(path, body)
+    assert proper(path, outcome), outcome
+
+
+def test_the_check_tells_a_wrong_call_or_a_silent_refusal_from_a_proper_answer() -> None:
+    """``proper`` itself: a call of another method, an infer call for another model, a 5xx
+    and a refusal without a message are all improper."""
+    infer = "/v2/models/m/infer"
+    assert proper(infer, translate(infer, b"not json"))
+    assert not proper(infer, f"{rpc('ModelInfer')} of other")
+    assert not proper(infer, str(rpc("RepositoryIndex")))
+    assert not proper(infer, "refused 500: broken")
+    assert not proper(infer, "refused 400: ")
