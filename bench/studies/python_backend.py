@@ -24,7 +24,6 @@ bench/RESULTS.md.
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import shutil
 import sys
@@ -217,15 +216,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     client_cpus = ",".join(map(str, study.client_cpus))
     runs = measure(args.seconds, args.warmup, args.repeats, study.server_cpus, client_cpus)
     rows = summarise(runs)
-    document = {
-        "benchmark": "python_backend",
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        **study.record(),
-        **study.pinning,
-        "seconds": args.seconds, "warmup": args.warmup, "repeats": args.repeats,
-        "rows": rows, "runs": runs, "boundary": boundary(rows),
-        "in_process": in_process(args.seconds, study.server_cpus),
-    }
+    document = study.document(
+        "python_backend", args,
+        rows=rows, runs=runs, boundary=boundary(rows),
+        in_process=in_process(args.seconds, study.server_cpus))
     write_document(RESULTS_JSON, document)
     if not args.no_results_md:
         write_section(document)

@@ -27,7 +27,6 @@ Writes bench/results/response_cache.json, bench/results/response_cache.png and t
 
 from __future__ import annotations
 
-import datetime as dt
 import shutil
 import sys
 import tempfile
@@ -207,15 +206,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     client_cpus = ",".join(map(str, study.client_cpus))
     runs = measure(args.seconds, args.warmup, args.repeats, study.server_cpus, client_cpus)
     rows = summarise(runs)
-    document = {
-        "benchmark": "response_cache",
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        **study.record(),
-        **study.pinning,
-        "seconds": args.seconds, "warmup": args.warmup, "repeats": args.repeats,
-        "rows": rows, "runs": runs, "goal_met": goal_met(rows),
-        "goal_out_of_reach": goal_out_of_reach(rows),
-    }
+    document = study.document(
+        "response_cache", args,
+        rows=rows, runs=runs, goal_met=goal_met(rows),
+        goal_out_of_reach=goal_out_of_reach(rows))
     write_document(RESULTS_JSON, document)
     groups = [f"{r['model']}\n{r['rpc']}\n{r['setup']}" for r in rows]
     grouped_bars(RESULTS_PNG, groups,

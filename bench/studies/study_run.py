@@ -4,6 +4,7 @@ itself, the machine, the load average at its start and end, and how long it took
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import shlex
@@ -34,6 +35,18 @@ class StudyRun:
             "environment": {**environment(None), "machine": self.machine},
             "loadavg": [round(self.load_at_start, 2), round(os.getloadavg()[0], 2)],
             "elapsed_s": round(time.monotonic() - self.started, 1),
+        }
+
+    def document(self, benchmark: str, args: Any, **fields: Any) -> dict[str, Any]:
+        """A closed-loop study's JSON document: its name, the date, the run's fields, where
+        it ran, the step lengths and repeats of ``args``, then ``fields``."""
+        return {
+            "benchmark": benchmark,
+            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            **self.record(),
+            **self.pinning,
+            "seconds": args.seconds, "warmup": args.warmup, "repeats": args.repeats,
+            **fields,
         }
 
     @property
