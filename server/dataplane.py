@@ -92,12 +92,14 @@ class DataPlane:
                 future.add_done_callback(finished)
         return future
 
-    def cached(self, parsed: ParsedRequest) -> tuple[InferResponse | None, Hashable | None]:
-        """The stored answer to a request still in its parsed form, counted as a cache hit,
-        and its key; or no answer: then the request is decoded and submitted as any other,
-        with the key when there is one (set as its ``cache_key``), and the miss is counted
-        there. Before decoding, so a hit skips decoding, validation and the queue; only for
-        a request that no routing table steers and no drift monitor samples (those need the
+    def cached(self, parsed: ParsedRequest
+               ) -> tuple[InferResponse | None, tuple[Hashable, int] | None]:
+        """The stored answer to a request still in its parsed form, counted as a cache hit;
+        or, on a miss, its key and the lookup's nanoseconds, for the request's
+        ``cache_miss`` once decoded (submit then neither keys nor looks it up again, and
+        counts the miss); or neither, when the request must be decoded to be looked up.
+        Before decoding, so a hit skips decoding, validation and the queue; only for a
+        request that no routing table steers and no drift monitor samples (those need the
         decoded request), and whose key the parsed form gives (cache/key.py)."""
         model_name, model_version = parsed[0], parsed[1]
         if self._drift is not None or (
@@ -117,10 +119,11 @@ class DataPlane:
         if key is None:
             return None, None
         response = cache.get(key, parsed[2])
-        if response is not None:
-            done = _now()
-            model.metrics.cache_hit(done - looked_up, done - start)
-        return response, key
+        done = _now()
+        if response is None:
+            return None, (key, done - looked_up)
+        model.metrics.cache_hit(done - looked_up, done - start)
+        return response, None
 
     def _finished(
         self,
@@ -160,23 +163,28 @@ def _through_cache(
     to the scheduler, and its answer is stored once it succeeds (a failed or cancelled
     request stores nothing). Two identical requests in flight at once both miss and both
     run; the later answer replaces the earlier one."""
-    looked_up = _now()
-    key = getattr(request, "cache_key", None)
-    if key is None:
+    missed = getattr(request, "cache_miss", None)
+    if missed is not None:
+        # Looked up before decoding, and nothing ran since: a miss still.
+        key, lookup_ns = missed
+    else:
+        looked_up = _now()
         key = cache.key(request)
-    response = cache.get(key, request.id)
-    done = _now()
-    if response is not None:
-        model.metrics.cache_hit(done - looked_up, done - start)
-        future: asyncio.Future[InferResponse] = asyncio.get_running_loop().create_future()
-        future.set_result(response)
-        return future
+        response = cache.get(key, request.id)
+        done = _now()
+        lookup_ns = done - looked_up
+        if response is not None:
+            model.metrics.cache_hit(lookup_ns, done - start)
+            future: asyncio.Future[InferResponse] = \
+                asyncio.get_running_loop().create_future()
+            future.set_result(response)
+            return future
     try:
         future = model.scheduler.submit(request, lone)
     except BaseException:
-        model.metrics.cache_miss(done - looked_up)
+        model.metrics.cache_miss(lookup_ns)
         raise
-    store = functools.partial(_store, cache, key, model.metrics, done - looked_up)
+    store = functools.partial(_store, cache, key, model.metrics, lookup_ns)
     if future.done():
         store(future)  # answered inline: stored before the caller or a callback sees it
     else:

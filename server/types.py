@@ -107,9 +107,9 @@ class InferRequest:
     #: record, else None) and read only by tracing; without, never set (not even a default,
     #: so a server that does not trace writes nothing for it per request).
     trace: Any = field(init=False, repr=False, compare=False)
-    #: Its response-cache key, when the key was taken from the parsed request before decoding
-    #: (DataPlane.cached, on a miss): set only then, so it is not taken twice.
-    cache_key: Hashable = field(init=False, repr=False, compare=False)
+    #: A response-cache miss found on the parsed request before decoding (DataPlane.cached):
+    #: its key and the lookup's nanoseconds. Set only then, so neither is done twice.
+    cache_miss: tuple[Hashable, int] = field(init=False, repr=False, compare=False)
 
 
 class OutputTensor:

@@ -59,9 +59,9 @@ class ServerState:
         self.strict_readiness = strict_readiness
 
 
-#: A request parsed before the response cache was asked, and its key (None: no key can be taken
-#: before decoding).
-CacheLookup = tuple[ParsedRequest, Hashable | None]
+#: A request parsed before the response cache was asked, and its miss there: its key and the
+#: lookup's nanoseconds (None: it must be decoded to be looked up).
+CacheLookup = tuple[ParsedRequest, tuple[Hashable, int] | None]
 
 
 def _deadline_ns(context: grpc.aio.ServicerContext) -> int | None:
@@ -227,7 +227,7 @@ class InferenceServicer(
             raise ModelNotReady("the server is not accepting requests")
 
     def _cached(self, data: bytes) -> tuple[CacheLookup | None, InferResponse | None]:
-        """With a response cache: the request parsed and its key, and its stored answer when
+        """With a response cache: the request parsed and its miss, or its stored answer when
         it has one (the guard admits the caller as for any request; the server's bounds do
         not count a request answered at once). Without one: nothing, and ``_start`` parses."""
         codec = self._cache_codec
@@ -239,10 +239,10 @@ class InferenceServicer(
         except BoundExceeded as exc:  # past the entries a message may hold
             self._admission.refused(exc.bound)
             raise
-        hit, key = self._dataplane.cached(parsed)
+        hit, missed = self._dataplane.cached(parsed)
         if hit is not None and self._admit is not None:
             self._admit(parsed[0])
-        return (parsed, key), hit
+        return (parsed, missed), hit
 
     def _start(
         self, data: bytes, deadline_ns: int | None, headers: dict[str, str] | None,
@@ -254,7 +254,7 @@ class InferenceServicer(
         returned shared-memory scope (leases on the regions the request uses, which are
         the caller's own) and then releases it, and releases the admission's counts of the
         request (``release_bytes`` once the answer is computed, ``release_requests`` once it
-        is handed to gRPC). ``looked_up``: what ``_cached`` parsed of ``data``, and the key."""
+        is handed to gRPC). ``looked_up``: what ``_cached`` parsed of ``data``, and its miss."""
         self._check_accepting()
         admission = self._admission
         shm = SharedMemoryScope(self._shm, caller().name) if len(self._shm) else None
@@ -264,10 +264,10 @@ class InferenceServicer(
                 decoded = self._codec.decode_request_bytes(data, deadline_ns, shm)
             else:
                 assert self._cache_codec is not None
-                parsed, key = looked_up
+                parsed, missed = looked_up
                 decoded = self._cache_codec.decode(parsed, deadline_ns, shm)
-                if key is not None:
-                    decoded.cache_key = key
+                if missed is not None:
+                    decoded.cache_miss = missed
             if self._admit is not None:
                 self._admit(decoded.model_name)
             if headers:
