@@ -57,7 +57,6 @@ SETUPS: dict[str, list[str]] = {
 }
 #: The bare servicer's set-up: the same load against a server that does no work.
 FLOOR = "floor"
-EXTRA_SETUPS = (FLOOR,)
 #: The issue's goal on the MLP: a hit's server CPU at most this share of a miss's.
 MLP_GOAL = 0.5
 
@@ -76,7 +75,7 @@ def repository(folder: Path) -> Path:
 def measure(seconds: float, warmup: float, repeats: int, server_cpus: str | None,
             client_cpus: str) -> list[dict[str, Any]]:
     folder = Path(tempfile.mkdtemp(prefix="response-cache-bench-"))
-    names = [*SETUPS, *EXTRA_SETUPS]
+    names = [*SETUPS, FLOOR]
     try:
         repo = repository(folder)
         runs: list[dict[str, Any]] = []
@@ -111,7 +110,7 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for model in MODELS:
         for rpc in RPCS:
             by_setup: dict[str, dict[str, Any]] = {}
-            for setup in [*SETUPS, *EXTRA_SETUPS]:
+            for setup in [*SETUPS, FLOOR]:
                 mine = [r for r in runs if (r["model"], r["rpc"], r["setup"])
                         == (model, rpc, setup)]
 
@@ -146,7 +145,7 @@ def goal_out_of_reach(rows: list[dict[str, Any]]) -> list[str]:
     """The MLP loads where half a miss is less than the bare gRPC call: there no hit, however
     little the server does for it, can reach the goal."""
     return [f"{r['rpc']} ({r['setup']} {r['cpu_vs_miss']:.2f}x)" for r in rows
-            if r["model"] == "mlp_classifier" and r["setup"] in EXTRA_SETUPS
+            if r["model"] == "mlp_classifier" and r["setup"] == FLOOR
             and r["cpu_vs_miss"] > MLP_GOAL]
 
 
