@@ -9,6 +9,7 @@ import gzip
 import json
 import re
 import socket
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -201,7 +202,8 @@ def test_statistics_count_rest_requests(client: httpclient.InferenceServerClient
     assert {"add_sub", "identity_int8"} <= {s["name"] for s in every}
 
 
-def test_repository_index_load_and_unload(client: httpclient.InferenceServerClient) -> None:
+def test_repository_index_load_and_unload(client: httpclient.InferenceServerClient,
+                                          server: ServerThread) -> None:
     index = {(m["name"], m.get("state")) for m in client.get_model_repository_index()}
     assert ("spare", "READY") in index
     client.unload_model("spare")
@@ -221,6 +223,19 @@ def test_repository_index_load_and_unload(client: httpclient.InferenceServerClie
         client.load_model("spare", config=json.dumps(config), files={"file:1/model.onnx": b"x"})
     assert "file:1/model.onnx" in files.value.message()
     client.load_model("spare")
+    assert client.is_model_ready("spare")
+    # The replaced load drains and retires (and logs it) on the server's thread: let that
+    # happen within this test, not while pytest closes the test's log capture.
+    assert server.server is not None
+    repository = server.server.repository
+
+    async def retiring() -> int:
+        return len(repository._retiring)
+
+    deadline = time.monotonic() + 30
+    while server.call(retiring()):
+        assert time.monotonic() < deadline, "the replaced load of 'spare' never retired"
+        time.sleep(0.02)
 
 
 def test_system_shared_memory_register_infer_unregister(
