@@ -86,6 +86,10 @@ def kill_mid_swap(tmp_path: Path, broken: bool) -> tuple[Path, Path]:
         model_factory.stalling_scaled_version(repo, MODEL, 2, 2.0, STALL_TRIPS, broken=broken)
         wait_until(lambda: index(client).get((MODEL, "2"), ("",))[0] == "LOADING",
                    "version 2 loading")
+        # The index says LOADING as soon as the load is planned; the load itself begins once
+        # the state file records it, so the kill waits for that record.
+        wait_until(lambda: state(state_file).get("loading") == {MODEL: [2]},
+                   "version 2's load recorded in the state file")
         assert infer(client)[0] == 1  # mid-swap: version 1 still serves
         server.proc.send_signal(signal.SIGKILL)
         assert server.proc.wait(timeout=10) == -signal.SIGKILL
