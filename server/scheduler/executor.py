@@ -155,23 +155,25 @@ class BatchExecutor:
         # batch of 64). A preprocessed batch is a pooled buffer: an output that views it (a
         # model returning its input) is copied before the buffer goes back.
         pack_rows = None if self._spec.preprocess is None else self._packer.pack_rows
-        # One input (the usual case): a dict display per batch, not a comprehension.
-        only = next(iter(inputs)) if len(inputs) == 1 else None
-        results: list[dict[str, Array]] = []
+        results: list[dict[str, Array]]
         try:
-            for begin in range(0, rows, step):
-                if only is not None:
-                    value = inputs[only]
-                    part = {only: value[begin:begin + step] if batches else value[begin]}
-                else:
+            if pack_rows is None and batches and len(inputs) == 1:
+                # The usual case, as one comprehension: each batch a dict display of its one
+                # input's row slice, straight to the backend.
+                [(only, value)] = inputs.items()
+                results = [execute({only: value[begin:begin + step]})
+                           for begin in range(0, rows, step)]
+            else:
+                results = []
+                for begin in range(0, rows, step):
                     part = {name: value[begin:begin + step] if batches else value[begin]
                             for name, value in inputs.items()}
-                if pack_rows is None:
-                    results.append(execute(part))
-                else:
-                    with pack_rows(part) as batch:
-                        results.append({name: value.copy()
-                                         for name, value in execute(batch).items()})
+                    if pack_rows is None:
+                        results.append(execute(part))
+                    else:
+                        with pack_rows(part) as batch:
+                            results.append({name: value.copy()
+                                             for name, value in execute(batch).items()})
             return {name: _joined(_checked(self._spec.name, name, results,
                                            step if batches else 0, rows), dtype, batches)
                     for name, dtype in self._declared}
