@@ -18,10 +18,10 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from server.parquet import ParquetError, read_columns
 from server.spec import ModelSpec, TensorSpec
 from server.types import Array, DataType
 
@@ -210,37 +210,6 @@ def _read_csv(path: Path) -> dict[str, Array]:
 
 def _read_parquet(path: Path) -> dict[str, Array]:
     try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise TableError("reading .parquet needs pyarrow (pip install 'peregrine[batch]')") \
-            from None
-    try:
-        table = pq.read_table(path)
-    except (OSError, pa.ArrowException) as exc:
-        raise TableError(f"{path}: not a readable parquet file ({exc})") from None
-    columns: dict[str, Array] = {}
-    for name in table.column_names:
-        column = table.column(name)
-        nulls = column.null_count
-        if nulls:
-            row = next(i for i, v in enumerate(column.is_null().to_pylist()) if v)
-            raise TableError(f"{path}: column '{name}', row {row}: missing value")
-        if pa.types.is_list(column.type) or pa.types.is_fixed_size_list(column.type) \
-                or pa.types.is_large_list(column.type):
-            columns[name] = _vectors(path, name, column.to_pylist())
-        else:
-            array = column.to_numpy()
-            columns[name] = array if array.dtype.kind in "biuf" else array.astype(object)
-    return columns
-
-
-def _vectors(path: Path, name: str, values: list[Any]) -> Array:
-    width = len(values[0]) if values and values[0] is not None else 0
-    for row, value in enumerate(values):
-        if value is None or any(v is None for v in value):
-            raise TableError(f"{path}: column '{name}', row {row}: missing value")
-        if len(value) != width:
-            raise TableError(f"{path}: column '{name}', row {row}: {len(value)} values; row 0 "
-                             f"has {width}")
-    return np.asarray(values)
+        return read_columns(path, "batch")
+    except ParquetError as exc:
+        raise TableError(str(exc)) from None

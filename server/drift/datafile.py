@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from server.parquet import read_columns
 from server.spec import ModelSpec, TensorSpec
 from server.types import Array, DataType
 
@@ -39,7 +40,7 @@ def load(path: Path, spec: ModelSpec) -> dict[str, Array]:
     elif suffix == ".csv":
         raw = _from_columns(_read_csv(path), spec)
     elif suffix == ".parquet":
-        raw = _from_columns(_read_parquet(path), spec)
+        raw = _from_columns(read_columns(path, "drift"), spec)
     else:
         raise ValueError(f"{path}: unsupported data file (use .npz, .npy, .csv or .parquet)")
     data = {}
@@ -141,21 +142,3 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _read_parquet(path: Path) -> dict[str, Array]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ValueError("reading .parquet needs pyarrow (pip install 'peregrine[drift]')") \
-            from None
-    table = pq.read_table(path)
-    columns: dict[str, Array] = {}
-    for name in table.column_names:
-        values = table.column(name).to_pylist()
-        if values and isinstance(values[0], list):
-            columns[name] = np.asarray(values)
-        else:
-            array = np.asarray(values)
-            columns[name] = array if array.dtype.kind in "biuf" else array.astype(object)
-    return columns

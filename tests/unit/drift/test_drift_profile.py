@@ -133,6 +133,14 @@ def test_reference_data_files(tmp_path: Path, rng: np.random.Generator) -> None:
     pa = pytest.importorskip("pyarrow")
     pq.write_table(pa.table({f"c{i}": x[:, i] for i in range(4)}), tmp_path / "d.parquet")
     assert np.allclose(datafile.load(tmp_path / "d.parquet", spec)["x"], x)
+    holes = {f"c{i}": x[:, i].tolist() for i in range(4)}
+    holes["c2"][7] = None
+    pq.write_table(pa.table(holes), tmp_path / "holes.parquet")
+    with pytest.raises(ValueError, match=r"column 'c2', row 7: missing value"):
+        datafile.load(tmp_path / "holes.parquet", spec)
+    (tmp_path / "torn.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(ValueError, match="not a readable parquet file"):
+        datafile.load(tmp_path / "torn.parquet", spec)
     with pytest.raises(ValueError, match="unsupported data file"):
         datafile.load(tmp_path / "d.txt", spec)
 
