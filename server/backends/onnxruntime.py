@@ -296,6 +296,10 @@ class OnnxRuntimeInstance:
         return outputs
 
     def close(self) -> None:
+        # Every reference to the session goes (the bound run, a fixed binding), so that its
+        # memory (weights, arena) is freed now, not when the instance object is.
+        self._plain_run = None
+        self._fixed = None
         del self._session
 
 

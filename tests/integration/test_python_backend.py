@@ -275,7 +275,7 @@ def test_the_models_output_goes_to_the_server_log_with_its_name(
     client: grpcclient.InferenceServerClient, caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger=PROCESS_LOG)
-    client.infer("counting", counting_inputs(1.0))
+    client.infer("counting", counting_inputs(python_models.SAY))
     wait_until(lambda: any(r.name == PROCESS_LOG and
                            r.getMessage() == "counting: executing 1 requests"
                            for r in caplog.records), "the model's print in the log")

@@ -4,6 +4,8 @@ it was given, caught before the batches are handed on, and named in the error.""
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -111,3 +113,15 @@ def test_a_cancel_between_runs_does_not_stop_the_next_run(tmp_path: Path) -> Non
         np.testing.assert_array_equal(
             backend.execute({"INPUT0": x})["OUTPUT0"],
             backend.session.run(["OUTPUT0"], {"INPUT0": x})[0])
+
+
+def test_closing_an_instance_frees_its_session_at_once(tmp_path: Path) -> None:
+    """Nothing the instance keeps (its bound run, say) holds ONNX Runtime's session, and so
+    the model's weights, after ``close``, although the instance object itself lives on."""
+    _, _, backend = executor(tmp_path, 8)
+    assert isinstance(backend, OnnxRuntimeInstance)
+    backend.execute({"INPUT0": np.ones((2, 5), np.float32)})
+    native = weakref.ref(backend.session._sess)
+    backend.close()
+    gc.collect()
+    assert native() is None
