@@ -203,10 +203,13 @@ class OnnxRuntimeInstance:
         # inputs owned elsewhere and missing inputs, and retries on a provider failure with
         # its fallback providers. None of that applies to validated numpy inputs on the
         # CPU (the binding itself still refuses a missing input), and the checks cost about
-        # 5 us a run: 8% of an MLP batch of 64 (bench/studies/batch_scoring.py).
+        # 5 us a run: 8% of an MLP batch of 64 (bench/studies/batch_scoring.py). Every
+        # output must be a tensor: a sequence or map (an undeclared ZipMap, say) comes back
+        # as a list, which the general path turns into an array.
         plain = (device is None and self._fixed is None and not self._bf16_inputs
                  and not self._bf16_outputs and not self._string_inputs
-                 and not self._string_outputs)
+                 and not self._string_outputs
+                 and all(o.type in _ORT_TYPES for o in session.get_outputs()))
         self._plain_run = getattr(session, "_sess", session).run if plain else None
 
     @property

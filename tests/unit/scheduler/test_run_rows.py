@@ -4,15 +4,12 @@ it was given, caught before the batches are handed on, and named in the error.""
 
 from __future__ import annotations
 
-import gc
-import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from server.backends.onnxruntime import OnnxRuntimeInstance
 from server.errors import BackendError
 from server.interfaces import Backend
 from server.packing import default_packer
@@ -99,29 +96,3 @@ def test_rows_of_a_model_without_batching_must_agree_in_shape(tmp_path: Path) ->
     with pytest.raises(BackendError, match=r"output 'OUTPUT0' has shape \[2\] for one row "
                                            r"and \[5\] for another"):
         run.run_rows(shorter, {"INPUT0": x}, 8)
-
-
-def test_a_cancel_between_runs_does_not_stop_the_next_run(tmp_path: Path) -> None:
-    """ONNX Runtime's terminate flag is cleared only after a cancel: a cancel that came
-    after a run ended leaves the next run whole, and the run after it too."""
-    _, _, backend = executor(tmp_path, 8)
-    assert isinstance(backend, OnnxRuntimeInstance)
-    x = np.random.default_rng(4).random((3, 5), dtype=np.float32)
-    backend.cancel()
-    for _ in range(2):
-        np.testing.assert_array_equal(backend.execute({"INPUT0": x})["OUTPUT0"], x)
-        np.testing.assert_array_equal(
-            backend.execute({"INPUT0": x})["OUTPUT0"],
-            backend.session.run(["OUTPUT0"], {"INPUT0": x})[0])
-
-
-def test_closing_an_instance_frees_its_session_at_once(tmp_path: Path) -> None:
-    """Nothing the instance keeps (its bound run, say) holds ONNX Runtime's session, and so
-    the model's weights, after ``close``, although the instance object itself lives on."""
-    _, _, backend = executor(tmp_path, 8)
-    assert isinstance(backend, OnnxRuntimeInstance)
-    backend.execute({"INPUT0": np.ones((2, 5), np.float32)})
-    native = weakref.ref(backend.session._sess)
-    backend.close()
-    gc.collect()
-    assert native() is None
