@@ -3,6 +3,7 @@ an unexpected error answered with a correlation id only (server/frontend/status.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
@@ -13,7 +14,7 @@ import pytest
 
 from server.errors import BackendError, InvalidInput
 from server.frontend.status import status_of
-from server.logs import JsonFormatter, LogSettings, TextFormatter
+from server.logs import JsonFormatter, LogSettings, TextFormatter, configure_logging
 
 FORGED = "abc\ninfo fake line"
 
@@ -100,3 +101,26 @@ def test_log_settings_apply_all_or_nothing_and_close_puts_the_logging_back() -> 
         root.removeHandler(handler)
     assert isinstance(handler.formatter, TextFormatter) and not handler.filters
     assert root.level == level
+
+
+def test_the_log_follows_stderr_when_the_host_swaps_and_closes_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A record written after the stream that was stderr at configuration closed goes to
+    the stderr of the moment (pytest's per-test capture does this to a module's server)."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        first = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", first)
+        configure_logging("info", "text")
+        logging.getLogger("peregrine.test").info("before the swap")
+        assert "before the swap" in first.getvalue()
+        first.close()
+        second = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", second)
+        logging.getLogger("peregrine.test").info("after the swap")
+        [line] = second.getvalue().splitlines()
+        assert line.endswith('peregrine.test "after the swap"'), line
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
