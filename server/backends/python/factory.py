@@ -14,6 +14,7 @@ import ast
 import dataclasses
 import json
 import logging
+import threading
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -154,11 +155,20 @@ class PythonFactory:
         return instance
 
 
+#: One ast.parse at a time: models load on several threads at once, and CPython 3.11 keeps
+#: the AST constructor's recursion depth in state the threads share, so two parses at once
+#: can fail with "AST constructor recursion depth mismatch" (CPython gh-106905; seen at a
+#: start that loaded two Python models).
+_PARSING = threading.Lock()
+
+
 def _defines_auto_complete(path: Path) -> bool:
     """Whether model.py's TritonPythonModel defines auto_complete_config (read, not run: the
     server never imports a model's code)."""
     try:
-        tree = ast.parse(path.read_bytes(), str(path))
+        source = path.read_bytes()
+        with _PARSING:
+            tree = ast.parse(source, str(path))
     except (SyntaxError, ValueError, OSError):
         return False  # its own load says what is wrong
     return any(isinstance(node, ast.ClassDef) and node.name == "TritonPythonModel"
