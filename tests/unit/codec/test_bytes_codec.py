@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import struct
 import sys
-import threading
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
@@ -16,6 +15,7 @@ from hypothesis import strategies as st
 
 from server import _native as native
 from server.codec import bytes_reference as reference
+from tests.concurrency import on_threads
 
 Decoder = Callable[[Any, Any], list[bytes]]
 Encoder = Callable[[Any], bytes]
@@ -328,11 +328,7 @@ def test_decode_concurrently() -> None:
         except BaseException as exc:  # reported below
             failures.append(exc)
 
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    on_threads(work)
     assert not failures
 
 

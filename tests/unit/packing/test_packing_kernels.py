@@ -17,6 +17,7 @@ from server import _native
 from server.packing.pool import ALIGNMENT, BufferPool, capacity_for, host_allocator
 from server.packing.reference import concat_padded
 from server.types import Array, DataType
+from tests.concurrency import on_threads
 
 #: Every fixed-size wire dtype (BF16 travels as '<u2', like UINT16).
 DTYPES = sorted({dt.numpy_dtype.str for dt in DataType if dt is not DataType.BYTES})
@@ -261,11 +262,7 @@ def test_kernels_release_the_gil_and_run_concurrently() -> None:
             if b"".join(_native.scatter(out, [2_000] * 8)) != want:
                 failures.append("scatter")
 
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    on_threads(work)
     assert not failures
 
 
@@ -333,11 +330,7 @@ def test_pool_is_safe_across_threads() -> None:
                 in_use.discard(id(buf))
             pool.give("x", buf)
 
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    on_threads(work)
     assert not clashes
     assert pool.free_buffers("x") == pool.allocations <= 4
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from server.backends.python import factory
+from tests.concurrency import on_threads
 
 MODEL = '''\
 class TritonPythonModel:
@@ -59,10 +59,6 @@ def test_models_read_on_several_threads_at_once_all_parse(tmp_path: Path) -> Non
             except Exception as exc:
                 failures.append(exc)
 
-    threads = [threading.Thread(target=read) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    on_threads(read)
     assert failures == []
     assert answers == [True] * 400
