@@ -122,11 +122,7 @@ class BatchExecutor:
         outputs = backend.execute(batch)
         if self._spec.batches:
             for name, value in outputs.items():
-                if value.ndim == 0 or value.shape[0] != produced:
-                    raise BackendError(
-                        f"output '{name}' has shape {list(value.shape)}; expected "
-                        f"{produced} rows for the batch"
-                    )
+                _check_rows(name, value, produced)
         return outputs
 
     @property
@@ -243,9 +239,7 @@ def _checked(model: str, name: str, results: Sequence[Mapping[str, Array]], step
     expected = [(step, *first[1:])] * (len(parts) - 1) + [(last, *first[1:])]
     if [part.shape for part in parts] != expected:
         for part, wanted in zip(parts, expected, strict=True):
-            if part.ndim == 0 or part.shape[0] != wanted[0]:
-                raise BackendError(f"output '{name}' has shape {list(part.shape)}; expected "
-                                   f"{wanted[0]} rows for the batch")
+            _check_rows(name, part, wanted[0])
             if part.shape != wanted:
                 raise BackendError(f"output '{name}' has shape {list(part.shape)} in one "
                                    f"batch and {list(first)} in another")
@@ -258,3 +252,10 @@ def _joined(parts: Sequence[Array], dtype: np.dtype[Any], batches: bool) -> Arra
     if not batches:
         return np.stack(parts).astype(dtype, copy=False)
     return np.concatenate(parts, dtype=dtype, casting="unsafe")
+
+
+def _check_rows(name: str, value: Array, rows: int) -> None:
+    """Output ``name`` of a batch of ``rows`` rows must have one row per input row."""
+    if value.ndim == 0 or value.shape[0] != rows:
+        raise BackendError(f"output '{name}' has shape {list(value.shape)}; expected {rows} "
+                           "rows for the batch")
