@@ -72,6 +72,10 @@ class NoopServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
         self._stream_response = pb.ModelStreamInferResponse(infer_response=self._response)
         self._configs = configs or {}
 
+    def fixed_response_bytes(self) -> bytes:
+        data: bytes = self._response.SerializeToString()
+        return data
+
     async def ServerLive(self, request: pb.ServerLiveRequest,
                          context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
@@ -121,11 +125,26 @@ class NoopServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
             yield response
 
 
-async def serve(host: str, port: int, output_bytes: int,
-                repository: Path | None = None) -> None:
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20),
+def raw_infer_handlers(servicer: NoopServicer) -> grpc.GenericRpcHandler:
+    """ModelInfer on the message's bytes, never parsed, answered with the fixed response's
+    bytes: what gRPC itself costs a call (its memory above all), with no servicer work."""
+    answer = servicer.fixed_response_bytes()
+
+    async def model_infer(data: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return answer
+
+    return grpc.method_handlers_generic_handler(
+        "inference.GRPCInferenceService",
+        {"ModelInfer": grpc.unary_unary_rpc_method_handler(model_infer)})
+
+
+async def serve(host: str, port: int, output_bytes: int, repository: Path | None = None,
+                raw_infer: bool = False, max_message_bytes: int = 64 << 20) -> None:
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes),
                                       ("grpc.so_reuseport", 0)])
     servicer = NoopServicer(output_bytes, read_configs(repository))
+    if raw_infer:  # registered first, so it takes ModelInfer
+        server.add_generic_rpc_handlers((raw_infer_handlers(servicer),))
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
@@ -150,6 +169,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model-repository", type=Path, default=None,
                         help="describe the models of this repository in ModelMetadata and "
                              "ModelConfig (for perf_analyzer)")
+    parser.add_argument("--raw-infer", action="store_true",
+                        help="take ModelInfer's message as bytes, unparsed (memory floors)")
+    parser.add_argument("--max-message-bytes", type=int, default=64 << 20,
+                        help="gRPC's receive limit (default %(default)s)")
     args = parser.parse_args(argv)
     factory = None
     if not args.no_uvloop:
@@ -157,7 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         factory = uvloop.new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(serve(args.host, args.port, args.output_bytes, args.model_repository))
+        runner.run(serve(args.host, args.port, args.output_bytes, args.model_repository,
+                         args.raw_infer, args.max_message_bytes))
     return 0
 
 

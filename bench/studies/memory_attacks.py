@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.compare.servers import PeregrineProcess
+from bench.compare.servers import NoopServer, PeregrineProcess
 from bench.results_md import RESULTS_DIR, RESULTS_MD, replace_section, section_header
 from bench.studies import attacks
 from bench.studies.rss import MIB, ProcessSampler
@@ -59,6 +59,10 @@ class Attack:
     label: str
     flags: tuple[str, ...]
     run: Callable[[str], Coroutine[Any, Any, Any]]
+    #: The bare servicer's arguments for the floor of this attack (bench/compare/noop_server.py
+    #: taking ModelInfer's message as bytes: what gRPC alone holds while it receives the
+    #: attack's messages); None where the floor is not measured.
+    floor: tuple[str, ...] | None = None
 
 
 def _large(url: str) -> Coroutine[Any, Any, attacks.Outcome]:
@@ -72,12 +76,15 @@ ATTACKS = (
     Attack("bytes_flood", "20 x 66 MB of 2-byte BYTES elements (11M each) to an unknown "
            "model, 4 at a time", (),
            lambda url: attacks.concurrent(url, attacks.bytes_flood_request(11_000_000), 20,
-                                          max_message_bytes=LARGE, limit=4)),
+                                          max_message_bytes=LARGE, limit=4),
+           floor=("--raw-infer",)),
     Attack("unread_stream", "one stream, 2,000 x 1 MiB requests written, no answer read", (),
            lambda url: attacks.unread_stream(url, 2000, MIB)),
-    Attack("large_default", "100 x 64 MiB requests at once, default settings", (), _large),
+    Attack("large_default", "100 x 64 MiB requests at once, default settings", (), _large,
+           floor=("--raw-infer",)),
     Attack("large_raised", "100 x 64 MiB at once, --grpc-max-message-bytes 65 MiB",
-           ("--grpc-max-message-bytes", RAISED), _large),
+           ("--grpc-max-message-bytes", RAISED), _large,
+           floor=("--raw-infer", "--max-message-bytes", RAISED)),
     Attack("large_bounded", "100 x 64 MiB at once, --grpc-max-message-bytes 65 MiB "
            "--max-queued-bytes 256 MiB",
            ("--grpc-max-message-bytes", RAISED, "--max-queued-bytes", str(256 * MIB)), _large),
@@ -108,6 +115,29 @@ def run_attack(root: Path, attack: Attack, server_cpus: str | None,
     }
 
 
+def run_floor(attack: Attack, server_cpus: str | None,
+              args: argparse.Namespace) -> dict[str, Any] | None:
+    """The attack against the bare servicer (``attack.floor``): its RSS idle, peak and end."""
+    if attack.floor is None:
+        return None
+    server = NoopServer(cpus=server_cpus, extra_args=attack.floor)
+    with server, ProcessSampler(server.pid, 0.05, args.kill_above_mib * MIB) as sampler:
+        time.sleep(args.settle)
+        idle = sampler.samples[-1].rss
+        asyncio.run(attack.run(server.url))
+    return {"idle": round(idle / MIB, 1), "peak": round(sampler.peak() / MIB, 1),
+            "end": round(sampler.samples[-1].rss / MIB, 1),
+            "killed_above_mib": args.kill_above_mib if sampler.killed else None}
+
+
+def _floor_text(floor: dict[str, Any] | None) -> str:
+    if floor is None:
+        return "—"
+    killed = floor["killed_above_mib"]
+    return (f"{floor['idle']:.0f} / {floor['peak']:.0f} / {floor['end']:.0f}"
+            + (f" (killed past {killed} MiB)" if killed else ""))
+
+
 def _outcome_text(outcome: dict[str, Any]) -> str:
     if "written" in outcome:
         return (f"{outcome['written']:,} written, then "
@@ -129,9 +159,15 @@ def markdown(document: dict[str, Any]) -> str:
         f"{s['settle_s']} s of the well-behaved client). **Bound stated: {s['bound_mib']} MiB "
         "of server RSS.**",
         "",
+        "Floor: the same attack, in the same run, against the bare grpc.aio servicer "
+        "(bench/compare/noop_server.py --raw-infer: ModelInfer takes the message's bytes, "
+        "never parsed, and answers a fixed response), so what gRPC alone holds while it "
+        "receives the messages.",
+        "",
         "| attack | what the attacker got | RSS idle / peak / end MiB | within "
-        f"{s['bound_mib']} MiB | well-behaved client: answers, failures, p99 / max ms | s |",
-        "|---|---|---:|---|---|---:|",
+        f"{s['bound_mib']} MiB | floor: bare servicer RSS idle / peak / end MiB "
+        "| well-behaved client: answers, failures, p99 / max ms | s |",
+        "|---|---|---:|---|---:|---|---:|",
     ]
     for r in document["attacks"]:
         rss, client = r["rss_mib"], r["well_behaved"]
@@ -142,6 +178,7 @@ def markdown(document: dict[str, Any]) -> str:
             f"| {'yes' if r['within_bound'] else '**no**'}"
             + (f" (killed by the study past {r['killed_above_mib']} MiB)"
                if r["killed_above_mib"] else "") + " "
+            f"| {_floor_text(r.get('floor_rss_mib'))} "
             f"| {client['ok']:,}, {failed}"
             + (f" ({client['failed']})" if failed else "")
             + f", {client['p99_ms']} / {client['max_ms']} | {r['seconds']:.1f} |")
@@ -186,9 +223,11 @@ def main(argv: list[str] | None = None) -> int:
         for attack in ATTACKS:
             if attack.key in args.only:
                 result = run_attack(root, attack, server_cpus, args)
+                result["floor_rss_mib"] = run_floor(attack, server_cpus, args)
                 results.append(result)
                 print(f"{attack.key}: {_outcome_text(result['outcome'])}; RSS "
-                      f"{result['rss_mib']}; well-behaved {result['well_behaved']}", flush=True)
+                      f"{result['rss_mib']}; floor {result['floor_rss_mib']}; well-behaved "
+                      f"{result['well_behaved']}", flush=True)
     document = {
         "kind": "memory_attacks",
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),

@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection_pb2_grpc
 from grpc_reflection.v1alpha._async import ReflectionServicer
 
 from server.errors import PeregrineError, PermissionDenied, RateLimited, Unauthenticated
-from server.frontend.status import abort_with
+from server.frontend.status import refuse
 from server.security.audit import AuditLog
 from server.security.authenticator import Authenticator
 from server.security.identity import ANONYMOUS, Identity, caller, set_caller
@@ -98,16 +98,17 @@ class Guard:
             try:
                 identity = self._admit(method, rule, context, request)
             except PeregrineError as exc:
-                await abort_with(context, exc, method)
+                refuse(context, exc, method)
+                return None
             if not rule.audited or self._audit is None:
                 return await behaviour(request, context)
             target = _target(request, rule)
             try:
                 response = await behaviour(request, context)
             except BaseException:
-                self._record(identity, context, method, target, _outcome(context))
+                self._record(identity, context, method, target, _outcome(context, raised=True))
                 raise
-            self._record(identity, context, method, target, "OK")
+            self._record(identity, context, method, target, _outcome(context))
             return response
 
         return guarded
@@ -120,7 +121,8 @@ class Guard:
             try:
                 self._admit(method, rule, context, None)
             except PeregrineError as exc:
-                await abort_with(context, exc, method)
+                refuse(context, exc, method)
+                return
             async for response in behaviour(request, context):
                 yield response
 
@@ -274,9 +276,13 @@ def _target(request: Any, rule: Rule) -> str:
     return value if isinstance(value, str) else ""
 
 
-def _outcome(context: grpc.aio.ServicerContext) -> str:
+def _outcome(context: grpc.aio.ServicerContext, raised: bool = False) -> str:
+    """How an audited call ended: the status its handler set (a refusal sets one and returns),
+    else OK, or INTERNAL when the handler raised."""
     code = context.code()
-    return code.name if isinstance(code, grpc.StatusCode) else "INTERNAL"
+    if isinstance(code, grpc.StatusCode):
+        return str(code.name)
+    return "INTERNAL" if raised else "OK"
 
 
 class FilteredReflection:

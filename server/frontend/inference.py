@@ -25,7 +25,7 @@ from server.frontend.handlers import method_handlers
 from server.frontend.server_settings import ServerSettingsRpcs
 from server.frontend.shared_memory import SystemSharedMemoryRpcs
 from server.frontend.statistics import statistics_response
-from server.frontend.status import abort_with, mapped, status_of
+from server.frontend.status import mapped, refuse, status_of
 from server.logs import LogSettings
 from server.security.identity import caller
 from server.shm import RegistrationGate, SharedMemoryRegistry
@@ -303,7 +303,8 @@ class InferenceServicer(
                                                looked_up=looked_up)
             return self._codec.encode_response_bytes(await answer, shm, False)
         except Exception as exc:
-            await abort_with(context, exc, "ModelInfer")
+            refuse(context, exc, "ModelInfer")
+            return b""
         finally:
             if request is not None:
                 self._admission.release_requests(1)
@@ -331,7 +332,8 @@ class InferenceServicer(
             admission.open_stream()
         except BoundExceeded as exc:
             admission.refused(exc.bound)
-            await abort_with(context, exc, "ModelStreamInfer")
+            refuse(context, exc, "ModelStreamInfer")
+            return
         loop = asyncio.get_running_loop()
         codec = self._codec
         deadline = _deadline_ns(context)

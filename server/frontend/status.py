@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
@@ -36,25 +36,36 @@ def status_of(exc: BaseException, rpc: str, request_id: str = "") -> tuple[grpc.
     return grpc.StatusCode.INTERNAL, f"internal error (correlation id {correlation})"
 
 
-async def abort_with(context: grpc.aio.ServicerContext, exc: Exception, rpc: str,
-                     request_id: str = "") -> NoReturn:
-    """End the call with ``exc``'s status (see status_of)."""
+def refuse(context: grpc.aio.ServicerContext, exc: Exception, rpc: str,
+           request_id: str = "") -> None:
+    """Set ``exc``'s status (see status_of) as the call's; the handler returns next, and gRPC
+    sends that status and drops whatever the handler returned.
+
+    Not ``context.abort``: gRPC keeps the exception an abort raises on the call's state, and
+    that exception's traceback holds the handler's frames, the call's context (so the call's
+    state) and the request among their locals. The cycle is freed only when the garbage
+    collector next runs, so every refused request's message (up to the message limit) stayed
+    in memory until then: a flood of large refused requests grew the server by gigabytes.
+    """
     code, message = status_of(exc, rpc, request_id)
     if isinstance(exc, RateLimited):
         # gRPC's own retry-pushback key: clients with retries configured wait this long.
         context.set_trailing_metadata(((RETRY_PUSHBACK, str(exc.retry_after_ms)),))
-    await context.abort(code, message)
-    raise AssertionError("unreachable: context.abort raises")
+    context.set_code(code)
+    context.set_details(message)
 
 
-def mapped(handler: Handler[Req, Resp]) -> Handler[Req, Resp]:
-    """Answer typed errors with their status and unexpected ones with INTERNAL, logged."""
+def mapped(handler: Handler[Req, Resp]) -> Handler[Req, Resp | None]:
+    """Answer typed errors with their status and unexpected ones with INTERNAL, logged (the
+    wrapped handler then returns None, which gRPC does not send)."""
 
     @functools.wraps(handler)
-    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext
+                      ) -> Resp | None:
         try:
             return await handler(self, request, context)
         except Exception as exc:
-            await abort_with(context, exc, handler.__name__, getattr(request, "id", ""))
+            refuse(context, exc, handler.__name__, getattr(request, "id", ""))
+            return None
 
     return wrapper

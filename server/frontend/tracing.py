@@ -36,15 +36,20 @@ def traced_handlers(handlers: dict[str, grpc.RpcMethodHandler], tracer: Tracer
     return wrapped
 
 
-def _status(exc: BaseException, context: grpc.aio.ServicerContext
-            ) -> tuple[grpc.StatusCode, str]:
-    """The status a call that raised ``exc`` ends with (the handler aborted with it)."""
-    if isinstance(exc, asyncio.CancelledError):
-        return grpc.StatusCode.CANCELLED, "the call was cancelled"
+def _set_status(context: grpc.aio.ServicerContext) -> tuple[grpc.StatusCode, str] | None:
+    """The status the handler set, when not OK (a refused call's: status.refuse)."""
     code = context.code()
     if isinstance(code, grpc.StatusCode) and code is not grpc.StatusCode.OK:
         return code, context.details() or ""
-    return grpc.StatusCode.UNKNOWN, repr(exc)
+    return None
+
+
+def _status(exc: BaseException, context: grpc.aio.ServicerContext
+            ) -> tuple[grpc.StatusCode, str]:
+    """The status a call that raised ``exc`` ends with."""
+    if isinstance(exc, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED, "the call was cancelled"
+    return _set_status(context) or (grpc.StatusCode.UNKNOWN, repr(exc))
 
 
 def _unary(tracer: Tracer, behaviour: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
@@ -58,7 +63,7 @@ def _unary(tracer: Tracer, behaviour: Callable[[Any, grpc.aio.ServicerContext], 
         except BaseException as exc:
             trace.finish(*_status(exc, context))
             raise
-        trace.finish(grpc.StatusCode.OK)
+        trace.finish(*(_set_status(context) or (grpc.StatusCode.OK, "")))
         return reply
 
     return traced

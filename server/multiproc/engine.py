@@ -85,11 +85,12 @@ class HandlerTable(grpc.aio.Server):  # type: ignore[misc]
                 opening.message if decode is None else decode(opening.message), context)
             if inspect.isawaitable(response):
                 response = await response
+            if not context.answered():  # refused: the response is not sent (status.refuse)
+                return None, context.status()
             reply: bytes = response if encode is None else encode(response)
         except Exception as exc:
             return None, _failed(exc, context, opening.method)
-        status = context.status()
-        return (reply if status.code is grpc.StatusCode.OK else None), status
+        return reply, context.status()
 
     def find(self, method: str) -> grpc.RpcMethodHandler | None:
         if method in self._found:
@@ -317,7 +318,7 @@ class EngineLink:
                 status = CallStatus(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
             else:
                 reply = await self._handle(number, call, handler, opening, context)
-                if reply is not None and context.answered():
+                if reply is not None:
                     self._calls.pop(number, None)
                     if not context.trailing:  # the common case: one frame, no status built
                         self._send(Kind.ANSWER, number, reply)
@@ -351,6 +352,8 @@ class EngineLink:
             response = behaviour(request, context)
             if inspect.isawaitable(response):
                 response = await response
+            if not context.answered():  # refused: the response is not sent (status.refuse)
+                return None
             message: bytes = response if encode is None else encode(response)
             return message
         behaviour = handler.stream_stream if handler.request_streaming \

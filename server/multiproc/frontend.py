@@ -210,9 +210,11 @@ class EngineClient:
                     call.end(gone)
 
 
-async def _open(client: EngineClient, method: str, context: grpc.aio.ServicerContext,
-                message: bytes | None, streamed: bool) -> tuple[int, _Forwarded]:
-    """Forward the call's opening; UNAVAILABLE when the engine is gone."""
+def _open(client: EngineClient, method: str, context: grpc.aio.ServicerContext,
+          message: bytes | None, streamed: bool) -> tuple[int, _Forwarded] | None:
+    """Forward the call's opening; None, the call's status set to UNAVAILABLE, when the
+    engine is gone. (Statuses are set, never raised with context.abort: see
+    server/frontend/status.py, refuse.)"""
     auth = context.auth_context() if client.tls else None
     opening = CallOpening(
         method=method, time_remaining=context.time_remaining(), peer=str(context.peer()),
@@ -222,17 +224,20 @@ async def _open(client: EngineClient, method: str, context: grpc.aio.ServicerCon
     try:
         return client.open(opening, streamed)
     except EngineGone:
-        await context.abort(grpc.StatusCode.UNAVAILABLE, ENGINE_GONE)
-        raise
+        context.set_code(grpc.StatusCode.UNAVAILABLE)
+        context.set_details(ENGINE_GONE)
+        return None
 
 
-async def _end(call: _Forwarded, context: grpc.aio.ServicerContext) -> None:
+def _end(call: _Forwarded, context: grpc.aio.ServicerContext) -> None:
+    """The engine's status of the call, as the call's."""
     status = call.status
     assert status is not None
     if status.trailing:
         context.set_trailing_metadata(status.trailing)
     if status.code is not grpc.StatusCode.OK:
-        await context.abort(status.code, status.details)
+        context.set_code(status.code)
+        context.set_details(status.details)
 
 
 def forwarding_handlers(client: EngineClient, service: ServiceDescriptor
@@ -257,13 +262,16 @@ Unary = Callable[[Any, grpc.aio.ServicerContext], Any]
 Streaming = Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[bytes]]
 
 
-async def _forward(client: EngineClient, path: str, context: grpc.aio.ServicerContext,
-                   request: Any, streaming: bool, streamed: bool
-                   ) -> tuple[int, _Forwarded, asyncio.Task[None] | None]:
-    """Open the call in the engine; a client-streaming call's messages follow from a pump
-    task (``request`` is then the request iterator, else the request's bytes)."""
-    number, call = await _open(client, path, context, None if streaming else request,
-                               streamed)
+def _forward(client: EngineClient, path: str, context: grpc.aio.ServicerContext,
+             request: Any, streaming: bool, streamed: bool
+             ) -> tuple[int, _Forwarded, asyncio.Task[None] | None] | None:
+    """Open the call in the engine (None when it cannot: see _open); a client-streaming
+    call's messages follow from a pump task (``request`` is then the request iterator, else
+    the request's bytes)."""
+    opened = _open(client, path, context, None if streaming else request, streamed)
+    if opened is None:
+        return None
+    number, call = opened
     pump = asyncio.get_running_loop().create_task(_pump(client, number, call, request)) \
         if streaming else None
     return number, call, pump
@@ -276,15 +284,17 @@ def _close(client: EngineClient, number: int, pump: asyncio.Task[None] | None) -
 
 
 def _one_reply(client: EngineClient, path: str, streaming: bool) -> Unary:
-    async def forward(request: Any, context: grpc.aio.ServicerContext) -> bytes:
-        number, call, pump = await _forward(client, path, context, request, streaming, False)
+    async def forward(request: Any, context: grpc.aio.ServicerContext) -> bytes | None:
+        forwarded = _forward(client, path, context, request, streaming, False)
+        if forwarded is None:
+            return None
+        number, call, pump = forwarded
         try:
             await call.done
         finally:
             _close(client, number, pump)
-        await _end(call, context)
-        assert call.reply is not None
-        return call.reply
+        _end(call, context)
+        return call.reply  # None when the call failed: gRPC sends the status alone
 
     return forward
 
@@ -309,13 +319,16 @@ async def forward_unary(client: EngineClient, opening: CallOpening
 def _streamed_replies(client: EngineClient, path: str, streaming: bool) -> Streaming:
     async def forward(request: Any, context: grpc.aio.ServicerContext
                       ) -> AsyncIterator[bytes]:
-        number, call, pump = await _forward(client, path, context, request, streaming, True)
+        forwarded = _forward(client, path, context, request, streaming, True)
+        if forwarded is None:
+            return
+        number, call, pump = forwarded
         try:
             async for reply in _replies(client, number, call):
                 yield reply
         finally:
             _close(client, number, pump)
-        await _end(call, context)
+        _end(call, context)
 
     return forward
 

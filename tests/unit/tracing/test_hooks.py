@@ -103,9 +103,11 @@ def test_a_unary_call_ends_its_request_with_the_calls_status() -> None:
     def unary(codec: TracedCodec) -> Any:
         async def model_infer(data: bytes, context: _Context) -> bytes:
             request = codec.decode_request_bytes(data, None, None)
-            if data == b"bad":
+            if data == b"bad":  # refused as the servicer refuses: the status set, no raise
                 context.aborted = grpc.StatusCode.INVALID_ARGUMENT
-                raise RuntimeError("aborted")
+                return b""
+            if data == b"crash":
+                raise RuntimeError("crashed")
             return codec.encode_response_bytes(
                 InferResponse("m", "2", request.id, []), None, False)
 
@@ -114,9 +116,11 @@ def test_a_unary_call_ends_its_request_with_the_calls_status() -> None:
     handlers, ended, _ = traced(unary, lambda codec: None)
     behaviour = handlers["ModelInfer"].unary_unary
     assert asyncio.run(behaviour(b"good", _Context())) == b"good"
+    assert asyncio.run(behaviour(b"bad", _Context())) == b""
     with pytest.raises(RuntimeError):
-        asyncio.run(behaviour(b"bad", _Context()))
-    good, bad = ended
+        asyncio.run(behaviour(b"crash", _Context()))
+    good, bad, crash = ended
     assert (good.code, good.version, good.encode_end_ns > 0) == (grpc.StatusCode.OK, "2", True)
     assert (bad.code, bad.message) == (grpc.StatusCode.INVALID_ARGUMENT, "refused")
     assert bad.start_ns and bad.end_ns >= bad.start_ns
+    assert (crash.code, crash.message) == (grpc.StatusCode.UNKNOWN, "RuntimeError('crashed')")

@@ -1,0 +1,108 @@
+"""A refused request's message is freed when its call ends, not when the garbage collector
+next runs (issue 14: a flood of large refused requests grew the server by gigabytes).
+
+A refusal used to raise through ``context.abort``: gRPC keeps that exception on the call's
+state while its traceback holds the handler's frames (the request bytes among their locals)
+and the context (so the call's state), a cycle. Each test turns the collector off and
+counts, with tracemalloc, the Python memory still allocated after a run of refused calls of
+a few MiB each: with the cycle it is every message's size, without it about nothing. The
+server runs in this process (tests/server_harness.py), so tracemalloc sees its allocations
+(with --frontends, the engine's).
+"""
+
+from __future__ import annotations
+
+import gc
+import tracemalloc
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from server._pb import grpc_service_pb2 as pb
+from server._pb import grpc_service_pb2_grpc as pb_grpc
+from tests import model_factory
+from tests.integration.test_auth import add_identity
+from tests.server_harness import ServerThread
+
+MIB = 1 << 20
+#: Each refused message's size, and how many are sent.
+MESSAGE = 4 * MIB
+CALLS = 8
+
+
+def large_request(model: str) -> pb.ModelInferRequest:
+    message = pb.ModelInferRequest(model_name=model)
+    message.inputs.add(name="INPUT0", datatype="FP32", shape=[1, MESSAGE // 4])
+    message.raw_input_contents.append(bytes(MESSAGE))
+    return message
+
+
+def retained_after(calls: Callable[[], None]) -> int:
+    """Python memory (bytes) still allocated after ``calls``, with the collector off."""
+    gc.collect()
+    gc.disable()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        calls()
+        return tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+        gc.enable()
+
+
+def refused_calls(url: str, model: str, code: grpc.StatusCode,
+                  metadata: tuple[tuple[str, str], ...] = ()) -> Callable[[], None]:
+    request = large_request(model)
+
+    def run() -> None:
+        with grpc.insecure_channel(url, options=[
+                ("grpc.max_send_message_length", 2 * MESSAGE)]) as channel:
+            infer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+            for _ in range(CALLS):
+                with pytest.raises(grpc.RpcError) as refused:
+                    infer(request, metadata=metadata, timeout=30)
+                assert refused.value.code() == code, refused.value.details()
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("refusal_memory")
+    model_factory.identity_model(repo, "identity_fp32", "FP32")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def server(repo: Path) -> Iterator[ServerThread]:
+    with ServerThread(repo) as running:
+        yield running
+
+
+def test_requests_to_an_unknown_model_are_freed_when_refused(server: ServerThread) -> None:
+    retained = retained_after(refused_calls(server.url, "no_such_model",
+                                            grpc.StatusCode.NOT_FOUND))
+    assert retained < 2 * MESSAGE, f"{retained / MIB:.1f} MiB still allocated"
+
+
+def test_requests_past_a_bound_are_freed_when_refused(repo: Path) -> None:
+    with ServerThread(repo, max_request_bytes=MIB) as server:
+        retained = retained_after(refused_calls(server.url, "identity_fp32",
+                                                grpc.StatusCode.RESOURCE_EXHAUSTED))
+    assert retained < 2 * MESSAGE, f"{retained / MIB:.1f} MiB still allocated"
+
+
+def test_requests_the_guard_refuses_are_freed(repo: Path, tmp_path: Path) -> None:
+    auth_file = tmp_path / "auth.toml"
+    token = add_identity(auth_file, "monitor-svc", "--roles", "monitor")
+    with ServerThread(repo, auth_file=auth_file, audit_log=tmp_path / "audit.jsonl") as server:
+        unauthenticated = retained_after(refused_calls(
+            server.url, "identity_fp32", grpc.StatusCode.UNAUTHENTICATED))
+        not_allowed = retained_after(refused_calls(
+            server.url, "identity_fp32", grpc.StatusCode.PERMISSION_DENIED,
+            (("authorization", f"Bearer {token}"),)))
+    assert unauthenticated < 2 * MESSAGE, f"{unauthenticated / MIB:.1f} MiB still allocated"
+    assert not_allowed < 2 * MESSAGE, f"{not_allowed / MIB:.1f} MiB still allocated"
