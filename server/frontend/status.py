@@ -46,8 +46,12 @@ def refuse(context: grpc.aio.ServicerContext, exc: Exception, rpc: str,
     state) and the request among their locals. The cycle is freed only when the garbage
     collector next runs, so every refused request's message (up to the message limit) stayed
     in memory until then: a flood of large refused requests grew the server by gigabytes.
+    For the same reason ``exc`` loses its traceback (once logged): an error that came from
+    the request's future holds, through the traceback, the handler's frame, which holds the
+    future, which holds the error.
     """
     code, message = status_of(exc, rpc, request_id)
+    exc.__traceback__ = None
     if isinstance(exc, RateLimited):
         # gRPC's own retry-pushback key: clients with retries configured wait this long.
         context.set_trailing_metadata(((RETRY_PUSHBACK, str(exc.retry_after_ms)),))

@@ -78,9 +78,14 @@ class BatchExecutor:
     def typed_error(self, exc: BaseException, requests: Sequence[InferRequest]) -> PeregrineError:
         """Typed errors pass through; anything else the backend raised becomes a BackendError
         that says which version failed, with a correlation id. The backend's own message (it
-        may name files, or the runtime's internals) goes only to the log, with that id."""
+        may name files, or the runtime's internals) goes only to the log, with that id.
+
+        ``exc``'s traceback is dropped (once logged): its frames ran the batch, so they hold
+        the batch's requests and buffers, and :meth:`run`'s frame holds the BatchRun that
+        holds ``exc``, a cycle that kept all of it in memory until the garbage collector
+        next ran."""
         if isinstance(exc, PeregrineError):
-            return exc
+            return exc.with_traceback(None)
         correlation = correlation_id()
         log.error(
             "backend failed",
@@ -89,6 +94,7 @@ class BatchExecutor:
                    "correlation_id": correlation, "error": repr(exc)},
             exc_info=exc,
         )
+        exc.__traceback__ = None
         return BackendError(f"model '{self._spec.name}' version {self._version} failed to run "
                             f"the batch (correlation id {correlation})")
 

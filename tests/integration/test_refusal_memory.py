@@ -13,6 +13,7 @@ server runs in this process (tests/server_harness.py), so tracemalloc sees its a
 from __future__ import annotations
 
 import gc
+import logging
 import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -39,10 +40,22 @@ def large_request(model: str) -> pb.ModelInferRequest:
     return message
 
 
+def padded_request(model: str) -> pb.ModelInferRequest:
+    """One valid row of 16 FP32 for ``model``, and MESSAGE bytes of a request parameter."""
+    message = pb.ModelInferRequest(model_name=model)
+    message.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 16])
+    message.raw_input_contents.append(bytes(64))
+    message.parameters["padding"].string_param = "x" * MESSAGE
+    return message
+
+
 def retained_after(calls: Callable[[], None]) -> int:
-    """Python memory (bytes) still allocated after ``calls``, with the collector off."""
+    """Python memory (bytes) still allocated after ``calls``, with the collector off and
+    logging off: pytest keeps every log record of a test for its report, and a record of a
+    failed batch holds the traceback of the failure, so the batch."""
     gc.collect()
     gc.disable()
+    logging.disable(logging.CRITICAL)
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
@@ -50,12 +63,14 @@ def retained_after(calls: Callable[[], None]) -> int:
         return tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
+        logging.disable(logging.NOTSET)
         gc.enable()
 
 
 def refused_calls(url: str, model: str, code: grpc.StatusCode,
-                  metadata: tuple[tuple[str, str], ...] = ()) -> Callable[[], None]:
-    request = large_request(model)
+                  metadata: tuple[tuple[str, str], ...] = (),
+                  request: pb.ModelInferRequest | None = None) -> Callable[[], None]:
+    request = request or large_request(model)
 
     def run() -> None:
         with grpc.insecure_channel(url, options=[
@@ -73,6 +88,7 @@ def refused_calls(url: str, model: str, code: grpc.StatusCode,
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("refusal_memory")
     model_factory.identity_model(repo, "identity_fp32", "FP32")
+    model_factory.failing_model(repo, "failing")
     return repo
 
 
@@ -85,6 +101,14 @@ def server(repo: Path) -> Iterator[ServerThread]:
 def test_requests_to_an_unknown_model_are_freed_when_refused(server: ServerThread) -> None:
     retained = retained_after(refused_calls(server.url, "no_such_model",
                                             grpc.StatusCode.NOT_FOUND))
+    assert retained < 2 * MESSAGE, f"{retained / MIB:.1f} MiB still allocated"
+
+
+def test_requests_whose_batch_failed_are_freed(server: ServerThread) -> None:
+    """The error comes from the batch, through the request's future: the executor's and the
+    servicer's frames both held it, and the request, in cycles."""
+    retained = retained_after(refused_calls(server.url, "failing", grpc.StatusCode.INTERNAL,
+                                            request=padded_request("failing")))
     assert retained < 2 * MESSAGE, f"{retained / MIB:.1f} MiB still allocated"
 
 
