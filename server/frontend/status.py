@@ -23,8 +23,14 @@ Handler = Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
 def status_of(exc: BaseException, rpc: str, request_id: str = "") -> tuple[grpc.StatusCode, str]:
     """The status and message to answer ``exc`` with. A typed error answers its own message
     (written for clients); anything else answers a generic message with a correlation id,
-    and the log line with that id holds the exception. INTERNAL errors are logged."""
+    and the log line with that id holds the exception. INTERNAL errors are logged.
+
+    ``exc`` loses its traceback here, once logged. An error that came from a request's future
+    holds, through its traceback, the frame that took it from the future, which holds the
+    future, which holds the error: a cycle that kept the request (its message, its inputs)
+    in memory until the garbage collector next ran."""
     if isinstance(exc, PeregrineError):
+        exc.__traceback__ = None
         if exc.code is grpc.StatusCode.INTERNAL:
             log.error("request failed", extra={"rpc": rpc, "request_id": request_id,
                                                "error": exc.message})
@@ -33,6 +39,7 @@ def status_of(exc: BaseException, rpc: str, request_id: str = "") -> tuple[grpc.
     log.error("request failed", extra={"rpc": rpc, "request_id": request_id,
                                        "correlation_id": correlation, "error": repr(exc)},
               exc_info=exc)
+    exc.__traceback__ = None
     return grpc.StatusCode.INTERNAL, f"internal error (correlation id {correlation})"
 
 
@@ -46,12 +53,8 @@ def refuse(context: grpc.aio.ServicerContext, exc: Exception, rpc: str,
     state) and the request among their locals. The cycle is freed only when the garbage
     collector next runs, so every refused request's message (up to the message limit) stayed
     in memory until then: a flood of large refused requests grew the server by gigabytes.
-    For the same reason ``exc`` loses its traceback (once logged): an error that came from
-    the request's future holds, through the traceback, the handler's frame, which holds the
-    future, which holds the error.
     """
     code, message = status_of(exc, rpc, request_id)
-    exc.__traceback__ = None
     if isinstance(exc, RateLimited):
         # gRPC's own retry-pushback key: clients with retries configured wait this long.
         context.set_trailing_metadata(((RETRY_PUSHBACK, str(exc.retry_after_ms)),))

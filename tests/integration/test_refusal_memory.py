@@ -112,6 +112,23 @@ def test_requests_whose_batch_failed_are_freed(server: ServerThread) -> None:
     assert retained < 2 * MESSAGE, f"{retained / MIB:.1f} MiB still allocated"
 
 
+def test_streamed_requests_whose_batch_failed_are_freed(server: ServerThread) -> None:
+    """A stream answers a failed request in an error message, taken from its future in a
+    callback whose frame held the future."""
+    request = padded_request("failing")
+
+    def run() -> None:
+        with grpc.insecure_channel(server.url, options=[
+                ("grpc.max_send_message_length", 2 * MESSAGE)]) as channel:
+            stream = pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer
+            answers = list(stream(iter([request] * CALLS), timeout=30))
+        assert len(answers) == CALLS
+        assert all("INTERNAL" in a.error_message for a in answers), answers[0].error_message
+
+    retained = retained_after(run)
+    assert retained < 2 * MESSAGE, f"{retained / MIB:.1f} MiB still allocated"
+
+
 def test_requests_past_a_bound_are_freed_when_refused(repo: Path) -> None:
     with ServerThread(repo, max_request_bytes=MIB) as server:
         retained = retained_after(refused_calls(server.url, "identity_fp32",
