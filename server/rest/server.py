@@ -58,6 +58,8 @@ LINGER_S = 2.0
 SWEEP_INTERVAL_S = 1.0
 _REASONS = {status.value: status.phrase for status in http.HTTPStatus}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+#: A closed connection's parser, never fed: the connection lets go of its own (which holds it).
+_CLOSED_PARSER = httptools.HttpRequestParser(object())
 
 
 class _Refusal(Exception):
@@ -152,6 +154,11 @@ class _Connection(asyncio.Protocol):
         self._server.connections.discard(self)
         if self._task is not None:
             self._task.cancel()
+        # The parser holds this protocol (its callbacks) and this protocol the parser: a
+        # cycle only the garbage collector frees, with what the connection still holds.
+        self._parser = _CLOSED_PARSER
+        self._body = []
+        self._pending.clear()
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
@@ -230,6 +237,7 @@ class _Connection(asyncio.Protocol):
                 target = b"?"
         path = target.partition(b"?")[0].decode("latin-1")
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        self._body = []  # the request holds it now, and lets it go when answered
         request = HttpRequest(self._parser.get_method().decode("latin-1"), path,
                               self._headers, body, self._peer, self._auth)
         self._queue(request, self._parser.should_keep_alive())

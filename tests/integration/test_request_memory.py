@@ -1,19 +1,25 @@
-"""A refused request's message is freed when its call ends, not when the garbage collector
-next runs (issue 14: a flood of large refused requests grew the server by gigabytes).
+"""A request's message is freed when its call ends, not when the garbage collector next
+runs (issue 14: a flood of large refused requests grew the server by gigabytes).
 
 A refusal used to raise through ``context.abort``: gRPC keeps that exception on the call's
 state while its traceback holds the handler's frames (the request bytes among their locals)
-and the context (so the call's state), a cycle. Each test turns the collector off and
-counts, with tracemalloc, the Python memory still allocated after a run of refused calls of
-a few MiB each: with the cycle it is every message's size, without it about nothing. The
-server runs in this process (tests/server_harness.py), so tracemalloc sees its allocations
-(with --frontends, the engine's).
+and the context (so the call's state), a cycle. An error from a failed batch was held by
+the frames that ran the batch and that took it from the request's future, in cycles too.
+An HTTP connection kept its last request's body, and once closed stayed in a cycle with its
+parser. Each test turns the collector off and counts, with tracemalloc, the Python memory
+still allocated after a run of calls of a few MiB each: with a cycle it is every message's
+size, without one about nothing. The server runs in this process
+(tests/server_harness.py), so tracemalloc sees its allocations (with --frontends, the
+engine's).
 """
 
 from __future__ import annotations
 
 import gc
+import http.client
+import json
 import logging
+import os
 import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -94,7 +100,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(repo: Path) -> Iterator[ServerThread]:
-    with ServerThread(repo) as running:
+    with ServerThread(repo, allow_http=True) as running:
         yield running
 
 
@@ -147,3 +153,54 @@ def test_requests_the_guard_refuses_are_freed(repo: Path, tmp_path: Path) -> Non
             (("authorization", f"Bearer {token}"),)))
     assert unauthenticated < 2 * MESSAGE, f"{unauthenticated / MIB:.1f} MiB still allocated"
     assert not_allowed < 2 * MESSAGE, f"{not_allowed / MIB:.1f} MiB still allocated"
+
+
+#: With --frontends the HTTP server runs in the frontend processes, out of tracemalloc's sight.
+in_this_process = pytest.mark.skipif(
+    int(os.environ.get("PEREGRINE_FRONTENDS", "1")) > 1,
+    reason="the HTTP server runs in the frontend processes, which tracemalloc cannot see")
+
+
+def rest_body() -> bytes:
+    """A valid JSON inference body for identity_fp32 with MESSAGE bytes of a parameter."""
+    return json.dumps({
+        "inputs": [{"name": "INPUT0", "shape": [1, 16], "datatype": "FP32", "data": [0.0] * 16}],
+        "parameters": {"padding": "x" * MESSAGE}}).encode()
+
+
+def rest_calls(server: ServerThread, connection: http.client.HTTPConnection | None = None
+               ) -> Callable[[], None]:
+    """CALLS inferences over HTTP, each on a connection of its own, or all on
+    ``connection``."""
+    host, port = server.http_url.rsplit(":", 1)
+    body = rest_body()
+
+    def run() -> None:
+        for _ in range(CALLS):
+            client = connection or http.client.HTTPConnection(host, int(port), timeout=30)
+            client.request("POST", "/v2/models/identity_fp32/infer", body=body,
+                           headers={"Content-Type": "application/json"})
+            answer = client.getresponse()
+            assert answer.status == 200, answer.read()
+            answer.read()
+            if connection is None:
+                client.close()
+
+    return run
+
+
+@in_this_process
+def test_closed_http_connections_are_freed(server: ServerThread) -> None:
+    retained = retained_after(rest_calls(server))
+    assert retained < 2 * MESSAGE, f"{retained / MIB:.1f} MiB still allocated"
+
+
+@in_this_process
+def test_an_open_http_connection_keeps_no_answered_body(server: ServerThread) -> None:
+    host, port = server.http_url.rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        retained = retained_after(rest_calls(server, connection))
+    finally:
+        connection.close()
+    assert retained < MESSAGE // 2, f"{retained / MIB:.1f} MiB still allocated"
