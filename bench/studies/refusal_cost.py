@@ -1,0 +1,151 @@
+"""What a refusal costs the server, against an earlier revision: the overload study's refusal
+capacity (a closed loop of requests refused at once from their parsed shape, past
+--max-tensor-elements, 64 in flight) for this tree and for ``--baseline REV``, alternated
+round by round on the same machine, each round with a fresh server of each.
+
+The baseline runs from a temporary git worktree of REV with this tree's built native
+extension and generated protobuf modules, so REV must not differ from this tree in csrc/,
+proto/ or setup.py (the study refuses otherwise). Server on ``--server-cpus`` with one ONNX
+Runtime thread (the example ``mlp_classifier``), this process and its load process on
+``--client-cpus``.
+
+    python -m bench.studies.refusal_cost --baseline REV [--repeats 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from bench.compare.model_repo import comparison_repository, ensure_examples
+from bench.compare.servers import ServerProcess, free_port
+from bench.loadgen.environment import REPO_ROOT
+from bench.results_md import RESULTS_DIR, replace_section, section_header
+from bench.studies.bar_chart import grouped_bars
+from bench.studies.overload import closed_loop, payloads
+from bench.studies.study_run import start_study, study_arguments, write_document
+
+SECTION = "## Refusal cost against an earlier revision"
+RESULTS_JSON = RESULTS_DIR / "refusal_cost.json"
+RESULTS_PNG = RESULTS_DIR / "refusal_cost.png"
+MODEL = "mlp_classifier"
+#: What the baseline's tree must share with this one: it runs with this tree's builds.
+BUILT_FROM = ("csrc", "proto", "setup.py")
+
+
+def _git(*args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                          check=True)
+    return done.stdout.strip()
+
+
+@contextmanager
+def baseline_tree(revision: str) -> Iterator[Path]:
+    """A worktree of ``revision`` with this tree's native extension and protobuf modules."""
+    changed = subprocess.run(["git", "diff", "--quiet", revision, "--", *BUILT_FROM],
+                             cwd=REPO_ROOT, check=False).returncode
+    if changed:
+        raise SystemExit(f"{revision} differs from this tree in {', '.join(BUILT_FROM)}: "
+                         "its server needs its own build")
+    folder = Path(tempfile.mkdtemp(prefix="refusal-baseline-")) / "tree"
+    _git("worktree", "add", "--detach", str(folder), revision)
+    try:
+        built = [*(REPO_ROOT / "server").glob("_native*.so"),
+                 *(REPO_ROOT / "server" / "_pb").glob("*_pb2*.py")]
+        for path in built:
+            shutil.copy2(path, folder / path.relative_to(REPO_ROOT))
+        yield folder
+    finally:
+        _git("worktree", "remove", "--force", str(folder))
+        shutil.rmtree(folder.parent, ignore_errors=True)
+
+
+def refusal_capacity(root: Path, repo: Path, cpus: str | None,
+                     args: argparse.Namespace) -> dict[str, float]:
+    """A fresh server from the tree at ``root``: refusals per second and server us each."""
+    port = free_port()
+    argv = [sys.executable, "-m", "server.cli", "serve", "--model-repository", str(repo),
+            "--grpc-port", str(port), "--metrics-port", "0", "--log-level", "error"]
+    loop = argparse.Namespace(model=MODEL, concurrency=64, sustain_seconds=args.seconds)
+    with ServerProcess(root.name, argv, port, cpus, cwd=root) as server:
+        refused = payloads(server.url, MODEL)[1]
+        capacity = closed_loop(server.url, server.pid, refused, loop, refusals=True)
+    return {"refusals_per_s": capacity.rate, "server_us_per_refusal":
+            capacity.server_us_per_call}
+
+
+def markdown(document: dict[str, Any]) -> str:
+    rows = document["revisions"]
+    lines = [
+        *section_header(SECTION, document),
+        f"The server on CPU {document['server_cpus']} (example `{MODEL}`, one ONNX Runtime "
+        f"thread), the load on CPU {document['client_cpus']}: 64 requests in flight, each "
+        "refused at once from its parsed shape (past --max-tensor-elements), "
+        f"{document['seconds']} s per step, {document['repeats']} rounds alternating the "
+        "revisions, a fresh server each.", "",
+        "| revision | refusals/s (median) | server us per refusal (median) | per round |",
+        "|---|---:|---:|---|",
+    ]
+    for row in rows:
+        lines.append(f"| {row['label']} `{row['revision'][:10]}` | "
+                     f"{row['median_refusals_per_s']:,.0f} | "
+                     f"{row['median_us_per_refusal']:.0f} | "
+                     + ", ".join(f"{v:.0f}" for v in row["us_per_refusal"]) + " |")
+    base, this = rows
+    lines += ["", f"This tree against the baseline: "
+              f"{this['median_us_per_refusal'] / base['median_us_per_refusal']:.2f}x the CPU "
+              f"per refusal, {this['median_refusals_per_s'] / base['median_refusals_per_s']:.2f}"
+              "x the refusals per second.", "",
+              f"Load average (1 min) at the start and the end: {document['loadavg'][0]:.2f} "
+              f"and {document['loadavg'][1]:.2f}.", "",
+              f"![refusal cost](results/{RESULTS_PNG.name}) · data: "
+              f"[results/{RESULTS_JSON.name}](results/{RESULTS_JSON.name})", ""]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = study_arguments(__doc__, repeats=4)
+    parser.add_argument("--baseline", required=True, help="the git revision to compare with")
+    args = parser.parse_args(argv)
+    study = start_study("bench.studies.refusal_cost", argv, args.server_cpus,
+                        args.client_cpus)
+    baseline = _git("rev-parse", args.baseline)
+    runs: dict[str, list[dict[str, float]]] = {"baseline": [], "this tree": []}
+    with tempfile.TemporaryDirectory(prefix="refusal-cost-") as tmp, \
+            baseline_tree(baseline) as old_tree:
+        repo = comparison_repository(ensure_examples([MODEL]), Path(tmp) / "models", [MODEL],
+                                     batching=True)
+        for round_ in range(args.repeats):
+            for label, root in (("baseline", old_tree), ("this tree", REPO_ROOT)):
+                figures = refusal_capacity(root, repo, study.server_cpus, args)
+                runs[label].append(figures)
+                print(f"round {round_ + 1} {label}: {figures}", file=sys.stderr, flush=True)
+    revisions = []
+    for label, revision in (("baseline", baseline), ("this tree", _git("rev-parse", "HEAD"))):
+        costs = [r["server_us_per_refusal"] for r in runs[label]]
+        rates = [r["refusals_per_s"] for r in runs[label]]
+        revisions.append({"label": label, "revision": revision, "us_per_refusal": costs,
+                          "refusals_per_s": rates,
+                          "median_us_per_refusal": statistics.median(costs),
+                          "median_refusals_per_s": statistics.median(rates)})
+    document = study.document("refusal_cost", args, revisions=revisions)
+    write_document(RESULTS_JSON, document)
+    grouped_bars(RESULTS_PNG, [f"round {i + 1}" for i in range(args.repeats)],
+                 {row["label"]: row["us_per_refusal"] for row in revisions},
+                 "server us per refusal", f"{MODEL}, refused at once, 64 in flight")
+    if not args.no_results_md:
+        replace_section(markdown(document))
+    print(f"wrote {RESULTS_JSON}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
