@@ -128,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 figures = refusal_capacity(root, repo, study.server_cpus, args)
                 runs[label].append(figures)
                 print(f"round {round_ + 1} {label}: {figures}", file=sys.stderr, flush=True)
-    revisions = []
+    revisions: list[dict[str, Any]] = []
     for label, revision in (("baseline", baseline), ("this tree", _git("rev-parse", "HEAD"))):
         costs = [r["server_us_per_refusal"] for r in runs[label]]
         rates = [r["refusals_per_s"] for r in runs[label]]
