@@ -23,6 +23,14 @@ def _stat_cpu_s(pid: int) -> float:
     return (utime + stime) / _TICKS
 
 
+def process_cpu_s(pid: int) -> float | None:
+    """CPU seconds of ``pid`` alone (all its threads); None when it is gone."""
+    try:
+        return _stat_cpu_s(pid)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _children(pid: int) -> list[int]:
     found: list[int] = []
     try:

@@ -76,6 +76,7 @@ def ready_step(server: ServerProcess, args: argparse.Namespace) -> dict[str, Any
     figures = json.loads(done.stdout)
     return {"throughput_rps": round(figures["calls_per_s"], 1), "p50_ms": None,
             "p99_ms": None, "server_cpu_us_per_request": figures["server_cpu_us_per_call"],
+            "root_cpu_us_per_request": figures["root_cpu_us_per_call"],
             "errors": 0, "batches": {}, "mean_batch": None}
 
 

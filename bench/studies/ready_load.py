@@ -3,7 +3,9 @@
 ModelReady does no batching and no model work: what a call costs the server is gRPC's and
 the server's per-call path alone, so comparing one process with ``--frontends N`` on it
 isolates the process boundary from the batching that makes ModelInfer's CPU per request
-swing from run to run. Used by bench/studies/frontends.py.
+swing from run to run. Reports the CPU of the server's whole process tree per call and of
+its root process alone (with frontends, the engine's). Used by bench/studies/frontends.py
+and bench/studies/boundary_cost.py.
 
     python -m bench.studies.ready_load --url HOST:PORT --model M --server-pid PID
 """
@@ -18,7 +20,7 @@ import time
 
 import grpc
 
-from bench.loadgen.cpu import tree_cpu_s
+from bench.loadgen.cpu import process_cpu_s, tree_cpu_s
 from server._pb import grpc_service_pb2 as pb
 from server._pb import grpc_service_pb2_grpc as pb_grpc
 
@@ -45,15 +47,20 @@ async def run(url: str, model: str, concurrency: int, seconds: float, warmup: fl
         callers = [loop.create_task(caller()) for _ in range(concurrency)]
         await asyncio.sleep(warmup)
         counting = True
-        cpu_before, started = tree_cpu_s(server_pid), time.monotonic()
+        cpu_before, own_before = tree_cpu_s(server_pid), process_cpu_s(server_pid)
+        started = time.monotonic()
         await asyncio.sleep(seconds)
         counting = False
-        cpu_after, elapsed = tree_cpu_s(server_pid), time.monotonic() - started
+        cpu_after, own_after = tree_cpu_s(server_pid), process_cpu_s(server_pid)
+        elapsed = time.monotonic() - started
         await asyncio.gather(*callers)
-    if cpu_before is None or cpu_after is None:
+    if None in (cpu_before, cpu_after, own_before, own_after):
         raise RuntimeError(f"cannot read the CPU time of process {server_pid}")
+    assert cpu_before is not None and cpu_after is not None
+    assert own_before is not None and own_after is not None
     return {"calls_per_s": calls / elapsed,
-            "server_cpu_us_per_call": (cpu_after - cpu_before) / calls * 1e6}
+            "server_cpu_us_per_call": (cpu_after - cpu_before) / calls * 1e6,
+            "root_cpu_us_per_call": (own_after - own_before) / calls * 1e6}
 
 
 def main(argv: list[str] | None = None) -> int:

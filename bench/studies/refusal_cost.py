@@ -15,67 +15,30 @@ Runtime thread (the example ``mlp_classifier``), this process and its load proce
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from bench.compare.model_repo import comparison_repository, ensure_examples
-from bench.compare.servers import ServerProcess, free_port
 from bench.loadgen.environment import REPO_ROOT
 from bench.results_md import RESULTS_DIR, replace_section, section_header
 from bench.studies.bar_chart import grouped_bars
 from bench.studies.overload import closed_loop, payloads
+from bench.studies.revisions import baseline_tree, git, server_at
 from bench.studies.study_run import start_study, study_arguments, write_document
 
 SECTION = "## Refusal cost against an earlier revision"
 RESULTS_JSON = RESULTS_DIR / "refusal_cost.json"
 RESULTS_PNG = RESULTS_DIR / "refusal_cost.png"
 MODEL = "mlp_classifier"
-#: What the baseline's tree must share with this one: it runs with this tree's builds.
-BUILT_FROM = ("csrc", "proto", "setup.py")
-
-
-def _git(*args: str) -> str:
-    done = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                          check=True)
-    return done.stdout.strip()
-
-
-@contextmanager
-def baseline_tree(revision: str) -> Iterator[Path]:
-    """A worktree of ``revision`` with this tree's native extension and protobuf modules."""
-    changed = subprocess.run(["git", "diff", "--quiet", revision, "--", *BUILT_FROM],
-                             cwd=REPO_ROOT, check=False).returncode
-    if changed:
-        raise SystemExit(f"{revision} differs from this tree in {', '.join(BUILT_FROM)}: "
-                         "its server needs its own build")
-    folder = Path(tempfile.mkdtemp(prefix="refusal-baseline-")) / "tree"
-    _git("worktree", "add", "--detach", str(folder), revision)
-    try:
-        built = [*(REPO_ROOT / "server").glob("_native*.so"),
-                 *(REPO_ROOT / "server" / "_pb").glob("*_pb2*.py")]
-        for path in built:
-            shutil.copy2(path, folder / path.relative_to(REPO_ROOT))
-        yield folder
-    finally:
-        _git("worktree", "remove", "--force", str(folder))
-        shutil.rmtree(folder.parent, ignore_errors=True)
-
-
 def refusal_capacity(root: Path, repo: Path, cpus: str | None,
                      args: argparse.Namespace) -> dict[str, float]:
     """A fresh server from the tree at ``root``: refusals per second and server us each."""
-    port = free_port()
-    argv = [sys.executable, "-m", "server.cli", "serve", "--model-repository", str(repo),
-            "--grpc-port", str(port), "--metrics-port", "0", "--log-level", "error"]
     loop = argparse.Namespace(model=MODEL, concurrency=64, sustain_seconds=args.seconds)
-    with ServerProcess(root.name, argv, port, cpus, cwd=root) as server:
+    with server_at(root, repo, cpus) as server:
         refused = payloads(server.url, MODEL)[1]
         capacity = closed_loop(server.url, server.pid, refused, loop, refusals=True)
     return {"refusals_per_s": capacity.rate, "server_us_per_refusal":
@@ -117,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     study = start_study("bench.studies.refusal_cost", argv, args.server_cpus,
                         args.client_cpus)
-    baseline = _git("rev-parse", args.baseline)
+    baseline = git("rev-parse", args.baseline)
     runs: dict[str, list[dict[str, float]]] = {"baseline": [], "this tree": []}
     with tempfile.TemporaryDirectory(prefix="refusal-cost-") as tmp, \
             baseline_tree(baseline) as old_tree:
@@ -129,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 runs[label].append(figures)
                 print(f"round {round_ + 1} {label}: {figures}", file=sys.stderr, flush=True)
     revisions: list[dict[str, Any]] = []
-    for label, revision in (("baseline", baseline), ("this tree", _git("rev-parse", "HEAD"))):
+    for label, revision in (("baseline", baseline), ("this tree", git("rev-parse", "HEAD"))):
         costs = [r["server_us_per_refusal"] for r in runs[label]]
         rates = [r["refusals_per_s"] for r in runs[label]]
         revisions.append({"label": label, "revision": revision, "us_per_refusal": costs,
