@@ -21,7 +21,6 @@ from typing import Any, NoReturn
 import grpc
 
 from server.metrics.frontends import FrontendStats
-from server.multiproc.eager import start_eagerly
 from server.multiproc.frames import (
     CREDIT_BATCH,
     WINDOW,
@@ -227,7 +226,7 @@ class EngineLink:
     async def serve(self, transport: asyncio.WriteTransport) -> None:
         """Until the frontend closes its socket (or dies); then its calls are cancelled."""
         receiver = self.receiver
-        self._frames = receiver.writer = FrameWriter(transport)
+        self._frames = FrameWriter(transport)
         try:
             error = await receiver.closed
             if error is not None:
@@ -247,8 +246,8 @@ class EngineLink:
             opening = CallOpening.decode(body)
             handler = self._table.find(opening.method)
             call = self._calls[number] = _Call(handler)
-            # A call answered without waiting (a cache hit, an inline batch) costs no task.
-            call.task = start_eagerly(self._run(number, call, opening, handler))
+            call.task = asyncio.get_running_loop().create_task(
+                self._run(number, call, opening, handler))
             return
         if kind == Kind.STATS:
             try:

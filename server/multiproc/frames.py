@@ -77,26 +77,15 @@ class FrameWriter:
         self._transport = transport
         self._pending: list[bytes] = []
         self._loop = asyncio.get_running_loop()
-        self._held = False
 
     def send(self, kind: Kind, call: int, body: bytes = b"") -> None:
-        if not self._pending and not self._held:
+        if not self._pending:
             self._loop.call_soon(self._flush)
         self._pending += (HEADER.pack(len(body), kind, call), body)
 
-    def hold(self) -> None:
-        """Keep what is sent until :meth:`release` (no write scheduled meanwhile)."""
-        self._held = True
-
-    def release(self) -> None:
-        """Write what was sent since :meth:`hold` now, in this turn."""
-        self._held = False
-        if self._pending:
-            self._flush()
-
     def _flush(self) -> None:
         pending, self._pending = self._pending, []
-        if pending and not self._transport.is_closing():
+        if not self._transport.is_closing():
             self._transport.write(b"".join(pending))
 
 
@@ -111,8 +100,6 @@ class FrameReceiver(asyncio.Protocol):
         self._on_frame = on_frame
         self._buffer = bytearray()
         self.transport: asyncio.Transport | None = None
-        #: The socket's writer, held while frames are read (see data_received).
-        self.writer: FrameWriter | None = None
         self.closed: asyncio.Future[FrameError | None] = \
             asyncio.get_running_loop().create_future()
 
@@ -120,18 +107,6 @@ class FrameReceiver(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
 
     def data_received(self, data: bytes) -> None:
-        writer = self.writer
-        if writer is None:
-            self._parse(data)
-            return
-        # Answers given while these frames are read go out in one write, in this turn.
-        writer.hold()
-        try:
-            self._parse(data)
-        finally:
-            writer.release()
-
-    def _parse(self, data: bytes) -> None:
         buffer = self._buffer
         buffer += data
         at, size = 0, len(buffer)

@@ -87,24 +87,6 @@ async def test_frames_sent_in_one_turn_go_out_in_one_write_and_read_back_in_orde
     assert received == [(Kind.CALL, 1, b"abc"), (Kind.CANCEL, 2, b"")]
 
 
-async def test_answers_sent_while_frames_are_read_go_out_before_the_read_returns() -> None:
-    """The engine answers a call that never waits while its frame is read: the answer is
-    written in that turn, one write for the read, with no write left scheduled after it."""
-    sink = _Transport()
-    writer = FrameWriter(sink)  # type: ignore[arg-type]
-    receiver = FrameReceiver(100, lambda kind, call, body: writer.send(Kind.ANSWER, call, body))
-    receiver.writer = writer
-    receiver.data_received(b"".join(HEADER.pack(1, Kind.CALL, n) + b"x" for n in (1, 2)))
-    assert len(sink.written) == 1
-    answers, read, _ = _receiver(100)
-    answers.data_received(sink.written[0])
-    assert read == [(Kind.ANSWER, 1, b"x"), (Kind.ANSWER, 2, b"x")]
-    writer.send(Kind.CREDIT, 3)  # outside a read: written on the loop's next turn
-    assert len(sink.written) == 1
-    await asyncio.sleep(0)
-    assert len(sink.written) == 2
-
-
 @given(cuts=st.lists(st.integers(0, 60), max_size=6))
 def test_frames_split_anywhere_across_reads_arrive_whole_and_in_order(cuts: list[int]) -> None:
     data = b"".join(HEADER.pack(len(body), Kind.REPLY, n) + body
