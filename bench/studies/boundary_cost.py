@@ -27,8 +27,14 @@ from bench.loadgen.environment import REPO_ROOT
 from bench.results_md import RESULTS_DIR, replace_section, section_header
 from bench.studies.bar_chart import grouped_bars
 from bench.studies.frontends import MODEL, ready_step
-from bench.studies.revisions import baseline_tree, git, server_at
-from bench.studies.study_run import start_study, study_arguments, write_document
+from bench.studies.revisions import (
+    baseline_tree,
+    closing_lines,
+    git,
+    revision_arguments,
+    server_at,
+)
+from bench.studies.study_run import start_study, write_document
 
 SECTION = "## Frontend/engine boundary against an earlier revision"
 RESULTS_JSON = RESULTS_DIR / "boundary_cost.json"
@@ -60,17 +66,12 @@ def markdown(document: dict[str, Any]) -> str:
             f"| {row['calls_per_s']:,.0f} | {row['tree_us']:.1f} | {row['root_us']:.1f} "
             f"| {boundary:+.1f} | " + ", ".join(f"{v:.0f}" for v in row["root_us_runs"])
             + " |")
-    lines += ["", f"Load average (1 min) at the start and the end: {document['loadavg'][0]:.2f} "
-              f"and {document['loadavg'][1]:.2f}.", "",
-              f"![boundary cost](results/{RESULTS_PNG.name}) · data: "
-              f"[results/{RESULTS_JSON.name}](results/{RESULTS_JSON.name})", ""]
+    lines += closing_lines(document, RESULTS_PNG, RESULTS_JSON, "boundary cost")
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = study_arguments(__doc__, repeats=4)
-    parser.add_argument("--baseline", required=True, help="the git revision to compare with")
-    args = parser.parse_args(argv)
+    args = revision_arguments(__doc__).parse_args(argv)
     study = start_study("bench.studies.boundary_cost", argv, args.server_cpus,
                         args.client_cpus)
     args.client_cpus = ",".join(map(str, study.client_cpus))

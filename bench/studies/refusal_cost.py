@@ -27,8 +27,14 @@ from bench.loadgen.environment import REPO_ROOT
 from bench.results_md import RESULTS_DIR, replace_section, section_header
 from bench.studies.bar_chart import grouped_bars
 from bench.studies.overload import closed_loop, payloads
-from bench.studies.revisions import baseline_tree, git, server_at
-from bench.studies.study_run import start_study, study_arguments, write_document
+from bench.studies.revisions import (
+    baseline_tree,
+    closing_lines,
+    git,
+    revision_arguments,
+    server_at,
+)
+from bench.studies.study_run import start_study, write_document
 
 SECTION = "## Refusal cost against an earlier revision"
 RESULTS_JSON = RESULTS_DIR / "refusal_cost.json"
@@ -66,18 +72,13 @@ def markdown(document: dict[str, Any]) -> str:
     lines += ["", f"This tree against the baseline: "
               f"{this['median_us_per_refusal'] / base['median_us_per_refusal']:.2f}x the CPU "
               f"per refusal, {this['median_refusals_per_s'] / base['median_refusals_per_s']:.2f}"
-              "x the refusals per second.", "",
-              f"Load average (1 min) at the start and the end: {document['loadavg'][0]:.2f} "
-              f"and {document['loadavg'][1]:.2f}.", "",
-              f"![refusal cost](results/{RESULTS_PNG.name}) · data: "
-              f"[results/{RESULTS_JSON.name}](results/{RESULTS_JSON.name})", ""]
+              "x the refusals per second."]
+    lines += closing_lines(document, RESULTS_PNG, RESULTS_JSON, "refusal cost")
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = study_arguments(__doc__, repeats=4)
-    parser.add_argument("--baseline", required=True, help="the git revision to compare with")
-    args = parser.parse_args(argv)
+    args = revision_arguments(__doc__).parse_args(argv)
     study = start_study("bench.studies.refusal_cost", argv, args.server_cpus,
                         args.client_cpus)
     baseline = git("rev-parse", args.baseline)

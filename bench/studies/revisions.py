@@ -4,6 +4,7 @@ swings more between runs minutes apart than most changes move a figure."""
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import subprocess
 import sys
@@ -11,9 +12,11 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from bench.compare.servers import ServerProcess, free_port
 from bench.loadgen.environment import REPO_ROOT
+from bench.studies.study_run import study_arguments
 
 #: What the baseline's tree must share with this one: it runs with this tree's builds.
 BUILT_FROM = ("csrc", "proto", "setup.py")
@@ -53,3 +56,19 @@ def server_at(root: Path, repository: Path, cpus: str | None, *flags: str) -> Se
     argv = [sys.executable, "-m", "server.cli", "serve", "--model-repository", str(repository),
             "--grpc-port", str(port), "--metrics-port", "0", "--log-level", "error", *flags]
     return ServerProcess(root.name, argv, port, cpus, cwd=root)
+
+
+def revision_arguments(doc: str | None) -> argparse.ArgumentParser:
+    """A comparing study's parser: every study's options (four rounds by default) and
+    --baseline, the revision to compare with."""
+    parser = study_arguments(doc, repeats=4)
+    parser.add_argument("--baseline", required=True, help="the git revision to compare with")
+    return parser
+
+
+def closing_lines(document: dict[str, Any], chart: Path, data: Path, alt: str) -> list[str]:
+    """A comparing study's last lines in RESULTS.md: the load average, its chart and data."""
+    return ["", f"Load average (1 min) at the start and the end: {document['loadavg'][0]:.2f} "
+            f"and {document['loadavg'][1]:.2f}.", "",
+            f"![{alt}](results/{chart.name}) · data: [results/{data.name}](results/{data.name})",
+            ""]
