@@ -25,6 +25,14 @@ from server._pb import grpc_service_pb2 as pb
 from server._pb import grpc_service_pb2_grpc as pb_grpc
 
 
+def _cpu_s(pid: int) -> tuple[float, float]:
+    """CPU seconds of ``pid``'s process tree and of ``pid`` alone."""
+    tree, own = tree_cpu_s(pid), process_cpu_s(pid)
+    if tree is None or own is None:
+        raise RuntimeError(f"cannot read the CPU time of process {pid}")
+    return tree, own
+
+
 async def run(url: str, model: str, concurrency: int, seconds: float, warmup: float,
               server_pid: int) -> dict[str, float]:
     async with grpc.aio.insecure_channel(url) as channel:
@@ -47,17 +55,11 @@ async def run(url: str, model: str, concurrency: int, seconds: float, warmup: fl
         callers = [loop.create_task(caller()) for _ in range(concurrency)]
         await asyncio.sleep(warmup)
         counting = True
-        cpu_before, own_before = tree_cpu_s(server_pid), process_cpu_s(server_pid)
-        started = time.monotonic()
+        (cpu_before, own_before), started = _cpu_s(server_pid), time.monotonic()
         await asyncio.sleep(seconds)
         counting = False
-        cpu_after, own_after = tree_cpu_s(server_pid), process_cpu_s(server_pid)
-        elapsed = time.monotonic() - started
+        (cpu_after, own_after), elapsed = _cpu_s(server_pid), time.monotonic() - started
         await asyncio.gather(*callers)
-    if None in (cpu_before, cpu_after, own_before, own_after):
-        raise RuntimeError(f"cannot read the CPU time of process {server_pid}")
-    assert cpu_before is not None and cpu_after is not None
-    assert own_before is not None and own_after is not None
     return {"calls_per_s": calls / elapsed,
             "server_cpu_us_per_call": (cpu_after - cpu_before) / calls * 1e6,
             "root_cpu_us_per_call": (own_after - own_before) / calls * 1e6}

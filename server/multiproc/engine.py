@@ -80,14 +80,11 @@ class HandlerTable(grpc.aio.Server):  # type: ignore[misc]
         if handler is None or handler.unary_unary is None or opening.message is None:
             return None, CallStatus(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
         try:
-            decode, encode = handler.request_deserializer, handler.response_serializer
-            response = handler.unary_unary(
-                opening.message if decode is None else decode(opening.message), context)
-            if inspect.isawaitable(response):
-                response = await response
-            if not context.answered():  # refused: the response is not sent (status.refuse)
-                return None, context.status()
-            reply: bytes = response if encode is None else encode(response)
+            decode = handler.request_deserializer
+            reply = await _one_reply(
+                handler.unary_unary,
+                opening.message if decode is None else decode(opening.message), context,
+                handler.response_serializer)
         except Exception as exc:
             return None, _failed(exc, context, opening.method)
         return reply, context.status()
@@ -182,6 +179,19 @@ class ForwardedContext:
 
     def status(self) -> CallStatus:
         return CallStatus(self._code or grpc.StatusCode.OK, self._details, self.trailing)
+
+
+async def _one_reply(behaviour: Callable[[Any, ForwardedContext], Any], request: Any,
+                     context: ForwardedContext, encode: Callable[[Any], bytes] | None
+                     ) -> bytes | None:
+    """A one-reply handler's reply, encoded; None when it refused the call (it set a status
+    and returned: server/frontend/status.py, refuse), whose response is not sent."""
+    response = behaviour(request, context)
+    if inspect.isawaitable(response):
+        response = await response
+    if not context.answered():
+        return None
+    return response if encode is None else encode(response)
 
 
 def _failed(exc: Exception, context: ForwardedContext, method: str) -> CallStatus:
@@ -349,13 +359,7 @@ class EngineLink:
         if not handler.response_streaming:
             behaviour = handler.stream_unary if handler.request_streaming \
                 else handler.unary_unary
-            response = behaviour(request, context)
-            if inspect.isawaitable(response):
-                response = await response
-            if not context.answered():  # refused: the response is not sent (status.refuse)
-                return None
-            message: bytes = response if encode is None else encode(response)
-            return message
+            return await _one_reply(behaviour, request, context, encode)
         behaviour = handler.stream_stream if handler.request_streaming \
             else handler.unary_stream
         async for response in behaviour(request, context):
