@@ -107,8 +107,7 @@ def run_attack(root: Path, attack: Attack, server_cpus: str | None,
     return {
         "attack": attack.key, "label": attack.label, "flags": list(attack.flags),
         "seconds": round((end - start) / 1e9, 2), "outcome": asdict(outcome),
-        "rss_mib": {"idle": round(idle / MIB, 1), "peak": round(sampler.peak() / MIB, 1),
-                    "end": round(sampler.samples[-1].rss / MIB, 1)},
+        "rss_mib": _rss_mib(sampler, idle),
         "within_bound": sampler.peak() <= args.bound_mib * MIB and not sampler.killed,
         "killed_above_mib": args.kill_above_mib if sampler.killed else None,
         "well_behaved": client.served(start, end).summary(),
@@ -125,9 +124,14 @@ def run_floor(attack: Attack, server_cpus: str | None,
         time.sleep(args.settle)
         idle = sampler.samples[-1].rss
         asyncio.run(attack.run(server.url))
-    return {"idle": round(idle / MIB, 1), "peak": round(sampler.peak() / MIB, 1),
-            "end": round(sampler.samples[-1].rss / MIB, 1),
+    return {**_rss_mib(sampler, idle),
             "killed_above_mib": args.kill_above_mib if sampler.killed else None}
+
+
+def _rss_mib(sampler: ProcessSampler, idle: int) -> dict[str, float]:
+    """A server's RSS in MiB: ``idle`` (bytes, before the attack), its peak and its last."""
+    return {"idle": round(idle / MIB, 1), "peak": round(sampler.peak() / MIB, 1),
+            "end": round(sampler.samples[-1].rss / MIB, 1)}
 
 
 def _floor_text(floor: dict[str, Any] | None) -> str:
