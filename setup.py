@@ -74,6 +74,7 @@ native = Pybind11Extension(
     sources=["csrc/bindings.cpp"],
     include_dirs=["csrc"],
     depends=[
+        "csrc/arena.hpp",
         "csrc/bytes_codec.hpp",
         "csrc/packing.hpp",
         "csrc/preprocess.hpp",

@@ -1,5 +1,5 @@
-// pybind11 module `server._native`: Python bindings for the native codecs, batch packing
-// and image preprocessing. Kernels live in the headers (no Python there); this file only
+// pybind11 module `server._native`: Python bindings for the native codecs, batch packing,
+// image preprocessing and the frontends' request arena. Kernels live in the headers (no Python there); this file only
 // converts arguments, holds references while the GIL is released, and raises.
 
 #include <pybind11/numpy.h>
@@ -17,6 +17,7 @@
 #include <utility>
 #include <vector>
 
+#include "arena.hpp"
 #include "bytes_codec.hpp"
 #include "packing.hpp"
 #include "preprocess.hpp"
@@ -806,6 +807,26 @@ py::object byte_view(const py::object& data) {
     return view;
 }
 
+// Copies ``data`` (a C-contiguous buffer) into a new block of ``writer``: the message's
+// offset, or -1 when the arena has no room for it.
+std::int64_t place_in_arena(arena::Writer& writer, const py::object& data) {
+    const py::object view = byte_view(data);
+    const Py_buffer* buffer = PyMemoryView_GET_BUFFER(view.ptr());
+    const auto length = static_cast<std::size_t>(buffer->len);
+    const std::int64_t offset = writer.reserve(length);
+    if (offset < 0) {
+        return offset;
+    }
+    std::uint8_t* target = writer.message_at(static_cast<std::size_t>(offset));
+    if (length >= kReleaseGilBytes) {
+        py::gil_scoped_release release;
+        std::memcpy(target, buffer->buf, length);
+    } else {
+        std::memcpy(target, buffer->buf, length);
+    }
+    return offset;
+}
+
 class RequestBuilder {
 public:
     RequestBuilder(const py::object& view, const std::uint8_t* data)
@@ -1233,4 +1254,44 @@ Runs without the GIL, on up to ``threads`` threads, for outputs of 64 KiB or mor
 Raises ValueError naming the image whose size cannot give the output size (too small
 for the crop, or not the model's size when nothing resizes), or a shape mismatch.)doc")
         .def_property_readonly("threads", &ImagePreprocessor::threads);
+
+    py::class_<arena::Writer>(m, "ArenaWriter", R"doc(ArenaWriter(fd, size)
+
+A frontend's side of its request arena (see csrc/arena.hpp): maps ``size`` bytes of the
+memfd ``fd`` (the descriptor may be closed afterwards) and places messages in it. One
+thread only.)doc")
+        .def(py::init<int, std::size_t>(), py::arg("fd"), py::arg("size"))
+        .def("place", &place_in_arena, py::arg("data"),
+             R"doc(place(data) -> int
+
+Copy ``data`` (a C-contiguous buffer) into a free block, after reclaiming the blocks the
+engine freed: the offset to send the engine, or -1 when no free range holds it. The copy
+runs without the GIL for 64 KiB or more.)doc")
+        .def("reclaim", &arena::Writer::reclaim,
+             "reclaim() -> None\n\nTake back the blocks the engine freed.")
+        .def_property_readonly("size", &arena::Writer::size)
+        .def_property_readonly("held", &arena::Writer::held,
+                               "Bytes of blocks placed and not yet seen free.");
+
+    py::class_<arena::Slice>(m, "ArenaSlice", py::buffer_protocol(), R"doc(ArenaSlice
+
+A message the engine took from an arena: a read-only buffer (memoryview() it) whose block
+is freed when the slice and every view of it are gone.)doc")
+        .def_buffer([](const arena::Slice& slice) {
+            return py::buffer_info(const_cast<std::uint8_t*>(slice.data()), 1,
+                                   py::format_descriptor<std::uint8_t>::format(), 1,
+                                   {static_cast<py::ssize_t>(slice.length())}, {1}, true);
+        })
+        .def("__len__", &arena::Slice::length);
+
+    py::class_<arena::Reader>(m, "ArenaReader", R"doc(ArenaReader(fd, size)
+
+The engine's side of a frontend's request arena: maps ``size`` bytes of the memfd ``fd``.)doc")
+        .def(py::init<int, std::size_t>(), py::arg("fd"), py::arg("size"))
+        .def("take", &arena::Reader::take, py::arg("offset"), py::arg("length"),
+             R"doc(take(offset, length) -> ArenaSlice
+
+The message placed at ``offset``. Raises ValueError unless ``offset`` and ``length``
+name a block the frontend placed and nobody took yet.)doc")
+        .def_property_readonly("size", &arena::Reader::size);
 }

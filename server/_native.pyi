@@ -99,3 +99,36 @@ class ImagePreprocessor:
         into ``out``; ValueError names an image of unusable size."""
     @property
     def threads(self) -> int: ...
+
+class ArenaWriter:
+    """A frontend's side of its request arena (csrc/arena.hpp): maps ``size`` bytes of the
+    memfd ``fd`` and places messages in it. One thread only."""
+
+    def __init__(self, fd: int, size: int) -> None: ...
+    def place(self, data: Buffer) -> int:
+        """Copy ``data`` into a free block (after reclaiming what the engine freed): the
+        offset to send the engine, or -1 when no free range holds it."""
+    def reclaim(self) -> None:
+        """Take back the blocks the engine freed."""
+    @property
+    def size(self) -> int: ...
+    @property
+    def held(self) -> int:
+        """Bytes of blocks placed and not yet seen free."""
+
+class ArenaSlice(Buffer):
+    """A message the engine took: a read-only buffer whose block is freed when the slice
+    and every view of it are gone."""
+
+    def __len__(self) -> int: ...
+    def __buffer__(self, flags: int, /) -> memoryview: ...
+
+class ArenaReader:
+    """The engine's side of a frontend's request arena."""
+
+    def __init__(self, fd: int, size: int) -> None: ...
+    def take(self, offset: int, length: int) -> ArenaSlice:
+        """The message placed at ``offset``; ValueError unless ``offset`` and ``length``
+        name a block the frontend placed and nobody took yet."""
+    @property
+    def size(self) -> int: ...

@@ -184,6 +184,8 @@ class ServerSettings:
     grpc_max_pending_calls: int = 256
     #: gRPC frontend processes; 1: one process serves everything (see server/multiproc).
     frontends: int = 1
+    #: Bytes of each frontend's request arena (server/multiproc/arena.py); 0: none.
+    frontend_arena_bytes: int | None = None
     max_queue_wait_ms: float = 0.0
     max_inflight_per_stream: int = 128
     max_streams: int = 1024
@@ -253,6 +255,8 @@ class ServerSettings:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.frontend_arena_bytes is not None and self.frontend_arena_bytes < 0:
+            raise ValueError("frontend_arena_bytes must not be negative")
         if self.queued_bytes_bound < self.request_bytes_cap:
             raise ValueError(f"max_queued_bytes ({self.queued_bytes_bound}) must be at least "
                              f"max_request_bytes ({self.request_bytes_cap}): a request that "
@@ -294,6 +298,14 @@ class ServerSettings:
     def queued_bytes_bound(self) -> int:
         """--max-queued-bytes, by default QUEUED_REQUESTS requests of the largest size."""
         return self.max_queued_bytes or QUEUED_REQUESTS * self.request_bytes_cap
+
+    @property
+    def arena_bytes(self) -> int:
+        """--frontend-arena-bytes, by default the queued-bytes bound: a frontend's arena then
+        holds whatever the engine would accept from it."""
+        if self.frontend_arena_bytes is not None:
+            return self.frontend_arena_bytes
+        return self.queued_bytes_bound
 
     def _check_security(self) -> None:
         if self.grpc_use_ssl and (self.grpc_server_cert is None or self.grpc_server_key is None):
@@ -493,6 +505,11 @@ OPTIONS: tuple[Option, ...] = (
            "gRPC frontend processes sharing the port (SO_REUSEPORT) in front of one engine "
            "process that owns the models; a number, or auto (a frontend per core but one). "
            "Default: 1 (one process)."),
+    Option("frontend_arena_bytes", int,
+           "With --frontends, bytes of shared memory each frontend has for passing large "
+           "inference requests to the engine (pages are used only as requests fill it); a "
+           "unary request that finds it full is refused RESOURCE_EXHAUSTED. 0: every request "
+           "goes over the frontend's socket. Default: --max-queued-bytes (1 GiB)."),
     Option("grpc_max_pending_calls", int,
            "Calls that have reached the server but that its event loop has not taken yet "
            "(it is busy); past it gRPC cancels new calls (status CANCELLED) with a "

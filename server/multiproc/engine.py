@@ -20,7 +20,9 @@ from typing import Any, NoReturn
 
 import grpc
 
+from server._native import ArenaReader
 from server.metrics.frontends import FrontendStats
+from server.multiproc.arena import PLACEMENT
 from server.multiproc.frames import (
     CREDIT_BATCH,
     WINDOW,
@@ -225,8 +227,12 @@ class EngineLink:
     answers go back in one write per turn."""
 
     def __init__(self, table: HandlerTable, limit: int, on_ready: Callable[[], None],
-                 on_stats: Callable[[FrontendStats], None]) -> None:
+                 on_stats: Callable[[FrontendStats], None],
+                 arena: ArenaReader | None = None) -> None:
         self._table = table
+        #: The frontend's request arena (server/multiproc/arena.py), when it has one.
+        self._arena = arena
+        self._take = self._take_placed if arena is not None else None
         self._on_ready = on_ready
         self._on_stats = on_stats
         self.receiver = FrameReceiver(limit, self._receive)
@@ -253,7 +259,7 @@ class EngineLink:
         if kind == Kind.CALL:
             if number in self._calls:
                 raise FrameError(f"call {number} opened twice")
-            opening = CallOpening.decode(body)
+            opening = CallOpening.decode(body, self._take)
             handler = self._table.find(opening.method)
             call = self._calls[number] = _Call(handler)
             call.task = asyncio.get_running_loop().create_task(
@@ -261,7 +267,7 @@ class EngineLink:
             return
         if kind == Kind.STATS:
             try:
-                self._on_stats(FrontendStats.from_tuple(decode_head(body, 5)))
+                self._on_stats(FrontendStats.from_tuple(decode_head(body, 6)))
             except ValueError as exc:
                 raise FrameError(f"a STATS frame that does not parse: {exc}") from None
             return
@@ -278,7 +284,7 @@ class EngineLink:
             call_or_none.reply_credit += credit_count(body)
             if call_or_none.credit_granted is not None:
                 call_or_none.credit_granted.set()
-        elif kind in (Kind.MESSAGE, Kind.HALF_CLOSE):
+        elif kind in (Kind.MESSAGE, Kind.PLACED, Kind.HALF_CLOSE):
             requests = call_or_none.requests
             if requests is None:
                 raise FrameError(f"call {number} takes one request, and got {Kind(kind).name}")
@@ -286,17 +292,33 @@ class EngineLink:
                 requests.put_nowait(_END)
             elif requests.qsize() >= WINDOW:
                 raise FrameError(f"call {number}: more messages than its window")
-            else:
+            elif kind == Kind.MESSAGE:
                 requests.put_nowait(body)
+            else:
+                requests.put_nowait(self._placed_message(body))
         else:
             raise FrameError(f"a frontend does not send {Kind(kind).name}")
+
+    def _take_placed(self, offset: int, length: int) -> memoryview:
+        """The message the frontend placed in its arena, as a read-only view: its block is
+        freed when the last view of it goes."""
+        assert self._arena is not None
+        try:
+            return memoryview(self._arena.take(offset, length))
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise FrameError(str(exc)) from None
+
+    def _placed_message(self, body: bytes) -> memoryview:
+        if self._arena is None or len(body) != PLACEMENT.size:
+            raise FrameError("a PLACED frame without an arena, or of the wrong size")
+        return self._take_placed(*PLACEMENT.unpack(body))
 
     def _send(self, kind: Kind, number: int, body: bytes = b"") -> None:
         assert self._frames is not None
         self._frames.send(kind, number, body)
 
     async def _requests(self, number: int, call: _Call,
-                        decode: Callable[[bytes], Any] | None) -> AsyncIterator[Any]:
+                        decode: Callable[[Any], Any] | None) -> AsyncIterator[Any]:
         requests = call.requests
         assert requests is not None
         consumed = 0
@@ -308,7 +330,7 @@ class EngineLink:
             if consumed == CREDIT_BATCH:
                 self._send(Kind.CREDIT, number, credit(consumed))
                 consumed = 0
-            assert isinstance(message, bytes)
+            assert isinstance(message, bytes | memoryview)
             yield message if decode is None else decode(message)
 
     async def _reply(self, number: int, call: _Call, message: bytes) -> None:

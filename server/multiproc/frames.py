@@ -8,7 +8,9 @@ answers are REPLY frames. CANCEL says the client went away. CREDIT lets the othe
 that many more messages of a stream (returned CREDIT_BATCH at a time): each side holds at
 most WINDOW messages the other has not consumed, so a stream that is not read holds back its
 sender, never the socket's other calls. READY, a frontend's first frame, says that its gRPC
-server listens.
+server listens. A large inference message travels in the frontend's request arena
+(server/multiproc/arena.py): a CALL then names its block instead of carrying it, and a
+stream's message comes as PLACED (the block's offset and length) instead of MESSAGE.
 
 A CALL or STATUS body is a u32-length-prefixed ``marshal`` head (strings, bytes, numbers and
 tuples of them: no objects are built from it, and both ends are the same interpreter: the
@@ -59,6 +61,8 @@ class Kind(enum.IntEnum):
     ANSWER = 9
     #: A frontend's own figures (server/metrics/frontends.py), every second.
     STATS = 10
+    #: A stream's request message in the arena: its offset and length (arena.PLACEMENT).
+    PLACED = 11
 
 
 _KINDS = frozenset(Kind)
@@ -151,20 +155,33 @@ class CallOpening:
     peer: str
     metadata: Metadata
     auth: AuthContext
-    #: The request of a unary-request call; None for a client-streaming one.
-    message: bytes | None
+    #: The request of a unary-request call; None for a client-streaming one. In the engine,
+    #: a view of the arena's block when the message was placed there.
+    message: bytes | memoryview | None
 
-    def encode(self) -> bytes:
+    def encode(self, placed: tuple[int, int] | None = None) -> bytes:
+        """The CALL's body; ``placed``: where the message is in the arena (it is then not
+        in the body)."""
+        where = placed if placed is not None else self.message is not None
         head = encode_head((self.method, self.time_remaining, self.peer, self.metadata,
-                            self.auth, self.message is not None))
-        return head + self.message if self.message else head
+                            self.auth, where))
+        return head + self.message if self.message and placed is None else head
 
     @classmethod
-    def decode(cls, body: bytes) -> CallOpening:
-        method, remaining, peer, metadata, auth, has_message = decode_head(body, 6)
-        size = _U32.unpack_from(body)[0]
-        return cls(method, remaining, peer, metadata, auth,
-                   body[_U32.size + size:] if has_message else None)
+    def decode(cls, body: bytes, take: Callable[[int, int], memoryview] | None
+               ) -> CallOpening:
+        """The CALL's opening; a message placed in the arena is taken with ``take`` (None:
+        the frontend has no arena)."""
+        method, remaining, peer, metadata, auth, where = decode_head(body, 6)
+        message: bytes | memoryview | None
+        if isinstance(where, tuple):
+            if take is None or len(where) != 2:
+                raise FrameError("a CALL names an arena block the frontend does not have")
+            message = take(*where)
+        else:
+            size = _U32.unpack_from(body)[0]
+            message = body[_U32.size + size:] if where else None
+        return cls(method, remaining, peer, metadata, auth, message)
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,6 +35,13 @@ from server.grpc_options import server_options
 from server.logs import configure_logging
 from server.metrics.frontends import STATS_INTERVAL_S, FrontendStats
 from server.metrics.loop_lag import LoopLag
+from server.multiproc.arena import (
+    PLACED_METHODS,
+    PLACEMENT,
+    ArenaFull,
+    RequestArena,
+    send_hello,
+)
 from server.multiproc.frames import (
     CREDIT_BATCH,
     WINDOW,
@@ -60,7 +67,7 @@ FRONTEND_SETTINGS = (
     "host", "grpc_port", "grpc_max_message_bytes", "grpc_max_pending_calls", "grpc_use_ssl",
     "allow_http", "http_port", "http_address", "http_max_connections",
     "grpc_server_cert", "grpc_server_key", "grpc_root_cert", "grpc_use_ssl_mutual",
-    "uvloop", "exit_timeout_secs", "log_level", "log_format",
+    "uvloop", "exit_timeout_secs", "log_level", "log_format", "frontend_arena_bytes",
 )
 ENGINE_GONE = "the server's engine is not running"
 ANSWERED = CallStatus(grpc.StatusCode.OK)
@@ -128,10 +135,12 @@ class EngineClient:
     """The frontend's end of its socket: opens calls, sends their messages, routes the
     engine's frames to them as they arrive."""
 
-    def __init__(self, limit: int, tls: bool) -> None:
+    def __init__(self, limit: int, tls: bool, arena: RequestArena | None = None) -> None:
         self.receiver = FrameReceiver(limit, self._receive)
         #: Whether calls come over TLS (only then do they carry a client certificate).
         self.tls = tls
+        #: Where large inference messages go (server/multiproc/arena.py), when there is one.
+        self.arena = arena
         self._transport: asyncio.WriteTransport | None = None
         self._frames: FrameWriter | None = None
         self._calls: dict[int, _Forwarded] = {}
@@ -154,9 +163,15 @@ class EngineClient:
         self._frames.send(kind, number, body)
 
     def open(self, opening: CallOpening, streamed: bool) -> tuple[int, _Forwarded]:
+        """Open the call in the engine; ArenaFull when its message finds no room in the
+        arena (nothing is sent then), EngineGone when the engine has gone."""
+        if self.gone.is_set():
+            raise EngineGone
+        placed = self.arena.place(opening.method, opening.message) \
+            if self.arena is not None and opening.message is not None else None
         number = self._next
         self._next += 1
-        self.send(Kind.CALL, number, opening.encode())
+        self.send(Kind.CALL, number, opening.encode(placed))
         call = self._calls[number] = _Forwarded(streamed)
         return number, call
 
@@ -166,7 +181,7 @@ class EngineClient:
         if call is not None and call.status is None and not self.gone.is_set():
             self.send(Kind.CANCEL, number)
 
-    async def message(self, number: int, call: _Forwarded, data: bytes) -> None:
+    async def message(self, path: str, number: int, call: _Forwarded, data: bytes) -> None:
         """One more request message of a client-streaming call, within its window."""
         while call.request_credit <= 0:
             if call.credit_granted is None:
@@ -174,6 +189,12 @@ class EngineClient:
             call.credit_granted.clear()
             await call.credit_granted.wait()
         call.request_credit -= 1
+        if self.arena is not None and path in PLACED_METHODS:
+            with contextlib.suppress(ArenaFull):  # then over the socket: see arena.py
+                placed = self.arena.place(path, data)
+                if placed is not None:
+                    self.send(Kind.PLACED, number, PLACEMENT.pack(*placed))
+                    return
         self.send(Kind.MESSAGE, number, data)
 
     def _receive(self, kind: int, number: int, body: bytes) -> None:
@@ -226,7 +247,10 @@ def _open(client: EngineClient, method: str, context: grpc.aio.ServicerContext,
     except EngineGone:
         context.set_code(grpc.StatusCode.UNAVAILABLE)
         context.set_details(ENGINE_GONE)
-        return None
+    except ArenaFull as exc:
+        context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
+        context.set_details(str(exc))
+    return None
 
 
 def _end(call: _Forwarded, context: grpc.aio.ServicerContext) -> None:
@@ -272,8 +296,8 @@ def _forward(client: EngineClient, path: str, context: grpc.aio.ServicerContext,
     if opened is None:
         return None
     number, call = opened
-    pump = asyncio.get_running_loop().create_task(_pump(client, number, call, request)) \
-        if streaming else None
+    pump = asyncio.get_running_loop().create_task(
+        _pump(client, path, number, call, request)) if streaming else None
     return number, call, pump
 
 
@@ -308,6 +332,8 @@ async def forward_unary(client: EngineClient, opening: CallOpening
         number, call = client.open(opening, streamed=False)
     except EngineGone:
         return None, CallStatus(grpc.StatusCode.UNAVAILABLE, ENGINE_GONE)
+    except ArenaFull as exc:
+        return None, CallStatus(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
     try:
         await call.done
     finally:
@@ -347,14 +373,14 @@ async def _replies(client: EngineClient, number: int, call: _Forwarded
             taken = 0
 
 
-async def _pump(client: EngineClient, number: int, call: _Forwarded,
+async def _pump(client: EngineClient, path: str, number: int, call: _Forwarded,
                 requests: AsyncIterator[bytes]) -> None:
     """The client's messages to the engine, as its window allows; then the half-close."""
     with contextlib.suppress(EngineGone):
         async for message in requests:
             if call.status is not None:
                 return
-            await client.message(number, call, message)
+            await client.message(path, number, call, message)
         if call.status is None:
             client.send(Kind.HALF_CLOSE, number)
 
@@ -365,8 +391,11 @@ async def _report(client: EngineClient) -> None:
     lag.start(asyncio.get_running_loop())
     try:
         while not client.gone.is_set():
-            client.send(Kind.STATS, 0,
-                        encode_head(FrontendStats.of_this_process(lag.histogram).as_tuple()))
+            arena = client.arena
+            if arena is not None:
+                arena.reclaim()
+            stats = FrontendStats.of_this_process(lag.histogram, arena.held if arena else 0)
+            client.send(Kind.STATS, 0, encode_head(stats.as_tuple()))
             await asyncio.sleep(STATS_INTERVAL_S)
     except EngineGone:
         pass
@@ -377,9 +406,11 @@ async def _report(client: EngineClient) -> None:
 async def serve_frontend(settings: ServerSettings, engine: str,
                          services: Iterable[ServiceDescriptor]) -> int:
     limit = frame_limit(settings)
+    arena = RequestArena(settings.arena_bytes) if settings.arena_bytes else None
     connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     connection.connect("\0" + engine)  # uvloop takes no abstract name: a socket it takes
-    client = EngineClient(limit, tls=settings.grpc_use_ssl)
+    send_hello(connection, arena)
+    client = EngineClient(limit, tls=settings.grpc_use_ssl, arena=arena)
     loop = asyncio.get_running_loop()
     transport, _ = await loop.connect_accepted_socket(lambda: client.receiver, connection)
     client.attach(transport)

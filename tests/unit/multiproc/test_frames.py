@@ -35,7 +35,7 @@ def test_a_call_opening_reads_back_as_written(
     pairs: list[tuple[str, str | bytes]], auth: dict[str, list[bytes]], message: bytes | None,
 ) -> None:
     opening = CallOpening(method, remaining, peer, tuple(pairs), auth, message)
-    assert CallOpening.decode(opening.encode()) == opening
+    assert CallOpening.decode(opening.encode(), None) == opening
 
 
 @given(code=st.sampled_from(list(grpc.StatusCode)), details=texts, pairs=metadata)
@@ -134,7 +134,7 @@ async def test_a_frame_the_handler_refuses_closes_the_socket() -> None:
 def test_a_truncated_opening_is_a_frame_error(cut: int) -> None:
     body = CallOpening("/a/b", None, "peer", (("k", "v"),), {}, b"m").encode()
     with pytest.raises(FrameError):
-        CallOpening.decode(body[:cut])
+        CallOpening.decode(body[:cut], None)
 
 
 def test_a_head_that_is_not_marshal_is_a_frame_error() -> None:
