@@ -301,11 +301,12 @@ class ServerSettings:
 
     @property
     def arena_bytes(self) -> int:
-        """--frontend-arena-bytes, by default the queued-bytes bound: a frontend's arena then
-        holds whatever the engine would accept from it."""
+        """--frontend-arena-bytes, by default twice the queued-bytes bound: a frontend's
+        arena then holds whatever the engine would accept from it, with the messages' own
+        framing and the gaps between blocks (only the pages in use take memory)."""
         if self.frontend_arena_bytes is not None:
             return self.frontend_arena_bytes
-        return self.queued_bytes_bound
+        return 2 * self.queued_bytes_bound
 
     def _check_security(self) -> None:
         if self.grpc_use_ssl and (self.grpc_server_cert is None or self.grpc_server_key is None):
@@ -509,7 +510,7 @@ OPTIONS: tuple[Option, ...] = (
            "With --frontends, bytes of shared memory each frontend has for passing large "
            "inference requests to the engine (pages are used only as requests fill it); a "
            "unary request that finds it full is refused RESOURCE_EXHAUSTED. 0: every request "
-           "goes over the frontend's socket. Default: --max-queued-bytes (1 GiB)."),
+           "goes over the frontend's socket. Default: 2 x --max-queued-bytes (2 GiB)."),
     Option("grpc_max_pending_calls", int,
            "Calls that have reached the server but that its event loop has not taken yet "
            "(it is busy); past it gRPC cancels new calls (status CANCELLED) with a "

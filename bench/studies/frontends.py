@@ -8,13 +8,15 @@ over the frontends) pinned to ``--client-cpus``, 64 requests in flight, unary an
 Reported per set-up and RPC: infer/s, p50/p99, the server's CPU per request summed over its
 process tree (engine and frontends, from /proc), and the batch sizes the engine formed
 (ModelStatistics' batch statistics over the step: with several frontends, batches that hold
-requests from more than one of them).
+requests from more than one of them). A last step sends requests of 1 MiB each (unary, 8 in
+flight) to a model that sums them (``sum_1mib``, built here): with frontends they reach the
+engine through the frontend's request arena.
 
 Goal (issue 15): the process boundary adds at most 25 us of CPU per request over one
 process. On a 2-core machine nothing runs in parallel (the server has one core); the
 throughput goal (0.8 x N x one frontend) needs a machine with more cores than frontends.
 
-    python -m bench.studies.frontends [--frontends 1,2] [--seconds 4] [--repeats 2]
+    python -m bench.studies.frontends [--frontends 1,2,2-socket] [--seconds 4] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from typing import Any
 
 import tritonclient.grpc as grpcclient
 
-from bench.compare.model_repo import comparison_repository, ensure_examples
+from bench.compare.model_repo import ORT_PARAMETERS, comparison_repository, ensure_examples
 from bench.compare.servers import PeregrineProcess, ServerProcess, pinned
 from bench.loadgen.environment import REPO_ROOT, environment
 from bench.results_md import RESULTS_DIR, replace_section, section_header
@@ -48,18 +50,46 @@ RESULTS_PNG = RESULTS_DIR / "frontends.png"
 MODEL = "mlp_classifier"
 #: ModelInfer unary and streaming, and ModelReady (bench/studies/ready_load.py): no batching
 #: and no model, so its CPU per call is the per-call path alone, the boundary's cost included.
-RPCS = ("unary", "stream", "ready")
+RPCS = ("unary", "stream", "ready", "unary_1mib")
 CONCURRENCY = 64
+#: The large-request step: FP32 [262144] (1 MiB) summed to one value, 8 in flight.
+LARGE_MODEL = "sum_1mib"
+LARGE_ELEMENTS = 262_144
+LARGE_CONCURRENCY = 8
 IPC_GOAL_US = 25.0
 
 
-def batch_counts(url: str) -> dict[int, int]:
+def add_large_model(repo: Path) -> None:
+    """``LARGE_MODEL`` in ``repo``: one request is 1 MiB of input, the work is one pass over
+    it, so the step's cost is mostly moving the request."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", LARGE_ELEMENTS])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1])]
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["x", "axes"], ["y"], keepdims=1)], LARGE_MODEL,
+        inputs, outputs, initializer=[helper.make_tensor("axes", TensorProto.INT64, [1], [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    (repo / LARGE_MODEL / "1").mkdir(parents=True)
+    onnx.save(model, repo / LARGE_MODEL / "1" / "model.onnx")
+    parameters = "".join(f'parameters {{ key: "{k}" value {{ string_value: "{v}" }} }}\n'
+                         for k, v in ORT_PARAMETERS.items())
+    (repo / LARGE_MODEL / "config.pbtxt").write_text(
+        f'name: "{LARGE_MODEL}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 8\n'
+        f'input [ {{ name: "x" data_type: TYPE_FP32 dims: [ {LARGE_ELEMENTS} ] }} ]\n'
+        'output [ { name: "y" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+        f'dynamic_batching {{ }}\n{parameters}', encoding="utf-8")
+
+
+def batch_counts(url: str, model: str) -> dict[int, int]:
     """Executions per batch size so far (ModelStatistics, every version of the model)."""
     with grpcclient.InferenceServerClient(url) as client:
-        stats = client.get_inference_statistics(MODEL)
+        stats = client.get_inference_statistics(model)
     counts: dict[int, int] = {}
-    for model in stats.model_stats:
-        for batch in model.batch_stats:
+    for version in stats.model_stats:
+        for batch in version.batch_stats:
             counts[batch.batch_size] = counts.get(batch.batch_size, 0) + batch.compute_infer.count
     return counts
 
@@ -84,10 +114,12 @@ def step(server: ServerProcess, rpc: str, args: argparse.Namespace,
          out: Path) -> dict[str, Any]:
     if rpc == "ready":
         return ready_step(server, args)
-    before = batch_counts(server.url)
-    figures = drive(server, MODEL, rpc, CONCURRENCY, args.seconds, args.warmup, out,
+    model, kind, concurrency = (LARGE_MODEL, "unary", LARGE_CONCURRENCY) \
+        if rpc == "unary_1mib" else (MODEL, rpc, CONCURRENCY)
+    before = batch_counts(server.url, model)
+    figures = drive(server, model, kind, concurrency, args.seconds, args.warmup, out,
                     ("--processes", str(args.client_processes)), args.client_cpus)
-    after = batch_counts(server.url)
+    after = batch_counts(server.url, model)
     batches = {size: after.get(size, 0) - before.get(size, 0) for size in after}
     executions = sum(batches.values())
     rows = sum(size * count for size, count in batches.items())
@@ -96,18 +128,28 @@ def step(server: ServerProcess, rpc: str, args: argparse.Namespace,
     return figures
 
 
+def setup_arguments(setup: str) -> tuple[str, ...]:
+    """``peregrine serve`` arguments of a set-up: N frontends, or ``N-socket`` for N
+    frontends without the request arena (every request over the frontends' sockets)."""
+    count, _, variant = setup.partition("-")
+    if variant not in ("", "socket"):
+        raise ValueError(f"a set-up is N or N-socket, got {setup!r}")
+    return ("--frontends", count) + (("--frontend-arena-bytes", "0") if variant else ())
+
+
 def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     folder = Path(tempfile.mkdtemp(prefix="frontends-bench-"))
     try:
         repo = comparison_repository(ensure_examples([MODEL]), folder / "models", [MODEL],
                                      batching=True)
+        add_large_model(repo)
         runs: list[dict[str, Any]] = []
         for repeat in range(args.repeats):
             order = args.frontends[repeat % len(args.frontends):] \
                 + args.frontends[:repeat % len(args.frontends)]
             for count in order:
                 with PeregrineProcess(repo, cpus=args.server_cpus,
-                                      extra_args=("--frontends", str(count))) as server:
+                                      extra_args=setup_arguments(count)) as server:
                     for rpc in RPCS:
                         figures = step(server, rpc, args, folder / f"{count}-{rpc}.json")
                         run = {"frontends": count, "rpc": rpc, "repeat": repeat + 1, **figures}
@@ -122,7 +164,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def summarise(runs: list[dict[str, Any]], counts: Sequence[int]) -> list[dict[str, Any]]:
+def summarise(runs: list[dict[str, Any]], counts: Sequence[str]) -> list[dict[str, Any]]:
     rows = []
     for rpc in RPCS:
         base: float | None = None
@@ -160,9 +202,13 @@ def write_section(document: dict[str, Any]) -> None:
         f"`peregrine bench run` with {document['client_processes']} load processes on CPU "
         f"{document['client_cpus']}, {CONCURRENCY} requests in flight, "
         f"{document['seconds']} s per step after {document['warmup']} s warm-up, medians of "
-        f"{document['repeats']} runs in rotating order; model {MODEL}. Server CPU per request: "
+        f"{document['repeats']} runs in rotating order; model {MODEL}; `unary_1mib`: requests "
+        f"of 1 MiB to `{LARGE_MODEL}` (one pass over the input), {LARGE_CONCURRENCY} in "
+        "flight, through the frontends' request arena. Server CPU per request: "
         "the CPU of the server's whole process tree (engine and frontends) over the step, "
-        "divided by the requests answered. `--frontends 1` is the single process.", "",
+        "divided by the requests answered. `--frontends 1` is the single process; `2-socket` "
+        "is two frontends with `--frontend-arena-bytes 0` (every request over the sockets).",
+        "",
         "| rpc | --frontends | infer/s | p50 ms | p99 ms | server CPU us/req | "
         "vs one process | mean batch | errors |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -189,11 +235,14 @@ def write_section(document: dict[str, Any]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = study_arguments(__doc__, repeats=2)
-    parser.add_argument("--frontends", default="1,2",
-                        help="the --frontends of each set-up (1: one process)")
+    parser.add_argument("--frontends", default="1,2,2-socket",
+                        help="the --frontends of each set-up (1: one process; N-socket: "
+                        "N frontends without the request arena)")
     parser.add_argument("--client-processes", type=int, default=2)
     args = parser.parse_args(argv)
-    args.frontends = [int(v) for v in args.frontends.split(",") if v]
+    args.frontends = [v for v in args.frontends.split(",") if v]
+    for setup in args.frontends:
+        setup_arguments(setup)
     started = time.monotonic()
     runs = measure(args)
     rows = summarise(runs, args.frontends)

@@ -254,6 +254,9 @@ class EngineLink:
                 task.cancel()
             await asyncio.gather(*calls, return_exceptions=True)
             transport.close()
+            # The link and its receiver hold each other: without this the arena stayed
+            # mapped until the next garbage collection (a message still viewed keeps it).
+            self._arena = self._take = None
 
     def _receive(self, kind: int, number: int, body: bytes) -> None:
         if kind == Kind.CALL:

@@ -52,7 +52,7 @@ def shm_entries() -> set[str]:
 def mapped_model_memory() -> int:
     """The model processes' shared memories this (the server's) process has mapped."""
     with open("/proc/self/maps", encoding="utf-8") as maps:
-        return sum(1 for line in maps if "memfd:peregrine-" in line)
+        return sum(1 for line in maps if "memfd:peregrine-model " in line)
 
 
 @pytest.fixture(scope="module")
