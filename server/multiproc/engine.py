@@ -12,6 +12,7 @@ certificate's properties, abort and trailing metadata), from the frontend's CALL
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import time
@@ -22,7 +23,14 @@ import grpc
 
 from server._native import ArenaReader
 from server.metrics.frontends import FrontendStats
-from server.multiproc.arena import PLACEMENT
+from server.multiproc.arena import (
+    ARENA_MIN_BYTES,
+    PLACEMENT,
+    Arena,
+    ArenaFull,
+    take,
+    take_placement,
+)
 from server.multiproc.frames import (
     CREDIT_BATCH,
     WINDOW,
@@ -39,6 +47,8 @@ from server.multiproc.frames import (
 )
 
 log = logging.getLogger(__name__)
+#: The frame of an answer in the arena, by the frame it stands for.
+_PLACED = {Kind.ANSWER: Kind.PLACED_ANSWER, Kind.REPLY: Kind.PLACED_REPLY}
 
 _END = object()
 #: Method names a client may make the engine remember (unknown ones included) at most.
@@ -228,11 +238,12 @@ class EngineLink:
 
     def __init__(self, table: HandlerTable, limit: int, on_ready: Callable[[], None],
                  on_stats: Callable[[FrontendStats], None],
-                 arena: ArenaReader | None = None) -> None:
+                 requests: ArenaReader | None = None, answers: Arena | None = None) -> None:
         self._table = table
-        #: The frontend's request arena (server/multiproc/arena.py), when it has one.
-        self._arena = arena
-        self._take = self._take_placed if arena is not None else None
+        #: The frontend's request arena and this link's answer arena
+        #: (server/multiproc/arena.py), when the frontend has them.
+        self._request_arena = requests
+        self._answer_arena = answers
         self._on_ready = on_ready
         self._on_stats = on_stats
         self.receiver = FrameReceiver(limit, self._receive)
@@ -254,9 +265,9 @@ class EngineLink:
                 task.cancel()
             await asyncio.gather(*calls, return_exceptions=True)
             transport.close()
-            # The link and its receiver hold each other: without this the arena stayed
-            # mapped until the next garbage collection (a message still viewed keeps it).
-            self._arena = self._take = None
+            # The link and its receiver hold each other: without this the arenas stayed
+            # mapped until the next garbage collection (a message still viewed keeps one).
+            self._request_arena = self._answer_arena = None
 
     def _receive(self, kind: int, number: int, body: bytes) -> None:
         if kind == Kind.CALL:
@@ -279,6 +290,8 @@ class EngineLink:
             return
         call_or_none = self._calls.get(number)
         if call_or_none is None:
+            if kind == Kind.PLACED:  # the call has ended: its message's block goes free
+                take_placement(self._request_arena, body)
             return  # the call has ended; a late frame of it means nothing
         if kind == Kind.CANCEL:
             if call_or_none.task is not None:
@@ -298,27 +311,25 @@ class EngineLink:
             elif kind == Kind.MESSAGE:
                 requests.put_nowait(body)
             else:
-                requests.put_nowait(self._placed_message(body))
+                requests.put_nowait(take_placement(self._request_arena, body))
         else:
             raise FrameError(f"a frontend does not send {Kind(kind).name}")
 
-    def _take_placed(self, offset: int, length: int) -> memoryview:
-        """The message the frontend placed in its arena, as a read-only view: its block is
-        freed when the last view of it goes."""
-        assert self._arena is not None
-        try:
-            return memoryview(self._arena.take(offset, length))
-        except (ValueError, TypeError, OverflowError) as exc:
-            raise FrameError(str(exc)) from None
-
-    def _placed_message(self, body: bytes) -> memoryview:
-        if self._arena is None or len(body) != PLACEMENT.size:
-            raise FrameError("a PLACED frame without an arena, or of the wrong size")
-        return self._take_placed(*PLACEMENT.unpack(body))
+    def _take(self, offset: int, length: int) -> memoryview:
+        return take(self._request_arena, offset, length)
 
     def _send(self, kind: Kind, number: int, body: bytes = b"") -> None:
         assert self._frames is not None
         self._frames.send(kind, number, body)
+
+    def _send_answer(self, kind: Kind, number: int, message: bytes) -> None:
+        """An ANSWER or REPLY; a large one through the answer arena when it has room."""
+        answers = self._answer_arena
+        if answers is not None and len(message) >= ARENA_MIN_BYTES:
+            with contextlib.suppress(ArenaFull):  # then over the socket
+                self._send(_PLACED[kind], number, PLACEMENT.pack(*answers.place(message)))
+                return
+        self._send(kind, number, message)
 
     async def _requests(self, number: int, call: _Call,
                         decode: Callable[[Any], Any] | None) -> AsyncIterator[Any]:
@@ -343,7 +354,7 @@ class EngineLink:
             call.credit_granted.clear()
             await call.credit_granted.wait()
         call.reply_credit -= 1
-        self._send(Kind.REPLY, number, message)
+        self._send_answer(Kind.REPLY, number, message)
 
     async def _run(self, number: int, call: _Call, opening: CallOpening,
                    handler: grpc.RpcMethodHandler | None) -> None:
@@ -356,9 +367,9 @@ class EngineLink:
                 if reply is not None:
                     self._calls.pop(number, None)
                     if not context.trailing:  # the common case: one frame, no status built
-                        self._send(Kind.ANSWER, number, reply)
+                        self._send_answer(Kind.ANSWER, number, reply)
                         return
-                    self._send(Kind.REPLY, number, reply)
+                    self._send_answer(Kind.REPLY, number, reply)
                 status = context.status()
         except asyncio.CancelledError:
             self._calls.pop(number, None)

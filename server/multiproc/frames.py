@@ -8,9 +8,10 @@ answers are REPLY frames. CANCEL says the client went away. CREDIT lets the othe
 that many more messages of a stream (returned CREDIT_BATCH at a time): each side holds at
 most WINDOW messages the other has not consumed, so a stream that is not read holds back its
 sender, never the socket's other calls. READY, a frontend's first frame, says that its gRPC
-server listens. A large inference message travels in the frontend's request arena
-(server/multiproc/arena.py): a CALL then names its block instead of carrying it, and a
-stream's message comes as PLACED (the block's offset and length) instead of MESSAGE.
+server listens. A large message travels in an arena (server/multiproc/arena.py): a CALL
+then names its block instead of carrying it, a stream's request message comes as PLACED (the
+block's offset and length) instead of MESSAGE, and a large answer as PLACED_ANSWER or
+PLACED_REPLY instead of ANSWER or REPLY.
 
 A CALL or STATUS body is a u32-length-prefixed ``marshal`` head (strings, bytes, numbers and
 tuples of them: no objects are built from it, and both ends are the same interpreter: the
@@ -63,6 +64,9 @@ class Kind(enum.IntEnum):
     STATS = 10
     #: A stream's request message in the arena: its offset and length (arena.PLACEMENT).
     PLACED = 11
+    #: ANSWER and REPLY with the message in the engine's arena (a PLACEMENT likewise).
+    PLACED_ANSWER = 12
+    PLACED_REPLY = 13
 
 
 _KINDS = frozenset(Kind)

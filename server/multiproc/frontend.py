@@ -31,16 +31,19 @@ import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from prometheus_client import CollectorRegistry
 
+from server._native import ArenaReader
 from server.grpc_options import server_options
 from server.logs import configure_logging
 from server.metrics.frontends import STATS_INTERVAL_S, FrontendStats
 from server.metrics.loop_lag import LoopLag
 from server.multiproc.arena import (
-    PLACED_METHODS,
     PLACEMENT,
+    Arena,
     ArenaFull,
-    RequestArena,
+    placed_request,
+    receive_hello,
     send_hello,
+    take_placement,
 )
 from server.multiproc.frames import (
     CREDIT_BATCH,
@@ -73,6 +76,8 @@ ENGINE_GONE = "the server's engine is not running"
 ANSWERED = CallStatus(grpc.StatusCode.OK)
 #: Room for a frame's header and call opening beside the largest message.
 FRAME_OVERHEAD = 1 << 20
+#: How long the engine may take to answer a frontend's hello.
+HELLO_TIMEOUT_S = 60.0
 
 
 def frame_limit(settings: ServerSettings) -> int:
@@ -135,12 +140,15 @@ class EngineClient:
     """The frontend's end of its socket: opens calls, sends their messages, routes the
     engine's frames to them as they arrive."""
 
-    def __init__(self, limit: int, tls: bool, arena: RequestArena | None = None) -> None:
+    def __init__(self, limit: int, tls: bool, arena: Arena | None = None,
+                 answers: ArenaReader | None = None) -> None:
         self.receiver = FrameReceiver(limit, self._receive)
         #: Whether calls come over TLS (only then do they carry a client certificate).
         self.tls = tls
-        #: Where large inference messages go (server/multiproc/arena.py), when there is one.
+        #: Where large inference requests go, and the engine's arena their large answers
+        #: come in (server/multiproc/arena.py), when there are arenas.
         self.arena = arena
+        self._answers = answers
         self._transport: asyncio.WriteTransport | None = None
         self._frames: FrameWriter | None = None
         self._calls: dict[int, _Forwarded] = {}
@@ -167,8 +175,9 @@ class EngineClient:
         arena (nothing is sent then), EngineGone when the engine has gone."""
         if self.gone.is_set():
             raise EngineGone
-        placed = self.arena.place(opening.method, opening.message) \
-            if self.arena is not None and opening.message is not None else None
+        message = opening.message
+        placed = self.arena.place(message) if self.arena is not None and message is not None \
+            and placed_request(opening.method, message) else None
         number = self._next
         self._next += 1
         self.send(Kind.CALL, number, opening.encode(placed))
@@ -189,22 +198,23 @@ class EngineClient:
             call.credit_granted.clear()
             await call.credit_granted.wait()
         call.request_credit -= 1
-        if self.arena is not None and path in PLACED_METHODS:
+        if self.arena is not None and placed_request(path, data):
             with contextlib.suppress(ArenaFull):  # then over the socket: see arena.py
-                placed = self.arena.place(path, data)
-                if placed is not None:
-                    self.send(Kind.PLACED, number, PLACEMENT.pack(*placed))
-                    return
+                self.send(Kind.PLACED, number, PLACEMENT.pack(*self.arena.place(data)))
+                return
         self.send(Kind.MESSAGE, number, data)
 
     def _receive(self, kind: int, number: int, body: bytes) -> None:
+        if kind in (Kind.PLACED_ANSWER, Kind.PLACED_REPLY):
+            # Copied out for gRPC at once (its block freed), even for a call that has gone.
+            body = bytes(take_placement(self._answers, body))
         call = self._calls.get(number)
         if call is None:
             return
-        if kind == Kind.ANSWER:
+        if kind in (Kind.ANSWER, Kind.PLACED_ANSWER):
             call.answer(body)
             call.end(ANSWERED)
-        elif kind == Kind.REPLY:
+        elif kind in (Kind.REPLY, Kind.PLACED_REPLY):
             call.answer(body)
         elif kind == Kind.STATUS:
             call.end(CallStatus.decode(body))
@@ -406,11 +416,12 @@ async def _report(client: EngineClient) -> None:
 async def serve_frontend(settings: ServerSettings, engine: str,
                          services: Iterable[ServiceDescriptor]) -> int:
     limit = frame_limit(settings)
-    arena = RequestArena(settings.arena_bytes) if settings.arena_bytes else None
+    arena = Arena(settings.arena_bytes, "request") if settings.arena_bytes else None
     connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     connection.connect("\0" + engine)  # uvloop takes no abstract name: a socket it takes
     send_hello(connection, arena)
-    client = EngineClient(limit, tls=settings.grpc_use_ssl, arena=arena)
+    answers = await asyncio.to_thread(receive_hello, connection, HELLO_TIMEOUT_S)
+    client = EngineClient(limit, tls=settings.grpc_use_ssl, arena=arena, answers=answers)
     loop = asyncio.get_running_loop()
     transport, _ = await loop.connect_accepted_socket(lambda: client.receiver, connection)
     client.attach(transport)

@@ -27,7 +27,7 @@ import sys
 from collections.abc import Callable
 
 from server.metrics.frontends import FrontendStats
-from server.multiproc.arena import receive_hello
+from server.multiproc.arena import Arena, receive_hello, send_hello
 from server.multiproc.engine import EngineLink, HandlerTable
 from server.multiproc.frontend import frame_limit, settings_json
 from server.packing import native_enabled
@@ -190,16 +190,19 @@ class Frontends:
             task.add_done_callback(self._links.discard)
 
     async def _link(self, connection: socket.socket, peer_pid: int) -> None:
-        """A frontend's link: its hello (and arena), then its frames until it goes."""
+        """A frontend's link: the hellos (the frontend's request arena, and an answer arena
+        of the same size when it has one), then its frames until it goes."""
         try:
-            arena = await asyncio.to_thread(receive_hello, connection, START_TIMEOUT_S)
+            requests = await asyncio.to_thread(receive_hello, connection, START_TIMEOUT_S)
+            answers = Arena(requests.size, "answer") if requests is not None else None
+            await asyncio.to_thread(send_hello, connection, answers)
         except OSError as exc:
             log.error("a frontend's hello did not come: closing its socket",
                       extra={"pid": peer_pid, "error": str(exc)})
             connection.close()
             return
         link = EngineLink(self._table, self._limit, self._frontend_ready,
-                          self._stats_of(peer_pid), arena)
+                          self._stats_of(peer_pid), requests, answers)
         receiver = link.receiver
         transport, _ = await asyncio.get_running_loop().connect_accepted_socket(
             lambda: receiver, connection)

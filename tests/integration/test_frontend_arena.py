@@ -1,4 +1,5 @@
-"""Large requests through a frontend's request arena (--frontends N, server/multiproc/arena.py):
+"""Large messages through the arenas between the frontends and the engine (--frontends N,
+server/multiproc/arena.py): requests and answers cross in them, not over the sockets;
 answered whole and unmixed, unary and streamed; each block freed once its request is
 answered, so an arena far smaller than the traffic through it never fills; a unary request it
 cannot hold refused RESOURCE_EXHAUSTED, a streamed one sent over the socket instead; and none
@@ -7,6 +8,7 @@ when the compiled path is off."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -66,6 +68,29 @@ def infer(url: str, value: float, nbytes: int) -> pb.ModelInferResponse:
 def assert_echo(raw: bytes, value: float, nbytes: int) -> None:
     np.testing.assert_array_equal(np.frombuffer(raw, np.float32),
                                   np.full(nbytes // 4, value, np.float32))
+
+
+def arena_pages(purpose: str) -> dict[str, int]:
+    """Bytes in use (allocated pages) of each ``purpose`` arena this process maps (the
+    engine maps the frontends' request arenas and its own answer arenas), by mapping."""
+    with open("/proc/self/maps", encoding="utf-8") as maps:
+        ranges = [line.split()[0] for line in maps
+                  if f"memfd:peregrine-{purpose}-arena " in line]
+    return {r: os.stat(f"/proc/self/map_files/{r}").st_blocks * 512 for r in ranges}
+
+
+def test_large_messages_cross_in_the_arenas_both_ways(repo: Path) -> None:
+    before = {purpose: set(arena_pages(purpose)) for purpose in ("request", "answer")}
+    with ServerThread(repo, frontends=2, frontend_arena_bytes=ARENA) as server:
+        new = {purpose: {r: n for r, n in arena_pages(purpose).items()
+                         if r not in before[purpose]} for purpose in ("request", "answer")}
+        assert len(new["request"]) == len(new["answer"]) == 2  # one each per frontend
+        assert sum(new["request"].values()) == sum(new["answer"].values()) == 0
+        assert_echo(infer(server.url, 5.0, 4096).raw_output_contents[0], 5.0, 4096)
+        assert sum(arena_pages("request")[r] for r in new["request"]) == 0  # too small
+        assert_echo(infer(server.url, 6.0, MIB).raw_output_contents[0], 6.0, MIB)
+        for purpose in ("request", "answer"):
+            assert sum(arena_pages(purpose)[r] for r in new[purpose]) >= MIB
 
 
 def test_far_more_than_the_arena_holds_passes_through_it_one_block_at_a_time(
