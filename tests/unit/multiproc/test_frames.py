@@ -140,3 +140,20 @@ def test_a_truncated_opening_is_a_frame_error(cut: int) -> None:
 def test_a_head_that_is_not_marshal_is_a_frame_error() -> None:
     with pytest.raises(FrameError):
         CallStatus.decode(b"\x03\x00\x00\x00\xff\xff\xff")
+
+
+def test_a_call_opening_names_its_placed_message_instead_of_carrying_it() -> None:
+    opening = CallOpening("/a/b", 2.5, "peer", (("k", "v"),), {}, b"m" * 1000)
+    body = opening.encode(placed=(64, 1000))
+    assert len(body) < 200  # the message is not in the body
+    taken: list[tuple[int, int]] = []
+
+    def take(offset: int, length: int) -> memoryview:
+        taken.append((offset, length))
+        return memoryview(b"m" * length)
+
+    decoded = CallOpening.decode(body, take)
+    assert taken == [(64, 1000)] and decoded.message == b"m" * 1000
+    assert decoded.method == "/a/b" and decoded.time_remaining == 2.5
+    with pytest.raises(FrameError, match="arena"):
+        CallOpening.decode(body, None)  # a frontend without an arena names no block
