@@ -476,14 +476,15 @@ class PeregrineServer:
                 await asyncio.gather(task, return_exceptions=True)
         await self.health.enter_graceful_shutdown()
         await self.router.close()
-        # The frontends finish their calls while the models drain and answer them.
-        await asyncio.gather(
-            self.repository.close(left()),
-            self._frontends.stop(left()) if self._frontends is not None
-            else asyncio.sleep(0))
-        # The metrics endpoint stops beside the transport: its shutdown polls every 0.5 s.
+        await self.repository.close(left())
+        # The transport stops once the models are drained: until then a new call is answered
+        # UNAVAILABLE by the servicers, not cancelled by gRPC's core (with frontends, they
+        # keep forwarding calls to the engine until then, likewise). The metrics endpoint
+        # stops beside it: its shutdown polls every 0.5 s.
         await asyncio.gather(
             self._grpc.stop(left()) if self._grpc is not None else asyncio.sleep(0),
+            self._frontends.stop(left()) if self._frontends is not None
+            else asyncio.sleep(0),
             self._http.stop(left()) if self._http is not None else asyncio.sleep(0),
             asyncio.to_thread(self._stop_metrics_http))
         if self.trace_exporter is not None:

@@ -1,5 +1,5 @@
 """The engine's frontend processes: started on one port (and the HTTP port, with
---allow-http), restarted when one dies, stopped first at shutdown.
+--allow-http), restarted when one dies, stopped at shutdown once the models are drained.
 
 The ports are reserved by the engine with SO_REUSEPORT before any frontend starts (so port 0
 picks one port for all of them, and nothing else takes it while a frontend restarts); the

@@ -34,8 +34,16 @@ def free_port() -> int:
         return port
 
 
+#: The integration suite's rerun switches (tests/integration/test_reruns.py): a `peregrine
+#: serve` a test starts runs in that rerun's mode too, as its in-thread servers do.
+RERUN_SWITCHES = ("PEREGRINE_NATIVE", "PEREGRINE_FRONTENDS")
+
+
 def environment(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PEREGRINE_")}
+    """The environment of a `peregrine` command a test runs: none of the caller's
+    PEREGRINE_ settings but the rerun switches."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("PEREGRINE_") or k in RERUN_SWITCHES}
     env["COLUMNS"] = "100"
     env.update(extra)
     return env
