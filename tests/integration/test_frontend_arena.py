@@ -22,11 +22,15 @@ import tritonclient.grpc as grpcclient
 from server._pb import grpc_service_pb2 as pb
 from server.metrics.frontends import STATS_INTERVAL_S
 from server.multiproc.arena import ARENA_MIN_BYTES
+from server.packing import native_enabled
 from tests import model_factory
 from tests.integration.test_frontends import frontend_samples, frontends_of
 from tests.server_harness import ServerThread
 
 pytestmark = pytest.mark.timeout(180)
+#: For the tests that look for the arenas: the native-code-off rerun has none.
+needs_arenas = pytest.mark.skipif(
+    not native_enabled(), reason="PEREGRINE_NATIVE=0: no arenas (the last test covers that)")
 
 MIB = 1 << 20
 ARENA = 4 * MIB
@@ -79,6 +83,7 @@ def arena_pages(purpose: str) -> dict[str, int]:
     return {r: os.stat(f"/proc/self/map_files/{r}").st_blocks * 512 for r in ranges}
 
 
+@needs_arenas
 def test_large_messages_cross_in_the_arenas_both_ways(repo: Path) -> None:
     before = {purpose: set(arena_pages(purpose)) for purpose in ("request", "answer")}
     with ServerThread(repo, frontends=2, frontend_arena_bytes=ARENA) as server:
@@ -138,6 +143,7 @@ def test_a_stream_of_large_requests_is_answered_whole(served: ServerThread) -> N
         assert_echo(answers[str(i)].raw_output_contents[0], i, sizes[i % 4])
 
 
+@needs_arenas
 def test_what_the_arena_cannot_hold_is_refused_unary_and_sent_over_the_socket_streamed(
         served: ServerThread) -> None:
     with pytest.raises(grpc.RpcError) as raised:
