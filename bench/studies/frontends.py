@@ -38,6 +38,7 @@ import tritonclient.grpc as grpcclient
 
 from bench.compare.model_repo import ORT_PARAMETERS, comparison_repository, ensure_examples
 from bench.compare.servers import PeregrineProcess, ServerProcess, pinned
+from bench.loadgen.cpu import process_cpu_s, tree_cpu_s
 from bench.loadgen.environment import REPO_ROOT, environment
 from bench.results_md import RESULTS_DIR, replace_section, section_header
 from bench.studies.bar_chart import grouped_bars
@@ -116,9 +117,18 @@ def step(server: ServerProcess, rpc: str, args: argparse.Namespace,
     model, kind, concurrency = (LARGE_MODEL, "unary", LARGE_CONCURRENCY) \
         if rpc == "unary_1mib" else (MODEL, rpc, CONCURRENCY)
     before = batch_counts(server.url, model)
+    tree_before, root_before = tree_cpu_s(server.pid), process_cpu_s(server.pid)
     figures = drive(server, model, kind, concurrency, args.seconds, args.warmup, out,
                     ("--processes", str(args.client_processes)), args.client_cpus)
+    tree_after, root_after = tree_cpu_s(server.pid), process_cpu_s(server.pid)
     after = batch_counts(server.url, model)
+    # The root process's share of the tree's CPU over the whole drive (warm-up included),
+    # applied to the tree's CPU per request over the measured step: the engine's own.
+    if tree_before is None or root_before is None or tree_after is None \
+            or root_after is None or figures["server_cpu_us_per_request"] is None:
+        raise RuntimeError("cannot read the server's CPU time")
+    share = (root_after - root_before) / max(tree_after - tree_before, 1e-9)
+    figures["root_cpu_us_per_request"] = round(share * figures["server_cpu_us_per_request"], 1)
     batches = {size: after.get(size, 0) - before.get(size, 0) for size in after}
     executions = sum(batches.values())
     rows = sum(size * count for size, count in batches.items())
@@ -185,6 +195,7 @@ def summarise(runs: list[dict[str, Any]], counts: Sequence[str]) -> list[dict[st
                 "rpc": rpc, "frontends": count, "throughput_rps": median("throughput_rps"),
                 "p50_ms": median("p50_ms"), "p99_ms": median("p99_ms"),
                 "server_cpu_us_per_request": cpu, "extra_cpu_us": cpu - base,
+                "root_cpu_us_per_request": median("root_cpu_us_per_request"),
                 "mean_batch": median("mean_batch"), "batches": batches,
                 "errors": sum(r["errors"] for r in mine)})
     return rows
@@ -192,6 +203,15 @@ def summarise(runs: list[dict[str, Any]], counts: Sequence[str]) -> list[dict[st
 
 def _ms(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}"
+
+
+def _engine(row: dict[str, Any]) -> str:
+    """The engine's CPU per request and the rate that would fill a core of its own (with
+    frontends; one process has no engine of its own)."""
+    root = row.get("root_cpu_us_per_request")
+    if str(row["frontends"]) == "1" or not root:
+        return "— | —"
+    return f"{root:.1f} | {1e6 / root:,.0f}"
 
 
 def _arena_line(rows: list[dict[str, Any]]) -> list[str]:
@@ -217,18 +237,22 @@ def write_section(document: dict[str, Any]) -> None:
         "Server CPU per request: "
         "the CPU of the server's whole process tree (engine and frontends) over the step, "
         "divided by the requests answered. `--frontends 1` is the single process; `2-socket` "
-        "is two frontends with `--frontend-arena-bytes 0` (every request over the sockets).",
+        "is two frontends with `--frontend-arena-bytes 0` (every request over the sockets). "
+        "Engine us/req: the engine process's share of the tree's CPU over the step, times "
+        "the tree's CPU per request; the engine ceiling is the rate at which that would fill "
+        "a core of its own (the requests/s no number of frontends can pass at this batch "
+        "size, on this machine).",
         "",
         "| rpc | --frontends | infer/s | p50 ms | p99 ms | server CPU us/req | "
-        "vs one process | mean batch | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "vs one process | engine us/req | engine ceiling req/s | mean batch | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in document["rows"]:
         lines.append(
             f"| {row['rpc']} | {row['frontends']} | {row['throughput_rps']:,.0f} | "
             f"{_ms(row['p50_ms'])} | {_ms(row['p99_ms'])} | "
             f"{row['server_cpu_us_per_request']:.1f} | {row['extra_cpu_us']:+.1f} | "
-            f"{row['mean_batch'] or '—'} | {row['errors']} |")
+            f"{_engine(row)} | {row['mean_batch'] or '—'} | {row['errors']} |")
     # The N-socket set-ups are for comparison: the goal is the server's own set-ups'.
     worst = max((r["extra_cpu_us"] for r in document["rows"]
                  if not str(r["frontends"]).endswith("-socket")), default=0.0)
