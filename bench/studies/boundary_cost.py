@@ -24,7 +24,7 @@ from typing import Any
 
 from bench.compare.model_repo import comparison_repository, ensure_examples
 from bench.loadgen.environment import REPO_ROOT
-from bench.results_md import RESULTS_DIR, replace_section, section_header
+from bench.results_md import RESULTS_DIR, section_header
 from bench.studies.bar_chart import grouped_bars
 from bench.studies.frontends import MODEL, ready_step
 from bench.studies.revisions import (
@@ -34,7 +34,7 @@ from bench.studies.revisions import (
     revision_arguments,
     server_at,
 )
-from bench.studies.study_run import start_study, write_document
+from bench.studies.study_run import publish, start_study
 
 SECTION = "## Frontend/engine boundary against an earlier revision"
 RESULTS_JSON = RESULTS_DIR / "boundary_cost.json"
@@ -100,14 +100,12 @@ def main(argv: Sequence[str] | None = None) -> int:
          "root_us_runs": [r["root_cpu_us_per_request"] for r in mine], "runs": mine}
         for (label, count), mine in runs.items()]
     document = study.document("boundary_cost", args, setups=rows)
-    write_document(RESULTS_JSON, document)
-    grouped_bars(RESULTS_PNG, [f"{r['label']}\n--frontends {r['frontends']}" for r in rows],
-                 {"tree us/call": [r["tree_us"] for r in rows],
-                  "root process us/call": [r["root_us"] for r in rows]},
-                 "server CPU us per call", f"ModelReady, {MODEL}, 64 in flight")
-    if not args.no_results_md:
-        replace_section(markdown(document))
-    print(f"wrote {RESULTS_JSON}", file=sys.stderr)
+    publish(RESULTS_JSON, document, lambda: grouped_bars(
+        RESULTS_PNG, [f"{r['label']}\n--frontends {r['frontends']}" for r in rows],
+        {"tree us/call": [r["tree_us"] for r in rows],
+         "root process us/call": [r["root_us"] for r in rows]},
+        "server CPU us per call", f"ModelReady, {MODEL}, 64 in flight"),
+        None if args.no_results_md else markdown)
     return 0
 
 

@@ -40,10 +40,10 @@ from bench.compare.model_repo import ORT_PARAMETERS, comparison_repository, ensu
 from bench.compare.servers import PeregrineProcess, ServerProcess, pinned
 from bench.loadgen.cpu import process_cpu_s, tree_cpu_s
 from bench.loadgen.environment import REPO_ROOT, environment
-from bench.results_md import RESULTS_DIR, replace_section, section_header
+from bench.results_md import RESULTS_DIR, section_header
 from bench.studies.bar_chart import grouped_bars
 from bench.studies.bench_run import drive
-from bench.studies.study_run import study_arguments, write_document
+from bench.studies.study_run import publish, study_arguments
 
 SECTION = "## Frontend processes: the cost of the process boundary"
 RESULTS_JSON = RESULTS_DIR / "frontends.json"
@@ -225,7 +225,7 @@ def _arena_line(rows: list[dict[str, Any]]) -> list[str]:
             ] if pairs else []
 
 
-def write_section(document: dict[str, Any]) -> None:
+def section(document: dict[str, Any]) -> str:
     lines = section_header(SECTION, document)
     lines += [
         f"All of the server on CPU {document['server_cpus']} (one ONNX Runtime thread), "
@@ -267,7 +267,7 @@ def write_section(document: dict[str, Any]) -> None:
                     for r in document["rows"]), "",
         f"Chart: [frontends.png](results/{RESULTS_PNG.name})", "",
     ]
-    replace_section("\n".join(lines))
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -294,14 +294,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "client_cpus": args.client_cpus, "rows": rows, "runs": runs,
         "wall_s": round(time.monotonic() - started, 1),
     }
-    write_document(RESULTS_JSON, document)
-    groups = [f"{r['rpc']}\n--frontends {r['frontends']}" for r in rows]
-    grouped_bars(RESULTS_PNG, groups,
-                 {"server CPU us/req": [r["server_cpu_us_per_request"] for r in rows]},
-                 "server CPU us per request", f"{MODEL}, {CONCURRENCY} in flight")
-    if not args.no_results_md:
-        write_section(document)
-    print(f"wrote {RESULTS_JSON}", file=sys.stderr)
+    publish(RESULTS_JSON, document, lambda: grouped_bars(
+        RESULTS_PNG, [f"{r['rpc']}\n--frontends {r['frontends']}" for r in rows],
+        {"server CPU us/req": [r["server_cpu_us_per_request"] for r in rows]},
+        "server CPU us per request", f"{MODEL}, {CONCURRENCY} in flight"),
+        None if args.no_results_md else section)
     return 0
 
 

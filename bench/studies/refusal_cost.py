@@ -24,7 +24,7 @@ from typing import Any
 
 from bench.compare.model_repo import comparison_repository, ensure_examples
 from bench.loadgen.environment import REPO_ROOT
-from bench.results_md import RESULTS_DIR, replace_section, section_header
+from bench.results_md import RESULTS_DIR, section_header
 from bench.studies.bar_chart import grouped_bars
 from bench.studies.overload import closed_loop, payloads
 from bench.studies.revisions import (
@@ -34,7 +34,7 @@ from bench.studies.revisions import (
     revision_arguments,
     server_at,
 )
-from bench.studies.study_run import start_study, write_document
+from bench.studies.study_run import publish, start_study
 
 SECTION = "## Refusal cost against an earlier revision"
 RESULTS_JSON = RESULTS_DIR / "refusal_cost.json"
@@ -101,13 +101,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                           "median_us_per_refusal": statistics.median(costs),
                           "median_refusals_per_s": statistics.median(rates)})
     document = study.document("refusal_cost", args, revisions=revisions)
-    write_document(RESULTS_JSON, document)
-    grouped_bars(RESULTS_PNG, [f"round {i + 1}" for i in range(args.repeats)],
-                 {row["label"]: row["us_per_refusal"] for row in revisions},
-                 "server us per refusal", f"{MODEL}, refused at once, 64 in flight")
-    if not args.no_results_md:
-        replace_section(markdown(document))
-    print(f"wrote {RESULTS_JSON}", file=sys.stderr)
+    publish(RESULTS_JSON, document, lambda: grouped_bars(
+        RESULTS_PNG, [f"round {i + 1}" for i in range(args.repeats)],
+        {row["label"]: row["us_per_refusal"] for row in revisions},
+        "server us per refusal", f"{MODEL}, refused at once, 64 in flight"),
+        None if args.no_results_md else markdown)
     return 0
 
 

@@ -8,14 +8,16 @@ import datetime as dt
 import json
 import os
 import shlex
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bench.loadgen.cpu import pin_self
 from bench.loadgen.environment import environment, machine
+from bench.results_md import replace_section
 
 
 @dataclass
@@ -91,3 +93,14 @@ def write_document(path: Path, document: dict[str, Any]) -> None:
     """The study's JSON document, under bench/results."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
+
+
+def publish(path: Path, document: dict[str, Any], chart: Callable[[], None],
+            section: Callable[[dict[str, Any]], str] | None) -> None:
+    """A study's results: its JSON document, its chart, and its RESULTS.md section (None:
+    --no-results-md)."""
+    write_document(path, document)
+    chart()
+    if section is not None:
+        replace_section(section(document))
+    print(f"wrote {path}", file=sys.stderr)

@@ -172,15 +172,14 @@ class CallOpening:
         return head + self.message if self.message and placed is None else head
 
     @classmethod
-    def decode(cls, body: bytes, take: Callable[[int, int], memoryview] | None
-               ) -> CallOpening:
-        """The CALL's opening; a message placed in the arena is taken with ``take`` (None:
-        the frontend has no arena)."""
+    def decode(cls, body: bytes, take: Callable[[int, int], memoryview]) -> CallOpening:
+        """The CALL's opening; a message placed in the arena is taken with ``take``
+        (arena.take: a FrameError when there is no such block)."""
         method, remaining, peer, metadata, auth, where = decode_head(body, 6)
         message: bytes | memoryview | None
         if isinstance(where, tuple):
-            if take is None or len(where) != 2:
-                raise FrameError("a CALL names an arena block the frontend does not have")
+            if len(where) != 2:
+                raise FrameError("a CALL's arena block is not an offset and a length")
             message = take(*where)
         else:
             size = _U32.unpack_from(body)[0]

@@ -172,9 +172,8 @@ class EngineClient:
 
     def open(self, opening: CallOpening, streamed: bool) -> tuple[int, _Forwarded]:
         """Open the call in the engine; ArenaFull when its message finds no room in the
-        arena (nothing is sent then), EngineGone when the engine has gone."""
-        if self.gone.is_set():
-            raise EngineGone
+        arena (nothing is sent then), EngineGone when the engine has gone (a block placed
+        then is never freed, and needs no freeing: the frontend exits with its engine)."""
         message = opening.message
         placed = self.arena.place(message) if self.arena is not None and message is not None \
             and placed_request(opening.method, message) else None

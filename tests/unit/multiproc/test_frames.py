@@ -4,12 +4,14 @@ broken frame is a FrameError, never a wrong call."""
 from __future__ import annotations
 
 import asyncio
+import functools
 
 import grpc
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from server.multiproc.arena import take
 from server.multiproc.frames import (
     HEADER,
     CallOpening,
@@ -22,6 +24,8 @@ from server.multiproc.frames import (
     credit_count,
 )
 
+#: The engine's take for a frontend without an arena.
+NO_ARENA = functools.partial(take, None)
 texts = st.text(max_size=40)
 metadata = st.lists(st.tuples(texts, st.one_of(texts, st.binary(max_size=40))), max_size=5)
 
@@ -35,7 +39,7 @@ def test_a_call_opening_reads_back_as_written(
     pairs: list[tuple[str, str | bytes]], auth: dict[str, list[bytes]], message: bytes | None,
 ) -> None:
     opening = CallOpening(method, remaining, peer, tuple(pairs), auth, message)
-    assert CallOpening.decode(opening.encode(), None) == opening
+    assert CallOpening.decode(opening.encode(), NO_ARENA) == opening
 
 
 @given(code=st.sampled_from(list(grpc.StatusCode)), details=texts, pairs=metadata)
@@ -134,7 +138,7 @@ async def test_a_frame_the_handler_refuses_closes_the_socket() -> None:
 def test_a_truncated_opening_is_a_frame_error(cut: int) -> None:
     body = CallOpening("/a/b", None, "peer", (("k", "v"),), {}, b"m").encode()
     with pytest.raises(FrameError):
-        CallOpening.decode(body[:cut], None)
+        CallOpening.decode(body[:cut], NO_ARENA)
 
 
 def test_a_head_that_is_not_marshal_is_a_frame_error() -> None:
@@ -148,12 +152,12 @@ def test_a_call_opening_names_its_placed_message_instead_of_carrying_it() -> Non
     assert len(body) < 200  # the message is not in the body
     taken: list[tuple[int, int]] = []
 
-    def take(offset: int, length: int) -> memoryview:
+    def take_block(offset: int, length: int) -> memoryview:
         taken.append((offset, length))
         return memoryview(b"m" * length)
 
-    decoded = CallOpening.decode(body, take)
+    decoded = CallOpening.decode(body, take_block)
     assert taken == [(64, 1000)] and decoded.message == b"m" * 1000
     assert decoded.method == "/a/b" and decoded.time_remaining == 2.5
-    with pytest.raises(FrameError, match="arena"):
-        CallOpening.decode(body, None)  # a frontend without an arena names no block
+    with pytest.raises(FrameError, match="no arena"):
+        CallOpening.decode(body, NO_ARENA)  # a frontend without an arena names no block
