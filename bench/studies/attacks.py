@@ -8,9 +8,11 @@ the sizes as arguments: bench/studies/memory_attacks.py runs the issue's, and
 tests/integration/test_memory_attacks.py smaller ones. Every payload is built once and the
 same bytes object sent again, so the client's own memory stays small.
 
-The models: ``ragged`` (tests/model_factory.py ``ragged_model`` with rank 2) and
-``identity_fp32`` (``identity_model``, FP32 [-1]); the flood names a model that does not
-exist.
+The models: ``ragged`` (tests/model_factory.py ``ragged_model`` with rank 2),
+``identity_fp32`` (``identity_model``, FP32 [-1]) and ``identity_fp32_held``, the same model
+whose batcher holds every batch below its full size for :data:`HELD_DELAY_US` (so large
+requests sent together are all queued at once, however fast the model answers); the flood
+names a model that does not exist.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ from bench.loadgen.wire import (
 from tests import model_factory
 
 IDENTITY = "identity_fp32"
+HELD = "identity_fp32_held"
+#: How long ``identity_fp32_held`` holds a batch below its full size (a fixed queue delay).
+HELD_DELAY_US = 1_500_000
 RAGGED = "ragged"
 UNKNOWN = "no_such_model"
 RAGGED_EXTENT = 30_000
@@ -229,8 +234,11 @@ class WellBehaved:
 
 def attack_repository(root: Path) -> Path:
     """``root`` with the attacks' models (one ONNX Runtime thread, spinning off, as every
-    benchmark's): ``identity_fp32`` and ``ragged``."""
+    benchmark's): ``identity_fp32``, ``identity_fp32_held`` and ``ragged``."""
     for model_dir in (model_factory.identity_model(root, IDENTITY, "FP32"),
+                      model_factory.identity_model(root, HELD, "FP32",
+                                                   max_queue_delay_microseconds=HELD_DELAY_US,
+                                                   queue_delay="fixed"),
                       model_factory.ragged_model(root, RAGGED, rank=2)):
         config = model_dir / "config.pbtxt"
         config.write_text(set_parameters(config.read_text(encoding="utf-8"), ORT_PARAMETERS),

@@ -8,9 +8,10 @@ runs in well under a minute, with bounds set so that each attack would pass the 
 far without the server's bound it exercises: the ragged pair padded together is 7.2 GB;
 1.5 million BYTES elements decode into ~100 MB of Python objects per request; the unread
 stream writes up to 300 MiB whose answers would wait in the server; six 8 MiB requests at
-once would all queue, past a 16 MiB bound. Messages stay small and few at a time: every message
-gRPC receives costs the server a few times its size before any handler sees it, which no
-bound of the server limits (bench/RESULTS.md, "Memory attacks").
+once to a model that holds its batches would all queue, past a 16 MiB bound. Messages stay
+small and few at a time: every message gRPC receives costs the server a few times its size
+before any handler sees it, which no bound of the server limits (bench/RESULTS.md, "Memory
+attacks").
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import pytest
 from bench.compare.servers import PeregrineProcess
 from bench.studies import attacks
 from bench.studies.rss import MIB, ProcessSampler
-from tests.server_harness import RERUN
 
 #: The rerun with frontend processes (tests/integration/test_reruns.py).
 FRONTENDS = int(os.environ.get("PEREGRINE_FRONTENDS", "1")) > 1
@@ -65,15 +65,9 @@ def under_attack(server: PeregrineProcess,
     return outcome, sampler.peak(start) - idle, client.served(start)
 
 
-def assert_served(served: attacks.Served, shares_a_bound: bool = False) -> None:
-    """The well-behaved client kept being answered. ``shares_a_bound``: the attack fills a
-    server-wide bound (queued bytes) that the client's own requests count against too, so a
-    request of its that arrives while the bound is full is refused like any other."""
-    if not shares_a_bound:
-        assert served.ok >= 1 and served.failed == {}, served.summary()
-        return
-    assert set(served.failed) <= {"RESOURCE_EXHAUSTED"}, served.summary()
-    assert served.ok >= 9 * sum(served.failed.values()) and served.ok >= 1, served.summary()
+def assert_served(served: attacks.Served) -> None:
+    """The well-behaved client kept being answered."""
+    assert served.ok >= 1 and served.failed == {}, served.summary()
 
 
 def test_the_ragged_pair_runs_in_separate_batches(server: PeregrineProcess) -> None:
@@ -104,23 +98,21 @@ def test_a_stream_that_never_reads_is_held_back(server: PeregrineProcess) -> Non
 
 
 def test_large_requests_past_the_queued_bytes_are_refused(server: PeregrineProcess) -> None:
-    large = attacks.fp32_request(attacks.IDENTITY, "INPUT0", (1, 2 * MIB))  # 8 MiB
+    # Just under 8 MiB each, so that the two the bound admits leave room for the well-behaved
+    # client's small requests; sent to the model whose batcher holds them (attacks.HELD), so
+    # that the first two are still queued when the others arrive, however fast the model is.
+    large = attacks.fp32_request(attacks.HELD, "INPUT0", (1, 2 * MIB - 1024))
     outcome, growth, served = under_attack(
         server, attacks.concurrent(server.url, large, 6, 16 * MIB))
-    assert outcome.codes.get("OK", 0) >= 1
+    assert outcome.codes.get("OK", 0) >= 2
+    assert outcome.codes.get("RESOURCE_EXHAUSTED", 0) >= 1
     assert set(outcome.codes) <= {"OK", "RESOURCE_EXHAUSTED"}
-    if not RERUN:
-        # In the reruns the 6 requests may reach the queue one after the other (through a
-        # frontend's socket; or decoded by the slower protobuf runtime while the other rerun
-        # shares the cores), and one may be answered before the next is queued.
-        assert outcome.codes.get("RESOURCE_EXHAUSTED", 0) >= 1
-    if "RESOURCE_EXHAUSTED" in outcome.codes:
-        # With frontends, the frontend's request arena (twice --max-queued-bytes) also holds
-        # the requests on their way to the engine, not yet admitted or refused there: under
-        # six at once it can be the bound that refuses first, and it names itself.
-        bounds = ("--max-queued-bytes", "--frontend-arena-bytes") if FRONTENDS \
-            else ("--max-queued-bytes",)
-        named = outcome.details["RESOURCE_EXHAUSTED"]
-        assert any(bound in named for bound in bounds), named
+    # With frontends, the frontend's request arena (twice --max-queued-bytes) also holds the
+    # requests on their way to the engine, not yet admitted or refused there: under six at
+    # once it can be the bound that refuses first, and it names itself.
+    bounds = ("--max-queued-bytes", "--frontend-arena-bytes") if FRONTENDS \
+        else ("--max-queued-bytes",)
+    named = outcome.details["RESOURCE_EXHAUSTED"]
+    assert any(bound in named for bound in bounds), named
     assert growth < LARGE_GROWTH
-    assert_served(served, shares_a_bound=True)
+    assert_served(served)
