@@ -123,12 +123,13 @@ class NoopServer(ServerProcess):
     (for perf_analyzer); ``extra_args`` are its own (--raw-infer, --max-message-bytes)."""
 
     def __init__(self, cpus: str | None = None, port: int | None = None,
-                 repository: Path | None = None, extra_args: Sequence[str] = ()) -> None:
+                 repository: Path | None = None, extra_args: Sequence[str] = (),
+                 env: Mapping[str, str] | None = None) -> None:
         port = port or free_port()
         describe = [] if repository is None else ["--model-repository", str(repository)]
         super().__init__("noop", [sys.executable, "-m", "bench.compare.noop_server",
                                   "--port", str(port), *describe, *extra_args],
-                         port, cpus, cwd=REPO_ROOT)
+                         port, cpus, env=env, cwd=REPO_ROOT)
 
 
 class PlainServer(ServerProcess):
